@@ -1,0 +1,245 @@
+//! The `steer` command line: `steer run` and `steer status`.
+//!
+//! Exit status: 0 clean stop, 2 usage or configuration error (the message names the flag
+//! or key and the bad value), 1 runtime failure with a message saying what to do.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{
+    Balance, Config, ConfigError, LogFormat, Parsed, Settings, WorkerCount, parse_duration,
+    parse_listen,
+};
+
+/// Exit status for usage and configuration errors.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status for runtime failures.
+pub const EXIT_FAILURE: u8 = 1;
+
+/// Top-level command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "steer",
+    version,
+    about = "Run a network server as N worker processes behind one port, balanced in the kernel."
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a primary and its workers (the built-in demo app, or COMMAND).
+    Run(Box<RunArgs>),
+    /// Print a running cluster's status.
+    Status(StatusArgs),
+}
+
+/// `steer run` flags. Every flag left out falls back to the `--config` file, then to
+/// its default.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TCP address every worker listens on [default: 127.0.0.1:8000].
+    #[arg(short, long, value_name = "ADDR", value_parser = parse_listen)]
+    pub listen: Option<SocketAddr>,
+    /// Worker count, or `auto` for one per available CPU [default: auto].
+    #[arg(short, long, value_name = "N|auto")]
+    pub workers: Option<WorkerCount>,
+    /// Steering policy [default: auto]: auto, kernel, round-robin, hash, least-loaded, cpu,
+    /// shared, userspace.
+    #[arg(short, long, value_name = "POLICY")]
+    pub balance: Option<Balance>,
+    /// Serve GET /status (JSON) and GET /metrics on this address.
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    pub status: Option<SocketAddr>,
+    /// TOML file; flags override it. Keys are the long flag names.
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Graceful drain limit before workers are SIGKILLed [default: 30s].
+    #[arg(long, value_name = "D", value_parser = parse_duration)]
+    pub shutdown_timeout: Option<Duration>,
+    /// Heartbeat period [default: 1s].
+    #[arg(long, value_name = "D", value_parser = parse_duration)]
+    pub health_interval: Option<Duration>,
+    /// A worker that has not answered heartbeats for this long is hung [default: 3s].
+    #[arg(long, value_name = "D", value_parser = parse_duration)]
+    pub health_timeout: Option<Duration>,
+    /// A worker that has not registered within this is killed and replaced [default: 10s].
+    #[arg(long, value_name = "D", value_parser = parse_duration)]
+    pub start_timeout: Option<Duration>,
+    /// Crashes allowed per --restart-window before the slot is `failed` [default: 10].
+    #[arg(long, value_name = "N")]
+    pub max_restarts: Option<u32>,
+    /// The window --max-restarts counts over [default: 60s].
+    #[arg(long, value_name = "D", value_parser = parse_duration)]
+    pub restart_window: Option<Duration>,
+    /// Write the primary's pid here (removed on exit).
+    #[arg(long, value_name = "PATH")]
+    pub pid_file: Option<PathBuf>,
+    /// Log format: text or json [default: text].
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// More logging (-v debug, -vv trace).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Less logging (-q warnings, -qq errors).
+    #[arg(short, long, action = clap::ArgAction::Count, conflicts_with = "verbose")]
+    pub quiet: u8,
+    /// Enable the demo app's fault routes (/block, /crash, /alloc).
+    #[arg(long)]
+    pub demo_faults: bool,
+    /// Do not set net.ipv4.tcp_migrate_req=1 in kernel mode (queued connections of a
+    /// closing worker are then reset instead of migrated).
+    #[arg(long)]
+    pub no_tcp_migrate_req: bool,
+    /// External worker program; gets its listening socket as fd 3 (LISTEN_FDS=1).
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// `steer status` flags.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Address of the cluster's status listener.
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen, default_value = "127.0.0.1:8001")]
+    pub status: SocketAddr,
+    /// Print the raw JSON document.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl RunArgs {
+    /// The flags as [`Settings`], to overlay on the file's.
+    fn settings(&self) -> Settings {
+        Settings {
+            listen: self.listen.map(Parsed),
+            workers: self.workers,
+            balance: self.balance.map(Parsed),
+            status: self.status.map(Parsed),
+            shutdown_timeout: self.shutdown_timeout.map(Parsed),
+            health_interval: self.health_interval.map(Parsed),
+            health_timeout: self.health_timeout.map(Parsed),
+            start_timeout: self.start_timeout.map(Parsed),
+            max_restarts: self.max_restarts,
+            restart_window: self.restart_window.map(Parsed),
+            pid_file: self.pid_file.clone(),
+            log_format: self.log_format.map(Parsed),
+            demo_faults: self.demo_faults.then_some(true),
+            tcp_migrate_req: self.no_tcp_migrate_req.then_some(false),
+            command: (!self.command.is_empty()).then(|| self.command.clone()),
+        }
+    }
+
+    /// Flags over file over defaults, validated.
+    pub fn config(&self) -> Result<Config, ConfigError> {
+        let file = match &self.config {
+            Some(path) => Settings::from_file(path)?,
+            None => Settings::default(),
+        };
+        let mut config = self.settings().overlay(file).into_config()?;
+        config.verbosity = i8::try_from(self.verbose)
+            .unwrap_or(i8::MAX)
+            .saturating_sub_unsigned(self.quiet);
+        config.config_file = self.config.clone();
+        Ok(config)
+    }
+}
+
+/// Entry point of the `steer` binary.
+pub fn main() -> ExitCode {
+    if let Some(code) = crate::worker::run_builtin_worker_if_requested() {
+        return code;
+    }
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            let config = match args.config() {
+                Ok(config) => config,
+                Err(err) => {
+                    eprintln!("steer: {}", crate::error_chain(&err));
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            crate::logging::init(config.log_format, config.verbosity);
+            let program = match &config.command {
+                Some(argv) => crate::primary::WorkerProgram::External(argv.clone()),
+                None => crate::primary::WorkerProgram::Demo,
+            };
+            crate::primary::run(config, program, crate::primary::Hooks::default())
+        }
+        Command::Status(args) => crate::status::client::print(args.status, args.json),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("steer").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn bad_flag_values_are_usage_errors_naming_flag_and_value() {
+        for (args, flag, value) in [
+            (&["run", "--workers", "0"][..], "--workers", "0"),
+            (&["run", "--workers", "x"], "--workers", "x"),
+            (&["run", "--listen", "nope"], "--listen", "nope"),
+            (&["run", "--balance", "foo"], "--balance", "foo"),
+            (
+                &["run", "--shutdown-timeout", "forever"],
+                "--shutdown-timeout",
+                "forever",
+            ),
+        ] {
+            let err = parse(args).expect_err("must be refused");
+            assert_eq!(err.exit_code(), 2);
+            let text = err.to_string();
+            assert!(
+                text.contains(flag) && text.contains(value),
+                "{args:?}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn command_after_double_dash_is_kept_verbatim() {
+        let cli = parse(&[
+            "run",
+            "-w",
+            "2",
+            "--",
+            "python3",
+            "-m",
+            "http.server",
+            "--bind",
+        ])
+        .expect("valid");
+        let Command::Run(args) = cli.command else {
+            panic!("run expected")
+        };
+        assert_eq!(args.command, ["python3", "-m", "http.server", "--bind"]);
+        let config = args.config().expect("valid config");
+        assert_eq!(config.workers, 2);
+        assert_eq!(config.command.as_deref(), Some(&args.command[..]));
+    }
+
+    #[test]
+    fn verbosity_counts() {
+        let Command::Run(args) = parse(&["run", "-vv"]).expect("valid").command else {
+            panic!()
+        };
+        assert_eq!(args.config().expect("valid").verbosity, 2);
+        let Command::Run(args) = parse(&["run", "-q"]).expect("valid").command else {
+            panic!()
+        };
+        assert_eq!(args.config().expect("valid").verbosity, -1);
+    }
+}

@@ -1,0 +1,133 @@
+//! [`Cluster`]: the library entry point. The same executable is primary and worker.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::config::{LogFormat, Parsed, Settings, WorkerCount};
+use crate::primary::{Control, Hooks, WorkerProgram};
+use crate::worker::{Worker, env};
+
+/// A cluster of worker processes running the closure given to [`ClusterBuilder::run`].
+#[derive(Debug)]
+pub struct Cluster;
+
+impl Cluster {
+    /// Starts describing a cluster. Defaults are those of `steer run`.
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder::default()
+    }
+
+    /// True in a worker process started by a Steer primary.
+    pub fn is_worker() -> bool {
+        std::env::var_os(env::ROLE).is_some()
+    }
+}
+
+/// Builder for a [`Cluster`]; every setting has the meaning of its `steer run` flag.
+#[derive(Debug, Default)]
+pub struct ClusterBuilder {
+    settings: Settings,
+    config_file: Option<PathBuf>,
+    log_format: Option<LogFormat>,
+    verbosity: i8,
+    hooks: Hooks,
+}
+
+impl ClusterBuilder {
+    /// `--listen`: the address every worker binds.
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.settings.listen = Some(Parsed(addr));
+        self
+    }
+
+    /// `--workers N`.
+    pub fn workers(mut self, n: usize) -> Self {
+        self.settings.workers = Some(WorkerCount::Fixed(n));
+        self
+    }
+
+    /// `--status`: serve `/status` and `/metrics` here.
+    pub fn status(mut self, addr: SocketAddr) -> Self {
+        self.settings.status = Some(Parsed(addr));
+        self
+    }
+
+    /// `--config`: a TOML file read first; settings made on the builder win.
+    pub fn config_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config_file = Some(path.into());
+        self
+    }
+
+    /// `--shutdown-timeout`.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.shutdown_timeout = Some(Parsed(timeout));
+        self
+    }
+
+    /// `--max-restarts` and `--restart-window`.
+    pub fn max_restarts(mut self, n: u32, window: Duration) -> Self {
+        self.settings.max_restarts = Some(n);
+        self.settings.restart_window = Some(Parsed(window));
+        self
+    }
+
+    /// `--log-format` and `-v`/`-q` (verbosity -2..=2).
+    pub fn logging(mut self, format: LogFormat, verbosity: i8) -> Self {
+        self.log_format = Some(format);
+        self.verbosity = verbosity;
+        self
+    }
+
+    /// Called in the primary for each message a worker sends with
+    /// [`Worker::send`]: `(control, from_slot, data)`. Use `control` to answer one worker
+    /// or broadcast (Node's `cluster.on('message')`).
+    pub fn on_message(mut self, hook: impl FnMut(&mut Control, usize, Value) + 'static) -> Self {
+        self.hooks.on_message = Some(Box::new(hook));
+        self
+    }
+
+    /// Runs the cluster and returns the process exit status.
+    ///
+    /// In the primary (the process the user started) this spawns the workers, supervises
+    /// them until SIGTERM/SIGINT and returns. In each worker (the same executable, started
+    /// again by the primary with the same arguments) it binds and registers the worker's
+    /// socket, calls `serve` with the [`Worker`], and returns when `serve` does. Call it
+    /// early in `main`, before starting threads: the primary takes its signals through a
+    /// `signalfd`, which needs them blocked in every thread.
+    pub fn run<F>(self, serve: F) -> ExitCode
+    where
+        F: FnOnce(Worker) -> std::io::Result<()>,
+    {
+        if std::env::var(env::ROLE).as_deref() == Ok(env::ROLE_LIBRARY) {
+            return crate::worker::run_library(serve);
+        }
+        let file = match &self.config_file {
+            Some(path) => Settings::from_file(path),
+            None => Ok(Settings::default()),
+        };
+        let config = file
+            .and_then(|file| self.settings.overlay(file).into_config())
+            .map(|mut config| {
+                config.verbosity = self.verbosity;
+                if let Some(format) = self.log_format {
+                    config.log_format = format;
+                }
+                config.config_file = self.config_file.clone();
+                config.command = None;
+                config
+            });
+        let config = match config {
+            Ok(config) => config,
+            Err(err) => {
+                eprintln!("steer: {}", crate::error_chain(&err));
+                return ExitCode::from(crate::cli::EXIT_USAGE);
+            }
+        };
+        crate::logging::init(config.log_format, config.verbosity);
+        crate::primary::run(config, WorkerProgram::Library, self.hooks)
+    }
+}

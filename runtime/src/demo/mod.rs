@@ -1,0 +1,413 @@
+//! The built-in demo app: what a worker serves when steer is started without a COMMAND.
+//!
+//! It exists to show and test steer itself (which worker answered, what a rolling restart
+//! or a drain does to open connections, how a hung, crashing or leaking worker is handled),
+//! not to be a web server. Each worker answers plain-text HTTP/1.1 with keep-alive and
+//! pipelining on its own `SO_REUSEPORT` listener, from one single-threaded `mio` loop:
+//!
+//! - `GET /` -> `hello from worker <slot> (pid <pid>)`
+//! - `GET /sleep?ms=N` -> `slept N ms`, after N ms (at most 600 000), without holding up
+//!   other connections;
+//! - with `--demo-faults` only: `GET /block?ms=N` stalls the whole loop (a hung worker: pings
+//!   go unanswered too), `GET /crash` exits with status 1 without answering, and
+//!   `GET /alloc?mb=N` grows resident memory by N MiB for good.
+//!
+//! Every response carries `Content-Length`, `Content-Type: text/plain; charset=utf-8` and
+//! `X-Steer-Worker: <slot>`. Unknown paths are 404, methods other than GET and HEAD 405, bad
+//! query values 400; malformed requests (400), oversized heads (431) or bodies (413) and
+//! chunked bodies (501) are answered and the connection closed.
+//!
+//! The same loop answers the primary: `ping` with `pong` and the worker's counters, `drain`
+//! by accepting what is queued, closing the listener and idle connections, finishing the
+//! requests in progress with `Connection: close`, and returning once no connection is left.
+//! If the primary goes away the worker exits at once.
+
+mod connection;
+mod faults;
+mod http;
+mod responder;
+mod routes;
+mod server;
+
+use crate::ipc::Channel;
+
+/// Identity and options of the demo worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DemoOptions {
+    /// The worker's slot, reported in `X-Steer-Worker` and the `/` body.
+    pub slot: usize,
+    /// The slot's generation (how many times it was (re)started), for the logs.
+    pub generation: u64,
+    /// Serve the fault routes (`/block`, `/crash`, `/alloc`): `--demo-faults`.
+    pub faults: bool,
+}
+
+/// Serves HTTP on `listener` until drained or orphaned. The worker has already registered
+/// the listener with the primary; `channel` is the IPC channel (blocking or not, set it as you need).
+///
+/// Sends `ready` once the event loop is set up, and returns `Ok(())` after a `drain` once
+/// every connection is closed. Exits the process with status 0 when the primary closes the
+/// channel, and with status 1 when the channel fails otherwise. Errors are those of setting
+/// up or polling the event loop (`epoll_create1`, `epoll_ctl`, `epoll_wait`, `fcntl`).
+pub fn serve(
+    listener: std::net::TcpListener,
+    channel: Channel,
+    options: DemoOptions,
+) -> std::io::Result<()> {
+    server::Server::new(listener, channel, options)?.run()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::thread::{self, JoinHandle};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::ipc::Message;
+
+    const PATIENCE: Duration = Duration::from_secs(5);
+
+    /// A worker under test: `serve` on a thread, and the primary's end of its channel (kept
+    /// open, or the worker would exit the whole test process).
+    struct Worker {
+        addr: SocketAddr,
+        primary: Channel,
+        thread: JoinHandle<std::io::Result<()>>,
+    }
+
+    impl Worker {
+        fn start(slot: usize, faults: bool) -> Worker {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("local addr");
+            let (primary, worker_end) = Channel::pair().expect("socketpair");
+            primary.set_nonblocking(true).expect("nonblocking");
+            let options = DemoOptions {
+                slot,
+                generation: 1,
+                faults,
+            };
+            let thread = thread::spawn(move || serve(listener, worker_end, options));
+            let worker = Worker {
+                addr,
+                primary,
+                thread,
+            };
+            assert_eq!(
+                worker.next_message(),
+                Message::Ready,
+                "the worker announces itself first"
+            );
+            worker
+        }
+
+        fn next_message(&self) -> Message {
+            let deadline = Instant::now() + PATIENCE;
+            loop {
+                if let Some(received) = self.primary.recv().expect("recv from worker") {
+                    return received.message;
+                }
+                assert!(Instant::now() < deadline, "no IPC message from the worker");
+                thread::sleep(Duration::from_millis(2));
+            }
+        }
+
+        fn ping(&self, seq: u64) -> crate::ipc::Counters {
+            self.primary
+                .send(&Message::Ping { seq })
+                .expect("send ping");
+            match self.next_message() {
+                Message::Pong { seq: got, counters } if got == seq => counters,
+                other => panic!("expected pong {seq}, got {other:?}"),
+            }
+        }
+
+        fn connect(&self) -> Client {
+            Client::connect(self.addr)
+        }
+
+        fn drain_and_join(self, before_close: impl FnOnce(&Worker)) {
+            self.primary.send(&Message::Drain).expect("send drain");
+            before_close(&self);
+            let deadline = Instant::now() + PATIENCE;
+            while !self.thread.is_finished() {
+                assert!(
+                    Instant::now() < deadline,
+                    "serve did not return after the drain"
+                );
+                thread::sleep(Duration::from_millis(5));
+            }
+            self.thread
+                .join()
+                .expect("serve panicked")
+                .expect("serve failed");
+            let refused = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+            assert!(refused.is_err(), "the listener is closed after a drain");
+        }
+    }
+
+    /// A blocking HTTP client that keeps what it read past the current response.
+    struct Client {
+        stream: TcpStream,
+        pending: Vec<u8>,
+    }
+
+    #[derive(Debug)]
+    struct Reply {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: String,
+    }
+
+    impl Reply {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(key, _)| key.eq_ignore_ascii_case(name))
+                .map(|(_, value)| value.as_str())
+        }
+    }
+
+    impl Client {
+        fn connect(addr: SocketAddr) -> Client {
+            let stream = TcpStream::connect(addr).expect("connect");
+            stream
+                .set_read_timeout(Some(PATIENCE))
+                .expect("read timeout");
+            Client {
+                stream,
+                pending: Vec::new(),
+            }
+        }
+
+        fn send(&mut self, request: &str) {
+            self.stream
+                .write_all(request.as_bytes())
+                .expect("send request");
+        }
+
+        fn get(&mut self, target: &str) -> Reply {
+            self.send(&format!("GET {target} HTTP/1.1\r\nHost: test\r\n\r\n"));
+            self.reply()
+        }
+
+        fn reply(&mut self) -> Reply {
+            loop {
+                if let Some(reply) = self.parse_reply() {
+                    return reply;
+                }
+                let mut chunk = [0u8; 4096];
+                let len = self.stream.read(&mut chunk).expect("read response");
+                assert!(
+                    len > 0,
+                    "connection closed before a full response: {:?}",
+                    self.pending
+                );
+                self.pending.extend_from_slice(&chunk[..len]);
+            }
+        }
+
+        fn parse_reply(&mut self) -> Option<Reply> {
+            let mut headers = [httparse::EMPTY_HEADER; 16];
+            let mut response = httparse::Response::new(&mut headers);
+            let httparse::Status::Complete(head_len) =
+                response.parse(&self.pending).expect("valid response")
+            else {
+                return None;
+            };
+            let headers: Vec<(String, String)> = response
+                .headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.to_owned(),
+                        String::from_utf8_lossy(h.value).into_owned(),
+                    )
+                })
+                .collect();
+            let status = response.code.expect("status code");
+            let body_len: usize = headers
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+                .expect("every response has Content-Length")
+                .1
+                .parse()
+                .expect("numeric Content-Length");
+            if self.pending.len() < head_len + body_len {
+                return None;
+            }
+            let body =
+                String::from_utf8_lossy(&self.pending[head_len..head_len + body_len]).into_owned();
+            self.pending.drain(..head_len + body_len);
+            Some(Reply {
+                status,
+                headers,
+                body,
+            })
+        }
+
+        /// The server closed the connection (EOF or reset) with nothing more to read.
+        fn closed_by_server(&mut self) -> bool {
+            let mut chunk = [0u8; 64];
+            self.pending.is_empty()
+                && match self.stream.read(&mut chunk) {
+                    Ok(0) => true,
+                    Ok(_) => false,
+                    Err(error) => error.kind() == ErrorKind::ConnectionReset,
+                }
+        }
+    }
+
+    #[test]
+    fn serves_http_answers_pings_and_drains() {
+        let worker = Worker::start(3, false);
+
+        let mut alice = worker.connect();
+        let hello = alice.get("/");
+        assert_eq!(hello.status, 200);
+        assert_eq!(hello.header("X-Steer-Worker"), Some("3"));
+        assert_eq!(
+            hello.header("Content-Type"),
+            Some("text/plain; charset=utf-8")
+        );
+        assert_eq!(
+            hello.body,
+            format!("hello from worker 3 (pid {})\n", std::process::id())
+        );
+        assert_eq!(alice.get("/").status, 200, "the connection is kept alive");
+
+        let counters = worker.ping(7);
+        assert!(counters.requests >= 2, "{counters:?}");
+        assert!(
+            counters.accepted >= 1 && counters.active >= 1,
+            "{counters:?}"
+        );
+
+        let mut mallory = worker.connect();
+        mallory.send("\x01\x02 nonsense\r\n\r\n");
+        let rejected = mallory.reply();
+        assert_eq!(rejected.status, 400);
+        assert_eq!(rejected.header("Connection"), Some("close"));
+        assert!(
+            mallory.closed_by_server(),
+            "a malformed request closes the connection"
+        );
+
+        assert_eq!(
+            alice.get("/crash").status,
+            404,
+            "fault routes are off by default"
+        );
+        assert_eq!(alice.get("/sleep?ms=soon").status, 400);
+
+        alice.send("GET /sleep?ms=30 HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n");
+        assert_eq!(
+            alice.reply().body,
+            "slept 30 ms\n",
+            "pipelined requests are answered in order"
+        );
+        assert!(alice.reply().body.starts_with("hello"));
+
+        let mut sleeper = worker.connect();
+        let started = Instant::now();
+        sleeper.send("GET /sleep?ms=200 HTTP/1.1\r\n\r\n");
+        let mut bob = worker.connect();
+        assert_eq!(bob.get("/").status, 200);
+        assert!(
+            started.elapsed() < Duration::from_millis(150),
+            "a sleep must not hold up others"
+        );
+        assert_eq!(sleeper.reply().body, "slept 200 ms\n");
+        assert!(started.elapsed() >= Duration::from_millis(200));
+
+        // Drain with one request in progress and idle keep-alive connections.
+        sleeper.send("GET /sleep?ms=300 HTTP/1.1\r\n\r\n");
+        thread::sleep(Duration::from_millis(50));
+        worker.drain_and_join(|worker| {
+            assert!(
+                alice.closed_by_server(),
+                "idle keep-alive connections close on drain"
+            );
+            assert!(
+                bob.closed_by_server(),
+                "idle keep-alive connections close on drain"
+            );
+            assert!(
+                worker.ping(8).active >= 1,
+                "pings are answered while draining"
+            );
+            let last = sleeper.reply();
+            assert_eq!((last.status, last.body.as_str()), (200, "slept 300 ms\n"));
+            assert_eq!(last.header("Connection"), Some("close"));
+            assert!(sleeper.closed_by_server());
+        });
+    }
+
+    #[test]
+    fn pipelined_flood_is_answered_in_order_under_backpressure() {
+        const REQUESTS: usize = 60_000;
+        let worker = Worker::start(2, false);
+        let mut client = worker.connect();
+        let mut writer = client.stream.try_clone().expect("clone stream");
+        // Far more responses than the worker buffers before it stops reading: it must resume
+        // once the client catches up, without losing or reordering anything.
+        let flood = thread::spawn(move || {
+            let mut batch = String::new();
+            for n in 0..REQUESTS {
+                let target = if n % 2 == 0 { "/" } else { "/missing" };
+                batch.push_str(&format!("GET {target} HTTP/1.1\r\n\r\n"));
+            }
+            writer.write_all(batch.as_bytes()).expect("write flood");
+        });
+        // Let the worker fill its output buffer while nobody reads.
+        thread::sleep(Duration::from_millis(200));
+        for n in 0..REQUESTS {
+            let expected = if n % 2 == 0 { 200 } else { 404 };
+            assert_eq!(client.reply().status, expected, "response {n}");
+        }
+        flood.join().expect("flood writer");
+
+        let mut old = worker.connect();
+        old.send("GET / HTTP/1.0\r\n\r\n");
+        assert_eq!(old.reply().header("Connection"), Some("close"));
+        assert!(old.closed_by_server(), "HTTP/1.0 closes without keep-alive");
+
+        let mut big = worker.connect();
+        big.send(&format!(
+            "GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(9000)
+        ));
+        assert_eq!(big.reply().status, 431);
+        assert!(big.closed_by_server());
+
+        worker.drain_and_join(|_| assert!(client.closed_by_server()));
+    }
+
+    #[test]
+    fn fault_routes_hang_the_loop_and_grow_memory() {
+        let worker = Worker::start(1, true);
+        let mut client = worker.connect();
+        client.send("GET /block?ms=300 HTTP/1.1\r\n\r\n");
+        thread::sleep(Duration::from_millis(50));
+        let asked = Instant::now();
+        worker.ping(1);
+        assert!(
+            asked.elapsed() >= Duration::from_millis(150),
+            "a blocked loop answers no ping"
+        );
+        assert_eq!(client.reply().body, "blocked 300 ms\n");
+
+        assert_eq!(client.get("/alloc?mb=1").body, "allocated 1 MiB\n");
+        assert_eq!(client.get("/alloc?mb=lots").status, 400);
+        client.send("POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello");
+        assert_eq!(
+            client.reply().status,
+            405,
+            "the body is read and the connection kept"
+        );
+        assert_eq!(client.get("/").status, 200);
+
+        worker.drain_and_join(|_| assert!(client.closed_by_server()));
+    }
+}

@@ -1,0 +1,358 @@
+//! The demo worker's event loop: one `mio` poll over the listener, the IPC channel and every
+//! client connection, with a timer heap for `/sleep`.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use tracing::{debug, error, info, warn};
+
+use super::DemoOptions;
+use super::connection::{Connection, Connections};
+use super::responder::{Responder, Verdict};
+use crate::ipc::{Channel, Counters, IpcError, Message};
+
+const LISTENER: Token = Token(0);
+const CHANNEL: Token = Token(1);
+/// Connection `i` is registered as `Token(FIRST_CONNECTION + i)`.
+const FIRST_CONNECTION: usize = 2;
+
+/// Longest poll while the listener is open. Connections the kernel migrates here from a
+/// closing listener raise no epoll event, so the queue is also polled this often.
+const ACCEPT_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Bytes read from a socket at a time.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// How long a draining worker waits for the first request on a connection that has sent
+/// nothing yet (it may have been queued just before the drain).
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
+
+/// The event loop and everything it owns.
+pub struct Server {
+    poll: Poll,
+    /// `None` once draining.
+    listener: Option<TcpListener>,
+    channel: Channel,
+    connections: Connections,
+    responder: Responder,
+    next_serial: u64,
+    /// While draining: when connections that never sent a byte are given up on.
+    first_request_deadline: Option<Instant>,
+    scratch: Vec<u8>,
+}
+
+impl Server {
+    /// Registers the listener and the (now non-blocking) channel with a new poll.
+    pub fn new(
+        listener: std::net::TcpListener,
+        channel: Channel,
+        options: DemoOptions,
+    ) -> io::Result<Server> {
+        listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(listener);
+        channel.set_nonblocking(true)?;
+        let poll = Poll::new()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry().register(
+            &mut SourceFd(&channel.as_raw_fd()),
+            CHANNEL,
+            Interest::READABLE,
+        )?;
+        Ok(Server {
+            poll,
+            listener: Some(listener),
+            channel,
+            connections: Connections::default(),
+            responder: Responder::new(options),
+            next_serial: 0,
+            first_request_deadline: None,
+            scratch: vec![0; READ_CHUNK],
+        })
+    }
+
+    /// Tells the primary the loop is up, then runs it until drained (or exits the process
+    /// when the primary is gone).
+    pub fn run(mut self) -> io::Result<()> {
+        self.send(&Message::Ready);
+        let DemoOptions {
+            slot,
+            generation,
+            faults,
+        } = self.responder.options();
+        info!(slot, generation, faults, "demo worker ready");
+        let mut events = Events::with_capacity(256);
+        loop {
+            match self
+                .poll
+                .poll(&mut events, self.poll_timeout(Instant::now()))
+            {
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+            for event in &events {
+                match event.token() {
+                    // The queue is emptied below on every wake.
+                    LISTENER => {}
+                    CHANNEL => self.receive_messages(),
+                    Token(token) => {
+                        if let Some(index) = token.checked_sub(FIRST_CONNECTION) {
+                            self.drive(index);
+                        }
+                    }
+                }
+            }
+            self.accept_queued();
+            let now = Instant::now();
+            self.wake_sleepers(now);
+            self.give_up_on_silent(now);
+            if self.responder.is_draining() && self.connections.is_empty() {
+                info!(slot, generation, "drained");
+                return Ok(());
+            }
+        }
+    }
+
+    /// The poll timeout: the next timer, and at most [`ACCEPT_INTERVAL`] while accepting.
+    fn poll_timeout(&self, now: Instant) -> Option<Duration> {
+        let accept = self.listener.as_ref().map(|_| ACCEPT_INTERVAL);
+        let sleeper = self.responder.next_wake();
+        [sleeper, self.first_request_deadline]
+            .into_iter()
+            .flatten()
+            .map(|deadline| deadline.saturating_duration_since(now))
+            .chain(accept)
+            .min()
+    }
+
+    // ---- IPC ----
+
+    /// Handles every queued message (the channel is edge-triggered).
+    fn receive_messages(&mut self) {
+        loop {
+            match self.channel.recv() {
+                Ok(None) => return,
+                Ok(Some(received)) => self.obey(received.message),
+                Err(IpcError::Closed) => primary_gone(),
+                Err(error) => ipc_failed(&error),
+            }
+        }
+    }
+
+    fn obey(&mut self, message: Message) {
+        match message {
+            Message::Ping { seq } => {
+                let counters = Counters {
+                    active: u64::try_from(self.connections.len()).unwrap_or(u64::MAX),
+                    ..self.responder.counters()
+                };
+                self.send(&Message::Pong { seq, counters });
+            }
+            Message::Drain => self.start_drain(),
+            Message::User { from, data, .. } => debug!(?from, %data, "user message"),
+            other => debug!(
+                ?other,
+                "ignoring an IPC message not meant for a running worker"
+            ),
+        }
+    }
+
+    fn send(&self, message: &Message) {
+        match self.channel.send(message) {
+            Ok(()) => {}
+            Err(IpcError::Closed) => primary_gone(),
+            // The primary is not reading; a lost pong reads as a slow worker, not a dead one.
+            Err(IpcError::Io { source, .. }) if source.kind() == io::ErrorKind::WouldBlock => {
+                warn!(?message, "IPC socket full, message dropped");
+            }
+            Err(error) => ipc_failed(&error),
+        }
+    }
+
+    // ---- accepting and draining ----
+
+    fn accept_queued(&mut self) {
+        if let Some(listener) = self.listener.take() {
+            self.accept_from(&listener);
+            self.listener = Some(listener);
+        }
+    }
+
+    /// Accepts until the queue is empty.
+    fn accept_from(&mut self, listener: &TcpListener) {
+        loop {
+            match listener.accept() {
+                Ok((stream, _peer)) => self.admit(stream),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) => {}
+                // Out of fds or memory: the queue is retried on the next wake.
+                Err(error) => {
+                    warn!(%error, "accept failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn admit(&mut self, mut stream: TcpStream) {
+        // Small responses on keep-alive connections must not wait for Nagle.
+        if let Err(error) = stream.set_nodelay(true) {
+            debug!(%error, "TCP_NODELAY failed");
+        }
+        let index = self.connections.next_index();
+        if let Err(error) =
+            self.poll
+                .registry()
+                .register(&mut stream, token_of(index), Interest::READABLE)
+        {
+            warn!(%error, "could not watch an accepted connection");
+            return;
+        }
+        self.responder.count_accepted();
+        self.next_serial += 1;
+        self.connections
+            .insert(Connection::new(stream, self.next_serial));
+    }
+
+    /// Stops accepting (after taking what is queued), and closes idle connections; the rest
+    /// finish their request and close after its response.
+    fn start_drain(&mut self) {
+        if self.responder.is_draining() {
+            return;
+        }
+        info!(connections = self.connections.len(), "draining");
+        self.responder.start_draining();
+        if let Some(mut listener) = self.listener.take() {
+            if let Err(error) = self.poll.registry().deregister(&mut listener) {
+                warn!(%error, "could not stop watching the listener");
+            }
+            self.accept_from(&listener);
+        }
+        self.first_request_deadline = Some(Instant::now() + FIRST_REQUEST_GRACE);
+        for index in 0..self.connections.span() {
+            self.drive(index);
+        }
+    }
+
+    /// Once the grace after a drain is over, closes connections that never sent a byte.
+    fn give_up_on_silent(&mut self, now: Instant) {
+        if self
+            .first_request_deadline
+            .is_none_or(|deadline| deadline > now)
+        {
+            return;
+        }
+        self.first_request_deadline = None;
+        for index in 0..self.connections.span() {
+            if self
+                .connections
+                .get_mut(index)
+                .is_some_and(|c| !c.heard_from && c.is_idle())
+            {
+                self.close(index, Verdict::Close);
+            }
+        }
+    }
+
+    // ---- connections ----
+
+    /// Reads, answers and writes what a connection allows now, then closes it or updates
+    /// its interest.
+    fn drive(&mut self, index: usize) {
+        let Some(connection) = self.connections.get_mut(index) else {
+            return;
+        };
+        let mut verdict = self.responder.pump(connection, index, &mut self.scratch);
+        // A draining worker keeps no idle keep-alive connection; one that has not sent its
+        // first request yet gets until the grace deadline.
+        if verdict == Verdict::Keep
+            && self.responder.is_draining()
+            && connection.heard_from
+            && connection.is_idle()
+        {
+            verdict = Verdict::Close;
+        }
+        match verdict {
+            Verdict::Keep => {
+                let wants_writable = connection.pending_output() > 0;
+                if wants_writable != connection.watching_writable {
+                    let interest = if wants_writable {
+                        Interest::READABLE | Interest::WRITABLE
+                    } else {
+                        Interest::READABLE
+                    };
+                    self.reregister(index, interest);
+                }
+            }
+            Verdict::Close | Verdict::Drop => self.close(index, verdict),
+        }
+    }
+
+    fn reregister(&mut self, index: usize, interest: Interest) {
+        let Some(connection) = self.connections.get_mut(index) else {
+            return;
+        };
+        match self
+            .poll
+            .registry()
+            .reregister(&mut connection.stream, token_of(index), interest)
+        {
+            Ok(()) => connection.watching_writable = interest.is_writable(),
+            Err(error) => {
+                warn!(%error, "could not update a connection's interest");
+                self.close(index, Verdict::Drop);
+            }
+        }
+    }
+
+    fn close(&mut self, index: usize, verdict: Verdict) {
+        let Some(mut connection) = self.connections.remove(index) else {
+            return;
+        };
+        if let Err(error) = self.poll.registry().deregister(&mut connection.stream) {
+            debug!(%error, "could not stop watching a connection");
+        }
+        if verdict == Verdict::Close {
+            connection.linger(&mut self.scratch);
+        }
+    }
+
+    /// Answers every `/sleep` whose time has come, then resumes its connection.
+    fn wake_sleepers(&mut self, now: Instant) {
+        while let Some(sleeper) = self.responder.due_sleeper(now) {
+            let Some(connection) = self.connections.get_mut(sleeper.index) else {
+                continue;
+            };
+            if connection.serial == sleeper.serial {
+                self.responder.finish_sleep(connection);
+                self.drive(sleeper.index);
+            }
+        }
+    }
+}
+
+/// The poll token of connection `index`.
+fn token_of(index: usize) -> Token {
+    Token(FIRST_CONNECTION + index)
+}
+
+/// The primary closed its end of the channel: nobody is left to drain or supervise us.
+fn primary_gone() -> ! {
+    info!("the primary is gone; exiting");
+    std::process::exit(0)
+}
+
+/// The channel is unusable; the primary will see the exit and replace this worker.
+fn ipc_failed(error: &IpcError) -> ! {
+    error!(?error, "IPC channel failed; exiting");
+    std::process::exit(1)
+}

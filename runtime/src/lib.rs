@@ -1,0 +1,89 @@
+//! # Steer: N worker processes behind one port, balanced in the kernel
+//!
+//! Steer runs a network server as several worker processes on one Linux host. Each worker
+//! owns its **own** `SO_REUSEPORT` listening socket, so each has its own accept queue and
+//! there is no thundering herd; the kernel spreads new connections over the sockets. A
+//! small **primary** process does lifecycle only: it spawns the workers, checks and
+//! records their sockets, restarts crashed ones with backoff, replaces them one at a time
+//! on `SIGUSR2`, drains them on `SIGTERM`, and serves `/status`. It never touches a client
+//! byte.
+//!
+//! ## As a program
+//!
+//! ```text
+//! steer run --listen 127.0.0.1:8000 --workers 4 --status 127.0.0.1:8001      # demo app
+//! steer run --listen 0.0.0.0:8080 -- python3 app.py                          # any program
+//! steer status --status 127.0.0.1:8001
+//! ```
+//!
+//! An external program gets its own listening socket as fd 3, the systemd way
+//! (`LISTEN_FDS=1`, `LISTEN_PID`, `LISTEN_FDNAMES=steer`), plus `STEER_WORKER_SLOT`,
+//! `STEER_WORKER_ID` and `STEER_IPC_FD` (see [`worker::env`]).
+//!
+//! ## As a library
+//!
+//! The same executable is primary and worker: [`ClusterBuilder::run`] supervises in the
+//! process the user started, and calls the closure in each worker process.
+//!
+//! ```no_run
+//! use std::io::Write;
+//!
+//! fn main() -> std::process::ExitCode {
+//!     steer::Cluster::builder()
+//!         .listen("127.0.0.1:8000".parse().unwrap())
+//!         .workers(4)
+//!         .run(|worker| {
+//!             let drain = worker.drain_signal();
+//!             for stream in worker.listener().incoming() {
+//!                 let mut stream = stream?;
+//!                 worker.stats().connection_accepted();
+//!                 write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nhi\n")?;
+//!                 worker.stats().connection_closed();
+//!                 if drain.is_set() {
+//!                     break;
+//!                 }
+//!             }
+//!             Ok(())
+//!         })
+//! }
+//! ```
+//!
+//! A worker talks to the primary with [`Worker::send`] / [`Worker::recv`], and the primary
+//! answers or broadcasts from [`ClusterBuilder::on_message`] (Node's `worker.send` and
+//! `process.on('message')`).
+//!
+//! ## Modules
+//!
+//! [`config`] and [`cli`] turn flags and a TOML file into a validated [`config::Config`];
+//! [`primary`] supervises; [`steering`] decides who gets the next connection; [`ipc`] is
+//! the primary/worker protocol; [`worker`] is the worker side; [`status`] serves and reads
+//! `/status`; [`demo`] is the built-in HTTP app; [`listener`] creates and checks sockets.
+
+pub mod cli;
+mod cluster;
+pub mod config;
+pub mod demo;
+pub mod ipc;
+pub mod listener;
+pub mod logging;
+pub mod primary;
+pub mod status;
+pub mod steering;
+pub mod worker;
+
+pub use cluster::{Cluster, ClusterBuilder};
+pub use ipc::Recipient;
+pub use primary::Control;
+pub use worker::{DrainSignal, UserMessage, Worker, WorkerStats};
+
+/// Formats an error with its chain of causes: `outer: inner: innermost`.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

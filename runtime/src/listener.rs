@@ -1,0 +1,164 @@
+//! Listening sockets: creating one a worker can own, and checking one a worker registers.
+//!
+//! Each worker owns its own socket in the `SO_REUSEPORT` group of the listen address, so
+//! each has its own accept queue. `SO_REUSEPORT` must be set before `bind`: the kernel only
+//! lets a socket into a group whose sockets all set it (and belong to the same user).
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd, BorrowedFd};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use thiserror::Error;
+
+/// Accept backlog requested for every worker socket (the kernel caps it at `somaxconn`).
+pub const BACKLOG: i32 = 4096;
+
+/// Creates a `SOCK_STREAM | SOCK_CLOEXEC` socket with `SO_REUSEPORT` and `SO_REUSEADDR`,
+/// binds it to `addr` (`socket`, `setsockopt`, `bind`) and, if `listen` is true, starts
+/// listening (`listen(BACKLOG)`).
+///
+/// Fails with `AddrInUse` when the port is held by a socket without `SO_REUSEPORT` or by
+/// another user; see [`explain_bind_error`].
+pub fn bind_reuseport(addr: SocketAddr, listen: bool) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&SockAddr::from(addr))?;
+    if listen {
+        socket.listen(BACKLOG)?;
+    }
+    Ok(socket)
+}
+
+/// A bound-and-listening socket for a worker, as a std listener (blocking).
+pub fn worker_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    bind_reuseport(addr, true).map(TcpListener::from)
+}
+
+/// Turns a bind failure into a message that says what to do.
+pub fn explain_bind_error(addr: SocketAddr, err: &io::Error) -> String {
+    match err.kind() {
+        io::ErrorKind::AddrInUse => format!(
+            "cannot bind {addr}: the address is in use by a socket without SO_REUSEPORT \
+             (or one owned by another user); stop that process or choose another --listen"
+        ),
+        io::ErrorKind::PermissionDenied => format!(
+            "cannot bind {addr}: permission denied; ports below 1024 need root or \
+             CAP_NET_BIND_SERVICE"
+        ),
+        io::ErrorKind::AddrNotAvailable => {
+            format!("cannot bind {addr}: no local interface has this address")
+        }
+        _ => format!("cannot bind {addr}: {err}"),
+    }
+}
+
+/// Why a registered fd was refused.
+#[derive(Debug, Error)]
+pub enum RegistrationError {
+    /// `getsockopt`/`getsockname` failed: probably not a socket at all.
+    #[error("cannot inspect the registered fd")]
+    Inspect(#[source] io::Error),
+    /// Not a TCP stream socket.
+    #[error("the registered fd is not a TCP stream socket")]
+    NotStream,
+    /// `SO_REUSEPORT` is off, so it cannot share the port with the other workers.
+    #[error("the registered socket does not have SO_REUSEPORT set")]
+    NoReusePort,
+    /// `listen()` was never called.
+    #[error("the registered socket is not listening")]
+    NotListening,
+    /// Bound to another address than the cluster's.
+    #[error("the registered socket is bound to {actual}, expected {expected}")]
+    WrongAddress {
+        /// The address the cluster listens on.
+        expected: SocketAddr,
+        /// What the socket is bound to.
+        actual: String,
+    },
+}
+
+/// Checks that `fd` is a listening TCP socket with `SO_REUSEPORT`, bound to `expected`
+/// (`getsockopt(SO_TYPE, SO_REUSEPORT, SO_ACCEPTCONN)`, `getsockname`).
+pub fn verify_listener(fd: BorrowedFd<'_>, expected: SocketAddr) -> Result<(), RegistrationError> {
+    let socket = socket2::SockRef::from(&fd);
+    let ty = socket.r#type().map_err(RegistrationError::Inspect)?;
+    if ty != Type::STREAM {
+        return Err(RegistrationError::NotStream);
+    }
+    if !socket.reuse_port().map_err(RegistrationError::Inspect)? {
+        return Err(RegistrationError::NoReusePort);
+    }
+    if !socket.is_listener().map_err(RegistrationError::Inspect)? {
+        return Err(RegistrationError::NotListening);
+    }
+    let actual = socket.local_addr().map_err(RegistrationError::Inspect)?;
+    if actual.as_socket() != Some(expected) {
+        let actual = actual
+            .as_socket()
+            .map_or_else(|| "a non-IP address".to_owned(), |a| a.to_string());
+        return Err(RegistrationError::WrongAddress { expected, actual });
+    }
+    Ok(())
+}
+
+/// `verify_listener` for anything that has an fd.
+pub fn verify(fd: &impl AsFd, expected: SocketAddr) -> Result<(), RegistrationError> {
+    verify_listener(fd.as_fd(), expected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_reuseport_listeners_share_a_port_and_pass_verification() {
+        let first = worker_listener("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = first.local_addr().expect("addr");
+        let second = worker_listener(addr).expect("second socket joins the group");
+        verify(&first, addr).expect("valid");
+        verify(&second, addr).expect("valid");
+    }
+
+    #[test]
+    fn verification_names_what_is_wrong() {
+        let plain = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = plain.local_addr().expect("addr");
+        assert!(matches!(
+            verify(&plain, addr),
+            Err(RegistrationError::NoReusePort)
+        ));
+
+        let bound = bind_reuseport("127.0.0.1:0".parse().expect("addr"), false).expect("bind");
+        let addr = bound.local_addr().expect("addr").as_socket().expect("ip");
+        assert!(matches!(
+            verify(&bound, addr),
+            Err(RegistrationError::NotListening)
+        ));
+
+        let listening = worker_listener("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let other: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        assert!(matches!(
+            verify(&listening, other),
+            Err(RegistrationError::WrongAddress { .. })
+        ));
+
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        assert!(matches!(
+            verify(&udp, addr),
+            Err(RegistrationError::NotStream)
+        ));
+    }
+
+    #[test]
+    fn port_held_without_reuseport_is_explained() {
+        let plain = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = plain.local_addr().expect("addr");
+        let err = worker_listener(addr).expect_err("must collide");
+        assert!(explain_bind_error(addr, &err).contains("without SO_REUSEPORT"));
+    }
+}

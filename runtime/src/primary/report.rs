@@ -1,0 +1,86 @@
+//! The supervisor's answers to the status listener.
+
+use std::time::Instant;
+
+use super::supervisor::{ClusterPhase, Supervisor};
+use crate::status::server::Reply;
+use crate::status::{PrimaryStatus, StatusDocument, Totals, WorkerStatus, rss_bytes};
+
+impl Supervisor {
+    /// Builds the response to a status request path.
+    pub(super) fn reply(&self, path: &str) -> Reply {
+        match path {
+            "/status" => Reply {
+                status: 200,
+                content_type: "application/json",
+                body: serde_json::to_string_pretty(&self.snapshot()).unwrap_or_default() + "\n",
+            },
+            "/metrics" => Reply {
+                status: 200,
+                content_type: "text/plain; version=0.0.4",
+                body: crate::status::render_metrics(&self.snapshot()),
+            },
+            _ => Reply {
+                status: 404,
+                content_type: "text/plain",
+                body: "try /status or /metrics\n".into(),
+            },
+        }
+    }
+
+    /// The `/status` document as of now.
+    pub(super) fn snapshot(&self) -> StatusDocument {
+        let now = Instant::now();
+        let workers: Vec<WorkerStatus> = self
+            .slots
+            .iter()
+            .map(|slot| {
+                let process = slot.current.as_ref().or(slot.incoming.as_ref());
+                WorkerStatus {
+                    slot: slot.index,
+                    pid: process.map(|p| p.pid),
+                    generation: process.map_or(slot.generation, |p| p.generation),
+                    state: serde_json::to_value(slot.state())
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                    uptime_s: process.map(|p| now.saturating_duration_since(p.started).as_secs()),
+                    restarts: slot.restarts,
+                    accepted: slot.accepted(),
+                    active: process.map_or(0, |p| p.counters.active),
+                    requests: process.map_or(0, |p| p.counters.requests),
+                    rss_bytes: process.and_then(|p| rss_bytes(p.pid.unsigned_abs())),
+                    last_exit: slot.last_exit.map(|s| s.to_string()),
+                    next_restart_in_ms: slot.next_restart_in(now).map(|d| d.as_millis() as u64),
+                    health_ms: process
+                        .filter(|p| p.speaks_ipc)
+                        .map(|p| now.saturating_duration_since(p.last_heard).as_millis() as u64),
+                    draining: slot.retiring.len(),
+                }
+            })
+            .collect();
+        let totals = Totals {
+            workers: workers.len(),
+            ready: workers.iter().filter(|w| w.state == "ready").count(),
+            restarts: workers.iter().map(|w| u64::from(w.restarts)).sum(),
+            accepted: workers.iter().map(|w| w.accepted).sum(),
+        };
+        let phase = match (self.phase, &self.roll) {
+            (ClusterPhase::Stopping { .. }, _) => "stopping",
+            (ClusterPhase::Running, Some(_)) => "rolling",
+            (ClusterPhase::Running, None) => "running",
+        };
+        StatusDocument {
+            primary: PrimaryStatus {
+                pid: std::process::id(),
+                uptime_s: now.saturating_duration_since(self.started).as_secs(),
+                balance: self.steering.policy().to_string(),
+                listen: self.listen.to_string(),
+                phase: phase.into(),
+                rss_bytes: rss_bytes(std::process::id()),
+            },
+            workers,
+            totals,
+        }
+    }
+}

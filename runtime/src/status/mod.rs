@@ -1,0 +1,97 @@
+//! `GET /status` (JSON) and `GET /metrics` (Prometheus text), served by the primary, and
+//! the `steer status` client that reads them.
+
+pub mod client;
+mod metrics;
+pub(crate) mod server;
+
+use serde::{Deserialize, Serialize};
+
+pub use metrics::render as render_metrics;
+
+/// The `/status` document.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusDocument {
+    /// The primary process.
+    pub primary: PrimaryStatus,
+    /// One entry per slot, by slot index.
+    pub workers: Vec<WorkerStatus>,
+    /// Sums over the slots.
+    pub totals: Totals,
+}
+
+/// The primary's part of `/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrimaryStatus {
+    /// Its pid.
+    pub pid: u32,
+    /// Seconds since it started.
+    pub uptime_s: u64,
+    /// Policy in force (`kernel`, `round-robin`, ...; never `auto`).
+    pub balance: String,
+    /// The address the workers listen on.
+    pub listen: String,
+    /// `running`, `rolling` (a rolling restart is under way) or `stopping`.
+    pub phase: String,
+    /// The primary's own resident memory.
+    pub rss_bytes: Option<u64>,
+}
+
+/// One slot in `/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// Slot index.
+    pub slot: usize,
+    /// Pid of the slot's serving (or starting) process; `null` in backoff or failed.
+    pub pid: Option<i32>,
+    /// Generation of that process.
+    pub generation: u64,
+    /// `starting`, `ready`, `draining`, `backoff`, `failed` or `stopped`.
+    pub state: String,
+    /// Seconds since that process started.
+    pub uptime_s: Option<u64>,
+    /// Crash restarts of this slot.
+    pub restarts: u32,
+    /// Connections accepted by every generation of this slot.
+    pub accepted: u64,
+    /// Connections open now (last heartbeat).
+    pub active: u64,
+    /// Requests answered by the current process (last heartbeat).
+    pub requests: u64,
+    /// Resident memory of the process, from `/proc/<pid>/statm`.
+    pub rss_bytes: Option<u64>,
+    /// How the slot's last process ended: `exit code N` or `signal N (SIGX)`.
+    pub last_exit: Option<String>,
+    /// Backoff left before the next start.
+    pub next_restart_in_ms: Option<u64>,
+    /// Milliseconds since the process last answered on IPC.
+    pub health_ms: Option<u64>,
+    /// Old generations still draining.
+    pub draining: usize,
+}
+
+/// Sums in `/status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Totals {
+    /// Slots.
+    pub workers: usize,
+    /// Slots in state `ready`.
+    pub ready: usize,
+    /// Crash restarts over all slots.
+    pub restarts: u64,
+    /// Connections accepted over all slots.
+    pub accepted: u64,
+}
+
+/// Resident set size of `pid` from `/proc/<pid>/statm` (pages times page size).
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * page_size())
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).unwrap_or(4096)
+}

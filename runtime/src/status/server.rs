@@ -1,0 +1,231 @@
+//! The status listener inside the primary's event loop: small, non-blocking, read-only.
+//!
+//! It answers `GET /status` and `GET /metrics` and closes the connection; it exposes no
+//! action. A slow or silent client only holds its own few-KiB buffer and is dropped after
+//! [`CLIENT_TIMEOUT`].
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Registry, Token};
+
+/// Request heads larger than this are refused.
+const MAX_REQUEST: usize = 8 * 1024;
+/// At most this many status clients at once; more are closed at accept.
+const MAX_CLIENTS: usize = 64;
+/// A status client that has not sent a full request by then is dropped.
+pub(crate) const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// First token used for status clients; the supervisor's own tokens are below it.
+pub(crate) const CLIENT_TOKEN_BASE: usize = 1 << 40;
+
+/// A response the supervisor builds for a request path.
+pub(crate) struct Reply {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+struct Client {
+    stream: TcpStream,
+    request: Vec<u8>,
+    response: Vec<u8>,
+    written: usize,
+    since: Instant,
+}
+
+/// The status listener and its clients.
+pub(crate) struct StatusServer {
+    listener: TcpListener,
+    clients: HashMap<Token, Client>,
+    next_token: usize,
+}
+
+impl StatusServer {
+    /// Binds the listener (`SO_REUSEADDR`, no `SO_REUSEPORT`: one primary owns it).
+    pub(crate) fn bind(addr: SocketAddr) -> io::Result<StatusServer> {
+        Ok(StatusServer {
+            listener: TcpListener::bind(addr)?,
+            clients: HashMap::new(),
+            next_token: CLIENT_TOKEN_BASE,
+        })
+    }
+
+    /// The bound address.
+    pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Registers the listener under `token`.
+    pub(crate) fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        registry.register(&mut self.listener, token, Interest::READABLE)
+    }
+
+    /// Accepts every pending client.
+    pub(crate) fn accept(&mut self, registry: &Registry) {
+        loop {
+            match self.listener.accept() {
+                Ok((mut stream, _)) => {
+                    if self.clients.len() >= MAX_CLIENTS {
+                        continue;
+                    }
+                    let token = Token(self.next_token);
+                    self.next_token += 1;
+                    if registry
+                        .register(&mut stream, token, Interest::READABLE)
+                        .is_ok()
+                    {
+                        let client = Client {
+                            stream,
+                            request: Vec::new(),
+                            response: Vec::new(),
+                            written: 0,
+                            since: Instant::now(),
+                        };
+                        self.clients.insert(token, client);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::debug!("status accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Progresses one client: reads its request, builds the reply with `respond`, writes.
+    pub(crate) fn on_client_event(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        respond: impl FnOnce(&str) -> Reply,
+    ) {
+        let Some(client) = self.clients.get_mut(&token) else {
+            return;
+        };
+        let done = match client.progress(registry, token, respond) {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::debug!("status client dropped: {e}");
+                true
+            }
+        };
+        if done && let Some(mut client) = self.clients.remove(&token) {
+            let _ = registry.deregister(&mut client.stream);
+        }
+    }
+
+    /// Drops clients that have been around too long.
+    pub(crate) fn expire(&mut self, registry: &Registry, now: Instant) {
+        self.clients.retain(|_, client| {
+            let keep = now.saturating_duration_since(client.since) < CLIENT_TIMEOUT;
+            if !keep {
+                let _ = registry.deregister(&mut client.stream);
+            }
+            keep
+        });
+    }
+
+    /// Whether any client is connected (the loop then wakes to expire them).
+    pub(crate) fn has_clients(&self) -> bool {
+        !self.clients.is_empty()
+    }
+}
+
+impl Client {
+    /// Returns true when the client is finished with (answered or gone).
+    fn progress(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        respond: impl FnOnce(&str) -> Reply,
+    ) -> io::Result<bool> {
+        if self.response.is_empty() {
+            let mut buf = [0u8; 2048];
+            loop {
+                match self.stream.read(&mut buf) {
+                    Ok(0) => return Ok(true),
+                    Ok(n) => {
+                        self.request.extend_from_slice(&buf[..n]);
+                        if self.request.len() > MAX_REQUEST {
+                            self.response = encode(&Reply {
+                                status: 431,
+                                content_type: "text/plain",
+                                body: "request too large\n".into(),
+                            });
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            if self.response.is_empty() {
+                let mut headers = [httparse::EMPTY_HEADER; 32];
+                let mut request = httparse::Request::new(&mut headers);
+                match request.parse(&self.request) {
+                    Ok(httparse::Status::Partial) => return Ok(false),
+                    Ok(httparse::Status::Complete(_)) => {
+                        let reply = match (request.method, request.path) {
+                            (Some("GET" | "HEAD"), Some(path)) => {
+                                respond(path.split('?').next().unwrap_or(path))
+                            }
+                            _ => Reply {
+                                status: 405,
+                                content_type: "text/plain",
+                                body: "only GET\n".into(),
+                            },
+                        };
+                        self.response = encode(&reply);
+                    }
+                    Err(_) => {
+                        self.response = encode(&Reply {
+                            status: 400,
+                            content_type: "text/plain",
+                            body: "bad request\n".into(),
+                        })
+                    }
+                }
+            }
+        }
+        while self.written < self.response.len() {
+            match self.stream.write(&self.response[self.written..]) {
+                Ok(0) => return Ok(true),
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    registry.reregister(&mut self.stream, token, Interest::WRITABLE)?;
+                    return Ok(false);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+}
+
+fn encode(reply: &Reply) -> Vec<u8> {
+    let reason = match reply.status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        _ => "Error",
+    };
+    let mut out = format!(
+        "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        reply.status,
+        reply.content_type,
+        reply.body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(reply.body.as_bytes());
+    out
+}

@@ -1,0 +1,122 @@
+//! The environment a primary hands to each worker process.
+//!
+//! | variable | meaning |
+//! |---|---|
+//! | `STEER_ROLE` | `demo` or `library` for re-executed workers; absent for external ones |
+//! | `STEER_WORKER_SLOT` | slot index `0..N-1`: stable across restarts |
+//! | `STEER_WORKER_GENERATION` | grows each time the slot's process is replaced |
+//! | `STEER_WORKER_ID` | unique per process over the primary's life, from 1 |
+//! | `STEER_IPC_FD` | fd number of the worker's end of the IPC socketpair |
+//! | `STEER_LISTEN` | the address the worker binds (re-executed workers) |
+//! | `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES` | external workers: fd 3 is their listening socket (systemd socket activation) |
+
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+
+/// Which built-in program a re-executed worker runs.
+pub(crate) const ROLE: &str = "STEER_ROLE";
+/// Slot index.
+pub(crate) const SLOT: &str = "STEER_WORKER_SLOT";
+/// Generation of the slot.
+pub(crate) const GENERATION: &str = "STEER_WORKER_GENERATION";
+/// Unique worker id.
+pub(crate) const ID: &str = "STEER_WORKER_ID";
+/// IPC fd number.
+pub(crate) const IPC_FD: &str = "STEER_IPC_FD";
+/// Address to bind.
+pub(crate) const LISTEN: &str = "STEER_LISTEN";
+/// Demo fault routes on (`1`).
+pub(crate) const DEMO_FAULTS: &str = "STEER_DEMO_FAULTS";
+
+/// `STEER_ROLE` value for the demo app.
+pub(crate) const ROLE_DEMO: &str = "demo";
+/// `STEER_ROLE` value for a library user's program.
+pub(crate) const ROLE_LIBRARY: &str = "library";
+
+/// Every variable a primary sets for a worker; removed from what it passes on otherwise,
+/// so a primary started from inside a worker does not confuse its own children.
+pub(crate) const ALL: &[&str] = &[
+    ROLE,
+    SLOT,
+    GENERATION,
+    ID,
+    IPC_FD,
+    LISTEN,
+    DEMO_FAULTS,
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+];
+
+/// A worker's identity and inheritance, read from its environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerEnv {
+    /// Slot index.
+    pub slot: usize,
+    /// Generation of the slot.
+    pub generation: u64,
+    /// Unique worker id.
+    pub id: u64,
+    /// IPC fd number.
+    pub ipc_fd: RawFd,
+    /// Address to bind.
+    pub listen: SocketAddr,
+    /// Demo fault routes on.
+    pub demo_faults: bool,
+}
+
+impl WorkerEnv {
+    /// Reads the variables through `get` (`std::env::var` in production). The error names
+    /// the variable.
+    pub fn read(get: impl Fn(&str) -> Option<String>) -> Result<WorkerEnv, String> {
+        fn field<T: std::str::FromStr>(
+            get: &impl Fn(&str) -> Option<String>,
+            name: &str,
+        ) -> Result<T, String> {
+            let text = get(name).ok_or_else(|| format!("{name} is not set"))?;
+            text.parse()
+                .map_err(|_| format!("{name}={text:?} is not valid"))
+        }
+        Ok(WorkerEnv {
+            slot: field(&get, SLOT)?,
+            generation: field(&get, GENERATION)?,
+            id: field(&get, ID)?,
+            ipc_fd: field(&get, IPC_FD)?,
+            listen: field(&get, LISTEN)?,
+            demo_faults: get(DEMO_FAULTS).as_deref() == Some("1"),
+        })
+    }
+
+    /// Reads the process environment.
+    pub fn from_process() -> Result<WorkerEnv, String> {
+        WorkerEnv::read(|name| std::env::var(name).ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    #[test]
+    fn reads_every_field_and_names_the_missing_one() {
+        let mut vars: HashMap<&str, &str> = HashMap::from([
+            (SLOT, "2"),
+            (GENERATION, "5"),
+            (ID, "11"),
+            (IPC_FD, "3"),
+            (LISTEN, "127.0.0.1:8000"),
+            (DEMO_FAULTS, "1"),
+        ]);
+        let env = WorkerEnv::read(|k| vars.get(k).map(|v| v.to_string())).expect("complete");
+        assert_eq!(
+            (env.slot, env.generation, env.id, env.ipc_fd),
+            (2, 5, 11, 3)
+        );
+        assert!(env.demo_faults);
+        vars.remove(IPC_FD);
+        let err = WorkerEnv::read(|k| vars.get(k).map(|v| v.to_string())).expect_err("missing");
+        assert!(err.contains(IPC_FD), "{err}");
+    }
+}

@@ -1,0 +1,214 @@
+//! The worker side: bootstrap from the environment, bind an own `SO_REUSEPORT` listener,
+//! register it with the primary, then serve.
+//!
+//! Built-in workers (the demo app) and library workers (a closure given to
+//! [`crate::Cluster`]) are the same executable as their primary, re-executed with the
+//! variables of [`env`]. External workers (`steer run -- COMMAND`) get a socket on fd 3
+//! instead and never come through here.
+
+pub mod env;
+mod link;
+
+use std::net::TcpListener;
+use std::os::fd::AsFd;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+pub use link::{DrainSignal, UserMessage, WorkerStats};
+use serde::Serialize;
+
+use crate::ipc::{Channel, IpcError, Message, Recipient};
+use env::WorkerEnv;
+
+/// A library worker: what the closure passed to [`crate::ClusterBuilder::run`] receives.
+///
+/// It owns the worker's listening socket (already bound, listening and registered) and the
+/// link to the primary. Pings from the primary are answered on a helper thread with the
+/// counters of [`Worker::stats`]; a drain request from the primary (rolling restart,
+/// shutdown) is visible through [`Worker::drain_signal`]; when the primary dies the worker
+/// process exits.
+#[derive(Debug)]
+pub struct Worker {
+    env: WorkerEnv,
+    listener: Option<TcpListener>,
+    link: Arc<link::Link>,
+}
+
+impl Worker {
+    /// The slot index, `0..N-1`, stable across restarts of this slot.
+    pub fn slot(&self) -> usize {
+        self.env.slot
+    }
+
+    /// The slot's generation: 1 for the first process, then one more per replacement.
+    pub fn generation(&self) -> u64 {
+        self.env.generation
+    }
+
+    /// Unique id of this worker process over the primary's life (Node's `worker.id`).
+    pub fn id(&self) -> u64 {
+        self.env.id
+    }
+
+    /// The worker's own listening socket (blocking; set non-blocking for async runtimes).
+    ///
+    /// # Panics
+    /// After [`Worker::take_listener`].
+    pub fn listener(&self) -> &TcpListener {
+        self.listener
+            .as_ref()
+            .expect("the listener was taken with Worker::take_listener")
+    }
+
+    /// Takes the listening socket, e.g. to hand it to tokio. Close it (drop it) when
+    /// draining: connections still queued then migrate to the other workers.
+    pub fn take_listener(&mut self) -> Option<TcpListener> {
+        self.listener.take()
+    }
+
+    /// Counters reported to the primary with every heartbeat; bump them as you serve.
+    pub fn stats(&self) -> &WorkerStats {
+        &self.link.stats
+    }
+
+    /// Sends a JSON message to the primary's message hook (Node's `process.send`).
+    pub fn send(&self, data: impl Serialize) -> Result<(), IpcError> {
+        self.send_to(Recipient::Primary, data)
+    }
+
+    /// Sends a JSON message to another worker, or to all others, through the primary.
+    pub fn send_to(&self, to: Recipient, data: impl Serialize) -> Result<(), IpcError> {
+        let data = serde_json::to_value(data).map_err(|source| IpcError::Malformed {
+            preview: "user message".into(),
+            source,
+        })?;
+        self.link.channel.send(&Message::User {
+            to: Some(to),
+            from: None,
+            data,
+        })
+    }
+
+    /// Waits for the next message from the primary or another worker (Node's
+    /// `process.on('message')`). `None` once the link is closed.
+    pub fn recv(&self) -> Option<UserMessage> {
+        self.link.inbox.lock().ok()?.recv().ok()
+    }
+
+    /// The next message if one is waiting.
+    pub fn try_recv(&self) -> Option<UserMessage> {
+        self.link.inbox.lock().ok()?.try_recv().ok()
+    }
+
+    /// A handle that becomes set when the primary asks this worker to drain. It can be
+    /// cloned and moved to another thread (e.g. `tokio::task::spawn_blocking`).
+    pub fn drain_signal(&self) -> DrainSignal {
+        self.link.drain.clone()
+    }
+}
+
+/// Runs the demo app if this process was started as a demo worker. Called first thing in
+/// `steer`'s `main`.
+pub fn run_builtin_worker_if_requested() -> Option<ExitCode> {
+    if std::env::var(env::ROLE).ok()? != env::ROLE_DEMO {
+        return None;
+    }
+    crate::logging::init_from_env();
+    let (env, listener, channel) = match bootstrap() {
+        Ok(parts) => parts,
+        Err(message) => {
+            tracing::error!("worker bootstrap failed: {message}");
+            return Some(ExitCode::FAILURE);
+        }
+    };
+    let options = crate::demo::DemoOptions {
+        slot: env.slot,
+        generation: env.generation,
+        faults: env.demo_faults,
+    };
+    Some(match crate::demo::serve(listener, channel, options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(slot = env.slot, "demo worker failed: {err}");
+            ExitCode::FAILURE
+        }
+    })
+}
+
+/// The worker half of [`crate::ClusterBuilder::run`]: bootstrap, then the user's closure.
+pub(crate) fn run_library<F>(serve: F) -> ExitCode
+where
+    F: FnOnce(Worker) -> std::io::Result<()>,
+{
+    crate::logging::init_from_env();
+    let (env, listener, channel) = match bootstrap() {
+        Ok(parts) => parts,
+        Err(message) => {
+            tracing::error!("worker bootstrap failed: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let link = match link::Link::start(channel, env.slot) {
+        Ok(link) => link,
+        Err(err) => {
+            tracing::error!("worker link failed: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(err) = link.channel.send(&Message::Ready) {
+        tracing::error!("cannot report ready: {err}");
+        return ExitCode::FAILURE;
+    }
+    let slot = env.slot;
+    match serve(Worker {
+        env,
+        listener: Some(listener),
+        link,
+    }) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(slot, "worker failed: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reads the environment, binds the worker's own socket, and registers it with the
+/// primary. Returns once the primary has accepted the socket.
+pub(crate) fn bootstrap() -> Result<(WorkerEnv, TcpListener, Channel), String> {
+    let env = WorkerEnv::from_process()?;
+    if env.ipc_fd < 3 || !fd_is_open(env.ipc_fd) {
+        return Err(format!("{}={} is not an open fd", env::IPC_FD, env.ipc_fd));
+    }
+    // SAFETY: the primary passed this fd for the worker's exclusive use; we checked it is
+    // open and it is owned by nothing else in this freshly exec'd process.
+    let channel = unsafe { Channel::from_raw_fd(env.ipc_fd) };
+    let listener = crate::listener::worker_listener(env.listen)
+        .map_err(|err| crate::listener::explain_bind_error(env.listen, &err))?;
+    channel
+        .send_with_fd(
+            &Message::Register {
+                pid: std::process::id(),
+            },
+            listener.as_fd(),
+        )
+        .map_err(|err| format!("cannot register with the primary: {err}"))?;
+    loop {
+        match channel.recv() {
+            Ok(Some(received)) => match received.message {
+                Message::Registered => break,
+                Message::Drain => std::process::exit(0),
+                _ => continue,
+            },
+            Ok(None) => continue,
+            // The primary is gone or refused us: nothing to serve for.
+            Err(IpcError::Closed) => std::process::exit(0),
+            Err(err) => return Err(format!("registration failed: {err}")),
+        }
+    }
+    Ok((env, listener, channel))
+}
+
+fn fd_is_open(fd: std::os::fd::RawFd) -> bool {
+    std::path::Path::new(&format!("/proc/self/fd/{fd}")).exists()
+}

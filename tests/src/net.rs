@@ -1,0 +1,60 @@
+//! Free TCP ports for clusters under test.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::sync::{Mutex, PoisonError};
+
+/// Ports this process has already handed out; tests run in parallel threads and a port
+/// returned twice would make two clusters collide.
+static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+///
+/// Binds `127.0.0.1:0` (`bind(2)` with port 0 lets the kernel choose), reads the port and
+/// closes the socket. Another process could take the port before the caller binds it; that
+/// race is accepted in tests. Within this process a port is never returned twice.
+///
+/// # Panics
+///
+/// If binding fails, or the kernel keeps returning ports already handed out.
+pub fn free_port() -> u16 {
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(PoisonError::into_inner);
+    for _ in 0..1000 {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .expect("binding 127.0.0.1:0 to find a free port");
+        let port = listener
+            .local_addr()
+            .expect("reading the local address of a bound listener")
+            .port();
+        if handed_out.insert(port) {
+            return port;
+        }
+    }
+    panic!("the kernel returned only ports already handed out, 1000 times in a row");
+}
+
+/// `127.0.0.1:<free port>`; see [`free_port`].
+pub fn free_local_addr() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_port_is_bindable_and_never_repeats() {
+        let ports: Vec<u16> = (0..50).map(|_| free_port()).collect();
+        let distinct: BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "ports repeated: {ports:?}");
+        assert!(ports.iter().all(|&port| port != 0));
+        TcpListener::bind((Ipv4Addr::LOCALHOST, ports[0])).expect("free port is bindable");
+    }
+
+    #[test]
+    fn free_local_addr_is_on_loopback() {
+        let addr = free_local_addr();
+        assert_eq!(addr.ip(), Ipv4Addr::LOCALHOST);
+        assert_ne!(addr.port(), 0);
+    }
+}
