@@ -153,6 +153,8 @@ pub struct KeepAlive {
     addr: SocketAddr,
     reader: BufReader<TcpStream>,
     open: bool,
+    /// Path of a request sent and not yet answered.
+    pending: Option<String>,
 }
 
 impl KeepAlive {
@@ -179,6 +181,7 @@ impl KeepAlive {
             addr,
             reader: BufReader::new(stream),
             open: true,
+            pending: None,
         })
     }
 
@@ -191,6 +194,18 @@ impl KeepAlive {
     /// read failures and malformed responses. A connection closed before any byte of the
     /// response is `UnexpectedEof`. After an error the connection is closed.
     pub fn get(&mut self, path: &str) -> io::Result<Response> {
+        self.send_only(path)?;
+        self.read_response()
+    }
+
+    /// Sends `GET path` without waiting for the answer (read it with
+    /// [`read_response`](KeepAlive::read_response)): for requests that must be queued on
+    /// the server side while something else happens.
+    ///
+    /// # Errors
+    ///
+    /// If the connection is closed or the write fails.
+    pub fn send_only(&mut self, path: &str) -> io::Result<()> {
         if !self.open {
             return Err(io::Error::new(
                 io::ErrorKind::NotConnected,
@@ -201,13 +216,22 @@ impl KeepAlive {
                 ),
             ));
         }
-        let result = send_get(self.reader.get_mut(), self.addr, path, false).and_then(|()| {
-            read_response(&mut self.reader).map_err(|e| {
-                context(
-                    e,
-                    format_args!("reading the response to GET {path} from {}", self.addr),
-                )
-            })
+        self.pending = Some(path.to_owned());
+        send_get(self.reader.get_mut(), self.addr, path, false).inspect_err(|_| self.open = false)
+    }
+
+    /// Reads the response to the request sent last.
+    ///
+    /// # Errors
+    ///
+    /// If the connection fails or the response is malformed.
+    pub fn read_response(&mut self) -> io::Result<Response> {
+        let path = self.pending.take().unwrap_or_default();
+        let result = read_response(&mut self.reader).map_err(|e| {
+            context(
+                e,
+                format_args!("reading the response to GET {path} from {}", self.addr),
+            )
         });
         match result {
             Ok((response, reusable)) => {
@@ -236,6 +260,15 @@ impl KeepAlive {
         self.reader.get_ref().local_addr()
     }
 }
+
+/// Whether `err` came from establishing the connection (refused, reset or timed out in the
+/// TCP handshake), before any request byte was sent.
+pub(crate) fn failed_in_handshake(err: &io::Error) -> bool {
+    err.to_string().starts_with(HANDSHAKE_CONTEXT)
+}
+
+/// How every connect error's message starts (see [`failed_in_handshake`]).
+const HANDSHAKE_CONTEXT: &str = "connecting to";
 
 /// A connected stream with `timeout` on reads and writes and Nagle off.
 fn connect(local_ip: Option<IpAddr>, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {

@@ -182,6 +182,7 @@ fn keep_alive_loop(addr: SocketAddr, shared: &Shared) -> Tally {
 struct Tally {
     ok: u64,
     failed: u64,
+    handshake_failures: u64,
     errors: Vec<String>,
     per_worker: BTreeMap<usize, u64>,
 }
@@ -203,7 +204,12 @@ impl Tally {
                 response.worker(),
                 response.body.lines().next().unwrap_or_default()
             ),
-            Err(e) => format!("{:?}: {e}", e.kind()),
+            Err(e) => {
+                if crate::http::failed_in_handshake(&e) {
+                    self.handshake_failures += 1;
+                }
+                format!("{:?}: {e}", e.kind())
+            }
         };
         self.failed += 1;
         shared.failed.fetch_add(1, Ordering::Relaxed);
@@ -222,6 +228,9 @@ pub struct LoadReport {
     pub ok: u64,
     /// Requests that failed in any way.
     pub failed: u64,
+    /// Of `failed`, those whose connection failed before the request was sent (refused or
+    /// reset during the TCP handshake): no server ever saw them.
+    pub handshake_failures: u64,
     /// The first distinct failure messages (at most 20).
     pub errors: Vec<String>,
     /// Successful requests per slot, from the `X-Steer-Worker` header.
@@ -232,6 +241,7 @@ impl LoadReport {
     fn merge(&mut self, tally: Tally) {
         self.ok += tally.ok;
         self.failed += tally.failed;
+        self.handshake_failures += tally.handshake_failures;
         for error in tally.errors {
             if self.errors.len() < MAX_ERRORS && !self.errors.contains(&error) {
                 self.errors.push(error);
@@ -245,6 +255,23 @@ impl LoadReport {
     /// Requests sent in all.
     pub fn total(&self) -> u64 {
         self.ok + self.failed
+    }
+
+    /// Asserts that requests flowed and that none failed after its connection was
+    /// established: no request a worker could have seen was lost. Connections reset during
+    /// the handshake are allowed up to `max_handshake_failures`.
+    ///
+    /// # Panics
+    ///
+    /// If a request failed after its handshake, too many failed in it, or none succeeded.
+    pub fn assert_nothing_accepted_was_lost(&self, max_handshake_failures: u64) {
+        assert!(
+            self.ok > 0
+                && self.failed == self.handshake_failures
+                && self.handshake_failures <= max_handshake_failures,
+            "expected no request lost after its handshake, and at most {max_handshake_failures} \
+             handshake failures: {self}"
+        );
     }
 
     /// Asserts that requests flowed and none failed.
@@ -265,8 +292,8 @@ impl fmt::Display for LoadReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} ok, {} failed; per worker {:?}",
-            self.ok, self.failed, self.per_worker
+            "{} ok, {} failed ({} in the handshake); per worker {:?}",
+            self.ok, self.failed, self.handshake_failures, self.per_worker
         )?;
         for error in &self.errors {
             write!(f, "\n  error: {error}")?;

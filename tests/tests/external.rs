@@ -1,0 +1,172 @@
+//! External COMMAND workers: a program that knows only the systemd socket-activation
+//! contract (fd 3, LISTEN_FDS, LISTEN_PID) is supervised like a built-in worker.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use steer_tests::{Cluster, Signal, Value, http_get, must_get, status};
+
+fn fd3_worker() -> String {
+    format!("{}/fixtures/fd3_worker.py", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn external_command_gets_its_own_socket_as_fd3_and_is_supervised() {
+    let script = fd3_worker();
+    let cluster = Cluster::start(&[
+        "--workers",
+        "2",
+        "--balance",
+        "kernel",
+        "--",
+        "python3",
+        &script,
+    ]);
+
+    let mut seen = BTreeSet::new();
+    for _ in 0..100 {
+        seen.insert(
+            must_get(cluster.listen_addr(), "/")
+                .worker()
+                .expect("X-Steer-Worker"),
+        );
+    }
+    assert_eq!(seen, BTreeSet::from([0, 1]));
+
+    // Ask until each slot has described itself.
+    let mut described = BTreeSet::new();
+    for _ in 0..200 {
+        let response = must_get(cluster.listen_addr(), "/whoami");
+        let me: Value = serde_json::from_str(&response.body).expect("json");
+        let env = &me["env"];
+        assert_eq!(env["LISTEN_FDS"], "1");
+        assert_eq!(env["LISTEN_FDNAMES"], "steer");
+        assert_eq!(
+            env["LISTEN_PID"],
+            me["pid"].to_string().as_str(),
+            "LISTEN_PID is the worker's own pid"
+        );
+        assert_eq!(env["STEER_IPC_FD"], "4");
+        assert!(
+            env["STEER_WORKER_ID"]
+                .as_str()
+                .is_some_and(|id| id.parse::<u64>().is_ok())
+        );
+        let fds: Vec<u64> = me["fds"]
+            .as_array()
+            .expect("fds")
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect();
+        assert_eq!(
+            fds,
+            [0, 1, 2, 3, 4],
+            "only stdio, the listener and the IPC socket are inherited"
+        );
+        described.insert(env["STEER_WORKER_SLOT"].as_str().expect("slot").to_owned());
+        if described.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(described.len(), 2, "both slots answered /whoami");
+
+    let (slot, pid) = cluster.worker_pids()[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill");
+    cluster.wait_until(
+        "the external worker is restarted",
+        Duration::from_secs(10),
+        |s| {
+            let w = status::worker(s, slot);
+            w.state == status::SlotState::Ready
+                && w.pid.is_some_and(|p| p != pid)
+                && w.restarts == 1
+        },
+    );
+    must_get(cluster.listen_addr(), "/");
+
+    // SIGTERM reaches external workers as the systemd-style stop request.
+    assert_eq!(
+        cluster.stop(Duration::from_secs(15)).code(),
+        Some(0),
+        "{}",
+        cluster.log()
+    );
+}
+
+#[test]
+fn a_crash_loop_ends_with_the_slot_failed_while_the_others_serve() {
+    let script = fd3_worker();
+    let cluster = Cluster::spawn(&[
+        "--workers",
+        "3",
+        "--balance",
+        "kernel",
+        "--max-restarts",
+        "3",
+        "--restart-window",
+        "60s",
+        "--",
+        "python3",
+        &script,
+        "--crash-slot",
+        "1",
+    ]);
+    let doc = cluster.wait_until("slot 1 is failed", Duration::from_secs(30), |s| {
+        status::worker(s, 1).state == status::SlotState::Failed
+    });
+    assert_eq!(doc["workers"][1]["last_exit"], "exit code 1");
+    assert_eq!(
+        doc["workers"][1]["restarts"], 3,
+        "three restarts, then the fourth crash fails it"
+    );
+    cluster.wait_until("the other slots are ready", Duration::from_secs(10), |s| {
+        [0, 2]
+            .iter()
+            .all(|&i| status::worker(s, i).state == status::SlotState::Ready)
+    });
+    let mut seen = BTreeSet::new();
+    for _ in 0..60 {
+        let response = http_get(cluster.listen_addr(), "/").expect("the other workers serve");
+        seen.insert(response.worker().expect("header"));
+    }
+    assert_eq!(seen, BTreeSet::from([0, 2]));
+    assert!(cluster.try_exit_status().is_none(), "the primary stays up");
+    assert!(cluster.log().contains("slot failed"), "{}", cluster.log());
+}
+
+#[test]
+fn a_worker_sending_garbage_on_ipc_is_replaced_and_the_primary_keeps_serving() {
+    let script = fd3_worker();
+    let cluster = Cluster::start(&[
+        "--workers",
+        "2",
+        "--balance",
+        "kernel",
+        "--",
+        "python3",
+        &script,
+        "--garbage-slot",
+        "0",
+    ]);
+    let doc = cluster.wait_until(
+        "slot 0 runs a second generation",
+        Duration::from_secs(15),
+        |s| {
+            let w = status::worker(s, 0);
+            w.generation == 2 && w.state == status::SlotState::Ready
+        },
+    );
+    assert_eq!(
+        doc["workers"][0]["restarts"], 0,
+        "a replacement, not a crash restart"
+    );
+    let log = cluster.log();
+    assert!(
+        log.contains("IPC protocol violation") && log.contains("malformed IPC message"),
+        "{log}"
+    );
+    for _ in 0..20 {
+        must_get(cluster.listen_addr(), "/");
+    }
+    assert!(cluster.try_exit_status().is_none());
+}
