@@ -1,1 +1,131 @@
-fn main() {}
+//! Project automation, run as `cargo xtask <command>` (an alias in `.cargo/config.toml`).
+//!
+//! - `setup`: install what building and testing need, idempotently.
+//! - `run [-- ARGS]`: build `steer` (release) and start the demo cluster on 127.0.0.1:8000
+//!   with status on 127.0.0.1:8001; ARGS are added to `steer run`.
+//! - `test`: formatting, clippy, then every unit and integration test. What CI runs.
+
+use std::process::{Command, ExitCode};
+
+mod setup;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup::run(),
+        Some("run") => run(&args[1..]),
+        Some("test") => test(&args[1..]),
+        Some("-h" | "--help" | "help") | None => {
+            println!(
+                "usage: cargo xtask <setup | run [-- STEER_RUN_ARGS] | test [-- CARGO_TEST_ARGS]>"
+            );
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => Err(format!("unknown command {other:?}; try `cargo xtask help`")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("xtask: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a command, echoing it first; fails with its exit status.
+pub(crate) fn step(program: &str, args: &[&str]) -> Result<(), String> {
+    eprintln!("xtask: $ {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`{program} {}` failed ({status})", args.join(" ")))
+    }
+}
+
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn passthrough(args: &[String]) -> Vec<&str> {
+    let args = match args.first().map(String::as_str) {
+        Some("--") => &args[1..],
+        _ => args,
+    };
+    args.iter().map(String::as_str).collect()
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    setup::run()?;
+    step(
+        "cargo",
+        &["build", "--release", "--package", "steer", "--bin", "steer"],
+    )?;
+    let steer = workspace_root().join("target/release/steer");
+    let mut run_args = vec![
+        "run",
+        "--listen",
+        "127.0.0.1:8000",
+        "--status",
+        "127.0.0.1:8001",
+        "--demo-faults",
+    ];
+    run_args.extend(passthrough(args));
+    eprintln!(
+        "\nxtask: starting the demo cluster. Try, from another terminal:\n\
+         \x20 curl -i http://127.0.0.1:8000/            # answered by one worker (X-Steer-Worker)\n\
+         \x20 {steer} status                            # the slot table\n\
+         \x20 curl http://127.0.0.1:8001/metrics        # Prometheus metrics\n\
+         \x20 kill -USR2 $(pgrep -of 'steer run')       # zero-downtime rolling restart\n\
+         \x20 curl http://127.0.0.1:8000/crash          # a worker crashes and is restarted\n\
+         Stop with Ctrl-C (graceful drain).\n",
+        steer = steer.display()
+    );
+    let status = Command::new(&steer)
+        .args(&run_args)
+        .status()
+        .map_err(|e| format!("cannot start {}: {e}", steer.display()))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("steer exited with {status}"))
+    }
+}
+
+fn test(args: &[String]) -> Result<(), String> {
+    setup::run()?;
+    // Tests that set sysctls need root; say so up front instead of failing obscurely.
+    if !setup::is_root() {
+        eprintln!(
+            "xtask: warning: not running as root; tests that set net.ipv4.tcp_migrate_req will fail"
+        );
+    }
+    step("cargo", &["fmt", "--all", "--check"])?;
+    step(
+        "cargo",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    // The integration tests drive the binaries, so build them (and the examples) first.
+    step("cargo", &["build", "--workspace", "--bins", "--examples"])?;
+    let mut test_args = vec!["test", "--workspace"];
+    let extra = passthrough(args);
+    if !extra.is_empty() {
+        test_args.push("--");
+        test_args.extend(extra);
+    }
+    step("cargo", &test_args)
+}
