@@ -443,6 +443,14 @@ impl Settings {
                 Ok(())
             }
         };
+        let max = steer_common::MAX_SLOTS as usize;
+        if !(1..=max).contains(&config.workers) {
+            return Err(ConfigError::Invalid {
+                key: "workers".into(),
+                value: config.workers.to_string(),
+                reason: format!("expected a number from 1 to {max}, or auto"),
+            });
+        }
         positive("health-interval", config.health_interval)?;
         positive("health-timeout", config.health_timeout)?;
         positive("start-timeout", config.start_timeout)?;

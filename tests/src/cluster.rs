@@ -92,6 +92,22 @@ impl Cluster {
         Self::launch(cmd, run.listen, run.status)
     }
 
+    /// Runs another primary than `steer run`, such as a program built on the `steer`
+    /// library, with `args` completed by `--listen`/`--status` as in
+    /// [`start`](Cluster::start), and waits until every worker is ready.
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Cluster::start).
+    pub fn start_program(program: &Path, args: &[&str]) -> Cluster {
+        let run = RunArgs::complete(args);
+        let mut cmd = Command::new(program);
+        cmd.args(&run.args).env("NO_COLOR", "1");
+        let cluster = Self::launch(cmd, run.listen, run.status);
+        cluster.wait_ready(READY_TIMEOUT);
+        cluster
+    }
+
     /// Spawns `cmd` with its output going to a fresh log file.
     fn launch(mut cmd: Command, listen: SocketAddr, status: SocketAddr) -> Cluster {
         let (log, stdout) = LogFile::create();

@@ -341,3 +341,32 @@ fn connections_queued_on_a_killed_worker_migrate_to_the_others() {
         "every request queued on the killed worker is served elsewhere"
     );
 }
+
+#[test]
+fn a_worker_that_does_not_register_in_time_is_killed_and_replaced() {
+    // No demo worker can exec, bind and register within a millisecond: each start misses
+    // the deadline, is killed, and counts as a failed start until the slot is `failed`.
+    let cluster = Cluster::spawn(&[
+        "--workers",
+        "1",
+        "--balance",
+        "kernel",
+        "--start-timeout",
+        "1ms",
+        "--max-restarts",
+        "2",
+    ]);
+    let doc = cluster.wait_until(
+        "the slot fails after repeated start timeouts",
+        Duration::from_secs(20),
+        |s| status::worker(s, 0).state == status::SlotState::Failed,
+    );
+    assert_eq!(doc["workers"][0]["restarts"], 2, "{}", doc["workers"][0]);
+    assert_eq!(doc["workers"][0]["last_exit"], "signal 9 (SIGKILL)");
+    let log = cluster.log();
+    assert!(
+        log.contains("did not register within 1ms; killing it"),
+        "{log}"
+    );
+    assert!(cluster.try_exit_status().is_none(), "the primary stays up");
+}

@@ -62,6 +62,10 @@ impl Worker {
 
     /// Takes the listening socket, e.g. to hand it to tokio. Close it (drop it) when
     /// draining: connections still queued then migrate to the other workers.
+    ///
+    /// Connections the kernel migrates onto this socket from another worker's closing
+    /// listener raise no readiness event: an event-driven worker should also try `accept`
+    /// periodically (every few tens of milliseconds), not only when woken.
     pub fn take_listener(&mut self) -> Option<TcpListener> {
         self.listener.take()
     }
@@ -93,6 +97,12 @@ impl Worker {
     /// `process.on('message')`). `None` once the link is closed.
     pub fn recv(&self) -> Option<UserMessage> {
         self.link.inbox.lock().ok()?.recv().ok()
+    }
+
+    /// Like [`Worker::recv`], giving up after `timeout` (so a reader thread can also watch
+    /// [`Worker::drain_signal`]).
+    pub fn recv_timeout(&self, timeout: std::time::Duration) -> Option<UserMessage> {
+        self.link.inbox.lock().ok()?.recv_timeout(timeout).ok()
     }
 
     /// The next message if one is waiting.
