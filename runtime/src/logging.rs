@@ -30,9 +30,13 @@ pub fn init(format: LogFormat, verbosity: i8) {
     let filter = EnvFilter::builder()
         .with_default_directive(level(verbosity).into())
         .from_env_lossy();
+    // Colour only for a person at a terminal; files and journald get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let _already_set = match format {
         LogFormat::Text => builder.with_target(false).try_init(),
         LogFormat::Json => builder

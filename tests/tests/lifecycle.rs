@@ -370,3 +370,58 @@ fn a_worker_that_does_not_register_in_time_is_killed_and_replaced() {
     );
     assert!(cluster.try_exit_status().is_none(), "the primary stays up");
 }
+
+#[test]
+fn sigterm_kills_a_worker_still_busy_after_the_shutdown_timeout_and_exits_zero() {
+    let cluster = Cluster::start(&[
+        "--workers",
+        "2",
+        "--balance",
+        "kernel",
+        "--demo-faults",
+        "--shutdown-timeout",
+        "1s",
+    ]);
+    let workers: Vec<u32> = cluster
+        .worker_pids()
+        .into_iter()
+        .map(|(_, pid)| pid)
+        .collect();
+    // A worker whose loop is blocked for a minute cannot drain.
+    let addr = cluster.listen_addr();
+    let _blocked = std::thread::spawn(move || http_get(addr, "/block?ms=60000"));
+    cluster.wait_until(
+        "a worker stops answering heartbeats",
+        Duration::from_secs(5),
+        |s| {
+            status::workers(s)
+                .iter()
+                .any(|w| w.raw["health_ms"].as_u64() > Some(300))
+        },
+    );
+    let sent = Instant::now();
+    cluster.signal(Signal::SIGTERM);
+    assert_eq!(
+        cluster.wait_exit(Duration::from_secs(10)).code(),
+        Some(0),
+        "{}",
+        cluster.log()
+    );
+    let took = sent.elapsed();
+    assert!(
+        took >= Duration::from_secs(1),
+        "the blocked worker was given its timeout ({took:?})"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "SIGKILL came at the timeout, not later ({took:?})"
+    );
+    assert!(
+        cluster.log().contains("killing the workers still draining"),
+        "{}",
+        cluster.log()
+    );
+    for pid in workers {
+        assert!(!pid_alive(pid), "worker {pid} survived");
+    }
+}
