@@ -170,3 +170,39 @@ fn a_worker_sending_garbage_on_ipc_is_replaced_and_the_primary_keeps_serving() {
     }
     assert!(cluster.try_exit_status().is_none());
 }
+
+#[test]
+fn a_worker_flooding_the_primary_with_messages_cannot_starve_it() {
+    let script = fd3_worker();
+    let cluster = Cluster::start(&[
+        "--workers",
+        "2",
+        "--balance",
+        "kernel",
+        "--",
+        "python3",
+        &script,
+        "--flood-slot",
+        "0",
+    ]);
+    // While slot 0 floods, the primary still answers status, sees exits and restarts.
+    let (slot, pid) = cluster.worker_pids()[1];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill");
+    cluster.wait_until(
+        "slot 1 restarts during the flood",
+        Duration::from_secs(10),
+        |s| {
+            let w = status::worker(s, slot);
+            w.state == status::SlotState::Ready && w.pid.is_some_and(|p| p != pid)
+        },
+    );
+    for _ in 0..20 {
+        must_get(cluster.listen_addr(), "/");
+    }
+    assert_eq!(
+        cluster.stop(Duration::from_secs(15)).code(),
+        Some(0),
+        "{}",
+        cluster.log()
+    );
+}

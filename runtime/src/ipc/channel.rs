@@ -18,7 +18,12 @@ use thiserror::Error;
 use super::message::{Envelope, MAX_MESSAGE_BYTES, Message, PROTOCOL_VERSION};
 
 /// Most fds accepted beside one message; more is a protocol violation (they are closed).
-const MAX_FDS: usize = 4;
+const MAX_FDS: usize = 1;
+
+/// `SCM_MAX_FD`: the most fds the kernel passes in one message. The receive buffer has room
+/// for all of them, so control data is never truncated: a truncated message would leave
+/// installed fds that nix cannot hand back, leaking them (possibly a listening socket).
+const SCM_MAX_FD: usize = 253;
 
 /// Everything that can go wrong on an IPC channel.
 #[derive(Debug, Error)]
@@ -162,7 +167,7 @@ impl Channel {
     /// leak descriptors into this process.
     pub fn recv(&self) -> Result<Option<Received>, IpcError> {
         let mut buf = vec![0u8; MAX_MESSAGE_BYTES + 1];
-        let mut cmsg_buf = cmsg_space!([RawFd; MAX_FDS]);
+        let mut cmsg_buf = cmsg_space!([RawFd; SCM_MAX_FD]);
         let (len, truncated, mut fds) = loop {
             let mut iov = [IoSliceMut::new(&mut buf)];
             match recvmsg::<()>(
@@ -173,8 +178,8 @@ impl Channel {
             ) {
                 Ok(msg) => {
                     let mut fds = Vec::new();
-                    // `cmsgs()` refuses (ENOBUFS) when the kernel truncated the control data;
-                    // the fds that did not fit were never installed, so nothing leaks.
+                    // `cmsgs()` refuses (ENOBUFS) when the kernel truncated the control data,
+                    // which the buffer size rules out (see SCM_MAX_FD).
                     let cmsgs_ok = match msg.cmsgs() {
                         Ok(cmsgs) => {
                             for cmsg in cmsgs {
@@ -208,7 +213,7 @@ impl Channel {
         if len == 0 && fds.is_empty() && !truncated {
             return Err(IpcError::Closed);
         }
-        if truncated || len > MAX_MESSAGE_BYTES || fds.len() > 1 {
+        if truncated || len > MAX_MESSAGE_BYTES || fds.len() > MAX_FDS {
             return Err(IpcError::Oversized);
         }
         let bytes = &buf[..len];
@@ -313,6 +318,37 @@ mod tests {
             matches!(got.message, Message::Pong { seq: 1, counters } if counters.requests == 9)
         );
         assert!(got.fd.is_none());
+    }
+
+    #[test]
+    fn a_message_with_too_many_fds_is_refused_and_leaks_none_of_them() {
+        let (a, b) = Channel::pair().expect("socketpair");
+        let (read_end, write_end) = nix::unistd::pipe().expect("pipe");
+        let copies: Vec<OwnedFd> = (0..5)
+            .map(|_| write_end.try_clone().expect("dup"))
+            .collect();
+        let raw: Vec<RawFd> = copies.iter().map(AsRawFd::as_raw_fd).collect();
+        let bytes = br#"{"v":1,"type":"ready"}"#;
+        sendmsg::<()>(
+            a.as_raw_fd(),
+            &[IoSlice::new(bytes)],
+            &[ControlMessage::ScmRights(&raw)],
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("sendmsg");
+        drop(copies);
+        drop(write_end);
+        assert!(matches!(b.recv(), Err(IpcError::Oversized)));
+        // If any received copy of the write end were still open here, this read would block
+        // instead of seeing end-of-file.
+        set_nonblocking(read_end.as_fd(), true).expect("nonblocking");
+        let mut buf = [0u8; 1];
+        assert_eq!(
+            nix::unistd::read(&read_end, &mut buf),
+            Ok(0),
+            "a received fd leaked"
+        );
     }
 
     #[test]

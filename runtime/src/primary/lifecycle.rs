@@ -98,16 +98,20 @@ impl Supervisor {
                             Interest::READABLE,
                         )
                     });
-                let mut process = Process::new(pid, spawned.pidfd, channel, generation, now);
-                process.deadline = Some(now + self.config.start_timeout);
                 if let Err(err) = watch {
+                    // Without its pidfd in the loop its exit would never be seen: kill and
+                    // reap it here, and count a failed start.
                     tracing::error!(
                         slot = index,
                         pid,
                         "cannot watch the new worker: {err}; killing it"
                     );
-                    Self::kill(&mut process, "unwatchable");
+                    spawn::kill_and_reap(pid);
+                    self.after_crash(index, role, None, now);
+                    return;
                 }
+                let mut process = Process::new(pid, spawned.pidfd, channel, generation, now);
+                process.deadline = Some(now + self.config.start_timeout);
                 self.pid_slot.insert(pid, index);
                 tracing::info!(
                     slot = index,
@@ -382,6 +386,8 @@ impl Supervisor {
                 );
                 slot.failed = true;
                 slot.next_start = None;
+                // A rolling restart waiting on this slot must move on.
+                slot.replace_wanted = false;
                 if let Some(mut incoming) = slot.incoming.take() {
                     Self::kill(&mut incoming, "slot failed");
                     slot.retiring.push(incoming);
@@ -415,6 +421,10 @@ impl Supervisor {
                     continue;
                 }
                 let _full_or_gone = process.channel.send(&Message::Ping { seq });
+                if process.phase == Phase::Draining {
+                    // A drain request can be lost to a full socket; repeating it is harmless.
+                    let _full_or_gone = process.channel.send(&Message::Drain);
+                }
                 let silent = now.saturating_duration_since(process.last_heard);
                 if silent > timeout {
                     match process.phase {

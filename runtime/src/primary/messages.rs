@@ -58,9 +58,10 @@ impl Supervisor {
                 }
             }
         }
-        if more {
-            // Edge-triggered: what is left would raise no new event.
-            self.on_ipc(pid);
+        if more && !self.pending_ipc.contains(&pid) {
+            // Edge-triggered: what is left raises no new event. Serve it after the next
+            // poll, so one chatty worker cannot starve signals, exits or other workers.
+            self.pending_ipc.push(pid);
         }
     }
 

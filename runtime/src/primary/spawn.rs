@@ -146,12 +146,13 @@ pub(crate) fn spawn(spec: SpawnSpec) -> io::Result<Spawned> {
     // after it writes the errno of a failed exec.
     let mut errno = [0u8; 4];
     let mut pipe = std::fs::File::from(exec_err_read);
-    let read = read_full(&mut pipe, &mut errno)?;
+    let read = read_full(&mut pipe, &mut errno).inspect_err(|_| kill_and_reap(pid))?;
     if read == errno.len() {
         reap(pid);
         return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
     }
-    let pidfd = pidfd_open(pid)?;
+    // An unreaped child's pid cannot be reused, so killing by pid here is safe.
+    let pidfd = pidfd_open(pid).inspect_err(|_| kill_and_reap(pid))?;
     Ok(Spawned { pid, pidfd })
 }
 
@@ -389,6 +390,13 @@ pub(crate) fn try_reap(pid: i32) -> Option<ExitStatus> {
     } else {
         None
     }
+}
+
+/// SIGKILL and a blocking `waitpid` for a child of ours that cannot be supervised.
+pub(crate) fn kill_and_reap(pid: i32) {
+    // SAFETY: kill on our own unreaped child (its pid cannot have been reused).
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    reap(pid);
 }
 
 /// Blocking `waitpid` for a child that failed to exec.

@@ -22,7 +22,8 @@ use crate::steering::{self, MigrateReq, Steering};
 const SIGNAL_TOKEN: Token = Token(0);
 const STATUS_TOKEN: Token = Token(1);
 /// Worker tokens are derived from the pid: `2 + 2*pid` (exit) and `3 + 2*pid` (IPC). Pids
-/// are unique among live children, and a child's tokens are gone before it is reaped.
+/// are unique among unreaped children, and a child's fds are closed right after it is
+/// reaped, in the same event, so a later event for a stale token finds no process.
 const WORKER_TOKEN_BASE: usize = 2;
 
 /// Longest the loop sleeps without a deadline, so clock-based checks never starve.
@@ -99,6 +100,8 @@ pub(crate) struct Supervisor {
     pub(super) roll: Option<Roll>,
     pub(super) next_ping: Instant,
     pub(super) ping_seq: u64,
+    /// Workers whose IPC had more queued than one wakeup reads.
+    pub(super) pending_ipc: Vec<i32>,
 }
 
 impl Supervisor {
@@ -190,6 +193,7 @@ impl Supervisor {
             phase: ClusterPhase::Running,
             roll: None,
             ping_seq: 0,
+            pending_ipc: Vec::new(),
         })
     }
 
@@ -215,10 +219,13 @@ impl Supervisor {
                 break;
             }
             let now = Instant::now();
-            let timeout = self
-                .next_wakeup(now)
-                .saturating_duration_since(now)
-                .min(MAX_SLEEP);
+            let timeout = if self.pending_ipc.is_empty() {
+                self.next_wakeup(now)
+                    .saturating_duration_since(now)
+                    .min(MAX_SLEEP)
+            } else {
+                Duration::ZERO
+            };
             if let Err(err) = self.poll.poll(&mut events, Some(timeout))
                 && err.kind() != std::io::ErrorKind::Interrupted
             {
@@ -227,6 +234,9 @@ impl Supervisor {
             }
             for event in &events {
                 self.dispatch(event.token());
+            }
+            for pid in std::mem::take(&mut self.pending_ipc) {
+                self.on_ipc(pid);
             }
         }
         if let Some(path) = &self.config.pid_file {
@@ -423,7 +433,7 @@ impl Supervisor {
         };
         if let Some(index) = roll.current {
             let slot = &self.slots[index];
-            if slot.replace_wanted || slot.incoming.is_some() {
+            if !slot.failed && (slot.replace_wanted || slot.incoming.is_some()) {
                 return;
             }
             roll.current = None;
@@ -450,6 +460,10 @@ impl Supervisor {
     /// SIGHUP: re-read the config file, apply what can change live, revive failed slots,
     /// then roll so every worker runs with the new settings.
     fn reload(&mut self) {
+        if self.phase != ClusterPhase::Running {
+            tracing::info!("SIGHUP ignored: the cluster is stopping");
+            return;
+        }
         if let Some(path) = self.config.config_file.clone() {
             match Settings::from_file(&path).and_then(Settings::into_config) {
                 Ok(mut new) => {
