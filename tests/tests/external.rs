@@ -206,3 +206,75 @@ fn a_worker_flooding_the_primary_with_messages_cannot_starve_it() {
         cluster.log()
     );
 }
+
+#[test]
+fn workers_message_each_other_through_the_primary() {
+    let script = fd3_worker();
+    let cluster = Cluster::start(&[
+        "--workers",
+        "3",
+        "--balance",
+        "kernel",
+        "--",
+        "python3",
+        &script,
+        "--chat",
+        "3",
+    ]);
+    // Each worker broadcasts to all and writes to the next slot every 100 ms; the primary
+    // relays with `from` set. Ask until every slot has shown what reached it.
+    let mut inboxes: std::collections::BTreeMap<usize, Vec<Value>> = Default::default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        let response = must_get(cluster.listen_addr(), "/inbox");
+        let slot = response.worker().expect("header");
+        let inbox: Vec<Value> = serde_json::from_str(&response.body).expect("json");
+        let complete = |inbox: &[Value]| {
+            let others: BTreeSet<u64> = inbox
+                .iter()
+                .filter(|m| m["data"]["hello_all_from"].is_string())
+                .filter_map(|m| m["from"].as_u64())
+                .collect();
+            let previous = (slot + 2) % 3;
+            others.len() == 2
+                && inbox.iter().any(|m| {
+                    m["data"]["hello_next_from"] == previous.to_string().as_str()
+                        && m["from"] == previous
+                })
+        };
+        if complete(&inbox) {
+            inboxes.insert(slot, inbox);
+        }
+        if inboxes.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(
+        inboxes.len(),
+        3,
+        "every worker heard from both others, and from its predecessor directly: {inboxes:?}"
+    );
+    for (slot, inbox) in &inboxes {
+        assert!(
+            inbox
+                .iter()
+                .all(|m| m["from"].as_u64() != Some(*slot as u64)),
+            "a broadcast is not echoed to its sender: slot {slot} got {inbox:?}"
+        );
+        assert!(
+            inbox
+                .iter()
+                .all(|m| m["data"]["hello_next_from"].is_null() || m["from"] == (slot + 2) % 3),
+            "a message to one slot reaches only that slot: slot {slot} got {inbox:?}"
+        );
+    }
+    // These workers answer pings, so the primary knows they are healthy.
+    let doc = cluster.status();
+    for w in status::workers(&doc) {
+        assert!(
+            w.raw["health_ms"].as_u64().is_some_and(|ms| ms < 3000),
+            "{}",
+            w.raw
+        );
+    }
+}
