@@ -334,6 +334,48 @@ impl Cluster {
         }
     }
 
+    /// The pids of every slot's current process, in slot order.
+    ///
+    /// # Panics
+    ///
+    /// As [`status`](Cluster::status).
+    pub fn worker_pid_list(&self) -> Vec<u32> {
+        self.worker_pids().into_iter().map(|(_, pid)| pid).collect()
+    }
+
+    /// SIGKILLs the process serving `slot` and returns its pid.
+    ///
+    /// # Panics
+    ///
+    /// If the slot has no process or the signal cannot be sent.
+    pub fn kill_worker(&self, slot: usize) -> u32 {
+        let Some(pid) = status::worker(&self.status(), slot).pid else {
+            self.fail(format_args!("slot {slot} has no process"));
+        };
+        let Some(target) = nix_pid(pid) else {
+            self.fail(format_args!("slot {slot} reports pid {pid}"));
+        };
+        if let Err(e) = kill(target, Signal::SIGKILL) {
+            self.fail(format_args!("kill -9 {pid} (slot {slot}): {e}"));
+        }
+        pid
+    }
+
+    /// SIGTERM, then asserts a clean stop (exit 0) within `timeout`.
+    ///
+    /// # Panics
+    ///
+    /// If the primary exits otherwise or not in time, with the log.
+    pub fn stop_cleanly(&self, timeout: Duration) {
+        let status = self.stop(timeout);
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "expected a clean stop, got {status}\n{}",
+            self.log()
+        );
+    }
+
     /// Graceful stop: SIGTERM, then [`wait_exit`](Cluster::wait_exit).
     ///
     /// # Panics

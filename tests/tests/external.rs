@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use steer_tests::{Cluster, Signal, Value, http_get, must_get, status};
+use steer_tests::{Cluster, Value, http_get, must_get, status};
 
 fn fd3_worker() -> String {
     format!("{}/fixtures/fd3_worker.py", env!("CARGO_MANIFEST_DIR"))
@@ -70,8 +70,8 @@ fn external_command_gets_its_own_socket_as_fd3_and_is_supervised() {
     }
     assert_eq!(described.len(), 2, "both slots answered /whoami");
 
-    let (slot, pid) = cluster.worker_pids()[0];
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill");
+    let slot = 0;
+    let pid = cluster.kill_worker(slot);
     cluster.wait_until(
         "the external worker is restarted",
         Duration::from_secs(10),
@@ -85,12 +85,7 @@ fn external_command_gets_its_own_socket_as_fd3_and_is_supervised() {
     must_get(cluster.listen_addr(), "/");
 
     // SIGTERM reaches external workers as the systemd-style stop request.
-    assert_eq!(
-        cluster.stop(Duration::from_secs(15)).code(),
-        Some(0),
-        "{}",
-        cluster.log()
-    );
+    cluster.stop_cleanly(Duration::from_secs(15));
 }
 
 #[test]
@@ -186,8 +181,8 @@ fn a_worker_flooding_the_primary_with_messages_cannot_starve_it() {
         "0",
     ]);
     // While slot 0 floods, the primary still answers status, sees exits and restarts.
-    let (slot, pid) = cluster.worker_pids()[1];
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill");
+    let slot = 1;
+    let pid = cluster.kill_worker(slot);
     cluster.wait_until(
         "slot 1 restarts during the flood",
         Duration::from_secs(10),
@@ -199,12 +194,7 @@ fn a_worker_flooding_the_primary_with_messages_cannot_starve_it() {
     for _ in 0..20 {
         must_get(cluster.listen_addr(), "/");
     }
-    assert_eq!(
-        cluster.stop(Duration::from_secs(15)).code(),
-        Some(0),
-        "{}",
-        cluster.log()
-    );
+    cluster.stop_cleanly(Duration::from_secs(15));
 }
 
 #[test]

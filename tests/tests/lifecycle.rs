@@ -59,9 +59,8 @@ fn four_demo_workers_become_ready_and_new_connections_reach_all_four() {
 #[test]
 fn killed_worker_gets_a_new_pid_and_is_ready_again_with_the_crash_in_status() {
     let cluster = Cluster::start(&["--workers", "2", "--balance", "kernel"]);
-    let (slot, old_pid) = cluster.worker_pids()[1];
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old_pid as i32), Signal::SIGKILL)
-        .expect("kill -9 the worker");
+    let slot = 1;
+    let old_pid = cluster.kill_worker(slot);
 
     let doc = cluster.wait_until(
         "the slot restarts with a new pid",
@@ -140,11 +139,7 @@ fn http_get_to_slot(cluster: &Cluster, slot: usize, path: &str) -> std::io::Resu
 #[test]
 fn sigterm_lets_an_inflight_request_finish_then_the_primary_exits_zero_leaving_no_worker() {
     let cluster = Cluster::start(&["--workers", "2", "--balance", "kernel"]);
-    let workers: Vec<u32> = cluster
-        .worker_pids()
-        .into_iter()
-        .map(|(_, pid)| pid)
-        .collect();
+    let workers = cluster.worker_pid_list();
     let addr = cluster.listen_addr();
     let inflight = std::thread::spawn(move || http_get(addr, "/sleep?ms=1000"));
     // The request is in flight once a worker reports an open connection.
@@ -180,11 +175,7 @@ fn sigterm_lets_an_inflight_request_finish_then_the_primary_exits_zero_leaving_n
 #[test]
 fn sigkill_of_the_primary_leaves_no_worker_behind() {
     let cluster = Cluster::start(KERNEL_4);
-    let workers: Vec<u32> = cluster
-        .worker_pids()
-        .into_iter()
-        .map(|(_, pid)| pid)
-        .collect();
+    let workers = cluster.worker_pid_list();
     cluster.signal(Signal::SIGKILL);
     wait_for(
         "every worker exits after the primary's SIGKILL",
@@ -196,20 +187,12 @@ fn sigkill_of_the_primary_leaves_no_worker_behind() {
 #[test]
 fn sigusr2_replaces_every_worker_while_new_connections_never_fail() {
     let cluster = Cluster::start(KERNEL_4);
-    let first: Vec<u32> = cluster
-        .worker_pids()
-        .into_iter()
-        .map(|(_, pid)| pid)
-        .collect();
+    let first: Vec<u32> = cluster.worker_pid_list();
     let load = Load::new_connections(cluster.listen_addr(), 8);
     load.wait_for_ok(200, Duration::from_secs(10));
     // Back to back, so listeners close while connections are queued on them.
     for round in 1..=ROLLS {
-        let before: Vec<u32> = cluster
-            .worker_pids()
-            .into_iter()
-            .map(|(_, pid)| pid)
-            .collect();
+        let before: Vec<u32> = cluster.worker_pid_list();
         cluster.signal(Signal::SIGUSR2);
         cluster.wait_until(
             &format!("rolling restart {round}: every slot replaced"),
@@ -382,11 +365,7 @@ fn sigterm_kills_a_worker_still_busy_after_the_shutdown_timeout_and_exits_zero()
         "--shutdown-timeout",
         "1s",
     ]);
-    let workers: Vec<u32> = cluster
-        .worker_pids()
-        .into_iter()
-        .map(|(_, pid)| pid)
-        .collect();
+    let workers = cluster.worker_pid_list();
     // A worker whose loop is blocked for a minute cannot drain.
     let addr = cluster.listen_addr();
     let _blocked = std::thread::spawn(move || http_get(addr, "/block?ms=60000"));
