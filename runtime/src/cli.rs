@@ -99,6 +99,9 @@ pub struct RunArgs {
     /// closing worker are then reset instead of migrated).
     #[arg(long)]
     pub no_tcp_migrate_req: bool,
+    /// Pin slot i's worker to CPU i mod the online CPU count (implied by --balance cpu).
+    #[arg(long)]
+    pub cpu_affinity: bool,
     /// External worker program; gets its listening socket as fd 3 (LISTEN_FDS=1).
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -133,6 +136,7 @@ impl RunArgs {
             log_format: self.log_format.map(Parsed),
             demo_faults: self.demo_faults.then_some(true),
             tcp_migrate_req: self.no_tcp_migrate_req.then_some(false),
+            cpu_affinity: self.cpu_affinity.then_some(true),
             command: (!self.command.is_empty()).then(|| self.command.clone()),
         }
     }

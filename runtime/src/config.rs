@@ -233,6 +233,8 @@ pub struct Config {
     /// In `kernel` mode, set `net.ipv4.tcp_migrate_req=1` so a closing worker's queue
     /// migrates to the others instead of being reset.
     pub tcp_migrate_req: bool,
+    /// Pin slot i's worker to CPU i mod (online CPUs). Implied by `--balance cpu`.
+    pub cpu_affinity: bool,
     /// External worker program and arguments; `None` runs the built-in demo.
     pub command: Option<Vec<String>>,
     /// The file this came from, for SIGHUP reloads.
@@ -257,6 +259,7 @@ impl Default for Config {
             verbosity: 0,
             demo_faults: false,
             tcp_migrate_req: true,
+            cpu_affinity: false,
             command: None,
             config_file: None,
         }
@@ -308,6 +311,8 @@ pub struct Settings {
     pub demo_faults: Option<bool>,
     /// `tcp-migrate-req`
     pub tcp_migrate_req: Option<bool>,
+    /// `cpu-affinity`
+    pub cpu_affinity: Option<bool>,
     /// `command`: argv of an external worker program.
     pub command: Option<Vec<String>>,
 }
@@ -406,6 +411,7 @@ impl Settings {
             log_format: self.log_format.or(base.log_format),
             demo_faults: self.demo_faults.or(base.demo_faults),
             tcp_migrate_req: self.tcp_migrate_req.or(base.tcp_migrate_req),
+            cpu_affinity: self.cpu_affinity.or(base.cpu_affinity),
             command: self.command.or(base.command),
         }
     }
@@ -429,6 +435,8 @@ impl Settings {
             verbosity: 0,
             demo_faults: self.demo_faults.unwrap_or(false),
             tcp_migrate_req: self.tcp_migrate_req.unwrap_or(d.tcp_migrate_req),
+            cpu_affinity: self.cpu_affinity.unwrap_or(false)
+                || self.balance.is_some_and(|b| b.0 == Balance::Cpu),
             command: self.command.filter(|c| !c.is_empty()),
             config_file: None,
         };

@@ -6,6 +6,7 @@ use std::process::Command;
 /// Installs what is missing.
 pub(crate) fn run() -> Result<(), String> {
     ensure_rustup_components(&["rustfmt", "clippy"])?;
+    ensure_ebpf_toolchain()?;
     ensure_command(
         "python3",
         "python3",
@@ -25,6 +26,51 @@ fn ensure_rustup_components(components: &[&str]) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The eBPF program (`workspace-ebpf/steer-ebpf`) builds with nightly, `-Z build-std=core`
+/// (which needs the nightly `rust-src`) and bpf-linker 0.10, which loads rustc's own LLVM
+/// (newer releases need a system LLVM 21+ that Debian 12 does not ship).
+fn ensure_ebpf_toolchain() -> Result<(), String> {
+    let toolchains = output("rustup", &["toolchain", "list"]).unwrap_or_default();
+    if !toolchains.lines().any(|line| line.starts_with("nightly")) {
+        eprintln!("xtask setup: installing the nightly toolchain (the eBPF program needs it)");
+        crate::step(
+            "rustup",
+            &["toolchain", "install", "nightly", "--profile", "minimal"],
+        )?;
+    }
+    let installed = output(
+        "rustup",
+        &["component", "list", "--installed", "--toolchain", "nightly"],
+    )
+    .unwrap_or_default();
+    if !installed.lines().any(|line| line.starts_with("rust-src")) {
+        eprintln!(
+            "xtask setup: installing rust-src for nightly (-Z build-std=core for the eBPF target)"
+        );
+        crate::step(
+            "rustup",
+            &["component", "add", "rust-src", "--toolchain", "nightly"],
+        )?;
+    }
+    let linker = output("bpf-linker", &["--version"]).unwrap_or_default();
+    if !linker.contains(BPF_LINKER_VERSION) {
+        eprintln!(
+            "xtask setup: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF program; about a minute)"
+        );
+        crate::step(
+            "cargo",
+            &[
+                "install",
+                "--locked",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+const BPF_LINKER_VERSION: &str = "0.10.0";
 
 fn ensure_command(command: &str, debian_package: &str, why: &str) -> Result<(), String> {
     if Command::new(command)

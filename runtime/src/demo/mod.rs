@@ -49,12 +49,16 @@ pub struct DemoOptions {
 /// every connection is closed. Exits the process with status 0 when the primary closes the
 /// channel, and with status 1 when the channel fails otherwise. Errors are those of setting
 /// up or polling the event loop (`epoll_create1`, `epoll_ctl`, `epoll_wait`, `fcntl`).
+///
+/// With `load` (under `least-loaded`), the worker publishes its accepted and open
+/// connection counts there on every accept and close.
 pub fn serve(
     listener: std::net::TcpListener,
     channel: Channel,
     options: DemoOptions,
+    load: Option<crate::steering::LoadReporter>,
 ) -> std::io::Result<()> {
-    server::Server::new(listener, channel, options)?.run()
+    server::Server::new(listener, channel, options, load)?.run()
 }
 
 #[cfg(test)]
@@ -88,7 +92,7 @@ mod tests {
                 generation: 1,
                 faults,
             };
-            let thread = thread::spawn(move || serve(listener, worker_end, options));
+            let thread = thread::spawn(move || serve(listener, worker_end, options, None));
             let worker = Worker {
                 addr,
                 primary,

@@ -14,6 +14,7 @@ use super::DemoOptions;
 use super::connection::{Connection, Connections};
 use super::responder::{Responder, Verdict};
 use crate::ipc::{Channel, Counters, IpcError, Message};
+use crate::steering::LoadReporter;
 
 const LISTENER: Token = Token(0);
 const CHANNEL: Token = Token(1);
@@ -43,6 +44,8 @@ pub struct Server {
     /// While draining: when connections that never sent a byte are given up on.
     first_request_deadline: Option<Instant>,
     scratch: Vec<u8>,
+    /// Where this worker's load is published (`least-loaded`).
+    load: Option<LoadReporter>,
 }
 
 impl Server {
@@ -51,6 +54,7 @@ impl Server {
         listener: std::net::TcpListener,
         channel: Channel,
         options: DemoOptions,
+        load: Option<LoadReporter>,
     ) -> io::Result<Server> {
         listener.set_nonblocking(true)?;
         let mut listener = TcpListener::from_std(listener);
@@ -72,6 +76,7 @@ impl Server {
             next_serial: 0,
             first_request_deadline: None,
             scratch: vec![0; READ_CHUNK],
+            load,
         })
     }
 
@@ -221,6 +226,19 @@ impl Server {
         self.next_serial += 1;
         self.connections
             .insert(Connection::new(stream, self.next_serial));
+        self.publish_load();
+    }
+
+    /// Publishes accepted and open connection counts for `least-loaded` (two stores into
+    /// shared memory). A draining worker is out of steering: it publishes nothing more,
+    /// so it cannot disturb the record of the worker that replaced it.
+    fn publish_load(&self) {
+        if let Some(load) = &self.load
+            && !self.responder.is_draining()
+        {
+            let active = u64::try_from(self.connections.len()).unwrap_or(u64::MAX);
+            load.publish(self.responder.counters().accepted, active);
+        }
     }
 
     /// Stops accepting (after taking what is queued), and closes idle connections; the rest
@@ -324,6 +342,7 @@ impl Server {
         if verdict == Verdict::Close {
             connection.linger(&mut self.scratch);
         }
+        self.publish_load();
     }
 
     /// Answers every `/sleep` whose time has come, then resumes its connection.

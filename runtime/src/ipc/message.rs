@@ -22,8 +22,14 @@ pub enum Message {
         /// The worker's pid, as the worker sees it.
         pid: u32,
     },
-    /// Primary -> worker: the socket passed the checks and is in steering.
-    Registered,
+    /// Primary -> worker: the socket passed the checks and goes into steering once the
+    /// worker says `ready`.
+    Registered {
+        /// Under `least-loaded`: where the worker publishes its load; the program's `LOAD`
+        /// map travels beside the message as an fd.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        load: Option<crate::steering::LoadShare>,
+    },
     /// Worker -> primary: the accept loop runs; the slot may be marked `ready`.
     Ready,
     /// Primary -> worker: liveness probe, answered from the worker's event loop.

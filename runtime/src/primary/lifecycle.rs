@@ -217,6 +217,10 @@ impl Supervisor {
             env_remove: env::ALL,
             fds,
             listen_pid,
+            cpu: self
+                .config
+                .cpu_affinity
+                .then(|| index % crate::steering::online_cpus()),
         })?;
         Ok((spawned, primary_end, own_socket))
     }
@@ -236,8 +240,18 @@ impl Supervisor {
         process.deadline = None;
         let generation = process.generation;
         let startup = now.saturating_duration_since(process.started);
-        if let Some(fd) = process.registered_fd.take() {
-            self.steering.activate(index, fd);
+        if let Some(fd) = process.registered_fd.take()
+            && let Err(err) = self.steering.activate(index, generation as u32, fd)
+        {
+            // Serving nothing: replace it (a fresh socket may work), keep the others going.
+            tracing::error!(
+                slot = index,
+                generation,
+                pid,
+                "cannot put the worker into steering: {err}"
+            );
+            Self::kill(process, "not in steering");
+            return;
         }
         tracing::info!(
             slot = index,
@@ -275,6 +289,14 @@ impl Supervisor {
                 slot.retiring.push(old);
             }
             slot.replace_wanted = false;
+        }
+    }
+
+    /// Takes `index` out of steering (logged if the maps refuse: the kernel drops a closed
+    /// socket from them anyway).
+    pub(super) fn leave_steering(&mut self, index: usize) {
+        if let Err(err) = self.steering.deactivate(index) {
+            tracing::warn!(slot = index, "cannot take the slot out of steering: {err}");
         }
     }
 
@@ -353,7 +375,7 @@ impl Supervisor {
         tracing::warn!(slot = index, generation, pid, "worker exited: {status}");
         self.slots[index].last_exit = Some(status);
         if role == Role::Current {
-            self.steering.deactivate(index);
+            self.leave_steering(index);
         }
         self.after_crash(index, role, ready_since, now);
     }

@@ -88,10 +88,17 @@ impl Supervisor {
                 crate::listener::verify(&fd, expected)
                     .map_err(|e| format!("rejected registration: {e}"))?;
                 process.registered_fd = Some(fd);
-                process
-                    .channel
-                    .send(&Message::Registered)
-                    .map_err(|e| format!("cannot confirm registration: {e}"))?;
+                let sent = match self.steering.load_share(index, process.generation as u32) {
+                    Some(Ok((map, load))) => process
+                        .channel
+                        .send_with_fd(&Message::Registered { load: Some(load) }, map),
+                    Some(Err(err)) => {
+                        tracing::warn!(slot = index, "worker will not publish its load: {err}");
+                        process.channel.send(&Message::Registered { load: None })
+                    }
+                    None => process.channel.send(&Message::Registered { load: None }),
+                };
+                sent.map_err(|e| format!("cannot confirm registration: {e}"))?;
                 tracing::info!(
                     slot = index,
                     pid,
@@ -113,7 +120,7 @@ impl Supervisor {
             Message::User { to, data, .. } => {
                 self.route_user_message(index, to.unwrap_or(Recipient::Primary), data)
             }
-            other @ (Message::Registered | Message::Ping { .. } | Message::Drain) => {
+            other @ (Message::Registered { .. } | Message::Ping { .. } | Message::Drain) => {
                 return Err(format!("a worker may not send {other:?}"));
             }
         }

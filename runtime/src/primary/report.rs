@@ -4,7 +4,9 @@ use std::time::Instant;
 
 use super::supervisor::{ClusterPhase, Supervisor};
 use crate::status::server::Reply;
-use crate::status::{PrimaryStatus, StatusDocument, Totals, WorkerStatus, rss_bytes};
+use crate::status::{
+    PrimaryStatus, StatusDocument, SteeringStatus, Totals, WorkerStatus, rss_bytes,
+};
 
 impl Supervisor {
     /// Builds the response to a status request path.
@@ -31,6 +33,14 @@ impl Supervisor {
     /// The `/status` document as of now.
     pub(super) fn snapshot(&self) -> StatusDocument {
         let now = Instant::now();
+        let counters = match self.steering.counters(self.slots.len()) {
+            Some(Ok(counters)) => Some(counters),
+            Some(Err(err)) => {
+                tracing::warn!("cannot read the steering counters: {err}");
+                None
+            }
+            None => None,
+        };
         let workers: Vec<WorkerStatus> = self
             .slots
             .iter()
@@ -46,7 +56,12 @@ impl Supervisor {
                         .unwrap_or_default(),
                     uptime_s: process.map(|p| now.saturating_duration_since(p.started).as_secs()),
                     restarts: slot.restarts,
-                    accepted: slot.accepted(),
+                    // What the program steered here (kernel-side, exact), else what the
+                    // workers reported accepting.
+                    accepted: counters
+                        .as_ref()
+                        .and_then(|c| c.selections.get(slot.index).copied())
+                        .unwrap_or_else(|| slot.accepted()),
                     active: process.map_or(0, |p| p.counters.active),
                     requests: process.map_or(0, |p| p.counters.requests),
                     rss_bytes: process.and_then(|p| rss_bytes(p.pid.unsigned_abs())),
@@ -81,6 +96,12 @@ impl Supervisor {
             },
             workers,
             totals,
+            steering: counters.map(|c| SteeringStatus {
+                policy: c.policy.to_string(),
+                fallbacks: c.fallbacks,
+                drops: c.drops,
+                migrations: c.migrations,
+            }),
         }
     }
 }

@@ -38,6 +38,8 @@ pub(crate) struct SpawnSpec {
     pub fds: Vec<(OwnedFd, RawFd)>,
     /// Set `LISTEN_PID` to the child's pid (systemd socket activation).
     pub listen_pid: bool,
+    /// Pin the child to this CPU (`--cpu-affinity`).
+    pub cpu: Option<usize>,
 }
 
 /// A started child.
@@ -126,6 +128,7 @@ pub(crate) fn spawn(spec: SpawnSpec) -> io::Result<Spawned> {
         exec_err: exec_err_write.as_raw_fd(),
         listen_pid_buf,
         parent: std::process::id() as libc::pid_t,
+        cpu_set: spec.cpu.map(cpu_set_of),
     };
 
     // SAFETY: fork has no preconditions; the child branch runs only `ChildPlan::exec`,
@@ -166,6 +169,16 @@ struct ChildPlan {
     exec_err: RawFd,
     listen_pid_buf: *mut u8,
     parent: libc::pid_t,
+    cpu_set: Option<libc::cpu_set_t>,
+}
+
+/// The affinity mask holding only `cpu`.
+fn cpu_set_of(cpu: usize) -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET checks nothing but writes inside `set` for cpu < CPU_SETSIZE.
+    unsafe { libc::CPU_SET(cpu % libc::CPU_SETSIZE as usize, &mut set) };
+    set
 }
 
 impl ChildPlan {
@@ -198,6 +211,11 @@ impl ChildPlan {
             libc::sigemptyset(&mut empty);
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            // A CPU this process may not use (a cpuset) leaves the worker unpinned; the
+            // parent checks the result and says so.
+            if let Some(set) = &self.cpu_set {
+                libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), set);
+            }
 
             libc::dup2(self.dev_null, 0);
             for &(source, target) in &self.fds {
@@ -454,6 +472,7 @@ mod tests {
             env_remove: &[],
             fds: vec![(write, 3), (marker, 4)],
             listen_pid: true,
+            cpu: None,
         })
         .expect("spawn");
         assert_eq!(wait(spawned.pid), ExitStatus::Code(0));
@@ -487,6 +506,7 @@ mod tests {
             env_remove: &[],
             fds: vec![(write, 3)],
             listen_pid: true,
+            cpu: None,
         })
         .expect("spawn");
         wait(spawned.pid);
@@ -509,6 +529,7 @@ mod tests {
             env_remove: &[],
             fds: vec![],
             listen_pid: false,
+            cpu: None,
         })
         .expect_err("cannot exec");
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
@@ -524,6 +545,7 @@ mod tests {
             env_remove: &[],
             fds: vec![],
             listen_pid: false,
+            cpu: None,
         })
         .expect("spawn");
         assert_eq!(wait(spawned.pid), ExitStatus::Signal(libc::SIGKILL));

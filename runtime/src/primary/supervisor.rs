@@ -112,20 +112,8 @@ impl Supervisor {
         program: WorkerProgram,
         hooks: Hooks,
     ) -> Result<Supervisor, String> {
-        let steering = match config.balance {
-            Balance::Kernel => Steering::kernel(),
-            Balance::Auto => {
-                tracing::warn!(
-                    "eBPF steering is not available in this build; balancing with the kernel's SO_REUSEPORT hash (--balance kernel)"
-                );
-                Steering::kernel()
-            }
-            other => {
-                return Err(format!(
-                    "--balance {other} is not available in this build; use --balance kernel or auto"
-                ));
-            }
-        };
+        let steering = Steering::new(config.balance, config.workers as u32)
+            .map_err(|err| format!("--balance {}: {err}", config.balance))?;
         let reservation = crate::listener::bind_reuseport(config.listen, false)
             .map_err(|err| crate::listener::explain_bind_error(config.listen, &err))?;
         let listen = reservation
@@ -374,7 +362,7 @@ impl Supervisor {
             let slot = &mut self.slots[index];
             slot.next_start = None;
             slot.replace_wanted = false;
-            self.steering.deactivate(index);
+            self.leave_steering(index);
             let slot = &mut self.slots[index];
             let mut draining: Vec<_> = slot
                 .current

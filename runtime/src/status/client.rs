@@ -105,6 +105,13 @@ pub fn render_table(doc: &StatusDocument) -> String {
         "\n{} workers, {} ready, {} restarts, {} connections accepted",
         t.workers, t.ready, t.restarts, t.accepted
     );
+    if let Some(steering) = &doc.steering {
+        let _ = writeln!(
+            out,
+            "eBPF {}: {} migrated, {} fallbacks, {} dropped",
+            steering.policy, steering.migrations, steering.fallbacks, steering.drops
+        );
+    }
     out
 }
 
@@ -123,7 +130,7 @@ fn human_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{PrimaryStatus, Totals, WorkerStatus};
+    use crate::status::{PrimaryStatus, SteeringStatus, Totals, WorkerStatus};
 
     #[test]
     fn table_shows_every_slot_and_the_totals() {
@@ -159,8 +166,18 @@ mod tests {
                 restarts: 2,
                 accepted: 200,
             },
+            steering: Some(SteeringStatus {
+                policy: "hash".into(),
+                fallbacks: 3,
+                drops: 0,
+                migrations: 7,
+            }),
         };
         let table = render_table(&doc);
+        assert!(
+            table.contains("eBPF hash: 7 migrated, 3 fallbacks, 0 dropped"),
+            "{table}"
+        );
         assert!(table.contains("up 1h1m"), "{table}");
         assert!(table.contains("backoff 400ms"), "{table}");
         assert!(table.contains("signal 9 (SIGKILL)"), "{table}");

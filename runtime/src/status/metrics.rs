@@ -69,6 +69,32 @@ pub fn render(doc: &StatusDocument) -> String {
             .iter()
             .filter_map(|w| Some((slot(w.slot), w.rss_bytes? as f64))),
     );
+    if let Some(steering) = &doc.steering {
+        for (name, help, value) in [
+            (
+                "steer_steering_fallbacks_total",
+                "Connections whose chosen slot held no socket and went to another live slot.",
+                steering.fallbacks,
+            ),
+            (
+                "steer_steering_drops_total",
+                "Connections dropped because no live slot could take them.",
+                steering.drops,
+            ),
+            (
+                "steer_steering_migrations_total",
+                "Connections migrated out of a closing listener.",
+                steering.migrations,
+            ),
+        ] {
+            family(
+                name,
+                "counter",
+                help,
+                &mut std::iter::once((String::new(), value as f64)),
+            );
+        }
+    }
     family(
         "steer_worker_heartbeat_age_seconds",
         "gauge",

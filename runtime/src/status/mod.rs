@@ -18,6 +18,23 @@ pub struct StatusDocument {
     pub workers: Vec<WorkerStatus>,
     /// Sums over the slots.
     pub totals: Totals,
+    /// The eBPF program's counters; absent in `kernel` mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steering: Option<SteeringStatus>,
+}
+
+/// The eBPF program's view in `/status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SteeringStatus {
+    /// The policy the program runs.
+    pub policy: String,
+    /// Connections whose first choice held no socket (a worker that just died) and went to
+    /// another live slot.
+    pub fallbacks: u64,
+    /// Connections dropped because no live slot could take them (none was ready).
+    pub drops: u64,
+    /// Connections migrated out of a closing listener to a live slot.
+    pub migrations: u64,
 }
 
 /// The primary's part of `/status`.

@@ -1,43 +1,187 @@
 //! Who receives the next connection.
 //!
-//! In `kernel` mode nothing is loaded: every worker socket is in the port's `SO_REUSEPORT`
-//! group and the kernel hashes each new connection's 4-tuple over the group. The primary
-//! still checks each registered socket, and it makes sure a closing worker's queue migrates
-//! instead of being reset (see [`ensure_tcp_migrate_req`]).
+//! - `kernel`: nothing is loaded. Every worker socket is in the port's `SO_REUSEPORT` group
+//!   and the kernel hashes each new connection's 4-tuple over the group. The primary still
+//!   checks each registered socket, and it makes sure a closing worker's queue migrates
+//!   instead of being reset (see [`ensure_tcp_migrate_req`]).
+//! - `round-robin`, `hash`, `least-loaded`, `cpu`: Steer's `SK_REUSEPORT` program picks the
+//!   socket ([`ebpf`]); only sockets the primary registered can be picked, and connections
+//!   queued on a closing listener are migrated by the same program.
+//!
+//! [`maglev`] builds the `hash` policy's table; [`load`] is the worker side of
+//! `least-loaded`.
 
-use std::os::fd::OwnedFd;
+pub mod ebpf;
+pub mod load;
+pub mod maglev;
+pub mod shared;
+
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use serde::Serialize;
 
 use crate::config::Balance;
+pub use load::{LoadReporter, LoadShare};
+
+/// Why eBPF steering could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SteeringError {
+    /// The kernel refused the program or its maps for lack of privilege.
+    #[error(
+        "loading the eBPF steering program needs CAP_BPF (or CAP_SYS_ADMIN){}; run steer as root, grant it (e.g. AmbientCapabilities=CAP_BPF CAP_NET_ADMIN in the systemd unit), or use --balance kernel",
+        missing_capability_detail()
+    )]
+    MissingCapability,
+    /// Anything else, described.
+    #[error("{0}")]
+    Other(String),
+}
+
+fn missing_capability_detail() -> String {
+    match effective_capabilities() {
+        Some(caps) if caps & (1 << CAP_BPF) == 0 && caps & (1 << CAP_SYS_ADMIN) == 0 => {
+            ", which this process does not have".into()
+        }
+        _ => String::new(),
+    }
+}
+
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+/// The effective capability set (`CapEff` in `/proc/self/status`).
+fn effective_capabilities() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("CapEff:"))?;
+    u64::from_str_radix(line.split_whitespace().nth(1)?, 16).ok()
+}
+
+/// The program's counters, summed over CPUs (what `/status` shows under `steering`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SteeringCounters {
+    /// The policy the program runs.
+    #[serde(serialize_with = "serialize_display")]
+    pub policy: Balance,
+    /// Connections handed to each slot, new and migrated.
+    #[serde(skip)]
+    pub selections: Vec<u64>,
+    /// Connections whose first choice held no socket and went to another live slot.
+    pub fallbacks: u64,
+    /// Connections dropped because no live slot could take them.
+    pub drops: u64,
+    /// Connections migrated out of a closing listener.
+    pub migrations: u64,
+}
+
+fn serialize_display<S: serde::Serializer>(policy: &Balance, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(policy)
+}
 
 /// The steering policy in force and the state it keeps.
 #[derive(Debug)]
-pub struct Steering {
-    policy: Balance,
+pub enum Steering {
+    /// No program: the kernel's own reuseport hash.
+    Kernel,
+    /// Steer's program and its maps.
+    Ebpf(Box<ebpf::EbpfSteering>),
 }
 
 impl Steering {
+    /// Sets up steering for `balance` over `slots` slots. `auto` loads the program for
+    /// `round-robin` and falls back to `kernel` with one warning if it cannot; an explicit
+    /// eBPF policy that cannot load is an error.
+    pub fn new(balance: Balance, slots: u32) -> Result<Steering, SteeringError> {
+        match balance {
+            Balance::Kernel => Ok(Steering::Kernel),
+            Balance::Shared | Balance::Userspace => Err(SteeringError::Other(format!(
+                "the {balance} baseline is not built yet; use kernel or an eBPF policy"
+            ))),
+            Balance::Auto => match ebpf::EbpfSteering::load(Balance::RoundRobin, slots) {
+                Ok(program) => Ok(Steering::Ebpf(Box::new(program))),
+                Err(err) => {
+                    tracing::warn!(
+                        "eBPF steering unavailable ({err}); balancing with the kernel's SO_REUSEPORT hash (--balance kernel)"
+                    );
+                    Ok(Steering::Kernel)
+                }
+            },
+            other => Ok(Steering::Ebpf(Box::new(ebpf::EbpfSteering::load(
+                other, slots,
+            )?))),
+        }
+    }
+
     /// Steering with no program: the kernel's own reuseport hash.
     pub fn kernel() -> Steering {
-        Steering {
-            policy: Balance::Kernel,
-        }
+        Steering::Kernel
     }
 
     /// The policy actually in force (never `auto`).
     pub fn policy(&self) -> Balance {
-        self.policy
+        match self {
+            Steering::Kernel => Balance::Kernel,
+            Steering::Ebpf(program) => program.policy(),
+        }
     }
 
     /// Puts a worker's verified socket into steering at `slot`. The primary's copy of the
-    /// fd is consumed and closed: the worker's copy keeps the socket alive, so the socket
-    /// leaves the group by itself when the worker exits.
-    pub fn activate(&mut self, _slot: usize, fd: OwnedFd) {
-        drop(fd);
+    /// fd is closed afterwards: the worker's copy keeps the socket alive, so the socket
+    /// leaves the group (and the program's map) by itself when the worker exits.
+    pub fn activate(&mut self, slot: usize, generation: u32, fd: OwnedFd) -> Result<(), String> {
+        match self {
+            Steering::Kernel => Ok(()),
+            Steering::Ebpf(program) => program.activate(slot as u32, generation, &fd),
+        }
     }
 
     /// Takes `slot` out of steering. In `kernel` mode a socket stays in the group until its
-    /// worker closes it, which a draining worker does at once.
-    pub fn deactivate(&mut self, _slot: usize) {}
+    /// worker closes it, which a draining worker does as soon as its queue is empty.
+    pub fn deactivate(&mut self, slot: usize) -> Result<(), String> {
+        match self {
+            Steering::Kernel => Ok(()),
+            Steering::Ebpf(program) => program.deactivate(slot as u32),
+        }
+    }
+
+    /// The load record a worker of `slot`/`generation` publishes to (`least-loaded` only),
+    /// cleared for it. Call once, when the worker registers.
+    pub fn load_share(
+        &mut self,
+        slot: usize,
+        generation: u32,
+    ) -> Option<Result<(BorrowedFd<'_>, LoadShare), String>> {
+        match self {
+            Steering::Ebpf(program) if program.policy() == Balance::LeastLoaded => {
+                Some(program.load_share(slot as u32, generation))
+            }
+            _ => None,
+        }
+    }
+
+    /// The program's counters; `None` in `kernel` mode.
+    pub fn counters(&self, slots: usize) -> Option<Result<SteeringCounters, String>> {
+        match self {
+            Steering::Kernel => None,
+            Steering::Ebpf(program) => Some(program.counters(slots)),
+        }
+    }
+}
+
+/// CPUs online (`/sys/devices/system/cpu/online`, e.g. `0-1`), at least 1: slot i is
+/// pinned to CPU i mod this, and the `cpu` policy maps CPU numbers back to slots the same way.
+pub fn online_cpus() -> usize {
+    let parsed = std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .ok()
+        .and_then(|text| {
+            text.trim()
+                .split(',')
+                .filter_map(|range| range.rsplit('-').next()?.parse::<usize>().ok())
+                .max()
+        });
+    match parsed {
+        Some(highest) => highest + 1,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    }
 }
 
 const TCP_MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";

@@ -32,6 +32,7 @@ pub struct Worker {
     env: WorkerEnv,
     listener: Option<TcpListener>,
     link: Arc<link::Link>,
+    load: Option<crate::steering::LoadReporter>,
 }
 
 impl Worker {
@@ -110,6 +111,17 @@ impl Worker {
         self.link.inbox.lock().ok()?.try_recv().ok()
     }
 
+    /// Publishes this worker's load for `--balance least-loaded`: connections accepted so
+    /// far and connections open now. Two stores into memory shared with the kernel; call
+    /// it on every accept and close. Under other policies it does nothing. A worker that
+    /// never calls it is balanced on the number of connections steered to it since it
+    /// started, which spreads new connections but cannot see a stuck worker.
+    pub fn report_load(&self, accepted: u64, active: u64) {
+        if let Some(load) = &self.load {
+            load.publish(accepted, active);
+        }
+    }
+
     /// A handle that becomes set when the primary asks this worker to drain. It can be
     /// cloned and moved to another thread (e.g. `tokio::task::spawn_blocking`).
     pub fn drain_signal(&self) -> DrainSignal {
@@ -124,7 +136,7 @@ pub fn run_builtin_worker_if_requested() -> Option<ExitCode> {
         return None;
     }
     crate::logging::init_from_env();
-    let (env, listener, channel) = match bootstrap() {
+    let (env, listener, channel, load) = match bootstrap() {
         Ok(parts) => parts,
         Err(message) => {
             tracing::error!("worker bootstrap failed: {message}");
@@ -136,7 +148,7 @@ pub fn run_builtin_worker_if_requested() -> Option<ExitCode> {
         generation: env.generation,
         faults: env.demo_faults,
     };
-    Some(match crate::demo::serve(listener, channel, options) {
+    Some(match crate::demo::serve(listener, channel, options, load) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(slot = env.slot, "demo worker failed: {err}");
@@ -151,7 +163,7 @@ where
     F: FnOnce(Worker) -> std::io::Result<()>,
 {
     crate::logging::init_from_env();
-    let (env, listener, channel) = match bootstrap() {
+    let (env, listener, channel, load) = match bootstrap() {
         Ok(parts) => parts,
         Err(message) => {
             tracing::error!("worker bootstrap failed: {message}");
@@ -174,6 +186,7 @@ where
         env,
         listener: Some(listener),
         link,
+        load,
     }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -185,7 +198,7 @@ where
 
 /// Reads the environment, binds the worker's own socket, and registers it with the
 /// primary. Returns once the primary has accepted the socket.
-pub(crate) fn bootstrap() -> Result<(WorkerEnv, TcpListener, Channel), String> {
+pub(crate) fn bootstrap() -> Result<Bootstrapped, String> {
     let env = WorkerEnv::from_process()?;
     if env.ipc_fd < 3 || !fd_is_open(env.ipc_fd) {
         return Err(format!("{}={} is not an open fd", env::IPC_FD, env.ipc_fd));
@@ -203,10 +216,10 @@ pub(crate) fn bootstrap() -> Result<(WorkerEnv, TcpListener, Channel), String> {
             listener.as_fd(),
         )
         .map_err(|err| format!("cannot register with the primary: {err}"))?;
-    loop {
+    let load = loop {
         match channel.recv() {
             Ok(Some(received)) => match received.message {
-                Message::Registered => break,
+                Message::Registered { load } => break load.zip(received.fd),
                 Message::Drain => std::process::exit(0),
                 _ => continue,
             },
@@ -215,9 +228,29 @@ pub(crate) fn bootstrap() -> Result<(WorkerEnv, TcpListener, Channel), String> {
             Err(IpcError::Closed) => std::process::exit(0),
             Err(err) => return Err(format!("registration failed: {err}")),
         }
-    }
-    Ok((env, listener, channel))
+    };
+    // Publishing load is an optimisation: without it least-loaded still counts what it
+    // steered here. Never a reason not to serve.
+    let load = load.and_then(
+        |(share, fd)| match crate::steering::LoadReporter::new(fd, share) {
+            Ok(reporter) => Some(reporter),
+            Err(err) => {
+                tracing::warn!("cannot map the load record, not publishing load: {err}");
+                None
+            }
+        },
+    );
+    Ok((env, listener, channel, load))
 }
+
+/// What [`bootstrap`] sets up: the environment, the registered listener, the IPC channel,
+/// and (under `least-loaded`) where to publish load.
+pub(crate) type Bootstrapped = (
+    WorkerEnv,
+    TcpListener,
+    Channel,
+    Option<crate::steering::LoadReporter>,
+);
 
 fn fd_is_open(fd: std::os::fd::RawFd) -> bool {
     std::path::Path::new(&format!("/proc/self/fd/{fd}")).exists()

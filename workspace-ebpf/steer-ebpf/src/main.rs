@@ -1,0 +1,260 @@
+//! Steer's `SK_REUSEPORT` program, attached as `sk_reuseport/migrate` (select-or-migrate).
+//!
+//! For every new connection to the port, and for every connection migrated out of a
+//! closing listener, it picks a slot by the policy in `CONFIG`, then asks the kernel to use
+//! the socket the primary registered at that slot (`bpf_sk_select_reuseport`). It returns
+//! `SK_PASS` only after a successful selection: `SK_PASS` without one would let the kernel
+//! hash over every socket in the group, including other processes' sockets. If the chosen
+//! slot is empty it tries the next live slots; if none takes the connection it drops it.
+#![no_std]
+#![no_main]
+// The BPF target has no atomic types, but LLVM lowers this intrinsic to BPF's
+// `lock xadd`: the one cross-CPU counter (STEERED) needs it.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_F_MMAPABLE, bpf_hdr_start_off::BPF_HDR_START_NET, sk_action},
+    helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_skb_load_bytes_relative},
+    macros::{map, sk_reuseport},
+    maps::{Array, PerCpuArray, ReusePortSockArray},
+    programs::SkReuseportContext,
+};
+use steer_common::{
+    Config, Counters, FALLBACK_TRIES, HASH_TABLE_SIZE, LiveSet, MAX_SLOTS, SlotLoad, load_index,
+    policy,
+};
+
+#[map]
+static SOCKETS: ReusePortSockArray = ReusePortSockArray::with_max_entries(MAX_SLOTS, 0);
+#[map]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+#[map]
+static LIVE: Array<LiveSet> = Array::with_max_entries(2, 0);
+#[map]
+static MAGLEV: Array<u32> = Array::with_max_entries(HASH_TABLE_SIZE, BPF_F_MMAPABLE);
+#[map]
+static LOAD: Array<SlotLoad> = Array::with_max_entries(2 * MAX_SLOTS, BPF_F_MMAPABLE);
+#[map]
+static STEERED: Array<u64> = Array::with_max_entries(2 * MAX_SLOTS, 0);
+#[map]
+static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+const ETH_P_IP: u32 = 0x0800;
+const ETH_P_IPV6: u32 = 0x86DD;
+const AF_INET6: u32 = 10;
+
+#[sk_reuseport(migrate)]
+pub fn steer_select(ctx: SkReuseportContext) -> u32 {
+    let Some(counters) = COUNTERS.get_ptr_mut(0) else {
+        return sk_action::SK_DROP;
+    };
+    // SAFETY: a per-CPU array value, exclusively ours for this run (no preemption inside
+    // a socket program on one CPU).
+    let counters = unsafe { &mut *counters };
+    if ctx.migrating_sk().is_some() {
+        counters.migrations += 1;
+    }
+    match select(&ctx, counters) {
+        Some(()) => sk_action::SK_PASS,
+        None => {
+            counters.drops += 1;
+            sk_action::SK_DROP
+        }
+    }
+}
+
+/// Picks a slot and selects its socket; `None` if no live slot took the connection.
+#[inline(always)]
+fn select(ctx: &SkReuseportContext, counters: &mut Counters) -> Option<()> {
+    let config = CONFIG.get(0)?;
+    let active = config.active & 1;
+    let live = LIVE.get(active)?;
+    let count = live.count;
+    if count == 0 || count > MAX_SLOTS {
+        return None;
+    }
+    // `first` is the slot the policy wants; `spill` is where in the live list to start
+    // if that slot holds no socket.
+    let (first, spill) = match config.policy {
+        policy::ROUND_ROBIN => {
+            let position = next_cursor() % count;
+            (live_slot(live, position)?, position + 1)
+        }
+        policy::HASH => {
+            let h = client_hash(ctx)?;
+            let slot = *MAGLEV.get(h % HASH_TABLE_SIZE)?;
+            (slot, steer_common::rehash(h) % count)
+        }
+        policy::LEAST_LOADED => {
+            let a = random() % count;
+            let mut b = random() % count;
+            if b == a && count > 1 {
+                b = (a + 1) % count;
+            }
+            let slot_a = live_slot(live, a)?;
+            let slot_b = live_slot(live, b)?;
+            if load(live, slot_b) < load(live, slot_a) {
+                (slot_b, b + 1)
+            } else {
+                (slot_a, a + 1)
+            }
+        }
+        policy::CPU => {
+            let cpus = config.cpus.max(1);
+            let slots = config.slots.max(1);
+            // SAFETY: a helper with no arguments.
+            let cpu = unsafe { bpf_get_smp_processor_id() };
+            let slot = if slots <= cpus {
+                cpu % slots
+            } else {
+                // Several slots share this CPU (slot i runs on CPU i mod cpus): rotate
+                // among them.
+                let local = cpu % cpus;
+                let on_this_cpu = (slots - local).div_ceil(cpus);
+                local + cpus * (next_cursor() % on_this_cpu.max(1))
+            };
+            (slot, slot)
+        }
+        _ => return None,
+    };
+    if try_slot(ctx, live, first, counters) {
+        return Some(());
+    }
+    counters.fallbacks += 1;
+    let mut i = 0;
+    while i < FALLBACK_TRIES {
+        let slot = live_slot(live, (spill + i) % count)?;
+        if slot != first && try_slot(ctx, live, slot, counters) {
+            return Some(());
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Selects `slot`'s socket; counts the selection on success.
+#[inline(always)]
+fn try_slot(ctx: &SkReuseportContext, live: &LiveSet, slot: u32, counters: &mut Counters) -> bool {
+    if slot >= MAX_SLOTS || SOCKETS.select_reuseport(ctx, slot).is_err() {
+        return false;
+    }
+    let slot = bounded(slot);
+    counters.selections[slot] += 1;
+    let generation = live.generations[slot];
+    if let Some(steered) = STEERED.get_ptr_mut(load_index(slot as u32, generation)) {
+        // SAFETY: a valid, 8-byte aligned u64 in an array map shared by all CPUs; the
+        // atomic add is the only write the program makes to it.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(steered, 1) };
+    }
+    true
+}
+
+/// The `position`-th live slot.
+#[inline(always)]
+fn live_slot(live: &LiveSet, position: u32) -> Option<u32> {
+    Some(live.slots[bounded(position)])
+}
+
+/// `value` as an index below `MAX_SLOTS` that the verifier can see is in bounds. Callers have
+/// already checked the bound, so the mask changes nothing; but LLVM knows that too and
+/// would drop a plain check, leaving the verifier with an unbounded index. The volatile
+/// read hides the value from the optimiser, so the mask stays in the code.
+#[inline(always)]
+fn bounded(value: u32) -> usize {
+    const { assert!(MAX_SLOTS.is_power_of_two()) };
+    // SAFETY: reads a local.
+    (unsafe { core::ptr::read_volatile(&value) } & (MAX_SLOTS - 1)) as usize
+}
+
+/// Outstanding connections of `slot`: steered to it but not yet accepted, plus open ones.
+#[inline(always)]
+fn load(live: &LiveSet, slot: u32) -> u64 {
+    let generation = live.generations[bounded(slot)];
+    let index = load_index(slot, generation);
+    let steered = match STEERED.get(index) {
+        Some(steered) => *steered,
+        None => return u64::MAX,
+    };
+    match LOAD.get(index) {
+        Some(record) if record.generation == u64::from(generation) => {
+            steered.saturating_sub(record.accepted) + record.active
+        }
+        _ => steered,
+    }
+}
+
+/// This CPU's round-robin cursor, post-incremented.
+#[inline(always)]
+fn next_cursor() -> u32 {
+    match CURSOR.get_ptr_mut(0) {
+        Some(cursor) => {
+            // SAFETY: per-CPU value, exclusively ours for this run.
+            let cursor = unsafe { &mut *cursor };
+            let value = *cursor;
+            *cursor = value.wrapping_add(1);
+            value
+        }
+        None => 0,
+    }
+}
+
+#[inline(always)]
+fn random() -> u32 {
+    // SAFETY: a helper with no arguments.
+    unsafe { bpf_get_prandom_u32() }
+}
+
+/// Hash of the client's IP address: from the migrating socket on the migrate path (the
+/// packet may be empty there), else from the SYN's network header.
+#[inline(always)]
+fn client_hash(ctx: &SkReuseportContext) -> Option<u32> {
+    if let Some(sock) = ctx.migrating_sk() {
+        // SAFETY: the verifier checked `migrating_sk` is a valid sock_common pointer; these
+        // fields are readable from it.
+        let sock = unsafe { &*sock.sock };
+        if sock.family == AF_INET6 {
+            let words = [
+                sock.dst_ip6[0],
+                sock.dst_ip6[1],
+                sock.dst_ip6[2],
+                sock.dst_ip6[3],
+            ];
+            return Some(steer_common::hash_client(words, true));
+        }
+        return Some(steer_common::hash_client([sock.dst_ip4, 0, 0, 0], false));
+    }
+    // skb->protocol: a big-endian u16 widened to u32.
+    let protocol = u32::from(u16::from_be(ctx.eth_protocol() as u16));
+    let mut words = [0u32; 4];
+    let (offset, len, v6) = match protocol {
+        ETH_P_IP => (12, 4, false),
+        ETH_P_IPV6 => (8, 16, true),
+        _ => return None,
+    };
+    // SAFETY: `words` has room for `len` (<= 16) bytes.
+    let ret = unsafe {
+        bpf_skb_load_bytes_relative(
+            ctx.as_ptr(),
+            offset,
+            words.as_mut_ptr().cast(),
+            len,
+            BPF_HDR_START_NET,
+        )
+    };
+    if ret != 0 {
+        return None;
+    }
+    Some(steer_common::hash_client(words, v6))
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
