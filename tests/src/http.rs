@@ -245,6 +245,31 @@ impl KeepAlive {
         }
     }
 
+    /// Waits up to `timeout` for the answer to start arriving; `true` once it has (read
+    /// it with [`read_response`](KeepAlive::read_response)), `false` if nothing came.
+    ///
+    /// # Errors
+    ///
+    /// If `poll(2)` fails.
+    pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+        use std::os::fd::AsRawFd;
+        if !self.reader.buffer().is_empty() {
+            return Ok(true);
+        }
+        let mut fds = libc::pollfd {
+            fd: self.reader.get_ref().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(&mut fds, 1, millis) };
+        if ready < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(ready > 0)
+    }
+
     /// Whether the next [`get`](KeepAlive::get) may use this connection: no error so far and
     /// the last response did not announce `Connection: close`.
     pub fn is_open(&self) -> bool {
