@@ -232,7 +232,9 @@ impl Supervisor {
         let Some((role, process)) = self.slots[index].find_mut(pid) else {
             return;
         };
-        if process.phase != Phase::Starting {
+        // A process already on its way out (killed while starting, or retired) must never
+        // enter steering: nothing would take it out again when it dies.
+        if process.phase != Phase::Starting || process.killed || role == Role::Retiring {
             return;
         }
         process.phase = Phase::Ready;

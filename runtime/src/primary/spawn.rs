@@ -211,8 +211,8 @@ impl ChildPlan {
             libc::sigemptyset(&mut empty);
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-            // A CPU this process may not use (a cpuset) leaves the worker unpinned; the
-            // parent checks the result and says so.
+            // A CPU this process may not use (a cpuset) leaves the worker unpinned: there
+            // is no one to tell from here, and an unpinned worker still serves.
             if let Some(set) = &self.cpu_set {
                 libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), set);
             }

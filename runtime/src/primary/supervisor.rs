@@ -471,6 +471,8 @@ impl Supervisor {
                     new.listen = self.config.listen;
                     new.workers = self.config.workers;
                     new.balance = self.config.balance;
+                    // Pinning belongs with the policy (`cpu` implies it): it stays as started.
+                    new.cpu_affinity = self.config.cpu_affinity;
                     new.status = self.config.status;
                     new.verbosity = self.config.verbosity;
                     new.config_file = self.config.config_file.clone();

@@ -5,7 +5,8 @@
 //! - a worker's socket enters `SOCKETS` at its slot when the worker is ready (the program is
 //!   attached through that socket first: harmless if it already is, and it covers a group
 //!   re-created after all its sockets closed);
-//! - it leaves the moment the slot stops serving (exit, drain, hung). A replacement simply
+//! - it leaves the moment the slot stops serving (exit, drain at shutdown). A replacement
+//!   (rolling restart, a worker replaced after a protocol violation or a missed heartbeat)
 //!   overwrites its slot's entry, which takes the old socket out in the same instant;
 //! - the live set is double-buffered: the inactive half is written, then `CONFIG.active`
 //!   flips, so the program never reads a half-written set.
@@ -113,7 +114,7 @@ impl EbpfSteering {
         super::maglev::build(slots, &mut table);
         for (i, slot) in table.iter().enumerate() {
             maglev
-                .u32_at(i * 4)
+                .u32_at(maglev.offset_of(i))
                 .store(*slot, std::sync::atomic::Ordering::Relaxed);
         }
         let mut steering = EbpfSteering {

@@ -45,7 +45,7 @@ impl LoadReporter {
             return Err(std::io::Error::other("load record index out of range"));
         }
         let memory = SharedArray::map(fd.as_fd(), RECORD, share.entries as usize)?;
-        let offset = share.index as usize * RECORD;
+        let offset = memory.offset_of(share.index as usize);
         let reporter = LoadReporter { memory, offset };
         reporter.publish(0, 0);
         reporter
@@ -62,7 +62,7 @@ impl LoadReporter {
 
     /// Clears the record (the primary does this before a new worker takes it).
     pub(crate) fn reset(memory: &SharedArray, index: u32) {
-        let offset = index as usize * RECORD;
+        let offset = memory.offset_of(index as usize);
         for field in [GENERATION, ACCEPTED, ACTIVE] {
             memory.store_u64(offset + field, 0);
         }

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 pub struct SharedArray {
     base: NonNull<u8>,
     len: usize,
+    stride: usize,
 }
 
 // SAFETY: the mapping is plain shared memory; every access below is an atomic load or store,
@@ -43,7 +44,13 @@ impl SharedArray {
             return Err(io::Error::last_os_error());
         }
         let base = NonNull::new(base.cast()).ok_or_else(|| io::Error::other("mmap gave null"))?;
-        Ok(SharedArray { base, len })
+        Ok(SharedArray { base, len, stride })
+    }
+
+    /// Byte offset of value `index`: the kernel stores array values every `value_size`
+    /// rounded up to 8 bytes, so a 4-byte value takes 8.
+    pub fn offset_of(&self, index: usize) -> usize {
+        index * self.stride
     }
 
     /// Bytes mapped.

@@ -210,47 +210,49 @@ fn random() -> u32 {
     unsafe { bpf_get_prandom_u32() }
 }
 
-/// Hash of the client's IP address: from the migrating socket on the migrate path (the
-/// packet may be empty there), else from the SYN's network header.
+/// Hash of the client's IP address: from the packet's network header when there is one,
+/// else (the migrate path may pass an empty packet) from the migrating socket.
 #[inline(always)]
 fn client_hash(ctx: &SkReuseportContext) -> Option<u32> {
-    if let Some(sock) = ctx.migrating_sk() {
-        // SAFETY: the verifier checked `migrating_sk` is a valid sock_common pointer; these
-        // fields are readable from it.
-        let sock = unsafe { &*sock.sock };
-        if sock.family == AF_INET6 {
-            let words = [
-                sock.dst_ip6[0],
-                sock.dst_ip6[1],
-                sock.dst_ip6[2],
-                sock.dst_ip6[3],
-            ];
-            return Some(steer_common::hash_client(words, true));
-        }
-        return Some(steer_common::hash_client([sock.dst_ip4, 0, 0, 0], false));
-    }
     // skb->protocol: a big-endian u16 widened to u32.
     let protocol = u32::from(u16::from_be(ctx.eth_protocol() as u16));
-    let mut words = [0u32; 4];
-    let (offset, len, v6) = match protocol {
-        ETH_P_IP => (12, 4, false),
-        ETH_P_IPV6 => (8, 16, true),
-        _ => return None,
+    let header = match protocol {
+        ETH_P_IP => Some((12, 4, false)),
+        ETH_P_IPV6 => Some((8, 16, true)),
+        _ => None,
     };
-    // SAFETY: `words` has room for `len` (<= 16) bytes.
-    let ret = unsafe {
-        bpf_skb_load_bytes_relative(
-            ctx.as_ptr(),
-            offset,
-            words.as_mut_ptr().cast(),
-            len,
-            BPF_HDR_START_NET,
-        )
-    };
-    if ret != 0 {
-        return None;
+    if let Some((offset, len, v6)) = header
+        && !ctx.is_empty()
+    {
+        let mut words = [0u32; 4];
+        // SAFETY: `words` has room for `len` (<= 16) bytes.
+        let ret = unsafe {
+            bpf_skb_load_bytes_relative(
+                ctx.as_ptr(),
+                offset,
+                words.as_mut_ptr().cast(),
+                len,
+                BPF_HDR_START_NET,
+            )
+        };
+        if ret == 0 {
+            return Some(steer_common::hash_client(words, v6));
+        }
     }
-    Some(steer_common::hash_client(words, v6))
+    let sock = ctx.migrating_sk()?;
+    // SAFETY: the verifier checked `migrating_sk` is a valid sock_common pointer; these
+    // fields are readable from it.
+    let sock = unsafe { &*sock.sock };
+    if sock.family == AF_INET6 {
+        let words = [
+            sock.dst_ip6[0],
+            sock.dst_ip6[1],
+            sock.dst_ip6[2],
+            sock.dst_ip6[3],
+        ];
+        return Some(steer_common::hash_client(words, true));
+    }
+    Some(steer_common::hash_client([sock.dst_ip4, 0, 0, 0], false))
 }
 
 #[cfg(not(test))]
