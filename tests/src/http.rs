@@ -483,6 +483,25 @@ fn context(e: io::Error, doing: impl fmt::Display) -> io::Error {
     io::Error::new(e.kind(), format!("{doing}: {e}"))
 }
 
+/// Opens new connections to `addr` until one reaches `slot` (at most 200 tries), then sends
+/// `GET /block?ms=<ms>` on it: that worker's event loop stalls (demo `--demo-faults`).
+/// Returns the connection, whose answer arrives when the block ends.
+///
+/// # Panics
+///
+/// If no connection reaches `slot`, or a request fails.
+pub fn block_slot(addr: SocketAddr, slot: usize, ms: u64) -> KeepAlive {
+    for _ in 0..200 {
+        let mut conn = KeepAlive::connect(addr).expect("connect");
+        if conn.get("/").expect("hello").worker() == Some(slot) {
+            conn.send_only(&format!("/block?ms={ms}"))
+                .expect("send /block");
+            return conn;
+        }
+    }
+    panic!("no connection to {addr} reached slot {slot} in 200 tries");
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Cursor;

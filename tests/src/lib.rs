@@ -59,8 +59,8 @@ pub use serde_json::Value;
 pub use crate::cluster::{Cluster, READY_TIMEOUT, STATUS_POLL_INTERVAL};
 pub use crate::command::{RUN_TIMEOUT, RunOutput, run_steer, run_to_completion, steer_bin};
 pub use crate::http::{
-    HTTP_TIMEOUT, KeepAlive, Response, WORKER_HEADER, http_get, http_get_from, http_get_timeout,
-    must_get,
+    HTTP_TIMEOUT, KeepAlive, Response, WORKER_HEADER, block_slot, http_get, http_get_from,
+    http_get_timeout, must_get,
 };
 pub use crate::load::{LOAD_LIMIT, Load, LoadReport};
 pub use crate::net::{free_local_addr, free_port};

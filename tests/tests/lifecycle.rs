@@ -280,16 +280,7 @@ fn queued_requests_survive_a_killed_worker(extra: &[&str]) -> (usize, usize) {
         .expect("slot 0 runs");
 
     // Block slot 0's event loop: from now on its listener queues and never accepts.
-    let mut blocker = None;
-    for _ in 0..200 {
-        let mut conn = steer_tests::KeepAlive::connect(addr).expect("connect");
-        if conn.get("/").expect("hello").worker() == Some(0) {
-            conn.send_only("/block?ms=30000").expect("send /block");
-            blocker = Some(conn);
-            break;
-        }
-    }
-    let _blocker = blocker.expect("a connection reached slot 0");
+    let _blocker = steer_tests::block_slot(addr, 0, 30_000);
     cluster.wait_until(
         "slot 0 stops answering heartbeats",
         Duration::from_secs(5),

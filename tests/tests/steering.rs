@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use steer_tests::{
-    Cluster, KeepAlive, Load, Signal, Value, http_get, http_get_from, run_to_completion, status,
-    steer_bin,
+    Cluster, KeepAlive, Load, Signal, Value, block_slot, http_get, http_get_from,
+    run_to_completion, status, steer_bin,
 };
 
 const EBPF_POLICIES: [&str; 4] = ["round-robin", "hash", "least-loaded", "cpu"];
@@ -198,16 +198,23 @@ fn least_loaded_sends_under_10_percent_to_a_blocked_worker() {
         "--balance",
         "least-loaded",
         "--demo-faults",
+        "--health-timeout",
+        "10s",
     ]);
     let addr = cluster.listen_addr();
-    // Block one worker's event loop for 2.5 s (under the 3 s health timeout, so the
-    // primary does not replace it meanwhile: this measures the policy alone).
+    // Block one worker's event loop for 5 s (the health timeout is raised so the primary
+    // does not replace it meanwhile: this measures the policy alone). Measure once its
+    // heartbeat shows the loop is stuck.
     let mut blocker = KeepAlive::connect(addr).expect("connect");
     let hello = blocker.get("/").expect("hello");
     let blocked = hello.worker().expect("slot");
     let blocked_pid = pid_in(&hello.body);
-    blocker.send_only("/block?ms=2500").expect("send /block");
-    std::thread::sleep(Duration::from_millis(100));
+    blocker.send_only("/block?ms=5000").expect("send /block");
+    cluster.wait_until(
+        "the blocked worker stops answering heartbeats",
+        Duration::from_secs(3),
+        |s| status::worker(s, blocked).raw["health_ms"].as_u64() > Some(300),
+    );
 
     // New connections one after another for 2 s. An answer within 100 ms came from a
     // healthy worker; a connection that gets none is queued on the blocked one: keep it,
@@ -390,17 +397,12 @@ fn connections_queued_on_a_killed_worker_migrate_through_the_program() {
         .pid
         .expect("slot 0 runs");
     // Block slot 0's loop: from now on its listener queues and never accepts.
-    let mut blocker = None;
-    for _ in 0..20 {
-        let mut conn = KeepAlive::connect(addr).expect("connect");
-        if conn.get("/").expect("hello").worker() == Some(0) {
-            conn.send_only("/block?ms=30000").expect("send /block");
-            blocker = Some(conn);
-            break;
-        }
-    }
-    let _blocker = blocker.expect("a connection reached slot 0");
-    std::thread::sleep(Duration::from_millis(100));
+    let _blocker = block_slot(addr, 0, 30_000);
+    cluster.wait_until(
+        "slot 0 stops answering heartbeats",
+        Duration::from_secs(5),
+        |s| status::worker(s, 0).raw["health_ms"].as_u64() > Some(300),
+    );
     let before = counter(&cluster.status(), "migrations");
 
     // Round-robin puts every other new connection on slot 0's queue.
