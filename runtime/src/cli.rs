@@ -1,4 +1,4 @@
-//! The `steer` command line: `steer run` and `steer status`.
+//! The `steer` command line: `steer run`, `steer check`, `steer status` and `steer top`.
 //!
 //! Exit status: 0 clean stop, 2 usage or configuration error (the message names the flag
 //! or key and the bad value), 1 runtime failure with a message saying what to do.
@@ -11,8 +11,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    Balance, ByteSize, Config, ConfigError, LogFormat, Parsed, Settings, WorkerCount,
-    parse_duration, parse_listen,
+    Balance, ByteSize, Config, ConfigError, LogFormat, Parsed, Settings, StatusAddr,
+    WORKER_NOFILE_RANGE, WorkerCount, parse_duration, parse_listen, parse_status_addr,
 };
 
 /// Exit status for usage and configuration errors.
@@ -38,8 +38,13 @@ pub struct Cli {
 pub enum Command {
     /// Start a primary and its workers (the built-in demo app, or COMMAND).
     Run(Box<RunArgs>),
+    /// Validate the flags and the --config file without starting anything (exit 0, or
+    /// exit 2 with the key, line and value at fault).
+    Check(Box<RunArgs>),
     /// Print a running cluster's status.
     Status(StatusArgs),
+    /// A live view of a running cluster, refreshed every second (q quits).
+    Top(TopArgs),
 }
 
 /// `steer run` flags. Every flag left out falls back to the `--config` file, then to
@@ -56,8 +61,9 @@ pub struct RunArgs {
     /// shared, userspace.
     #[arg(short, long, value_name = "POLICY")]
     pub balance: Option<Balance>,
-    /// Serve GET /status (JSON) and GET /metrics on this address.
-    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    /// Serve GET /status (JSON) and GET /metrics on this address (a bare PORT means
+    /// 127.0.0.1:PORT).
+    #[arg(long, value_name = "ADDR", value_parser = parse_status_addr)]
     pub status: Option<SocketAddr>,
     /// TOML file; flags override it. Keys are the long flag names.
     #[arg(short, long, value_name = "FILE")]
@@ -105,6 +111,18 @@ pub struct RunArgs {
     /// Replace a worker gracefully once its resident memory passes SIZE (e.g. 256MiB).
     #[arg(long, value_name = "SIZE")]
     pub max_memory: Option<ByteSize>,
+    /// Workers switch to this user (name or uid) once their socket is registered.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Workers switch to this group (name or gid) [default: the user's group].
+    #[arg(long, value_name = "GROUP", requires = "user")]
+    pub group: Option<String>,
+    /// Limit each worker's open files (RLIMIT_NOFILE).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(*WORKER_NOFILE_RANGE.start()..=*WORKER_NOFILE_RANGE.end()))]
+    pub worker_nofile: Option<u64>,
+    /// Limit each worker's address space (RLIMIT_AS), e.g. 2GiB.
+    #[arg(long, value_name = "SIZE")]
+    pub worker_memory_limit: Option<ByteSize>,
     /// External worker program; gets its listening socket as fd 3 (LISTEN_FDS=1).
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -113,12 +131,23 @@ pub struct RunArgs {
 /// `steer status` flags.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Address of the cluster's status listener.
-    #[arg(long, value_name = "ADDR", value_parser = parse_listen, default_value = "127.0.0.1:8001")]
+    /// Address of the cluster's status listener (a bare PORT means 127.0.0.1:PORT).
+    #[arg(long, value_name = "ADDR", value_parser = parse_status_addr, default_value = "127.0.0.1:8001")]
     pub status: SocketAddr,
     /// Print the raw JSON document.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `steer top` flags.
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Address of the cluster's status listener (a bare PORT means 127.0.0.1:PORT).
+    #[arg(long, value_name = "ADDR", value_parser = parse_status_addr, default_value = "127.0.0.1:8001")]
+    pub status: SocketAddr,
+    /// Time between refreshes.
+    #[arg(long, value_name = "D", value_parser = parse_duration, default_value = "1s")]
+    pub interval: Duration,
 }
 
 impl RunArgs {
@@ -128,7 +157,7 @@ impl RunArgs {
             listen: self.listen.map(Parsed),
             workers: self.workers,
             balance: self.balance.map(Parsed),
-            status: self.status.map(Parsed),
+            status: self.status.map(|addr| Parsed(StatusAddr(addr))),
             shutdown_timeout: self.shutdown_timeout.map(Parsed),
             health_interval: self.health_interval.map(Parsed),
             health_timeout: self.health_timeout.map(Parsed),
@@ -141,7 +170,12 @@ impl RunArgs {
             tcp_migrate_req: self.no_tcp_migrate_req.then_some(false),
             cpu_affinity: self.cpu_affinity.then_some(true),
             max_memory: self.max_memory.map(Parsed),
+            user: self.user.clone(),
+            group: self.group.clone(),
+            worker_nofile: self.worker_nofile,
+            worker_memory_limit: self.worker_memory_limit.map(Parsed),
             command: (!self.command.is_empty()).then(|| self.command.clone()),
+            origin: Default::default(),
         }
     }
 
@@ -151,7 +185,9 @@ impl RunArgs {
             Some(path) => Settings::from_file(path)?,
             None => Settings::default(),
         };
-        let mut config = self.settings().overlay(file).into_config()?;
+        let flags = self.settings();
+        let mut config = flags.clone().overlay(file).into_config()?;
+        config.overrides = flags;
         config.verbosity = i8::try_from(self.verbose)
             .unwrap_or(i8::MAX)
             .saturating_sub_unsigned(self.quiet);
@@ -182,7 +218,28 @@ pub fn main() -> ExitCode {
             };
             crate::primary::run(config, program, crate::primary::Hooks::default())
         }
+        Command::Check(args) => check(&args),
         Command::Status(args) => crate::status::client::print(args.status, args.json),
+        Command::Top(args) => crate::top::run(args.status, args.interval),
+    }
+}
+
+/// `steer check`: validate, print what would run, start nothing.
+fn check(args: &RunArgs) -> ExitCode {
+    match args.config() {
+        Ok(config) => {
+            let source = config
+                .config_file
+                .as_ref()
+                .map_or_else(|| "the flags".to_owned(), |p| p.display().to_string());
+            println!("{source}: ok");
+            print!("{}", config.summary());
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("steer: {}", crate::error_chain(&err));
+            ExitCode::from(EXIT_USAGE)
+        }
     }
 }
 
@@ -237,6 +294,47 @@ mod tests {
         let config = args.config().expect("valid config");
         assert_eq!(config.workers, 2);
         assert_eq!(config.command.as_deref(), Some(&args.command[..]));
+    }
+
+    #[test]
+    fn every_run_flag_has_a_config_key_and_every_key_is_documented() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let run = cli.find_subcommand("run").expect("run");
+        // Flags that are not settings: the file itself, and the log level counters.
+        let not_settings = ["config", "verbose", "quiet", "help", "command"];
+        for arg in run.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if not_settings.contains(&long) {
+                continue;
+            }
+            let key = long.strip_prefix("no-").unwrap_or(long);
+            assert!(Settings::KEYS.contains(&key), "--{long} has no config key");
+        }
+        let docs = include_str!("../../docs/config.md");
+        for key in Settings::KEYS {
+            assert!(
+                docs.contains(&format!("| `{key}` |")),
+                "docs/config.md has no row for `{key}`"
+            );
+        }
+    }
+
+    #[test]
+    fn check_validates_the_same_way_as_run() {
+        let Command::Check(args) = parse(&["check", "--worker-nofile", "4096", "--user", "nobody"])
+            .expect("valid")
+            .command
+        else {
+            panic!("check expected")
+        };
+        let config = args.config().expect("valid");
+        assert_eq!(config.worker_nofile, Some(4096));
+        assert_eq!(config.overrides.user.as_deref(), Some("nobody"));
+        let err = parse(&["check", "--worker-nofile", "2"]).expect_err("out of range");
+        assert!(err.to_string().contains("16..=1048576"), "{err}");
+        let err = parse(&["run", "--group", "nogroup"]).expect_err("needs --user");
+        assert!(err.to_string().contains("--user"), "{err}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::config::{LogFormat, Parsed, Settings, WorkerCount};
+use crate::config::{LogFormat, Parsed, Settings, StatusAddr, WorkerCount};
 use crate::primary::{Control, Hooks, WorkerProgram};
 use crate::worker::{Worker, env};
 
@@ -52,7 +52,7 @@ impl ClusterBuilder {
 
     /// `--status`: serve `/status` and `/metrics` here.
     pub fn status(mut self, addr: SocketAddr) -> Self {
-        self.settings.status = Some(Parsed(addr));
+        self.settings.status = Some(Parsed(StatusAddr(addr)));
         self
     }
 
@@ -109,9 +109,11 @@ impl ClusterBuilder {
             Some(path) => Settings::from_file(path),
             None => Ok(Settings::default()),
         };
+        let overrides = self.settings.clone();
         let config = file
             .and_then(|file| self.settings.overlay(file).into_config())
             .map(|mut config| {
+                config.overrides = overrides;
                 config.verbosity = self.verbosity;
                 if let Some(format) = self.log_format {
                     config.log_format = format;

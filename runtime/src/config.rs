@@ -5,13 +5,16 @@
 //! Each value is parsed by one `FromStr` shared by both sources, so `--workers x` and
 //! `workers = "x"` fail with the same words.
 
+mod fields;
+
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use thiserror::Error;
 
 /// Why a configuration was refused. Every variant names the flag or key at fault.
@@ -193,6 +196,30 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     }
 }
 
+/// The status listener's address (`--status`): `IP:PORT`, `HOST:PORT`, or a bare `PORT`,
+/// which means that port on 127.0.0.1. The listener answers only reads, but `/status`
+/// names pids and the binary's layout, so loopback is what a bare port gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusAddr(pub SocketAddr);
+
+impl FromStr for StatusAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_status_addr(s).map(StatusAddr)
+    }
+}
+
+/// Parses a [`StatusAddr`]: a bare port is a port on 127.0.0.1.
+pub fn parse_status_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.trim().parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    parse_listen(s).map_err(|_| {
+        "expected IP:PORT, HOST:PORT or a port number (on 127.0.0.1), e.g. 127.0.0.1:8001 or 8001"
+            .into()
+    })
+}
+
 /// A byte size such as `256MiB`, `1GiB`, `64M` or `1048576`.
 ///
 /// `KiB`/`MiB`/`GiB`/`TiB` and the short `K`/`M`/`G`/`T` are powers of 1024 (as in
@@ -227,6 +254,16 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// Writes `bytes` in the largest binary unit that divides it: `1GiB`, `256MiB`, `1000`.
+pub fn format_size(bytes: u64) -> String {
+    for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
 /// A size in bytes, parsed by [`parse_size`] (`--max-memory 256MiB`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
@@ -243,6 +280,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{e}; expected a duration such as 30s or 500ms"))
 }
+
+/// Allowed values of `--worker-nofile`: enough fds for a worker to start, and at most the
+/// kernel's default `fs.nr_open`.
+pub const WORKER_NOFILE_RANGE: std::ops::RangeInclusive<u64> = 16..=1_048_576;
+
+/// Smallest `--worker-memory-limit`: below this not even the demo worker maps its
+/// executable and libraries.
+pub const MIN_WORKER_MEMORY_LIMIT: u64 = 32 << 20;
 
 /// The validated configuration a primary runs with.
 #[derive(Debug, Clone, PartialEq)]
@@ -282,10 +327,19 @@ pub struct Config {
     pub cpu_affinity: bool,
     /// A worker whose resident set passes this many bytes is replaced gracefully.
     pub max_memory: Option<u64>,
+    /// The user and group workers run as once their socket is registered.
+    pub credentials: Option<Credentials>,
+    /// `RLIMIT_NOFILE` of every worker.
+    pub worker_nofile: Option<u64>,
+    /// `RLIMIT_AS` of every worker, in bytes.
+    pub worker_memory_limit: Option<u64>,
     /// External worker program and arguments; `None` runs the built-in demo.
     pub command: Option<Vec<String>>,
     /// The file this came from, for SIGHUP reloads.
     pub config_file: Option<PathBuf>,
+    /// What the command line (or the library builder) set. A SIGHUP reload lays these
+    /// over the re-read file again, so a flag keeps winning over the file.
+    pub overrides: Settings,
 }
 
 impl Default for Config {
@@ -308,64 +362,216 @@ impl Default for Config {
             tcp_migrate_req: true,
             cpu_affinity: false,
             max_memory: None,
+            credentials: None,
+            worker_nofile: None,
+            worker_memory_limit: None,
             command: None,
             config_file: None,
+            overrides: Settings::default(),
         }
     }
+}
+
+impl Config {
+    /// The effective configuration, defaults included, as TOML a file could hold (what
+    /// `steer check` prints).
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let d = |v: Duration| format!("\"{}\"", humantime::format_duration(v));
+        let q = |v: &dyn fmt::Display| format!("{:?}", v.to_string());
+        let mut lines: Vec<(&str, String)> = vec![
+            ("listen", q(&self.listen)),
+            ("workers", self.workers.to_string()),
+            ("balance", q(&self.balance)),
+        ];
+        if let Some(status) = self.status {
+            lines.push(("status", q(&status)));
+        }
+        lines.extend([
+            ("shutdown-timeout", d(self.shutdown_timeout)),
+            ("health-interval", d(self.health_interval)),
+            ("health-timeout", d(self.health_timeout)),
+            ("start-timeout", d(self.start_timeout)),
+            ("max-restarts", self.max_restarts.to_string()),
+            ("restart-window", d(self.restart_window)),
+        ]);
+        if let Some(path) = &self.pid_file {
+            lines.push(("pid-file", q(&path.display())));
+        }
+        let format = match self.log_format {
+            LogFormat::Text => "\"text\"",
+            LogFormat::Json => "\"json\"",
+        };
+        lines.extend([
+            ("log-format", format.to_string()),
+            ("demo-faults", self.demo_faults.to_string()),
+            ("tcp-migrate-req", self.tcp_migrate_req.to_string()),
+            ("cpu-affinity", self.cpu_affinity.to_string()),
+        ]);
+        if let Some(bytes) = self.max_memory {
+            lines.push(("max-memory", format!("\"{}\"", format_size(bytes))));
+        }
+        if let Some(c) = &self.credentials {
+            lines.push(("user", format!("{:?}  # uid {}", c.user, c.uid)));
+            lines.push(("group", format!("{}  # gid", c.gid)));
+        }
+        if let Some(n) = self.worker_nofile {
+            lines.push(("worker-nofile", n.to_string()));
+        }
+        if let Some(bytes) = self.worker_memory_limit {
+            lines.push(("worker-memory-limit", format!("\"{}\"", format_size(bytes))));
+        }
+        if let Some(command) = &self.command {
+            lines.push(("command", format!("{command:?}")));
+        }
+        let mut out = String::new();
+        for (key, value) in lines {
+            let _ = writeln!(out, "{key} = {value}");
+        }
+        out
+    }
+}
+
+/// The user and group a worker drops to (`--user`, `--group`), resolved to ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The user as given (name or id), for messages.
+    pub user: String,
+    /// Its uid.
+    pub uid: u32,
+    /// The group's gid: `--group`, else the user's primary group.
+    pub gid: u32,
+}
+
+impl Credentials {
+    /// Looks up `user` (a name, or a numeric uid) and `group` (a name or gid; default the
+    /// user's primary group) in the system's user database (`getpwnam`, `getgrnam`).
+    pub fn resolve(user: &str, group: Option<&str>) -> Result<Credentials, (&'static str, String)> {
+        use nix::unistd::{Gid, Group, Uid, User};
+        let numeric = user.parse::<u32>().ok();
+        let entry = match numeric {
+            Some(uid) => User::from_uid(Uid::from_raw(uid)),
+            None => User::from_name(user),
+        }
+        .map_err(|e| ("user", format!("cannot look up the user: {e}")))?;
+        let uid = match (&entry, numeric) {
+            (Some(entry), _) => entry.uid.as_raw(),
+            (None, Some(uid)) => uid,
+            (None, None) => {
+                return Err((
+                    "user",
+                    "no such user on this system (see /etc/passwd, or give a numeric uid)".into(),
+                ));
+            }
+        };
+        let gid = match group {
+            Some(group) => match group.parse::<u32>() {
+                Ok(gid) => gid,
+                Err(_) => Group::from_name(group)
+                    .map_err(|e| ("group", format!("cannot look up the group: {e}")))?
+                    .map(|g| g.gid.as_raw())
+                    .ok_or((
+                        "group",
+                        "no such group on this system (see /etc/group, or give a numeric gid)"
+                            .to_string(),
+                    ))?,
+            },
+            None => entry.map(|e| Gid::as_raw(e.gid)).ok_or((
+                "group",
+                "the user has no entry in /etc/passwd: give --group as well".to_string(),
+            ))?,
+        };
+        Ok(Credentials {
+            user: user.to_owned(),
+            uid,
+            gid,
+        })
+    }
+}
+
+/// Where the file-given values of a [`Settings`] came from, so checks made after parsing
+/// (one value against another) can still name the file and the line.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Origin {
+    /// The file, if the settings came from one.
+    pub path: Option<PathBuf>,
+    /// The line of each key in it.
+    pub lines: BTreeMap<String, usize>,
 }
 
 /// A value as given (flag or file), before it is validated into a [`Config`].
 ///
 /// Both the command line and the file fill one of these; [`Settings::overlay`] lets the
 /// flags win, and [`Settings::into_config`] validates the result.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Settings {
     /// `listen`
-    #[serde(default, deserialize_with = "from_str_field")]
+    #[serde(default, deserialize_with = "fields::from_str")]
     pub listen: Option<Parsed<SocketAddr>>,
     /// `workers`: a number or "auto".
-    #[serde(default, deserialize_with = "workers_field")]
+    #[serde(default, deserialize_with = "fields::workers")]
     pub workers: Option<WorkerCount>,
     /// `balance`
-    #[serde(default, deserialize_with = "from_str_field")]
+    #[serde(default, deserialize_with = "fields::from_str")]
     pub balance: Option<Parsed<Balance>>,
     /// `status`
-    #[serde(default, deserialize_with = "from_str_field")]
-    pub status: Option<Parsed<SocketAddr>>,
+    #[serde(default, deserialize_with = "fields::from_str")]
+    pub status: Option<Parsed<StatusAddr>>,
     /// `shutdown-timeout`
-    #[serde(default, deserialize_with = "from_str_field")]
+    #[serde(default, deserialize_with = "fields::from_str")]
     pub shutdown_timeout: Option<Parsed<Duration>>,
     /// `health-interval`
-    #[serde(default, deserialize_with = "from_str_field")]
+    #[serde(default, deserialize_with = "fields::from_str")]
     pub health_interval: Option<Parsed<Duration>>,
     /// `health-timeout`
-    #[serde(default, deserialize_with = "from_str_field")]
+    #[serde(default, deserialize_with = "fields::from_str")]
     pub health_timeout: Option<Parsed<Duration>>,
     /// `start-timeout`
-    #[serde(default, deserialize_with = "from_str_field")]
+    #[serde(default, deserialize_with = "fields::from_str")]
     pub start_timeout: Option<Parsed<Duration>>,
     /// `max-restarts`
+    #[serde(default, deserialize_with = "fields::max_restarts")]
     pub max_restarts: Option<u32>,
     /// `restart-window`
-    #[serde(default, deserialize_with = "from_str_field")]
+    #[serde(default, deserialize_with = "fields::from_str")]
     pub restart_window: Option<Parsed<Duration>>,
     /// `pid-file`
+    #[serde(default, deserialize_with = "fields::path")]
     pub pid_file: Option<PathBuf>,
     /// `log-format`
-    #[serde(default, deserialize_with = "from_str_field")]
+    #[serde(default, deserialize_with = "fields::from_str")]
     pub log_format: Option<Parsed<LogFormat>>,
     /// `demo-faults`
+    #[serde(default, deserialize_with = "fields::boolean")]
     pub demo_faults: Option<bool>,
     /// `tcp-migrate-req`
+    #[serde(default, deserialize_with = "fields::boolean")]
     pub tcp_migrate_req: Option<bool>,
     /// `cpu-affinity`
+    #[serde(default, deserialize_with = "fields::boolean")]
     pub cpu_affinity: Option<bool>,
     /// `max-memory`: a size such as "256MiB".
-    #[serde(default, deserialize_with = "from_str_field")]
+    #[serde(default, deserialize_with = "fields::from_str")]
     pub max_memory: Option<Parsed<ByteSize>>,
+    /// `user`: a name or a numeric uid.
+    #[serde(default, deserialize_with = "fields::account")]
+    pub user: Option<String>,
+    /// `group`: a name or a numeric gid.
+    #[serde(default, deserialize_with = "fields::account")]
+    pub group: Option<String>,
+    /// `worker-nofile`: a number of file descriptors.
+    #[serde(default, deserialize_with = "fields::worker_nofile")]
+    pub worker_nofile: Option<u64>,
+    /// `worker-memory-limit`: a size such as "1GiB".
+    #[serde(default, deserialize_with = "fields::from_str")]
+    pub worker_memory_limit: Option<Parsed<ByteSize>>,
     /// `command`: argv of an external worker program.
+    #[serde(default, deserialize_with = "fields::command")]
     pub command: Option<Vec<String>>,
+    /// Where the file-given values came from (not a key).
+    #[serde(skip)]
+    pub origin: Origin,
 }
 
 /// A value parsed by its `FromStr` (newtype so serde can reuse the flag parsers).
@@ -374,64 +580,77 @@ pub struct Parsed<T>(pub T);
 
 /// Parsers for the string-valued settings, shared by clap and serde.
 pub trait SettingValue: Sized {
+    /// What is allowed, for the message about a value of the wrong type.
+    const EXPECTED: &'static str;
     /// Parses the text form; the error says what is allowed.
     fn parse_setting(s: &str) -> Result<Self, String>;
 }
 
 impl SettingValue for SocketAddr {
+    const EXPECTED: &'static str = "an address string such as \"127.0.0.1:8000\"";
     fn parse_setting(s: &str) -> Result<Self, String> {
         parse_listen(s)
     }
 }
+impl SettingValue for StatusAddr {
+    const EXPECTED: &'static str =
+        "an address string such as \"127.0.0.1:8001\", or a port number string (\"8001\")";
+    fn parse_setting(s: &str) -> Result<Self, String> {
+        s.parse()
+    }
+}
 impl SettingValue for Duration {
+    const EXPECTED: &'static str = "a duration string such as \"30s\" or \"500ms\"";
     fn parse_setting(s: &str) -> Result<Self, String> {
         parse_duration(s)
     }
 }
 impl SettingValue for Balance {
+    const EXPECTED: &'static str =
+        "a policy string: auto, kernel, round-robin, hash, least-loaded, cpu, shared or userspace";
     fn parse_setting(s: &str) -> Result<Self, String> {
         s.parse()
     }
 }
 impl SettingValue for ByteSize {
+    const EXPECTED: &'static str = "a size string such as \"256MiB\" or \"1GiB\"";
     fn parse_setting(s: &str) -> Result<Self, String> {
         s.parse()
     }
 }
 impl SettingValue for LogFormat {
+    const EXPECTED: &'static str = "\"text\" or \"json\"";
     fn parse_setting(s: &str) -> Result<Self, String> {
         s.parse()
     }
 }
 
-fn from_str_field<'de, D, T>(d: D) -> Result<Option<Parsed<T>>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: SettingValue,
-{
-    let text = String::deserialize(d)?;
-    T::parse_setting(&text)
-        .map(|v| Some(Parsed(v)))
-        .map_err(|reason| serde::de::Error::custom(format!("invalid value {text:?}: {reason}")))
-}
-
-fn workers_field<'de, D: Deserializer<'de>>(d: D) -> Result<Option<WorkerCount>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Number(i64),
-        Text(String),
-    }
-    let text = match Raw::deserialize(d)? {
-        Raw::Number(n) => n.to_string(),
-        Raw::Text(s) => s,
-    };
-    text.parse::<WorkerCount>()
-        .map(Some)
-        .map_err(|reason| serde::de::Error::custom(format!("invalid value {text:?}: {reason}")))
-}
-
 impl Settings {
+    /// Every key a file may hold, as written in it (the long flag names).
+    pub const KEYS: &'static [&'static str] = &[
+        "listen",
+        "workers",
+        "balance",
+        "status",
+        "shutdown-timeout",
+        "health-interval",
+        "health-timeout",
+        "start-timeout",
+        "max-restarts",
+        "restart-window",
+        "pid-file",
+        "log-format",
+        "demo-faults",
+        "tcp-migrate-req",
+        "cpu-affinity",
+        "max-memory",
+        "user",
+        "group",
+        "worker-nofile",
+        "worker-memory-limit",
+        "command",
+    ];
+
     /// Reads and parses a TOML file. Unknown keys and bad values are errors that name the
     /// key and the line.
     pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
@@ -439,19 +658,57 @@ impl Settings {
             path: path.to_owned(),
             source,
         })?;
-        Settings::from_toml(&text).map_err(|message| ConfigError::File {
+        let mut settings = Settings::from_toml(&text).map_err(|message| ConfigError::File {
             path: path.to_owned(),
             message,
-        })
+        })?;
+        settings.origin.path = Some(path.to_owned());
+        Ok(settings)
     }
 
-    /// Parses TOML text (the error message names the key and line).
+    /// Parses TOML text. The error names the key and its line:
+    /// ``key `workers` at line 2: invalid value "0": expected a number from 1 to 1024, or auto``.
     pub fn from_toml(text: &str) -> Result<Settings, String> {
-        toml::from_str(text).map_err(|e| e.to_string().trim_end().replace('\n', " "))
+        let lines = fields::key_lines(text);
+        let mut settings: Settings =
+            toml::from_str(text).map_err(|e| fields::describe_error(text, &lines, &e))?;
+        settings.origin.lines = lines;
+        Ok(settings)
     }
 
-    /// Fills every value `self` lacks from `base` (flags overlay the file).
+    /// Whether `key` (as in [`Settings::KEYS`]) has a value here.
+    fn has(&self, key: &str) -> bool {
+        match key {
+            "listen" => self.listen.is_some(),
+            "workers" => self.workers.is_some(),
+            "balance" => self.balance.is_some(),
+            "status" => self.status.is_some(),
+            "shutdown-timeout" => self.shutdown_timeout.is_some(),
+            "health-interval" => self.health_interval.is_some(),
+            "health-timeout" => self.health_timeout.is_some(),
+            "start-timeout" => self.start_timeout.is_some(),
+            "max-restarts" => self.max_restarts.is_some(),
+            "restart-window" => self.restart_window.is_some(),
+            "pid-file" => self.pid_file.is_some(),
+            "log-format" => self.log_format.is_some(),
+            "demo-faults" => self.demo_faults.is_some(),
+            "tcp-migrate-req" => self.tcp_migrate_req.is_some(),
+            "cpu-affinity" => self.cpu_affinity.is_some(),
+            "max-memory" => self.max_memory.is_some(),
+            "user" => self.user.is_some(),
+            "group" => self.group.is_some(),
+            "worker-nofile" => self.worker_nofile.is_some(),
+            "worker-memory-limit" => self.worker_memory_limit.is_some(),
+            "command" => self.command.is_some(),
+            _ => false,
+        }
+    }
+
+    /// Fills every value `self` lacks from `base` (flags overlay the file). The result
+    /// remembers the file's lines for the keys that still come from it.
     pub fn overlay(self, base: Settings) -> Settings {
+        let mut origin = base.origin.clone();
+        origin.lines.retain(|key, _| !self.has(key));
         Settings {
             listen: self.listen.or(base.listen),
             workers: self.workers.or(base.workers),
@@ -469,25 +726,142 @@ impl Settings {
             tcp_migrate_req: self.tcp_migrate_req.or(base.tcp_migrate_req),
             cpu_affinity: self.cpu_affinity.or(base.cpu_affinity),
             max_memory: self.max_memory.or(base.max_memory),
+            user: self.user.or(base.user),
+            group: self.group.or(base.group),
+            worker_nofile: self.worker_nofile.or(base.worker_nofile),
+            worker_memory_limit: self.worker_memory_limit.or(base.worker_memory_limit),
             command: self.command.or(base.command),
+            origin,
+        }
+    }
+
+    /// The error for a value that parsed but does not fit: it names the file and line
+    /// when the value came from the file, else the flag.
+    fn invalid(
+        &self,
+        key: &str,
+        value: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> ConfigError {
+        let (value, reason) = (value.into(), reason.into());
+        match (&self.origin.path, self.origin.lines.get(key)) {
+            (Some(path), Some(line)) => ConfigError::File {
+                path: path.clone(),
+                message: format!(
+                    "invalid value {value:?} for key `{key}` at line {line}: {reason}"
+                ),
+            },
+            (None, Some(line)) => ConfigError::Invalid {
+                key: format!("`{key}` (line {line})"),
+                value,
+                reason,
+            },
+            (_, None) => ConfigError::Invalid {
+                key: format!("--{key}"),
+                value,
+                reason,
+            },
         }
     }
 
     /// Applies defaults and cross-field checks.
     pub fn into_config(self) -> Result<Config, ConfigError> {
         let d = Config::default();
-        let config = Config {
+        let positive = |key: &str, value: Option<Parsed<Duration>>| match value {
+            Some(Parsed(v)) if v.is_zero() => {
+                Err(self.invalid(key, "0s", "must be more than zero"))
+            }
+            _ => Ok(()),
+        };
+        positive("health-interval", self.health_interval)?;
+        positive("health-timeout", self.health_timeout)?;
+        positive("start-timeout", self.start_timeout)?;
+        positive("restart-window", self.restart_window)?;
+        let health_interval = self.health_interval.map_or(d.health_interval, |p| p.0);
+        let health_timeout = self.health_timeout.map_or(d.health_timeout, |p| p.0);
+        if health_timeout < health_interval {
+            let key = if self.health_timeout.is_some() {
+                "health-timeout"
+            } else {
+                "health-interval"
+            };
+            return Err(self.invalid(
+                key,
+                humantime::format_duration(self.health_timeout.map_or(health_interval, |p| p.0))
+                    .to_string(),
+                format!(
+                    "health-timeout ({}) must be at least health-interval ({})",
+                    humantime::format_duration(health_timeout),
+                    humantime::format_duration(health_interval)
+                ),
+            ));
+        }
+        let workers = self.workers.unwrap_or_default().resolve();
+        let max = steer_common::MAX_SLOTS as usize;
+        if !(1..=max).contains(&workers) {
+            return Err(self.invalid(
+                "workers",
+                workers.to_string(),
+                format!("expected a number from 1 to {max}, or auto"),
+            ));
+        }
+        if let Some(Parsed(ByteSize(limit))) = self.worker_memory_limit
+            && limit < MIN_WORKER_MEMORY_LIMIT
+        {
+            return Err(self.invalid(
+                "worker-memory-limit",
+                format_size(limit),
+                format!(
+                    "must be at least {}MiB: a worker cannot start in less",
+                    MIN_WORKER_MEMORY_LIMIT >> 20
+                ),
+            ));
+        }
+        if let Some(n) = self.worker_nofile
+            && !WORKER_NOFILE_RANGE.contains(&n)
+        {
+            return Err(self.invalid(
+                "worker-nofile",
+                n.to_string(),
+                format!(
+                    "expected a whole number from {} to {}",
+                    WORKER_NOFILE_RANGE.start(),
+                    WORKER_NOFILE_RANGE.end()
+                ),
+            ));
+        }
+        let credentials = match (&self.user, &self.group) {
+            (None, None) => None,
+            (None, Some(group)) => {
+                return Err(self.invalid(
+                    "group",
+                    group.clone(),
+                    "needs `user` as well: workers drop to a user and its group together",
+                ));
+            }
+            (Some(user), group) => Some(Credentials::resolve(user, group.as_deref()).map_err(
+                |(key, reason)| {
+                    let value = if key == "user" {
+                        user
+                    } else {
+                        group.as_deref().unwrap_or(user)
+                    };
+                    self.invalid(key, value.to_owned(), reason)
+                },
+            )?),
+        };
+        Ok(Config {
             listen: self.listen.map_or(d.listen, |p| p.0),
-            workers: self.workers.unwrap_or_default().resolve(),
+            workers,
             balance: self.balance.map_or(d.balance, |p| p.0),
-            status: self.status.map(|p| p.0),
+            status: self.status.map(|p| p.0.0),
             shutdown_timeout: self.shutdown_timeout.map_or(d.shutdown_timeout, |p| p.0),
-            health_interval: self.health_interval.map_or(d.health_interval, |p| p.0),
-            health_timeout: self.health_timeout.map_or(d.health_timeout, |p| p.0),
+            health_interval,
+            health_timeout,
             start_timeout: self.start_timeout.map_or(d.start_timeout, |p| p.0),
             max_restarts: self.max_restarts.unwrap_or(d.max_restarts),
             restart_window: self.restart_window.map_or(d.restart_window, |p| p.0),
-            pid_file: self.pid_file,
+            pid_file: self.pid_file.clone(),
             log_format: self.log_format.map_or(d.log_format, |p| p.0),
             verbosity: 0,
             demo_faults: self.demo_faults.unwrap_or(false),
@@ -495,43 +869,13 @@ impl Settings {
             cpu_affinity: self.cpu_affinity.unwrap_or(false)
                 || self.balance.is_some_and(|b| b.0 == Balance::Cpu),
             max_memory: self.max_memory.map(|p| p.0.0),
-            command: self.command.filter(|c| !c.is_empty()),
+            credentials,
+            worker_nofile: self.worker_nofile,
+            worker_memory_limit: self.worker_memory_limit.map(|p| p.0.0),
+            command: self.command.clone().filter(|c| !c.is_empty()),
             config_file: None,
-        };
-        let positive = |key: &str, value: Duration| {
-            if value.is_zero() {
-                Err(ConfigError::Invalid {
-                    key: key.into(),
-                    value: "0".into(),
-                    reason: "must be more than zero".into(),
-                })
-            } else {
-                Ok(())
-            }
-        };
-        let max = steer_common::MAX_SLOTS as usize;
-        if !(1..=max).contains(&config.workers) {
-            return Err(ConfigError::Invalid {
-                key: "workers".into(),
-                value: config.workers.to_string(),
-                reason: format!("expected a number from 1 to {max}, or auto"),
-            });
-        }
-        positive("health-interval", config.health_interval)?;
-        positive("health-timeout", config.health_timeout)?;
-        positive("start-timeout", config.start_timeout)?;
-        positive("restart-window", config.restart_window)?;
-        if config.health_timeout < config.health_interval {
-            return Err(ConfigError::Invalid {
-                key: "health-timeout".into(),
-                value: humantime::format_duration(config.health_timeout).to_string(),
-                reason: format!(
-                    "must be at least health-interval ({})",
-                    humantime::format_duration(config.health_interval)
-                ),
-            });
-        }
-        Ok(config)
+            overrides: Settings::default(),
+        })
     }
 }
 
@@ -566,7 +910,7 @@ mod tests {
     #[test]
     fn bad_values_name_the_value_and_what_is_allowed() {
         for (text, needle) in [
-            ("workers = 0", "\"0\""),
+            ("workers = 0", "invalid value 0"),
             ("workers = \"x\"", "\"x\""),
             ("balance = \"foo\"", "round-robin"),
             ("listen = \"nope\"", "\"nope\""),
@@ -624,6 +968,180 @@ mod tests {
         assert_eq!(s.into_config().expect("valid").max_memory, Some(64 << 20));
         let e = Settings::from_toml("\nmax-memory = \"lots\"").expect_err("refused");
         assert!(e.contains("max-memory") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn keys_are_exactly_the_fields_the_file_accepts() {
+        let err = Settings::from_toml("nope = 1").expect_err("unknown key");
+        let listed: Vec<&str> = err
+            .split("expected one of ")
+            .nth(1)
+            .expect("serde lists the fields")
+            .split(", ")
+            .map(|k| k.trim_matches('`'))
+            .collect();
+        assert_eq!(listed, Settings::KEYS);
+        for key in Settings::KEYS {
+            assert!(!Settings::default().has(key), "{key}");
+        }
+    }
+
+    #[test]
+    fn wrong_types_name_the_key_the_line_and_what_is_allowed() {
+        for (text, needles) in [
+            (
+                "\nworkers = true",
+                &["key `workers` at line 2", "from 1 to"][..],
+            ),
+            (
+                "max-restarts = \"x\"",
+                &["`max-restarts` at line 1", "whole number from 0"],
+            ),
+            (
+                "demo-faults = \"yes\"",
+                &["`demo-faults`", "expected true or false"],
+            ),
+            (
+                "listen = 5",
+                &["`listen`", "the integer 5", "127.0.0.1:8000"],
+            ),
+            ("shutdown-timeout = 30", &["`shutdown-timeout`", "30s"]),
+            ("command = \"app\"", &["`command`", "array of strings"]),
+            (
+                "worker-nofile = 3",
+                &["`worker-nofile`", "from 16 to 1048576"],
+            ),
+            (
+                "worker-memory-limit = 5",
+                &["`worker-memory-limit`", "256MiB"],
+            ),
+            ("user = true", &["`user`", "numeric id"]),
+            ("balance = \"fast\"", &["`balance`", "least-loaded"]),
+            ("status = \"x\"", &["`status`", "port number"]),
+        ] {
+            let err = Settings::from_toml(text).expect_err(text);
+            for needle in needles {
+                assert!(err.contains(needle), "{text:?}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn checks_across_keys_name_the_file_and_line() {
+        let dir = std::env::temp_dir().join(format!("steer-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("steer.toml");
+        std::fs::write(&path, "workers = 2\nhealth-interval = \"5s\"\n").expect("write");
+        let err = Settings::from_file(&path)
+            .expect("parses")
+            .into_config()
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains("`health-interval` at line 2"), "{err}");
+        assert!(
+            err.contains("must be at least health-interval (5s)"),
+            "{err}"
+        );
+        // The same value given as a flag is named as the flag.
+        let flags = Settings {
+            health_interval: Some(Parsed(Duration::from_secs(5))),
+            ..Settings::default()
+        };
+        let file = Settings::from_file(&path).expect("parses");
+        let err = flags
+            .overlay(file)
+            .into_config()
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("--health-interval"), "{err}");
+        std::fs::write(&path, "user = \"nobody\"\ngroup = \"no-such-group-x\"\n").expect("write");
+        let err = Settings::from_file(&path)
+            .expect("parses")
+            .into_config()
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.contains("`group` at line 2") && err.contains("no-such-group-x"),
+            "{err}"
+        );
+        std::fs::write(&path, "\n\nworker-memory-limit = \"1MiB\"\n").expect("write");
+        let err = Settings::from_file(&path)
+            .expect("parses")
+            .into_config()
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.contains("\"1MiB\" for key `worker-memory-limit` at line 3"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn flags_kept_as_overrides_win_over_a_reloaded_file() {
+        let flags = Settings {
+            shutdown_timeout: Some(Parsed(Duration::from_secs(1))),
+            ..Settings::default()
+        };
+        let first =
+            Settings::from_toml("shutdown-timeout = \"30s\"\nmax-restarts = 3").expect("ok");
+        let edited =
+            Settings::from_toml("shutdown-timeout = \"40s\"\nmax-restarts = 5").expect("ok");
+        for (file, restarts) in [(first, 3), (edited, 5)] {
+            let config = flags.clone().overlay(file).into_config().expect("valid");
+            assert_eq!(
+                config.shutdown_timeout,
+                Duration::from_secs(1),
+                "the flag wins"
+            );
+            assert_eq!(config.max_restarts, restarts, "the file is re-read");
+        }
+    }
+
+    #[test]
+    fn users_groups_and_limits_resolve() {
+        let s = Settings::from_toml(
+            "user = \"nobody\"\ngroup = \"nogroup\"\nworker-nofile = 1024\nworker-memory-limit = \"1GiB\"",
+        )
+        .expect("parses");
+        let config = s.into_config().expect("nobody and nogroup exist");
+        let c = config.credentials.clone().expect("credentials");
+        assert_eq!((c.uid, c.gid), (65534, 65534));
+        assert_eq!(config.worker_nofile, Some(1024));
+        assert_eq!(config.worker_memory_limit, Some(1 << 30));
+        let summary = config.summary();
+        assert!(
+            summary.contains("worker-memory-limit = \"1GiB\""),
+            "{summary}"
+        );
+        let numeric = Settings::from_toml("user = 4242\ngroup = 4343").expect("parses");
+        let c = numeric
+            .into_config()
+            .expect("ids need no entry")
+            .credentials;
+        assert_eq!(c.map(|c| (c.uid, c.gid)), Some((4242, 4343)));
+        let no_group = Settings::from_toml("user = 4242").expect("parses");
+        let err = no_group
+            .into_config()
+            .expect_err("no primary group")
+            .to_string();
+        assert!(err.contains("group"), "{err}");
+    }
+
+    #[test]
+    fn a_bare_status_port_is_loopback() {
+        assert_eq!(
+            parse_status_addr("8001"),
+            Ok(SocketAddr::from(([127, 0, 0, 1], 8001)))
+        );
+        assert_eq!(
+            parse_status_addr("0.0.0.0:8001"),
+            Ok(SocketAddr::from(([0, 0, 0, 0], 8001)))
+        );
+        assert!(parse_status_addr("nope").is_err());
+        assert_eq!(format_size(256 << 20), "256MiB");
+        assert_eq!(format_size(1000), "1000");
     }
 
     #[test]

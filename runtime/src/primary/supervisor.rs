@@ -102,6 +102,8 @@ pub(crate) struct Supervisor {
     pub(super) ping_seq: u64,
     /// Workers whose IPC had more queued than one wakeup reads.
     pub(super) pending_ipc: Vec<i32>,
+    /// systemd's `NOTIFY_SOCKET`, told about readiness, reloads and stopping.
+    pub(super) notifier: crate::systemd::Notifier,
 }
 
 impl Supervisor {
@@ -182,6 +184,7 @@ impl Supervisor {
             roll: None,
             ping_seq: 0,
             pending_ipc: Vec::new(),
+            notifier: crate::systemd::Notifier::from_env(),
         })
     }
 
@@ -311,6 +314,7 @@ impl Supervisor {
         if let Some(status) = self.status.as_mut() {
             status.expire(self.poll.registry(), now);
         }
+        self.notify_service_manager();
     }
 
     /// The earliest moment `tick` has something to do.
@@ -453,7 +457,10 @@ impl Supervisor {
             return;
         }
         if let Some(path) = self.config.config_file.clone() {
-            match Settings::from_file(&path).and_then(Settings::into_config) {
+            // Flags given at start keep winning over the file, as they did then.
+            let overrides = self.config.overrides.clone();
+            match Settings::from_file(&path).and_then(|file| overrides.overlay(file).into_config())
+            {
                 Ok(mut new) => {
                     for (what, changed) in [
                         ("listen", new.listen != self.config.listen),
@@ -477,6 +484,7 @@ impl Supervisor {
                     new.verbosity = self.config.verbosity;
                     new.config_file = self.config.config_file.clone();
                     new.pid_file = self.config.pid_file.clone();
+                    new.overrides = self.config.overrides.clone();
                     if let (WorkerProgram::External(_), Some(command)) =
                         (&self.program, &new.command)
                     {
