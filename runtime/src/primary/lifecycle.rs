@@ -195,6 +195,10 @@ impl Supervisor {
                 if self.config.demo_faults {
                     vars.push((env::DEMO_FAULTS.into(), "1".into()));
                 }
+                if let Some(credentials) = &self.config.credentials {
+                    let switch = crate::privileges::env_for(credentials);
+                    vars.extend(switch.map(|(k, v)| (k.into(), v.into())));
+                }
                 let argv0 = self.args.first().cloned().unwrap_or_else(|| "steer".into());
                 let argv = if *builtin == WorkerProgram::Demo {
                     vec![argv0, "worker".into(), index.to_string().into()]
@@ -221,6 +225,7 @@ impl Supervisor {
                 .config
                 .cpu_affinity
                 .then(|| index % crate::steering::online_cpus()),
+            limits: spawn::ChildLimits::for_worker(&self.config, own_socket.is_some()),
         })?;
         Ok((spawned, primary_end, own_socket))
     }

@@ -4,7 +4,8 @@
 //! child's own pid (its environment is fixed before `fork`), and place fds at exact numbers
 //! without the risk of one `dup2` clobbering the source of the next. So the primary prepares
 //! every byte the child needs (paths, argv, envp, a `LISTEN_PID` slot to fill in) before
-//! `fork`, and the child only calls `prctl`, `dup2`, `sigprocmask` and `execve`.
+//! `fork`, and the child only calls `prctl`, `setgroups`/`setgid`/`setuid`, `setrlimit`,
+//! `dup2`, `sigprocmask` and `execve`.
 //!
 //! Every fd in the primary is created close-on-exec, so a child inherits exactly stdin
 //! (`/dev/null`), stdout, stderr, and the fds placed here.
@@ -40,6 +41,65 @@ pub(crate) struct SpawnSpec {
     pub listen_pid: bool,
     /// Pin the child to this CPU (`--cpu-affinity`).
     pub cpu: Option<usize>,
+    /// Credentials and limits applied before `execve` (see [`crate::privileges`]).
+    pub limits: ChildLimits,
+}
+
+/// What a child gives up before `execve`. `PR_SET_NO_NEW_PRIVS` is always set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct ChildLimits {
+    /// Switch to `(uid, gid)` (supplementary groups: just `gid`).
+    pub credentials: Option<(u32, u32)>,
+    /// `RLIMIT_NOFILE`, soft and hard.
+    pub nofile: Option<u64>,
+    /// `RLIMIT_AS` in bytes, soft and hard.
+    pub address_space: Option<u64>,
+}
+
+impl ChildLimits {
+    /// The limits of a worker under `config`. An external program switches user before
+    /// `execve` (its socket is already bound); a re-executed worker switches itself after
+    /// registering (see [`crate::privileges`]).
+    pub(crate) fn for_worker(config: &crate::config::Config, external: bool) -> ChildLimits {
+        ChildLimits {
+            credentials: config
+                .credentials
+                .as_ref()
+                .filter(|_| external)
+                .map(|c| (c.uid, c.gid)),
+            nofile: config.worker_nofile,
+            address_space: config.worker_memory_limit,
+        }
+    }
+}
+
+/// Which step of the child's preparation failed, reported with its errno.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+enum ChildStep {
+    Exec = 0,
+    PlaceFd = 1,
+    SetGroups = 2,
+    SetGid = 3,
+    SetUid = 4,
+    LimitFiles = 5,
+    LimitMemory = 6,
+    NoNewPrivs = 7,
+}
+
+impl ChildStep {
+    fn describe(code: u32) -> &'static str {
+        match code {
+            1 => "placing an inherited fd (dup2)",
+            2 => "setgroups for --group",
+            3 => "setgid for --group",
+            4 => "setuid for --user",
+            5 => "setrlimit(RLIMIT_NOFILE) for --worker-nofile",
+            6 => "setrlimit(RLIMIT_AS) for --worker-memory-limit",
+            7 => "prctl(PR_SET_NO_NEW_PRIVS)",
+            _ => "execve",
+        }
+    }
 }
 
 /// A started child.
@@ -129,6 +189,7 @@ pub(crate) fn spawn(spec: SpawnSpec) -> io::Result<Spawned> {
         listen_pid_buf,
         parent: std::process::id() as libc::pid_t,
         cpu_set: spec.cpu.map(cpu_set_of),
+        limits: spec.limits,
     };
 
     // SAFETY: fork has no preconditions; the child branch runs only `ChildPlan::exec`,
@@ -147,12 +208,21 @@ pub(crate) fn spawn(spec: SpawnSpec) -> io::Result<Spawned> {
 
     // Our copy of the write end is closed; the child's closes on exec (empty read) or
     // after it writes the errno of a failed exec.
-    let mut errno = [0u8; 4];
+    let mut report = [0u8; 8];
     let mut pipe = std::fs::File::from(exec_err_read);
-    let read = read_full(&mut pipe, &mut errno).inspect_err(|_| kill_and_reap(pid))?;
-    if read == errno.len() {
+    let read = read_full(&mut pipe, &mut report).inspect_err(|_| kill_and_reap(pid))?;
+    if read == report.len() {
         reap(pid);
-        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
+        let [s0, s1, s2, s3, e0, e1, e2, e3] = report;
+        let step = u32::from_ne_bytes([s0, s1, s2, s3]);
+        let err = io::Error::from_raw_os_error(i32::from_ne_bytes([e0, e1, e2, e3]));
+        if step == ChildStep::Exec as u32 {
+            return Err(err);
+        }
+        return Err(io::Error::new(
+            err.kind(),
+            format!("{} failed in the worker: {err}", ChildStep::describe(step)),
+        ));
     }
     // An unreaped child's pid cannot be reused, so killing by pid here is safe.
     let pidfd = pidfd_open(pid).inspect_err(|_| kill_and_reap(pid))?;
@@ -170,6 +240,7 @@ struct ChildPlan {
     listen_pid_buf: *mut u8,
     parent: libc::pid_t,
     cpu_set: Option<libc::cpu_set_t>,
+    limits: ChildLimits,
 }
 
 /// The affinity mask holding only `cpu`.
@@ -190,6 +261,18 @@ impl ChildPlan {
         // SAFETY: only async-signal-safe libc calls on memory prepared by the parent before
         // fork; no allocation, no locks.
         unsafe {
+            // Credentials first: changing them clears the parent-death signal set below.
+            if let Some((uid, gid)) = self.limits.credentials {
+                if libc::setgroups(1, &gid) != 0 {
+                    self.fail(ChildStep::SetGroups);
+                }
+                if libc::setgid(gid) != 0 {
+                    self.fail(ChildStep::SetGid);
+                }
+                if libc::setuid(uid) != 0 {
+                    self.fail(ChildStep::SetUid);
+                }
+            }
             // The worker dies with its primary (even on SIGKILL), so there are no orphans.
             libc::prctl(
                 libc::PR_SET_PDEATHSIG,
@@ -221,7 +304,7 @@ impl ChildPlan {
             for &(source, target) in &self.fds {
                 // dup2 clears FD_CLOEXEC on the target: these are the only fds that survive.
                 if libc::dup2(source, target) < 0 {
-                    self.fail();
+                    self.fail(ChildStep::PlaceFd);
                 }
             }
             // Whatever the primary itself inherited without FD_CLOEXEC (a jobserver pipe,
@@ -249,21 +332,45 @@ impl ChildPlan {
                 libc::c_uint::MAX,
                 0,
             );
+            if let Some(n) = self.limits.nofile {
+                let limit = libc::rlimit {
+                    rlim_cur: n as libc::rlim_t,
+                    rlim_max: n as libc::rlim_t,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    self.fail(ChildStep::LimitFiles);
+                }
+            }
+            if let Some(bytes) = self.limits.address_space {
+                let limit = libc::rlimit {
+                    rlim_cur: bytes as libc::rlim_t,
+                    rlim_max: bytes as libc::rlim_t,
+                };
+                if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                    self.fail(ChildStep::LimitMemory);
+                }
+            }
+            // Nothing the worker executes can gain privileges (set-uid bits, file caps).
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                self.fail(ChildStep::NoNewPrivs);
+            }
             if !self.listen_pid_buf.is_null() {
                 write_decimal(self.listen_pid_buf, libc::getpid() as u64);
             }
             libc::execve(self.program, self.argv, self.envp.cast());
-            self.fail()
+            self.fail(ChildStep::Exec)
         }
     }
 
-    /// Reports errno to the parent and exits.
-    unsafe fn fail(&self) -> ! {
+    /// Reports the failed step and errno to the parent and exits.
+    unsafe fn fail(&self, step: ChildStep) -> ! {
         // SAFETY: async-signal-safe calls on a valid fd and a stack buffer.
         unsafe {
             let errno = *libc::__errno_location();
-            let bytes = errno.to_ne_bytes();
-            libc::write(self.exec_err, bytes.as_ptr().cast(), bytes.len());
+            let mut report = [0u8; 8];
+            report[..4].copy_from_slice(&(step as u32).to_ne_bytes());
+            report[4..].copy_from_slice(&errno.to_ne_bytes());
+            libc::write(self.exec_err, report.as_ptr().cast(), report.len());
             libc::_exit(127)
         }
     }
@@ -473,6 +580,7 @@ mod tests {
             fds: vec![(write, 3), (marker, 4)],
             listen_pid: true,
             cpu: None,
+            limits: ChildLimits::default(),
         })
         .expect("spawn");
         assert_eq!(wait(spawned.pid), ExitStatus::Code(0));
@@ -507,6 +615,7 @@ mod tests {
             fds: vec![(write, 3)],
             listen_pid: true,
             cpu: None,
+            limits: ChildLimits::default(),
         })
         .expect("spawn");
         wait(spawned.pid);
@@ -530,6 +639,7 @@ mod tests {
             fds: vec![],
             listen_pid: false,
             cpu: None,
+            limits: ChildLimits::default(),
         })
         .expect_err("cannot exec");
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
@@ -546,6 +656,7 @@ mod tests {
             fds: vec![],
             listen_pid: false,
             cpu: None,
+            limits: ChildLimits::default(),
         })
         .expect("spawn");
         assert_eq!(wait(spawned.pid), ExitStatus::Signal(libc::SIGKILL));

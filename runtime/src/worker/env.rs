@@ -8,7 +8,10 @@
 //! | `STEER_WORKER_ID` | unique per process over the primary's life, from 1 |
 //! | `STEER_IPC_FD` | fd number of the worker's end of the IPC socketpair |
 //! | `STEER_LISTEN` | the address the worker binds (re-executed workers) |
+//! | `STEER_WORKER_UID`, `STEER_WORKER_GID` | re-executed workers: whom to become once registered (`--user`, `--group`) |
 //! | `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES` | external workers: fd 3 is their listening socket (systemd socket activation) |
+//!
+//! `NOTIFY_SOCKET` is never passed on: only the primary talks to systemd.
 
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -43,9 +46,13 @@ pub(crate) const ALL: &[&str] = &[
     IPC_FD,
     LISTEN,
     DEMO_FAULTS,
+    crate::privileges::ENV_UID,
+    crate::privileges::ENV_GID,
     "LISTEN_FDS",
     "LISTEN_PID",
     "LISTEN_FDNAMES",
+    // The service manager speaks to the primary only (NotifyAccess=main).
+    crate::systemd::NOTIFY_SOCKET,
 ];
 
 /// A worker's identity and inheritance, read from its environment.

@@ -240,6 +240,8 @@ pub(crate) fn bootstrap() -> Result<Bootstrapped, String> {
             }
         },
     );
+    // Registered and mapped: the user's code may run unprivileged from here.
+    crate::privileges::drop_after_registration()?;
     Ok((env, listener, channel, load))
 }
 
