@@ -8,6 +8,7 @@
 
 mod lifecycle;
 mod messages;
+mod notify;
 mod report;
 mod restart;
 mod signals;

@@ -1,0 +1,257 @@
+//! The systemd notification protocol (`sd_notify(3)`), written out: one datagram of
+//! `KEY=VALUE` lines to the Unix socket named by `$NOTIFY_SOCKET` (a path, or `@name` for
+//! an abstract socket). Without the variable nothing is sent.
+//!
+//! The primary reports, as `Type=notify` services do:
+//!
+//! | when | message |
+//! |---|---|
+//! | every slot is ready for the first time | `READY=1` |
+//! | a rolling restart (SIGUSR2, SIGHUP) begins | `RELOADING=1`, `MONOTONIC_USEC=<now>` |
+//! | it has ended | `READY=1` |
+//! | stopping (SIGTERM, SIGINT) | `STOPPING=1` |
+//! | the number of ready slots changes | `STATUS=<ready> of <n> workers ready` |
+//!
+//! [`Notifier`] is fed the cluster's state on every turn of the primary's loop and sends
+//! only on a change, so the supervisor needs no call at each place a state changes.
+
+use std::io;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+
+/// The variable naming the service manager's socket.
+pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
+
+/// What the service manager is told about, as seen by the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterState {
+    /// Slots in state `ready`.
+    pub ready: usize,
+    /// All slots.
+    pub slots: usize,
+    /// Where the cluster is.
+    pub phase: Phase,
+}
+
+/// The cluster phases the protocol distinguishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Serving (or starting).
+    Running,
+    /// A rolling restart is replacing the workers.
+    Reloading,
+    /// Draining for exit.
+    Stopping,
+}
+
+/// Sends state changes to systemd.
+#[derive(Debug)]
+pub struct Notifier {
+    target: Option<(UnixDatagram, SocketAddr)>,
+    last: Option<ClusterState>,
+    /// `READY=1` has been sent once (start-up is over).
+    started: bool,
+}
+
+impl Notifier {
+    /// A notifier for `$NOTIFY_SOCKET`, or one that sends nothing if it is unset. A value
+    /// that is not a usable address is logged and ignored: Steer runs without systemd too.
+    pub fn from_env() -> Notifier {
+        let target = std::env::var_os(NOTIFY_SOCKET).and_then(|name| {
+            match Notifier::open(&name.to_string_lossy()) {
+                Ok(target) => Some(target),
+                Err(err) => {
+                    tracing::warn!("{NOTIFY_SOCKET}={name:?} cannot be used: {err}");
+                    None
+                }
+            }
+        });
+        Notifier {
+            target,
+            last: None,
+            started: false,
+        }
+    }
+
+    /// A notifier that sends nothing.
+    pub fn disabled() -> Notifier {
+        Notifier {
+            target: None,
+            last: None,
+            started: false,
+        }
+    }
+
+    fn open(name: &str) -> io::Result<(UnixDatagram, SocketAddr)> {
+        let addr = match name.strip_prefix('@') {
+            Some(abstract_name) => SocketAddr::from_abstract_name(abstract_name.as_bytes())?,
+            None if name.starts_with('/') => SocketAddr::from_pathname(name)?,
+            None => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "expected an absolute path or @abstract-name",
+                ));
+            }
+        };
+        // std creates the socket with SOCK_CLOEXEC, so workers do not inherit it.
+        Ok((UnixDatagram::unbound()?, addr))
+    }
+
+    /// Whether messages are sent at all.
+    pub fn enabled(&self) -> bool {
+        self.target.is_some()
+    }
+
+    /// Takes the current state; sends what changed since the last call.
+    pub fn observe(&mut self, state: ClusterState) {
+        if self.target.is_none() || self.last == Some(state) {
+            return;
+        }
+        let message = self.message(state);
+        self.last = Some(state);
+        if !message.is_empty() {
+            self.send(&message);
+        }
+    }
+
+    /// The datagram for a change to `state` (empty if nothing is worth saying).
+    fn message(&mut self, state: ClusterState) -> String {
+        let before = self.last;
+        let mut lines = Vec::new();
+        match state.phase {
+            Phase::Stopping if before.is_none_or(|b| b.phase != Phase::Stopping) => {
+                lines.push("STOPPING=1".to_owned());
+            }
+            Phase::Reloading
+                if self.started && before.is_none_or(|b| b.phase != Phase::Reloading) =>
+            {
+                lines.push("RELOADING=1".to_owned());
+                lines.push(format!("MONOTONIC_USEC={}", monotonic_usec()));
+            }
+            Phase::Running if state.ready == state.slots && !self.started => {
+                self.started = true;
+                lines.push("READY=1".to_owned());
+            }
+            Phase::Running
+                if self.started && before.is_some_and(|b| b.phase == Phase::Reloading) =>
+            {
+                lines.push("READY=1".to_owned());
+            }
+            _ => {}
+        }
+        if before.is_none_or(|b| b.ready != state.ready || b.slots != state.slots)
+            || !lines.is_empty()
+        {
+            let what = match state.phase {
+                Phase::Running => "",
+                Phase::Reloading => "rolling restart; ",
+                Phase::Stopping => "stopping; ",
+            };
+            lines.push(format!(
+                "STATUS={what}{} of {} workers ready",
+                state.ready, state.slots
+            ));
+        }
+        lines.join("\n")
+    }
+
+    fn send(&self, message: &str) {
+        let Some((socket, addr)) = &self.target else {
+            return;
+        };
+        if let Err(err) = socket.send_to_addr(message.as_bytes(), addr) {
+            tracing::debug!("cannot notify systemd ({message:?}): {err}");
+        }
+    }
+}
+
+/// `CLOCK_MONOTONIC` in microseconds, the clock systemd compares `MONOTONIC_USEC` with.
+fn monotonic_usec() -> u64 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(ts) => ts.tv_sec() as u64 * 1_000_000 + ts.tv_nsec() as u64 / 1_000,
+        Err(_) => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn state(ready: usize, phase: Phase) -> ClusterState {
+        ClusterState {
+            ready,
+            slots: 2,
+            phase,
+        }
+    }
+
+    fn listening() -> (UnixDatagram, Notifier, String) {
+        let name = format!("steer-notify-test-{}", std::process::id());
+        let addr = SocketAddr::from_abstract_name(name.as_bytes()).expect("abstract name");
+        let socket = UnixDatagram::bind_addr(&addr).expect("bind");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let (sender, target) = Notifier::open(&format!("@{name}")).expect("open");
+        let notifier = Notifier {
+            target: Some((sender, target)),
+            last: None,
+            started: false,
+        };
+        (socket, notifier, name)
+    }
+
+    fn recv(socket: &UnixDatagram) -> String {
+        let mut buf = [0u8; 512];
+        let n = socket.recv(&mut buf).expect("a datagram");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    #[test]
+    fn sequence_over_an_abstract_socket() {
+        let (socket, mut notifier, _) = listening();
+        notifier.observe(state(0, Phase::Running));
+        assert_eq!(recv(&socket), "STATUS=0 of 2 workers ready");
+        notifier.observe(state(0, Phase::Running));
+        notifier.observe(state(2, Phase::Running));
+        assert_eq!(recv(&socket), "READY=1\nSTATUS=2 of 2 workers ready");
+        notifier.observe(state(2, Phase::Reloading));
+        let reloading = recv(&socket);
+        let lines: Vec<&str> = reloading.lines().collect();
+        assert_eq!(lines[0], "RELOADING=1", "{reloading}");
+        let usec: u64 = lines[1]
+            .strip_prefix("MONOTONIC_USEC=")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{reloading}"));
+        assert!(usec > 0);
+        notifier.observe(state(2, Phase::Running));
+        assert_eq!(recv(&socket), "READY=1\nSTATUS=2 of 2 workers ready");
+        notifier.observe(state(1, Phase::Running));
+        assert_eq!(recv(&socket), "STATUS=1 of 2 workers ready");
+        notifier.observe(state(0, Phase::Stopping));
+        assert_eq!(
+            recv(&socket),
+            "STOPPING=1\nSTATUS=stopping; 0 of 2 workers ready"
+        );
+    }
+
+    #[test]
+    fn a_roll_before_start_up_ends_sends_no_reloading() {
+        let (socket, mut notifier, _) = listening();
+        notifier.observe(state(1, Phase::Reloading));
+        assert_eq!(
+            recv(&socket),
+            "STATUS=rolling restart; 1 of 2 workers ready"
+        );
+        notifier.observe(state(2, Phase::Running));
+        assert_eq!(recv(&socket), "READY=1\nSTATUS=2 of 2 workers ready");
+    }
+
+    #[test]
+    fn bad_socket_names_are_refused() {
+        assert!(Notifier::open("relative/path").is_err());
+        assert!(!Notifier::disabled().enabled());
+    }
+}
