@@ -98,6 +98,7 @@ impl Supervisor {
             totals,
             steering: counters.map(|c| SteeringStatus {
                 policy: c.policy.to_string(),
+                selections: c.selections,
                 fallbacks: c.fallbacks,
                 drops: c.drops,
                 migrations: c.migrations,

@@ -168,6 +168,7 @@ mod tests {
             },
             steering: Some(SteeringStatus {
                 policy: "hash".into(),
+                selections: vec![100, 100],
                 fallbacks: 3,
                 drops: 0,
                 migrations: 7,

@@ -1,75 +1,202 @@
-//! `/metrics` in the Prometheus text exposition format, rendered from the status document.
+//! `/metrics` in the Prometheus text exposition format (version 0.0.4), rendered from the
+//! status document, so `/status` and `/metrics` never disagree.
+//!
+//! Every family has `# HELP` and `# TYPE`; per-slot series carry the label `slot`, and
+//! the slot's state is a `state` label on a 0/1 gauge (one series per possible state, so a
+//! query such as `steer_worker_state{state="failed"} == 1` works without gaps). Counters
+//! end in `_total`. The steering families appear only when an eBPF policy runs; the
+//! program counts fallbacks, drops and migrations for the whole group, not per slot.
 
 use std::fmt::Write;
 
-use super::StatusDocument;
+use super::{StatusDocument, WorkerStatus};
 
-/// Renders `doc` as Prometheus text (format version 0.0.4).
-pub fn render(doc: &StatusDocument) -> String {
-    let mut out = String::with_capacity(2048);
-    let mut family =
-        |name: &str, kind: &str, help: &str, samples: &mut dyn Iterator<Item = (String, f64)>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, value) in samples {
-                let _ = writeln!(out, "{name}{labels} {value}");
+/// Every value of the `state` label, as `/status` spells the states.
+pub const STATES: &[&str] = &[
+    "starting", "ready", "draining", "backoff", "failed", "stopped",
+];
+
+/// One metric family being written.
+struct Family<'a> {
+    out: &'a mut String,
+    name: &'static str,
+}
+
+impl Family<'_> {
+    fn sample(&mut self, labels: &[(&str, &str)], value: f64) {
+        let _ = write!(self.out, "{}", self.name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (key, val)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{key}=\"{}\"", escape_label(val));
             }
-        };
-    let slot = |s: usize| format!("{{slot=\"{s}\"}}");
-    family(
-        "steer_up",
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {}", format_value(value));
+    }
+}
+
+struct Exposition {
+    out: String,
+}
+
+impl Exposition {
+    fn family(&mut self, name: &'static str, kind: &str, help: &str) -> Family<'_> {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        Family {
+            out: &mut self.out,
+            name,
+        }
+    }
+
+    /// A gauge or counter with one series per slot; slots without a value are left out.
+    fn per_slot(
+        &mut self,
+        doc: &StatusDocument,
+        name: &'static str,
+        kind: &str,
+        help: &str,
+        value: impl Fn(&WorkerStatus) -> Option<f64>,
+    ) {
+        let mut family = self.family(name, kind, help);
+        for w in &doc.workers {
+            if let Some(v) = value(w) {
+                family.sample(&[("slot", &w.slot.to_string())], v);
+            }
+        }
+    }
+}
+
+/// Renders `doc` as Prometheus text.
+pub fn render(doc: &StatusDocument) -> String {
+    let mut e = Exposition {
+        out: String::with_capacity(4096),
+    };
+    let p = &doc.primary;
+    e.family(
+        "steer_info",
         "gauge",
-        "1 while the primary runs.",
-        &mut std::iter::once((String::new(), 1.0)),
+        "Always 1; the labels say what runs: the version, the policy in force and the address.",
+    )
+    .sample(
+        &[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("balance", &p.balance),
+            ("listen", &p.listen),
+        ],
+        1.0,
     );
-    family(
+    e.family("steer_up", "gauge", "1 while the primary runs.")
+        .sample(&[], 1.0);
+    e.family(
         "steer_primary_uptime_seconds",
         "gauge",
         "Seconds since the primary started.",
-        &mut std::iter::once((String::new(), doc.primary.uptime_s as f64)),
+    )
+    .sample(&[], p.uptime_s as f64);
+    if let Some(rss) = p.rss_bytes {
+        e.family(
+            "steer_primary_rss_bytes",
+            "gauge",
+            "Resident memory of the primary.",
+        )
+        .sample(&[], rss as f64);
+    }
+    let mut phase = e.family(
+        "steer_primary_phase",
+        "gauge",
+        "1 for the primary's phase: running, rolling (a rolling restart) or stopping.",
     );
-    family(
+    for name in ["running", "rolling", "stopping"] {
+        phase.sample(&[("phase", name)], f64::from(u8::from(p.phase == name)));
+    }
+    e.family("steer_workers", "gauge", "Configured worker slots.")
+        .sample(&[], doc.totals.workers as f64);
+    e.family("steer_workers_ready", "gauge", "Slots in state ready.")
+        .sample(&[], doc.totals.ready as f64);
+
+    let mut state = e.family(
+        "steer_worker_state",
+        "gauge",
+        "1 for the slot's state (starting, ready, draining, backoff, failed, stopped), 0 for the others.",
+    );
+    for w in &doc.workers {
+        let slot = w.slot.to_string();
+        for name in STATES {
+            state.sample(
+                &[("slot", &slot), ("state", name)],
+                f64::from(u8::from(w.state == *name)),
+            );
+        }
+    }
+    e.per_slot(
+        doc,
         "steer_worker_accepted_total",
         "counter",
-        "Connections accepted per slot, over every generation.",
-        &mut doc
-            .workers
-            .iter()
-            .map(|w| (slot(w.slot), w.accepted as f64)),
+        "Connections accepted per slot, over every generation (steered there, under eBPF).",
+        |w| Some(w.accepted as f64),
     );
-    family(
+    e.per_slot(
+        doc,
         "steer_worker_restarts_total",
         "counter",
         "Crash restarts per slot.",
-        &mut doc
-            .workers
-            .iter()
-            .map(|w| (slot(w.slot), f64::from(w.restarts))),
+        |w| Some(f64::from(w.restarts)),
     );
-    family(
-        "steer_worker_ready",
+    e.per_slot(
+        doc,
+        "steer_worker_generation",
         "gauge",
-        "1 if the slot is ready.",
-        &mut doc
-            .workers
-            .iter()
-            .map(|w| (slot(w.slot), if w.state == "ready" { 1.0 } else { 0.0 })),
+        "Generation of the slot's process; grows with each replacement.",
+        |w| Some(w.generation as f64),
     );
-    family(
-        "steer_worker_active_connections",
+    e.per_slot(
+        doc,
+        "steer_worker_uptime_seconds",
         "gauge",
-        "Open connections per slot at the last heartbeat.",
-        &mut doc.workers.iter().map(|w| (slot(w.slot), w.active as f64)),
+        "Seconds since the slot's process started.",
+        |w| w.uptime_s.map(|s| s as f64),
     );
-    family(
+    e.per_slot(
+        doc,
         "steer_worker_rss_bytes",
         "gauge",
         "Resident memory of the slot's process.",
-        &mut doc
-            .workers
-            .iter()
-            .filter_map(|w| Some((slot(w.slot), w.rss_bytes? as f64))),
+        |w| w.rss_bytes.map(|b| b as f64),
+    );
+    e.per_slot(
+        doc,
+        "steer_worker_heartbeat_age_seconds",
+        "gauge",
+        "Seconds since the slot's process last answered the primary (absent for programs that do not speak the protocol).",
+        |w| w.health_ms.map(|ms| ms as f64 / 1000.0),
+    );
+    e.per_slot(
+        doc,
+        "steer_worker_active_connections",
+        "gauge",
+        "Open connections per slot at the last heartbeat.",
+        |w| Some(w.active as f64),
+    );
+    e.per_slot(
+        doc,
+        "steer_worker_requests_total",
+        "counter",
+        "Requests answered by the slot's current process (restarts from 0 with a new process).",
+        |w| Some(w.requests as f64),
     );
     if let Some(steering) = &doc.steering {
+        let mut selections = e.family(
+            "steer_steering_selections_total",
+            "counter",
+            "Connections the eBPF program handed to each slot, new and migrated.",
+        );
+        for (slot, n) in steering.selections.iter().enumerate() {
+            selections.sample(&[("slot", &slot.to_string())], *n as f64);
+        }
         for (name, help, value) in [
             (
                 "steer_steering_fallbacks_total",
@@ -83,26 +210,128 @@ pub fn render(doc: &StatusDocument) -> String {
             ),
             (
                 "steer_steering_migrations_total",
-                "Connections migrated out of a closing listener.",
+                "Connections migrated out of a closing listener to a live slot.",
                 steering.migrations,
             ),
         ] {
-            family(
-                name,
-                "counter",
-                help,
-                &mut std::iter::once((String::new(), value as f64)),
-            );
+            e.family(name, "counter", help).sample(&[], value as f64);
         }
     }
-    family(
-        "steer_worker_heartbeat_age_seconds",
-        "gauge",
-        "Seconds since the slot's process last answered.",
-        &mut doc
-            .workers
-            .iter()
-            .filter_map(|w| Some((slot(w.slot), w.health_ms? as f64 / 1000.0))),
-    );
-    out
+    e.out
+}
+
+/// Label values escape `\`, `"` and newlines.
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Integers without a fraction; others as Rust prints them (a valid Go float).
+fn format_value(value: f64) -> String {
+    if value.fract() == 0.0 && value.abs() < 1e15 {
+        format!("{}", value as i64)
+    } else {
+        format!("{value}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{PrimaryStatus, SteeringStatus, Totals};
+
+    fn doc() -> StatusDocument {
+        let worker = |slot: usize, state: &str| WorkerStatus {
+            slot,
+            pid: Some(100 + slot as i32),
+            generation: 1,
+            state: state.into(),
+            uptime_s: Some(5),
+            restarts: slot as u32,
+            accepted: 10 * slot as u64,
+            active: 1,
+            requests: 7,
+            rss_bytes: Some(4096),
+            last_exit: None,
+            next_restart_in_ms: None,
+            health_ms: Some(250),
+            draining: 0,
+        };
+        StatusDocument {
+            primary: PrimaryStatus {
+                pid: 1,
+                uptime_s: 9,
+                balance: "round-robin".into(),
+                listen: "127.0.0.1:8000".into(),
+                phase: "running".into(),
+                rss_bytes: Some(8192),
+            },
+            workers: vec![worker(0, "ready"), worker(1, "backoff")],
+            totals: Totals {
+                workers: 2,
+                ready: 1,
+                restarts: 1,
+                accepted: 10,
+            },
+            steering: Some(SteeringStatus {
+                policy: "round-robin".into(),
+                selections: vec![0, 10],
+                fallbacks: 1,
+                drops: 2,
+                migrations: 3,
+            }),
+        }
+    }
+
+    #[test]
+    fn state_is_a_labelled_gauge_with_every_state() {
+        let text = render(&doc());
+        assert!(
+            text.contains("steer_worker_state{slot=\"0\",state=\"ready\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("steer_worker_state{slot=\"0\",state=\"failed\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("steer_worker_state{slot=\"1\",state=\"backoff\"} 1\n"),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("steer_worker_state{").count(),
+            2 * STATES.len()
+        );
+        assert!(text.contains("steer_worker_heartbeat_age_seconds{slot=\"1\"} 0.25\n"));
+        assert!(text.contains("steer_steering_selections_total{slot=\"1\"} 10\n"));
+        assert!(text.contains("steer_steering_drops_total 2\n"));
+        assert!(text.contains("steer_primary_phase{phase=\"running\"} 1\n"));
+    }
+
+    #[test]
+    fn every_family_has_help_and_type_before_its_samples() {
+        let text = render(&doc());
+        let mut declared = Vec::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                declared.push(rest.split(' ').next().unwrap_or_default().to_owned());
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap_or_default();
+                assert_eq!(declared.last().map(String::as_str), Some(name), "{line}");
+            }
+        }
+        assert_eq!(
+            text.matches("# HELP ").count(),
+            text.matches("# TYPE ").count()
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        assert_eq!(format_value(3.0), "3");
+        assert_eq!(format_value(0.25), "0.25");
+    }
 }

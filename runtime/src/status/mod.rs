@@ -28,6 +28,9 @@ pub struct StatusDocument {
 pub struct SteeringStatus {
     /// The policy the program runs.
     pub policy: String,
+    /// Connections the program handed to each slot, by slot index.
+    #[serde(default)]
+    pub selections: Vec<u64>,
     /// Connections whose first choice held no socket (a worker that just died) and went to
     /// another live slot.
     pub fallbacks: u64,
