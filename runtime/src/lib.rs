@@ -67,8 +67,11 @@ pub mod ipc;
 pub mod listener;
 pub mod logging;
 pub mod primary;
+pub mod privileges;
 pub mod status;
 pub mod steering;
+pub mod systemd;
+pub mod top;
 pub mod worker;
 
 pub use cluster::{Cluster, ClusterBuilder};
