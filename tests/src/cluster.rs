@@ -498,6 +498,10 @@ fn flag_value<'a>(args: &[&'a str], long: &str, short: Option<&str>) -> Option<&
 }
 
 fn parse_addr(flag: &str, value: &str) -> SocketAddr {
+    // `--status PORT` means 127.0.0.1:PORT.
+    if let Ok(port) = value.parse::<u16>() {
+        return SocketAddr::from(([127, 0, 0, 1], port));
+    }
     value
         .to_socket_addrs()
         .ok()

@@ -48,6 +48,7 @@ mod http;
 mod load;
 mod net;
 mod process;
+pub mod prometheus;
 pub mod status;
 mod temp;
 #[cfg(test)]

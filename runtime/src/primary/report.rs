@@ -22,10 +22,26 @@ impl Supervisor {
                 content_type: "text/plain; version=0.0.4",
                 body: crate::status::render_metrics(&self.snapshot()),
             },
+            "/ready" => {
+                // For load balancers and Kubernetes probes: serving now, and staying.
+                let doc = self.snapshot();
+                let ready = doc.primary.phase != "stopping" && doc.totals.ready > 0;
+                Reply {
+                    status: if ready { 200 } else { 503 },
+                    content_type: "text/plain",
+                    body: format!(
+                        "{} ({} of {} workers ready, {})\n",
+                        if ready { "ready" } else { "not ready" },
+                        doc.totals.ready,
+                        doc.totals.workers,
+                        doc.primary.phase
+                    ),
+                }
+            }
             _ => Reply {
                 status: 404,
                 content_type: "text/plain",
-                body: "try /status or /metrics\n".into(),
+                body: "try /status, /metrics or /ready\n".into(),
             },
         }
     }

@@ -1,7 +1,11 @@
 //! The status listener inside the primary's event loop: small, non-blocking, read-only.
 //!
-//! It answers `GET /status` and `GET /metrics` and closes the connection; it exposes no
-//! action. A slow or silent client only holds its own few-KiB buffer and is dropped after
+//! It answers `GET /status`, `GET /metrics` and `GET /ready` (200 while at least one
+//! worker serves and the cluster is not stopping, else 503: for load balancers and
+//! Kubernetes probes) and closes the connection. It exposes no action: any other method is
+//! `405`, so nothing reachable on this port can stop, restart or reconfigure the cluster.
+//! A bare `--status PORT` binds 127.0.0.1; another address is logged as reachable from
+//! elsewhere. A slow or silent client only holds its own few-KiB buffer and is dropped after
 //! [`CLIENT_TIMEOUT`].
 
 use std::collections::HashMap;
@@ -47,6 +51,12 @@ pub(crate) struct StatusServer {
 impl StatusServer {
     /// Binds the listener (`SO_REUSEADDR`, no `SO_REUSEPORT`: one primary owns it).
     pub(crate) fn bind(addr: SocketAddr) -> io::Result<StatusServer> {
+        if !addr.ip().is_loopback() {
+            tracing::warn!(
+                "the status listener on {addr} is reachable from other hosts; it is read-only, \
+                 but it shows pids and counters (use a loopback address to keep it local)"
+            );
+        }
         Ok(StatusServer {
             listener: TcpListener::bind(addr)?,
             clients: HashMap::new(),
@@ -179,7 +189,7 @@ impl Client {
                             _ => Reply {
                                 status: 405,
                                 content_type: "text/plain",
-                                body: "only GET\n".into(),
+                                body: "read-only: only GET\n".into(),
                             },
                         };
                         self.response = encode(&reply);
@@ -217,6 +227,7 @@ fn encode(reply: &Reply) -> Vec<u8> {
         404 => "Not Found",
         405 => "Method Not Allowed",
         431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
         _ => "Error",
     };
     let mut out = format!(
