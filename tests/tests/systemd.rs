@@ -246,3 +246,129 @@ fn the_unit_file_passes_systemd_analyze_verify() {
         out.status
     );
 }
+
+/// Capability numbers (linux/capability.h) of the names the unit may list.
+const CAPABILITIES: &[(&str, u32)] = &[
+    ("CAP_KILL", 5),
+    ("CAP_SETGID", 6),
+    ("CAP_SETUID", 7),
+    ("CAP_NET_BIND_SERVICE", 10),
+    ("CAP_NET_ADMIN", 12),
+    ("CAP_SYS_ADMIN", 21),
+    ("CAP_PERFMON", 38),
+    ("CAP_BPF", 39),
+];
+
+/// The unit's `CapabilityBoundingSet=`, as capability numbers.
+fn unit_capabilities() -> Vec<u32> {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/steer.service");
+    let text = std::fs::read_to_string(&unit).expect("deploy/systemd/steer.service");
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit sets CapabilityBoundingSet=");
+    line.split_whitespace()
+        .map(|name| {
+            CAPABILITIES
+                .iter()
+                .find(|(n, _)| *n == name)
+                .unwrap_or_else(|| panic!("unknown capability {name} in the unit"))
+                .1
+        })
+        .collect()
+}
+
+/// Starts `steer run <args>` the way systemd starts the unit's root service with
+/// `CapabilityBoundingSet=`: after `execve` it holds those capabilities and no others.
+fn start_with_unit_capabilities(args: &[&str]) -> Cluster {
+    use std::os::unix::process::CommandExt;
+    let keep = unit_capabilities();
+    Cluster::start_with(args, |cmd| {
+        // SAFETY: the closure runs in the forked child before exec and makes only prctl
+        // calls (async-signal-safe), allocating nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                for cap in 0..=63u32 {
+                    if !keep.contains(&cap)
+                        && libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) != 0
+                        && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    })
+}
+
+#[test]
+fn the_units_capabilities_are_enough_for_ebpf_steering_and_the_user_switch() {
+    let cluster = start_with_unit_capabilities(&[
+        "--workers",
+        "2",
+        "--balance",
+        "round-robin",
+        "--user",
+        "nobody",
+    ]);
+    let primary =
+        std::fs::read_to_string(format!("/proc/{}/status", cluster.pid())).expect("primary status");
+    let effective = primary
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .expect("CapEff");
+    let expected = unit_capabilities()
+        .iter()
+        .fold(0u64, |mask, cap| mask | 1 << cap);
+    assert_eq!(
+        effective, expected,
+        "the primary runs with the unit's set only"
+    );
+    let doc = cluster.status();
+    assert_eq!(status::balance(&doc), Some("round-robin"), "eBPF loaded");
+    for _ in 0..4 {
+        steer_tests::must_get(cluster.listen_addr(), "/");
+    }
+    let before = cluster.worker_pid_list();
+    cluster.signal(Signal::SIGUSR2);
+    cluster.wait_until("every worker replaced", Duration::from_secs(30), |s| {
+        status::all_ready(s)
+            && status::worker_pids(s)
+                .iter()
+                .all(|(_, pid)| !before.contains(pid))
+    });
+    cluster.stop_cleanly(Duration::from_secs(15));
+    let log = cluster.log();
+    assert!(!log.contains("WARN") && !log.contains("ERROR"), "{log}");
+}
+
+#[test]
+fn the_units_capabilities_let_the_primary_signal_workers_of_another_user() {
+    // External workers drain on SIGTERM, sent by a root primary to a `nobody` process:
+    // that takes CAP_KILL. Without it the worker would never be told to stop.
+    let cluster = start_with_unit_capabilities(&[
+        "--workers",
+        "1",
+        "--balance",
+        "kernel",
+        "--no-tcp-migrate-req",
+        "--user",
+        "nobody",
+        "--shutdown-timeout",
+        "60s",
+        "--",
+        "sleep",
+        "600",
+    ]);
+    let worker = cluster.worker_pid_list()[0];
+    cluster.signal(Signal::SIGTERM);
+    cluster.wait_exit(Duration::from_secs(20));
+    assert!(
+        !steer_tests::pid_alive(worker),
+        "the worker got its SIGTERM"
+    );
+    let log = cluster.log();
+    assert!(!log.contains("SIGTERM failed"), "{log}");
+}

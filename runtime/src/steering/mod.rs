@@ -28,7 +28,7 @@ pub use load::{LoadReporter, LoadShare};
 pub enum SteeringError {
     /// The kernel refused the program or its maps for lack of privilege.
     #[error(
-        "loading the eBPF steering program needs CAP_BPF (or CAP_SYS_ADMIN){}; run steer as root, grant it (e.g. AmbientCapabilities=CAP_BPF CAP_NET_ADMIN in the systemd unit), or use --balance kernel",
+        "loading the eBPF steering program needs CAP_BPF (or CAP_SYS_ADMIN){}; run steer as root, grant it (CAP_BPF and CAP_PERFMON, as in deploy/systemd/steer.service), or use --balance kernel",
         missing_capability_detail()
     )]
     MissingCapability,
