@@ -12,6 +12,11 @@ pub(crate) fn run() -> Result<(), String> {
         "python3",
         "the external-worker tests run a Python fd-3 worker",
     )?;
+    ensure_command(
+        "systemd-analyze",
+        "systemd",
+        "a test checks deploy/systemd/steer.service with `systemd-analyze verify`",
+    )?;
     Ok(())
 }
 
