@@ -182,18 +182,27 @@ impl Server {
     // ---- accepting and draining ----
 
     fn accept_queued(&mut self) {
-        if let Some(listener) = self.listener.take() {
-            self.accept_from(&listener);
-            self.listener = Some(listener);
+        if let Some(mut listener) = self.listener.take() {
+            if self.accept_from(&listener) {
+                self.listener = Some(listener);
+            } else if let Err(error) = self.poll.registry().deregister(&mut listener) {
+                debug!(%error, "could not stop watching the shut-down listener");
+            }
         }
     }
 
-    /// Accepts until the queue is empty.
-    fn accept_from(&mut self, listener: &TcpListener) {
+    /// Accepts until the queue is empty. Returns false once the listener is no longer
+    /// listening: the primary shut it down because this worker stopped answering
+    /// heartbeats (its queue went to the other workers). Open connections are still served.
+    fn accept_from(&mut self, listener: &TcpListener) -> bool {
         loop {
             match listener.accept() {
                 Ok((stream, _peer)) => self.admit(stream),
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+                    warn!("the primary shut this worker's listener down (declared hung)");
+                    return false;
+                }
                 Err(error)
                     if matches!(
                         error.kind(),
@@ -202,7 +211,7 @@ impl Server {
                 // Out of fds or memory: the queue is retried on the next wake.
                 Err(error) => {
                     warn!(%error, "accept failed");
-                    return;
+                    return true;
                 }
             }
         }
@@ -253,7 +262,7 @@ impl Server {
             if let Err(error) = self.poll.registry().deregister(&mut listener) {
                 warn!(%error, "could not stop watching the listener");
             }
-            self.accept_from(&listener);
+            let _still_listening = self.accept_from(&listener);
         }
         self.first_request_deadline = Some(Instant::now() + FIRST_REQUEST_GRACE);
         for index in 0..self.connections.span() {

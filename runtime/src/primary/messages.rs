@@ -116,7 +116,10 @@ impl Supervisor {
                 }
                 self.become_ready(index, pid, now);
             }
-            Message::Pong { counters, .. } => process.counters = counters,
+            Message::Pong { counters, .. } => {
+                process.counters = counters;
+                process.answers_pings = true;
+            }
             Message::User { to, data, .. } => {
                 self.route_user_message(index, to.unwrap_or(Recipient::Primary), data)
             }
