@@ -189,6 +189,8 @@ impl Supervisor {
         let Some((role, process)) = self.slots[index].find_mut(pid) else {
             return;
         };
+        // Its IPC is no longer read, so its silence from now on means nothing.
+        process.answers_pings = false;
         match (role, process.phase) {
             // Serving: start a replacement first; this one drains when it is ready.
             (Role::Current, Phase::Ready) => self.slots[index].replace_wanted = true,
