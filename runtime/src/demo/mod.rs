@@ -345,7 +345,10 @@ mod tests {
             assert!(sleeper.closed_by_server());
             // One that stays idle is closed once the grace is over.
             let idle_since = Instant::now();
-            assert!(bob.closed_by_server(), "idle connections close after the grace");
+            assert!(
+                bob.closed_by_server(),
+                "idle connections close after the grace"
+            );
             assert!(idle_since.elapsed() >= server::IDLE_GRACE / 2);
         });
     }
