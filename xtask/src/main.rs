@@ -6,6 +6,8 @@
 //! - `run [-- ARGS]`: build `steer` (release) and start the demo cluster on 127.0.0.1:8000
 //!   with status on 127.0.0.1:8001; ARGS are added to `steer run`.
 //! - `test`: formatting, clippy, then every unit and integration test. What CI runs.
+//! - `soak [--seconds N]`: load plus a rolling restart every 5 s for N seconds (default
+//!   60); fails if a request fails or the primary's fds or memory grow.
 
 use std::process::{Command, ExitCode};
 
@@ -17,9 +19,11 @@ fn main() -> ExitCode {
         Some("setup") => setup::run(),
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
+        Some("soak") => soak(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             println!(
-                "usage: cargo xtask <setup | run [-- STEER_RUN_ARGS] | test [-- CARGO_TEST_ARGS]>"
+                "usage: cargo xtask <setup | run [-- STEER_RUN_ARGS] | test [-- CARGO_TEST_ARGS] | \
+                 soak [--seconds N]>"
             );
             return ExitCode::SUCCESS;
         }
@@ -145,4 +149,43 @@ fn test(args: &[String]) -> Result<(), String> {
         test_args.extend(extra);
     }
     step("cargo", &test_args)
+}
+
+fn soak(args: &[String]) -> Result<(), String> {
+    let seconds = match args {
+        [] => "60".to_owned(),
+        [flag, value] if flag == "--seconds" => match value.parse::<u64>() {
+            Ok(n) if n >= 5 => n.to_string(),
+            _ => {
+                return Err(format!(
+                    "--seconds {value:?}: expected a whole number, at least 5"
+                ));
+            }
+        },
+        _ => return Err("usage: cargo xtask soak [--seconds N]".into()),
+    };
+    setup::run()?;
+    step("cargo", &["build", "--bins"])?;
+    eprintln!(
+        "xtask: $ STEER_SOAK_SECONDS={seconds} cargo test -p steer-tests --test soak -- --nocapture"
+    );
+    let status = Command::new("cargo")
+        .args([
+            "test",
+            "--package",
+            "steer-tests",
+            "--test",
+            "soak",
+            "--",
+            "--nocapture",
+        ])
+        .env("STEER_SOAK_SECONDS", &seconds)
+        .current_dir(workspace_root())
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("the soak failed ({status})"))
+    }
 }

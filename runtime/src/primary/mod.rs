@@ -6,6 +6,7 @@
 //! worker exits through one pidfd per worker, worker messages through one `SOCK_SEQPACKET`
 //! socket per worker, and status requests through the status listener.
 
+mod health;
 mod lifecycle;
 mod messages;
 mod notify;
