@@ -254,6 +254,7 @@ const CAPABILITIES: &[(&str, u32)] = &[
     ("CAP_SETUID", 7),
     ("CAP_NET_BIND_SERVICE", 10),
     ("CAP_NET_ADMIN", 12),
+    ("CAP_SYS_PTRACE", 19),
     ("CAP_SYS_ADMIN", 21),
     ("CAP_PERFMON", 38),
     ("CAP_BPF", 39),
@@ -371,4 +372,39 @@ fn the_units_capabilities_let_the_primary_signal_workers_of_another_user() {
     );
     let log = cluster.log();
     assert!(!log.contains("SIGTERM failed"), "{log}");
+}
+
+#[test]
+fn the_units_capabilities_let_the_primary_rescue_the_queue_of_a_hung_worker_of_another_user() {
+    // Taking a hung worker's listener (pidfd_getfd) needs ptrace access to it; a worker
+    // that switched to another user is only reachable with CAP_SYS_PTRACE.
+    let cluster = start_with_unit_capabilities(&[
+        "--workers",
+        "2",
+        "--balance",
+        "round-robin",
+        "--user",
+        "nobody",
+        "--health-interval",
+        "100ms",
+        "--health-timeout",
+        "400ms",
+    ]);
+    // Only a worker that has answered a heartbeat is watched for hangs: wait until slot
+    // 0 was heard from after it became ready (register and ready come before that).
+    let ready_at = std::time::Instant::now();
+    cluster.wait_until("a heartbeat answered", Duration::from_secs(10), |s| {
+        let heard_ms = status::worker(s, 0).raw["health_ms"].as_u64();
+        heard_ms.is_some_and(|ms| u128::from(ms) + 150 < ready_at.elapsed().as_millis())
+    });
+    let victim = cluster.worker_pid_list()[0];
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(victim).expect("pid"));
+    nix::sys::signal::kill(pid, Signal::SIGSTOP).expect("SIGSTOP the worker");
+    let log = cluster.wait_for_log("hung worker's listener down", Duration::from_secs(20));
+    let _ = nix::sys::signal::kill(pid, Signal::SIGCONT);
+    assert!(
+        log.contains("shut the hung worker's listener down;"),
+        "the primary could not take the hung worker's listener:\n{log}"
+    );
+    cluster.stop_cleanly(Duration::from_secs(15));
 }
