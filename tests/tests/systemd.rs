@@ -392,7 +392,7 @@ fn the_units_capabilities_let_the_primary_rescue_the_queue_of_a_hung_worker_of_a
     ]);
     // Only a worker that has answered a heartbeat is watched for hangs: wait until slot
     // 0 was heard from after it became ready (register and ready come before that).
-    let ready_at = std::time::Instant::now();
+    let ready_at = Instant::now();
     cluster.wait_until("a heartbeat answered", Duration::from_secs(10), |s| {
         let heard_ms = status::worker(s, 0).raw["health_ms"].as_u64();
         heard_ms.is_some_and(|ms| u128::from(ms) + 150 < ready_at.elapsed().as_millis())
