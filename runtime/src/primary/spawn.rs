@@ -217,7 +217,14 @@ pub(crate) fn spawn(spec: SpawnSpec) -> io::Result<Spawned> {
         let step = u32::from_ne_bytes([s0, s1, s2, s3]);
         let err = io::Error::from_raw_os_error(i32::from_ne_bytes([e0, e1, e2, e3]));
         if step == ChildStep::Exec as u32 {
-            return Err(err);
+            let who = match spec.limits.credentials {
+                Some((uid, gid)) => format!(" as uid {uid} gid {gid}"),
+                None => String::new(),
+            };
+            return Err(io::Error::new(
+                err.kind(),
+                format!("execve {}{who}: {err}", spec.program.display()),
+            ));
         }
         return Err(io::Error::new(
             err.kind(),
