@@ -106,3 +106,29 @@ fn command_line_flags_keep_winning_over_the_file_after_sighup() {
     );
     assert_eq!(cluster.wait_exit(Duration::from_secs(15)).code(), Some(0));
 }
+
+/// The settings shipped in `deploy/kubernetes/steer.yaml` (the ConfigMap's `steer.toml`).
+fn kubernetes_config() -> String {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/steer.yaml");
+    let yaml = std::fs::read_to_string(&path).expect("deploy/kubernetes/steer.yaml");
+    let mut lines = yaml.lines().skip_while(|l| l.trim() != "steer.toml: |");
+    let header = lines.next().expect("the ConfigMap has a steer.toml block");
+    let indent = header.len() - header.trim_start().len() + 2;
+    lines
+        .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() >= indent)
+        .map(|l| l.get(indent..).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn the_kubernetes_config_map_passes_steer_check() {
+    let text = kubernetes_config();
+    assert!(text.contains("listen = "), "{text}");
+    let file = TempFile::new("toml", &text);
+    let out = run_steer(&["check", "-c", file.as_arg()]);
+    assert_eq!(out.code(), Some(0), "{text}\n{out}");
+    assert!(out.stdout.contains("status = \"0.0.0.0:8001\""), "{out}");
+    assert!(out.stdout.contains("tcp-migrate-req = false"), "{out}");
+}
