@@ -257,13 +257,16 @@ fn memory_footprint_of_the_primary_and_a_demo_worker() {
             .map(|&w| (mib(w) * 100.0).round() / 100.0)
             .collect::<Vec<_>>()
     );
+    // Debug-build bounds, to catch bloat and leaks, not to measure: with main's health
+    // work and the `steer top` view linked in, the primary measures ~10.1 MiB and a demo
+    // worker ~8.4 MiB on the 2-core CI machine (most of it the binary's mapped pages).
     assert!(
-        primary < 10 << 20,
+        primary < 12 << 20,
         "primary RSS {:.2} MiB with 4 workers",
         mib(primary)
     );
     for rss in workers {
-        assert!(rss < 8 << 20, "demo worker RSS {:.2} MiB", mib(rss));
+        assert!(rss < 10 << 20, "demo worker RSS {:.2} MiB", mib(rss));
     }
 }
 
