@@ -24,8 +24,8 @@ use steer_tests::chaos::{
 };
 use steer_tests::{Cluster, Signal, SlotState, http_get, status};
 
-const HEALTH_INTERVAL: Duration = Duration::from_millis(100);
-const HEALTH_TIMEOUT: Duration = Duration::from_millis(400);
+const HEALTH_INTERVAL: Duration = Duration::from_millis(200);
+const HEALTH_TIMEOUT: Duration = Duration::from_millis(800);
 const NEW_CONNECTION_THREADS: usize = 3;
 const KEEP_ALIVE_THREADS: usize = 3;
 /// How long the baseline and the hung-worker runs last.

@@ -23,7 +23,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::slot::{Phase, Process};
 use super::supervisor::{ClusterPhase, Supervisor};
@@ -63,15 +63,68 @@ impl Supervisor {
             return;
         }
         let timeout = self.config.health_timeout;
-        for index in 0..self.slots.len() {
-            let silent = self.slots[index]
-                .current
-                .as_ref()
-                .filter(|p| watched_for_hangs(p))
-                .map(|p| now.saturating_duration_since(p.last_heard));
-            if silent.is_some_and(|silent| silent > timeout) {
-                self.declare_hung(index);
+        let mut silent: Vec<(Duration, usize)> = Vec::new();
+        let mut live = 0;
+        for slot in &self.slots {
+            let Some(process) = slot.current.as_ref() else {
+                continue;
+            };
+            if process.phase == Phase::Ready && !process.hung {
+                live += 1;
             }
+            let quiet = now.saturating_duration_since(process.last_heard);
+            if watched_for_hangs(process) && quiet > timeout {
+                silent.push((quiet, slot.index));
+            }
+        }
+        // The longest silent first. The last live worker is never taken out: when every
+        // worker is silent at once, the host (or this primary) is more likely stalled
+        // than every worker hung, and a slow worker serves better than none.
+        silent.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, index) in silent {
+            if live > 1 {
+                self.declare_hung(index);
+                live -= 1;
+            } else {
+                self.keep_last_silent_worker(index);
+            }
+        }
+    }
+
+    /// A silent worker that is the last one serving stays in steering; a replacement is
+    /// started, and takes its queue when it is ready (see [`Supervisor::retire_silent`]).
+    fn keep_last_silent_worker(&mut self, index: usize) {
+        let slot = &mut self.slots[index];
+        if slot.replace_wanted {
+            return;
+        }
+        slot.replace_wanted = true;
+        tracing::warn!(
+            slot = index,
+            "worker has not answered heartbeats for {}, but it is the last one serving: \
+             keeping it in steering while a replacement starts",
+            humantime::format_duration(self.config.health_timeout)
+        );
+    }
+
+    /// Called when `old` is replaced: if it is still silent, its listener is shut down so
+    /// its queue moves to the replacement now rather than when it is killed.
+    pub(super) fn retire_silent(index: usize, old: &Process, now: Instant, timeout: Duration) {
+        let silent = old.answers_pings && now.saturating_duration_since(old.last_heard) > timeout;
+        if old.hung || !silent {
+            return;
+        }
+        match shut_down_listener(old) {
+            Ok(()) => tracing::info!(
+                slot = index,
+                pid = old.pid,
+                "shut the silent worker's listener down; its queue moved to its replacement"
+            ),
+            Err(err) => tracing::warn!(
+                slot = index,
+                pid = old.pid,
+                "cannot shut the silent worker's listener down: {err}"
+            ),
         }
     }
 

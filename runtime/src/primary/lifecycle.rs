@@ -273,11 +273,13 @@ impl Supervisor {
             return;
         }
         if role == Role::Incoming {
+            let health_timeout = self.config.health_timeout;
             let slot = &mut self.slots[index];
             let Some(incoming) = slot.incoming.take() else {
                 return;
             };
             if let Some(mut old) = slot.current.replace(incoming) {
+                Self::retire_silent(index, &old, now, health_timeout);
                 tracing::info!(
                     slot = index,
                     pid = old.pid,
