@@ -435,7 +435,10 @@ fn the_last_serving_worker_stays_in_steering_when_silent_and_its_queue_moves_to_
         "{}",
         answer.body
     );
-    let log = cluster.wait_for_log("last one serving", Duration::from_secs(1));
+    let log = cluster.wait_for_log(
+        "keeping it in steering while a replacement starts",
+        Duration::from_secs(1),
+    );
     assert!(log.contains("its queue moved to its replacement"), "{log}");
     cluster.stop_cleanly(Duration::from_secs(15));
 }

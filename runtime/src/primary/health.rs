@@ -77,23 +77,27 @@ impl Supervisor {
                 silent.push((quiet, slot.index));
             }
         }
-        // The longest silent first. The last live worker is never taken out: when every
-        // worker is silent at once, the host (or this primary) is more likely stalled
-        // than every worker hung, and a slow worker serves better than none.
-        silent.sort_unstable_by(|a, b| b.cmp(a));
-        for (_, index) in silent {
-            if live > 1 {
+        // When most workers fall silent together, the host (or this primary) is more
+        // likely stalled than most workers hung, and taking them out would leave the
+        // rest, or nobody, to serve everything. So a minority of silent workers is taken
+        // out at once; a majority (which includes the last worker of a slot-less
+        // cluster) stays in steering while replacements start, and each hands its queue
+        // over only if it is still silent when its replacement is ready.
+        if silent.len() * 2 <= live {
+            for (_, index) in silent {
                 self.declare_hung(index);
-                live -= 1;
-            } else {
-                self.keep_last_silent_worker(index);
+            }
+        } else {
+            let of = live;
+            for (_, index) in silent {
+                self.replace_silent_in_place(index, of);
             }
         }
     }
 
-    /// A silent worker that is the last one serving stays in steering; a replacement is
+    /// A silent worker among a silent majority stays in steering; a replacement is
     /// started, and takes its queue when it is ready (see [`Supervisor::retire_silent`]).
-    fn keep_last_silent_worker(&mut self, index: usize) {
+    fn replace_silent_in_place(&mut self, index: usize, live: usize) {
         let slot = &mut self.slots[index];
         if slot.replace_wanted {
             return;
@@ -101,8 +105,8 @@ impl Supervisor {
         slot.replace_wanted = true;
         tracing::warn!(
             slot = index,
-            "worker has not answered heartbeats for {}, but it is the last one serving: \
-             keeping it in steering while a replacement starts",
+            "worker has not answered heartbeats for {}, nor have most of the {live} serving: \
+             keeping it in steering while a replacement starts (host overloaded?)",
             humantime::format_duration(self.config.health_timeout)
         );
     }
@@ -156,9 +160,13 @@ impl Supervisor {
              and replacing it",
             humantime::format_duration(timeout)
         );
-        let rescue = shut_down_listener(process);
+        // Out of the live set first, so the program never picks it for its own migrating
+        // queue.
         self.leave_steering(index);
-        match rescue {
+        let Some(process) = self.slots[index].current.as_ref() else {
+            return;
+        };
+        match shut_down_listener(process) {
             Ok(()) => tracing::info!(
                 slot = index,
                 pid,
