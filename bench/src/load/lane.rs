@@ -96,8 +96,8 @@ impl Driver {
         let mut report = LoadReport::empty(self.mode, self.lanes);
         let now = Instant::now();
         let mut lanes: Vec<Lane> = (0..self.lanes).map(|_| Lane::new(now)).collect();
-        for index in 0..lanes.len() {
-            self.begin(&mut poll, &mut lanes[index], index, &mut report);
+        for (index, lane) in lanes.iter_mut().enumerate() {
+            self.begin(&mut poll, lane, index, &mut report);
         }
         loop {
             let now = Instant::now();
