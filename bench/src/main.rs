@@ -1,11 +1,13 @@
 //! `steer-bench`: the load generator on its own (`load`), or the whole benchmark (`suite`).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use steer_bench::load::{self, LoadSpec, Mode, Stop};
+use steer_bench::suite::{self, SuiteConfig, subject};
 
 /// Steer's benchmark tools.
 #[derive(Debug, Parser)]
@@ -19,6 +21,25 @@ struct Cli {
 enum Command {
     /// Sends HTTP/1.1 GET load to one server and prints what it saw.
     Load(LoadArgs),
+    /// Runs the whole benchmark (what `cargo xtask bench` starts) and writes the reports.
+    Suite(SuiteArgs),
+}
+
+/// `steer-bench suite`.
+#[derive(Debug, clap::Args)]
+struct SuiteArgs {
+    /// The `steer` binary to measure (a release build).
+    #[arg(long)]
+    steer: PathBuf,
+    /// Where report.md, report.json and report.svg go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// The Node cluster script (bench/peers/node_cluster.js).
+    #[arg(long)]
+    node_script: PathBuf,
+    /// One short round (under two minutes on two cores) instead of the full run.
+    #[arg(long)]
+    quick: bool,
 }
 
 /// `steer-bench load`.
@@ -74,6 +95,28 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Suite(args) => {
+            let programs = subject::Programs {
+                steer: args.steer,
+                node: subject::find_program("node"),
+                node_script: args.node_script,
+                nginx: subject::find_program("nginx"),
+                scratch: args.out.join("scratch"),
+            };
+            let config = SuiteConfig::new(programs, args.out, args.quick);
+            match suite::run(&config) {
+                Ok(report) => {
+                    if let Ok(text) = std::fs::read_to_string(&report) {
+                        println!("{text}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("steer-bench: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Load(args) => {
             let mut spec = LoadSpec::new(
                 args.target,

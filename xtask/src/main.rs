@@ -5,9 +5,12 @@
 //! - `run [-- ARGS]`: build `steer` (release) and start the demo cluster on 127.0.0.1:8000
 //!   with status on 127.0.0.1:8001; ARGS are added to `steer run`.
 //! - `test`: formatting, clippy, then every unit and integration test. What CI runs.
+//! - `bench [--quick] [--peers]`: every balancing policy against the userspace baselines
+//!   and peers; reports in `target/bench/` (see `bench.rs`).
 
 use std::process::{Command, ExitCode};
 
+mod bench;
 mod setup;
 
 fn main() -> ExitCode {
@@ -16,9 +19,10 @@ fn main() -> ExitCode {
         Some("setup") => setup::run(),
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
+        Some("bench") => bench::run(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             println!(
-                "usage: cargo xtask <setup | run [-- STEER_RUN_ARGS] | test [-- CARGO_TEST_ARGS]>"
+                "usage: cargo xtask <setup | run [-- STEER_RUN_ARGS] | test [-- CARGO_TEST_ARGS] | bench [--quick] [--peers]>"
             );
             return ExitCode::SUCCESS;
         }
@@ -48,7 +52,7 @@ pub(crate) fn step(program: &str, args: &[&str]) -> Result<(), String> {
     }
 }
 
-fn workspace_root() -> std::path::PathBuf {
+pub(crate) fn workspace_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(std::path::Path::to_path_buf)
