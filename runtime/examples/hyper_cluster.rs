@@ -15,6 +15,8 @@
 //!   HTTP/1.1 on it with hyper on a current-thread tokio runtime: every request gets `200`,
 //!   `X-Steer-Worker: <slot>` and `hello from hyper worker <slot> (pid <pid>)`;
 //! - bumps [`steer::WorkerStats`], which the primary shows per slot in `/status`;
+//! - answers the primary's heartbeats from its runtime by spawning
+//!   [`steer::Worker::heartbeat`], so a runtime stuck in a blocking call is seen as hung;
 //! - says `{"hello": slot}` to the primary, whose message hook logs it and broadcasts
 //!   `{"welcome": slot}` to every worker; workers log what they receive;
 //! - drains when the primary asks (SIGTERM or SIGINT to the primary, SIGUSR2 rolling
@@ -154,6 +156,8 @@ fn serve_worker(mut worker: Worker) -> io::Result<()> {
 /// the open connections finish.
 async fn serve_http(listener: std::net::TcpListener, worker: Arc<Worker>) -> io::Result<()> {
     let listener = TcpListener::from_std(listener)?;
+    // Heartbeats are answered by this runtime: if it stops running tasks, they stop.
+    tokio::spawn(worker.heartbeat());
     let drain = worker.drain_signal();
     let mut drain_requested = tokio::task::spawn_blocking(move || drain.wait());
     let (shutdown, shutdown_seen) = watch::channel(false);

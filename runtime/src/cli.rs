@@ -11,8 +11,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    Balance, Config, ConfigError, LogFormat, Parsed, Settings, WorkerCount, parse_duration,
-    parse_listen,
+    Balance, ByteSize, Config, ConfigError, LogFormat, Parsed, Settings, WorkerCount,
+    parse_duration, parse_listen,
 };
 
 /// Exit status for usage and configuration errors.
@@ -102,6 +102,9 @@ pub struct RunArgs {
     /// Pin slot i's worker to CPU i mod the online CPU count (implied by --balance cpu).
     #[arg(long)]
     pub cpu_affinity: bool,
+    /// Replace a worker gracefully once its resident memory passes SIZE (e.g. 256MiB).
+    #[arg(long, value_name = "SIZE")]
+    pub max_memory: Option<ByteSize>,
     /// External worker program; gets its listening socket as fd 3 (LISTEN_FDS=1).
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -137,6 +140,7 @@ impl RunArgs {
             demo_faults: self.demo_faults.then_some(true),
             tcp_migrate_req: self.no_tcp_migrate_req.then_some(false),
             cpu_affinity: self.cpu_affinity.then_some(true),
+            max_memory: self.max_memory.map(Parsed),
             command: (!self.command.is_empty()).then(|| self.command.clone()),
         }
     }

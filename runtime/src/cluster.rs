@@ -75,6 +75,27 @@ impl ClusterBuilder {
         self
     }
 
+    /// `--balance`.
+    pub fn balance(mut self, balance: crate::config::Balance) -> Self {
+        self.settings.balance = Some(Parsed(balance));
+        self
+    }
+
+    /// `--health-interval` and `--health-timeout`: how often workers are pinged, and how
+    /// long one may stay silent before it is declared hung.
+    pub fn health(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.settings.health_interval = Some(Parsed(interval));
+        self.settings.health_timeout = Some(Parsed(timeout));
+        self
+    }
+
+    /// `--max-memory`: replace a worker gracefully once its resident memory passes
+    /// `bytes`.
+    pub fn max_memory(mut self, bytes: u64) -> Self {
+        self.settings.max_memory = Some(Parsed(crate::config::ByteSize(bytes)));
+        self
+    }
+
     /// `--log-format` and `-v`/`-q` (verbosity -2..=2).
     pub fn logging(mut self, format: LogFormat, verbosity: i8) -> Self {
         self.log_format = Some(format);

@@ -193,6 +193,51 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     }
 }
 
+/// A byte size such as `256MiB`, `1GiB`, `64M` or `1048576`.
+///
+/// `KiB`/`MiB`/`GiB`/`TiB` and the short `K`/`M`/`G`/`T` are powers of 1024 (as in
+/// systemd's `MemoryMax=`); `KB`/`MB`/`GB`/`TB` are powers of 1000. Case is ignored, so
+/// `256mib` reads as `256MiB`. The result must be more than zero and fit in 64 bits.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let hint = "expected a size such as 256MiB, 1GiB or 64M";
+    let text = s.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits.parse().map_err(|_| hint.to_string())?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        _ => return Err(format!("unknown unit {unit:?}; {hint}")),
+    };
+    let bytes = number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("too large; {hint}"))?;
+    if bytes == 0 {
+        return Err("must be more than zero".into());
+    }
+    Ok(bytes)
+}
+
+/// A size in bytes, parsed by [`parse_size`] (`--max-memory 256MiB`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_size(s).map(ByteSize)
+    }
+}
+
 /// A duration such as `30s`, `500ms`, `2m` (humantime syntax).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
@@ -235,6 +280,8 @@ pub struct Config {
     pub tcp_migrate_req: bool,
     /// Pin slot i's worker to CPU i mod (online CPUs). Implied by `--balance cpu`.
     pub cpu_affinity: bool,
+    /// A worker whose resident set passes this many bytes is replaced gracefully.
+    pub max_memory: Option<u64>,
     /// External worker program and arguments; `None` runs the built-in demo.
     pub command: Option<Vec<String>>,
     /// The file this came from, for SIGHUP reloads.
@@ -260,6 +307,7 @@ impl Default for Config {
             demo_faults: false,
             tcp_migrate_req: true,
             cpu_affinity: false,
+            max_memory: None,
             command: None,
             config_file: None,
         }
@@ -313,6 +361,9 @@ pub struct Settings {
     pub tcp_migrate_req: Option<bool>,
     /// `cpu-affinity`
     pub cpu_affinity: Option<bool>,
+    /// `max-memory`: a size such as "256MiB".
+    #[serde(default, deserialize_with = "from_str_field")]
+    pub max_memory: Option<Parsed<ByteSize>>,
     /// `command`: argv of an external worker program.
     pub command: Option<Vec<String>>,
 }
@@ -338,6 +389,11 @@ impl SettingValue for Duration {
     }
 }
 impl SettingValue for Balance {
+    fn parse_setting(s: &str) -> Result<Self, String> {
+        s.parse()
+    }
+}
+impl SettingValue for ByteSize {
     fn parse_setting(s: &str) -> Result<Self, String> {
         s.parse()
     }
@@ -412,6 +468,7 @@ impl Settings {
             demo_faults: self.demo_faults.or(base.demo_faults),
             tcp_migrate_req: self.tcp_migrate_req.or(base.tcp_migrate_req),
             cpu_affinity: self.cpu_affinity.or(base.cpu_affinity),
+            max_memory: self.max_memory.or(base.max_memory),
             command: self.command.or(base.command),
         }
     }
@@ -437,6 +494,7 @@ impl Settings {
             tcp_migrate_req: self.tcp_migrate_req.unwrap_or(d.tcp_migrate_req),
             cpu_affinity: self.cpu_affinity.unwrap_or(false)
                 || self.balance.is_some_and(|b| b.0 == Balance::Cpu),
+            max_memory: self.max_memory.map(|p| p.0.0),
             command: self.command.filter(|c| !c.is_empty()),
             config_file: None,
         };
@@ -536,6 +594,36 @@ mod tests {
         for name in Balance::NAMES {
             assert_eq!(name.parse::<Balance>().map(Balance::name), Ok(*name));
         }
+    }
+
+    #[test]
+    fn sizes_use_binary_units_for_short_and_iec_suffixes() {
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1gib"), Ok(1 << 30));
+        assert_eq!(parse_size("2KB"), Ok(2_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size(" 3 G "), Ok(3 << 30));
+        assert!(
+            parse_size("0MiB")
+                .expect_err("refused")
+                .contains("more than zero")
+        );
+        assert!(
+            parse_size("12parsecs")
+                .expect_err("refused")
+                .contains("unknown unit")
+        );
+        assert!(parse_size("MiB").is_err());
+        assert!(
+            parse_size("99999999999T")
+                .expect_err("refused")
+                .contains("too large")
+        );
+        let s = Settings::from_toml("max-memory = \"64MiB\"").expect("parses");
+        assert_eq!(s.into_config().expect("valid").max_memory, Some(64 << 20));
+        let e = Settings::from_toml("\nmax-memory = \"lots\"").expect_err("refused");
+        assert!(e.contains("max-memory") && e.contains("line 2"), "{e}");
     }
 
     #[test]

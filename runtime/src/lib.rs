@@ -32,21 +32,22 @@
 //!     steer::Cluster::builder()
 //!         .listen("127.0.0.1:8000".parse().unwrap())
 //!         .workers(4)
-//!         .run(|worker| {
-//!             let drain = worker.drain_signal();
-//!             for stream in worker.listener().incoming() {
-//!                 let mut stream = stream?;
-//!                 worker.stats().connection_accepted();
+//!         .run(|mut worker| {
+//!             // `accept` answers the primary's heartbeats between connections and
+//!             // returns `None` when the primary asks this worker to drain.
+//!             while let Some((mut stream, _peer)) = worker.accept()? {
 //!                 write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nhi\n")?;
 //!                 worker.stats().connection_closed();
-//!                 if drain.is_set() {
-//!                     break;
-//!                 }
 //!             }
 //!             Ok(())
 //!         })
 //! }
 //! ```
+//!
+//! Heartbeats are answered by the loop that serves, never by a helper thread, so a worker
+//! stuck in its own code is seen as hung, taken out of steering and replaced. An async
+//! worker spawns [`Worker::heartbeat`] on its runtime instead (see
+//! `runtime/examples/hyper_cluster.rs`).
 //!
 //! A worker talks to the primary with [`Worker::send`] / [`Worker::recv`], and the primary
 //! answers or broadcasts from [`ClusterBuilder::on_message`] (Node's `worker.send` and
@@ -76,7 +77,7 @@ pub mod worker;
 pub use cluster::{Cluster, ClusterBuilder};
 pub use ipc::Recipient;
 pub use primary::Control;
-pub use worker::{DrainSignal, UserMessage, Worker, WorkerStats};
+pub use worker::{DrainSignal, Heartbeat, UserMessage, Worker, WorkerStats};
 
 /// Formats an error with its chain of causes: `outer: inner: innermost`.
 pub fn error_chain(err: &dyn std::error::Error) -> String {

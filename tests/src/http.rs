@@ -167,6 +167,15 @@ impl KeepAlive {
         Self::from_stream(connect(None, addr, HTTP_TIMEOUT)?, addr)
     }
 
+    /// Connects to `addr` with `timeout` on the connect and on every read and write.
+    ///
+    /// # Errors
+    ///
+    /// If `connect(2)` fails or times out.
+    pub fn connect_with_timeout(addr: SocketAddr, timeout: Duration) -> io::Result<KeepAlive> {
+        Self::from_stream(connect(None, addr, timeout)?, addr)
+    }
+
     /// Connects to `addr` from `local_ip` (see [`http_get_from`]).
     ///
     /// # Errors

@@ -42,6 +42,7 @@
 //!   the generic poll-with-deadline.
 //! - [`free_port`], [`TempFile`]: ports and config files for a test.
 
+pub mod chaos;
 mod cluster;
 mod command;
 mod http;

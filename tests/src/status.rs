@@ -26,6 +26,8 @@ pub enum SlotState {
     Starting,
     /// Registered and in steering.
     Ready,
+    /// Stopped answering heartbeats: out of steering, a replacement is coming.
+    Hung,
     /// Out of steering, finishing its queue and in-flight work.
     Draining,
     /// Exited; waiting before the next start.
@@ -42,6 +44,7 @@ impl SlotState {
         match state {
             "starting" => SlotState::Starting,
             "ready" => SlotState::Ready,
+            "hung" => SlotState::Hung,
             "draining" => SlotState::Draining,
             "backoff" => SlotState::Backoff,
             "failed" => SlotState::Failed,
@@ -54,6 +57,7 @@ impl SlotState {
         match self {
             SlotState::Starting => "starting",
             SlotState::Ready => "ready",
+            SlotState::Hung => "hung",
             SlotState::Draining => "draining",
             SlotState::Backoff => "backoff",
             SlotState::Failed => "failed",

@@ -268,3 +268,132 @@ fn workers_message_each_other_through_the_primary() {
         );
     }
 }
+
+fn heartbeat_worker() -> String {
+    format!(
+        "{}/fixtures/heartbeat_worker.py",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// Sends `GET /block?ms=<ms>&slot=<slot>` on new connections until one is held: the
+/// request that reached `slot`, whose loop now sleeps. Returns that connection.
+fn stall_slot(addr: std::net::SocketAddr, slot: usize, ms: u64) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    for _ in 0..100 {
+        let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+        write!(
+            conn,
+            "GET /block?ms={ms}&slot={slot} HTTP/1.1\r\nHost: steer\r\n\r\n"
+        )
+        .expect("send /block");
+        conn.set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("read timeout");
+        let mut byte = [0u8; 1];
+        match conn.read(&mut byte) {
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return conn,
+            Err(e) => panic!("reading the /block answer: {e}"),
+        }
+    }
+    panic!("no /block request reached slot {slot} in 100 connections");
+}
+
+#[test]
+fn a_python_worker_answering_pings_from_its_loop_is_replaced_when_the_loop_stalls() {
+    let script = heartbeat_worker();
+    let cluster = Cluster::start(&[
+        "--workers",
+        "2",
+        "--balance",
+        "round-robin",
+        "--health-interval",
+        "100ms",
+        "--health-timeout",
+        "500ms",
+        "--shutdown-timeout",
+        "1s",
+        "--",
+        "python3",
+        &script,
+    ]);
+    for _ in 0..20 {
+        must_get(cluster.listen_addr(), "/");
+    }
+    // Its pongs carry its counters into /status.
+    let served = cluster.wait_until("pongs with counters", Duration::from_secs(5), |s| {
+        let requests: u64 = (0..2)
+            .map(|slot| {
+                status::worker(s, slot).raw["requests"]
+                    .as_u64()
+                    .unwrap_or(0)
+            })
+            .sum();
+        requests >= 20
+    });
+    let before = status::worker(&served, 1).pid.expect("slot 1 pid");
+    assert!(
+        status::worker(&served, 1).raw["health_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms < 500),
+        "{served:#}"
+    );
+
+    let _held = stall_slot(cluster.listen_addr(), 1, 5_000);
+    let replaced = cluster.wait_until(
+        "slot 1 replaced after its loop stalled",
+        Duration::from_secs(5),
+        |s| {
+            let w = status::worker(s, 1);
+            w.pid.is_some_and(|pid| pid != before) && w.state == steer_tests::SlotState::Ready
+        },
+    );
+    cluster.wait_for_log("hung", Duration::from_secs(1));
+    assert_eq!(
+        status::worker(&replaced, 0).state,
+        steer_tests::SlotState::Ready
+    );
+    for _ in 0..20 {
+        must_get(cluster.listen_addr(), "/");
+    }
+    cluster.stop_cleanly(Duration::from_secs(10));
+}
+
+#[test]
+fn an_external_worker_that_never_answers_pings_is_supervised_for_liveness_only() {
+    let script = fd3_worker();
+    let cluster = Cluster::start(&[
+        "--workers",
+        "2",
+        "--balance",
+        "kernel",
+        "--health-interval",
+        "100ms",
+        "--health-timeout",
+        "300ms",
+        "--",
+        "python3",
+        &script,
+    ]);
+    let pid = status::worker(&cluster.status(), 0)
+        .pid
+        .expect("slot 0 pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        steer_tests::Signal::SIGSTOP,
+    )
+    .expect("SIGSTOP");
+    std::thread::sleep(Duration::from_millis(1_500));
+    let status = cluster.status();
+    let slot = status::worker(&status, 0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        steer_tests::Signal::SIGCONT,
+    )
+    .expect("SIGCONT");
+    assert_eq!(slot.pid, Some(pid), "{status:#}");
+    assert_eq!(slot.state, steer_tests::SlotState::Ready, "{status:#}");
+    assert!(slot.raw["health_ms"].is_null(), "{status:#}");
+    assert!(!cluster.log().contains("hung"), "{}", cluster.log());
+    cluster.stop_cleanly(Duration::from_secs(10));
+}

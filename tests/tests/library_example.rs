@@ -22,7 +22,12 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// The `hyper_cluster` example executable: `$STEER_EXAMPLE_HYPER`, or
 /// `target/<profile>/examples/hyper_cluster` next to this test's `target/<profile>/deps/`.
 fn example_bin() -> PathBuf {
-    if let Some(path) = env::var_os(EXAMPLE_ENV) {
+    example_named("hyper_cluster", env::var_os(EXAMPLE_ENV))
+}
+
+/// `target/<profile>/examples/<name>` (or `overridden`, if set).
+fn example_named(name: &str, overridden: Option<std::ffi::OsString>) -> PathBuf {
+    if let Some(path) = overridden {
         let path = PathBuf::from(path);
         assert!(
             path.is_file(),
@@ -38,10 +43,10 @@ fn example_bin() -> PathBuf {
     } else {
         dir
     };
-    let bin = profile_dir.join("examples").join("hyper_cluster");
+    let bin = profile_dir.join("examples").join(name);
     assert!(
         bin.is_file(),
-        "the hyper_cluster example is missing at {}: run `cargo build -p steer --examples` \
+        "the {name} example is missing at {}: run `cargo build -p steer --examples` \
          first (with --release for a release test run), or set {EXAMPLE_ENV}",
         bin.display()
     );
@@ -133,4 +138,60 @@ fn hyper_library_workers_serve_and_drain_on_sigterm() {
         "answers per slot {answered:?}; stop took {stop_took:?}; test took {:?}",
         started.elapsed()
     );
+}
+
+#[test]
+fn a_library_worker_whose_loop_stalls_is_declared_hung_and_replaced() {
+    let bin = example_named("blocking_cluster", None);
+    let cluster = Cluster::start_program(
+        &bin,
+        &[
+            "--workers",
+            "2",
+            "--balance",
+            "round-robin",
+            "--health-interval",
+            "100ms",
+            "--health-timeout",
+            "500ms",
+        ],
+    );
+    for _ in 0..10 {
+        http_get(cluster.listen_addr(), "/").expect("hello");
+    }
+    // Heartbeats come back with the counters the worker keeps.
+    cluster.wait_until("pongs with counters", Duration::from_secs(5), |s| {
+        status::workers(s)
+            .iter()
+            .map(|w| w.raw["requests"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+            >= 10
+    });
+    let before: BTreeMap<usize, u32> = cluster.worker_pids().into_iter().collect();
+    let addr = cluster.listen_addr();
+    let stalled = std::thread::spawn(move || {
+        steer_tests::http_get_timeout(addr, "/block?ms=4000", Duration::from_secs(10))
+    });
+    let after = cluster.wait_until(
+        "one slot replaced after its loop stalled",
+        Duration::from_secs(3),
+        |s| {
+            let now: BTreeMap<usize, u32> = status::worker_pids(s).into_iter().collect();
+            status::all_ready(s)
+                && now
+                    .iter()
+                    .filter(|(slot, pid)| before[slot] != **pid)
+                    .count()
+                    == 1
+        },
+    );
+    cluster.wait_for_log("hung", Duration::from_secs(1));
+    // The stalled worker still answers the request it was stuck in, once it wakes.
+    let answer = stalled.join().expect("stalled request thread");
+    assert_eq!(answer.expect("the stalled request is answered").status, 200);
+    assert_eq!(status::workers(&after).len(), 2);
+    for _ in 0..10 {
+        http_get(cluster.listen_addr(), "/").expect("served after the replacement");
+    }
+    cluster.stop_cleanly(STOP_TIMEOUT);
 }

@@ -395,3 +395,47 @@ fn sigterm_kills_a_worker_still_busy_after_the_shutdown_timeout_and_exits_zero()
         assert!(!pid_alive(pid), "worker {pid} survived");
     }
 }
+
+#[test]
+fn the_last_serving_worker_stays_in_steering_when_silent_and_its_queue_moves_to_the_replacement() {
+    let cluster = Cluster::start(&[
+        "--workers",
+        "1",
+        "--balance",
+        "round-robin",
+        "--health-interval",
+        "100ms",
+        "--health-timeout",
+        "300ms",
+    ]);
+    // Once a pong has carried the request count, the worker is known to answer pings.
+    must_get(cluster.listen_addr(), "/");
+    let answered = cluster.wait_until("a pong with counters", Duration::from_secs(5), |s| {
+        status::worker(s, 0).raw["requests"].as_u64() >= Some(1)
+    });
+    let frozen = status::worker(&answered, 0).pid.expect("slot 0 pid");
+    let target = nix::unistd::Pid::from_raw(frozen as i32);
+    nix::sys::signal::kill(target, Signal::SIGSTOP).expect("SIGSTOP");
+    // Sent while the only worker is frozen: it must queue, never be refused, and be
+    // answered by the replacement while the frozen worker is still stopped.
+    let addr = cluster.listen_addr();
+    let queued = std::thread::spawn(move || {
+        steer_tests::http_get_timeout(addr, "/", Duration::from_secs(10))
+    });
+    let answer = queued.join().expect("client thread");
+    let still_stopped = steer_tests::process_state(frozen) == Some('T');
+    nix::sys::signal::kill(target, Signal::SIGCONT).expect("SIGCONT");
+    let answer = answer.expect("a request sent while the only worker was frozen is answered");
+    assert!(
+        still_stopped,
+        "answered only after the frozen worker was thawed"
+    );
+    assert!(
+        !answer.body.contains(&format!("(pid {frozen})")),
+        "{}",
+        answer.body
+    );
+    let log = cluster.wait_for_log("last one serving", Duration::from_secs(1));
+    assert!(log.contains("its queue moved to its replacement"), "{log}");
+    cluster.stop_cleanly(Duration::from_secs(15));
+}

@@ -7,6 +7,8 @@
 //! - `test`: formatting, clippy, then every unit and integration test. What CI runs.
 //! - `bench [--quick] [--peers]`: every balancing policy against the userspace baselines
 //!   and peers; reports in `target/bench/` (see `bench.rs`).
+//! - `soak [--seconds N]`: load plus a rolling restart every 5 s for N seconds (default
+//!   60); fails if a request fails or the primary's fds or memory grow.
 
 use std::process::{Command, ExitCode};
 
@@ -20,9 +22,11 @@ fn main() -> ExitCode {
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
+        Some("soak") => soak(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             println!(
-                "usage: cargo xtask <setup | run [-- STEER_RUN_ARGS] | test [-- CARGO_TEST_ARGS] | bench [--quick] [--peers]>"
+                "usage: cargo xtask <setup | run [-- STEER_RUN_ARGS] | test [-- CARGO_TEST_ARGS] | \
+                 bench [--quick] [--peers] | soak [--seconds N]>"
             );
             return ExitCode::SUCCESS;
         }
@@ -148,4 +152,43 @@ fn test(args: &[String]) -> Result<(), String> {
         test_args.extend(extra);
     }
     step("cargo", &test_args)
+}
+
+fn soak(args: &[String]) -> Result<(), String> {
+    let seconds = match args {
+        [] => "60".to_owned(),
+        [flag, value] if flag == "--seconds" => match value.parse::<u64>() {
+            Ok(n) if n >= 5 => n.to_string(),
+            _ => {
+                return Err(format!(
+                    "--seconds {value:?}: expected a whole number, at least 5"
+                ));
+            }
+        },
+        _ => return Err("usage: cargo xtask soak [--seconds N]".into()),
+    };
+    setup::run()?;
+    step("cargo", &["build", "--bins"])?;
+    eprintln!(
+        "xtask: $ STEER_SOAK_SECONDS={seconds} cargo test -p steer-tests --test soak -- --nocapture"
+    );
+    let status = Command::new("cargo")
+        .args([
+            "test",
+            "--package",
+            "steer-tests",
+            "--test",
+            "soak",
+            "--",
+            "--nocapture",
+        ])
+        .env("STEER_SOAK_SECONDS", &seconds)
+        .current_dir(workspace_root())
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("the soak failed ({status})"))
+    }
 }

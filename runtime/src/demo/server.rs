@@ -28,9 +28,11 @@ const ACCEPT_INTERVAL: Duration = Duration::from_millis(50);
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 8 * 1024;
 
-/// How long a draining worker waits for the first request on a connection that has sent
-/// nothing yet (it may have been queued just before the drain).
-const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
+/// How long a draining worker keeps idle connections: one that has sent nothing yet may
+/// have been queued just before the drain, and a keep-alive client may be sending its next
+/// request right now. Each is answered with `Connection: close` if its request comes in
+/// time.
+pub(crate) const IDLE_GRACE: Duration = Duration::from_secs(2);
 
 /// The event loop and everything it owns.
 pub struct Server {
@@ -41,8 +43,8 @@ pub struct Server {
     connections: Connections,
     responder: Responder,
     next_serial: u64,
-    /// While draining: when connections that never sent a byte are given up on.
-    first_request_deadline: Option<Instant>,
+    /// While draining: when idle connections are given up on.
+    idle_deadline: Option<Instant>,
     scratch: Vec<u8>,
     /// Where this worker's load is published (`least-loaded`).
     load: Option<LoadReporter>,
@@ -80,7 +82,7 @@ impl Server {
             connections: Connections::default(),
             responder: Responder::new(options),
             next_serial: 0,
-            first_request_deadline: None,
+            idle_deadline: None,
             scratch: vec![0; READ_CHUNK],
             load,
         })
@@ -133,7 +135,7 @@ impl Server {
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
         let accept = self.listener.as_ref().map(|_| ACCEPT_INTERVAL);
         let sleeper = self.responder.next_wake();
-        [sleeper, self.first_request_deadline]
+        [sleeper, self.idle_deadline]
             .into_iter()
             .flatten()
             .map(|deadline| deadline.saturating_duration_since(now))
@@ -192,18 +194,27 @@ impl Server {
     // ---- accepting and draining ----
 
     fn accept_queued(&mut self) {
-        if let Some(listener) = self.listener.take() {
-            self.accept_from(&listener);
-            self.listener = Some(listener);
+        if let Some(mut listener) = self.listener.take() {
+            if self.accept_from(&listener) {
+                self.listener = Some(listener);
+            } else if let Err(error) = self.poll.registry().deregister(&mut listener) {
+                debug!(%error, "could not stop watching the shut-down listener");
+            }
         }
     }
 
-    /// Accepts until the queue is empty.
-    fn accept_from(&mut self, listener: &TcpListener) {
+    /// Accepts until the queue is empty. Returns false once the listener is no longer
+    /// listening: the primary shut it down because this worker stopped answering
+    /// heartbeats (its queue went to the other workers). Open connections are still served.
+    fn accept_from(&mut self, listener: &TcpListener) -> bool {
         loop {
             match listener.accept() {
                 Ok((stream, _peer)) => self.admit(stream),
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+                    warn!("the primary shut this worker's listener down (declared hung)");
+                    return false;
+                }
                 Err(error)
                     if matches!(
                         error.kind(),
@@ -212,7 +223,7 @@ impl Server {
                 // Out of fds or memory: the queue is retried on the next wake.
                 Err(error) => {
                     warn!(%error, "accept failed");
-                    return;
+                    return true;
                 }
             }
         }
@@ -260,8 +271,9 @@ impl Server {
         }
     }
 
-    /// Stops accepting (after taking what is queued), and closes idle connections; the rest
-    /// finish their request and close after its response.
+    /// Stops accepting (after taking what is queued). Each connection's next request is
+    /// answered with `Connection: close`; connections still idle after [`IDLE_GRACE`] are
+    /// closed.
     fn start_drain(&mut self) {
         if self.responder.is_draining() {
             return;
@@ -272,29 +284,23 @@ impl Server {
             if let Err(error) = self.poll.registry().deregister(&mut listener) {
                 warn!(%error, "could not stop watching the listener");
             }
-            self.accept_from(&listener);
+            let _still_listening = self.accept_from(&listener);
         }
-        self.first_request_deadline = Some(Instant::now() + FIRST_REQUEST_GRACE);
+        self.idle_deadline = Some(Instant::now() + IDLE_GRACE);
         for index in 0..self.connections.span() {
             self.drive(index);
         }
     }
 
-    /// Once the grace after a drain is over, closes connections that never sent a byte.
+    /// Once the grace after a drain is over, closes the connections that are idle: those
+    /// that never sent a byte and keep-alive connections between requests.
     fn give_up_on_silent(&mut self, now: Instant) {
-        if self
-            .first_request_deadline
-            .is_none_or(|deadline| deadline > now)
-        {
+        if self.idle_deadline.is_none_or(|deadline| deadline > now) {
             return;
         }
-        self.first_request_deadline = None;
+        self.idle_deadline = None;
         for index in 0..self.connections.span() {
-            if self
-                .connections
-                .get_mut(index)
-                .is_some_and(|c| !c.heard_from && c.is_idle())
-            {
+            if self.connections.get_mut(index).is_some_and(|c| c.is_idle()) {
                 self.close(index, Verdict::Close);
             }
         }
@@ -309,11 +315,14 @@ impl Server {
             return;
         };
         let mut verdict = self.responder.pump(connection, index, &mut self.scratch);
-        // A draining worker keeps no idle keep-alive connection; one that has not sent its
-        // first request yet gets until the grace deadline.
+        // A draining worker answers the next request on each connection with
+        // `Connection: close`. Closing an idle keep-alive connection at once would race a
+        // client that is sending on it right then (HAProxy's `idle-close-on-response`
+        // reasoning), so idle connections get until the grace deadline; once it has
+        // passed, none is kept.
         if verdict == Verdict::Keep
             && self.responder.is_draining()
-            && connection.heard_from
+            && self.idle_deadline.is_none()
             && connection.is_idle()
         {
             verdict = Verdict::Close;

@@ -246,6 +246,9 @@ impl Supervisor {
         process.deadline = None;
         let generation = process.generation;
         let startup = now.saturating_duration_since(process.started);
+        if let Some(fd) = &process.registered_fd {
+            process.listener_inode = super::health::socket_inode(fd);
+        }
         if let Some(fd) = process.registered_fd.take()
             && let Err(err) = self.steering.activate(index, generation as u32, fd)
         {
@@ -274,11 +277,13 @@ impl Supervisor {
             return;
         }
         if role == Role::Incoming {
+            let health_timeout = self.config.health_timeout;
             let slot = &mut self.slots[index];
             let Some(incoming) = slot.incoming.take() else {
                 return;
             };
             if let Some(mut old) = slot.current.replace(incoming) {
+                Self::retire_silent(index, &old, now, health_timeout);
                 tracing::info!(
                     slot = index,
                     pid = old.pid,
@@ -432,44 +437,6 @@ impl Supervisor {
                     slot.next_start = Some(now + delay);
                     tracing::info!(slot = index, "restarting in {} ms", delay.as_millis());
                 }
-            }
-        }
-    }
-
-    /// Heartbeat: ping every process that speaks the protocol; replace one that has been
-    /// silent past `health-timeout`.
-    pub(super) fn send_pings(&mut self, now: Instant) {
-        self.ping_seq += 1;
-        let seq = self.ping_seq;
-        let timeout = self.config.health_timeout;
-        for index in 0..self.slots.len() {
-            let mut hung = false;
-            for process in self.slots[index].processes_mut() {
-                if !process.speaks_ipc || process.killed {
-                    continue;
-                }
-                let _full_or_gone = process.channel.send(&Message::Ping { seq });
-                if process.phase == Phase::Draining {
-                    // A drain request can be lost to a full socket; repeating it is harmless.
-                    let _full_or_gone = process.channel.send(&Message::Drain);
-                }
-                let silent = now.saturating_duration_since(process.last_heard);
-                if silent > timeout {
-                    match process.phase {
-                        Phase::Ready => hung = true,
-                        Phase::Starting => {}
-                        Phase::Draining => {}
-                    }
-                }
-            }
-            let slot = &mut self.slots[index];
-            if hung && !slot.replace_wanted && self.phase == ClusterPhase::Running {
-                tracing::warn!(
-                    slot = index,
-                    "worker has not answered heartbeats for {}: hung; replacing it",
-                    humantime::format_duration(timeout)
-                );
-                slot.replace_wanted = true;
             }
         }
     }

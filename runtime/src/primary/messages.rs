@@ -123,7 +123,10 @@ impl Supervisor {
                 }
                 self.become_ready(index, pid, now);
             }
-            Message::Pong { counters, .. } => process.counters = counters,
+            Message::Pong { counters, .. } => {
+                process.counters = counters;
+                process.answers_pings = true;
+            }
             Message::User { to, data, .. } => {
                 self.route_user_message(index, to.unwrap_or(Recipient::Primary), data)
             }
@@ -196,6 +199,8 @@ impl Supervisor {
         let Some((role, process)) = self.slots[index].find_mut(pid) else {
             return;
         };
+        // Its IPC is no longer read, so its silence from now on means nothing.
+        process.answers_pings = false;
         match (role, process.phase) {
             // Serving: start a replacement first; this one drains when it is ready.
             (Role::Current, Phase::Ready) => self.slots[index].replace_wanted = true,

@@ -8,6 +8,7 @@
 //! socket per worker, and status requests through the status listener.
 
 mod handoff;
+mod health;
 mod lifecycle;
 mod messages;
 mod report;

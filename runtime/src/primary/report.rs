@@ -64,7 +64,7 @@ impl Supervisor {
                         .unwrap_or_else(|| slot.accepted()),
                     active: process.map_or(0, |p| p.counters.active),
                     requests: process.map_or(0, |p| p.counters.requests),
-                    rss_bytes: process.and_then(|p| rss_bytes(p.pid.unsigned_abs())),
+                    rss_bytes: process.and_then(|p| p.memory.as_ref()?.bytes()),
                     last_exit: slot.last_exit.map(|s| s.to_string()),
                     next_restart_in_ms: slot.next_restart_in(now).map(|d| d.as_millis() as u64),
                     health_ms: process

@@ -9,7 +9,12 @@ pub(crate) const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// Largest backoff delay.
 pub(crate) const BACKOFF_CAP: Duration = Duration::from_secs(10);
 /// A worker that stayed ready this long resets its slot's backoff.
-pub(crate) const HEALTHY_RESET: Duration = Duration::from_secs(30);
+///
+/// Backoff is there to keep a crash loop (a worker that dies while starting or right
+/// after) from spinning. A worker that served for a second was not looping: killed by
+/// the OOM killer or an operator, its slot comes back after [`BACKOFF_BASE`]. A slower
+/// loop is still caught by `--max-restarts` per `--restart-window`.
+pub(crate) const HEALTHY_RESET: Duration = Duration::from_secs(1);
 
 /// What to do after a crash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,13 +94,15 @@ mod tests {
     }
 
     #[test]
-    fn thirty_healthy_seconds_reset_the_backoff() {
+    fn a_healthy_second_resets_the_backoff() {
         let mut history = CrashHistory::default();
         let t0 = Instant::now();
         for i in 0..4 {
             history.record(t0 + Duration::from_millis(i), None, 100, WINDOW);
         }
         let ready = t0 + Duration::from_secs(1);
+        let early = history.record(ready + HEALTHY_RESET / 2, Some(ready), 100, WINDOW);
+        assert_eq!(early, Verdict::RestartAfter(BACKOFF_BASE * 16));
         let verdict = history.record(ready + HEALTHY_RESET, Some(ready), 100, WINDOW);
         assert_eq!(verdict, Verdict::RestartAfter(BACKOFF_BASE));
     }

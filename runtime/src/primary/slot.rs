@@ -33,6 +33,9 @@ pub enum SlotState {
     Starting,
     /// A process serves.
     Ready,
+    /// The serving process stopped answering heartbeats: it is out of steering and a
+    /// replacement is on its way.
+    Hung,
     /// The slot's process is draining and no replacement will come (shutdown).
     Draining,
     /// Waiting out a backoff delay before the next start.
@@ -62,6 +65,17 @@ pub(crate) struct Process {
     pub last_heard: Instant,
     /// It has sent at least one protocol message (external programs may never).
     pub speaks_ipc: bool,
+    /// It has answered at least one ping, so silence means it is stuck. A worker that
+    /// never answers is supervised for liveness only.
+    pub answers_pings: bool,
+    /// Declared hung: out of steering, its listener shut down, being replaced.
+    pub hung: bool,
+    /// Its resident memory passed `--max-memory`; a replacement was asked for.
+    pub over_memory: bool,
+    /// Inode of its listening socket (to find it again in `/proc/<pid>/fd` if it hangs).
+    pub listener_inode: Option<u64>,
+    /// Its `/proc/<pid>/statm`, kept open to read resident memory without allocating.
+    pub memory: Option<super::health::ResidentMemory>,
     /// SIGKILL already sent.
     pub killed: bool,
 }
@@ -87,6 +101,11 @@ impl Process {
             counters: Counters::default(),
             last_heard: now,
             speaks_ipc: false,
+            answers_pings: false,
+            hung: false,
+            over_memory: false,
+            listener_inode: None,
+            memory: super::health::ResidentMemory::open(pid),
             killed: false,
         }
     }
@@ -149,6 +168,7 @@ impl Slot {
             return SlotState::Failed;
         }
         match (&self.current, &self.incoming) {
+            (Some(p), _) if p.phase == Phase::Ready && p.hung => SlotState::Hung,
             (Some(p), _) if p.phase == Phase::Ready => SlotState::Ready,
             (Some(p), _) if p.phase == Phase::Draining => SlotState::Draining,
             (Some(_), _) | (None, Some(_)) => SlotState::Starting,

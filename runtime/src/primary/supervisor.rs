@@ -321,6 +321,8 @@ impl Supervisor {
         if now >= self.next_ping {
             self.send_pings(now);
             self.next_ping = now + self.config.health_interval;
+        } else {
+            self.check_health(now);
         }
         self.advance_roll();
         if self.baseline_wakeup(now).is_some_and(|at| at <= now) {
@@ -334,6 +336,10 @@ impl Supervisor {
     /// The earliest moment `tick` has something to do.
     fn next_wakeup(&self, now: Instant) -> Instant {
         let mut at = self.next_ping;
+        if let Some(t) = self.next_health_deadline() {
+            // Just past the deadline: silence must be longer than the timeout.
+            at = at.min(t + Duration::from_millis(1));
+        }
         if let ClusterPhase::Stopping {
             deadline,
             killed: false,

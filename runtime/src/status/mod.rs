@@ -63,7 +63,8 @@ pub struct WorkerStatus {
     pub pid: Option<i32>,
     /// Generation of that process.
     pub generation: u64,
-    /// `starting`, `ready`, `draining`, `backoff`, `failed` or `stopped`.
+    /// `starting`, `ready`, `hung` (out of steering, being replaced), `draining`,
+    /// `backoff`, `failed` or `stopped`.
     pub state: String,
     /// Seconds since that process started.
     pub uptime_s: Option<u64>,

@@ -1,9 +1,18 @@
-//! The library worker's link to its primary: a thread that answers pings and queues user
-//! messages while the user's code serves.
+//! The library worker's link to its primary.
+//!
+//! A reader thread takes what the primary sends: drain requests, user messages, and pings.
+//! It never answers a ping itself. It only notes the ping, and the worker's own serving
+//! loop answers it ([`Link::answer_ping`], called by `Worker::accept`, the
+//! `Worker::heartbeat` future and `Worker::answer_pings`). A loop stuck in user code
+//! therefore stops answering, and the primary sees a hung worker instead of a healthy
+//! helper thread.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll, Waker};
 
 use serde_json::Value;
 
@@ -94,6 +103,13 @@ pub(crate) struct Link {
     pub(crate) stats: WorkerStats,
     pub(crate) drain: DrainSignal,
     pub(crate) inbox: Mutex<Receiver<UserMessage>>,
+    /// The newest unanswered ping's `seq`; 0 when none is waiting (the primary counts
+    /// from 1).
+    pending_ping: AtomicU64,
+    /// Set when the primary closed the link.
+    closed: AtomicBool,
+    /// The [`Heartbeat`] future waiting for the next ping, if one is.
+    waker: Mutex<Option<Waker>>,
 }
 
 impl Link {
@@ -105,6 +121,9 @@ impl Link {
             stats: WorkerStats::default(),
             drain: DrainSignal::default(),
             inbox: Mutex::new(rx),
+            pending_ping: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            waker: Mutex::new(None),
         });
         let reader = Arc::clone(&link);
         std::thread::Builder::new()
@@ -118,13 +137,9 @@ impl Link {
             match self.channel.recv() {
                 Ok(Some(received)) => match received.message {
                     Message::Ping { seq } => {
-                        let pong = Message::Pong {
-                            seq,
-                            counters: self.stats.snapshot(),
-                        };
-                        if let Err(err) = self.channel.send(&pong) {
-                            tracing::warn!(slot, "cannot answer heartbeat: {err}");
-                        }
+                        // Answered by the serving loop, never here (see the module doc).
+                        self.pending_ping.store(seq, Ordering::Release);
+                        self.wake();
                     }
                     Message::Drain => self.drain.set(),
                     Message::User { from, data, .. } => {
@@ -135,12 +150,74 @@ impl Link {
                 Ok(None) => continue,
                 Err(IpcError::Closed) => {
                     // The primary is gone: a worker without a primary must not linger.
+                    self.closed.store(true, Ordering::Release);
+                    self.wake();
                     std::process::exit(0);
                 }
                 Err(err) => {
                     tracing::error!(slot, "IPC link failed: {err}");
                     std::process::exit(1);
                 }
+            }
+        }
+    }
+}
+
+impl Link {
+    /// Answers the waiting ping, if any, with the current counters. Called from the
+    /// worker's serving loop; one atomic load when nothing waits.
+    pub(crate) fn answer_ping(&self) {
+        let seq = self.pending_ping.swap(0, Ordering::AcqRel);
+        if seq == 0 {
+            return;
+        }
+        let pong = Message::Pong {
+            seq,
+            counters: self.stats.snapshot(),
+        };
+        if let Err(err) = self.channel.send(&pong) {
+            tracing::warn!("cannot answer heartbeat: {err}");
+        }
+    }
+
+    fn wake(&self) {
+        let waker = self.waker.lock().ok().and_then(|mut w| w.take());
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+/// A future that answers the primary's heartbeats from the async runtime it is spawned
+/// on; returned by [`crate::Worker::heartbeat`].
+///
+/// It completes only when the link to the primary closes. Because it runs as a task of
+/// the worker's own runtime, a runtime whose threads are all stuck stops answering, and
+/// the primary replaces the worker as hung. It works with any executor (tokio, smol, ...)
+/// and needs no timer: the link's reader thread wakes it when a ping arrives.
+#[derive(Debug)]
+#[must_use = "a heartbeat does nothing unless spawned or awaited"]
+pub struct Heartbeat {
+    pub(crate) link: Arc<Link>,
+}
+
+impl Future for Heartbeat {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let link = &self.link;
+        loop {
+            link.answer_ping();
+            if link.closed.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            if let Ok(mut waker) = link.waker.lock() {
+                *waker = Some(cx.waker().clone());
+            }
+            // A ping that arrived between the answer and the registration must not wait
+            // for the next one.
+            if link.pending_ping.load(Ordering::Acquire) == 0 {
+                return Poll::Pending;
             }
         }
     }

@@ -10,12 +10,14 @@ pub mod env;
 mod intake;
 mod link;
 
-use std::net::TcpListener;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
-pub use link::{DrainSignal, UserMessage, WorkerStats};
+pub use link::{DrainSignal, Heartbeat, UserMessage, WorkerStats};
 use serde::Serialize;
 
 use crate::ipc::{Channel, IpcError, Message, Recipient};
@@ -24,10 +26,26 @@ use env::WorkerEnv;
 /// A library worker: what the closure passed to [`crate::ClusterBuilder::run`] receives.
 ///
 /// It owns the worker's listening socket (already bound, listening and registered) and the
-/// link to the primary. Pings from the primary are answered on a helper thread with the
-/// counters of [`Worker::stats`]; a drain request from the primary (rolling restart,
-/// shutdown) is visible through [`Worker::drain_signal`]; when the primary dies the worker
-/// process exits.
+/// link to the primary. A drain request from the primary (rolling restart, shutdown) is
+/// visible through [`Worker::drain_signal`]; when the primary dies the worker process
+/// exits.
+///
+/// # Heartbeats
+///
+/// The primary pings every worker each `--health-interval` and replaces one that has not
+/// answered for `--health-timeout` (it is taken out of steering at once, its queued
+/// connections go to the others). The answer must come from the loop that serves, so that
+/// a loop stuck in user code is detected rather than masked. Any one of these does it
+/// without further code:
+///
+/// - a blocking server that gets its connections from [`Worker::accept`];
+/// - an async server that spawns [`Worker::heartbeat`] on its runtime
+///   (`tokio::spawn(worker.heartbeat())`);
+/// - a hand-written event loop that calls [`Worker::answer_pings`] on every turn.
+///
+/// A worker that does none of these never answers, and the primary then supervises it
+/// for liveness only (exit and restart), as it does an external program that does not
+/// speak the IPC protocol.
 #[derive(Debug)]
 pub struct Worker {
     env: WorkerEnv,
@@ -72,6 +90,61 @@ impl Worker {
         self.listener.take()
     }
 
+    /// Waits for the next connection on the worker's listener, answering the primary's
+    /// heartbeats while it waits (`accept4(2)` on the non-blocking listener, then
+    /// `poll(2)` for at most 20 ms, so connections migrated here without a readiness event
+    /// are seen too). Counts the connection in [`Worker::stats`].
+    ///
+    /// Returns `Ok(None)` once the primary asks this worker to drain. The listener is
+    /// closed then, so connections still queued on it migrate to the other workers; serve
+    /// what is open and return.
+    ///
+    /// # Errors
+    /// What `accept4(2)` or `poll(2)` report, other than `EAGAIN` and `EINTR`; an error if
+    /// the listener was taken with [`Worker::take_listener`].
+    pub fn accept(&mut self) -> io::Result<Option<(TcpStream, SocketAddr)>> {
+        loop {
+            self.link.answer_ping();
+            if self.link.drain.is_set() {
+                self.listener = None;
+                return Ok(None);
+            }
+            let listener = self
+                .listener
+                .as_ref()
+                .ok_or_else(|| io::Error::other("the listener was taken with take_listener"))?;
+            listener.set_nonblocking(true)?;
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    stream.set_nonblocking(false)?;
+                    self.link.stats.connection_accepted();
+                    return Ok(Some((stream, peer)));
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    wait_readable(listener, ACCEPT_POLL)?;
+                }
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// A future that answers the primary's heartbeats from the runtime it runs on; spawn
+    /// it once (`tokio::spawn(worker.heartbeat())`). See [`Heartbeat`].
+    pub fn heartbeat(&self) -> Heartbeat {
+        Heartbeat {
+            link: Arc::clone(&self.link),
+        }
+    }
+
+    /// Answers the primary's waiting heartbeat, if there is one, with the counters of
+    /// [`Worker::stats`]. For hand-written event loops: call it on every turn (it is one
+    /// atomic load when nothing waits), and make sure a turn comes at least every few
+    /// hundred milliseconds even when idle.
+    pub fn answer_pings(&self) {
+        self.link.answer_ping();
+    }
+
     /// Counters reported to the primary with every heartbeat; bump them as you serve.
     pub fn stats(&self) -> &WorkerStats {
         &self.link.stats
@@ -103,7 +176,7 @@ impl Worker {
 
     /// Like [`Worker::recv`], giving up after `timeout` (so a reader thread can also watch
     /// [`Worker::drain_signal`]).
-    pub fn recv_timeout(&self, timeout: std::time::Duration) -> Option<UserMessage> {
+    pub fn recv_timeout(&self, timeout: Duration) -> Option<UserMessage> {
         self.link.inbox.lock().ok()?.recv_timeout(timeout).ok()
     }
 
@@ -161,7 +234,7 @@ pub fn run_builtin_worker_if_requested() -> Option<ExitCode> {
 /// The worker half of [`crate::ClusterBuilder::run`]: bootstrap, then the user's closure.
 pub(crate) fn run_library<F>(serve: F) -> ExitCode
 where
-    F: FnOnce(Worker) -> std::io::Result<()>,
+    F: FnOnce(Worker) -> io::Result<()>,
 {
     crate::logging::init_from_env();
     let (env, listener, channel, load) = match bootstrap() {
@@ -254,6 +327,20 @@ pub(crate) type Bootstrapped = (
     Channel,
     Option<crate::steering::LoadReporter>,
 );
+
+/// How long [`Worker::accept`] sleeps between looks at its queue and its heartbeats.
+const ACCEPT_POLL: Duration = Duration::from_millis(20);
+
+/// Waits until `listener` is readable or `timeout` passes (`poll(2)`).
+fn wait_readable(listener: &TcpListener, timeout: Duration) -> io::Result<()> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+    let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    match poll(&mut fds, timeout) {
+        Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+        Err(errno) => Err(errno.into()),
+    }
+}
 
 fn fd_is_open(fd: std::os::fd::RawFd) -> bool {
     std::path::Path::new(&format!("/proc/self/fd/{fd}")).exists()
