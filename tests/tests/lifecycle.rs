@@ -276,7 +276,11 @@ fn memory_footprint_of_the_primary_and_a_demo_worker() {
         mib(primary.1)
     );
     for (_, anon) in workers {
-        assert!(anon < 2 << 20, "demo worker anonymous RSS {} MiB", mib(anon));
+        assert!(
+            anon < 2 << 20,
+            "demo worker anonymous RSS {} MiB",
+            mib(anon)
+        );
     }
 }
 
