@@ -56,10 +56,12 @@
 //! ## Modules
 //!
 //! [`config`] and [`cli`] turn flags and a TOML file into a validated [`config::Config`];
-//! [`primary`] supervises; [`steering`] decides who gets the next connection; [`ipc`] is
+//! [`primary`] supervises; [`steering`] decides who gets the next connection ([`baseline`] holds
+//! the userspace balancers it is measured against); [`ipc`] is
 //! the primary/worker protocol; [`worker`] is the worker side; [`status`] serves and reads
 //! `/status`; [`demo`] is the built-in HTTP app; [`listener`] creates and checks sockets.
 
+pub mod baseline;
 pub mod cli;
 mod cluster;
 pub mod config;

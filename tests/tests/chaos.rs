@@ -24,8 +24,8 @@ use steer_tests::chaos::{
 };
 use steer_tests::{Cluster, Signal, SlotState, http_get, status};
 
-const HEALTH_INTERVAL: Duration = Duration::from_millis(100);
-const HEALTH_TIMEOUT: Duration = Duration::from_millis(400);
+const HEALTH_INTERVAL: Duration = Duration::from_millis(200);
+const HEALTH_TIMEOUT: Duration = Duration::from_millis(800);
 const NEW_CONNECTION_THREADS: usize = 3;
 const KEEP_ALIVE_THREADS: usize = 3;
 /// How long the baseline and the hung-worker runs last.
@@ -140,6 +140,17 @@ fn signal(pid: u32, sig: Signal) {
     kill(Pid::from_raw(pid as i32), sig).unwrap_or_else(|e| panic!("kill -{sig} {pid}: {e}"));
 }
 
+/// SIGSTOP, then waits until the process is really stopped: the signal is acted on when
+/// the process next runs, and until then it may still accept connections.
+fn freeze(pid: u32) {
+    signal(pid, Signal::SIGSTOP);
+    steer_tests::wait_for(
+        &format!("pid {pid} to stop"),
+        Duration::from_secs(2),
+        || matches!(steer_tests::process_state(pid), Some('T' | 't') | None),
+    );
+}
+
 #[test]
 fn chaos_loses_no_request_that_a_dying_worker_had_not_accepted() {
     let health_interval = format!("{}ms", HEALTH_INTERVAL.as_millis());
@@ -213,7 +224,7 @@ fn hung_worker(suite: &mut Suite, baseline_p99_ms: f64) -> Row {
     let started = Instant::now();
     std::thread::sleep(Duration::from_millis(500));
     let victim = suite.pid_of(slot);
-    signal(victim, Signal::SIGSTOP);
+    freeze(victim);
     let frozen_at = Instant::now();
     let accepted = accepted_client_ports(victim);
     // Out of steering: the slot is `hung` or already has its replacement.
@@ -327,7 +338,7 @@ fn sigkill_every_300ms(suite: &mut Suite) -> Row {
                 .collect();
             if !stable.is_empty() {
                 let (slot, pid) = stable[random.below(stable.len())];
-                signal(pid, Signal::SIGSTOP);
+                freeze(pid);
                 let ports = accepted_client_ports(pid);
                 signal(pid, Signal::SIGKILL);
                 let at = Instant::now();
@@ -345,6 +356,10 @@ fn sigkill_every_300ms(suite: &mut Suite) -> Row {
     }
     std::thread::sleep(Duration::from_millis(300));
     let report = load.stop();
+    eprintln!(
+        "SIGKILL: steering counters after the run: {}",
+        suite.cluster.status()["steering"]
+    );
     let (unavoidable, avoidable) = report.split_failures(&deaths);
     suite.check(
         deaths.len() >= 10,

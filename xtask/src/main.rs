@@ -6,11 +6,14 @@
 //! - `run [-- ARGS]`: build `steer` (release) and start the demo cluster on 127.0.0.1:8000
 //!   with status on 127.0.0.1:8001; ARGS are added to `steer run`.
 //! - `test`: formatting, clippy, then every unit and integration test. What CI runs.
+//! - `bench [--quick] [--peers]`: every balancing policy against the userspace baselines
+//!   and peers; reports in `target/bench/` (see `bench.rs`).
 //! - `soak [--seconds N]`: load plus a rolling restart every 5 s for N seconds (default
 //!   60); fails if a request fails or the primary's fds or memory grow.
 
 use std::process::{Command, ExitCode};
 
+mod bench;
 mod setup;
 
 fn main() -> ExitCode {
@@ -19,11 +22,12 @@ fn main() -> ExitCode {
         Some("setup") => setup::run(),
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
+        Some("bench") => bench::run(&args[1..]),
         Some("soak") => soak(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             println!(
                 "usage: cargo xtask <setup | run [-- STEER_RUN_ARGS] | test [-- CARGO_TEST_ARGS] | \
-                 soak [--seconds N]>"
+                 bench [--quick] [--peers] | soak [--seconds N]>"
             );
             return ExitCode::SUCCESS;
         }
@@ -53,7 +57,7 @@ pub(crate) fn step(program: &str, args: &[&str]) -> Result<(), String> {
     }
 }
 
-fn workspace_root() -> std::path::PathBuf {
+pub(crate) fn workspace_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(std::path::Path::to_path_buf)

@@ -44,6 +44,8 @@ pub struct DemoOptions {
 
 /// Serves HTTP on `listener` until drained or orphaned. The worker has already registered
 /// the listener with the primary; `channel` is the IPC channel (blocking or not, set it as you need).
+/// Without a listener (the `userspace` baseline) it serves the connections the primary
+/// sends over `channel`.
 ///
 /// Sends `ready` once the event loop is set up, and returns `Ok(())` after a `drain` once
 /// every connection is closed. Exits the process with status 0 when the primary closes the
@@ -53,7 +55,7 @@ pub struct DemoOptions {
 /// With `load` (under `least-loaded`), the worker publishes its accepted and open
 /// connection counts there on every accept and close.
 pub fn serve(
-    listener: std::net::TcpListener,
+    listener: Option<std::net::TcpListener>,
     channel: Channel,
     options: DemoOptions,
     load: Option<crate::steering::LoadReporter>,
@@ -92,7 +94,7 @@ mod tests {
                 generation: 1,
                 faults,
             };
-            let thread = thread::spawn(move || serve(listener, worker_end, options, None));
+            let thread = thread::spawn(move || serve(Some(listener), worker_end, options, None));
             let worker = Worker {
                 addr,
                 primary,

@@ -13,7 +13,7 @@ use tracing::{debug, error, info, warn};
 use super::DemoOptions;
 use super::connection::{Connection, Connections};
 use super::responder::{Responder, Verdict};
-use crate::ipc::{Channel, Counters, IpcError, Message};
+use crate::ipc::{Channel, Counters, IpcError, Message, Received};
 use crate::steering::LoadReporter;
 
 const LISTENER: Token = Token(0);
@@ -53,17 +53,23 @@ pub struct Server {
 impl Server {
     /// Registers the listener and the (now non-blocking) channel with a new poll.
     pub fn new(
-        listener: std::net::TcpListener,
+        listener: Option<std::net::TcpListener>,
         channel: Channel,
         options: DemoOptions,
         load: Option<LoadReporter>,
     ) -> io::Result<Server> {
-        listener.set_nonblocking(true)?;
-        let mut listener = TcpListener::from_std(listener);
         channel.set_nonblocking(true)?;
         let poll = Poll::new()?;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let listener = match listener {
+            Some(listener) => {
+                listener.set_nonblocking(true)?;
+                let mut listener = TcpListener::from_std(listener);
+                poll.registry()
+                    .register(&mut listener, LISTENER, Interest::READABLE)?;
+                Some(listener)
+            }
+            None => None,
+        };
         poll.registry().register(
             &mut SourceFd(&channel.as_raw_fd()),
             CHANNEL,
@@ -71,7 +77,7 @@ impl Server {
         )?;
         Ok(Server {
             poll,
-            listener: Some(listener),
+            listener,
             channel,
             connections: Connections::default(),
             responder: Responder::new(options),
@@ -144,6 +150,10 @@ impl Server {
         loop {
             match self.channel.recv() {
                 Ok(None) => return,
+                Ok(Some(Received {
+                    message: Message::Connection,
+                    fd: Some(fd),
+                })) => self.admit_handed(fd),
                 Ok(Some(received)) => self.obey(received.message),
                 Err(IpcError::Closed) => primary_gone(),
                 Err(error) => ipc_failed(&error),
@@ -216,6 +226,15 @@ impl Server {
                     return true;
                 }
             }
+        }
+    }
+
+    /// A connection the primary accepted and sent over IPC (`userspace` baseline).
+    fn admit_handed(&mut self, fd: std::os::fd::OwnedFd) {
+        let stream = std::net::TcpStream::from(fd);
+        match stream.set_nonblocking(true) {
+            Ok(()) => self.admit(TcpStream::from_std(stream)),
+            Err(error) => warn!(%error, "could not take a handed-over connection"),
         }
     }
 

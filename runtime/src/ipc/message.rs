@@ -47,6 +47,9 @@ pub enum Message {
     },
     /// Primary -> worker: stop accepting, finish in-flight work, then exit 0.
     Drain,
+    /// Primary -> worker, `userspace` baseline only: serve this client connection, accepted
+    /// by the primary (the socket travels beside the message).
+    Connection,
     /// Application message, in either direction (Node's `worker.send` / `process.send`).
     User {
         /// Worker -> primary: who should receive it; absent means the primary itself.

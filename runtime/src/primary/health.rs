@@ -23,7 +23,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::slot::{Phase, Process};
 use super::supervisor::{ClusterPhase, Supervisor};
@@ -63,15 +63,72 @@ impl Supervisor {
             return;
         }
         let timeout = self.config.health_timeout;
-        for index in 0..self.slots.len() {
-            let silent = self.slots[index]
-                .current
-                .as_ref()
-                .filter(|p| watched_for_hangs(p))
-                .map(|p| now.saturating_duration_since(p.last_heard));
-            if silent.is_some_and(|silent| silent > timeout) {
+        let mut silent: Vec<(Duration, usize)> = Vec::new();
+        let mut live = 0;
+        for slot in &self.slots {
+            let Some(process) = slot.current.as_ref() else {
+                continue;
+            };
+            if process.phase == Phase::Ready && !process.hung {
+                live += 1;
+            }
+            let quiet = now.saturating_duration_since(process.last_heard);
+            if watched_for_hangs(process) && quiet > timeout {
+                silent.push((quiet, slot.index));
+            }
+        }
+        // When most workers fall silent together, the host (or this primary) is more
+        // likely stalled than most workers hung, and taking them out would leave the
+        // rest, or nobody, to serve everything. So a minority of silent workers is taken
+        // out at once; a majority (which includes the last worker of a slot-less
+        // cluster) stays in steering while replacements start, and each hands its queue
+        // over only if it is still silent when its replacement is ready.
+        if silent.len() * 2 <= live {
+            for (_, index) in silent {
                 self.declare_hung(index);
             }
+        } else {
+            let of = live;
+            for (_, index) in silent {
+                self.replace_silent_in_place(index, of);
+            }
+        }
+    }
+
+    /// A silent worker among a silent majority stays in steering; a replacement is
+    /// started, and takes its queue when it is ready (see [`Supervisor::retire_silent`]).
+    fn replace_silent_in_place(&mut self, index: usize, live: usize) {
+        let slot = &mut self.slots[index];
+        if slot.replace_wanted {
+            return;
+        }
+        slot.replace_wanted = true;
+        tracing::warn!(
+            slot = index,
+            "worker has not answered heartbeats for {}, nor have most of the {live} serving: \
+             keeping it in steering while a replacement starts (host overloaded?)",
+            humantime::format_duration(self.config.health_timeout)
+        );
+    }
+
+    /// Called when `old` is replaced: if it is still silent, its listener is shut down so
+    /// its queue moves to the replacement now rather than when it is killed.
+    pub(super) fn retire_silent(index: usize, old: &Process, now: Instant, timeout: Duration) {
+        let silent = old.answers_pings && now.saturating_duration_since(old.last_heard) > timeout;
+        if old.hung || !silent {
+            return;
+        }
+        match shut_down_listener(old) {
+            Ok(()) => tracing::info!(
+                slot = index,
+                pid = old.pid,
+                "shut the silent worker's listener down; its queue moved to its replacement"
+            ),
+            Err(err) => tracing::warn!(
+                slot = index,
+                pid = old.pid,
+                "cannot shut the silent worker's listener down: {err}"
+            ),
         }
     }
 
@@ -103,9 +160,13 @@ impl Supervisor {
              and replacing it",
             humantime::format_duration(timeout)
         );
-        let rescue = shut_down_listener(process);
+        // Out of the live set first, so the program never picks it for its own migrating
+        // queue.
         self.leave_steering(index);
-        match rescue {
+        let Some(process) = self.slots[index].current.as_ref() else {
+            return;
+        };
+        match shut_down_listener(process) {
             Ok(()) => tracing::info!(
                 slot = index,
                 pid,

@@ -168,8 +168,11 @@ impl Supervisor {
         ];
         let (program, argv, fds, own_socket) = match &self.program {
             WorkerProgram::External(command) => {
-                let socket = crate::listener::bind_reuseport(self.listen, true)?;
-                let socket = OwnedFd::from(socket);
+                // The `shared` baseline's socket, else one of the child's own.
+                let socket = match self.baseline.as_ref().and_then(|b| b.external_socket()) {
+                    Some(shared) => shared?,
+                    None => OwnedFd::from(crate::listener::bind_reuseport(self.listen, true)?),
+                };
                 let primary_copy = socket.try_clone()?;
                 vars.push((env::IPC_FD.into(), IPC_FD_EXTERNAL.to_string().into()));
                 vars.push(("LISTEN_FDS".into(), "1".into()));
@@ -205,12 +208,13 @@ impl Supervisor {
                 } else {
                     self.args.clone()
                 };
-                (
-                    self.exe.clone(),
-                    argv,
-                    vec![(OwnedFd::from(worker_end), IPC_FD_BUILTIN)],
-                    None,
-                )
+                let mut fds = vec![(OwnedFd::from(worker_end), IPC_FD_BUILTIN)];
+                if let Some(baseline) = &self.baseline {
+                    let inheritance = baseline.worker_inheritance()?;
+                    vars.extend(inheritance.env);
+                    fds.extend(inheritance.fds);
+                }
+                (self.exe.clone(), argv, fds, None)
             }
         };
         let listen_pid = own_socket.is_some();
@@ -278,11 +282,13 @@ impl Supervisor {
             return;
         }
         if role == Role::Incoming {
+            let health_timeout = self.config.health_timeout;
             let slot = &mut self.slots[index];
             let Some(incoming) = slot.incoming.take() else {
                 return;
             };
             if let Some(mut old) = slot.current.replace(incoming) {
+                Self::retire_silent(index, &old, now, health_timeout);
                 tracing::info!(
                     slot = index,
                     pid = old.pid,

@@ -9,6 +9,7 @@ use mio::unix::SourceFd;
 use super::Control;
 use super::slot::{Phase, Role};
 use super::supervisor::Supervisor;
+use crate::baseline::Baseline;
 use crate::ipc::{IpcError, Message, Received, Recipient};
 
 /// Most messages read from one worker per wakeup, so a chatty worker cannot starve the
@@ -110,7 +111,13 @@ impl Supervisor {
                 if received.fd.is_some() {
                     return Err("unexpected fd beside ready".into());
                 }
-                if !external && process.registered_fd.is_none() && process.phase == Phase::Starting
+                if !external
+                    && self
+                        .baseline
+                        .as_ref()
+                        .is_none_or(Baseline::workers_register)
+                    && process.registered_fd.is_none()
+                    && process.phase == Phase::Starting
                 {
                     return Err("ready before register".into());
                 }
@@ -123,7 +130,10 @@ impl Supervisor {
             Message::User { to, data, .. } => {
                 self.route_user_message(index, to.unwrap_or(Recipient::Primary), data)
             }
-            other @ (Message::Registered { .. } | Message::Ping { .. } | Message::Drain) => {
+            other @ (Message::Registered { .. }
+            | Message::Ping { .. }
+            | Message::Drain
+            | Message::Connection) => {
                 return Err(format!("a worker may not send {other:?}"));
             }
         }

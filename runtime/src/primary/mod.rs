@@ -1,11 +1,13 @@
 //! The primary: lifecycle only. It spawns workers, takes their registrations, keeps
 //! steering true, restarts crashed workers with backoff, replaces workers one slot at a
-//! time, drains on shutdown, and serves status. It never touches a client byte.
+//! time, drains on shutdown, and serves status. It never touches a client byte, except
+//! under the `userspace` baseline ([`crate::baseline`]), where it accepts every connection.
 //!
 //! Everything happens on one thread in one `mio` loop: signals arrive through a `signalfd`,
 //! worker exits through one pidfd per worker, worker messages through one `SOCK_SEQPACKET`
 //! socket per worker, and status requests through the status listener.
 
+mod handoff;
 mod health;
 mod lifecycle;
 mod messages;

@@ -15,12 +15,16 @@ use nix::sys::signalfd::SignalFd;
 use super::signals::{self, Action};
 use super::slot::Slot;
 use super::{Hooks, WorkerProgram};
+use crate::baseline::Baseline;
 use crate::config::{Balance, Config, Settings};
 use crate::status::server::{CLIENT_TOKEN_BASE, StatusServer};
 use crate::steering::{self, MigrateReq, Steering};
 
 const SIGNAL_TOKEN: Token = Token(0);
 const STATUS_TOKEN: Token = Token(1);
+/// The `userspace` baseline's listening socket (below the status clients' tokens, far
+/// above any worker's).
+const BASELINE_TOKEN: Token = Token(CLIENT_TOKEN_BASE - 1);
 /// Worker tokens are derived from the pid: `2 + 2*pid` (exit) and `3 + 2*pid` (IPC). Pids
 /// are unique among unreaped children, and a child's fds are closed right after it is
 /// reaped, in the same event, so a later event for a stale token finds no process.
@@ -87,6 +91,8 @@ pub(crate) struct Supervisor {
     signals: SignalFd,
     pub(super) status: Option<StatusServer>,
     pub(super) steering: Steering,
+    /// The `shared`/`userspace` baseline's listening socket and state, if one runs.
+    pub(super) baseline: Option<Baseline>,
     /// A bound (never listening) `SO_REUSEPORT` socket on the cluster address: it resolves
     /// port 0 and keeps the port Steer's while all workers restart. It receives nothing.
     _reservation: socket2::Socket,
@@ -123,6 +129,8 @@ impl Supervisor {
             .ok()
             .and_then(|a| a.as_socket())
             .ok_or_else(|| format!("cannot read the bound address of {}", config.listen))?;
+        let baseline = Baseline::open(config.balance, listen, &program)
+            .map_err(|err| format!("--balance {}: {err}", config.balance))?;
         if steering.policy() == Balance::Kernel && config.tcp_migrate_req {
             match steering::ensure_tcp_migrate_req() {
                 MigrateReq::AlreadyOn => {}
@@ -143,6 +151,11 @@ impl Supervisor {
                 Interest::READABLE,
             )
             .map_err(|e| format!("cannot watch signals: {e}"))?;
+        if let Some(baseline) = &baseline {
+            baseline
+                .register(poll.registry(), BASELINE_TOKEN)
+                .map_err(|e| format!("cannot watch the baseline's listening socket: {e}"))?;
+        }
         let status = match config.status {
             Some(addr) => {
                 let mut server = StatusServer::bind(addr).map_err(|e| {
@@ -174,6 +187,7 @@ impl Supervisor {
             signals,
             status,
             steering,
+            baseline,
             _reservation: reservation,
             listen,
             slots,
@@ -245,6 +259,7 @@ impl Supervisor {
                     status.accept(self.poll.registry());
                 }
             }
+            BASELINE_TOKEN => self.hand_off(),
             Token(n) if n >= CLIENT_TOKEN_BASE => {
                 if let Some(mut status) = self.status.take() {
                     status.on_client_event(self.poll.registry(), token, |path| self.reply(path));
@@ -313,6 +328,9 @@ impl Supervisor {
             self.check_health(now);
         }
         self.advance_roll();
+        if self.baseline_wakeup(now).is_some_and(|at| at <= now) {
+            self.hand_off();
+        }
         if let Some(status) = self.status.as_mut() {
             status.expire(self.poll.registry(), now);
         }
@@ -348,6 +366,9 @@ impl Supervisor {
         if self.status.as_ref().is_some_and(StatusServer::has_clients) {
             at = at.min(now + MAX_SLEEP);
         }
+        if let Some(retry) = self.baseline_wakeup(now) {
+            at = at.min(retry);
+        }
         at
     }
 
@@ -368,6 +389,7 @@ impl Supervisor {
             killed: false,
         };
         self.roll = None;
+        self.close_baseline();
         for index in 0..self.slots.len() {
             let slot = &mut self.slots[index];
             slot.next_start = None;

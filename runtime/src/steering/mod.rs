@@ -7,6 +7,8 @@
 //! - `round-robin`, `hash`, `least-loaded`, `cpu`: Steer's `SK_REUSEPORT` program picks the
 //!   socket ([`ebpf`]); only sockets the primary registered can be picked, and connections
 //!   queued on a closing listener are migrated by the same program.
+//! - `shared`, `userspace`: the baselines of [`crate::baseline`]; one listening socket, so
+//!   nothing to steer here.
 //!
 //! [`maglev`] builds the `hash` policy's table; [`load`] is the worker side of
 //! `least-loaded`.
@@ -84,6 +86,9 @@ pub enum Steering {
     Kernel,
     /// Steer's program and its maps.
     Ebpf(Box<ebpf::EbpfSteering>),
+    /// A userspace baseline (`shared` or `userspace`): one listening socket, balanced
+    /// outside the kernel's reuseport group ([`crate::baseline`]).
+    Baseline(Balance),
 }
 
 impl Steering {
@@ -93,9 +98,7 @@ impl Steering {
     pub fn new(balance: Balance, slots: u32) -> Result<Steering, SteeringError> {
         match balance {
             Balance::Kernel => Ok(Steering::Kernel),
-            Balance::Shared | Balance::Userspace => Err(SteeringError::Other(format!(
-                "the {balance} baseline is not built yet; use kernel or an eBPF policy"
-            ))),
+            Balance::Shared | Balance::Userspace => Ok(Steering::Baseline(balance)),
             Balance::Auto => match ebpf::EbpfSteering::load(Balance::RoundRobin, slots) {
                 Ok(program) => Ok(Steering::Ebpf(Box::new(program))),
                 Err(err) => {
@@ -120,6 +123,7 @@ impl Steering {
     pub fn policy(&self) -> Balance {
         match self {
             Steering::Kernel => Balance::Kernel,
+            Steering::Baseline(balance) => *balance,
             Steering::Ebpf(program) => program.policy(),
         }
     }
@@ -129,7 +133,7 @@ impl Steering {
     /// leaves the group (and the program's map) by itself when the worker exits.
     pub fn activate(&mut self, slot: usize, generation: u32, fd: OwnedFd) -> Result<(), String> {
         match self {
-            Steering::Kernel => Ok(()),
+            Steering::Kernel | Steering::Baseline(_) => Ok(()),
             Steering::Ebpf(program) => program.activate(slot as u32, generation, &fd),
         }
     }
@@ -138,7 +142,7 @@ impl Steering {
     /// worker closes it, which a draining worker does as soon as its queue is empty.
     pub fn deactivate(&mut self, slot: usize) -> Result<(), String> {
         match self {
-            Steering::Kernel => Ok(()),
+            Steering::Kernel | Steering::Baseline(_) => Ok(()),
             Steering::Ebpf(program) => program.deactivate(slot as u32),
         }
     }
@@ -158,10 +162,10 @@ impl Steering {
         }
     }
 
-    /// The program's counters; `None` in `kernel` mode.
+    /// The program's counters; `None` without a program.
     pub fn counters(&self, slots: usize) -> Option<Result<SteeringCounters, String>> {
         match self {
-            Steering::Kernel => None,
+            Steering::Kernel | Steering::Baseline(_) => None,
             Steering::Ebpf(program) => Some(program.counters(slots)),
         }
     }

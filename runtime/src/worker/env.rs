@@ -8,6 +8,8 @@
 //! | `STEER_WORKER_ID` | unique per process over the primary's life, from 1 |
 //! | `STEER_IPC_FD` | fd number of the worker's end of the IPC socketpair |
 //! | `STEER_LISTEN` | the address the worker binds (re-executed workers) |
+//! | `STEER_LISTEN_FD` | `shared` baseline: fd number of the inherited shared listening socket, used instead of binding one |
+//! | `STEER_HANDOFF` | `userspace` baseline (`1`): no listener; connections arrive over IPC |
 //! | `STEER_WORKER_UID`, `STEER_WORKER_GID` | re-executed workers: whom to become once registered (`--user`, `--group`) |
 //! | `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES` | external workers: fd 3 is their listening socket (systemd socket activation) |
 //!
@@ -30,6 +32,10 @@ pub(crate) const IPC_FD: &str = "STEER_IPC_FD";
 pub(crate) const LISTEN: &str = "STEER_LISTEN";
 /// Demo fault routes on (`1`).
 pub(crate) const DEMO_FAULTS: &str = "STEER_DEMO_FAULTS";
+/// `shared` baseline: the inherited listening socket's fd number.
+pub(crate) const LISTEN_FD: &str = "STEER_LISTEN_FD";
+/// `userspace` baseline: connections arrive over IPC (`1`).
+pub(crate) const HANDOFF: &str = "STEER_HANDOFF";
 
 /// `STEER_ROLE` value for the demo app.
 pub(crate) const ROLE_DEMO: &str = "demo";
@@ -46,6 +52,8 @@ pub(crate) const ALL: &[&str] = &[
     IPC_FD,
     LISTEN,
     DEMO_FAULTS,
+    LISTEN_FD,
+    HANDOFF,
     crate::privileges::ENV_UID,
     crate::privileges::ENV_GID,
     "LISTEN_FDS",
@@ -70,6 +78,20 @@ pub struct WorkerEnv {
     pub listen: SocketAddr,
     /// Demo fault routes on.
     pub demo_faults: bool,
+    /// Where connections come from.
+    pub intake: Intake,
+}
+
+/// Where a re-executed worker's connections come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intake {
+    /// Its own `SO_REUSEPORT` socket, bound at start and registered (kernel and eBPF
+    /// policies).
+    OwnSocket,
+    /// `shared` baseline: the listening socket inherited at this fd, shared by all workers.
+    Inherited(RawFd),
+    /// `userspace` baseline: none; the primary sends accepted connections over IPC.
+    HandOff,
 }
 
 impl WorkerEnv {
@@ -91,6 +113,13 @@ impl WorkerEnv {
             ipc_fd: field(&get, IPC_FD)?,
             listen: field(&get, LISTEN)?,
             demo_faults: get(DEMO_FAULTS).as_deref() == Some("1"),
+            intake: if get(HANDOFF).as_deref() == Some("1") {
+                Intake::HandOff
+            } else if get(LISTEN_FD).is_some() {
+                Intake::Inherited(field(&get, LISTEN_FD)?)
+            } else {
+                Intake::OwnSocket
+            },
         })
     }
 
@@ -122,6 +151,13 @@ mod tests {
             (2, 5, 11, 3)
         );
         assert!(env.demo_faults);
+        assert_eq!(env.intake, Intake::OwnSocket);
+        vars.insert(LISTEN_FD, "4");
+        let shared = WorkerEnv::read(|k| vars.get(k).map(|v| v.to_string())).expect("complete");
+        assert_eq!(shared.intake, Intake::Inherited(4));
+        vars.insert(HANDOFF, "1");
+        let handed = WorkerEnv::read(|k| vars.get(k).map(|v| v.to_string())).expect("complete");
+        assert_eq!(handed.intake, Intake::HandOff);
         vars.remove(IPC_FD);
         let err = WorkerEnv::read(|k| vars.get(k).map(|v| v.to_string())).expect_err("missing");
         assert!(err.contains(IPC_FD), "{err}");

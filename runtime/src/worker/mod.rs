@@ -7,6 +7,7 @@
 //! instead and never come through here.
 
 pub mod env;
+mod intake;
 mod link;
 
 use std::io;
@@ -257,7 +258,7 @@ where
     let slot = env.slot;
     match serve(Worker {
         env,
-        listener: Some(listener),
+        listener,
         link,
         load,
     }) {
@@ -279,8 +280,11 @@ pub(crate) fn bootstrap() -> Result<Bootstrapped, String> {
     // SAFETY: the primary passed this fd for the worker's exclusive use; we checked it is
     // open and it is owned by nothing else in this freshly exec'd process.
     let channel = unsafe { Channel::from_raw_fd(env.ipc_fd) };
-    let listener = crate::listener::worker_listener(env.listen)
-        .map_err(|err| crate::listener::explain_bind_error(env.listen, &err))?;
+    // `userspace` baseline: no socket to register; connections arrive over IPC.
+    let Some(listener) = intake::open_listener(&env)? else {
+        crate::privileges::drop_after_registration()?;
+        return Ok((env, None, channel, None));
+    };
     channel
         .send_with_fd(
             &Message::Register {
@@ -315,14 +319,14 @@ pub(crate) fn bootstrap() -> Result<Bootstrapped, String> {
     );
     // Registered and mapped: the user's code may run unprivileged from here.
     crate::privileges::drop_after_registration()?;
-    Ok((env, listener, channel, load))
+    Ok((env, Some(listener), channel, load))
 }
 
-/// What [`bootstrap`] sets up: the environment, the registered listener, the IPC channel,
-/// and (under `least-loaded`) where to publish load.
+/// What [`bootstrap`] sets up: the environment, the registered listener (none under the
+/// `userspace` baseline), the IPC channel, and (under `least-loaded`) where to publish load.
 pub(crate) type Bootstrapped = (
     WorkerEnv,
-    TcpListener,
+    Option<TcpListener>,
     Channel,
     Option<crate::steering::LoadReporter>,
 );

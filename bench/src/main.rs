@@ -1,0 +1,151 @@
+//! `steer-bench`: the load generator on its own (`load`), or the whole benchmark (`suite`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use steer_bench::load::{self, LoadSpec, Mode, Stop};
+use steer_bench::suite::{self, SuiteConfig, subject};
+
+/// Steer's benchmark tools.
+#[derive(Debug, Parser)]
+#[command(name = "steer-bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Sends HTTP/1.1 GET load to one server and prints what it saw.
+    Load(LoadArgs),
+    /// Runs the whole benchmark (what `cargo xtask bench` starts) and writes the reports.
+    Suite(SuiteArgs),
+}
+
+/// `steer-bench suite`.
+#[derive(Debug, clap::Args)]
+struct SuiteArgs {
+    /// The `steer` binary to measure (a release build).
+    #[arg(long)]
+    steer: PathBuf,
+    /// Where report.md, report.json and report.svg go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// The Node cluster script (bench/peers/node_cluster.js).
+    #[arg(long)]
+    node_script: PathBuf,
+    /// One short round (under two minutes on two cores) instead of the full run.
+    #[arg(long)]
+    quick: bool,
+}
+
+/// `steer-bench load`.
+#[derive(Debug, clap::Args)]
+struct LoadArgs {
+    /// The server, e.g. 127.0.0.1:8000.
+    target: SocketAddr,
+    /// keepalive (persistent connections) or connect (a new connection per request).
+    #[arg(long, default_value = "keepalive")]
+    mode: Mode,
+    /// Concurrent connections.
+    #[arg(short, long, default_value_t = 64)]
+    connections: usize,
+    /// Client threads.
+    #[arg(short, long, default_value_t = 2)]
+    threads: usize,
+    /// Run this long (e.g. 10s); the default unless --requests is given.
+    #[arg(short, long, value_parser = parse_duration, default_value = "5s")]
+    duration: Duration,
+    /// Stop after this many requests instead of after --duration.
+    #[arg(short = 'n', long)]
+    requests: Option<u64>,
+    /// Request target.
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// Loopback source addresses to spread connections over (127.0.0.1..N).
+    #[arg(long, default_value_t = 1)]
+    sources: u8,
+    /// Per-request timeout.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    timeout: Duration,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((text, "s"), |i| text.split_at(i));
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a duration such as 500ms or 10s"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("{text:?}: unit must be ms, s or m")),
+    };
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Suite(args) => {
+            let programs = subject::Programs {
+                steer: args.steer,
+                node: subject::find_program("node"),
+                node_script: args.node_script,
+                nginx: subject::find_program("nginx"),
+                scratch: args.out.join("scratch"),
+            };
+            let config = SuiteConfig::new(programs, args.out, args.quick);
+            match suite::run(&config) {
+                Ok(report) => {
+                    if let Ok(text) = std::fs::read_to_string(&report) {
+                        println!("{text}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("steer-bench: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Load(args) => {
+            let mut spec = LoadSpec::new(
+                args.target,
+                args.mode,
+                args.connections,
+                args.requests
+                    .map_or(Stop::After(args.duration), Stop::Requests),
+            );
+            spec.threads = args.threads;
+            spec.path = args.path;
+            spec.sources = args.sources;
+            spec.timeout = args.timeout;
+            match load::run(&spec) {
+                Ok(report) if args.json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&report).unwrap_or_default()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("steer-bench: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

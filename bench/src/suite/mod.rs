@@ -1,0 +1,220 @@
+//! The benchmark suite behind `cargo xtask bench`.
+//!
+//! Every subject (Steer under each of `kernel`, `round-robin`, `hash`, `least-loaded`,
+//! `cpu`, `shared`, `userspace`; then Node's cluster module with `SCHED_RR` and
+//! `SCHED_NONE` and nginx with `reuseport` when installed) runs through the scenarios of
+//! [`scenario`] in interleaved rounds: round 1 runs A, B, C, ..., round 2 runs them again,
+//! so slow drift on a shared machine hits every subject alike. Each subject is started
+//! fresh for each round with as many workers as CPUs. [`summary`] reduces the rounds to
+//! medians with min-max and checks the targets; the report lands in `report.md`,
+//! `report.json` and `report.svg`.
+
+mod chart;
+pub mod scenario;
+pub mod subject;
+pub mod summary;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use scenario::{Measurement, Scenario};
+use subject::{Programs, STEER_POLICIES, Server, Subject};
+
+/// How the suite runs.
+#[derive(Debug, Clone)]
+pub struct SuiteConfig {
+    /// Where the programs are.
+    pub programs: Programs,
+    /// Where the reports go (`target/bench`).
+    pub out_dir: PathBuf,
+    /// Workers per subject.
+    pub workers: usize,
+    /// Interleaved rounds.
+    pub rounds: usize,
+    /// Length of the keep-alive and connect runs.
+    pub throughput_length: Duration,
+    /// Length of the stalled-worker run.
+    pub stall_length: Duration,
+    /// Length of the rolling-restart run (the roll starts a quarter in).
+    pub roll_length: Duration,
+    /// `quick` or `full`, for the report.
+    pub mode: String,
+}
+
+impl SuiteConfig {
+    /// The settings of `--quick` (under two minutes on two cores) or the full run.
+    pub fn new(programs: Programs, out_dir: PathBuf, quick: bool) -> SuiteConfig {
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let (rounds, throughput, stall, roll) = if quick {
+            (1, 1.5, 2.0, 3.0)
+        } else {
+            (5, 3.0, 4.0, 5.0)
+        };
+        SuiteConfig {
+            programs,
+            out_dir,
+            workers,
+            rounds,
+            throughput_length: Duration::from_secs_f64(throughput),
+            stall_length: Duration::from_secs_f64(stall),
+            roll_length: Duration::from_secs_f64(roll),
+            mode: if quick { "quick" } else { "full" }.into(),
+        }
+    }
+
+    fn length(&self, scenario: Scenario) -> Duration {
+        match scenario {
+            Scenario::KeepAlive | Scenario::Connect => self.throughput_length,
+            Scenario::Stall => self.stall_length,
+            Scenario::Roll => self.roll_length,
+        }
+    }
+
+    /// The subjects, in the order each round runs them.
+    pub fn subjects(&self) -> Vec<Subject> {
+        let mut subjects: Vec<Subject> = STEER_POLICIES
+            .iter()
+            .map(|policy| Subject::Steer {
+                policy: (*policy).into(),
+            })
+            .collect();
+        if self.programs.node.is_some() {
+            subjects.push(Subject::Node { sched: "rr".into() });
+            subjects.push(Subject::Node {
+                sched: "none".into(),
+            });
+        }
+        if self.programs.nginx.is_some() {
+            subjects.push(Subject::Nginx);
+        }
+        subjects
+    }
+}
+
+/// One subject in one round: its measurements.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    /// Which round (from 1).
+    pub round: usize,
+    /// What ran.
+    pub subject: String,
+    /// One per scenario that applies to it.
+    pub measurements: Vec<Measurement>,
+}
+
+/// Everything the run produced; `report.json` is this.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    /// The machine and settings.
+    pub setup: summary::Setup,
+    /// Every sample, in the order taken.
+    pub samples: Vec<Sample>,
+    /// Medians, ranges and targets.
+    pub summary: summary::Summary,
+}
+
+/// Runs the suite, printing progress, and writes the reports. Returns the report's path.
+pub fn run(config: &SuiteConfig) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(&config.out_dir)
+        .map_err(|e| format!("creating {}: {e}", config.out_dir.display()))?;
+    std::fs::create_dir_all(&config.programs.scratch)
+        .map_err(|e| format!("creating {}: {e}", config.programs.scratch.display()))?;
+    let subjects = config.subjects();
+    let names: Vec<String> = subjects.iter().map(Subject::name).collect();
+    eprintln!(
+        "bench: {} mode, {} rounds, {} workers, subjects: {}",
+        config.mode,
+        config.rounds,
+        config.workers,
+        names.join(", ")
+    );
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    for round in 1..=config.rounds {
+        for subject in &subjects {
+            eprint!(
+                "[{:>4.0}s] round {round}/{} {:<16}",
+                started.elapsed().as_secs_f64(),
+                config.rounds,
+                subject.name()
+            );
+            let sample = run_subject(config, subject, round)?;
+            samples.push(sample);
+        }
+    }
+    let setup = summary::Setup::describe(config, &names);
+    let summary = summary::Summary::of(&samples, &names, config.workers);
+    let run = Run {
+        setup,
+        samples,
+        summary,
+    };
+    let json = config.out_dir.join("report.json");
+    let text = serde_json::to_string_pretty(&run).map_err(|e| e.to_string())?;
+    std::fs::write(&json, text).map_err(|e| format!("writing {}: {e}", json.display()))?;
+    let markdown = config.out_dir.join("report.md");
+    std::fs::write(&markdown, summary::markdown(&run))
+        .map_err(|e| format!("writing {}: {e}", markdown.display()))?;
+    let svg = config.out_dir.join("report.svg");
+    chart::draw(&run.summary, &svg)?;
+    eprintln!(
+        "bench: done in {:.0}s: {}, report.json, report.svg",
+        started.elapsed().as_secs_f64(),
+        markdown.display()
+    );
+    Ok(markdown)
+}
+
+/// Starts `subject`, runs its scenarios, stops it. Prints one line of progress.
+fn run_subject(config: &SuiteConfig, subject: &Subject, round: usize) -> Result<Sample, String> {
+    let server = Server::start(subject, config.workers, &config.programs)?;
+    // A short warm-up, not recorded: page faults, first connections, CPU frequency.
+    let mut warm = crate::load::LoadSpec::new(
+        server.addr,
+        crate::load::Mode::KeepAlive,
+        8,
+        crate::load::Stop::After(Duration::from_millis(300)),
+    );
+    warm.threads = 1;
+    let _ = crate::load::run(&warm);
+    let mut measurements = Vec::new();
+    for scenario in Scenario::ALL {
+        if !subject.is_steer() && !scenario.for_peers() {
+            continue;
+        }
+        let measurement = scenario::run(scenario, &server, config.length(scenario))
+            .map_err(|e| format!("{} {}: {e}", subject.name(), scenario.name()))?;
+        eprint!(" {}", progress(&measurement));
+        measurements.push(measurement);
+    }
+    eprintln!();
+    server.stop();
+    Ok(Sample {
+        round,
+        subject: subject.name(),
+        measurements,
+    })
+}
+
+/// A few characters for the progress line.
+fn progress(m: &Measurement) -> String {
+    let l = &m.load;
+    match m.scenario {
+        Scenario::KeepAlive => format!("ka {:.0}/s", l.rate),
+        Scenario::Connect => format!(
+            "conn {:.0}/s p99 {:.1}ms cpu {:.0}%",
+            l.rate,
+            l.latency.p99_us as f64 / 1000.0,
+            m.primary_cpu_pct
+        ),
+        Scenario::Stall => format!("stall p99 {:.1}ms", l.latency.p99_us as f64 / 1000.0),
+        Scenario::Roll => format!(
+            "roll failed {} ({})",
+            l.errors.total(),
+            m.roll_s
+                .map_or_else(|| "did not finish".into(), |s| format!("{s:.1}s"))
+        ),
+    }
+}

@@ -1,0 +1,375 @@
+//! What is benchmarked: Steer under each policy, and the peers (Node's cluster module,
+//! nginx with `reuseport`), each started as a child process on a fresh port.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// How long a server gets to come up.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Every Steer policy, the eBPF ones first, then the kernel's and the baselines.
+pub const STEER_POLICIES: [&str; 7] = [
+    "kernel",
+    "round-robin",
+    "hash",
+    "least-loaded",
+    "cpu",
+    "shared",
+    "userspace",
+];
+
+/// The policies that run Steer's eBPF program.
+pub const EBPF_POLICIES: [&str; 4] = ["round-robin", "hash", "least-loaded", "cpu"];
+
+/// One thing to benchmark.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Subject {
+    /// `steer run --balance <policy>` with the demo app.
+    Steer {
+        /// The `--balance` value.
+        policy: String,
+    },
+    /// Node's cluster module (`bench/peers/node_cluster.js`).
+    Node {
+        /// `rr` or `none`.
+        sched: String,
+    },
+    /// nginx, one `listen ... reuseport` socket per worker.
+    Nginx,
+}
+
+impl Subject {
+    /// The name in tables and charts.
+    pub fn name(&self) -> String {
+        match self {
+            Subject::Steer { policy } => policy.clone(),
+            Subject::Node { sched } => format!("node-{sched}"),
+            Subject::Nginx => "nginx-reuseport".into(),
+        }
+    }
+
+    /// Whether this is Steer (the stalled-worker and rolling-restart scenarios need the
+    /// demo's fault routes and Steer's `SIGUSR2`).
+    pub fn is_steer(&self) -> bool {
+        matches!(self, Subject::Steer { .. })
+    }
+}
+
+/// Where the programs are.
+#[derive(Debug, Clone)]
+pub struct Programs {
+    /// The `steer` binary (release).
+    pub steer: PathBuf,
+    /// `node`, if found.
+    pub node: Option<PathBuf>,
+    /// The Node cluster script.
+    pub node_script: PathBuf,
+    /// `nginx`, if found.
+    pub nginx: Option<PathBuf>,
+    /// Scratch directory (nginx prefix, logs).
+    pub scratch: PathBuf,
+}
+
+/// Finds `name` on `PATH` (and in `/usr/sbin`, where Debian puts nginx).
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+/// A running server under test.
+#[derive(Debug)]
+pub struct Server {
+    /// What runs.
+    pub subject: Subject,
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    /// Steer's `/status` address.
+    pub status: Option<SocketAddr>,
+    child: Child,
+    workers: usize,
+}
+
+impl Server {
+    /// Starts `subject` with `workers` workers on a free loopback port and waits until it
+    /// serves (Steer: every slot `ready` in `/status`; peers: a `GET /` answered by each
+    /// worker, or at least answered).
+    pub fn start(subject: &Subject, workers: usize, programs: &Programs) -> Result<Server, String> {
+        let addr = free_addr()?;
+        let mut status = None;
+        let log = programs
+            .scratch
+            .join(format!("{}.log", subject.name()))
+            .to_string_lossy()
+            .into_owned();
+        let mut command = match subject {
+            Subject::Steer { policy } => {
+                let status_addr = free_addr()?;
+                status = Some(status_addr);
+                let mut command = Command::new(&programs.steer);
+                command.args([
+                    "run",
+                    "--workers",
+                    &workers.to_string(),
+                    "--balance",
+                    policy,
+                    "--listen",
+                    &addr.to_string(),
+                    "--status",
+                    &status_addr.to_string(),
+                    "--demo-faults",
+                    "--shutdown-timeout",
+                    "5s",
+                    "-q",
+                ]);
+                command
+            }
+            Subject::Node { sched } => {
+                let node = programs.node.as_ref().ok_or("node is not installed")?;
+                let mut command = Command::new(node);
+                command
+                    .arg(&programs.node_script)
+                    .env("PORT", addr.port().to_string())
+                    .env("WORKERS", workers.to_string())
+                    .env("SCHED", sched);
+                command
+            }
+            Subject::Nginx => {
+                let nginx = programs.nginx.as_ref().ok_or("nginx is not installed")?;
+                let prefix = programs.scratch.join("nginx");
+                let conf = write_nginx_conf(&prefix, addr, workers)?;
+                let mut command = Command::new(nginx);
+                command
+                    .arg("-p")
+                    .arg(&prefix)
+                    .arg("-c")
+                    .arg(&conf)
+                    .arg("-e")
+                    .arg("stderr");
+                command
+            }
+        };
+        let output = std::fs::File::create(&log).map_err(|e| format!("creating {log}: {e}"))?;
+        let errors = output
+            .try_clone()
+            .map_err(|e| format!("duplicating {log}: {e}"))?;
+        command
+            .stdin(Stdio::null())
+            .stdout(output)
+            .stderr(errors)
+            .process_group(0);
+        let child = command
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", subject.name()))?;
+        let mut server = Server {
+            subject: subject.clone(),
+            addr,
+            status,
+            child,
+            workers,
+        };
+        server.wait_serving().map_err(|e| {
+            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: String = tail.lines().rev().take(15).collect::<Vec<_>>().join("\n");
+            format!(
+                "{}: {e}; log (last lines, newest first):\n{tail}",
+                subject.name()
+            )
+        })?;
+        Ok(server)
+    }
+
+    fn wait_serving(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(Some(exit)) = self.child.try_wait() {
+                return Err(format!("exited during start ({exit})"));
+            }
+            let up = match self.status {
+                Some(_) => self.steer_worker_pids().is_some(),
+                None => http_get(self.addr, "/").is_ok_and(|(status, _)| status == 200),
+            };
+            if up {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("not serving after {START_TIMEOUT:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The pid of the primary (Steer's primary, Node's primary, nginx's master).
+    pub fn primary_pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Steer only: every slot's pid when all are ready and none is rolling.
+    pub fn steer_worker_pids(&self) -> Option<Vec<u64>> {
+        let (status, body) = http_get(self.status?, "/status").ok()?;
+        if status != 200 {
+            return None;
+        }
+        let doc: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let workers = doc["workers"].as_array()?;
+        let ready = workers.len() == self.workers
+            && doc["primary"]["phase"] == "running"
+            && workers.iter().all(|w| w["state"] == "ready");
+        ready.then(|| workers.iter().filter_map(|w| w["pid"].as_u64()).collect())
+    }
+
+    /// Sends `signal` to the primary.
+    pub fn signal(&self, signal: i32) -> Result<(), String> {
+        let pid = libc::pid_t::try_from(self.child.id()).map_err(|e| e.to_string())?;
+        // SAFETY: kill on our own unreaped child.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(format!(
+                "kill({pid}, {signal}): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Graceful stop (SIGTERM), then SIGKILL to the whole process group after a few
+    /// seconds; reaps the primary.
+    pub fn stop(mut self) {
+        let _ = self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(8);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill_group();
+    }
+
+    fn kill_group(&mut self) {
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: the process group this child leads (process_group(0)); its members
+            // are what we started.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Makes sure nothing is left behind if a scenario panics or fails.
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill_group();
+        }
+    }
+}
+
+/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after its closing parenthesis are fixed.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let per_second = u64::try_from(per_second).ok().filter(|&n| n > 0)?;
+    Some(Duration::from_secs_f64(ticks as f64 / per_second as f64))
+}
+
+/// A free port on 127.0.0.1 (bound and released; the kernel does not hand it out again
+/// soon).
+fn free_addr() -> Result<SocketAddr, String> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("finding a free port: {e}"))
+}
+
+/// A one-shot blocking `GET` with `Connection: close`: status and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut response = httparse::Response::new(&mut headers);
+    match response.parse(&raw) {
+        Ok(httparse::Status::Complete(head)) => Ok((
+            response.code.unwrap_or(0),
+            String::from_utf8_lossy(&raw[head..]).into_owned(),
+        )),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "incomplete or malformed response",
+        )),
+    }
+}
+
+/// Writes nginx's configuration under `prefix`: `workers` workers, `listen .. reuseport`,
+/// the same hello body, `X-Steer-Worker` set to the worker's pid.
+fn write_nginx_conf(prefix: &Path, addr: SocketAddr, workers: usize) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(prefix.join("logs"))
+        .map_err(|e| format!("creating {}: {e}", prefix.display()))?;
+    let conf = prefix.join("nginx.conf");
+    let text = format!(
+        "daemon off;\n\
+         master_process on;\n\
+         worker_processes {workers};\n\
+         pid {prefix}/nginx.pid;\n\
+         error_log stderr warn;\n\
+         events {{ worker_connections 8192; }}\n\
+         http {{\n\
+         \x20 access_log off;\n\
+         \x20 keepalive_requests 10000000;\n\
+         \x20 keepalive_timeout 60s;\n\
+         \x20 client_body_temp_path {prefix}/body;\n\
+         \x20 proxy_temp_path {prefix}/proxy;\n\
+         \x20 fastcgi_temp_path {prefix}/fastcgi;\n\
+         \x20 uwsgi_temp_path {prefix}/uwsgi;\n\
+         \x20 scgi_temp_path {prefix}/scgi;\n\
+         \x20 server {{\n\
+         \x20   listen {addr} reuseport backlog=4096;\n\
+         \x20   location / {{\n\
+         \x20     default_type \"text/plain; charset=utf-8\";\n\
+         \x20     add_header X-Steer-Worker $pid;\n\
+         \x20     return 200 \"hello from worker $pid\\n\";\n\
+         \x20   }}\n\
+         \x20 }}\n\
+         }}\n",
+        prefix = prefix.display()
+    );
+    std::fs::write(&conf, text).map_err(|e| format!("writing {}: {e}", conf.display()))?;
+    Ok(conf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_of_this_process_grows() {
+        let pid = std::process::id();
+        let before = cpu_time(pid).expect("readable");
+        let started = Instant::now();
+        let mut x = 0u64;
+        while started.elapsed() < Duration::from_millis(60) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(cpu_time(pid).expect("readable") > before);
+    }
+}

@@ -1,0 +1,54 @@
+//! The supervisor's side of the baselines: handing accepted connections to ready workers
+//! (`userspace`), and closing the baseline's socket at shutdown.
+
+use std::time::Instant;
+
+use mio::unix::SourceFd;
+
+use super::slot::Phase;
+use super::supervisor::Supervisor;
+use crate::baseline::{Baseline, Target};
+
+impl Supervisor {
+    /// The `userspace` listener is readable (or a retry is due): accept and hand out,
+    /// round-robin over the slots whose serving process is ready.
+    pub(super) fn hand_off(&mut self) {
+        let Some(handoff) = self.baseline.as_mut().and_then(Baseline::handoff) else {
+            return;
+        };
+        let targets: Vec<Target<'_>> = self
+            .slots
+            .iter()
+            .filter_map(|slot| {
+                let process = slot
+                    .current
+                    .as_ref()
+                    .filter(|p| p.phase == Phase::Ready && !p.killed)?;
+                Some(Target {
+                    slot: slot.index,
+                    channel: &process.channel,
+                })
+            })
+            .collect();
+        handoff.hand_off(&targets);
+    }
+
+    /// When the hand-off must run again without an event (accept budget used up, or a
+    /// connection waiting for a worker that can take it).
+    pub(super) fn baseline_wakeup(&self, now: Instant) -> Option<Instant> {
+        match self.baseline.as_ref()? {
+            Baseline::Userspace(handoff) => handoff.retry_at(now),
+            Baseline::Shared { .. } => None,
+        }
+    }
+
+    /// Shutdown: the primary stops accepting (`userspace`) and drops its copy of the shared
+    /// socket, which closes when the last draining worker closes its own.
+    pub(super) fn close_baseline(&mut self) {
+        if let Some(Baseline::Userspace(handoff)) = &self.baseline {
+            let fd = handoff.listener_fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+        }
+        self.baseline = None;
+    }
+}
