@@ -241,10 +241,24 @@ pub(super) fn socket_inode(fd: &OwnedFd) -> Option<u64> {
 /// The fd number under which `pid` holds the socket with `inode`.
 fn find_socket_fd(pid: i32, inode: u64) -> io::Result<RawFd> {
     let wanted = format!("socket:[{inode}]");
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+    // A worker running as another user needs CAP_SYS_PTRACE to be inspected: say so
+    // rather than "no longer holds".
+    let hint = |e: io::Error| {
+        if e.kind() == io::ErrorKind::PermissionDenied {
+            io::Error::new(
+                e.kind(),
+                format!("cannot read /proc/{pid}/fd ({e}); the primary needs CAP_SYS_PTRACE"),
+            )
+        } else {
+            e
+        }
+    };
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).map_err(hint)? {
         let entry = entry?;
-        let Ok(link) = std::fs::read_link(entry.path()) else {
-            continue;
+        let link = match std::fs::read_link(entry.path()) {
+            Ok(link) => link,
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Err(hint(e)),
+            Err(_) => continue,
         };
         if link.as_os_str() == wanted.as_str()
             && let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok())

@@ -335,7 +335,9 @@ impl Supervisor {
         if matches!(program, WorkerProgram::External(_)) {
             // The systemd convention: SIGTERM asks a service to finish and exit.
             if let Err(err) = spawn::pidfd_signal(&process.pidfd, libc::SIGTERM) {
-                tracing::debug!(slot = index, pid = process.pid, "SIGTERM failed: {err}");
+                // Without it the worker drains only at the SIGKILL deadline (a worker of
+                // another user needs CAP_KILL).
+                tracing::warn!(slot = index, pid = process.pid, "SIGTERM failed: {err}");
             }
         }
         tracing::debug!(slot = index, pid = process.pid, "draining");
