@@ -361,6 +361,44 @@ impl Cluster {
         pid
     }
 
+    /// Sends SIGUSR2 and waits until every slot is `ready` with a newer generation than
+    /// before; returns how long the roll took.
+    ///
+    /// # Panics
+    ///
+    /// As [`wait_until`](Cluster::wait_until), after `timeout`.
+    pub fn rolling_restart(&self, timeout: Duration) -> Duration {
+        let before: std::collections::BTreeMap<usize, u64> = status::workers(&self.status())
+            .iter()
+            .map(|w| (w.slot, w.generation))
+            .collect();
+        let at = Instant::now();
+        self.signal(Signal::SIGUSR2);
+        self.wait_until("a rolling restart to complete", timeout, |s| {
+            all_ready(s)
+                && status::workers(s)
+                    .iter()
+                    .all(|w| before.get(&w.slot).is_some_and(|&g| w.generation > g))
+        });
+        at.elapsed()
+    }
+
+    /// Waits until the workers' heartbeat answers report at least `requests` answered
+    /// requests in all: proof that they answer pings (the counters travel in pongs).
+    ///
+    /// # Panics
+    ///
+    /// As [`wait_until`](Cluster::wait_until), after `timeout`.
+    pub fn wait_for_reported_requests(&self, requests: u64, timeout: Duration) -> Value {
+        self.wait_until("heartbeat answers carrying request counts", timeout, |s| {
+            status::workers(s)
+                .iter()
+                .map(|w| w.raw["requests"].as_u64().unwrap_or(0))
+                .sum::<u64>()
+                >= requests
+        })
+    }
+
     /// SIGTERM, then asserts a clean stop (exit 0) within `timeout`.
     ///
     /// # Panics

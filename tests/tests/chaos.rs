@@ -429,23 +429,7 @@ fn rolling_restarts(suite: &mut Suite) -> Row {
     let load = suite.load();
     let mut recovery = Vec::new();
     for _ in 0..3 {
-        let before: BTreeMap<usize, u64> = status::workers(&suite.cluster.status())
-            .iter()
-            .map(|w| (w.slot, w.generation))
-            .collect();
-        let at = Instant::now();
-        suite.cluster.signal(Signal::SIGUSR2);
-        suite.cluster.wait_until(
-            "a rolling restart to complete",
-            Duration::from_secs(20),
-            |s| {
-                status::all_ready(s)
-                    && status::workers(s)
-                        .iter()
-                        .all(|w| w.generation > before[&w.slot])
-            },
-        );
-        recovery.push(at.elapsed());
+        recovery.push(suite.cluster.rolling_restart(Duration::from_secs(20)));
     }
     let report = load.stop();
     let mut row = suite.failures_must_be_zero("rolling restarts", &report);

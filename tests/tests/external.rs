@@ -321,16 +321,8 @@ fn a_python_worker_answering_pings_from_its_loop_is_replaced_when_the_loop_stall
         must_get(cluster.listen_addr(), "/");
     }
     // Its pongs carry its counters into /status.
-    let served = cluster.wait_until("pongs with counters", Duration::from_secs(5), |s| {
-        let requests: u64 = (0..2)
-            .map(|slot| {
-                status::worker(s, slot).raw["requests"]
-                    .as_u64()
-                    .unwrap_or(0)
-            })
-            .sum();
-        requests >= 20
-    });
+    // Its pongs carry its counters into /status.
+    let served = cluster.wait_for_reported_requests(20, Duration::from_secs(5));
     let before = status::worker(&served, 1).pid.expect("slot 1 pid");
     assert!(
         status::worker(&served, 1).raw["health_ms"]

@@ -160,13 +160,7 @@ fn a_library_worker_whose_loop_stalls_is_declared_hung_and_replaced() {
         http_get(cluster.listen_addr(), "/").expect("hello");
     }
     // Heartbeats come back with the counters the worker keeps.
-    cluster.wait_until("pongs with counters", Duration::from_secs(5), |s| {
-        status::workers(s)
-            .iter()
-            .map(|w| w.raw["requests"].as_u64().unwrap_or(0))
-            .sum::<u64>()
-            >= 10
-    });
+    cluster.wait_for_reported_requests(10, Duration::from_secs(5));
     let before: BTreeMap<usize, u32> = cluster.worker_pids().into_iter().collect();
     let addr = cluster.listen_addr();
     let stalled = std::thread::spawn(move || {

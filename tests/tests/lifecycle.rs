@@ -427,9 +427,7 @@ fn the_last_serving_worker_stays_in_steering_when_silent_and_its_queue_moves_to_
     ]);
     // Once a pong has carried the request count, the worker is known to answer pings.
     must_get(cluster.listen_addr(), "/");
-    let answered = cluster.wait_until("a pong with counters", Duration::from_secs(5), |s| {
-        status::worker(s, 0).raw["requests"].as_u64() >= Some(1)
-    });
+    let answered = cluster.wait_for_reported_requests(1, Duration::from_secs(5));
     let frozen = status::worker(&answered, 0).pid.expect("slot 0 pid");
     let target = nix::unistd::Pid::from_raw(frozen as i32);
     nix::sys::signal::kill(target, Signal::SIGSTOP).expect("SIGSTOP");

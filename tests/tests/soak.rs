@@ -9,11 +9,10 @@
 //! same, and the memory may not have grown by more than [`RSS_SLACK`] (the allocator keeps
 //! some freed pages; a leak of one buffer per restart, 12 times over, would show).
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use steer_tests::chaos::ChaosLoad;
-use steer_tests::{Cluster, Signal, status};
+use steer_tests::{Cluster, status};
 
 const ROLL_EVERY: Duration = Duration::from_secs(5);
 const DEFAULT_SECONDS: u64 = 60;
@@ -26,36 +25,14 @@ fn primary_fds(pid: u32) -> usize {
         .count()
 }
 
-/// Rolls and waits until every slot runs a newer generation and no old one is left.
-fn roll(cluster: &Cluster) -> Duration {
-    let before: BTreeMap<usize, u64> = status::workers(&cluster.status())
-        .iter()
-        .map(|w| (w.slot, w.generation))
-        .collect();
-    let at = Instant::now();
-    cluster.signal(Signal::SIGUSR2);
-    cluster.wait_until(
-        "a rolling restart to complete",
-        Duration::from_secs(20),
-        |s| {
-            status::all_ready(s)
-                && status::workers(s)
-                    .iter()
-                    .all(|w| w.generation > before[&w.slot])
-        },
-    );
-    at.elapsed()
-}
-
-/// Waits until no slot has an old generation still draining, then lets the status
-/// listener's own connection go.
+/// Waits until no slot has an old generation still draining. The status request itself
+/// leaves no fd behind: the primary closes its side before the client reads end-of-file.
 fn settle(cluster: &Cluster) {
     cluster.wait_until("old generations to exit", Duration::from_secs(20), |s| {
         status::workers(s)
             .iter()
             .all(|w| w.raw["draining"].as_u64() == Some(0))
     });
-    std::thread::sleep(Duration::from_millis(300));
 }
 
 #[test]
@@ -73,7 +50,7 @@ fn soak_with_a_rolling_restart_every_5s_loses_no_request_and_leaks_nothing() {
     load.wait_for_more(200, Duration::from_secs(10));
 
     // Warm-up: the first roll allocates what every later one reuses.
-    roll(&cluster);
+    cluster.rolling_restart(Duration::from_secs(20));
     settle(&cluster);
     let (fds_start, rss_start) = (primary_fds(primary), steer_tests::rss_bytes(primary));
 
@@ -81,7 +58,7 @@ fn soak_with_a_rolling_restart_every_5s_loses_no_request_and_leaks_nothing() {
     let mut rolls = Vec::new();
     while started.elapsed() + ROLL_EVERY <= Duration::from_secs(seconds) + ROLL_EVERY / 2 {
         let next = started + ROLL_EVERY * (rolls.len() as u32 + 1);
-        rolls.push(roll(&cluster));
+        rolls.push(cluster.rolling_restart(Duration::from_secs(20)));
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
         eprintln!(
             "soak: {:>3} s, {} rolls, primary {} fds, RSS {} KiB, {} requests answered",
@@ -94,6 +71,12 @@ fn soak_with_a_rolling_restart_every_5s_loses_no_request_and_leaks_nothing() {
     }
     let report = load.stop();
     settle(&cluster);
+    // A worker that has just exited may still be on its way out of the primary's tables;
+    // wait (bounded) for the count to come back, and fail below if it never does.
+    let fds_settled = Instant::now() + Duration::from_secs(5);
+    while primary_fds(primary) != fds_start && Instant::now() < fds_settled {
+        std::thread::sleep(steer_tests::STATUS_POLL_INTERVAL);
+    }
     let (fds_end, rss_end) = (primary_fds(primary), steer_tests::rss_bytes(primary));
     eprintln!(
         "soak: {} s, {} rolling restarts (slowest {} ms), {} requests answered, {} failed; \

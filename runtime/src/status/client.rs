@@ -115,7 +115,8 @@ pub fn render_table(doc: &StatusDocument) -> String {
     out
 }
 
-fn human_duration(secs: u64) -> String {
+/// `42s`, `3m5s`, `2h10m`: an uptime for a terminal table.
+pub(crate) fn human_duration(secs: u64) -> String {
     match secs {
         0..60 => format!("{secs}s"),
         60..3600 => format!("{}m{}s", secs / 60, secs % 60),
@@ -123,7 +124,8 @@ fn human_duration(secs: u64) -> String {
     }
 }
 
-fn human_bytes(bytes: u64) -> String {
+/// Bytes in MiB with one decimal, for a terminal table.
+pub(crate) fn human_bytes(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 

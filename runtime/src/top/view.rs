@@ -11,6 +11,7 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Table};
 
+use crate::status::client::{human_bytes, human_duration};
 use crate::status::{StatusDocument, WorkerStatus};
 
 /// The live view's state: the latest document, the rates derived from the one before, and
@@ -211,18 +212,6 @@ impl View {
             (None, _) => Line::from(keys),
         }
     }
-}
-
-fn human_duration(secs: u64) -> String {
-    match secs {
-        0..60 => format!("{secs}s"),
-        60..3600 => format!("{}m{}s", secs / 60, secs % 60),
-        _ => format!("{}h{}m", secs / 3600, secs % 3600 / 60),
-    }
-}
-
-fn human_bytes(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
 #[cfg(test)]
