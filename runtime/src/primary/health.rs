@@ -63,7 +63,7 @@ impl Supervisor {
             return;
         }
         let timeout = self.config.health_timeout;
-        let mut silent: Vec<(Duration, usize)> = Vec::new();
+        let mut silent: Vec<usize> = Vec::new();
         let mut live = 0;
         for slot in &self.slots {
             let Some(process) = slot.current.as_ref() else {
@@ -72,25 +72,25 @@ impl Supervisor {
             if process.phase == Phase::Ready && !process.hung {
                 live += 1;
             }
-            let quiet = now.saturating_duration_since(process.last_heard);
-            if watched_for_hangs(process) && quiet > timeout {
-                silent.push((quiet, slot.index));
+            if watched_for_hangs(process)
+                && now.saturating_duration_since(process.last_heard) > timeout
+            {
+                silent.push(slot.index);
             }
         }
         // When most workers fall silent together, the host (or this primary) is more
         // likely stalled than most workers hung, and taking them out would leave the
         // rest, or nobody, to serve everything. So a minority of silent workers is taken
-        // out at once; a majority (which includes the last worker of a slot-less
+        // out at once; a majority (which includes the only worker of a one-worker
         // cluster) stays in steering while replacements start, and each hands its queue
         // over only if it is still silent when its replacement is ready.
         if silent.len() * 2 <= live {
-            for (_, index) in silent {
+            for index in silent {
                 self.declare_hung(index);
             }
         } else {
-            let of = live;
-            for (_, index) in silent {
-                self.replace_silent_in_place(index, of);
+            for index in silent {
+                self.replace_silent_in_place(index, live);
             }
         }
     }
