@@ -420,10 +420,12 @@ fn the_last_serving_worker_stays_in_steering_when_silent_and_its_queue_moves_to_
         "1",
         "--balance",
         "round-robin",
+        // Generous, so a loaded CI host does not make the worker look silent before
+        // the test freezes it.
         "--health-interval",
-        "100ms",
+        "200ms",
         "--health-timeout",
-        "300ms",
+        "1s",
     ]);
     // Once a pong has carried the request count, the worker is known to answer pings.
     must_get(cluster.listen_addr(), "/");
