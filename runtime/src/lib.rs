@@ -61,6 +61,7 @@
 //! the primary/worker protocol; [`worker`] is the worker side; [`status`] serves and reads
 //! `/status`; [`demo`] is the built-in HTTP app; [`listener`] creates and checks sockets.
 
+pub mod accept;
 pub mod baseline;
 pub mod cli;
 mod cluster;

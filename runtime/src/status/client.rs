@@ -1,46 +1,196 @@
 //! `steer status`: fetch `/status` and print it as a table or as raw JSON.
+//!
+//! The exchange is bounded, because the address may not be a steer status listener at all:
+//! a whole exchange takes at most [`EXCHANGE_TIMEOUT`] (connect, send, every read), and an
+//! answer larger than [`MAX_REPLY`] is refused as soon as it passes that size. A server that
+//! streams bytes forever costs `steer status` (and `steer top`) a few MiB for a few
+//! seconds, then an exit with status 1 and a message that says which limit it hit.
 
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
 
 use super::StatusDocument;
 
-/// Fetches `GET path` from the status listener and returns the body.
-pub fn fetch(addr: SocketAddr, path: &str) -> std::io::Result<String> {
-    let timeout = Duration::from_secs(5);
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
+/// The longest a whole exchange with the status listener may take.
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The largest answer accepted, head and body. A `/status` document of 1,024 slots is
+/// about 500 KiB.
+pub const MAX_REPLY: usize = 4 << 20;
+
+/// Why a status request failed.
+#[derive(Debug, Error)]
+pub enum FetchError {
+    /// `connect` failed (nothing listens there, or the host is unreachable).
+    #[error("cannot connect")]
+    Connect(#[source] io::Error),
+    /// Connecting, sending or reading did not finish within the exchange's time.
+    #[error("no complete answer within {} s", .0.as_secs())]
+    TimedOut(Duration),
+    /// The answer passed [`MAX_REPLY`].
+    #[error("the answer is larger than {} MiB", .0 >> 20)]
+    TooLarge(usize),
+    /// The answer is not an HTTP/1.1 response with a body.
+    #[error("the answer is not a status document: {0}")]
+    Malformed(String),
+    /// The listener answered, with another status than 200.
+    #[error("the status listener answered {0}")]
+    Refused(String),
+    /// Sending or reading failed.
+    #[error("the exchange failed")]
+    Io(#[source] io::Error),
+}
+
+/// Fetches `GET path` from the status listener at `addr` and returns the body, within
+/// [`EXCHANGE_TIMEOUT`] and [`MAX_REPLY`].
+pub fn fetch(addr: SocketAddr, path: &str) -> Result<String, FetchError> {
+    fetch_within(addr, path, EXCHANGE_TIMEOUT, MAX_REPLY)
+}
+
+/// [`fetch`] with other limits: the whole exchange within `timeout`, at most `max_bytes`
+/// read.
+pub fn fetch_within(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+    max_bytes: usize,
+) -> Result<String, FetchError> {
+    let deadline = Instant::now() + timeout;
+    let left = || {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|left| !left.is_zero())
+            .ok_or(FetchError::TimedOut(timeout))
+    };
+    let timed_out = |err: io::Error, otherwise: fn(io::Error) -> FetchError| match err.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => FetchError::TimedOut(timeout),
+        _ => otherwise(err),
+    };
+    let mut stream = TcpStream::connect_timeout(&addr, left()?)
+        .map_err(|e| timed_out(e, FetchError::Connect))?;
+    stream
+        .set_write_timeout(Some(left()?))
+        .map_err(FetchError::Io)?;
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP response")
-    })?;
-    if !head.starts_with("HTTP/1.1 200") {
-        let line = head.lines().next().unwrap_or_default();
-        return Err(std::io::Error::other(format!(
-            "status listener answered {line}"
-        )));
+    )
+    .map_err(|e| timed_out(e, FetchError::Io))?;
+    let mut reply = Reply::default();
+    let mut chunk = vec![0u8; 64 * 1024];
+    while !reply.complete() {
+        stream
+            .set_read_timeout(Some(left()?))
+            .map_err(FetchError::Io)?;
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => reply.take(&chunk[..n], max_bytes)?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(timed_out(e, FetchError::Io)),
+        }
     }
-    Ok(body.to_owned())
+    reply.body()
 }
 
-/// Prints the cluster's status; exit 1 with a hint when it cannot be reached.
+/// An answer as it arrives.
+#[derive(Debug, Default)]
+struct Reply {
+    bytes: Vec<u8>,
+    /// Once the head is in: status line, where the body starts, its announced length.
+    head: Option<(String, usize, Option<usize>)>,
+}
+
+impl Reply {
+    fn take(&mut self, data: &[u8], max_bytes: usize) -> Result<(), FetchError> {
+        if self.bytes.len() + data.len() > max_bytes {
+            return Err(FetchError::TooLarge(max_bytes));
+        }
+        self.bytes.extend_from_slice(data);
+        if self.head.is_none() {
+            self.head = parse_head(&self.bytes)?;
+            if let Some((_, start, Some(len))) = &self.head
+                && start + len > max_bytes
+            {
+                return Err(FetchError::TooLarge(max_bytes));
+            }
+        }
+        Ok(())
+    }
+
+    /// The announced length has arrived (without one, the body ends at end-of-file).
+    fn complete(&self) -> bool {
+        matches!(&self.head, Some((_, start, Some(len))) if self.bytes.len() >= start + len)
+    }
+
+    fn body(mut self) -> Result<String, FetchError> {
+        let Some((line, start, len)) = self.head.take() else {
+            return Err(FetchError::Malformed(
+                "the connection closed before a complete head".into(),
+            ));
+        };
+        let end = match len {
+            Some(len) if self.bytes.len() < start + len => {
+                return Err(FetchError::Malformed(format!(
+                    "the connection closed after {} of {len} body bytes",
+                    self.bytes.len() - start
+                )));
+            }
+            Some(len) => start + len,
+            None => self.bytes.len(),
+        };
+        if !line.starts_with("HTTP/1.1 200") {
+            return Err(FetchError::Refused(line));
+        }
+        self.bytes.truncate(end);
+        let mut bytes = self.bytes.split_off(start);
+        bytes.shrink_to_fit();
+        String::from_utf8(bytes).map_err(|_| FetchError::Malformed("the body is not UTF-8".into()))
+    }
+}
+
+/// The status line, body offset and `Content-Length` of a complete head; `None` if more is
+/// needed.
+fn parse_head(bytes: &[u8]) -> Result<Option<(String, usize, Option<usize>)>, FetchError> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut response = httparse::Response::new(&mut headers);
+    let start = match response.parse(bytes) {
+        Ok(httparse::Status::Complete(start)) => start,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(err) => return Err(FetchError::Malformed(format!("not HTTP: {err}"))),
+    };
+    let mut len = None;
+    for header in response.headers.iter() {
+        if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(FetchError::Malformed(
+                "a Transfer-Encoding body, which the status listener never sends".into(),
+            ));
+        }
+        if header.name.eq_ignore_ascii_case("content-length") {
+            let value = std::str::from_utf8(header.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .ok_or_else(|| FetchError::Malformed("a bad Content-Length".into()))?;
+            len = Some(value);
+        }
+    }
+    let line = format!(
+        "{} {}",
+        response.code.unwrap_or_default(),
+        response.reason.unwrap_or_default()
+    );
+    Ok(Some((format!("HTTP/1.1 {line}"), start, len)))
+}
+
+/// Prints the cluster's status; exit 1 with what went wrong when it cannot be read.
 pub fn print(addr: SocketAddr, json: bool) -> ExitCode {
     let body = match fetch(addr, "/status") {
         Ok(body) => body,
         Err(err) => {
-            eprintln!(
-                "steer: cannot read the status of a cluster at {addr}: {err}\n\
-                 (start it with `steer run --status {addr}`, or pass --status ADDR)"
-            );
+            eprintln!("{}", explain(addr, &err));
             return ExitCode::from(crate::cli::EXIT_FAILURE);
         }
     };
@@ -58,6 +208,23 @@ pub fn print(addr: SocketAddr, json: bool) -> ExitCode {
             ExitCode::from(crate::cli::EXIT_FAILURE)
         }
     }
+}
+
+/// The one-paragraph message for a failed status request, with what to try.
+pub fn explain(addr: SocketAddr, err: &FetchError) -> String {
+    let hint = match err {
+        FetchError::Connect(_) => {
+            format!("start a cluster with `steer run --status {addr}`, or pass --status ADDR")
+        }
+        FetchError::TooLarge(_) | FetchError::Malformed(_) | FetchError::TimedOut(_) => {
+            "is --status the address of a steer status listener?".to_owned()
+        }
+        FetchError::Refused(_) | FetchError::Io(_) => "try again".to_owned(),
+    };
+    format!(
+        "steer: cannot read the status of a cluster at {addr}: {}\n({hint})",
+        crate::error_chain(err)
+    )
 }
 
 /// The human-readable table `steer status` prints.
@@ -133,6 +300,37 @@ pub(crate) fn human_bytes(bytes: u64) -> String {
 mod tests {
     use super::*;
     use crate::status::{PrimaryStatus, SteeringStatus, Totals, WorkerStatus};
+
+    fn reply_of(parts: &[&[u8]], max_bytes: usize) -> Result<String, FetchError> {
+        let mut reply = Reply::default();
+        for part in parts {
+            reply.take(part, max_bytes)?;
+        }
+        reply.body()
+    }
+
+    #[test]
+    fn replies_end_at_their_length_and_are_refused_past_the_limit() {
+        let ok = reply_of(
+            &[b"HTTP/1.1 200 OK\r\nContent-Le", b"ngth: 3\r\n\r\nabc"],
+            100,
+        );
+        assert_eq!(ok.expect("complete"), "abc");
+        let mut partial = Reply::default();
+        partial
+            .take(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab", 100)
+            .expect("within the limit");
+        assert!(!partial.complete());
+        assert!(matches!(partial.body(), Err(FetchError::Malformed(_))));
+        let announced = reply_of(&[b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"], 100);
+        assert!(matches!(announced, Err(FetchError::TooLarge(100))));
+        let endless = reply_of(&[b"HTTP/1.1 200 OK\r\nX: ", &[b'x'; 60], &[b'x'; 60]], 100);
+        assert!(matches!(endless, Err(FetchError::TooLarge(100))));
+        let refused = reply_of(&[b"HTTP/1.1 503 Service Unavailable\r\n\r\nbusy"], 100);
+        assert!(matches!(refused, Err(FetchError::Refused(line)) if line.contains("503")));
+        let garbage = reply_of(&[b"SSH-2.0-OpenSSH\r\n\r\n"], 100);
+        assert!(matches!(garbage, Err(FetchError::Malformed(_))));
+    }
 
     #[test]
     fn table_shows_every_slot_and_the_totals() {

@@ -1,8 +1,16 @@
-//! `GET /status` (JSON) and `GET /metrics` (Prometheus text), served by the primary, and
-//! the `steer status` client that reads them.
+//! `GET /status` (JSON), `GET /metrics` (Prometheus text) and `GET /ready`, served by the
+//! primary's status listener thread ([`server`]), and the `steer status` client that reads
+//! them ([`client`]).
 
+mod board;
 pub mod client;
+#[expect(
+    dead_code,
+    reason = "the supervisor moves to the listener thread in the next commit"
+)]
+mod listener;
 mod metrics;
+mod request;
 pub(crate) mod server;
 
 use serde::{Deserialize, Serialize};

@@ -1,6 +1,7 @@
 //! `steer top`: a live view of a running cluster (like `pm2 monit`).
 //!
-//! Every `--interval` it reads `GET /status`, works out each slot's new connections per
+//! Every `--interval` it reads `GET /status` (each read bounded in time and size, see
+//! [`crate::status::client`]), works out each slot's new connections per
 //! second from the growth of its `accepted` counter, and redraws: the primary, the policy,
 //! and one row per worker (state, pid, connections/s, RSS, restarts, heartbeat age). `q`,
 //! `Esc` or `Ctrl-C` quits. What is drawn is [`view::View`], a plain value the tests render
@@ -16,12 +17,20 @@ use ratatui::DefaultTerminal;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 
 use crate::status::StatusDocument;
-use crate::status::client::fetch;
+use crate::status::client::{explain, fetch};
 pub use view::View;
 
-/// Runs the live view until the user quits. Exit 1 without a terminal, or if the terminal
-/// fails.
+/// Runs the live view until the user quits. Exit 1 if the first read of `/status` fails
+/// (nothing to watch there: the message says why), without a terminal, or if the terminal
+/// fails. Later failed reads are shown in the view, which keeps trying.
 pub fn run(addr: SocketAddr, interval: Duration) -> ExitCode {
+    let first = match fetch(addr, "/status") {
+        Ok(body) => body,
+        Err(err) => {
+            eprintln!("{}", explain(addr, &err));
+            return ExitCode::from(crate::cli::EXIT_FAILURE);
+        }
+    };
     if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
         eprintln!(
             "steer: `steer top` draws on a terminal and stdout is not one; use `steer status` \
@@ -36,7 +45,7 @@ pub fn run(addr: SocketAddr, interval: Duration) -> ExitCode {
             return ExitCode::from(crate::cli::EXIT_FAILURE);
         }
     };
-    let result = watch(&mut terminal, addr, interval);
+    let result = watch(&mut terminal, addr, interval, parse(addr, &first));
     ratatui::restore();
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -52,12 +61,14 @@ fn watch(
     terminal: &mut DefaultTerminal,
     addr: SocketAddr,
     interval: Duration,
+    first: Result<StatusDocument, String>,
 ) -> std::io::Result<()> {
     let mut view = View::new(addr, interval);
+    let mut read = Some(first);
     let mut next_fetch = Instant::now();
     loop {
         if Instant::now() >= next_fetch {
-            match read_status(addr) {
+            match read.take().unwrap_or_else(|| read_status(addr)) {
                 Ok(doc) => view.update(doc, Instant::now()),
                 Err(err) => view.failed(err),
             }
@@ -84,8 +95,13 @@ fn is_quit(code: KeyCode, modifiers: KeyModifiers) -> bool {
 }
 
 fn read_status(addr: SocketAddr) -> Result<StatusDocument, String> {
-    let body = fetch(addr, "/status").map_err(|e| format!("cannot read {addr}/status: {e}"))?;
-    serde_json::from_str(&body).map_err(|e| format!("{addr}/status is not understood: {e}"))
+    let body = fetch(addr, "/status")
+        .map_err(|e| format!("cannot read {addr}/status: {}", crate::error_chain(&e)))?;
+    parse(addr, &body)
+}
+
+fn parse(addr: SocketAddr, body: &str) -> Result<StatusDocument, String> {
+    serde_json::from_str(body).map_err(|e| format!("{addr}/status is not understood: {e}"))
 }
 
 #[cfg(test)]

@@ -1,0 +1,218 @@
+//! What the primary and the status thread share: the readiness in one atomic, which the
+//! thread reads without ever waiting for the primary, and the last status document the
+//! primary published, which the thread renders for `/status` and `/metrics`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use mio::Waker;
+
+use super::StatusDocument;
+
+/// Where the cluster stands, as `/ready` and `/status` name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Serving.
+    Running,
+    /// Serving, with a rolling restart under way.
+    Rolling,
+    /// Draining for exit.
+    Stopping,
+}
+
+impl Phase {
+    /// The name in `/status` (`primary.phase`) and in `/ready`'s body.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Phase::Running => "running",
+            Phase::Rolling => "rolling",
+            Phase::Stopping => "stopping",
+        }
+    }
+}
+
+/// What `/ready` answers from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Readiness {
+    /// Slots in state `ready`.
+    pub ready: usize,
+    /// Slots.
+    pub workers: usize,
+    /// The cluster's phase.
+    pub phase: Phase,
+}
+
+impl Readiness {
+    /// Serving now, and staying: what load balancers and Kubernetes probes want to know.
+    pub(crate) fn is_ready(self) -> bool {
+        self.phase != Phase::Stopping && self.ready > 0
+    }
+
+    /// Packs into one word, so the thread never sees a count from one update beside a
+    /// phase from another. Counts are at most `MAX_SLOTS` (1024), far below 2^24.
+    fn pack(self) -> u64 {
+        let phase = match self.phase {
+            Phase::Running => 0,
+            Phase::Rolling => 1,
+            Phase::Stopping => 2,
+        };
+        let field = |n: usize| u64::try_from(n).unwrap_or(u64::MAX).min(0xff_ffff);
+        field(self.ready) | field(self.workers) << 24 | phase << 48
+    }
+
+    fn unpack(word: u64) -> Readiness {
+        let field = |shift: u32| usize::try_from(word >> shift & 0xff_ffff).unwrap_or(0);
+        Readiness {
+            ready: field(0),
+            workers: field(24),
+            phase: match word >> 48 {
+                0 => Phase::Running,
+                1 => Phase::Rolling,
+                _ => Phase::Stopping,
+            },
+        }
+    }
+}
+
+/// A status document as published by the primary.
+#[derive(Debug)]
+pub(crate) struct Publication {
+    /// The document.
+    pub document: StatusDocument,
+    /// When the primary built it.
+    pub at: Instant,
+    /// Grows with every publication.
+    pub serial: u64,
+}
+
+/// The shared state. The primary writes readiness and documents; the thread reads them.
+#[derive(Debug)]
+pub(crate) struct Board {
+    readiness: AtomicU64,
+    /// The thread has clients waiting for a fresh document.
+    wanted: AtomicBool,
+    /// The primary is gone: the thread stops.
+    stop: AtomicBool,
+    published: Mutex<Option<Arc<Publication>>>,
+    /// Wakes the primary's poll when a document is wanted.
+    primary: Waker,
+    /// Wakes the thread's poll when a document is published or the thread must stop.
+    thread: Waker,
+}
+
+impl Board {
+    /// A board with nothing ready and nothing published yet.
+    pub(crate) fn new(primary: Waker, thread: Waker) -> Board {
+        let nothing = Readiness {
+            ready: 0,
+            workers: 0,
+            phase: Phase::Running,
+        };
+        Board {
+            readiness: AtomicU64::new(nothing.pack()),
+            wanted: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            published: Mutex::new(None),
+            primary,
+            thread,
+        }
+    }
+
+    /// The primary: stores the readiness (one atomic store, no wakeup).
+    pub(crate) fn set_readiness(&self, readiness: Readiness) {
+        self.readiness.store(readiness.pack(), Ordering::Release);
+    }
+
+    /// The thread: the readiness as last stored.
+    pub(crate) fn readiness(&self) -> Readiness {
+        Readiness::unpack(self.readiness.load(Ordering::Acquire))
+    }
+
+    /// The thread: asks the primary for a fresh document, waking it once per request.
+    pub(crate) fn want_document(&self) {
+        if !self.wanted.swap(true, Ordering::AcqRel)
+            && let Err(err) = self.primary.wake()
+        {
+            tracing::warn!("cannot wake the primary for a status document: {err}");
+        }
+    }
+
+    /// The primary: whether a fresh document is wanted.
+    pub(crate) fn document_wanted(&self) -> bool {
+        self.wanted.load(Ordering::Acquire)
+    }
+
+    /// The primary: publishes `document` and wakes the thread.
+    pub(crate) fn publish(&self, document: StatusDocument) {
+        {
+            let mut published = self
+                .published
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let serial = published.as_ref().map_or(1, |p| p.serial + 1);
+            *published = Some(Arc::new(Publication {
+                document,
+                at: Instant::now(),
+                serial,
+            }));
+        }
+        self.wanted.store(false, Ordering::Release);
+        if let Err(err) = self.thread.wake() {
+            tracing::warn!("cannot wake the status thread: {err}");
+        }
+    }
+
+    /// The thread: the last publication, if any.
+    pub(crate) fn latest(&self) -> Option<Arc<Publication>> {
+        self.published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Tells the thread to stop and wakes it.
+    pub(crate) fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        if let Err(err) = self.thread.wake() {
+            tracing::warn!("cannot wake the status thread to stop it: {err}");
+        }
+    }
+
+    /// The thread: whether it must stop.
+    pub(crate) fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_survives_packing() {
+        for phase in [Phase::Running, Phase::Rolling, Phase::Stopping] {
+            for (ready, workers) in [(0, 0), (3, 4), (1024, 1024)] {
+                let readiness = Readiness {
+                    ready,
+                    workers,
+                    phase,
+                };
+                assert_eq!(Readiness::unpack(readiness.pack()), readiness);
+            }
+        }
+        let stopping = Readiness {
+            ready: 2,
+            workers: 2,
+            phase: Phase::Stopping,
+        };
+        assert!(!stopping.is_ready());
+        assert!(
+            Readiness {
+                phase: Phase::Rolling,
+                ..stopping
+            }
+            .is_ready()
+        );
+    }
+}

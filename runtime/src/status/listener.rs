@@ -1,0 +1,643 @@
+//! The status listener: a thread of its own with its own `mio` poll, so no client can delay
+//! supervision, and no supervision work can delay `/ready`.
+//!
+//! It answers `GET`/`HEAD` of `/status`, `/metrics` and `/ready`, then closes the
+//! connection. It exposes no action: any other method is `405`, whatever its body, so
+//! nothing reachable on this port can stop, restart or reconfigure the cluster.
+//!
+//! - `/ready` (200 while at least one worker serves and the cluster is not stopping, else
+//!   503: for load balancers and Kubernetes probes) is answered at once from the readiness
+//!   the primary stores in one atomic whenever its loop turns ([`Board`]).
+//! - `/status` and `/metrics` are rendered here from a document the primary builds only when
+//!   a client asks for one, and at most every [`RENDER_INTERVAL`]; every client that waits is
+//!   answered from the same rendering. A document is never older than the request. If the
+//!   primary does not publish one within [`RENDER_WAIT`] the answer is `503`: `/status`
+//!   stays a liveness check of the primary's loop.
+//!
+//! Hostile clients cost little. A request head must arrive within [`HEADER_TIMEOUT`], a
+//! whole exchange within [`EXCHANGE_TIMEOUT`]. At most [`MAX_CLIENTS`] are connected, and at
+//! most [`MAX_PER_IP`] from one address; past either cap, the client with the least to lose
+//! is closed to make room (one that has sent nothing, the oldest first), so a new prober
+//! always gets in. A bare `--status PORT` binds 127.0.0.1; another address is logged as
+//! reachable from elsewhere.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use slab::Slab;
+
+use super::board::{Board, Publication, Readiness};
+use super::request::{self, Endpoint, Head, MAX_REQUEST, Standing};
+use super::{StatusDocument, render_metrics};
+use crate::accept::{AcceptPause, is_exhaustion};
+
+/// A request head must be complete this long after the connection was accepted.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// A whole exchange, from accept to the last byte of the response, must fit in this.
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// `/status` and `/metrics` are rendered at most this often, shared by every client.
+pub const RENDER_INTERVAL: Duration = Duration::from_millis(250);
+/// How long a client waits for the primary to publish a document before it gets `503`.
+pub const RENDER_WAIT: Duration = Duration::from_secs(2);
+/// Clients connected at once.
+pub const MAX_CLIENTS: usize = 256;
+/// Clients connected at once from one IP address.
+pub const MAX_PER_IP: usize = 16;
+
+/// How long an answered client may keep sending before it is closed (its unread bytes
+/// would otherwise turn the close into a reset that can destroy the response in flight).
+const LINGER: Duration = Duration::from_secs(1);
+/// Connections taken from the accept queue per turn of the loop.
+const ACCEPT_BUDGET: usize = 64;
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+const FIRST_CLIENT: usize = 2;
+
+/// The primary's handle on the status listener thread: the surface the supervisor uses.
+#[derive(Debug)]
+pub(crate) struct StatusService {
+    board: Arc<Board>,
+    addr: SocketAddr,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl StatusService {
+    /// Binds `addr` (`SO_REUSEADDR`, no `SO_REUSEPORT`: one primary owns it) and starts the
+    /// thread. The thread wakes the primary's poll through `registry` with `token` when a
+    /// client wants a document. The thread inherits the calling thread's signal mask: call
+    /// this after the primary has blocked its signals.
+    pub(crate) fn start(
+        addr: SocketAddr,
+        registry: &Registry,
+        token: Token,
+    ) -> io::Result<StatusService> {
+        if !addr.ip().is_loopback() {
+            tracing::warn!(
+                "the status listener on {addr} is reachable from other hosts; it is read-only, \
+                 but it shows pids and counters (use a loopback address to keep it local)"
+            );
+        }
+        let mut listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let poll = Poll::new()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let board = Arc::new(Board::new(
+            Waker::new(registry, token)?,
+            Waker::new(poll.registry(), WAKER)?,
+        ));
+        let server = Server {
+            poll,
+            listener,
+            board: Arc::clone(&board),
+            clients: Slab::new(),
+            per_ip: HashMap::new(),
+            pause: AcceptPause::default(),
+            backlog: false,
+            rendered: None,
+            asked: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("steer-status".into())
+            .spawn(move || server.run())?;
+        Ok(StatusService {
+            board,
+            addr,
+            thread: Some(thread),
+        })
+    }
+
+    /// The bound address.
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stores what `/ready` answers from: one atomic store, no wakeup, no lock.
+    pub(crate) fn set_readiness(&self, readiness: Readiness) {
+        self.board.set_readiness(readiness);
+    }
+
+    /// Whether a client waits for a fresh document (the primary then builds one and calls
+    /// [`StatusService::publish`]).
+    pub(crate) fn document_wanted(&self) -> bool {
+        self.board.document_wanted()
+    }
+
+    /// Hands a fresh document to the thread.
+    pub(crate) fn publish(&self, document: StatusDocument) {
+        self.board.publish(document);
+    }
+}
+
+impl Drop for StatusService {
+    fn drop(&mut self) {
+        self.board.stop();
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the status listener thread panicked");
+        }
+    }
+}
+
+/// `/status` and `/metrics` rendered from one publication.
+struct Rendered {
+    serial: u64,
+    status: Encoded,
+    metrics: Encoded,
+}
+
+/// A response shared by every client it goes to; a HEAD gets only `..head_len`.
+#[derive(Clone)]
+struct Encoded {
+    bytes: Arc<[u8]>,
+    head_len: usize,
+}
+
+impl Encoded {
+    fn new(status: u16, content_type: &str, body: &[u8]) -> Encoded {
+        let (bytes, head_len) = request::encode(status, content_type, body);
+        Encoded {
+            bytes: bytes.into(),
+            head_len,
+        }
+    }
+
+    fn text(status: u16, body: &str) -> Encoded {
+        Encoded::new(status, "text/plain; charset=utf-8", body.as_bytes())
+    }
+}
+
+enum Stage {
+    /// Reading the request head.
+    Head { buf: Vec<u8> },
+    /// Asked for `/status` or `/metrics`: waits for a publication newer than `after`.
+    Waiting {
+        endpoint: Endpoint,
+        head_only: bool,
+        after: u64,
+        since: Instant,
+    },
+    /// Writing `response[..end]`.
+    Answering {
+        response: Encoded,
+        end: usize,
+        written: usize,
+    },
+    /// Answered and shut down for writing; reading what the client still sends, until it
+    /// closes or `until`.
+    Lingering { until: Instant },
+}
+
+struct Client {
+    stream: TcpStream,
+    ip: IpAddr,
+    accepted: Instant,
+    stage: Stage,
+}
+
+impl Client {
+    fn standing(&self) -> Standing {
+        match &self.stage {
+            Stage::Head { buf } if buf.is_empty() => Standing::Silent,
+            Stage::Head { .. } => Standing::Sending,
+            Stage::Waiting { .. } => Standing::Waiting,
+            Stage::Answering { .. } => Standing::Reading,
+            Stage::Lingering { .. } => Standing::Lingering,
+        }
+    }
+
+    /// When the client is given up on.
+    fn deadline(&self) -> Instant {
+        match self.stage {
+            Stage::Head { .. } => self.accepted + HEADER_TIMEOUT,
+            Stage::Waiting { since, .. } => since + RENDER_WAIT,
+            Stage::Answering { .. } => self.accepted + EXCHANGE_TIMEOUT,
+            Stage::Lingering { until } => until,
+        }
+    }
+}
+
+/// What is left of a client after it made progress.
+enum Progress {
+    Open,
+    Done,
+}
+
+struct Server {
+    poll: Poll,
+    listener: TcpListener,
+    board: Arc<Board>,
+    clients: Slab<Client>,
+    per_ip: HashMap<IpAddr, usize>,
+    pause: AcceptPause,
+    /// The accept budget ran out with connections possibly still queued.
+    backlog: bool,
+    rendered: Option<Rendered>,
+    /// When the current request for a document went to the primary.
+    asked: Option<Instant>,
+}
+
+impl Server {
+    fn run(mut self) {
+        let mut events = Events::with_capacity(256);
+        loop {
+            let timeout = self.timeout(Instant::now());
+            if let Err(err) = self.poll.poll(&mut events, Some(timeout))
+                && err.kind() != io::ErrorKind::Interrupted
+            {
+                tracing::error!("the status listener's event loop failed: {err}");
+                return;
+            }
+            if self.board.stopping() {
+                return;
+            }
+            for event in &events {
+                match event.token() {
+                    LISTENER => self.backlog = true,
+                    WAKER => {}
+                    Token(n) => self.progress(n - FIRST_CLIENT),
+                }
+            }
+            self.take_publication();
+            let now = Instant::now();
+            self.pause.expire(now);
+            if self.backlog && !self.pause.is_paused(now) {
+                self.accept(now);
+            }
+            self.expire(Instant::now());
+            self.ask_for_document(Instant::now());
+        }
+    }
+
+    /// Until the next deadline, a due render request or the end of an accept pause.
+    fn timeout(&self, now: Instant) -> Duration {
+        if self.backlog && !self.pause.is_paused(now) {
+            return Duration::ZERO;
+        }
+        let mut at = self.clients.iter().map(|(_, c)| c.deadline()).min();
+        let mut sooner = |t: Option<Instant>| {
+            if let Some(t) = t {
+                at = Some(at.map_or(t, |at| at.min(t)));
+            }
+        };
+        sooner(self.pause.resumes_at());
+        sooner(self.next_ask(now));
+        at.map_or(Duration::from_secs(60), |at| {
+            at.saturating_duration_since(now)
+        })
+    }
+
+    fn accept(&mut self, now: Instant) {
+        for _ in 0..ACCEPT_BUDGET {
+            match self.listener.accept() {
+                Ok((stream, peer)) => self.admit(stream, peer.ip().to_canonical(), now),
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    self.backlog = false;
+                    return;
+                }
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) => {}
+                Err(err) if is_exhaustion(&err) => {
+                    // Making room may free the descriptor the next accept needs.
+                    if let Some(key) = self.victim(None) {
+                        self.close(key);
+                    }
+                    self.pause.exhausted(now, "the status listener", &err);
+                    return;
+                }
+                Err(err) => {
+                    tracing::debug!("status accept failed: {err}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Makes room if a cap is reached, then takes the client and reads what it already sent.
+    fn admit(&mut self, mut stream: TcpStream, ip: IpAddr, now: Instant) {
+        let from_ip = self.per_ip.get(&ip).copied().unwrap_or(0);
+        let room = if from_ip >= MAX_PER_IP {
+            self.victim(Some(ip))
+        } else if self.clients.len() >= MAX_CLIENTS {
+            self.victim(None)
+        } else {
+            None
+        };
+        if let Some(key) = room {
+            self.close(key);
+        }
+        let entry = self.clients.vacant_entry();
+        let key = entry.key();
+        if let Err(err) = self.poll.registry().register(
+            &mut stream,
+            Token(FIRST_CLIENT + key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            tracing::debug!("cannot watch a status client: {err}");
+            return;
+        }
+        entry.insert(Client {
+            stream,
+            ip,
+            accepted: now,
+            stage: Stage::Head { buf: Vec::new() },
+        });
+        *self.per_ip.entry(ip).or_insert(0) += 1;
+        // The request usually arrived with the handshake: answer it before anything can
+        // push this client out.
+        self.progress(key);
+    }
+
+    /// The client to close for room: among those of `ip`, or among all.
+    fn victim(&self, ip: Option<IpAddr>) -> Option<usize> {
+        request::victim(
+            self.clients
+                .iter()
+                .filter(|(_, c)| ip.is_none_or(|ip| c.ip == ip))
+                .map(|(key, c)| (key, c.standing(), c.accepted)),
+        )
+    }
+
+    fn close(&mut self, key: usize) {
+        let Some(mut client) = self.clients.try_remove(key) else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(&mut client.stream);
+        if let Some(count) = self.per_ip.get_mut(&client.ip) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_ip.remove(&client.ip);
+            }
+        }
+    }
+
+    fn progress(&mut self, key: usize) {
+        let readiness = self.board.readiness();
+        let serial = self.rendered.as_ref().map_or(0, |r| r.serial);
+        let Some(client) = self.clients.get_mut(key) else {
+            return;
+        };
+        match client.progress(readiness, serial) {
+            Ok(Progress::Open) => {}
+            Ok(Progress::Done) => self.close(key),
+            Err(err) => {
+                tracing::debug!("status client dropped: {err}");
+                self.close(key);
+            }
+        }
+    }
+
+    /// Answers every waiting client from a new publication, rendered once.
+    fn take_publication(&mut self) {
+        let Some(publication) = self.board.latest() else {
+            return;
+        };
+        if self
+            .rendered
+            .as_ref()
+            .is_some_and(|r| r.serial >= publication.serial)
+        {
+            return;
+        }
+        self.asked = None;
+        let rendered = render(&publication);
+        let serial = rendered.serial;
+        let mut ready = Vec::new();
+        for (key, client) in &mut self.clients {
+            if let Stage::Waiting {
+                endpoint,
+                head_only,
+                after,
+                ..
+            } = client.stage
+                && after < serial
+            {
+                let response = match endpoint {
+                    Endpoint::Metrics => rendered.metrics.clone(),
+                    _ => rendered.status.clone(),
+                };
+                client.answer(response, head_only);
+                ready.push(key);
+            }
+        }
+        self.rendered = Some(rendered);
+        for key in ready {
+            self.progress(key);
+        }
+    }
+
+    /// When the primary should next be asked for a document: now if a client waits and the
+    /// last rendering is [`RENDER_INTERVAL`] old, later if it is younger, never if nobody
+    /// waits or a request is out.
+    fn next_ask(&self, now: Instant) -> Option<Instant> {
+        if self.asked.is_some() {
+            return None;
+        }
+        let waiting = self
+            .clients
+            .iter()
+            .any(|(_, c)| matches!(c.stage, Stage::Waiting { .. }));
+        if !waiting {
+            return None;
+        }
+        let last = self.board.latest().map(|p| p.at);
+        Some(last.map_or(now, |at| (at + RENDER_INTERVAL).max(now)))
+    }
+
+    fn ask_for_document(&mut self, now: Instant) {
+        if self.next_ask(now).is_some_and(|at| at <= now) {
+            self.asked = Some(now);
+            self.board.want_document();
+        }
+    }
+
+    /// Gives up on clients past their deadline: a late head gets 408 and a document that
+    /// did not come 503 (best effort, one write), the rest are closed.
+    fn expire(&mut self, now: Instant) {
+        let late: Vec<usize> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.deadline() <= now)
+            .map(|(key, _)| key)
+            .collect();
+        for key in late {
+            let Some(client) = self.clients.get_mut(key) else {
+                continue;
+            };
+            let last_word = match client.stage {
+                Stage::Head { .. } => Some(Encoded::text(408, "request head too slow\n")),
+                Stage::Waiting { head_only, .. } => Some(Encoded::text(
+                    503,
+                    if head_only {
+                        ""
+                    } else {
+                        "the primary did not publish its status in time\n"
+                    },
+                )),
+                Stage::Answering { .. } | Stage::Lingering { .. } => None,
+            };
+            if let Some(response) = last_word {
+                let _ = client.stream.write(&response.bytes);
+            }
+            self.close(key);
+        }
+    }
+}
+
+impl Client {
+    /// Reads, answers and writes what the socket allows now.
+    fn progress(&mut self, readiness: Readiness, rendered: u64) -> io::Result<Progress> {
+        if let Stage::Head { buf } = &mut self.stage {
+            match read_head(&mut self.stream, buf)? {
+                None => return Ok(Progress::Done),
+                Some(Head::Partial) => return Ok(Progress::Open),
+                Some(head) => self.route(head, readiness, rendered),
+            }
+        }
+        if let Stage::Answering {
+            response,
+            end,
+            written,
+        } = &mut self.stage
+        {
+            while *written < *end {
+                match self.stream.write(&response.bytes[*written..*end]) {
+                    Ok(0) => return Ok(Progress::Done),
+                    Ok(n) => *written += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Progress::Open),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            self.stream.shutdown(Shutdown::Write)?;
+            self.stage = Stage::Lingering {
+                until: Instant::now() + LINGER,
+            };
+        }
+        if let Stage::Lingering { .. } = self.stage {
+            let mut sink = [0u8; 4096];
+            loop {
+                match self.stream.read(&mut sink) {
+                    Ok(0) => return Ok(Progress::Done),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Progress::Open),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(Progress::Open)
+    }
+
+    /// Decides the answer to a complete (or refused) head.
+    fn route(&mut self, head: Head, readiness: Readiness, rendered: u64) {
+        let (response, head_only) = match head {
+            Head::Partial => return,
+            Head::Read {
+                endpoint: endpoint @ (Endpoint::Status | Endpoint::Metrics),
+                head_only,
+            } => {
+                self.stage = Stage::Waiting {
+                    endpoint,
+                    head_only,
+                    after: rendered,
+                    since: Instant::now(),
+                };
+                return;
+            }
+            Head::Read {
+                endpoint: Endpoint::Ready,
+                head_only,
+            } => (ready_response(readiness), head_only),
+            Head::Read {
+                endpoint: Endpoint::NotFound,
+                head_only,
+            } => (
+                Encoded::text(404, "try /status, /metrics or /ready\n"),
+                head_only,
+            ),
+            Head::NotAllowed => (Encoded::text(405, "read-only: only GET and HEAD\n"), false),
+            Head::Malformed => (Encoded::text(400, "bad request\n"), false),
+            Head::TooLarge => (Encoded::text(431, "request head too large\n"), false),
+        };
+        self.answer(response, head_only);
+    }
+
+    fn answer(&mut self, response: Encoded, head_only: bool) {
+        let end = if head_only {
+            response.head_len
+        } else {
+            response.bytes.len()
+        };
+        self.stage = Stage::Answering {
+            response,
+            end,
+            written: 0,
+        };
+    }
+}
+
+/// Reads what the client sent, up to [`MAX_REQUEST`] bytes, and says where the head stands;
+/// `None` when the client closed first.
+fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<Head>> {
+    let mut chunk = [0u8; 2048];
+    loop {
+        let room = MAX_REQUEST - buf.len();
+        if room == 0 {
+            return Ok(Some(request::parse(buf)));
+        }
+        match stream.read(&mut chunk[..room.min(2048)]) {
+            Ok(0) => return Ok(None),
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                let head = request::parse(buf);
+                if head != Head::Partial {
+                    return Ok(Some(head));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Ok(Some(Head::Partial));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn ready_response(readiness: Readiness) -> Encoded {
+    let ready = readiness.is_ready();
+    Encoded::text(
+        if ready { 200 } else { 503 },
+        &format!(
+            "{} ({} of {} workers ready, {})\n",
+            if ready { "ready" } else { "not ready" },
+            readiness.ready,
+            readiness.workers,
+            readiness.phase.as_str()
+        ),
+    )
+}
+
+fn render(publication: &Publication) -> Rendered {
+    let json = serde_json::to_string_pretty(&publication.document).unwrap_or_default() + "\n";
+    Rendered {
+        serial: publication.serial,
+        status: Encoded::new(200, "application/json", json.as_bytes()),
+        metrics: Encoded::new(
+            200,
+            "text/plain; version=0.0.4",
+            render_metrics(&publication.document).as_bytes(),
+        ),
+    }
+}
