@@ -1,47 +1,40 @@
-//! The supervisor's answers to the status listener.
+//! What the supervisor tells the status listener thread: readiness and status documents.
 
 use std::time::Instant;
 
+use super::SlotState;
 use super::supervisor::{ClusterPhase, Supervisor};
-use crate::status::server::Reply;
 use crate::status::{
-    PrimaryStatus, StatusDocument, SteeringStatus, Totals, WorkerStatus, rss_bytes,
+    Phase, PrimaryStatus, Readiness, StatusDocument, SteeringStatus, Totals, WorkerStatus,
+    rss_bytes,
 };
 
 impl Supervisor {
-    /// Builds the response to a status request path.
-    pub(super) fn reply(&self, path: &str) -> Reply {
-        match path {
-            "/status" => Reply {
-                status: 200,
-                content_type: "application/json",
-                body: serde_json::to_string_pretty(&self.snapshot()).unwrap_or_default() + "\n",
-            },
-            "/metrics" => Reply {
-                status: 200,
-                content_type: "text/plain; version=0.0.4",
-                body: crate::status::render_metrics(&self.snapshot()),
-            },
-            "/ready" => {
-                // For load balancers and Kubernetes probes: serving now, and staying.
-                let doc = self.snapshot();
-                let ready = doc.primary.phase != "stopping" && doc.totals.ready > 0;
-                Reply {
-                    status: if ready { 200 } else { 503 },
-                    content_type: "text/plain",
-                    body: format!(
-                        "{} ({} of {} workers ready, {})\n",
-                        if ready { "ready" } else { "not ready" },
-                        doc.totals.ready,
-                        doc.totals.workers,
-                        doc.primary.phase
-                    ),
-                }
-            }
-            _ => Reply {
-                status: 404,
-                content_type: "text/plain",
-                body: "try /status, /metrics or /ready\n".into(),
+    /// Keeps the status listener thread current: the readiness on every turn of the loop
+    /// (one atomic store), a document only when a client waits for one.
+    pub(super) fn publish_status(&self) {
+        let Some(status) = &self.status else {
+            return;
+        };
+        status.set_readiness(self.readiness());
+        if status.document_wanted() {
+            status.publish(self.snapshot());
+        }
+    }
+
+    /// What `/ready` answers from.
+    fn readiness(&self) -> Readiness {
+        Readiness {
+            ready: self
+                .slots
+                .iter()
+                .filter(|slot| slot.state() == SlotState::Ready)
+                .count(),
+            workers: self.slots.len(),
+            phase: match (self.phase, &self.roll) {
+                (ClusterPhase::Stopping { .. }, _) => Phase::Stopping,
+                (ClusterPhase::Running, Some(_)) => Phase::Rolling,
+                (ClusterPhase::Running, None) => Phase::Running,
             },
         }
     }
@@ -96,11 +89,7 @@ impl Supervisor {
             restarts: workers.iter().map(|w| u64::from(w.restarts)).sum(),
             accepted: workers.iter().map(|w| w.accepted).sum(),
         };
-        let phase = match (self.phase, &self.roll) {
-            (ClusterPhase::Stopping { .. }, _) => "stopping",
-            (ClusterPhase::Running, Some(_)) => "rolling",
-            (ClusterPhase::Running, None) => "running",
-        };
+        let phase = self.readiness().phase.as_str();
         StatusDocument {
             primary: PrimaryStatus {
                 pid: std::process::id(),

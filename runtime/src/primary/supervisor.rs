@@ -17,14 +17,14 @@ use super::slot::Slot;
 use super::{Hooks, WorkerProgram};
 use crate::baseline::Baseline;
 use crate::config::{Balance, Config, Settings};
-use crate::status::server::{CLIENT_TOKEN_BASE, StatusServer};
+use crate::status::StatusService;
 use crate::steering::{self, MigrateReq, Steering};
 
 const SIGNAL_TOKEN: Token = Token(0);
+/// The status listener thread wants a fresh status document.
 const STATUS_TOKEN: Token = Token(1);
-/// The `userspace` baseline's listening socket (below the status clients' tokens, far
-/// above any worker's).
-const BASELINE_TOKEN: Token = Token(CLIENT_TOKEN_BASE - 1);
+/// The `userspace` baseline's listening socket (far above any worker's).
+const BASELINE_TOKEN: Token = Token((1 << 40) - 1);
 /// Worker tokens are derived from the pid: `2 + 2*pid` (exit) and `3 + 2*pid` (IPC). Pids
 /// are unique among unreaped children, and a child's fds are closed right after it is
 /// reaped, in the same event, so a later event for a stale token finds no process.
@@ -89,7 +89,7 @@ pub(crate) struct Supervisor {
     pub(super) hooks: Hooks,
     pub(super) poll: Poll,
     signals: SignalFd,
-    pub(super) status: Option<StatusServer>,
+    pub(super) status: Option<StatusService>,
     pub(super) steering: Steering,
     /// The `shared`/`userspace` baseline's listening socket and state, if one runs.
     pub(super) baseline: Option<Baseline>,
@@ -156,16 +156,13 @@ impl Supervisor {
                 .register(poll.registry(), BASELINE_TOKEN)
                 .map_err(|e| format!("cannot watch the baseline's listening socket: {e}"))?;
         }
+        // After `signals::open`: the status thread inherits the blocked signal mask.
         let status = match config.status {
-            Some(addr) => {
-                let mut server = StatusServer::bind(addr).map_err(|e| {
+            Some(addr) => Some(
+                StatusService::start(addr, poll.registry(), STATUS_TOKEN).map_err(|e| {
                     format!("cannot bind the status listener {addr}: {e} (choose another --status)")
-                })?;
-                server
-                    .register(poll.registry(), STATUS_TOKEN)
-                    .map_err(|e| format!("cannot watch the status listener: {e}"))?;
-                Some(server)
-            }
+                })?,
+            ),
             None => None,
         };
         let exe = std::env::current_exe()
@@ -204,7 +201,7 @@ impl Supervisor {
 
     /// Runs the event loop until the cluster has stopped.
     pub(crate) fn run(mut self) -> ExitCode {
-        let status_addr = self.status.as_ref().and_then(|s| s.local_addr().ok());
+        let status_addr = self.status.as_ref().map(StatusService::local_addr);
         tracing::info!(
             pid = std::process::id(),
             listen = %self.listen,
@@ -254,18 +251,9 @@ impl Supervisor {
     fn dispatch(&mut self, token: Token) {
         match token {
             SIGNAL_TOKEN => self.read_signals(),
-            STATUS_TOKEN => {
-                if let Some(status) = self.status.as_mut() {
-                    status.accept(self.poll.registry());
-                }
-            }
+            // `tick`, right after this, publishes what the status thread asked for.
+            STATUS_TOKEN => {}
             BASELINE_TOKEN => self.hand_off(),
-            Token(n) if n >= CLIENT_TOKEN_BASE => {
-                if let Some(mut status) = self.status.take() {
-                    status.on_client_event(self.poll.registry(), token, |path| self.reply(path));
-                    self.status = Some(status);
-                }
-            }
             _ => match decode_worker_token(token) {
                 Some((pid, WorkerFd::Exit)) => self.on_exit(pid),
                 Some((pid, WorkerFd::Ipc)) => self.on_ipc(pid),
@@ -331,9 +319,7 @@ impl Supervisor {
         if self.baseline_wakeup(now).is_some_and(|at| at <= now) {
             self.hand_off();
         }
-        if let Some(status) = self.status.as_mut() {
-            status.expire(self.poll.registry(), now);
-        }
+        self.publish_status();
         self.notify_service_manager();
     }
 
@@ -362,9 +348,6 @@ impl Supervisor {
                     at = at.min(t);
                 }
             }
-        }
-        if self.status.as_ref().is_some_and(StatusServer::has_clients) {
-            at = at.min(now + MAX_SLEEP);
         }
         if let Some(retry) = self.baseline_wakeup(now) {
             at = at.min(retry);

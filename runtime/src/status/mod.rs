@@ -1,20 +1,17 @@
 //! `GET /status` (JSON), `GET /metrics` (Prometheus text) and `GET /ready`, served by the
-//! primary's status listener thread ([`server`]), and the `steer status` client that reads
+//! primary's status listener thread (`listener.rs`), and the `steer status` client that reads
 //! them ([`client`]).
 
 mod board;
 pub mod client;
-#[expect(
-    dead_code,
-    reason = "the supervisor moves to the listener thread in the next commit"
-)]
 mod listener;
 mod metrics;
 mod request;
-pub(crate) mod server;
 
 use serde::{Deserialize, Serialize};
 
+pub(crate) use board::{Phase, Readiness};
+pub(crate) use listener::StatusService;
 pub use metrics::render as render_metrics;
 
 /// The `/status` document.
