@@ -225,11 +225,24 @@ fn ready_is_503_while_draining() {
         status::worker(s, 0).raw["active"].as_u64() == Some(1)
     });
     cluster.signal(steer_tests::Signal::SIGTERM);
-    let ready = status_line(
-        cluster.status_addr(),
-        "GET /ready HTTP/1.1\r\nHost: x\r\n\r\n",
-    );
-    assert_eq!(ready, "HTTP/1.1 503 Service Unavailable");
+    // `/ready` answers from the readiness the primary stores once its loop has handled the
+    // signal: within a turn of that loop, long before the 3 s request ends.
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        let ready = status_line(
+            cluster.status_addr(),
+            "GET /ready HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        if ready == "HTTP/1.1 503 Service Unavailable" {
+            break;
+        }
+        assert_eq!(ready, "HTTP/1.1 200 OK", "before the stop is handled");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/ready still 200 a second after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let answered = busy.join().expect("client thread");
     assert_eq!(
         answered.expect("the in-flight request finishes").status,
