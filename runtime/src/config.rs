@@ -378,7 +378,8 @@ impl Config {
     pub fn summary(&self) -> String {
         use std::fmt::Write;
         let d = |v: Duration| format!("\"{}\"", humantime::format_duration(v));
-        let q = |v: &dyn fmt::Display| format!("{:?}", v.to_string());
+        // TOML's own quoting: Rust's `{:?}` writes `\u{1}`, which TOML cannot read back.
+        let q = |v: &dyn fmt::Display| toml::Value::String(v.to_string()).to_string();
         let mut lines: Vec<(&str, String)> = vec![
             ("listen", q(&self.listen)),
             ("workers", self.workers.to_string()),
@@ -422,7 +423,8 @@ impl Config {
             lines.push(("worker-memory-limit", format!("\"{}\"", format_size(bytes))));
         }
         if let Some(command) = &self.command {
-            lines.push(("command", format!("{command:?}")));
+            let argv = command.iter().cloned().map(toml::Value::String).collect();
+            lines.push(("command", toml::Value::Array(argv).to_string()));
         }
         let mut out = String::new();
         for (key, value) in lines {
