@@ -1,6 +1,6 @@
-//! What a listening loop does when `accept` fails because the process or the system is out
-//! of file descriptors or memory: pause accepting for a moment, and say so once per
-//! interval, instead of retrying at once.
+//! What a listening loop does when `accept` fails for more than a passing reason, typically
+//! because the process or the system is out of file descriptors or memory: pause accepting
+//! for a moment, and say so once per interval, instead of retrying at once.
 //!
 //! Retrying at once is a busy loop: the connection stays queued, the listener stays
 //! readable, and every `accept` fails again, so the loop burns a CPU and writes a log line
@@ -12,7 +12,7 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-/// How long accepting stops after `accept` ran out of descriptors or memory.
+/// How long accepting stops after `accept` failed (out of descriptors or memory).
 pub const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// At most one warning about running out per this interval; the ones in between are counted.
@@ -46,10 +46,10 @@ impl AcceptPause {
         self.until
     }
 
-    /// Records an exhausted `accept` at `now`: pauses for [`ACCEPT_PAUSE`] and logs one
-    /// warning per [`WARNING_INTERVAL`] for `what` (e.g. "the status listener"), with the
-    /// number of failures since the last one.
-    pub fn exhausted(&mut self, now: Instant, what: &str, error: &io::Error) {
+    /// Records a failed `accept` at `now`: pauses for [`ACCEPT_PAUSE`] and logs one warning
+    /// per [`WARNING_INTERVAL`] for `what` (e.g. "the status listener"), with the number of
+    /// failures since the last one.
+    pub fn failed(&mut self, now: Instant, what: &str, error: &io::Error) {
         self.until = Some(now + ACCEPT_PAUSE);
         self.suppressed += 1;
         if self
@@ -90,16 +90,16 @@ mod tests {
         let start = Instant::now();
         let mut pause = AcceptPause::default();
         assert!(!pause.is_paused(start));
-        pause.exhausted(start, "test", &emfile);
+        pause.failed(start, "test", &emfile);
         assert!(pause.is_paused(start + ACCEPT_PAUSE / 2));
         assert!(!pause.is_paused(start + ACCEPT_PAUSE));
         assert_eq!(pause.last_warning, Some(start));
         let later = start + ACCEPT_PAUSE;
-        pause.exhausted(later, "test", &emfile);
+        pause.failed(later, "test", &emfile);
         assert_eq!(pause.last_warning, Some(start), "no second warning yet");
         assert_eq!(pause.suppressed, 1);
         let next = start + WARNING_INTERVAL;
-        pause.exhausted(next, "test", &emfile);
+        pause.failed(next, "test", &emfile);
         assert_eq!(pause.last_warning, Some(next));
         assert_eq!(pause.suppressed, 0);
         pause.expire(next + ACCEPT_PAUSE);

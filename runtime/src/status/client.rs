@@ -22,6 +22,9 @@ pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 /// about 500 KiB.
 pub const MAX_REPLY: usize = 4 << 20;
 
+/// The longest response head accepted (the status listener's is about 150 bytes).
+pub const MAX_HEAD: usize = 64 << 10;
+
 /// Why a status request failed.
 #[derive(Debug, Error)]
 pub enum FetchError {
@@ -109,14 +112,23 @@ impl Reply {
         if self.bytes.len() + data.len() > max_bytes {
             return Err(FetchError::TooLarge(max_bytes));
         }
+        let seen = self.bytes.len();
         self.bytes.extend_from_slice(data);
-        if self.head.is_none() {
+        // Parse only once the blank line is in, so an endless head costs one pass.
+        let from = seen.saturating_sub(3);
+        if self.head.is_none() && self.bytes[from..].windows(4).any(|w| w == b"\r\n\r\n") {
             self.head = parse_head(&self.bytes)?;
             if let Some((_, start, Some(len))) = &self.head
                 && start + len > max_bytes
             {
                 return Err(FetchError::TooLarge(max_bytes));
             }
+        }
+        if self.head.is_none() && self.bytes.len() > MAX_HEAD {
+            return Err(FetchError::Malformed(format!(
+                "no end of the head in its first {} KiB",
+                MAX_HEAD >> 10
+            )));
         }
         Ok(())
     }
@@ -127,6 +139,10 @@ impl Reply {
     }
 
     fn body(mut self) -> Result<String, FetchError> {
+        if self.head.is_none() {
+            // A head that ends in bare line feeds is only seen at the end.
+            self.head = parse_head(&self.bytes)?;
+        }
         let Some((line, start, len)) = self.head.take() else {
             return Err(FetchError::Malformed(
                 "the connection closed before a complete head".into(),

@@ -16,9 +16,9 @@
 //!
 //! Hostile clients cost little. A request head must arrive within [`HEADER_TIMEOUT`], a
 //! whole exchange within [`EXCHANGE_TIMEOUT`]. At most [`MAX_CLIENTS`] are connected, and at
-//! most [`MAX_PER_IP`] from one address; past either cap, the client with the least to lose
-//! is closed to make room (one that has sent nothing, the oldest first), so a new prober
-//! always gets in. A bare `--status PORT` binds 127.0.0.1; another address is logged as
+//! most [`MAX_PER_IP`] from one address once they have had [`GRACE`] to send their request;
+//! past either cap, the client with the least to lose is closed to make room (one that has
+//! sent nothing, the oldest first), so a new prober always gets in. A bare `--status PORT` binds 127.0.0.1; another address is logged as
 //! reachable from elsewhere.
 
 use std::collections::HashMap;
@@ -47,14 +47,18 @@ pub const RENDER_INTERVAL: Duration = Duration::from_millis(250);
 pub const RENDER_WAIT: Duration = Duration::from_secs(2);
 /// Clients connected at once.
 pub const MAX_CLIENTS: usize = 256;
-/// Clients connected at once from one IP address.
+/// Clients connected at once from one IP address, among those older than [`GRACE`].
 pub const MAX_PER_IP: usize = 16;
+/// How long a new client is safe from its address's cap: time to send its request.
+pub const GRACE: Duration = Duration::from_millis(250);
 
 /// How long an answered client may keep sending before it is closed (its unread bytes
 /// would otherwise turn the close into a reset that can destroy the response in flight).
 const LINGER: Duration = Duration::from_secs(1);
 /// Connections taken from the accept queue per turn of the loop.
 const ACCEPT_BUDGET: usize = 64;
+/// The accept queue's length (the kernel caps it at `net.core.somaxconn`).
+const BACKLOG: i32 = 1024;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -84,7 +88,7 @@ impl StatusService {
                  but it shows pids and counters (use a loopback address to keep it local)"
             );
         }
-        let mut listener = TcpListener::bind(addr)?;
+        let mut listener = bind(addr)?;
         let addr = listener.local_addr()?;
         let poll = Poll::new()?;
         poll.registry()
@@ -145,6 +149,22 @@ impl Drop for StatusService {
             tracing::error!("the status listener thread panicked");
         }
     }
+}
+
+/// `socket`, `SO_REUSEADDR`, `bind`, `listen(BACKLOG)`, non-blocking. mio's own `bind`
+/// listens with a backlog of 128, which a burst of idle connections fills: the kernel then
+/// drops the SYNs of the next probes, and they wait a second for the retransmission.
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(socket.into()))
 }
 
 /// `/status` and `/metrics` rendered from one publication.
@@ -310,10 +330,10 @@ impl Server {
                     ) => {}
                 Err(err) if is_exhaustion(&err) => {
                     // Making room may free the descriptor the next accept needs.
-                    if let Some(key) = self.victim(None) {
+                    if let Some(key) = self.victim(None, None) {
                         self.close(key);
                     }
-                    self.pause.exhausted(now, "the status listener", &err);
+                    self.pause.failed(now, "the status listener", &err);
                     return;
                 }
                 Err(err) => {
@@ -326,15 +346,18 @@ impl Server {
 
     /// Makes room if a cap is reached, then takes the client and reads what it already sent.
     fn admit(&mut self, mut stream: TcpStream, ip: IpAddr, now: Instant) {
+        // Past the address's cap, one of its clients that has had its grace gives way;
+        // none has when one address opens connections faster than they can send a
+        // request, and then only the total cap holds it (its own oldest go first there).
         let from_ip = self.per_ip.get(&ip).copied().unwrap_or(0);
-        let room = if from_ip >= MAX_PER_IP {
-            self.victim(Some(ip))
-        } else if self.clients.len() >= MAX_CLIENTS {
-            self.victim(None)
-        } else {
-            None
-        };
-        if let Some(key) = room {
+        if from_ip >= MAX_PER_IP
+            && let Some(key) = self.victim(Some(ip), now.checked_sub(GRACE))
+        {
+            self.close(key);
+        }
+        if self.clients.len() >= MAX_CLIENTS
+            && let Some(key) = self.victim(None, None)
+        {
             self.close(key);
         }
         let entry = self.clients.vacant_entry();
@@ -359,12 +382,14 @@ impl Server {
         self.progress(key);
     }
 
-    /// The client to close for room: among those of `ip`, or among all.
-    fn victim(&self, ip: Option<IpAddr>) -> Option<usize> {
+    /// The client to close for room: among those of `ip` (or all), accepted no later than
+    /// `accepted_by` (if given).
+    fn victim(&self, ip: Option<IpAddr>, accepted_by: Option<Instant>) -> Option<usize> {
         request::victim(
             self.clients
                 .iter()
                 .filter(|(_, c)| ip.is_none_or(|ip| c.ip == ip))
+                .filter(|(_, c)| accepted_by.is_none_or(|by| c.accepted <= by))
                 .map(|(key, c)| (key, c.standing(), c.accepted)),
         )
     }
