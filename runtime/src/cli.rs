@@ -101,6 +101,21 @@ pub struct RunArgs {
     /// Enable the demo app's fault routes (/block, /crash, /alloc).
     #[arg(long)]
     pub demo_faults: bool,
+    /// The demo closes a connection whose request head is not complete this long after it
+    /// started [default: 10s].
+    #[arg(long, value_name = "D", value_parser = parse_duration)]
+    pub demo_header_timeout: Option<Duration>,
+    /// The demo closes a keep-alive connection idle this long between requests
+    /// [default: 30s].
+    #[arg(long, value_name = "D", value_parser = parse_duration)]
+    pub demo_idle_timeout: Option<Duration>,
+    /// The demo closes a connection whose request body pauses this long [default: 30s].
+    #[arg(long, value_name = "D", value_parser = parse_duration)]
+    pub demo_body_timeout: Option<Duration>,
+    /// The demo closes a connection that reads none of its response for this long
+    /// [default: 30s].
+    #[arg(long, value_name = "D", value_parser = parse_duration)]
+    pub demo_send_timeout: Option<Duration>,
     /// Do not set net.ipv4.tcp_migrate_req=1 in kernel mode (queued connections of a
     /// closing worker are then reset instead of migrated).
     #[arg(long)]
@@ -167,6 +182,10 @@ impl RunArgs {
             pid_file: self.pid_file.clone(),
             log_format: self.log_format.map(Parsed),
             demo_faults: self.demo_faults.then_some(true),
+            demo_header_timeout: self.demo_header_timeout.map(Parsed),
+            demo_idle_timeout: self.demo_idle_timeout.map(Parsed),
+            demo_body_timeout: self.demo_body_timeout.map(Parsed),
+            demo_send_timeout: self.demo_send_timeout.map(Parsed),
             tcp_migrate_req: self.no_tcp_migrate_req.then_some(false),
             cpu_affinity: self.cpu_affinity.then_some(true),
             max_memory: self.max_memory.map(Parsed),

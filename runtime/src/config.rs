@@ -320,6 +320,14 @@ pub struct Config {
     pub verbosity: i8,
     /// Enable the demo's fault routes.
     pub demo_faults: bool,
+    /// The demo: a request head must be complete this long after it started.
+    pub demo_header_timeout: Duration,
+    /// The demo: a keep-alive connection may sit idle this long between requests.
+    pub demo_idle_timeout: Duration,
+    /// The demo: a request body may pause this long between two reads.
+    pub demo_body_timeout: Duration,
+    /// The demo: a response may wait this long for the client to read any of it.
+    pub demo_send_timeout: Duration,
     /// In `kernel` mode, set `net.ipv4.tcp_migrate_req=1` so a closing worker's queue
     /// migrates to the others instead of being reset.
     pub tcp_migrate_req: bool,
@@ -359,6 +367,10 @@ impl Default for Config {
             log_format: LogFormat::Text,
             verbosity: 0,
             demo_faults: false,
+            demo_header_timeout: Duration::from_secs(10),
+            demo_idle_timeout: Duration::from_secs(30),
+            demo_body_timeout: Duration::from_secs(30),
+            demo_send_timeout: Duration::from_secs(30),
             tcp_migrate_req: true,
             cpu_affinity: false,
             max_memory: None,
@@ -406,6 +418,10 @@ impl Config {
         lines.extend([
             ("log-format", format.to_string()),
             ("demo-faults", self.demo_faults.to_string()),
+            ("demo-header-timeout", d(self.demo_header_timeout)),
+            ("demo-idle-timeout", d(self.demo_idle_timeout)),
+            ("demo-body-timeout", d(self.demo_body_timeout)),
+            ("demo-send-timeout", d(self.demo_send_timeout)),
             ("tcp-migrate-req", self.tcp_migrate_req.to_string()),
             ("cpu-affinity", self.cpu_affinity.to_string()),
         ]);
@@ -413,7 +429,7 @@ impl Config {
             lines.push(("max-memory", format!("\"{}\"", format_size(bytes))));
         }
         if let Some(c) = &self.credentials {
-            lines.push(("user", format!("{:?}  # uid {}", c.user, c.uid)));
+            lines.push(("user", format!("{}  # uid {}", q(&c.user), c.uid)));
             lines.push(("group", format!("{}  # gid", c.gid)));
         }
         if let Some(n) = self.worker_nofile {
@@ -547,6 +563,18 @@ pub struct Settings {
     /// `demo-faults`
     #[serde(default, deserialize_with = "fields::boolean")]
     pub demo_faults: Option<bool>,
+    /// `demo-header-timeout`
+    #[serde(default, deserialize_with = "fields::from_str")]
+    pub demo_header_timeout: Option<Parsed<Duration>>,
+    /// `demo-idle-timeout`
+    #[serde(default, deserialize_with = "fields::from_str")]
+    pub demo_idle_timeout: Option<Parsed<Duration>>,
+    /// `demo-body-timeout`
+    #[serde(default, deserialize_with = "fields::from_str")]
+    pub demo_body_timeout: Option<Parsed<Duration>>,
+    /// `demo-send-timeout`
+    #[serde(default, deserialize_with = "fields::from_str")]
+    pub demo_send_timeout: Option<Parsed<Duration>>,
     /// `tcp-migrate-req`
     #[serde(default, deserialize_with = "fields::boolean")]
     pub tcp_migrate_req: Option<bool>,
@@ -643,6 +671,10 @@ impl Settings {
         "pid-file",
         "log-format",
         "demo-faults",
+        "demo-header-timeout",
+        "demo-idle-timeout",
+        "demo-body-timeout",
+        "demo-send-timeout",
         "tcp-migrate-req",
         "cpu-affinity",
         "max-memory",
@@ -694,6 +726,10 @@ impl Settings {
             "pid-file" => self.pid_file.is_some(),
             "log-format" => self.log_format.is_some(),
             "demo-faults" => self.demo_faults.is_some(),
+            "demo-header-timeout" => self.demo_header_timeout.is_some(),
+            "demo-idle-timeout" => self.demo_idle_timeout.is_some(),
+            "demo-body-timeout" => self.demo_body_timeout.is_some(),
+            "demo-send-timeout" => self.demo_send_timeout.is_some(),
             "tcp-migrate-req" => self.tcp_migrate_req.is_some(),
             "cpu-affinity" => self.cpu_affinity.is_some(),
             "max-memory" => self.max_memory.is_some(),
@@ -725,6 +761,10 @@ impl Settings {
             pid_file: self.pid_file.or(base.pid_file),
             log_format: self.log_format.or(base.log_format),
             demo_faults: self.demo_faults.or(base.demo_faults),
+            demo_header_timeout: self.demo_header_timeout.or(base.demo_header_timeout),
+            demo_idle_timeout: self.demo_idle_timeout.or(base.demo_idle_timeout),
+            demo_body_timeout: self.demo_body_timeout.or(base.demo_body_timeout),
+            demo_send_timeout: self.demo_send_timeout.or(base.demo_send_timeout),
             tcp_migrate_req: self.tcp_migrate_req.or(base.tcp_migrate_req),
             cpu_affinity: self.cpu_affinity.or(base.cpu_affinity),
             max_memory: self.max_memory.or(base.max_memory),
@@ -779,6 +819,10 @@ impl Settings {
         positive("health-timeout", self.health_timeout)?;
         positive("start-timeout", self.start_timeout)?;
         positive("restart-window", self.restart_window)?;
+        positive("demo-header-timeout", self.demo_header_timeout)?;
+        positive("demo-idle-timeout", self.demo_idle_timeout)?;
+        positive("demo-body-timeout", self.demo_body_timeout)?;
+        positive("demo-send-timeout", self.demo_send_timeout)?;
         let health_interval = self.health_interval.map_or(d.health_interval, |p| p.0);
         let health_timeout = self.health_timeout.map_or(d.health_timeout, |p| p.0);
         if health_timeout < health_interval {
@@ -867,6 +911,12 @@ impl Settings {
             log_format: self.log_format.map_or(d.log_format, |p| p.0),
             verbosity: 0,
             demo_faults: self.demo_faults.unwrap_or(false),
+            demo_header_timeout: self
+                .demo_header_timeout
+                .map_or(d.demo_header_timeout, |p| p.0),
+            demo_idle_timeout: self.demo_idle_timeout.map_or(d.demo_idle_timeout, |p| p.0),
+            demo_body_timeout: self.demo_body_timeout.map_or(d.demo_body_timeout, |p| p.0),
+            demo_send_timeout: self.demo_send_timeout.map_or(d.demo_send_timeout, |p| p.0),
             tcp_migrate_req: self.tcp_migrate_req.unwrap_or(d.tcp_migrate_req),
             cpu_affinity: self.cpu_affinity.unwrap_or(false)
                 || self.balance.is_some_and(|b| b.0 == Balance::Cpu),

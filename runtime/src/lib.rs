@@ -67,6 +67,8 @@ pub mod cli;
 mod cluster;
 pub mod config;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ipc;
 pub mod listener;
 pub mod logging;

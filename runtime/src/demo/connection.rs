@@ -1,16 +1,21 @@
-//! One client connection (its socket, buffers and where its current request stands) and
-//! the table of open connections, indexed by their poll token.
+//! One client connection (its socket, buffers, where its current request stands and since
+//! when it has kept the worker waiting) and the table of open connections, indexed by their
+//! poll token.
 
 use std::io::{self, Read as _, Write as _};
 use std::net::Shutdown;
+use std::time::Instant;
 
 use mio::net::TcpStream;
 
+use super::http::{HeadScan, Rejection, RequestHead};
 use super::routes::Route;
+use super::timeouts::Timeouts;
 
 /// Unflushed output above which no further pipelined request is answered (nor read) until
-/// the client catches up.
-const OUTPUT_BACKLOG: usize = 64 * 1024;
+/// the client catches up. Small, because a client that never reads holds this much of the
+/// worker's memory until the send timeout closes it.
+const OUTPUT_BACKLOG: usize = 16 * 1024;
 
 /// Buffer capacity kept across requests; a larger buffer is freed once empty.
 const KEPT_CAPACITY: usize = 4 * 1024;
@@ -81,14 +86,28 @@ pub struct Connection {
     pub peer_closed: bool,
     /// `WRITABLE` is part of the registered interest.
     pub watching_writable: bool,
+    /// Waiting to be driven again on the next turn of the loop (its budget ran out).
+    pub queued: bool,
+    /// Received bytes; those before `start` are consumed.
     input: Vec<u8>,
+    start: usize,
+    /// How far the current head has been looked at.
+    scan: HeadScan,
     output: Vec<u8>,
     flushed: usize,
+    /// Since when the connection has had nothing in progress (accepted, or last answered).
+    idle_since: Instant,
+    /// When the first byte of the current head arrived.
+    head_since: Option<Instant>,
+    /// The last read that brought bytes (or the start of the body).
+    read_at: Instant,
+    /// Since when output has been waiting without the client reading any of it.
+    stalled_since: Option<Instant>,
 }
 
 impl Connection {
     /// Wraps a freshly accepted socket; buffers are allocated on first use.
-    pub fn new(stream: TcpStream, serial: u64) -> Connection {
+    pub fn new(stream: TcpStream, serial: u64, now: Instant) -> Connection {
         Connection {
             stream,
             serial,
@@ -96,28 +115,89 @@ impl Connection {
             heard_from: false,
             peer_closed: false,
             watching_writable: false,
+            queued: false,
             input: Vec::new(),
+            start: 0,
+            scan: HeadScan::default(),
             output: Vec::new(),
             flushed: 0,
+            idle_since: now,
+            head_since: None,
+            read_at: now,
+            stalled_since: None,
         }
     }
 
     /// Received bytes not yet consumed: a partial head, body bytes or pipelined requests.
     pub fn input(&self) -> &[u8] {
-        &self.input
+        &self.input[self.start..]
     }
 
-    /// Drops the first `len` bytes of input (a parsed head or discarded body).
+    /// Drops the first `len` bytes of input (a parsed head or discarded body). Moves no
+    /// memory: the consumed bytes are reclaimed when the buffer empties or before a read.
     pub fn consume(&mut self, len: usize) {
-        self.input.drain(..len.min(self.input.len()));
-        if self.input.is_empty() && self.input.capacity() > KEPT_CAPACITY {
-            self.input = Vec::new();
+        self.start = (self.start + len).min(self.input.len());
+        if self.start == self.input.len() {
+            self.input.clear();
+            self.start = 0;
+            if self.input.capacity() > KEPT_CAPACITY {
+                self.input = Vec::new();
+            }
         }
+    }
+
+    /// Looks at the input for the current request's head, picking up where the last look
+    /// stopped; a complete head resets the scan for the next one (once consumed).
+    pub fn scan_head(&mut self, now: Instant) -> Result<Option<RequestHead<'_>>, Rejection> {
+        if self.head_since.is_none() && !self.input().is_empty() {
+            self.head_since = Some(now);
+        }
+        let head = self.scan.advance(&self.input[self.start..])?;
+        if head.is_some() {
+            self.scan = HeadScan::default();
+            self.head_since = None;
+            self.read_at = now;
+        }
+        Ok(head)
+    }
+
+    /// A response was written: the connection is idle from now unless more is buffered.
+    pub fn answered(&mut self, now: Instant) {
+        self.idle_since = now;
+    }
+
+    /// When this connection is given up on, if it is waiting for its client: the head,
+    /// idle and body timeouts by stage, and the send timeout while output is not read.
+    /// `None` while the worker itself makes it wait (a `/sleep`).
+    pub fn deadline(&self, timeouts: &Timeouts) -> Option<Instant> {
+        if let Some(since) = self.stalled_since {
+            return Some(since + timeouts.send);
+        }
+        match self.stage {
+            Stage::Sleeping { .. } | Stage::Closing => None,
+            Stage::Body { .. } => Some(self.read_at + timeouts.body),
+            Stage::Head => Some(match self.head_since {
+                Some(since) => since + timeouts.header,
+                None if self.input().is_empty() && !self.heard_from => {
+                    self.idle_since + timeouts.header
+                }
+                None if self.input().is_empty() => self.idle_since + timeouts.idle,
+                // Pipelined bytes not looked at yet: the head timeout from the last answer.
+                None => self.idle_since + timeouts.header,
+            }),
+        }
+    }
+
+    /// Whether output is waiting for the client to read (the send timeout applies).
+    pub fn stalled(&self) -> bool {
+        self.stalled_since.is_some()
     }
 
     /// Forgets all buffered input (nothing after a closing response is answered).
     pub fn discard_input(&mut self) {
         self.consume(self.input.len());
+        self.scan = HeadScan::default();
+        self.head_since = None;
     }
 
     /// The buffer responses are appended to.
@@ -137,17 +217,29 @@ impl Connection {
 
     /// Nothing in progress: no partial request, no body or timer pending, all output sent.
     pub fn is_idle(&self) -> bool {
-        self.stage == Stage::Head && self.input.is_empty() && self.pending_output() == 0
+        self.stage == Stage::Head && self.input().is_empty() && self.pending_output() == 0
+    }
+
+    /// Since when the connection has been idle (meaningful when [`Connection::is_idle`]).
+    pub fn idle_since(&self) -> Instant {
+        self.idle_since
     }
 
     /// One `read(2)` into `scratch`, appended to the input buffer.
-    pub fn fill(&mut self, scratch: &mut [u8]) -> io::Result<Fill> {
+    pub fn fill(&mut self, scratch: &mut [u8], now: Instant) -> io::Result<Fill> {
+        // Reclaim consumed bytes before the buffer grows: at most what is left is moved,
+        // and only once at least as much was consumed.
+        if self.start > 0 && self.start >= self.input.len() - self.start {
+            self.input.drain(..self.start);
+            self.start = 0;
+        }
         loop {
             return match self.stream.read(scratch) {
                 Ok(0) => Ok(Fill::Eof),
                 Ok(len) => {
                     self.input.extend_from_slice(&scratch[..len]);
                     self.heard_from = true;
+                    self.read_at = now;
                     Ok(Fill::Data)
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(Fill::Drained),
@@ -158,16 +250,26 @@ impl Connection {
     }
 
     /// Writes pending output until it is all sent or the socket buffer is full.
-    pub fn flush(&mut self) -> io::Result<()> {
+    pub fn flush(&mut self, now: Instant) -> io::Result<()> {
+        let mut wrote = false;
         while self.pending_output() > 0 {
             match self.stream.write(&self.output[self.flushed..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(len) => self.flushed += len,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Ok(len) => {
+                    self.flushed += len;
+                    wrote = true;
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    if wrote || self.stalled_since.is_none() {
+                        self.stalled_since = Some(now);
+                    }
+                    return Ok(());
+                }
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
                 Err(error) => return Err(error),
             }
         }
+        self.stalled_since = None;
         self.output.clear();
         self.flushed = 0;
         if self.output.capacity() > KEPT_CAPACITY {

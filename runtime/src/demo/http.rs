@@ -69,15 +69,124 @@ impl Rejection {
     }
 }
 
-/// Parses the request head at the start of `buf`.
+/// Parses the request head at the start of `buf`, all at once.
 ///
 /// Returns `Ok(None)` while the head is incomplete (and still within [`MAX_HEAD_BYTES`]);
-/// bytes after the head (a body, pipelined requests) are left alone.
+/// bytes after the head (a body, pipelined requests) are left alone. Blank lines before the
+/// request line are skipped (RFC 9112 section 2.2) and counted in [`RequestHead::len`].
+/// A connection reads heads with [`HeadScan`] instead, which looks at each byte once.
 pub fn parse_head(buf: &[u8]) -> Result<Option<RequestHead<'_>>, Rejection> {
+    let start = blank_lines(buf);
+    if start == buf.len() {
+        return if buf.len() > MAX_HEAD_BYTES {
+            Err(Rejection::HeadTooLarge)
+        } else {
+            Ok(None)
+        };
+    }
+    parse_from(buf, start)
+}
+
+/// How many bytes at the start of `buf` are CR or LF.
+fn blank_lines(buf: &[u8]) -> usize {
+    buf.iter()
+        .position(|&byte| byte != b'\r' && byte != b'\n')
+        .unwrap_or(buf.len())
+}
+
+/// Finds the end of a request head as its bytes arrive, looking at each byte once, so a
+/// client that sends its head a byte at a time costs a byte of work per byte (not a parse
+/// of everything so far). The request line is checked as soon as it is complete, so
+/// garbage is refused without waiting for the rest; the whole head is parsed once, when
+/// its blank line has arrived.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct HeadScan {
+    /// Leading blank-line bytes, once the first other byte has arrived.
+    start: Option<usize>,
+    /// Where the search for the blank line resumes.
+    scanned: usize,
+    /// The request line is complete and was checked.
+    line_checked: bool,
+}
+
+impl HeadScan {
+    /// Looks at what `buf` (the head so far, from its first byte) gained since the last
+    /// call; the answer is [`parse_head`]'s for a complete head. Start a new scan for the
+    /// next head once this one is consumed.
+    pub fn advance<'a>(&mut self, buf: &'a [u8]) -> Result<Option<RequestHead<'a>>, Rejection> {
+        let start = match self.start {
+            Some(start) => start,
+            None => {
+                let blank = blank_lines(buf);
+                if blank == buf.len() {
+                    return if buf.len() > MAX_HEAD_BYTES {
+                        Err(Rejection::HeadTooLarge)
+                    } else {
+                        Ok(None)
+                    };
+                }
+                self.start = Some(blank);
+                self.scanned = blank;
+                blank
+            }
+        };
+        let mut at = self.scanned;
+        while let Some(offset) = buf[at..].iter().position(|&byte| byte == b'\n') {
+            let lf = at + offset;
+            if !self.line_checked {
+                self.line_checked = true;
+                check_request_line(&buf[start..=lf])?;
+            }
+            let end = match (buf.get(lf + 1), buf.get(lf + 2)) {
+                (Some(b'\n'), _) => lf + 2,
+                (Some(b'\r'), Some(b'\n')) => lf + 3,
+                (None, _) | (Some(b'\r'), None) => {
+                    // The next line has not begun (or only its CR has): look here again.
+                    self.scanned = lf;
+                    return self.unfinished(buf);
+                }
+                _ => {
+                    at = lf + 1;
+                    continue;
+                }
+            };
+            return match parse_from(&buf[..end], start)? {
+                Some(head) => Ok(Some(head)),
+                // The parser wants more although the blank line is in: keep looking.
+                None => {
+                    at = end;
+                    continue;
+                }
+            };
+        }
+        self.scanned = buf.len();
+        self.unfinished(buf)
+    }
+
+    fn unfinished<'a>(&self, buf: &[u8]) -> Result<Option<RequestHead<'a>>, Rejection> {
+        if buf.len() > MAX_HEAD_BYTES {
+            Err(Rejection::HeadTooLarge)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// Refuses a request line that cannot start an HTTP/1.x request.
+fn check_request_line(line: &[u8]) -> Result<(), Rejection> {
+    let mut headers = [httparse::EMPTY_HEADER; 1];
+    match httparse::Request::new(&mut headers).parse(line) {
+        Ok(_) | Err(httparse::Error::TooManyHeaders) => Ok(()),
+        Err(_) => Err(Rejection::Malformed),
+    }
+}
+
+/// Parses the head that starts at `start` (after blank lines) in `buf`.
+fn parse_from(buf: &[u8], start: usize) -> Result<Option<RequestHead<'_>>, Rejection> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
-    let len = match request.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
+    let len = match request.parse(&buf[start..]) {
+        Ok(httparse::Status::Complete(len)) => start + len,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
             return Err(Rejection::HeadTooLarge);
         }

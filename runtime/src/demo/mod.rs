@@ -22,12 +22,17 @@
 //! requests in progress with `Connection: close`, and returning once no connection is left.
 //! If the primary goes away the worker exits at once.
 
+mod admission;
 mod connection;
 mod faults;
-mod http;
+pub(crate) mod http;
 mod responder;
 mod routes;
 mod server;
+mod timeouts;
+
+pub(crate) use timeouts::ENV as TIMEOUTS_ENV;
+pub use timeouts::Timeouts;
 
 use crate::ipc::Channel;
 
@@ -40,6 +45,13 @@ pub struct DemoOptions {
     pub generation: u64,
     /// Serve the fault routes (`/block`, `/crash`, `/alloc`): `--demo-faults`.
     pub faults: bool,
+    /// How long a client may keep the worker waiting (`--demo-header-timeout` and the like).
+    pub timeouts: Timeouts,
+}
+
+/// The environment variable and value that hand `config`'s demo timeouts to a worker.
+pub(crate) fn timeouts_env(config: &crate::config::Config) -> (&'static str, String) {
+    (timeouts::ENV, Timeouts::from_config(config).to_env())
 }
 
 /// Serves HTTP on `listener` until drained or orphaned. The worker has already registered
@@ -93,6 +105,7 @@ mod tests {
                 slot,
                 generation: 1,
                 faults,
+                timeouts: Timeouts::default(),
             };
             let thread = thread::spawn(move || serve(Some(listener), worker_end, options, None));
             let worker = Worker {

@@ -31,10 +31,28 @@ pub struct Sleeper {
 pub enum Verdict {
     /// Still open: wait for the next event or timer.
     Keep,
+    /// Still open, with work left that this turn's budget did not cover: drive it again on
+    /// the next turn of the loop (no event will say so).
+    Again,
     /// Everything owed is sent: close politely.
     Close,
-    /// The socket failed: drop it.
+    /// The socket failed, or the client went away: drop it.
     Drop,
+}
+
+/// Requests one connection may have answered per turn of the event loop. A client that
+/// pipelines thousands of requests then waits its turn like everyone else, and the loop
+/// gets back to other connections, the listener and the primary's pings in between.
+pub const REQUESTS_PER_TURN: u32 = 16;
+
+/// Reads (of up to 8 KiB) from one connection per turn of the event loop.
+pub const READS_PER_TURN: u32 = 4;
+
+/// What one connection may still do in this turn.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    requests: u32,
+    reads: u32,
 }
 
 /// What answering needs besides the connection: identity, counters, timers, drain state.
@@ -92,6 +110,19 @@ impl Responder {
         self.sleepers.peek().map(|Reverse(sleeper)| sleeper.wake_at)
     }
 
+    /// Drops the timers of `/sleep`s whose connection is gone (`live` says which are not)
+    /// once they outnumber the `sleeping` connections twice over: a client that asks for a
+    /// long sleep and hangs up must not leave its timer behind for minutes.
+    pub fn forget_stale_sleepers(
+        &mut self,
+        sleeping: usize,
+        mut live: impl FnMut(&Sleeper) -> bool,
+    ) {
+        if self.sleepers.len() > 2 * sleeping + 64 {
+            self.sleepers.retain(|Reverse(sleeper)| live(sleeper));
+        }
+    }
+
     /// Takes the earliest `/sleep` if it is due at `now`.
     pub fn due_sleeper(&mut self, now: Instant) -> Option<Sleeper> {
         let Reverse(sleeper) = *self.sleepers.peek()?;
@@ -103,7 +134,7 @@ impl Responder {
 
     /// Answers the `/sleep` `connection` waits for, if it still waits; the caller then
     /// drives the connection on to its pipelined requests.
-    pub fn finish_sleep(&mut self, connection: &mut Connection) {
+    pub fn finish_sleep(&mut self, connection: &mut Connection, now: Instant) {
         if let Stage::Sleeping { ms, exchange } = connection.stage {
             connection.stage = Stage::Head;
             self.respond(
@@ -111,38 +142,52 @@ impl Responder {
                 exchange,
                 Status::Ok,
                 format_args!("slept {ms} ms\n"),
+                now,
             );
         }
     }
 
     /// Alternates answering buffered requests, flushing and reading, until the connection
-    /// has to wait (for the socket, a timer or the client) or is done.
+    /// has to wait (for the socket, a timer or the client), is done, or has used up this
+    /// turn's budget ([`REQUESTS_PER_TURN`], [`READS_PER_TURN`]). `hung_up` is the event's
+    /// word that the client closed or reset the connection.
     pub fn pump(
         &mut self,
         connection: &mut Connection,
         index: usize,
         scratch: &mut [u8],
+        hung_up: bool,
+        now: Instant,
     ) -> Verdict {
+        let mut budget = Budget {
+            requests: REQUESTS_PER_TURN,
+            reads: READS_PER_TURN,
+        };
         loop {
-            self.answer_buffered(connection, index);
-            if let Err(error) = connection.flush() {
+            self.answer_buffered(connection, index, &mut budget, now);
+            if let Err(error) = connection.flush(now) {
                 debug!(%error, "connection write failed");
                 return Verdict::Drop;
             }
             match connection.stage {
                 Stage::Closing if connection.pending_output() == 0 => return Verdict::Close,
-                Stage::Closing | Stage::Sleeping { .. } => return Verdict::Keep,
+                Stage::Closing => return Verdict::Keep,
+                Stage::Sleeping { .. } => return watch_sleeper(connection, scratch, hung_up, now),
                 Stage::Head | Stage::Body { .. } => {}
             }
             if connection.backlogged() {
                 return Verdict::Keep;
+            }
+            if budget.requests == 0 || budget.reads == 0 {
+                return Verdict::Again;
             }
             if connection.peer_closed {
                 // Every complete request is answered; what is left can never complete.
                 connection.stage = Stage::Closing;
                 continue;
             }
-            match connection.fill(scratch) {
+            budget.reads -= 1;
+            match connection.fill(scratch, now) {
                 Ok(Fill::Data) => {}
                 Ok(Fill::Eof) => connection.peer_closed = true,
                 Ok(Fill::Drained) => return Verdict::Keep,
@@ -154,9 +199,16 @@ impl Responder {
         }
     }
 
-    /// Answers the requests complete in the input buffer, in order, until one has to wait.
-    fn answer_buffered(&mut self, connection: &mut Connection, index: usize) {
-        while !connection.backlogged() {
+    /// Answers the requests complete in the input buffer, in order, until one has to wait
+    /// or the budget is spent.
+    fn answer_buffered(
+        &mut self,
+        connection: &mut Connection,
+        index: usize,
+        budget: &mut Budget,
+        now: Instant,
+    ) {
+        while !connection.backlogged() && budget.requests > 0 {
             match connection.stage {
                 Stage::Closing | Stage::Sleeping { .. } => return,
                 Stage::Body {
@@ -178,11 +230,12 @@ impl Responder {
                         return;
                     }
                     connection.stage = Stage::Head;
-                    self.dispatch(connection, index, route, exchange);
+                    budget.requests -= 1;
+                    self.dispatch(connection, index, route, exchange, now);
                 }
                 Stage::Head if connection.input().is_empty() => return,
                 Stage::Head => {
-                    if !self.start_request(connection, index) {
+                    if !self.start_request(connection, index, budget, now) {
                         return;
                     }
                 }
@@ -190,10 +243,16 @@ impl Responder {
         }
     }
 
-    /// Parses the head at the start of the input and answers it, or sets up reading its
+    /// Looks for the head at the start of the input and answers it, or sets up reading its
     /// body. Returns `false` when the head is incomplete or was rejected.
-    fn start_request(&mut self, connection: &mut Connection, index: usize) -> bool {
-        let head = match http::parse_head(connection.input()) {
+    fn start_request(
+        &mut self,
+        connection: &mut Connection,
+        index: usize,
+        budget: &mut Budget,
+        now: Instant,
+    ) -> bool {
+        let head = match connection.scan_head(now) {
             Ok(Some(head)) => head,
             Ok(None) => return false,
             Err(rejection) => {
@@ -206,6 +265,7 @@ impl Responder {
                     exchange,
                     rejection.status(),
                     rejection.explanation(),
+                    now,
                 );
                 return false;
             }
@@ -219,7 +279,8 @@ impl Responder {
             (head.len, head.content_length, head.expects_continue);
         connection.consume(head_len);
         if body_len == 0 {
-            self.dispatch(connection, index, route, exchange);
+            budget.requests -= 1;
+            self.dispatch(connection, index, route, exchange, now);
         } else {
             if expects_continue {
                 connection.output().extend_from_slice(http::CONTINUE);
@@ -240,6 +301,7 @@ impl Responder {
         index: usize,
         route: Route,
         exchange: Exchange,
+        now: Instant,
     ) {
         let (slot, pid) = (self.options.slot, self.pid);
         match route {
@@ -249,11 +311,12 @@ impl Responder {
                     exchange,
                     Status::Ok,
                     format_args!("hello from worker {slot} (pid {pid})\n"),
+                    now,
                 );
             }
             Route::Sleep { ms } => {
                 connection.stage = Stage::Sleeping { ms, exchange };
-                let wake_at = Instant::now() + Duration::from_millis(ms);
+                let wake_at = now + Duration::from_millis(ms);
                 self.sleepers.push(Reverse(Sleeper {
                     wake_at,
                     index,
@@ -267,6 +330,7 @@ impl Responder {
                     exchange,
                     Status::Ok,
                     format_args!("blocked {ms} ms\n"),
+                    now,
                 );
             }
             Route::Crash => faults::crash(),
@@ -277,12 +341,13 @@ impl Responder {
                     exchange,
                     Status::Ok,
                     format_args!("allocated {mb} MiB\n"),
+                    now,
                 );
             }
             Route::Reject {
                 status,
                 explanation,
-            } => self.respond(connection, exchange, status, explanation),
+            } => self.respond(connection, exchange, status, explanation, now),
         }
     }
 
@@ -294,6 +359,7 @@ impl Responder {
         exchange: Exchange,
         status: Status,
         body: impl fmt::Display,
+        now: Instant,
     ) {
         self.body.clear();
         // Formatting into a String cannot fail.
@@ -307,10 +373,38 @@ impl Responder {
             keep_alive,
         };
         http::write_response(connection.output(), &response);
+        connection.answered(now);
         self.counters.requests += 1;
         if !keep_alive {
             connection.stage = Stage::Closing;
             connection.discard_input();
         }
     }
+}
+
+/// Keeps an eye on a connection whose `/sleep` is pending: a client that closed or reset it
+/// is dropped at once (nginx's 499), so its descriptor and buffers do not wait for the
+/// timer. Pipelined bytes are kept, up to one head's worth; past that the client is not
+/// read until its sleep ends, and the event's hang-up flag still tells a close.
+fn watch_sleeper(
+    connection: &mut Connection,
+    scratch: &mut [u8],
+    hung_up: bool,
+    now: Instant,
+) -> Verdict {
+    if hung_up {
+        return Verdict::Drop;
+    }
+    while connection.input().len() < http::MAX_HEAD_BYTES {
+        match connection.fill(scratch, now) {
+            Ok(Fill::Data) => {}
+            Ok(Fill::Drained) => return Verdict::Keep,
+            Ok(Fill::Eof) => return Verdict::Drop,
+            Err(error) => {
+                debug!(%error, "connection read failed");
+                return Verdict::Drop;
+            }
+        }
+    }
+    Verdict::Keep
 }

@@ -1,5 +1,12 @@
 //! The demo worker's event loop: one `mio` poll over the listener, the IPC channel and every
-//! client connection, with a timer heap for `/sleep`.
+//! client connection, with a timer heap for `/sleep` and a sweep for client timeouts.
+//!
+//! Each turn of the loop is bounded, so no client can starve the others or the primary's
+//! pings: each connection gets a budget of requests and reads per turn (and, when that runs
+//! out, another turn after everyone else), and at most [`ACCEPT_BUDGET`] connections are
+//! accepted per turn. The worker keeps at most its connection cap, below its descriptor
+//! limit, shedding idle connections when full ([`super::admission`]), and pauses accepting
+//! instead of spinning if `accept` still runs out of descriptors ([`crate::accept`]).
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -11,8 +18,10 @@ use mio::{Events, Interest, Poll, Token};
 use tracing::{debug, error, info, warn};
 
 use super::DemoOptions;
-use super::connection::{Connection, Connections};
+use super::admission;
+use super::connection::{Connection, Connections, Stage};
 use super::responder::{Responder, Verdict};
+use crate::accept::{AcceptPause, is_exhaustion};
 use crate::ipc::{Channel, Counters, IpcError, Message, Received};
 use crate::steering::LoadReporter;
 
@@ -27,6 +36,12 @@ const ACCEPT_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 8 * 1024;
+
+/// Connections accepted per turn of the loop; the rest wait for the next turn.
+const ACCEPT_BUDGET: usize = 64;
+
+/// `SO_SNDBUF` of every connection (the kernel doubles it for its bookkeeping).
+const SEND_BUFFER: usize = 32 * 1024;
 
 /// How long a draining worker keeps idle connections: one that has sent nothing yet may
 /// have been queued just before the drain, and a keep-alive client may be sending its next
@@ -48,6 +63,18 @@ pub struct Server {
     scratch: Vec<u8>,
     /// Where this worker's load is published (`least-loaded`).
     load: Option<LoadReporter>,
+    /// Most connections kept open (see [`admission::connection_cap`]).
+    max_connections: usize,
+    /// Connections whose budget ran out, to drive again on the next turn.
+    again: Vec<usize>,
+    /// The accept budget ran out: more may be queued.
+    backlog: bool,
+    /// Accepting paused after `accept` ran out of descriptors.
+    pause: AcceptPause,
+    /// Full with nothing idle to shed: when to look again.
+    full_until: Option<Instant>,
+    /// When connections are next checked against their timeouts.
+    next_sweep: Instant,
 }
 
 impl Server {
@@ -85,6 +112,12 @@ impl Server {
             idle_deadline: None,
             scratch: vec![0; READ_CHUNK],
             load,
+            max_connections: admission::process_connection_cap(),
+            again: Vec::new(),
+            backlog: false,
+            pause: AcceptPause::default(),
+            full_until: None,
+            next_sweep: Instant::now(),
         })
     }
 
@@ -96,8 +129,15 @@ impl Server {
             slot,
             generation,
             faults,
+            ..
         } = self.responder.options();
-        info!(slot, generation, faults, "demo worker ready");
+        info!(
+            slot,
+            generation,
+            faults,
+            max_connections = self.max_connections,
+            "demo worker ready"
+        );
         let mut events = Events::with_capacity(256);
         loop {
             match self
@@ -115,15 +155,17 @@ impl Server {
                     CHANNEL => self.receive_messages(),
                     Token(token) => {
                         if let Some(index) = token.checked_sub(FIRST_CONNECTION) {
-                            self.drive(index);
+                            self.drive(index, event.is_read_closed() || event.is_error());
                         }
                     }
                 }
             }
+            self.drive_again();
             self.accept_queued();
             let now = Instant::now();
             self.wake_sleepers(now);
             self.give_up_on_silent(now);
+            self.sweep(now);
             if self.responder.is_draining() && self.connections.is_empty() {
                 info!(slot, generation, "drained");
                 return Ok(());
@@ -131,11 +173,17 @@ impl Server {
         }
     }
 
-    /// The poll timeout: the next timer, and at most [`ACCEPT_INTERVAL`] while accepting.
+    /// The poll timeout: none while work is left from this turn, else the next timer, and
+    /// at most [`ACCEPT_INTERVAL`] while accepting.
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        let accept = self.listener.as_ref().map(|_| ACCEPT_INTERVAL);
+        let accepting = self.listener.is_some();
+        if !self.again.is_empty() || (accepting && self.backlog && !self.pause.is_paused(now)) {
+            return Some(Duration::ZERO);
+        }
+        let accept = accepting.then_some(ACCEPT_INTERVAL);
         let sleeper = self.responder.next_wake();
-        [sleeper, self.idle_deadline]
+        let sweep = (!self.connections.is_empty()).then_some(self.next_sweep);
+        [sleeper, self.idle_deadline, sweep, self.pause.resumes_at()]
             .into_iter()
             .flatten()
             .map(|deadline| deadline.saturating_duration_since(now))
@@ -194,6 +242,12 @@ impl Server {
     // ---- accepting and draining ----
 
     fn accept_queued(&mut self) {
+        let now = Instant::now();
+        self.pause.expire(now);
+        if self.pause.is_paused(now) || self.full_until.is_some_and(|until| now < until) {
+            return;
+        }
+        self.full_until = None;
         if let Some(mut listener) = self.listener.take() {
             if self.accept_from(&listener) {
                 self.listener = Some(listener);
@@ -207,7 +261,14 @@ impl Server {
     /// listening: the primary shut it down because this worker stopped answering
     /// heartbeats (its queue went to the other workers). Open connections are still served.
     fn accept_from(&mut self, listener: &TcpListener) -> bool {
-        loop {
+        self.backlog = false;
+        for _ in 0..ACCEPT_BUDGET {
+            if self.connections.len() >= self.max_connections && !self.make_room() {
+                // Nothing idle to let go: the queue waits in the kernel until a connection
+                // closes (or becomes idle); look again after a while.
+                self.full_until = Some(Instant::now() + ACCEPT_INTERVAL);
+                return true;
+            }
             match listener.accept() {
                 Ok((stream, _peer)) => self.admit(stream),
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => return true,
@@ -220,18 +281,56 @@ impl Server {
                         error.kind(),
                         io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
                     ) => {}
-                // Out of fds or memory: the queue is retried on the next wake.
                 Err(error) => {
-                    warn!(%error, "accept failed");
+                    // Out of descriptors below the cap (something else holds them): let
+                    // idle connections go, and pause instead of failing again at once.
+                    if is_exhaustion(&error) {
+                        self.make_room();
+                    }
+                    self.pause.failed(Instant::now(), "demo worker", &error);
                     return true;
                 }
             }
         }
+        self.backlog = true;
+        true
+    }
+
+    /// Closes a batch of the longest-idle connections ([`admission::shed_count`]). Returns
+    /// false when none is idle.
+    fn make_room(&mut self) -> bool {
+        let mut idle: Vec<(Instant, usize)> = (0..self.connections.span())
+            .filter_map(|index| {
+                let connection = self.connections.get_mut(index)?;
+                connection
+                    .is_idle()
+                    .then(|| (connection.idle_since(), index))
+            })
+            .collect();
+        let count = admission::shed_count(idle.len());
+        if count == 0 {
+            return false;
+        }
+        if count < idle.len() {
+            idle.select_nth_unstable(count - 1);
+        }
+        debug!(
+            count,
+            idle = idle.len(),
+            "full: closing the longest-idle connections"
+        );
+        for &(_, index) in &idle[..count] {
+            self.close(index, Verdict::Close);
+        }
+        true
     }
 
     /// A connection the primary accepted and sent over IPC (`userspace` baseline).
     fn admit_handed(&mut self, fd: std::os::fd::OwnedFd) {
         let stream = std::net::TcpStream::from(fd);
+        if self.connections.len() >= self.max_connections {
+            self.make_room();
+        }
         match stream.set_nonblocking(true) {
             Ok(()) => self.admit(TcpStream::from_std(stream)),
             Err(error) => warn!(%error, "could not take a handed-over connection"),
@@ -242,6 +341,12 @@ impl Server {
         // Small responses on keep-alive connections must not wait for Nagle.
         if let Err(error) = stream.set_nodelay(true) {
             debug!(%error, "TCP_NODELAY failed");
+        }
+        // The demo's responses are small; a fixed send buffer bounds what a client that
+        // never reads can make this worker compute and hold (autotuning would let it grow
+        // to megabytes of responses per connection).
+        if let Err(error) = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER) {
+            debug!(%error, "SO_SNDBUF failed");
         }
         let index = self.connections.next_index();
         if let Err(error) =
@@ -255,8 +360,11 @@ impl Server {
         self.responder.count_accepted();
         self.next_serial += 1;
         self.connections
-            .insert(Connection::new(stream, self.next_serial));
+            .insert(Connection::new(stream, self.next_serial, Instant::now()));
         self.publish_load();
+        // The request often arrived with the handshake: answer it before anything can
+        // count this connection as idle.
+        self.drive(index, false);
     }
 
     /// Publishes accepted and open connection counts for `least-loaded` (two stores into
@@ -288,7 +396,7 @@ impl Server {
         }
         self.idle_deadline = Some(Instant::now() + IDLE_GRACE);
         for index in 0..self.connections.span() {
-            self.drive(index);
+            self.drive(index, false);
         }
     }
 
@@ -308,13 +416,65 @@ impl Server {
 
     // ---- connections ----
 
+    /// Checks every connection against its timeouts, every
+    /// [`Timeouts::sweep_interval`](super::timeouts::Timeouts::sweep_interval): a client
+    /// that keeps the worker waiting past one is closed (dropped if it is not reading).
+    /// Forgets the timers of closed sleepers when they pile up.
+    fn sweep(&mut self, now: Instant) {
+        if now < self.next_sweep {
+            return;
+        }
+        let timeouts = self.responder.options().timeouts;
+        self.next_sweep = now + timeouts.sweep_interval();
+        let mut sleeping = 0;
+        for index in 0..self.connections.span() {
+            let Some(connection) = self.connections.get_mut(index) else {
+                continue;
+            };
+            sleeping += usize::from(matches!(connection.stage, Stage::Sleeping { .. }));
+            if connection.deadline(&timeouts).is_some_and(|at| at <= now) {
+                let verdict = if connection.stalled() {
+                    Verdict::Drop
+                } else {
+                    Verdict::Close
+                };
+                debug!(index, ?verdict, stage = ?connection.stage, "client timed out");
+                self.close(index, verdict);
+            }
+        }
+        let connections = &mut self.connections;
+        self.responder.forget_stale_sleepers(sleeping, |sleeper| {
+            connections
+                .get_mut(sleeper.index)
+                .is_some_and(|c| c.serial == sleeper.serial)
+        });
+    }
+
+    /// Drives the connections whose budget ran out on the last turn.
+    fn drive_again(&mut self) {
+        for index in std::mem::take(&mut self.again) {
+            if let Some(connection) = self.connections.get_mut(index)
+                && connection.queued
+            {
+                connection.queued = false;
+                self.drive(index, false);
+            }
+        }
+    }
+
     /// Reads, answers and writes what a connection allows now, then closes it or updates
-    /// its interest.
-    fn drive(&mut self, index: usize) {
+    /// its interest. `hung_up`: the event said the client closed or reset it.
+    fn drive(&mut self, index: usize, hung_up: bool) {
         let Some(connection) = self.connections.get_mut(index) else {
             return;
         };
-        let mut verdict = self.responder.pump(connection, index, &mut self.scratch);
+        let mut verdict = self.responder.pump(
+            connection,
+            index,
+            &mut self.scratch,
+            hung_up,
+            Instant::now(),
+        );
         // A draining worker answers the next request on each connection with
         // `Connection: close`. Closing an idle keep-alive connection at once would race a
         // client that is sending on it right then (HAProxy's `idle-close-on-response`
@@ -327,8 +487,12 @@ impl Server {
         {
             verdict = Verdict::Close;
         }
+        if verdict == Verdict::Again && !connection.queued {
+            connection.queued = true;
+            self.again.push(index);
+        }
         match verdict {
-            Verdict::Keep => {
+            Verdict::Keep | Verdict::Again => {
                 let wants_writable = connection.pending_output() > 0;
                 if wants_writable != connection.watching_writable {
                     let interest = if wants_writable {
@@ -380,8 +544,8 @@ impl Server {
                 continue;
             };
             if connection.serial == sleeper.serial {
-                self.responder.finish_sleep(connection);
-                self.drive(sleeper.index);
+                self.responder.finish_sleep(connection, now);
+                self.drive(sleeper.index, false);
             }
         }
     }

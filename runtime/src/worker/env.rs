@@ -8,6 +8,7 @@
 //! | `STEER_WORKER_ID` | unique per process over the primary's life, from 1 |
 //! | `STEER_IPC_FD` | fd number of the worker's end of the IPC socketpair |
 //! | `STEER_LISTEN` | the address the worker binds (re-executed workers) |
+//! | `STEER_DEMO_FAULTS`, `STEER_DEMO_TIMEOUTS` | the demo app's fault routes (`1`) and client timeouts (`header=MS,idle=MS,body=MS,send=MS`) |
 //! | `STEER_LISTEN_FD` | `shared` baseline: fd number of the inherited shared listening socket, used instead of binding one |
 //! | `STEER_HANDOFF` | `userspace` baseline (`1`): no listener; connections arrive over IPC |
 //! | `STEER_WORKER_UID`, `STEER_WORKER_GID` | re-executed workers: whom to become once registered (`--user`, `--group`) |
@@ -52,6 +53,7 @@ pub(crate) const ALL: &[&str] = &[
     IPC_FD,
     LISTEN,
     DEMO_FAULTS,
+    crate::demo::TIMEOUTS_ENV,
     LISTEN_FD,
     HANDOFF,
     crate::privileges::ENV_UID,

@@ -221,6 +221,7 @@ pub fn run_builtin_worker_if_requested() -> Option<ExitCode> {
         slot: env.slot,
         generation: env.generation,
         faults: env.demo_faults,
+        timeouts: crate::demo::Timeouts::from_process_env(),
     };
     Some(match crate::demo::serve(listener, channel, options, load) {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,327 @@
+//! The three parsers that read untrusted bytes, each behind one function that runs it the
+//! way Steer does and panics if one of its invariants breaks. The fuzz targets in `fuzz/`
+//! (cargo-fuzz) call these; `cargo test` replays the kept corpus in `fuzz/corpus/` through
+//! them, and the property tests beside each parser check the same invariants on generated
+//! input.
+//!
+//! - [`ipc_message`]: a datagram from a worker (or the primary), decoded as
+//!   `ipc::Channel::recv` decodes it.
+//! - [`http_head`]: bytes from a client, as the demo reads a request head: all at once and
+//!   as they trickle in, which must agree.
+//! - [`config_toml`]: a config file, parsed, validated, and printed back by `steer check`,
+//!   which must read back to the same configuration.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Settings;
+use crate::demo::http::{self, HeadScan, Rejection, RequestHead};
+use crate::ipc::{MAX_MESSAGE_BYTES, Message, PROTOCOL_VERSION};
+
+/// A fuzz target: takes any bytes, panics only if an invariant breaks.
+pub type Target = fn(&[u8]);
+
+/// Every target by name: the fuzz crate's binaries and the directories of `fuzz/corpus/`.
+pub const TARGETS: [(&str, Target); 3] = [
+    ("ipc_message", ipc_message),
+    ("http_head", http_head),
+    ("config_toml", config_toml),
+];
+
+/// The wire form of an IPC message, as `ipc::channel` reads and writes it.
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    v: u32,
+    #[serde(flatten)]
+    message: Message,
+}
+
+/// Decodes `data` as one IPC datagram. A message that decodes must encode and decode back
+/// to itself.
+pub fn ipc_message(data: &[u8]) {
+    if data.len() > MAX_MESSAGE_BYTES {
+        return;
+    }
+    let Ok(envelope) = serde_json::from_slice::<Envelope>(data) else {
+        return;
+    };
+    if envelope.v != PROTOCOL_VERSION {
+        return;
+    }
+    let bytes = serde_json::to_vec(&envelope).expect("a decoded message encodes");
+    let again: Envelope = serde_json::from_slice(&bytes).expect("an encoded message decodes");
+    assert_eq!(
+        again.message,
+        envelope.message,
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
+}
+
+/// Reads `data` as the start of a request head, whole and in pieces (sizes taken from the
+/// data's own bytes), and checks that both readings agree and stay within the limits.
+pub fn http_head(data: &[u8]) {
+    let whole = http::parse_head(data);
+    if let Ok(Some(head)) = &whole {
+        assert!(head.len <= data.len() && head.len <= http::MAX_HEAD_BYTES);
+        assert!(head.content_length <= http::MAX_BODY_BYTES);
+    }
+    let pieces = scan_in_pieces(data);
+    match (&whole, &pieces) {
+        (Ok(Some(a)), Ok(Some(b))) => assert_eq!(a, b),
+        (_, Ok(Some(head))) => panic!("only the scan found {head:?}; whole: {whole:?}"),
+        (Ok(Some(head)), _) => panic!("only the whole parse found {head:?}; scan: {pieces:?}"),
+        (Ok(None), Err(rejection)) => panic!("the scan refused ({rejection:?}) a head in progress"),
+        // The whole parse may see a bad header line before the head is complete.
+        (Err(_), Ok(None)) | (Err(_), Err(_)) | (Ok(None), Ok(None)) => {}
+    }
+}
+
+/// Feeds growing prefixes of `data` to one [`HeadScan`], as reads would, until it decides.
+fn scan_in_pieces(data: &[u8]) -> Result<Option<RequestHead<'_>>, Rejection> {
+    let mut scan = HeadScan::default();
+    let mut end = 0;
+    let mut sizes = data.iter().cycle().map(|&b| usize::from(b % 16) + 1);
+    while end < data.len() {
+        end = (end + sizes.next().unwrap_or(1)).min(data.len());
+        if let Some(head) = scan.advance(&data[..end])? {
+            return Ok(Some(head));
+        }
+    }
+    Ok(None)
+}
+
+/// Parses `data` as a config file. One that validates must survive `steer check`'s
+/// printout: the summary parses back to the same configuration.
+pub fn config_toml(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(settings) = Settings::from_toml(text) else {
+        return;
+    };
+    let Ok(config) = settings.into_config() else {
+        return;
+    };
+    let summary = config.summary();
+    let again = Settings::from_toml(&summary)
+        .unwrap_or_else(|err| panic!("the summary does not parse: {err}\n{summary}"))
+        .into_config()
+        .unwrap_or_else(|err| panic!("the summary does not validate: {err}\n{summary}"));
+    assert_eq!(again, config, "{summary}");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    use super::*;
+    use crate::ipc::{Counters, Recipient};
+
+    /// A well-formed request head: its method, target, and the bytes.
+    fn request_head() -> impl Strategy<Value = (String, String, Vec<u8>)> {
+        let method = prop::sample::select(vec!["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]);
+        let target = "/[a-z0-9/._-]{0,24}(\\?[a-z]{1,4}=[0-9]{1,6})?";
+        let header = ("[A-Za-z][A-Za-z0-9-]{0,12}", "[ -~]{0,40}");
+        let headers = prop::collection::vec(header, 0..8);
+        let eol = prop::sample::select(vec!["\r\n", "\n"]);
+        let blank = prop::sample::select(vec!["", "\r\n", "\n\r\n"]);
+        (method, target, headers, eol, blank).prop_map(|(method, target, headers, eol, blank)| {
+            let mut text = format!("{blank}{method} {target} HTTP/1.1{eol}");
+            for (name, value) in headers {
+                // Framing headers are left to the cases that test them.
+                if ["content-length", "transfer-encoding"]
+                    .contains(&name.to_ascii_lowercase().as_str())
+                {
+                    continue;
+                }
+                text.push_str(&format!("{name}: {}{eol}", value.trim()));
+            }
+            text.push_str(eol);
+            (method.to_owned(), target, text.into_bytes())
+        })
+    }
+
+    fn message() -> impl Strategy<Value = Message> {
+        let json = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            (-1e300f64..1e300).prop_map(Value::from),
+            ".{0,16}".prop_map(Value::from),
+        ];
+        let data = json.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                prop::collection::btree_map(".{0,8}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        });
+        let recipient = prop_oneof![
+            Just(Recipient::Primary),
+            Just(Recipient::All),
+            any::<usize>().prop_map(Recipient::Slot),
+        ];
+        prop_oneof![
+            any::<u32>().prop_map(|pid| Message::Register { pid }),
+            Just(Message::Ready),
+            any::<u64>().prop_map(|seq| Message::Ping { seq }),
+            (any::<u64>(), any::<[u64; 3]>()).prop_map(|(seq, [accepted, active, requests])| {
+                Message::Pong {
+                    seq,
+                    counters: Counters {
+                        accepted,
+                        active,
+                        requests,
+                    },
+                }
+            }),
+            Just(Message::Drain),
+            Just(Message::Connection),
+            (
+                prop::option::of(recipient),
+                prop::option::of(any::<usize>()),
+                data
+            )
+                .prop_map(|(to, from, data)| Message::User { to, from, data }),
+        ]
+    }
+
+    /// A config file of valid values (some keys left out), with strings that need quoting.
+    fn config_file() -> impl Strategy<Value = String> {
+        let duration = (1u64..100_000, prop::sample::select(vec!["ms", "s", "m"]))
+            .prop_map(|(n, unit)| format!("\"{n}{unit}\""));
+        let text = "[ -~\\t\u{1}\u{7f}é]{1,12}";
+        let lines = (
+            prop::option::of(1usize..=64),
+            prop::option::of(prop::sample::select(vec![
+                "kernel",
+                "round-robin",
+                "hash",
+                "cpu",
+            ])),
+            prop::option::of(duration.clone()),
+            prop::option::of(duration.clone()),
+            prop::option::of(duration),
+            prop::option::of(prop::collection::vec(text, 1..4)),
+            prop::option::of("/[a-z]{1,8}/[ -~é\u{1}]{1,8}"),
+            prop::option::of(1u64..=4096),
+        );
+        lines.prop_map(
+            |(workers, balance, header, idle, shutdown, command, pid_file, memory)| {
+                let mut file = String::new();
+                let quote = |s: &str| toml::Value::String(s.to_owned()).to_string();
+                if let Some(n) = workers {
+                    file += &format!("workers = {n}\n");
+                }
+                if let Some(b) = balance {
+                    file += &format!("balance = \"{b}\"\n");
+                }
+                if let Some(d) = header {
+                    file += &format!("demo-header-timeout = {d}\n");
+                }
+                if let Some(d) = idle {
+                    file += &format!("demo-idle-timeout = {d}\n");
+                }
+                if let Some(d) = shutdown {
+                    file += &format!("shutdown-timeout = {d}\n");
+                }
+                if let Some(argv) = command {
+                    let argv: Vec<String> = argv.iter().map(|a| quote(a)).collect();
+                    file += &format!("command = [{}]\n", argv.join(", "));
+                }
+                if let Some(path) = pid_file {
+                    file += &format!("pid-file = {}\n", quote(&path));
+                }
+                if let Some(mb) = memory {
+                    file += &format!("max-memory = \"{mb}MiB\"\n");
+                }
+                file
+            },
+        )
+    }
+
+    proptest! {
+        /// A head read in any pieces is the head read whole, and every field is what was sent.
+        #[test]
+        fn a_head_in_pieces_is_the_head_whole(
+            (method, target, bytes) in request_head(),
+            tail in prop::collection::vec(any::<u8>(), 0..64),
+            cuts in prop::collection::vec(1usize..32, 1..64),
+        ) {
+            let mut data = bytes.clone();
+            data.extend_from_slice(&tail);
+            let whole = http::parse_head(&data).expect("valid").expect("complete");
+            prop_assert_eq!(whole.method, method.as_str());
+            prop_assert_eq!(whole.target, target.as_str());
+            prop_assert_eq!(whole.len, bytes.len());
+            let mut scan = HeadScan::default();
+            let mut end = 0;
+            let mut cuts = cuts.into_iter().cycle();
+            let found = loop {
+                end = (end + cuts.next().unwrap_or(1)).min(data.len());
+                if let Some(head) = scan.advance(&data[..end]).expect("valid") {
+                    break head;
+                }
+                prop_assert!(end < data.len(), "never complete");
+            };
+            prop_assert_eq!(found, whole);
+            http_head(&data);
+        }
+
+        /// Any bytes, and any well-formed head with bytes flipped: the readings agree.
+        #[test]
+        fn any_bytes_read_whole_and_in_pieces_agree(
+            noise in prop::collection::vec(any::<u8>(), 0..256),
+            (_, _, mut bytes) in request_head(),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+        ) {
+            http_head(&noise);
+            for (at, byte) in flips {
+                let i = at.index(bytes.len());
+                bytes[i] = byte;
+            }
+            http_head(&bytes);
+        }
+
+        /// Every message survives the wire, and decodes to what was sent.
+        #[test]
+        fn every_message_survives_the_wire(message in message()) {
+            let envelope = Envelope { v: PROTOCOL_VERSION, message };
+            let bytes = serde_json::to_vec(&envelope).expect("encodes");
+            let decoded: Envelope = serde_json::from_slice(&bytes).expect("decodes");
+            prop_assert_eq!(&decoded.message, &envelope.message);
+            ipc_message(&bytes);
+        }
+
+        /// A valid file prints (`steer check`) as TOML that reads back to the same settings.
+        #[test]
+        fn a_valid_config_reads_back_from_its_summary(file in config_file()) {
+            prop_assert!(Settings::from_toml(&file).is_ok(), "{}", file);
+            config_toml(file.as_bytes());
+        }
+    }
+
+    /// Every input kept in `fuzz/corpus/<target>/` still passes: the fuzzers' findings stay
+    /// fixed without nightly or cargo-fuzz.
+    #[test]
+    fn the_kept_corpus_passes() {
+        let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+        for (target, check) in TARGETS {
+            let dir = corpus.join(target);
+            let entries =
+                std::fs::read_dir(&dir).unwrap_or_else(|err| panic!("{}: {err}", dir.display()));
+            let mut count = 0;
+            for entry in entries {
+                let path = entry.expect("a corpus entry").path();
+                let data = std::fs::read(&path).expect("a corpus file");
+                check(&data);
+                count += 1;
+            }
+            assert!(count >= 3, "{target}: only {count} inputs kept");
+        }
+    }
+}
