@@ -198,6 +198,8 @@ impl Supervisor {
                 if self.config.demo_faults {
                     vars.push((env::DEMO_FAULTS.into(), "1".into()));
                 }
+                let (name, timeouts) = crate::demo::timeouts_env(&self.config);
+                vars.push((name.into(), timeouts.into()));
                 if let Some(credentials) = &self.config.credentials {
                     let switch = crate::privileges::env_for(credentials);
                     vars.extend(switch.map(|(k, v)| (k.into(), v.into())));

@@ -5,7 +5,9 @@
 //!
 //! Everything happens on one thread in one `mio` loop: signals arrive through a `signalfd`,
 //! worker exits through one pidfd per worker, worker messages through one `SOCK_SEQPACKET`
-//! socket per worker, and status requests through the status listener.
+//! socket per worker. Status clients are the status listener's thread's business
+//! ([`crate::status`]); the loop only stores its readiness for it, and builds a status
+//! document when that thread asks for one.
 
 mod handoff;
 mod health;
