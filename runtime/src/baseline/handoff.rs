@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
+use crate::accept::AcceptPause;
 use crate::ipc::{Channel, IpcError, Message};
 
 /// Most connections accepted per wakeup, so a flood cannot starve signals, exits and
@@ -38,6 +39,8 @@ pub struct HandOff {
     /// The accept budget ran out: the kernel's queue may hold more, and an edge-triggered
     /// poll will not say so again.
     more: bool,
+    /// Accepting paused after `accept` ran out of descriptors or memory.
+    pause: AcceptPause,
     handed: u64,
 }
 
@@ -49,6 +52,7 @@ impl HandOff {
             last: None,
             waiting: VecDeque::new(),
             more: false,
+            pause: AcceptPause::default(),
             handed: 0,
         }
     }
@@ -66,12 +70,16 @@ impl HandOff {
     /// Accepts (`accept4(SOCK_CLOEXEC)`) and hands out connections round-robin over
     /// `targets` (in slot order), `sendmsg` with `SCM_RIGHTS` each, then closes the
     /// primary's copy. A worker whose IPC socket is full is skipped; when none can take a
-    /// connection it waits here, and accepting stops until [`HandOff::retry_at`].
+    /// connection it waits here, and accepting stops until [`HandOff::retry_at`]. Out of
+    /// descriptors, accepting pauses ([`crate::accept`]) instead of failing again at once.
     pub fn hand_off(&mut self, targets: &[Target<'_>]) {
         self.more = false;
+        let now = Instant::now();
+        self.pause.expire(now);
         for _ in 0..ACCEPT_BUDGET {
             let connection = match self.waiting.pop_front() {
                 Some(connection) => connection,
+                None if self.pause.is_paused(now) => return,
                 None => match self.listener.accept() {
                     Ok((socket, _peer)) => OwnedFd::from(socket),
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
@@ -83,10 +91,9 @@ impl HandOff {
                     {
                         continue;
                     }
+                    // Out of descriptors or memory, typically: retrying at once would spin.
                     Err(err) => {
-                        // Out of fds or memory: retried on the next wakeup.
-                        tracing::warn!("userspace baseline: accept failed: {err}");
-                        self.more = true;
+                        self.pause.failed(now, "userspace baseline", &err);
                         return;
                     }
                 },
@@ -128,7 +135,10 @@ impl HandOff {
 
     /// When the primary's loop should call [`HandOff::hand_off`] again without an event.
     pub fn retry_at(&self, now: Instant) -> Option<Instant> {
-        if self.more {
+        if let Some(resume) = self.pause.resumes_at() {
+            // Nothing says when descriptors are free again: look when the pause is over.
+            Some(resume.max(now))
+        } else if self.more {
             Some(now)
         } else if !self.waiting.is_empty() {
             Some(now + RETRY_FULL)
