@@ -10,6 +10,9 @@
 //!   and peers; reports in `target/bench/` (see `bench.rs`).
 //! - `soak [--seconds N]`: load plus a rolling restart every 5 s for N seconds (default
 //!   60); fails if a request fails or the primary's fds or memory grow.
+//! - `fuzz [--seconds N] [TARGET]...`: run the fuzz targets (`fuzz/`, cargo-fuzz) for N
+//!   seconds each (default 60), starting from the kept corpus; fails on a crash, whose input
+//!   lands in `fuzz/artifacts/`. `test` runs each for 10 s.
 
 use std::process::{Command, ExitCode};
 
@@ -24,10 +27,12 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("soak") => soak(&args[1..]),
+        Some("fuzz") => fuzz(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             println!(
                 "usage: cargo xtask <setup | run [-- STEER_RUN_ARGS] | test [-- CARGO_TEST_ARGS] | \
-                 bench [--quick] [--peers] | soak [--seconds N]>"
+                 bench [--quick] [--peers] | soak [--seconds N] | \
+                 fuzz [--seconds N] [TARGET]...>"
             );
             return ExitCode::SUCCESS;
         }
@@ -118,6 +123,14 @@ fn test(args: &[String]) -> Result<(), String> {
         );
     }
     step("cargo", &["fmt", "--all", "--check"])?;
+    // The fuzz crate is outside the workspace, so `cargo fmt --all` does not see it.
+    let fuzz_sources: Vec<String> = FUZZ_TARGETS
+        .iter()
+        .map(|target| format!("fuzz/fuzz_targets/{target}.rs"))
+        .collect();
+    let mut rustfmt = vec!["--edition", "2024", "--check"];
+    rustfmt.extend(fuzz_sources.iter().map(String::as_str));
+    step("rustfmt", &rustfmt)?;
     step(
         "cargo",
         &["clippy", "--all-targets", "--", "-D", "warnings"],
@@ -152,7 +165,85 @@ fn test(args: &[String]) -> Result<(), String> {
         test_args.push("--");
         test_args.extend(extra);
     }
-    step("cargo", &test_args)
+    step("cargo", &test_args)?;
+    // Every fuzz target, briefly, from the kept corpus: a smoke run, not a campaign.
+    run_fuzz(&FUZZ_TARGETS, FUZZ_SECONDS_IN_TEST)
+}
+
+/// The fuzz targets: the binaries of `fuzz/` and the directories of `fuzz/corpus/`.
+const FUZZ_TARGETS: [&str; 3] = ["ipc_message", "http_head", "config_toml"];
+
+/// Seconds each fuzz target runs in `cargo xtask test`.
+const FUZZ_SECONDS_IN_TEST: u32 = 10;
+
+fn fuzz(args: &[String]) -> Result<(), String> {
+    let mut seconds = 60;
+    let mut targets = Vec::new();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--seconds" => {
+                seconds = args
+                    .next()
+                    .and_then(|value| value.parse().ok())
+                    .filter(|&n| n > 0)
+                    .ok_or("--seconds: expected a whole number of seconds, at least 1")?;
+            }
+            target if FUZZ_TARGETS.contains(&target) => targets.push(target),
+            other => {
+                return Err(format!(
+                    "fuzz: unknown argument {other:?}; targets are {}",
+                    FUZZ_TARGETS.join(", ")
+                ));
+            }
+        }
+    }
+    if targets.is_empty() {
+        targets.extend(FUZZ_TARGETS);
+    }
+    setup::run()?;
+    run_fuzz(&targets, seconds)
+}
+
+/// Runs each target for `seconds` (libFuzzer's `-max_total_time`), reading the kept corpus
+/// and writing what it finds to `target/fuzz-corpus/`, so the repository stays untouched.
+/// Built optimized without a sanitizer: the parsers are safe Rust, so the bugs to find are
+/// panics and broken invariants, and an optimized build runs ~15x more inputs per second
+/// than a debug one.
+fn run_fuzz(targets: &[&str], seconds: u32) -> Result<(), String> {
+    let root = workspace_root();
+    for target in targets {
+        let found = root.join("target/fuzz-corpus").join(target);
+        std::fs::create_dir_all(&found)
+            .map_err(|e| format!("cannot create {}: {e}", found.display()))?;
+        let found = found.display().to_string();
+        let kept = format!("fuzz/corpus/{target}");
+        let time = format!("-max_total_time={seconds}");
+        step(
+            "rustup",
+            &[
+                "run",
+                "nightly",
+                "cargo",
+                "fuzz",
+                "run",
+                "--fuzz-dir",
+                "fuzz",
+                "-O",
+                "--sanitizer",
+                "none",
+                target,
+                &found,
+                &kept,
+                "--",
+                &time,
+                "-timeout=10",
+                "-rss_limit_mb=2048",
+                "-print_final_stats=1",
+            ],
+        )?;
+    }
+    Ok(())
 }
 
 fn soak(args: &[String]) -> Result<(), String> {

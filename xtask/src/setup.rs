@@ -1,5 +1,7 @@
 //! `cargo xtask setup`: make this machine able to build and test Steer. Idempotent: each
-//! step checks first and says what it does.
+//! step checks first and says what it does: rustfmt and clippy; nightly, rust-src and
+//! bpf-linker for the eBPF program; cargo-fuzz for the fuzz targets; python3 and
+//! systemd-analyze for tests.
 
 use std::process::Command;
 
@@ -7,6 +9,7 @@ use std::process::Command;
 pub(crate) fn run() -> Result<(), String> {
     ensure_rustup_components(&["rustfmt", "clippy"])?;
     ensure_ebpf_toolchain()?;
+    ensure_cargo_fuzz()?;
     ensure_command(
         "python3",
         "python3",
@@ -76,6 +79,28 @@ fn ensure_ebpf_toolchain() -> Result<(), String> {
 }
 
 const BPF_LINKER_VERSION: &str = "0.10.0";
+
+/// The fuzz targets (`fuzz/`) run with cargo-fuzz and the nightly toolchain the eBPF
+/// program already needs.
+fn ensure_cargo_fuzz() -> Result<(), String> {
+    let version = output("cargo", &["fuzz", "--version"]).unwrap_or_default();
+    if version.contains(CARGO_FUZZ_VERSION) {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (runs the fuzz targets; about a minute)"
+    );
+    crate::step(
+        "cargo",
+        &[
+            "install",
+            "--locked",
+            &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+        ],
+    )
+}
+
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 fn ensure_command(command: &str, debian_package: &str, why: &str) -> Result<(), String> {
     if Command::new(command)
