@@ -452,10 +452,12 @@ fn the_last_serving_worker_stays_in_steering_when_silent_and_its_queue_moves_to_
         "{}",
         answer.body
     );
-    let log = cluster.wait_for_log(
+    cluster.wait_for_log(
         "keeping it in steering while a replacement starts",
         Duration::from_secs(1),
     );
-    assert!(log.contains("its queue moved to its replacement"), "{log}");
+    // Logged just after the shutdown that moved the queue: the replacement may answer the
+    // moved request before the primary has written the line.
+    cluster.wait_for_log("its queue moved to its replacement", Duration::from_secs(1));
     cluster.stop_cleanly(Duration::from_secs(15));
 }
