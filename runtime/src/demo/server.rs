@@ -249,7 +249,7 @@ impl Server {
         }
         self.full_until = None;
         if let Some(mut listener) = self.listener.take() {
-            if self.accept_from(&listener) {
+            if self.accept_from(&listener, ACCEPT_BUDGET) {
                 self.listener = Some(listener);
             } else if let Err(error) = self.poll.registry().deregister(&mut listener) {
                 debug!(%error, "could not stop watching the shut-down listener");
@@ -257,12 +257,14 @@ impl Server {
         }
     }
 
-    /// Accepts until the queue is empty. Returns false once the listener is no longer
+    /// Accepts until the queue is empty or `budget` connections are taken (then
+    /// [`Server::backlog`] says to come back next turn), or the worker is full with nothing
+    /// idle to let go. Returns false once the listener is no longer
     /// listening: the primary shut it down because this worker stopped answering
     /// heartbeats (its queue went to the other workers). Open connections are still served.
-    fn accept_from(&mut self, listener: &TcpListener) -> bool {
+    fn accept_from(&mut self, listener: &TcpListener, budget: usize) -> bool {
         self.backlog = false;
-        for _ in 0..ACCEPT_BUDGET {
+        for _ in 0..budget {
             if self.connections.len() >= self.max_connections && !self.make_room() {
                 // Nothing idle to let go: the queue waits in the kernel until a connection
                 // closes (or becomes idle); look again after a while.
@@ -388,13 +390,15 @@ impl Server {
         }
         info!(connections = self.connections.len(), "draining");
         self.responder.start_draining();
+        // Before the last accepts: what they take gets the same grace as everyone else.
+        self.idle_deadline = Some(Instant::now() + IDLE_GRACE);
         if let Some(mut listener) = self.listener.take() {
             if let Err(error) = self.poll.registry().deregister(&mut listener) {
                 warn!(%error, "could not stop watching the listener");
             }
-            let _still_listening = self.accept_from(&listener);
+            // All of it, whatever the budget: what stays queued leaves with the listener.
+            let _still_listening = self.accept_from(&listener, usize::MAX);
         }
-        self.idle_deadline = Some(Instant::now() + IDLE_GRACE);
         for index in 0..self.connections.span() {
             self.drive(index, false);
         }
@@ -566,4 +570,68 @@ fn primary_gone() -> ! {
 fn ipc_failed(error: &IpcError) -> ! {
     error!(?error, "IPC channel failed; exiting");
     std::process::exit(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    use super::*;
+    use crate::demo::Timeouts;
+
+    fn server(listener: std::net::TcpListener) -> (Server, Channel) {
+        let (primary, worker) = Channel::pair().expect("socketpair");
+        let options = DemoOptions {
+            slot: 0,
+            generation: 1,
+            faults: false,
+            timeouts: Timeouts::default(),
+        };
+        let server = Server::new(Some(listener), worker, options, None).expect("server");
+        (server, primary)
+    }
+
+    /// A connection still queued when the drain begins, whose request has not arrived
+    /// yet, gets the drain's grace like every other idle connection, and is answered.
+    #[test]
+    fn a_connection_the_drain_accepts_gets_the_grace() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (mut server, _primary) = server(listener);
+        let mut client = TcpStream::connect(addr).expect("connect");
+        server.start_drain();
+        assert_eq!(server.connections.len(), 1, "kept through the grace");
+        client
+            .write_all(b"GET / HTTP/1.1\r\n\r\n")
+            .expect("send the request");
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while server.connections.len() == 1 && Instant::now() < deadline {
+            for index in 0..server.connections.span() {
+                server.drive(index, false);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut reply = String::new();
+        client.read_to_string(&mut reply).expect("the answer");
+        assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+        assert!(reply.contains("Connection: close"), "{reply}");
+    }
+
+    /// A drain takes everything queued, past the per-turn accept budget: what stayed in
+    /// the queue would leave with the listener.
+    #[test]
+    fn a_drain_accepts_everything_queued() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (mut server, _primary) = server(listener);
+        let clients: Vec<TcpStream> = (0..ACCEPT_BUDGET * 2)
+            .map(|_| TcpStream::connect(addr).expect("connect"))
+            .collect();
+        server.start_drain();
+        assert_eq!(server.connections.len(), clients.len());
+    }
 }
