@@ -10,7 +10,7 @@ use super::Control;
 use super::slot::{Phase, Role};
 use super::supervisor::Supervisor;
 use crate::baseline::Baseline;
-use crate::ipc::{IpcError, Message, Received, Recipient};
+use crate::ipc::{Encoded, IpcError, Message, Payload, Received, Recipient};
 
 /// Most messages read from one worker per wakeup, so a chatty worker cannot starve the
 /// loop (the rest wait for the next wakeup; the socket stays readable).
@@ -27,10 +27,15 @@ impl Supervisor {
             let Some((_, process)) = self.slots[index].find_mut(pid) else {
                 return;
             };
+            // A stream channel is also watched for writability: what waits in its output
+            // buffer goes out now. A peer that is gone shows on the read side below.
+            let _gone = process.channel.flush();
             for _ in 0..MAX_MESSAGES_PER_WAKEUP {
                 match process.channel.recv() {
                     Ok(Some(received)) => batch.push(Ok(received)),
                     Ok(None) => break,
+                    // This process is out of fds; the next message may need none.
+                    Err(IpcError::FdsExhausted) => batch.push(Err(IpcError::FdsExhausted)),
                     Err(err) => {
                         batch.push(Err(err));
                         break;
@@ -46,6 +51,10 @@ impl Supervisor {
                         self.protocol_violation(index, pid, &violation);
                         return;
                     }
+                }
+                Err(err @ IpcError::FdsExhausted) => {
+                    // Not the worker's fault: never a protocol violation.
+                    tracing::warn!(slot = index, pid, "{err}");
                 }
                 Err(IpcError::Closed) => {
                     // The worker closed its end (exiting, or an external program that does
@@ -107,7 +116,7 @@ impl Supervisor {
                     "worker registered its socket"
                 );
             }
-            Message::Ready => {
+            Message::Ready { .. } => {
                 if received.fd.is_some() {
                     return Err("unexpected fd beside ready".into());
                 }
@@ -141,20 +150,21 @@ impl Supervisor {
     }
 
     /// Relays a worker's user message, or hands it to the primary's hook.
-    fn route_user_message(&mut self, from: usize, to: Recipient, data: serde_json::Value) {
+    fn route_user_message(&mut self, from: usize, to: Recipient, data: Payload) {
         match to {
             Recipient::Primary => {
                 let Some(hook) = self.hooks.on_message.as_mut() else {
                     tracing::debug!(slot = from, "user message with no primary hook: {data}");
                     return;
                 };
+                let data = data.to_value();
                 let mut control = Control {
                     outbox: Vec::new(),
                     workers: self.slots.len(),
                 };
                 hook(&mut control, from, data);
                 for (target, data) in control.outbox {
-                    self.deliver(None, target, data);
+                    self.deliver(None, target, Payload::from(data));
                 }
             }
             Recipient::All => self.deliver(Some(from), None, data),
@@ -163,24 +173,25 @@ impl Supervisor {
     }
 
     /// Sends a user message to one slot's serving process, or to every slot's but the
-    /// sender's.
-    pub(crate) fn deliver(
-        &mut self,
-        from: Option<usize>,
-        to: Option<usize>,
-        data: serde_json::Value,
-    ) {
-        let message = Message::User {
+    /// sender's. The message is serialized once, whatever the number of receivers.
+    pub(crate) fn deliver(&mut self, from: Option<usize>, to: Option<usize>, data: Payload) {
+        let message = match Encoded::new(&Message::User {
             to: None,
             from,
             data,
+        }) {
+            Ok(message) => message,
+            Err(err) => {
+                tracing::warn!(?from, "cannot relay user message: {err}");
+                return;
+            }
         };
         for slot in &self.slots {
             if to.is_some_and(|t| t != slot.index) || (to.is_none() && from == Some(slot.index)) {
                 continue;
             }
             if let Some(process) = slot.current.as_ref().filter(|p| p.phase == Phase::Ready)
-                && let Err(err) = process.channel.send(&message)
+                && let Err(err) = process.channel.send_encoded(&message)
             {
                 tracing::warn!(slot = slot.index, "cannot deliver user message: {err}");
             }

@@ -143,6 +143,7 @@ impl Link {
                     }
                     Message::Drain => self.drain.set(),
                     Message::User { from, data, .. } => {
+                        let data = data.to_value();
                         let _receiver_gone = inbox.send(UserMessage { from, data });
                     }
                     other => tracing::debug!(slot, "ignoring unexpected message {other:?}"),
