@@ -12,7 +12,7 @@ use super::restart::Verdict;
 use super::slot::{Phase, Process, Role};
 use super::spawn::{self, LISTEN_FD, SpawnSpec};
 use super::supervisor::{ClusterPhase, Supervisor, WorkerFd, worker_token};
-use crate::ipc::{Channel, Message};
+use crate::ipc::{Channel, Framing, Message};
 use crate::logging::{ENV_LOG_FORMAT, ENV_LOG_LEVEL};
 use crate::worker::env;
 
@@ -92,10 +92,16 @@ impl Supervisor {
                         Interest::READABLE,
                     )
                     .and_then(|()| {
+                        // A stream channel buffers what the socket does not take; it is
+                        // flushed when the socket becomes writable.
+                        let interest = match channel.framing() {
+                            Framing::Lines => Interest::READABLE | Interest::WRITABLE,
+                            Framing::Datagram => Interest::READABLE,
+                        };
                         registry.register(
                             &mut SourceFd(&channel.as_raw_fd()),
                             worker_token(pid, WorkerFd::Ipc),
-                            Interest::READABLE,
+                            interest,
                         )
                     });
                 if let Err(err) = watch {
@@ -151,7 +157,12 @@ impl Supervisor {
         generation: u64,
         id: u64,
     ) -> std::io::Result<(spawn::Spawned, Channel, Option<OwnedFd>)> {
-        let (primary_end, worker_end) = Channel::pair()?;
+        // External workers get newline-delimited JSON on a stream, which Node's
+        // `process.send` speaks (it cannot open a SOCK_SEQPACKET fd); the others pass fds.
+        let (primary_end, worker_end) = match &self.program {
+            WorkerProgram::External(_) => Channel::stream_pair()?,
+            _ => Channel::pair()?,
+        };
         primary_end.set_nonblocking(true)?;
         let mut vars: Vec<(OsString, OsString)> = vec![
             (env::SLOT.into(), index.to_string().into()),
@@ -175,6 +186,8 @@ impl Supervisor {
                 };
                 let primary_copy = socket.try_clone()?;
                 vars.push((env::IPC_FD.into(), IPC_FD_EXTERNAL.to_string().into()));
+                vars.push(("NODE_CHANNEL_FD".into(), IPC_FD_EXTERNAL.to_string().into()));
+                vars.push(("NODE_CHANNEL_SERIALIZATION_MODE".into(), "json".into()));
                 vars.push(("LISTEN_FDS".into(), "1".into()));
                 vars.push(("LISTEN_FDNAMES".into(), "steer".into()));
                 let first = command.first().map(OsString::from).unwrap_or_default();
