@@ -12,7 +12,7 @@ mod link;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -251,7 +251,7 @@ where
             return ExitCode::FAILURE;
         }
     };
-    if let Err(err) = link.channel.send(&Message::Ready) {
+    if let Err(err) = link.channel.send(&Message::Ready { heartbeats: true }) {
         tracing::error!("cannot report ready: {err}");
         return ExitCode::FAILURE;
     }
@@ -289,6 +289,7 @@ pub(crate) fn bootstrap() -> Result<Bootstrapped, String> {
         .send_with_fd(
             &Message::Register {
                 pid: std::process::id(),
+                fd: Some(listener.as_raw_fd()),
             },
             listener.as_fd(),
         )
