@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use link::{DrainSignal, Heartbeat, UserMessage, WorkerStats};
+pub use link::{DrainSignal, Heartbeat, INBOX_CAPACITY, UserMessage, WorkerStats};
 use serde::Serialize;
 
 use crate::ipc::{Channel, IpcError, Message, Recipient};
@@ -183,6 +183,14 @@ impl Worker {
     /// The next message if one is waiting.
     pub fn try_recv(&self) -> Option<UserMessage> {
         self.link.inbox.lock().ok()?.try_recv().ok()
+    }
+
+    /// User messages dropped because more than [`INBOX_CAPACITY`] were waiting
+    /// unread.
+    pub fn dropped_messages(&self) -> u64 {
+        self.link
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Publishes this worker's load for `--balance least-loaded`: connections accepted so
