@@ -62,7 +62,7 @@ impl Supervisor {
         match message {
             Message::Register { fd: number, .. } => {
                 let socket = fd.ok_or("register without a socket attached")?;
-                match self.core.registered(index, id, now)? {
+                match self.core.registered(index, id)? {
                     Registration::Ignored => return Ok(()),
                     Registration::Accepted => {}
                 }
@@ -110,14 +110,13 @@ impl Supervisor {
                 if fd.is_some() {
                     return Err("unexpected fd beside pong".into());
                 }
-                self.core
-                    .pong(&mut self.host, index, id, seq, counters, now)?;
+                self.core.pong(&mut self.host, index, id, seq, counters)?;
             }
             Message::User { to, data, .. } => {
                 if fd.is_some() {
                     return Err("unexpected fd beside a user message".into());
                 }
-                self.core.spoke(index, id, now);
+                self.core.spoke(index, id);
                 self.route_user_message(index, id, to.unwrap_or(Recipient::Primary), data, now);
             }
             other @ (Message::Registered { .. }

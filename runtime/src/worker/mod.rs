@@ -188,9 +188,7 @@ impl Worker {
     /// User messages dropped because more than [`INBOX_CAPACITY`] were waiting
     /// unread.
     pub fn dropped_messages(&self) -> u64 {
-        self.link
-            .dropped
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.link.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Publishes this worker's load for `--balance least-loaded`: connections accepted so
