@@ -172,10 +172,22 @@ mod tests {
     fn message_and_fd_cross_the_pair() {
         let (a, b) = Channel::pair().expect("socketpair");
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        a.send_with_fd(&Message::Register { pid: 42 }, listener.as_fd())
-            .expect("send");
+        a.send_with_fd(
+            &Message::Register {
+                pid: 42,
+                fd: Some(listener.as_raw_fd()),
+            },
+            listener.as_fd(),
+        )
+        .expect("send");
         let got = b.recv().expect("recv").expect("a message");
-        assert_eq!(got.message, Message::Register { pid: 42 });
+        assert_eq!(
+            got.message,
+            Message::Register {
+                pid: 42,
+                fd: Some(listener.as_raw_fd())
+            }
+        );
         let fd = got.fd.expect("fd attached");
         let flags = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_GETFD).expect("getfd");
         assert_ne!(

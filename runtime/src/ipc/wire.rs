@@ -86,6 +86,8 @@ struct Incoming<'a> {
     #[serde(default)]
     pid: Option<u32>,
     #[serde(default)]
+    fd: Option<i32>,
+    #[serde(default)]
     load: Option<LoadShare>,
     #[serde(default)]
     heartbeats: Option<bool>,
@@ -111,6 +113,7 @@ impl Incoming<'_> {
         let message = match &*self.kind {
             "register" => Message::Register {
                 pid: self.pid.ok_or("register without pid")?,
+                fd: self.fd,
             },
             "registered" => Message::Registered { load: self.load },
             "ready" => Message::Ready {
@@ -140,6 +143,7 @@ impl Incoming<'_> {
     fn only(&self, allowed: &[&str]) -> Result<(), String> {
         let present = [
             ("pid", self.pid.is_some()),
+            ("fd", self.fd.is_some()),
             ("load", self.load.is_some()),
             ("heartbeats", self.heartbeats.is_some()),
             ("seq", self.seq.is_some()),
@@ -161,7 +165,7 @@ impl Incoming<'_> {
 /// The fields each type may carry besides `v` and `type`.
 fn allowed_fields(message: &Message) -> &'static [&'static str] {
     match message {
-        Message::Register { .. } => &["pid"],
+        Message::Register { .. } => &["pid", "fd"],
         Message::Registered { .. } => &["load"],
         Message::Ready { .. } => &["heartbeats"],
         Message::Ping { .. } => &["seq"],
@@ -180,7 +184,12 @@ impl Serialize for Outgoing<'_> {
         map.serialize_entry("v", &PROTOCOL_VERSION)?;
         map.serialize_entry("type", self.0.kind())?;
         match self.0 {
-            Message::Register { pid } => map.serialize_entry("pid", pid)?,
+            Message::Register { pid, fd } => {
+                map.serialize_entry("pid", pid)?;
+                if let Some(fd) = fd {
+                    map.serialize_entry("fd", fd)?;
+                }
+            }
             Message::Registered { load } => {
                 if let Some(load) = load {
                     map.serialize_entry("load", load)?;
@@ -249,7 +258,11 @@ mod tests {
     #[test]
     fn every_message_survives_a_round_trip() {
         let messages = [
-            Message::Register { pid: 9 },
+            Message::Register { pid: 9, fd: None },
+            Message::Register {
+                pid: 9,
+                fd: Some(5),
+            },
             Message::Registered { load: None },
             Message::Registered {
                 load: Some(LoadShare {
