@@ -134,18 +134,51 @@ fn node_workers_exchange_a_broadcast_through_process_send() {
     cluster.stop_cleanly(Duration::from_secs(10));
 }
 
+/// What the primary's loop may add to a verdict's deadline: it wakes for the deadline,
+/// and the two log lines are written a scheduling delay after the facts they record.
+const VERDICT_SLACK: Duration = Duration::from_millis(300);
+
+/// From the worker's log line containing `worker_says` to the primary's `hung` verdict on
+/// slot 1, both read from the cluster's log, which both processes write with the same
+/// clock: `2026-12-01T20:58:38.729932Z` (the primary) and an ISO time (node's
+/// `toISOString()`) first on each line.
+fn verdict_delay(cluster: &Cluster, worker_says: &str) -> Duration {
+    let log = cluster.wait_for_log("hung", Duration::from_secs(1));
+    let time_of = |needle: &dyn Fn(&str) -> bool| {
+        log.lines()
+            .find(|line| needle(line))
+            .and_then(seconds_of_day)
+            .unwrap_or_else(|| panic!("no timed log line for the verdict:\n{log}"))
+    };
+    let stuck = time_of(&|line: &str| line.contains(worker_says));
+    let hung = time_of(&|line: &str| line.contains("hung;") && line.contains("slot=1"));
+    // The same day unless midnight passed in between.
+    let delta = (hung - stuck).rem_euclid(86_400.0);
+    Duration::from_secs_f64(delta)
+}
+
+/// Seconds since midnight of a line that starts with an RFC 3339 UTC time.
+fn seconds_of_day(line: &str) -> Option<f64> {
+    let time = line.split_whitespace().next()?.split('T').nth(1)?;
+    let time = time.trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let hours: f64 = parts.next()?.parse().ok()?;
+    let minutes: f64 = parts.next()?.parse().ok()?;
+    let seconds: f64 = parts.next()?.parse().ok()?;
+    Some(hours * 3600.0 + minutes * 60.0 + seconds)
+}
+
 /// Sends `GET /block?ms=..&slot=..` on new connections until one is held by `slot`.
-fn stall(addr: std::net::SocketAddr, slot: usize, ms: u64) -> (KeepAlive, Instant) {
+fn stall(addr: std::net::SocketAddr, slot: usize, ms: u64) -> KeepAlive {
     for _ in 0..100 {
         let mut conn = KeepAlive::connect(addr).expect("connect");
-        let at = Instant::now();
         conn.send_only(&format!("/block?ms={ms}&slot={slot}"))
             .expect("send /block");
         if !conn
             .wait_readable(Duration::from_millis(300))
             .expect("poll")
         {
-            return (conn, at);
+            return conn;
         }
     }
     panic!("no /block request reached slot {slot}");
@@ -178,23 +211,23 @@ fn a_node_worker_whose_event_loop_blocks_is_replaced_within_interval_plus_timeou
     let answered = cluster.wait_for_reported_requests(10, Duration::from_secs(10));
     let before = status::worker(&answered, 1).pid.expect("slot 1 pid");
 
-    let (_held, blocked_at) = stall(cluster.listen_addr(), 1, 20_000);
-    let replaced = cluster.wait_until(
+    let _held = stall(cluster.listen_addr(), 1, 20_000);
+    cluster.wait_until(
         "slot 1 out of steering after its loop blocked",
-        Duration::from_secs(10),
+        Duration::from_secs(15),
         |s| {
             let w = status::worker(s, 1);
             w.state == SlotState::Hung || w.pid.is_some_and(|pid| pid != before)
         },
     );
-    let took = blocked_at.elapsed();
-    // One status poll of slack on top of the bound the contract states.
-    let bound = interval + timeout + steer_tests::STATUS_POLL_INTERVAL * 2;
+    // Timed from the two processes' own log lines (one clock), not from this test's
+    // view, which a loaded machine delays.
+    let took = verdict_delay(&cluster, "blocking the event loop");
+    let bound = interval + timeout + VERDICT_SLACK;
     assert!(
         took <= bound,
-        "replaced after {took:?}, more than interval + timeout ({bound:?}): {replaced:#}"
+        "hung {took:?} after the loop blocked, more than interval + timeout ({bound:?})"
     );
-    cluster.wait_for_log("hung", Duration::from_secs(1));
     cluster.wait_until("a ready replacement", Duration::from_secs(10), |s| {
         let w = status::worker(s, 1);
         w.state == SlotState::Ready && w.pid.is_some_and(|pid| pid != before)
@@ -202,7 +235,50 @@ fn a_node_worker_whose_event_loop_blocks_is_replaced_within_interval_plus_timeou
     for _ in 0..10 {
         must_get(cluster.listen_addr(), "/");
     }
-    eprintln!("blocked loop out of steering after {took:?} (bound {bound:?})");
+    eprintln!("blocked loop declared hung {took:?} after it blocked (bound {bound:?})");
+}
+
+#[test]
+fn a_node_worker_stuck_before_its_first_pong_is_replaced_within_interval_plus_timeout() {
+    let (interval, timeout) = (Duration::from_secs(1), Duration::from_secs(3));
+    let script = format!(
+        "{}/fixtures/node_stuck_after_ready.mjs",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    example("hello.mjs"); // checks that node runs
+    let cluster = Cluster::start(&[
+        "--workers",
+        "2",
+        "--balance",
+        "round-robin",
+        "--health-interval",
+        "1s",
+        "--health-timeout",
+        "3s",
+        "--shutdown-timeout",
+        "1s",
+        "--",
+        "node",
+        &script,
+    ]);
+    let first = status::worker(&cluster.status(), 1)
+        .pid
+        .expect("slot 1 pid");
+    cluster.wait_until(
+        "slot 1 out of steering although it never answered a ping",
+        Duration::from_secs(15),
+        |s| {
+            let w = status::worker(s, 1);
+            w.state == SlotState::Hung || w.pid.is_some_and(|pid| pid != first)
+        },
+    );
+    let took = verdict_delay(&cluster, "stuck right after ready");
+    let bound = interval + timeout + VERDICT_SLACK;
+    assert!(
+        took <= bound,
+        "hung {took:?} after it got stuck, more than interval + timeout ({bound:?})"
+    );
+    eprintln!("worker stuck before its first pong declared hung {took:?} after (bound {bound:?})");
 }
 
 fn three_rolls_lose_nothing(load: impl Fn(std::net::SocketAddr) -> Load) {
