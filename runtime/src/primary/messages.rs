@@ -17,13 +17,15 @@ const MAX_MESSAGES_PER_WAKEUP: usize = 64;
 impl Supervisor {
     /// The worker's IPC socket is readable (or has more than one turn read).
     pub(super) fn on_ipc(&mut self, id: WorkerId) {
+        // A stream channel is also watched for writability: what waits in its output
+        // buffer goes out now. A peer that is gone shows on the read side below.
+        if let Some(process) = self.host.process(id) {
+            let _gone = process.channel.flush();
+        }
         for _ in 0..MAX_MESSAGES_PER_WAKEUP {
             let Some(process) = self.host.process(id).filter(|p| p.ipc_watched) else {
                 return;
             };
-            // A stream channel is also watched for writability: what waits in its output
-            // buffer goes out now. A peer that is gone shows on the read side below.
-            let _gone = process.channel.flush();
             let received = process.channel.recv();
             let index = process.slot;
             match received {
@@ -34,16 +36,19 @@ impl Supervisor {
                     }
                 }
                 Ok(None) => return,
-                Err(err @ IpcError::FdsExhausted) => {
-                    // This process is out of fds: never the worker's fault. The message is
-                    // lost; the next one may need no fd.
-                    tracing::warn!(slot = index, "{err}");
-                }
                 Err(IpcError::Closed) => {
                     // The worker closed its end (exiting, or an external program that does
                     // not speak the protocol): its exit comes on the pidfd.
                     self.host.unwatch_ipc(id);
                     return;
+                }
+                Err(err) if !err.is_violation() => {
+                    // This process is out of fds (or the socket failed): not the worker's
+                    // fault, never a protocol violation. The next message may need none.
+                    tracing::warn!(slot = index, "reading a worker's IPC: {err}");
+                    if !matches!(err, IpcError::FdsExhausted) {
+                        return;
+                    }
                 }
                 Err(err) => {
                     self.violation(index, id, &err.to_string());
@@ -163,12 +168,11 @@ impl Supervisor {
                     tracing::debug!(slot = from, "user message with no primary hook");
                     return;
                 };
-                let data = data.to_value();
                 let mut control = Control {
                     outbox: Vec::new(),
                     workers: self.core.slots().len(),
                 };
-                hook(&mut control, from, data);
+                hook(&mut control, from, data.to_value());
                 for (target, data) in control.outbox {
                     self.deliver(None, target, Payload::from(data), now);
                 }
