@@ -134,9 +134,11 @@ fn node_workers_exchange_a_broadcast_through_process_send() {
     cluster.stop_cleanly(Duration::from_secs(10));
 }
 
-/// What the primary's loop may add to a verdict's deadline: it wakes for the deadline,
-/// and the two log lines are written a scheduling delay after the facts they record.
-const VERDICT_SLACK: Duration = Duration::from_millis(300);
+/// What may come on top of interval + timeout: the primary wakes for the deadline, the two
+/// log lines are written a scheduling delay after the facts they record, and the
+/// primary's own lateness beyond a quarter interval is excused, not blamed on the worker.
+/// Half the interval (1 s in these tests), as main's version of this test allowed.
+const VERDICT_SLACK: Duration = Duration::from_millis(500);
 
 /// From the worker's log line containing `worker_says` to the primary's `hung` verdict on
 /// slot 1, both read from the cluster's log, which both processes write with the same

@@ -108,8 +108,14 @@ impl Settings {
         }
     }
 
-    /// How late the loop may wake before the primary reports itself stalled (shorter
-    /// lateness is excused just the same, without a log line).
+    /// How late the loop may wake before the primary excuses the lateness: below this it
+    /// is ordinary scheduling jitter, which `health-timeout >= 2 x health-interval` already
+    /// absorbs, and excusing it would only delay the verdict on a worker that is hung.
+    fn excused_lateness(&self) -> Duration {
+        (self.health_interval / 4).max(Duration::from_millis(50))
+    }
+
+    /// How late the loop may wake before the primary also reports itself stalled.
     fn stall(&self) -> Duration {
         self.health_interval.max(Duration::from_millis(250))
     }
@@ -293,15 +299,16 @@ impl Core {
         at
     }
 
-    /// A loop that woke after the moment it asked for was not running (stopped, or
+    /// A loop that woke well after the moment it asked for was not running (stopped, or
     /// starved of CPU): whatever workers owe is excused by exactly that lateness, so
-    /// nobody is blamed for time the primary did not run. A long stall is reported.
+    /// nobody is blamed for time the primary did not run (a host that stalled stalled its
+    /// workers too). A long stall is reported.
     fn notice_stall(&mut self, now: Instant) {
         let Some(expected) = self.expected_wake.take() else {
             return;
         };
         let late = now.saturating_duration_since(expected);
-        if late < Duration::from_millis(10) {
+        if late < self.settings.excused_lateness() {
             return;
         }
         if late > self.settings.stall() {
