@@ -40,11 +40,22 @@ fn example(name: &str) -> String {
     examples_dir().join(name).display().to_string()
 }
 
+/// A cluster of `node` running an example, once every worker answers. Steer counts an
+/// external worker ready when it runs, and node may still be starting then: on a loaded
+/// machine a cold start can outlast a request's timeout, which is not what these tests
+/// are about.
 fn node_cluster(args: &[&str], example_name: &str) -> Cluster {
     let script = example(example_name);
     let mut all: Vec<&str> = args.to_vec();
     all.extend(["--", "node", &script]);
-    Cluster::start(&all)
+    let cluster = Cluster::start(&all);
+    let workers = args
+        .windows(2)
+        .find(|pair| pair[0] == "--workers")
+        .and_then(|pair| pair[1].parse().ok())
+        .expect("node_cluster needs --workers N");
+    every_slot_answers(&cluster, workers);
+    cluster
 }
 
 #[test]
@@ -159,6 +170,30 @@ fn verdict_delay(cluster: &Cluster, worker_says: &str) -> Duration {
     Duration::from_secs_f64(delta)
 }
 
+/// Waits until slot 1 (whose process was `pid`) is out of steering, and asserts that the
+/// primary declared it hung within `bound` + [`VERDICT_SLACK`] of the worker's log line
+/// containing `worker_says`. Returns that delay.
+fn assert_slot_1_hung_within(
+    cluster: &Cluster,
+    pid: u32,
+    worker_says: &str,
+    bound: Duration,
+) -> Duration {
+    cluster.wait_until("slot 1 out of steering", Duration::from_secs(15), |s| {
+        let w = status::worker(s, 1);
+        w.state == SlotState::Hung || w.pid.is_some_and(|now| now != pid)
+    });
+    // Timed from the two processes' own log lines (one clock), not from this test's view,
+    // which a loaded machine delays.
+    let took = verdict_delay(cluster, worker_says);
+    let bound = bound + VERDICT_SLACK;
+    assert!(
+        took <= bound,
+        "hung {took:?} after \"{worker_says}\", more than interval + timeout ({bound:?})"
+    );
+    took
+}
+
 /// Seconds since midnight of a line that starts with an RFC 3339 UTC time.
 fn seconds_of_day(line: &str) -> Option<f64> {
     let time = line.split_whitespace().next()?.split('T').nth(1)?;
@@ -214,22 +249,13 @@ fn a_node_worker_whose_event_loop_blocks_is_replaced_within_interval_plus_timeou
     let before = status::worker(&answered, 1).pid.expect("slot 1 pid");
 
     let _held = stall(cluster.listen_addr(), 1, 20_000);
-    cluster.wait_until(
-        "slot 1 out of steering after its loop blocked",
-        Duration::from_secs(15),
-        |s| {
-            let w = status::worker(s, 1);
-            w.state == SlotState::Hung || w.pid.is_some_and(|pid| pid != before)
-        },
+    let took = assert_slot_1_hung_within(
+        &cluster,
+        before,
+        "blocking the event loop",
+        interval + timeout,
     );
-    // Timed from the two processes' own log lines (one clock), not from this test's
-    // view, which a loaded machine delays.
-    let took = verdict_delay(&cluster, "blocking the event loop");
     let bound = interval + timeout + VERDICT_SLACK;
-    assert!(
-        took <= bound,
-        "hung {took:?} after the loop blocked, more than interval + timeout ({bound:?})"
-    );
     cluster.wait_until("a ready replacement", Duration::from_secs(10), |s| {
         let w = status::worker(s, 1);
         w.state == SlotState::Ready && w.pid.is_some_and(|pid| pid != before)
@@ -266,21 +292,35 @@ fn a_node_worker_stuck_before_its_first_pong_is_replaced_within_interval_plus_ti
     let first = status::worker(&cluster.status(), 1)
         .pid
         .expect("slot 1 pid");
-    cluster.wait_until(
-        "slot 1 out of steering although it never answered a ping",
-        Duration::from_secs(15),
-        |s| {
-            let w = status::worker(s, 1);
-            w.state == SlotState::Hung || w.pid.is_some_and(|pid| pid != first)
-        },
+    let took = assert_slot_1_hung_within(
+        &cluster,
+        first,
+        "stuck right after ready",
+        interval + timeout,
     );
-    let took = verdict_delay(&cluster, "stuck right after ready");
     let bound = interval + timeout + VERDICT_SLACK;
-    assert!(
-        took <= bound,
-        "hung {took:?} after it got stuck, more than interval + timeout ({bound:?})"
-    );
     eprintln!("worker stuck before its first pong declared hung {took:?} after (bound {bound:?})");
+}
+
+/// Waits until each of `slots` slots has answered `GET /`, retrying errors while node
+/// starts. Clients come from 127.0.1.x, so that `--balance hash` reaches every slot too,
+/// and no test's own clients (127.0.0.x) are seen before the test.
+fn every_slot_answers(cluster: &Cluster, slots: usize) {
+    let mut seen = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for client in (1..=250u8).cycle() {
+        if seen.len() >= slots {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only slots {seen:?} answered in 30 s"
+        );
+        let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 1, client));
+        if let Ok(response) = http_get_from(ip, cluster.listen_addr(), "/") {
+            seen.extend(response.worker());
+        }
+    }
 }
 
 fn three_rolls_lose_nothing(load: impl Fn(std::net::SocketAddr) -> Load) {
