@@ -419,6 +419,15 @@ impl Supervisor {
             tracing::warn!("SIGUSR1 ignored: an upgrade is under way");
             return;
         }
+        if std::process::id() == 1 {
+            // The old primary exits at the end of an upgrade, and a PID namespace ends
+            // with its PID 1: the successor and every worker would die with it.
+            tracing::warn!(
+                "SIGUSR1 ignored: this primary is PID 1 (a container), whose exit would end \
+                 the container; roll out a new image instead"
+            );
+            return;
+        }
         let deadline = now + self.host.config.start_timeout + SUCCESSOR_GRACE;
         let started = Successor::start(
             self.host.exe.clone(),
