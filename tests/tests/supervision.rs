@@ -571,3 +571,46 @@ fn a_service_manager_that_never_reads_cannot_stall_supervision() {
     assert!(cluster.stop(Duration::from_secs(10)).success());
     drop(manager);
 }
+
+/// The main thread's context switches (each one a wake-up of the event loop).
+fn loop_wakeups(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/status")).expect("status");
+    status
+        .lines()
+        .filter(|l| {
+            l.starts_with("voluntary_ctxt_switches") || l.starts_with("nonvoluntary_ctxt_switches")
+        })
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// With no traffic the primary wakes for its heartbeat round and the answers to it, and
+/// for nothing else: its timers are one deadline, recomputed each turn.
+#[test]
+fn an_idle_primary_wakes_about_twice_per_health_interval() {
+    let interval = Duration::from_millis(500);
+    let cluster = Cluster::start(&[
+        "--workers",
+        "4",
+        "--balance",
+        "round-robin",
+        "--health-interval",
+        "500ms",
+        "--health-timeout",
+        "2s",
+    ]);
+    std::thread::sleep(Duration::from_secs(1));
+    let window = Duration::from_secs(5);
+    let before = loop_wakeups(cluster.pid());
+    std::thread::sleep(window);
+    let wakeups = loop_wakeups(cluster.pid()) - before;
+    let rounds = (window.as_millis() / interval.as_millis()) as u64;
+    eprintln!(
+        "idle primary, 4 workers, {interval:?} heartbeats: {wakeups} wake-ups in {window:?} ({:.1} per round)",
+        wakeups as f64 / rounds as f64
+    );
+    assert!(
+        wakeups <= 3 * rounds + 5,
+        "{wakeups} wake-ups in {rounds} heartbeat rounds"
+    );
+}

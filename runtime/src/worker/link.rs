@@ -275,8 +275,8 @@ mod tests {
         let kept = std::iter::from_fn(|| inbox.try_recv().ok()).count();
         assert_eq!(kept, INBOX_CAPACITY);
         assert_eq!(link.dropped.load(Ordering::Relaxed), 500);
-        // Closing the primary's end would make the reader thread exit the process, which
-        // here is the whole test binary: the run would end, status 0, with tests unrun.
+        // The link's reader exits the process when the primary's end closes (a worker
+        // without a primary must not linger): keep it open for the test binary's life.
         std::mem::forget(primary);
     }
 }
