@@ -2,8 +2,8 @@
 
 use std::time::Instant;
 
-use super::SlotState;
-use super::supervisor::{ClusterPhase, Supervisor};
+use super::core::{Phase as CorePhase, SlotState};
+use super::supervisor::Supervisor;
 use crate::status::{
     Phase, PrimaryStatus, Readiness, StatusDocument, SteeringStatus, Totals, WorkerStatus,
     rss_bytes,
@@ -26,23 +26,27 @@ impl Supervisor {
     fn readiness(&self) -> Readiness {
         Readiness {
             ready: self
-                .slots
+                .core
+                .slots()
                 .iter()
                 .filter(|slot| slot.state() == SlotState::Ready)
                 .count(),
-            workers: self.slots.len(),
-            phase: match (self.phase, &self.roll) {
-                (ClusterPhase::Stopping { .. }, _) => Phase::Stopping,
-                (ClusterPhase::Running, Some(_)) => Phase::Rolling,
-                (ClusterPhase::Running, None) => Phase::Running,
+            workers: self.core.configured(),
+            phase: match (self.core.phase(), self.core.rolling()) {
+                (CorePhase::Stopping { .. }, _) => Phase::Stopping,
+                (CorePhase::Running, _) if self.upgrading() => Phase::Upgrading,
+                (CorePhase::Running, true) => Phase::Rolling,
+                (CorePhase::Running, false) => Phase::Running,
             },
+            handed_over: self.handed_over(),
         }
     }
 
     /// The `/status` document as of now.
     pub(super) fn snapshot(&self) -> StatusDocument {
         let now = Instant::now();
-        let counters = match self.steering.counters(self.slots.len()) {
+        let slots = self.core.slots();
+        let counters = match self.host.steering.counters(slots.len()) {
             Some(Ok(counters)) => Some(counters),
             Some(Err(err)) => {
                 tracing::warn!("cannot read the steering counters: {err}");
@@ -50,20 +54,17 @@ impl Supervisor {
             }
             None => None,
         };
-        let workers: Vec<WorkerStatus> = self
-            .slots
+        let workers: Vec<WorkerStatus> = slots
             .iter()
             .map(|slot| {
-                let process = slot.current.as_ref().or(slot.incoming.as_ref());
+                let worker = slot.shown();
+                let process = worker.and_then(|w| self.host.procs.get(&w.id));
                 WorkerStatus {
                     slot: slot.index,
-                    pid: process.map(|p| p.pid),
-                    generation: process.map_or(slot.generation, |p| p.generation),
-                    state: serde_json::to_value(slot.state())
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default(),
-                    uptime_s: process.map(|p| now.saturating_duration_since(p.started).as_secs()),
+                    pid: worker.map(|w| w.pid),
+                    generation: worker.map_or(slot.generation, |w| w.generation),
+                    state: slot.state().name().to_owned(),
+                    uptime_s: worker.map(|w| now.saturating_duration_since(w.started).as_secs()),
                     restarts: slot.restarts,
                     // What the program steered here (kernel-side, exact), else what the
                     // workers reported accepting.
@@ -71,33 +72,40 @@ impl Supervisor {
                         .as_ref()
                         .and_then(|c| c.selections.get(slot.index).copied())
                         .unwrap_or_else(|| slot.accepted()),
-                    active: process.map_or(0, |p| p.counters.active),
-                    requests: process.map_or(0, |p| p.counters.requests),
+                    active: worker.map_or(0, |w| w.counters.active),
+                    requests: worker.map_or(0, |w| w.counters.requests),
                     rss_bytes: process.and_then(|p| p.memory.as_ref()?.bytes()),
                     last_exit: slot.last_exit.map(|s| s.to_string()),
                     next_restart_in_ms: slot.next_restart_in(now).map(|d| d.as_millis() as u64),
-                    health_ms: process
-                        .filter(|p| p.speaks_ipc)
-                        .map(|p| now.saturating_duration_since(p.last_heard).as_millis() as u64),
+                    health_ms: worker
+                        .and_then(|w| w.heartbeat.owed(now))
+                        .map(|age| age.as_millis() as u64),
                     draining: slot.retiring.len(),
+                    messages_dropped: slot.messages_dropped,
                 }
             })
             .collect();
         let totals = Totals {
-            workers: workers.len(),
+            workers: self.core.configured(),
             ready: workers.iter().filter(|w| w.state == "ready").count(),
-            restarts: workers.iter().map(|w| u64::from(w.restarts)).sum(),
-            accepted: workers.iter().map(|w| w.accepted).sum(),
+            restarts: workers
+                .iter()
+                .fold(0u64, |sum, w| sum.saturating_add(u64::from(w.restarts))),
+            accepted: workers
+                .iter()
+                .fold(0u64, |sum, w| sum.saturating_add(w.accepted)),
         };
         let phase = self.readiness().phase.as_str();
         StatusDocument {
             primary: PrimaryStatus {
                 pid: std::process::id(),
                 uptime_s: now.saturating_duration_since(self.started).as_secs(),
-                balance: self.steering.policy().to_string(),
-                listen: self.listen.to_string(),
+                balance: self.host.steering.policy().to_string(),
+                listen: self.host.listen.to_string(),
                 phase: phase.into(),
                 rss_bytes: rss_bytes(std::process::id()),
+                log_lines_dropped: crate::logging::dropped_lines(),
+                stalls: self.core.stalls(),
             },
             workers,
             totals,

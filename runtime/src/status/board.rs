@@ -17,6 +17,8 @@ pub(crate) enum Phase {
     Running,
     /// Serving, with a rolling restart under way.
     Rolling,
+    /// Serving, while a new primary starts to take over (`SIGUSR1`).
+    Upgrading,
     /// Draining for exit.
     Stopping,
 }
@@ -27,6 +29,7 @@ impl Phase {
         match self {
             Phase::Running => "running",
             Phase::Rolling => "rolling",
+            Phase::Upgrading => "upgrading",
             Phase::Stopping => "stopping",
         }
     }
@@ -41,12 +44,15 @@ pub(crate) struct Readiness {
     pub workers: usize,
     /// The cluster's phase.
     pub phase: Phase,
+    /// This primary has handed over to its successor (and drains): the cluster at this
+    /// address is the successor's now, which was ready when it took over.
+    pub handed_over: bool,
 }
 
 impl Readiness {
     /// Serving now, and staying: what load balancers and Kubernetes probes want to know.
     pub(crate) fn is_ready(self) -> bool {
-        self.phase != Phase::Stopping && self.ready > 0
+        self.handed_over || (self.phase != Phase::Stopping && self.ready > 0)
     }
 
     /// Packs into one word, so the thread never sees a count from one update beside a
@@ -55,10 +61,11 @@ impl Readiness {
         let phase = match self.phase {
             Phase::Running => 0,
             Phase::Rolling => 1,
-            Phase::Stopping => 2,
+            Phase::Upgrading => 2,
+            Phase::Stopping => 3,
         };
         let field = |n: usize| u64::try_from(n).unwrap_or(u64::MAX).min(0xff_ffff);
-        field(self.ready) | field(self.workers) << 24 | phase << 48
+        field(self.ready) | field(self.workers) << 24 | phase << 48 | u64::from(self.handed_over) << 56
     }
 
     fn unpack(word: u64) -> Readiness {
@@ -66,11 +73,13 @@ impl Readiness {
         Readiness {
             ready: field(0),
             workers: field(24),
-            phase: match word >> 48 {
+            phase: match word >> 48 & 0xff {
                 0 => Phase::Running,
                 1 => Phase::Rolling,
+                2 => Phase::Upgrading,
                 _ => Phase::Stopping,
             },
+            handed_over: word >> 56 & 1 == 1,
         }
     }
 }
@@ -92,6 +101,8 @@ pub(crate) struct Board {
     readiness: AtomicU64,
     /// The thread has clients waiting for a fresh document.
     wanted: AtomicBool,
+    /// The thread takes new clients.
+    accepting: AtomicBool,
     /// The primary is gone: the thread stops.
     stop: AtomicBool,
     published: Mutex<Option<Arc<Publication>>>,
@@ -102,16 +113,18 @@ pub(crate) struct Board {
 }
 
 impl Board {
-    /// A board with nothing ready and nothing published yet.
-    pub(crate) fn new(primary: Waker, thread: Waker) -> Board {
+    /// A board with nothing ready and nothing published yet, accepting clients or not.
+    pub(crate) fn new(primary: Waker, thread: Waker, accepting: bool) -> Board {
         let nothing = Readiness {
             ready: 0,
             workers: 0,
             phase: Phase::Running,
+            handed_over: false,
         };
         Board {
             readiness: AtomicU64::new(nothing.pack()),
             wanted: AtomicBool::new(false),
+            accepting: AtomicBool::new(accepting),
             stop: AtomicBool::new(false),
             published: Mutex::new(None),
             primary,
@@ -171,6 +184,20 @@ impl Board {
             .clone()
     }
 
+    /// The primary: lets the thread take new clients, or not, and wakes it to follow.
+    pub(crate) fn set_accepting(&self, accepting: bool) {
+        if self.accepting.swap(accepting, Ordering::AcqRel) != accepting
+            && let Err(err) = self.thread.wake()
+        {
+            tracing::warn!("cannot wake the status thread: {err}");
+        }
+    }
+
+    /// The thread: whether to take new clients.
+    pub(crate) fn accepting(&self) -> bool {
+        self.accepting.load(Ordering::Acquire)
+    }
+
     /// Tells the thread to stop and wakes it.
     pub(crate) fn stop(&self) {
         self.stop.store(true, Ordering::Release);
@@ -191,20 +218,29 @@ mod tests {
 
     #[test]
     fn readiness_survives_packing() {
-        for phase in [Phase::Running, Phase::Rolling, Phase::Stopping] {
+        for phase in [
+            Phase::Running,
+            Phase::Rolling,
+            Phase::Upgrading,
+            Phase::Stopping,
+        ] {
             for (ready, workers) in [(0, 0), (3, 4), (1024, 1024)] {
-                let readiness = Readiness {
-                    ready,
-                    workers,
-                    phase,
-                };
-                assert_eq!(Readiness::unpack(readiness.pack()), readiness);
+                for handed_over in [false, true] {
+                    let readiness = Readiness {
+                        ready,
+                        workers,
+                        phase,
+                        handed_over,
+                    };
+                    assert_eq!(Readiness::unpack(readiness.pack()), readiness);
+                }
             }
         }
         let stopping = Readiness {
             ready: 2,
             workers: 2,
             phase: Phase::Stopping,
+            handed_over: false,
         };
         assert!(!stopping.is_ready());
         assert!(
@@ -213,6 +249,14 @@ mod tests {
                 ..stopping
             }
             .is_ready()
+        );
+        assert!(
+            Readiness {
+                handed_over: true,
+                ..stopping
+            }
+            .is_ready(),
+            "a primary that handed over speaks for its ready successor"
         );
     }
 }

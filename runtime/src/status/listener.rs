@@ -24,6 +24,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -69,37 +70,48 @@ const FIRST_CLIENT: usize = 2;
 pub(crate) struct StatusService {
     board: Arc<Board>,
     addr: SocketAddr,
+    /// A duplicate of the listening socket, for [`StatusService::listener_fd`].
+    handed: std::net::TcpListener,
     thread: Option<JoinHandle<()>>,
 }
 
 impl StatusService {
-    /// Binds `addr` (`SO_REUSEADDR`, no `SO_REUSEPORT`: one primary owns it) and starts the
-    /// thread. The thread wakes the primary's poll through `registry` with `token` when a
-    /// client wants a document. The thread inherits the calling thread's signal mask: call
-    /// this after the primary has blocked its signals.
+    /// Creates the listening socket for `addr` (`SO_REUSEADDR`, no `SO_REUSEPORT`: one
+    /// primary owns it, and hands it down to its successor on an upgrade).
+    pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+        bind(addr)
+    }
+
+    /// Starts the thread on `listener` (bound and listening: from [`StatusService::bind`],
+    /// or inherited from the primary this one replaces). It accepts clients only once
+    /// `accepting` (a successor waits until it has taken over). The thread wakes the
+    /// primary's poll through `registry` with `token` when a client wants a document.
     pub(crate) fn start(
-        addr: SocketAddr,
+        listener: std::net::TcpListener,
         registry: &Registry,
         token: Token,
+        accepting: bool,
     ) -> io::Result<StatusService> {
+        let addr = listener.local_addr()?;
         if !addr.ip().is_loopback() {
             tracing::warn!(
                 "the status listener on {addr} is reachable from other hosts; it is read-only, \
                  but it shows pids and counters (use a loopback address to keep it local)"
             );
         }
-        let mut listener = bind(addr)?;
-        let addr = listener.local_addr()?;
+        listener.set_nonblocking(true)?;
+        let handed = listener.try_clone()?;
+        let listener = TcpListener::from_std(listener);
         let poll = Poll::new()?;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
         let board = Arc::new(Board::new(
             Waker::new(registry, token)?,
             Waker::new(poll.registry(), WAKER)?,
+            accepting,
         ));
         let server = Server {
             poll,
             listener,
+            listening: false,
             board: Arc::clone(&board),
             clients: Slab::new(),
             per_ip: HashMap::new(),
@@ -114,6 +126,7 @@ impl StatusService {
         Ok(StatusService {
             board,
             addr,
+            handed,
             thread: Some(thread),
         })
     }
@@ -121,6 +134,23 @@ impl StatusService {
     /// The bound address.
     pub(crate) fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The listening socket, to hand down to a successor (a duplicate of the thread's).
+    pub(crate) fn listener_fd(&self) -> BorrowedFd<'_> {
+        self.handed.as_fd()
+    }
+
+    /// Starts accepting clients (a successor that has taken over). Idempotent.
+    pub(crate) fn start_accepting(&self) {
+        self.board.set_accepting(true);
+    }
+
+    /// Stops accepting (a primary that handed over to its successor, which serves the same
+    /// socket): clients already connected are still answered, and the socket itself stays
+    /// open in the successor, so nobody is refused.
+    pub(crate) fn stop_accepting(&self) {
+        self.board.set_accepting(false);
     }
 
     /// Stores what `/ready` answers from: one atomic store, no wakeup, no lock.
@@ -151,10 +181,10 @@ impl Drop for StatusService {
     }
 }
 
-/// `socket`, `SO_REUSEADDR`, `bind`, `listen(BACKLOG)`, non-blocking. mio's own `bind`
-/// listens with a backlog of 128, which a burst of idle connections fills: the kernel then
-/// drops the SYNs of the next probes, and they wait a second for the retransmission.
-fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+/// `socket`, `SO_REUSEADDR`, `bind`, `listen(BACKLOG)`. mio's own `bind` listens with a
+/// backlog of 128, which a burst of idle connections fills: the kernel then drops the SYNs
+/// of the next probes, and they wait a second for the retransmission.
+fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -163,8 +193,7 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_reuse_address(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
-    socket.set_nonblocking(true)?;
-    Ok(TcpListener::from_std(socket.into()))
+    Ok(socket.into())
 }
 
 /// `/status` and `/metrics` rendered from one publication.
@@ -254,6 +283,8 @@ enum Progress {
 struct Server {
     poll: Poll,
     listener: TcpListener,
+    /// The listener is registered with `poll` (the board says whether it should be).
+    listening: bool,
     board: Arc<Board>,
     clients: Slab<Client>,
     per_ip: HashMap<IpAddr, usize>,
@@ -269,6 +300,7 @@ impl Server {
     fn run(mut self) {
         let mut events = Events::with_capacity(256);
         loop {
+            self.follow_accepting();
             let timeout = self.timeout(Instant::now());
             if let Err(err) = self.poll.poll(&mut events, Some(timeout))
                 && err.kind() != io::ErrorKind::Interrupted
@@ -281,7 +313,7 @@ impl Server {
             }
             for event in &events {
                 match event.token() {
-                    LISTENER => self.backlog = true,
+                    LISTENER => self.backlog = self.listening,
                     WAKER => {}
                     Token(n) => self.progress(n - FIRST_CLIENT),
                 }
@@ -289,7 +321,7 @@ impl Server {
             self.take_publication();
             let now = Instant::now();
             self.pause.expire(now);
-            if self.backlog && !self.pause.is_paused(now) {
+            if self.backlog && self.listening && !self.pause.is_paused(now) {
                 self.accept(now);
             }
             self.expire(Instant::now());
@@ -297,9 +329,30 @@ impl Server {
         }
     }
 
+    /// Registers or deregisters the listener as the board says (the primary starts a
+    /// successor's accepting when it takes over, and stops a predecessor's when it hands
+    /// over). Connected clients are answered either way.
+    fn follow_accepting(&mut self) {
+        let wanted = self.board.accepting();
+        if wanted == self.listening {
+            return;
+        }
+        let registry = self.poll.registry();
+        let done = if wanted {
+            registry.register(&mut self.listener, LISTENER, Interest::READABLE)
+        } else {
+            self.backlog = false;
+            registry.deregister(&mut self.listener)
+        };
+        match done {
+            Ok(()) => self.listening = wanted,
+            Err(err) => tracing::error!("cannot (un)watch the status listener: {err}"),
+        }
+    }
+
     /// Until the next deadline, a due render request or the end of an accept pause.
     fn timeout(&self, now: Instant) -> Duration {
-        if self.backlog && !self.pause.is_paused(now) {
+        if self.backlog && self.listening && !self.pause.is_paused(now) {
             return Duration::ZERO;
         }
         let mut at = self.clients.iter().map(|(_, c)| c.deadline()).min();
@@ -641,6 +694,11 @@ fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<Hea
 }
 
 fn ready_response(readiness: Readiness) -> Encoded {
+    if readiness.handed_over {
+        // A request this primary took just before it handed over: the cluster at this
+        // address is its successor now, which is ready (that is why this one handed over).
+        return Encoded::text(200, "ready (handed over to the new primary)\n");
+    }
     let ready = readiness.is_ready();
     Encoded::text(
         if ready { 200 } else { 503 },
