@@ -78,13 +78,18 @@ impl Rejection {
 pub fn parse_head(buf: &[u8]) -> Result<Option<RequestHead<'_>>, Rejection> {
     let start = blank_lines(buf);
     if start == buf.len() {
-        return if buf.len() > MAX_HEAD_BYTES {
-            Err(Rejection::HeadTooLarge)
-        } else {
-            Ok(None)
-        };
+        return incomplete(buf.len());
     }
     parse_from(buf, start)
+}
+
+/// No complete head in `len` bytes: wait for more, unless that is already too many.
+fn incomplete<'a>(len: usize) -> Result<Option<RequestHead<'a>>, Rejection> {
+    if len > MAX_HEAD_BYTES {
+        Err(Rejection::HeadTooLarge)
+    } else {
+        Ok(None)
+    }
 }
 
 /// How many bytes at the start of `buf` are CR or LF.
@@ -119,11 +124,7 @@ impl HeadScan {
             None => {
                 let blank = blank_lines(buf);
                 if blank == buf.len() {
-                    return if buf.len() > MAX_HEAD_BYTES {
-                        Err(Rejection::HeadTooLarge)
-                    } else {
-                        Ok(None)
-                    };
+                    return incomplete(buf.len());
                 }
                 self.start = Some(blank);
                 self.scanned = blank;
@@ -143,7 +144,7 @@ impl HeadScan {
                 (None, _) | (Some(b'\r'), None) => {
                     // The next line has not begun (or only its CR has): look here again.
                     self.scanned = lf;
-                    return self.unfinished(buf);
+                    return incomplete(buf.len());
                 }
                 _ => {
                     at = lf + 1;
@@ -160,15 +161,7 @@ impl HeadScan {
             };
         }
         self.scanned = buf.len();
-        self.unfinished(buf)
-    }
-
-    fn unfinished<'a>(&self, buf: &[u8]) -> Result<Option<RequestHead<'a>>, Rejection> {
-        if buf.len() > MAX_HEAD_BYTES {
-            Err(Rejection::HeadTooLarge)
-        } else {
-            Ok(None)
-        }
+        incomplete(buf.len())
     }
 }
 

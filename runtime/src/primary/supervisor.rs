@@ -143,7 +143,9 @@ impl Supervisor {
                 let server = listener
                     .and_then(|l| StatusService::start(l, poll.registry(), STATUS_TOKEN, accepting))
                     .map_err(|e| {
-                        format!("cannot bind the status listener {addr}: {e} (choose another --status)")
+                        format!(
+                            "cannot bind the status listener {addr}: {e} (choose another --status)"
+                        )
                     })?;
                 Some(server)
             }

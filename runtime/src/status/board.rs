@@ -65,7 +65,10 @@ impl Readiness {
             Phase::Stopping => 3,
         };
         let field = |n: usize| u64::try_from(n).unwrap_or(u64::MAX).min(0xff_ffff);
-        field(self.ready) | field(self.workers) << 24 | phase << 48 | u64::from(self.handed_over) << 56
+        field(self.ready)
+            | field(self.workers) << 24
+            | phase << 48
+            | u64::from(self.handed_over) << 56
     }
 
     fn unpack(word: u64) -> Readiness {
