@@ -1,5 +1,6 @@
 //! What the supervisor tells the status listener thread: readiness and status documents.
 
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::Instant;
 
 use super::core::{Phase as CorePhase, SlotState};
@@ -10,16 +11,33 @@ use crate::status::{
 };
 
 impl Supervisor {
-    /// Keeps the status listener thread current: the readiness on every turn of the loop
-    /// (one atomic store), a document only when a client waits for one.
+    /// Keeps the status listener thread current: the readiness and a stamp of the slots'
+    /// states on every turn of the loop (two atomic stores), a document only when a client
+    /// waits for one.
     pub(super) fn publish_status(&self) {
         let Some(status) = &self.status else {
             return;
         };
-        status.set_readiness(self.readiness());
+        let stamp = self.stamp();
+        status.set_readiness(self.readiness(), stamp);
         if status.document_wanted() {
-            status.publish(self.snapshot());
+            status.publish(self.snapshot(), stamp);
         }
+    }
+
+    /// Changes whenever a slot's state, process or restart count or the phase does: a
+    /// document rendered under another stamp is out of date beyond its counters.
+    fn stamp(&self) -> u64 {
+        let mut hasher = DefaultHasher::new();
+        self.readiness().phase.as_str().hash(&mut hasher);
+        for slot in self.core.slots() {
+            slot.state().hash(&mut hasher);
+            slot.shown()
+                .map(|w| (w.pid, w.generation))
+                .hash(&mut hasher);
+            (slot.restarts, slot.retiring.len()).hash(&mut hasher);
+        }
+        hasher.finish()
     }
 
     /// What `/ready` answers from.

@@ -96,12 +96,16 @@ pub(crate) struct Publication {
     pub at: Instant,
     /// Grows with every publication.
     pub serial: u64,
+    /// The cluster's state stamp when the primary built it.
+    pub stamp: u64,
 }
 
 /// The shared state. The primary writes readiness and documents; the thread reads them.
 #[derive(Debug)]
 pub(crate) struct Board {
     readiness: AtomicU64,
+    /// The primary's stamp of the cluster's state (see [`Board::set_readiness`]).
+    stamp: AtomicU64,
     /// The thread has clients waiting for a fresh document.
     wanted: AtomicBool,
     /// The thread takes new clients.
@@ -126,6 +130,7 @@ impl Board {
         };
         Board {
             readiness: AtomicU64::new(nothing.pack()),
+            stamp: AtomicU64::new(0),
             wanted: AtomicBool::new(false),
             accepting: AtomicBool::new(accepting),
             stop: AtomicBool::new(false),
@@ -135,9 +140,20 @@ impl Board {
         }
     }
 
-    /// The primary: stores the readiness (one atomic store, no wakeup).
-    pub(crate) fn set_readiness(&self, readiness: Readiness) {
+    /// The primary: stores the readiness, and the stamp of the cluster's state; a changed
+    /// stamp wakes the thread, so a client waiting out the render interval gets the news.
+    pub(crate) fn set_readiness(&self, readiness: Readiness, stamp: u64) {
         self.readiness.store(readiness.pack(), Ordering::Release);
+        if self.stamp.swap(stamp, Ordering::AcqRel) != stamp
+            && let Err(err) = self.thread.wake()
+        {
+            tracing::warn!("cannot wake the status thread: {err}");
+        }
+    }
+
+    /// The thread: the stamp of the cluster's state as last stored.
+    pub(crate) fn stamp(&self) -> u64 {
+        self.stamp.load(Ordering::Acquire)
     }
 
     /// The thread: the readiness as last stored.
@@ -159,8 +175,8 @@ impl Board {
         self.wanted.load(Ordering::Acquire)
     }
 
-    /// The primary: publishes `document` and wakes the thread.
-    pub(crate) fn publish(&self, document: StatusDocument) {
+    /// The primary: publishes `document`, built under `stamp`, and wakes the thread.
+    pub(crate) fn publish(&self, document: StatusDocument, stamp: u64) {
         {
             let mut published = self
                 .published
@@ -171,6 +187,7 @@ impl Board {
                 document,
                 at: Instant::now(),
                 serial,
+                stamp,
             }));
         }
         self.wanted.store(false, Ordering::Release);

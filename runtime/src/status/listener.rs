@@ -9,8 +9,9 @@
 //!   503: for load balancers and Kubernetes probes) is answered at once from the readiness
 //!   the primary stores in one atomic whenever its loop turns ([`Board`]).
 //! - `/status` and `/metrics` are rendered here from a document the primary builds only when
-//!   a client asks for one, and at most every [`RENDER_INTERVAL`]; every client that waits is
-//!   answered from the same rendering. A document is never older than the request. If the
+//!   a client asks for one, and at most every [`RENDER_INTERVAL`] unless a slot's state
+//!   changed meanwhile; every client that waits is answered from the same rendering. A
+//!   document is never older than the request. If the
 //!   primary does not publish one within [`RENDER_WAIT`] the answer is `503`: `/status`
 //!   stays a liveness check of the primary's loop.
 //!
@@ -153,9 +154,11 @@ impl StatusService {
         self.board.set_accepting(false);
     }
 
-    /// Stores what `/ready` answers from: one atomic store, no wakeup, no lock.
-    pub(crate) fn set_readiness(&self, readiness: Readiness) {
-        self.board.set_readiness(readiness);
+    /// Stores what `/ready` answers from, and a `stamp` of the cluster's state (which
+    /// changes when a slot's state or process does): two atomic stores, and a wakeup of
+    /// the thread only when the stamp changed.
+    pub(crate) fn set_readiness(&self, readiness: Readiness, stamp: u64) {
+        self.board.set_readiness(readiness, stamp);
     }
 
     /// Whether a client waits for a fresh document (the primary then builds one and calls
@@ -164,9 +167,9 @@ impl StatusService {
         self.board.document_wanted()
     }
 
-    /// Hands a fresh document to the thread.
-    pub(crate) fn publish(&self, document: StatusDocument) {
-        self.board.publish(document);
+    /// Hands a fresh document, built under `stamp`, to the thread.
+    pub(crate) fn publish(&self, document: StatusDocument, stamp: u64) {
+        self.board.publish(document, stamp);
     }
 }
 
@@ -516,8 +519,9 @@ impl Server {
     }
 
     /// When the primary should next be asked for a document: now if a client waits and the
-    /// last rendering is [`RENDER_INTERVAL`] old, later if it is younger, never if nobody
-    /// waits or a request is out.
+    /// last rendering is [`RENDER_INTERVAL`] old or the cluster's state changed since,
+    /// later if it is younger, never if nobody waits or a request is out. Only cluster
+    /// events, not clients, can make renderings more frequent than the interval.
     fn next_ask(&self, now: Instant) -> Option<Instant> {
         if self.asked.is_some() {
             return None;
@@ -529,8 +533,13 @@ impl Server {
         if !waiting {
             return None;
         }
-        let last = self.board.latest().map(|p| p.at);
-        Some(last.map_or(now, |at| (at + RENDER_INTERVAL).max(now)))
+        let Some(last) = self.board.latest() else {
+            return Some(now);
+        };
+        if last.stamp != self.board.stamp() {
+            return Some(now);
+        }
+        Some((last.at + RENDER_INTERVAL).max(now))
     }
 
     fn ask_for_document(&mut self, now: Instant) {

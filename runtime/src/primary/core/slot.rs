@@ -54,7 +54,7 @@ pub(crate) enum Replacement {
 }
 
 /// A slot's state as `/status` shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SlotState {
     /// A process is starting and none serves yet.
