@@ -4,27 +4,49 @@
 //! Upkeep, all from the primary's event loop:
 //! - a worker's socket enters `SOCKETS` at its slot when the worker is ready (the program is
 //!   attached through that socket first: harmless if it already is, and it covers a group
-//!   re-created after all its sockets closed);
-//! - it leaves the moment the slot stops serving (exit, drain at shutdown). A replacement
-//!   (rolling restart, a worker replaced after a protocol violation or a missed heartbeat)
-//!   overwrites its slot's entry, which takes the old socket out in the same instant;
-//! - the live set is double-buffered: the inactive half is written, then `CONFIG.active`
-//!   flips, so the program never reads a half-written set.
+//!   re-created after all its sockets closed, or a program someone else left on it);
+//! - it leaves `SOCKETS` the moment the slot stops serving (exit, drain at shutdown). A
+//!   replacement (rolling restart, a worker replaced after a protocol violation or a
+//!   missed heartbeat) overwrites its slot's entry, which takes the old socket out in the
+//!   same instant;
+//! - the live set follows once per turn of the loop ([`EbpfSteering::flush`]);
+//! - once per health interval, the ownership probe checks that the program deciding is
+//!   this one ([`super::probe`]), and `least-loaded` records are settled against the real
+//!   accept queues ([`super::queues`]).
+//!
+//! # What is guaranteed about the live set
+//!
+//! A published set is never written again. [`EbpfSteering::flush`] builds the new set in a
+//! new one-entry map and swaps it into `LIVE[0]` with one map update, which replaces one
+//! pointer. A program run that looked the old set up keeps reading the old map: the kernel
+//! frees a replaced inner map only after an RCU grace period (Linux 6.8 and later; earlier
+//! kernels free it at once, so there a run that overlaps two flushes may read a freed set).
+//! So a run sees one whole set, the old or the new, never a mix.
+//!
+//! What keeps a connection away from a slot that is not in the live set is the order of
+//! updates, not the set alone: a slot's socket leaves `SOCKETS` before the set without it
+//! is published, and enters `SOCKETS` before the set with it is published. A run that
+//! still reads the older set and picks a slot that has just left finds no socket there
+//! and falls back to the next live slot (counted in `fallbacks`); it cannot select a
+//! socket that is no longer registered.
 
 use std::collections::BTreeMap;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
 
-use aya::maps::{Array, Map, MapData, PerCpuArray, ReusePortSockArray};
-use aya::programs::SkReuseport;
+use aya::maps::{Array, ArrayOfMaps, Map, MapData, PerCpuArray, ReusePortSockArray};
+use aya::programs::{ProgramError, SkReuseport};
 use aya::{Ebpf, EbpfError};
-use steer_common::{
-    Config, Counters, HASH_TABLE_SIZE, LiveSet, MAX_SLOTS, SlotLoad, load_index, policy,
-};
+use steer_common::{Config, Counters, HASH_TABLE_SIZE, LiveSet, MAX_SLOTS, policy};
 
-use super::load::{LoadReporter, LoadShare};
+use super::holder::ListenerHolder;
+use super::load::{LoadRecord, LoadShare};
+use super::probe::{self, Outcome, OwnershipProbe};
+use super::queues::ListenQueues;
 use super::shared::SharedArray;
-use super::{SteeringCounters, SteeringError};
+use super::{SteeringCounters, SteeringError, Takeover};
 use crate::config::Balance;
 
 /// The program object, built by `build.rs`.
@@ -32,20 +54,37 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/st
 
 const PROGRAM: &str = "steer_select";
 
+/// How long the health tick waits for a probe's reset or handshake before it leaves the
+/// verdict to the next tick. On loopback the answer is there before `connect` returns,
+/// unless the host is overloaded.
+const PROBE_WAIT: Duration = Duration::from_millis(20);
+
+/// A slot in steering.
+#[derive(Debug)]
+struct Serving {
+    generation: u32,
+    holder: ListenerHolder,
+}
+
 /// The loaded program and its maps.
 pub struct EbpfSteering {
     ebpf: Ebpf,
     policy: Balance,
     sockets: ReusePortSockArray<MapData>,
     config_map: Array<MapData, Config>,
-    live_map: Array<MapData, LiveSet>,
-    steered: Array<MapData, u64>,
+    live_map: ArrayOfMaps<MapData, Array<MapData, LiveSet>>,
+    loads: ArrayOfMaps<MapData, MapData>,
+    probe_seen: Array<MapData, u64>,
     counters: PerCpuArray<MapData, Counters>,
-    load: SharedArray,
-    load_fd: OwnedFd,
     config: Config,
-    /// Slot -> generation of the worker serving it.
-    live: BTreeMap<u32, u32>,
+    live: BTreeMap<u32, Serving>,
+    /// The live set changed since the last flush.
+    dirty: bool,
+    /// Load records by (slot, generation): handed out, serving, or waiting to serve.
+    records: BTreeMap<(u32, u32), LoadRecord>,
+    probe: Option<OwnershipProbe>,
+    queues: Option<ListenQueues>,
+    takeovers: u64,
 }
 
 impl std::fmt::Debug for EbpfSteering {
@@ -53,6 +92,7 @@ impl std::fmt::Debug for EbpfSteering {
         f.debug_struct("EbpfSteering")
             .field("policy", &self.policy)
             .field("live", &self.live)
+            .field("takeovers", &self.takeovers)
             .finish_non_exhaustive()
     }
 }
@@ -65,77 +105,52 @@ impl EbpfSteering {
             Balance::Hash => policy::HASH,
             Balance::LeastLoaded => policy::LEAST_LOADED,
             Balance::Cpu => policy::CPU,
-            other => {
-                return Err(SteeringError::Other(format!(
-                    "{other} is not an eBPF policy"
-                )));
-            }
+            other => return Err(SteeringError::NotAProgramPolicy(other)),
         };
         if slots == 0 || slots > MAX_SLOTS {
-            return Err(SteeringError::Other(format!(
-                "{slots} slots (1..={MAX_SLOTS})"
-            )));
+            return Err(SteeringError::SlotCount(slots));
         }
         let mut ebpf = Ebpf::load(OBJECT).map_err(|e| classify("load the eBPF maps", &e))?;
-        {
-            let program: &mut SkReuseport = ebpf
-                .program_mut(PROGRAM)
-                .ok_or_else(|| SteeringError::Other(format!("program {PROGRAM} missing")))?
-                .try_into()
-                .map_err(|e| SteeringError::Other(format!("program {PROGRAM}: {e}")))?;
-            program
-                .load()
-                .map_err(|e| classify("load the eBPF program", &e))?;
-        }
+        program_mut(&mut ebpf)?
+            .load()
+            .map_err(|e| classify("load the eBPF program", &e))?;
         let sockets = ReusePortSockArray::try_from(take(&mut ebpf, "SOCKETS")?)
-            .map_err(|e| SteeringError::Other(format!("map SOCKETS: {e}")))?;
+            .map_err(|e| SteeringError::map("use map SOCKETS", e))?;
         let config_map = Array::try_from(take(&mut ebpf, "CONFIG")?)
-            .map_err(|e| SteeringError::Other(format!("map CONFIG: {e}")))?;
-        let live_map = Array::try_from(take(&mut ebpf, "LIVE")?)
-            .map_err(|e| SteeringError::Other(format!("map LIVE: {e}")))?;
-        let steered = Array::try_from(take(&mut ebpf, "STEERED")?)
-            .map_err(|e| SteeringError::Other(format!("map STEERED: {e}")))?;
+            .map_err(|e| SteeringError::map("use map CONFIG", e))?;
+        let live_map = ArrayOfMaps::try_from(take(&mut ebpf, "LIVE")?)
+            .map_err(|e| SteeringError::map("use map LIVE", e))?;
+        let loads = ArrayOfMaps::try_from(take(&mut ebpf, "LOADS")?)
+            .map_err(|e| SteeringError::map("use map LOADS", e))?;
+        let probe_seen = Array::try_from(take(&mut ebpf, "PROBE")?)
+            .map_err(|e| SteeringError::map("use map PROBE", e))?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)
-            .map_err(|e| SteeringError::Other(format!("map COUNTERS: {e}")))?;
-        let load_fd = map_fd(&ebpf, "LOAD")?;
-        let load = SharedArray::map(
-            load_fd.as_fd(),
-            size_of::<SlotLoad>(),
-            2 * MAX_SLOTS as usize,
-        )
-        .map_err(|e| SteeringError::Other(format!("cannot map LOAD: {e}")))?;
-        // The Maglev table depends only on the slot count, so it is written once, before
-        // any socket is in steering, through a shared mapping (65,537 entries would be as
-        // many system calls through the map API).
-        let maglev_fd = map_fd(&ebpf, "MAGLEV")?;
-        let maglev = SharedArray::map(maglev_fd.as_fd(), 4, HASH_TABLE_SIZE as usize)
-            .map_err(|e| SteeringError::Other(format!("cannot map MAGLEV: {e}")))?;
-        let mut table = vec![0u32; HASH_TABLE_SIZE as usize];
-        super::maglev::build(slots, &mut table);
-        for (i, slot) in table.iter().enumerate() {
-            maglev
-                .u32_at(maglev.offset_of(i))
-                .store(*slot, std::sync::atomic::Ordering::Relaxed);
-        }
+            .map_err(|e| SteeringError::map("use map COUNTERS", e))?;
+        write_maglev(&ebpf, slots)?;
         let mut steering = EbpfSteering {
             ebpf,
             policy,
             sockets,
             config_map,
             live_map,
-            steered,
+            loads,
+            probe_seen,
             counters,
-            load,
-            load_fd,
             config: Config {
                 policy: code,
-                active: 0,
                 slots,
                 cpus: super::online_cpus() as u32,
+                ..Config::default()
             },
             live: BTreeMap::new(),
+            dirty: true,
+            records: BTreeMap::new(),
+            probe: None,
+            queues: None,
+            takeovers: 0,
         };
-        steering.publish_live()?;
+        steering.write_config()?;
+        steering.flush()?;
         Ok(steering)
     }
 
@@ -144,76 +159,211 @@ impl EbpfSteering {
         self.policy
     }
 
-    /// Puts `fd` into steering at `slot` for the worker of `generation`.
-    pub fn activate(&mut self, slot: u32, generation: u32, fd: &OwnedFd) -> Result<(), String> {
-        let program: &SkReuseport = self
-            .ebpf
-            .program(PROGRAM)
-            .ok_or("program missing")?
-            .try_into()
-            .map_err(|e| format!("{e}"))?;
-        program
-            .attach(fd.as_fd())
-            .map_err(|e| format!("cannot attach the program through the socket: {e}"))?;
+    /// Puts `fd` into steering at `slot` for the worker of `generation` (process `pid`).
+    pub fn activate(
+        &mut self,
+        slot: u32,
+        generation: u32,
+        fd: &OwnedFd,
+        pid: i32,
+        pidfd: BorrowedFd<'_>,
+    ) -> Result<(), SteeringError> {
+        let holder = ListenerHolder::new(pid, pidfd, fd)
+            .map_err(|e| SteeringError::io(format!("remember the worker of slot {slot}"), e))?;
+        self.attach_through(fd.as_fd(), slot)?;
+        if let Some(record) = self.records.get(&(slot, generation)) {
+            self.loads
+                .set(slot, record.map(), 0)
+                .map_err(|e| SteeringError::map(format!("set LOADS[{slot}]"), e))?;
+        }
+        // Records of older generations of this slot (a draining worker, one that never
+        // served) are read by nobody from now on.
+        self.records
+            .retain(|&(s, g), _| s != slot || g == generation);
         self.sockets
             .set(slot, &fd.as_raw_fd(), 0)
-            .map_err(|e| format!("cannot put the socket into SOCKETS[{slot}]: {e}"))?;
-        self.live.insert(slot, generation);
-        self.publish_live().map_err(|e| e.to_string())
+            .map_err(|e| SteeringError::map(format!("put the socket into SOCKETS[{slot}]"), e))?;
+        self.live.insert(slot, Serving { generation, holder });
+        self.dirty = true;
+        Ok(())
     }
 
     /// Takes `slot` out of steering: no new connection reaches its socket from now on.
-    pub fn deactivate(&mut self, slot: u32) -> Result<(), String> {
-        let was_live = self.live.remove(&slot).is_some();
+    pub fn deactivate(&mut self, slot: u32) -> Result<(), SteeringError> {
+        if let Some(serving) = self.live.remove(&slot) {
+            self.records.remove(&(slot, serving.generation));
+            self.dirty = true;
+        }
         match self.sockets.clear_index(&slot) {
-            Ok(()) => {}
+            Ok(()) => Ok(()),
             // Already gone: the kernel removes a socket from the map when it closes.
             Err(aya::maps::MapError::SyscallError(err))
-                if err.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(err) => return Err(format!("cannot clear SOCKETS[{slot}]: {err}")),
+                if err.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(err) => Err(SteeringError::map(format!("clear SOCKETS[{slot}]"), err)),
         }
-        if was_live {
-            self.publish_live().map_err(|e| e.to_string())?;
+    }
+
+    /// Publishes the live set if it changed: a new inner map swapped into `LIVE[0]` (see
+    /// the module docs for what a program run can see).
+    pub fn flush(&mut self) -> Result<(), SteeringError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let mut set = Box::new(LiveSet::EMPTY);
+        for (i, slot) in self.live.keys().enumerate() {
+            set.slots[i] = *slot;
+        }
+        set.count = self.live.len() as u32;
+        let mut inner: Array<MapData, LiveSet> =
+            Array::create(1, 0).map_err(|e| SteeringError::map("create a live-set map", e))?;
+        inner
+            .set(0, set.as_ref(), 0)
+            .map_err(|e| SteeringError::map("write the live set", e))?;
+        self.live_map
+            .set(0, &inner, 0)
+            .map_err(|e| SteeringError::map("publish the live set into LIVE[0]", e))?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// A fresh record for the worker of `slot`/`generation`, and a copy of its fd.
+    pub fn load_record(
+        &mut self,
+        slot: u32,
+        generation: u32,
+    ) -> Result<(OwnedFd, LoadShare), SteeringError> {
+        let record = LoadRecord::create()
+            .map_err(|e| SteeringError::map(format!("create the load record of slot {slot}"), e))?;
+        let fd = record
+            .share()
+            .map_err(|e| SteeringError::io("copy the load record's fd", e))?;
+        self.records.insert((slot, generation), record);
+        Ok((fd, LoadShare::RECORD))
+    }
+
+    /// The ownership check of one health interval (see [`super::probe`]).
+    pub fn ensure_program(
+        &mut self,
+        listen: SocketAddr,
+    ) -> Result<Option<Takeover>, SteeringError> {
+        if self.live.is_empty() {
+            // Nothing to probe: no socket of ours is in a group. The next activation
+            // attaches the program through its socket.
+            return Ok(None);
+        }
+        if self.probe.is_none() {
+            let probe = OwnershipProbe::new(listen).map_err(|e| {
+                SteeringError::io(format!("set up the ownership probe of {listen}"), e)
+            })?;
+            self.config.probe_port = probe::port_in_packet(probe.source());
+            self.config.probe_client = probe::client_in_packet(probe.source());
+            self.write_config()?;
+            self.probe = Some(probe);
+        }
+        let seen_before = self.probes_seen()?;
+        let probe = self.probe.as_mut().expect("set above");
+        if !probe.in_flight() {
+            probe.send().map_err(|e| {
+                SteeringError::io(format!("send the ownership probe to {listen}"), e)
+            })?;
+        }
+        let outcome = probe
+            .outcome(PROBE_WAIT)
+            .map_err(|e| SteeringError::io("read the ownership probe", e))?;
+        if self.probes_seen()? > seen_before {
+            return Ok(None);
+        }
+        let evidence = match outcome {
+            Outcome::Pending => return Ok(None),
+            Outcome::Answered => {
+                "a socket of the group answered the probe, which Steer's program drops"
+            }
+            Outcome::Refused => "the probe was refused without Steer's program seeing it",
+        };
+        self.takeovers += 1;
+        let restored = self.reattach();
+        tracing::warn!(
+            %listen,
+            evidence,
+            takeovers = self.takeovers,
+            "steering takeover: another program (or none) was deciding for the port's SO_REUSEPORT group; {}",
+            match &restored {
+                Ok(slot) => format!("Steer's program is attached again (through slot {slot}'s socket)"),
+                Err(err) => format!("Steer's program could not be attached again: {err}"),
+            }
+        );
+        restored.map(|_| Some(Takeover { evidence }))
+    }
+
+    /// Attaches the program again through the socket of any serving worker.
+    fn reattach(&self) -> Result<u32, SteeringError> {
+        let mut last = None;
+        for (slot, serving) in &self.live {
+            match serving.holder.borrow() {
+                Ok(socket) => {
+                    self.attach_through(socket.as_fd(), *slot)?;
+                    return Ok(*slot);
+                }
+                Err(err) => {
+                    last = Some(SteeringError::io(
+                        format!("borrow slot {slot}'s socket"),
+                        err,
+                    ))
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            SteeringError::io(
+                "find a socket of the group",
+                io::Error::from(io::ErrorKind::NotFound),
+            )
+        }))
+    }
+
+    /// Settles each serving worker's record against its listener's accept queue.
+    pub fn reconcile_load(&mut self, listen: SocketAddr) -> Result<(), SteeringError> {
+        if self.queues.is_none() {
+            self.queues = Some(
+                ListenQueues::open()
+                    .map_err(|e| SteeringError::io("open a sock_diag socket", e))?,
+            );
+        }
+        let queues = self.queues.as_mut().expect("set above");
+        let lengths = queues
+            .lengths(listen.is_ipv6(), listen.port())
+            .map_err(|e| {
+                SteeringError::io(
+                    format!("read the accept queues on port {}", listen.port()),
+                    e,
+                )
+            })?;
+        for (slot, serving) in &self.live {
+            if let (Some(record), Some(&queued)) = (
+                self.records.get(&(*slot, serving.generation)),
+                lengths.get(&serving.holder.inode()),
+            ) {
+                record.settle(u64::from(queued));
+            }
         }
         Ok(())
     }
 
-    /// Where the worker of `slot`/`generation` publishes its load, and the map to map.
-    /// Called when the worker registers: its record (and the program's count of what it
-    /// steered there) start from zero, before the worker maps the record and long before
-    /// its socket enters steering.
-    pub fn load_share(
-        &mut self,
-        slot: u32,
-        generation: u32,
-    ) -> Result<(BorrowedFd<'_>, LoadShare), String> {
-        let index = load_index(slot, generation);
-        self.steered
-            .set(index, 0, 0)
-            .map_err(|e| format!("cannot reset STEERED[{index}]: {e}"))?;
-        LoadReporter::reset(&self.load, index);
-        Ok((
-            self.load_fd.as_fd(),
-            LoadShare {
-                index,
-                entries: 2 * MAX_SLOTS,
-                generation,
-            },
-        ))
-    }
-
     /// The program's counters, summed over CPUs, for the first `slots` slots.
-    pub fn counters(&self, slots: usize) -> Result<SteeringCounters, String> {
+    pub fn counters(&self, slots: usize) -> Result<SteeringCounters, SteeringError> {
         let per_cpu = self
             .counters
             .get(&0, 0)
-            .map_err(|e| format!("cannot read COUNTERS: {e}"))?;
+            .map_err(|e| SteeringError::map("read COUNTERS", e))?;
         let mut total = SteeringCounters {
             policy: self.policy,
             selections: vec![0; slots],
             fallbacks: 0,
             drops: 0,
             migrations: 0,
+            takeovers: self.takeovers,
         };
         for cpu in per_cpu.iter() {
             for (sum, value) in total.selections.iter_mut().zip(cpu.selections.iter()) {
@@ -226,47 +376,109 @@ impl EbpfSteering {
         Ok(total)
     }
 
-    /// Writes the live set into the inactive half, then flips `CONFIG.active` to it.
-    fn publish_live(&mut self) -> Result<(), SteeringError> {
-        let mut set = Box::new(LiveSet::EMPTY);
-        for (i, (slot, generation)) in self.live.iter().enumerate() {
-            set.slots[i] = *slot;
-            set.generations[*slot as usize] = *generation;
-        }
-        set.count = self.live.len() as u32;
-        let next = self.config.active ^ 1;
-        self.live_map
-            .set(next, set.as_ref(), 0)
-            .map_err(|e| SteeringError::Other(format!("cannot write LIVE[{next}]: {e}")))?;
-        self.config.active = next;
+    fn attach_through(&self, socket: BorrowedFd<'_>, slot: u32) -> Result<(), SteeringError> {
+        let attach_error = |source| SteeringError::Attach {
+            what: format!("attach the program through slot {slot}'s socket"),
+            source,
+        };
+        let program: &SkReuseport = self
+            .ebpf
+            .program(PROGRAM)
+            .ok_or(ProgramError::NotLoaded)
+            .map_err(attach_error)?
+            .try_into()
+            .map_err(attach_error)?;
+        program.attach(socket).map_err(attach_error)
+    }
+
+    fn probes_seen(&self) -> Result<u64, SteeringError> {
+        self.probe_seen
+            .get(&0, 0)
+            .map_err(|e| SteeringError::map("read PROBE", e))
+    }
+
+    fn write_config(&mut self) -> Result<(), SteeringError> {
         self.config_map
             .set(0, self.config, 0)
-            .map_err(|e| SteeringError::Other(format!("cannot write CONFIG: {e}")))
+            .map_err(|e| SteeringError::map("write CONFIG", e))
     }
 }
 
+/// `kernel` mode: detaches whatever program is attached to the group of `socket`
+/// (nothing of Steer's ever is), with a warning naming what was found.
+pub fn detach_foreign_program(socket: &OwnedFd, slot: usize) -> Result<(), SteeringError> {
+    match SkReuseport::detach(socket.as_fd()) {
+        Ok(()) => {
+            tracing::warn!(
+                slot,
+                "steering takeover: a program someone else attached was deciding for the port's SO_REUSEPORT group; detached it (--balance kernel hashes over the group)"
+            );
+            Ok(())
+        }
+        Err(ProgramError::SkReuseportError(
+            aya::programs::sk_reuseport::SkReuseportError::SetsockoptError { io_error, .. },
+        )) if io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(source) => Err(SteeringError::Attach {
+            what: format!("detach a program from slot {slot}'s group"),
+            source,
+        }),
+    }
+}
+
+fn program_mut(ebpf: &mut Ebpf) -> Result<&mut SkReuseport, SteeringError> {
+    let load_error = |detail: String| SteeringError::Load {
+        what: "find the program in the object",
+        detail,
+    };
+    ebpf.program_mut(PROGRAM)
+        .ok_or_else(|| load_error(format!("program {PROGRAM} missing")))?
+        .try_into()
+        .map_err(|e| load_error(format!("program {PROGRAM}: {e}")))
+}
+
+/// The Maglev table depends only on the slot count, so it is written once, before any
+/// socket is in steering, through a shared mapping (65,537 entries would be as many system
+/// calls through the map API).
+fn write_maglev(ebpf: &Ebpf, slots: u32) -> Result<(), SteeringError> {
+    let maglev_fd = map_fd(ebpf, "MAGLEV")?;
+    let maglev = SharedArray::map(maglev_fd.as_fd(), 4, HASH_TABLE_SIZE as usize)
+        .map_err(|e| SteeringError::io("map MAGLEV", e))?;
+    let mut table = vec![0u32; HASH_TABLE_SIZE as usize];
+    super::maglev::build(slots, &mut table);
+    for (i, slot) in table.iter().enumerate() {
+        maglev
+            .u32_at(maglev.offset_of(i))
+            .store(*slot, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(())
+}
+
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map, SteeringError> {
-    ebpf.take_map(name)
-        .ok_or_else(|| SteeringError::Other(format!("map {name} missing from the program")))
+    ebpf.take_map(name).ok_or_else(|| SteeringError::Load {
+        what: "find the program's maps",
+        detail: format!("map {name} missing from the object"),
+    })
 }
 
 fn map_fd(ebpf: &Ebpf, name: &str) -> Result<OwnedFd, SteeringError> {
-    let map = ebpf
-        .map(name)
-        .ok_or_else(|| SteeringError::Other(format!("map {name} missing from the program")))?;
-    let data = match map {
-        Map::Array(data) => data,
-        _ => return Err(SteeringError::Other(format!("map {name} is not an array"))),
+    let missing = |detail: String| SteeringError::Load {
+        what: "find the program's maps",
+        detail,
+    };
+    let data = match ebpf.map(name) {
+        Some(Map::Array(data)) => data,
+        Some(_) => return Err(missing(format!("map {name} is not an array"))),
+        None => return Err(missing(format!("map {name} missing from the object"))),
     };
     data.fd()
         .as_fd()
         .try_clone_to_owned()
-        .map_err(|e| SteeringError::Other(format!("cannot dup the fd of {name}: {e}")))
+        .map_err(|e| SteeringError::io(format!("dup the fd of {name}"), e))
 }
 
 /// Turns a load failure into a [`SteeringError`]: a permission error says which
 /// capability is missing.
-fn classify(what: &str, err: &(dyn std::error::Error + 'static)) -> SteeringError {
+fn classify(what: &'static str, err: &(dyn std::error::Error + 'static)) -> SteeringError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<io::Error>()
@@ -282,11 +494,8 @@ fn classify(what: &str, err: &(dyn std::error::Error + 'static)) -> SteeringErro
     {
         return SteeringError::MissingCapability;
     }
-    let mut text = format!("cannot {what}: {err}");
-    let mut source = err.source();
-    while let Some(e) = source {
-        text.push_str(&format!(": {e}"));
-        source = e.source();
+    SteeringError::Load {
+        what,
+        detail: crate::error_chain(err),
     }
-    SteeringError::Other(text)
 }

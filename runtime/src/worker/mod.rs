@@ -186,12 +186,16 @@ impl Worker {
     }
 
     /// Publishes this worker's load for `--balance least-loaded`: connections accepted so
-    /// far and connections open now. Two stores into memory shared with the kernel; call
-    /// it on every accept and close. Under other policies it does nothing. A worker that
-    /// never calls it is balanced on the number of connections steered to it since it
-    /// started, which spreads new connections but cannot see a stuck worker.
+    /// far and connections open now. Two stores into this worker's own record, in memory
+    /// shared with the kernel; call it on every accept and close. Under other policies,
+    /// and once the primary has asked this worker to drain (it is out of steering then),
+    /// it does nothing. A worker that never calls it is balanced on its listener's real
+    /// accept queue, which the primary reads once per health interval, plus what was
+    /// steered to it since: that sees a stuck worker, but not its open connections.
     pub fn report_load(&self, accepted: u64, active: u64) {
-        if let Some(load) = &self.load {
+        if let Some(load) = &self.load
+            && !self.link.drain.is_set()
+        {
             load.publish(accepted, active);
         }
     }
