@@ -21,13 +21,19 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use super::slot::{Phase, Process};
 use super::supervisor::{ClusterPhase, Supervisor};
 use crate::ipc::Message;
+use crate::steering::holder::{find_socket_fd, pidfd_getfd};
+
+/// The inode of a socket, which names it in `/proc/<pid>/fd` (`socket:[inode]`).
+pub(super) fn socket_inode(fd: &OwnedFd) -> Option<u64> {
+    crate::steering::holder::socket_inode(fd).ok()
+}
 
 impl Supervisor {
     /// The heartbeat tick: pings every process that speaks the protocol, repeats drain
@@ -51,6 +57,13 @@ impl Supervisor {
             for index in 0..self.slots.len() {
                 self.check_memory(index);
             }
+        }
+        // Takeovers are logged and counted by steering itself.
+        if let Err(err) = self.steering.ensure_program(self.listen) {
+            tracing::warn!("cannot check who decides for the port's group: {err}");
+        }
+        if let Err(err) = self.steering.reconcile_load(self.listen) {
+            tracing::warn!("cannot settle the load records: {err}");
         }
         self.check_health(now);
     }
@@ -229,61 +242,8 @@ fn shut_down_listener(process: &Process) -> io::Result<()> {
         .listener_inode
         .ok_or_else(|| io::Error::other("its listening socket was never recorded"))?;
     let target = find_socket_fd(process.pid, inode)?;
-    let socket = pidfd_getfd(process.pidfd.as_fd().as_raw_fd(), target)?;
+    let socket = pidfd_getfd(process.pidfd.as_fd(), target)?;
     socket2::SockRef::from(&socket).shutdown(std::net::Shutdown::Read)
-}
-
-/// The inode of a socket, which names it in `/proc/<pid>/fd` (`socket:[inode]`).
-pub(super) fn socket_inode(fd: &OwnedFd) -> Option<u64> {
-    nix::sys::stat::fstat(fd).ok().map(|stat| stat.st_ino)
-}
-
-/// The fd number under which `pid` holds the socket with `inode`.
-fn find_socket_fd(pid: i32, inode: u64) -> io::Result<RawFd> {
-    let wanted = format!("socket:[{inode}]");
-    // A worker running as another user needs CAP_SYS_PTRACE to be inspected: say so
-    // rather than "no longer holds".
-    let hint = |e: io::Error| {
-        if e.kind() == io::ErrorKind::PermissionDenied {
-            io::Error::new(
-                e.kind(),
-                format!("cannot read /proc/{pid}/fd ({e}); the primary needs CAP_SYS_PTRACE"),
-            )
-        } else {
-            e
-        }
-    };
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).map_err(hint)? {
-        let entry = entry?;
-        let link = match std::fs::read_link(entry.path()) {
-            Ok(link) => link,
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Err(hint(e)),
-            Err(_) => continue,
-        };
-        if link.as_os_str() == wanted.as_str()
-            && let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok())
-        {
-            return Ok(fd);
-        }
-    }
-    Err(io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("process {pid} no longer holds socket {inode}"),
-    ))
-}
-
-/// Duplicates fd `target` of the process behind `pidfd` into this one
-/// (`pidfd_getfd(2)`, Linux 5.6; needs ptrace access to the process, which the primary
-/// has over its own children).
-fn pidfd_getfd(pidfd: RawFd, target: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall on integers; the kernel checks both fds.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, target, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = RawFd::try_from(fd).map_err(|_| io::Error::other("fd out of range"))?;
-    // SAFETY: the kernel just installed `fd` in this process for us alone.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// A process's `/proc/<pid>/statm`, opened once and re-read from offset 0 (the kernel
@@ -361,7 +321,7 @@ mod tests {
         let pid = std::process::id() as i32;
         let fd = find_socket_fd(pid, inode).expect("found in /proc/self/fd");
         let pidfd = super::super::spawn::pidfd_open(pid).expect("pidfd_open");
-        let socket = pidfd_getfd(pidfd.as_raw_fd(), fd).expect("pidfd_getfd");
+        let socket = pidfd_getfd(pidfd.as_fd(), fd).expect("pidfd_getfd");
         socket2::SockRef::from(&socket)
             .shutdown(std::net::Shutdown::Read)
             .expect("shutdown");

@@ -1,7 +1,7 @@
 //! Worker lifecycle inside the supervisor: start, ready, drain, exit, restart.
 
 use std::ffi::OsString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use mio::Interest;
@@ -20,6 +20,8 @@ use crate::worker::env;
 const IPC_FD_BUILTIN: i32 = 3;
 /// fd number of the IPC socket in external workers (fd 3 is their listener).
 const IPC_FD_EXTERNAL: i32 = 4;
+/// An external worker's load record (`least-loaded`), `STEER_LOAD_FD`.
+const LOAD_FD_EXTERNAL: i32 = 5;
 
 impl Supervisor {
     /// Starts, replaces or gives up on one slot's processes as its timers say.
@@ -146,7 +148,7 @@ impl Supervisor {
     /// primary's end of its IPC socket, and (external workers) the primary's copy of the
     /// listening socket it made for the child.
     fn spawn_worker(
-        &self,
+        &mut self,
         index: usize,
         generation: u64,
         id: u64,
@@ -180,10 +182,26 @@ impl Supervisor {
                 let first = command.first().map(OsString::from).unwrap_or_default();
                 let program = spawn::resolve_program(&first)?;
                 let argv = command.iter().map(OsString::from).collect();
-                let fds = vec![
+                let mut fds = vec![
                     (socket, LISTEN_FD),
                     (OwnedFd::from(worker_end), IPC_FD_EXTERNAL),
                 ];
+                // An external worker does not register, so its load record is placed
+                // at spawn, like its socket.
+                match self.steering.load_record(index, generation as u32) {
+                    Some(Ok((record, _share))) => {
+                        vars.push((env::LOAD_FD.into(), LOAD_FD_EXTERNAL.to_string().into()));
+                        vars.push((
+                            env::LOAD_LAYOUT.into(),
+                            crate::steering::load::LAYOUT.into(),
+                        ));
+                        fds.push((record, LOAD_FD_EXTERNAL));
+                    }
+                    Some(Err(err)) => {
+                        tracing::warn!(slot = index, "worker will not publish its load: {err}");
+                    }
+                    None => {}
+                }
                 (program, argv, fds, Some(primary_copy))
             }
             builtin => {
@@ -255,7 +273,13 @@ impl Supervisor {
             process.listener_inode = super::health::socket_inode(fd);
         }
         if let Some(fd) = process.registered_fd.take()
-            && let Err(err) = self.steering.activate(index, generation as u32, fd)
+            && let Err(err) = self.steering.activate(
+                index,
+                generation as u32,
+                fd,
+                process.pid,
+                process.pidfd.as_fd(),
+            )
         {
             // Serving nothing: replace it (a fresh socket may work), keep the others going.
             tracing::error!(

@@ -1,7 +1,7 @@
 //! Messages from workers: registration, readiness, heartbeats, and user messages to relay.
 //! Nothing a worker sends can crash the primary: a protocol violation replaces the worker.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::Instant;
 
 use mio::unix::SourceFd;
@@ -89,10 +89,10 @@ impl Supervisor {
                 crate::listener::verify(&fd, expected)
                     .map_err(|e| format!("rejected registration: {e}"))?;
                 process.registered_fd = Some(fd);
-                let sent = match self.steering.load_share(index, process.generation as u32) {
-                    Some(Ok((map, load))) => process
+                let sent = match self.steering.load_record(index, process.generation as u32) {
+                    Some(Ok((record, load))) => process
                         .channel
-                        .send_with_fd(&Message::Registered { load: Some(load) }, map),
+                        .send_with_fd(&Message::Registered { load: Some(load) }, record.as_fd()),
                     Some(Err(err)) => {
                         tracing::warn!(slot = index, "worker will not publish its load: {err}");
                         process.channel.send(&Message::Registered { load: None })

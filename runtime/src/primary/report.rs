@@ -118,6 +118,7 @@ impl Supervisor {
                 fallbacks: c.fallbacks,
                 drops: c.drops,
                 migrations: c.migrations,
+                takeovers: c.takeovers,
             }),
         }
     }

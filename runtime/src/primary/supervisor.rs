@@ -243,6 +243,10 @@ impl Supervisor {
             for pid in std::mem::take(&mut self.pending_ipc) {
                 self.on_ipc(pid);
             }
+            // Whatever this turn changed in the live set is published once.
+            if let Err(err) = self.steering.flush() {
+                tracing::warn!("cannot publish the live set: {err}");
+            }
         }
         if let Some(path) = &self.config.pid_file {
             let _ = std::fs::remove_file(path);
