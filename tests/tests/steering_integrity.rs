@@ -373,3 +373,122 @@ fn phantom_syns_stop_counting_as_load_within_one_interval() {
 
 /// SYNs that never complete, steered to one slot.
 const PHANTOM_SYNS: u64 = 5000;
+
+fn load_worker() -> String {
+    format!("{}/fixtures/load_worker.py", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The system's Python: a worker that switched to `nobody` cannot run a per-user one
+/// (pyenv shims live under root's home).
+fn python() -> &'static str {
+    if std::path::Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+/// Opens a connection every 20 ms for 2 s against two `load_worker.py` workers, slot 0
+/// holding each request 3 s, and keeps them all open. Returns the share slot 0 took.
+fn held_share(extra: &[&str]) -> f64 {
+    let script = load_worker();
+    let mut args = vec![
+        "--workers",
+        "2",
+        "--balance",
+        "least-loaded",
+        "--health-interval",
+        "300ms",
+        "--",
+        python(),
+        &script,
+        "--hold-slot",
+        "0",
+        "--hold-ms",
+        "3000",
+    ];
+    args.extend_from_slice(extra);
+    let cluster = Cluster::start(&args);
+    let addr = cluster.listen_addr();
+    let mut conns = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        let mut conn = steer_tests::KeepAlive::connect(addr).expect("connect");
+        conn.send_only("/").expect("send");
+        conns.push(conn);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let total = conns.len();
+    let to_slot_0 = conns
+        .iter_mut()
+        .map(|conn| conn.read_response().expect("answered").worker())
+        .filter(|&worker| worker == Some(0))
+        .count();
+    to_slot_0 as f64 / total as f64
+}
+
+#[test]
+fn an_external_worker_that_publishes_its_load_is_balanced_on_it() {
+    // tests/fixtures/load_worker.py is the example of docs/ipc.md: its open connections
+    // are in its own record, so least-loaded sees slot 0 filling up with held requests.
+    let publishing = held_share(&[]);
+    println!(
+        "least-loaded, slot 0 holding every request 3 s: it took {:.0}% of new connections",
+        publishing * 100.0
+    );
+    assert!(
+        publishing <= 0.15,
+        "a worker that publishes its open connections gets few new ones while busy: {:.0}%",
+        publishing * 100.0
+    );
+}
+
+#[test]
+fn a_worker_that_writes_other_slots_records_changes_nothing() {
+    let script = load_worker();
+    // Unprivileged workers, as in production: a worker that kept CAP_BPF (root without
+    // --user) can open any map on the host, and isolation cannot hold against it.
+    let cluster = Cluster::start(&[
+        "--workers",
+        "3",
+        "--balance",
+        "least-loaded",
+        "--user",
+        "nobody",
+        "--",
+        python(),
+        &script,
+        "--scribble-slot",
+        "0",
+    ]);
+    let addr = cluster.listen_addr();
+    let mut report = None;
+    for _ in 0..100 {
+        let response = http_get(addr, "/scribbled").expect("GET /scribbled");
+        if response.worker() == Some(0) {
+            report = Some(response.body);
+            break;
+        }
+    }
+    let report: Value =
+        serde_json::from_str(&report.expect("slot 0 answers one of 100")).expect("json");
+    println!("what the scribbling worker managed: {report}");
+    assert_eq!(
+        report["mapped_bytes"], 4096,
+        "its fd maps one page, its own record: {report}"
+    );
+    assert_eq!(
+        report["maps_opened_by_id"], 0,
+        "an unprivileged worker opens no map by id: {report}"
+    );
+    let mut per_slot = [0u32; 3];
+    for _ in 0..300 {
+        let response = http_get(addr, "/").expect("GET /");
+        per_slot[response.worker().expect("X-Steer-Worker")] += 1;
+    }
+    println!("least-loaded beside a worker scribbling on its neighbours' records: {per_slot:?}");
+    assert!(
+        per_slot.iter().all(|&n| n >= 60),
+        "every slot keeps its share (a fifth at least): {per_slot:?}"
+    );
+}
