@@ -16,19 +16,19 @@
 //!
 //! # What is guaranteed about the live set
 //!
-//! A published set is never written again. [`EbpfSteering::flush`] builds the new set in a
-//! new one-entry map and swaps it into `LIVE[0]` with one map update, which replaces one
-//! pointer. A program run that looked the old set up keeps reading the old map: the kernel
-//! frees a replaced inner map only after an RCU grace period (Linux 6.8 and later; earlier
-//! kernels free it at once, so there a run that overlaps two flushes may read a freed set).
-//! So a run sees one whole set, the old or the new, never a mix.
-//!
-//! What keeps a connection away from a slot that is not in the live set is the order of
-//! updates, not the set alone: a slot's socket leaves `SOCKETS` before the set without it
-//! is published, and enters `SOCKETS` before the set with it is published. A run that
-//! still reads the older set and picks a slot that has just left finds no socket there
-//! and falls back to the next live slot (counted in `fallbacks`); it cannot select a
-//! socket that is no longer registered.
+//! - A published set is never written again. Each change is a new one-entry map, swapped
+//!   into `LIVE[0]` by one map update ([`super::publisher`]), and the kernel returns from
+//!   that update only after every program run that could see the old map has finished. A
+//!   run therefore reads one whole set, the old or the new, never a mix, and never a set
+//!   being written.
+//! - At most one set is handed over per [`EbpfSteering::flush`], which the primary calls
+//!   once per turn of its loop; the publisher thread applies only the newest when several
+//!   wait, so a burst of changes (a stop takes every slot out) is one update.
+//! - A connection never reaches a socket that is out of steering: [`EbpfSteering::deactivate`]
+//!   removes the socket from `SOCKETS` before it returns, and `activate` adds it before
+//!   the set naming its slot is handed over. Until the new set is published (one grace
+//!   period, 8 to 60 ms), a run may pick a slot that has just left; it finds no socket
+//!   there and falls back to the next live slot (counted in `fallbacks`).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -44,6 +44,7 @@ use steer_common::{Config, Counters, HASH_TABLE_SIZE, LiveSet, MAX_SLOTS, policy
 use super::holder::ListenerHolder;
 use super::load::{LoadRecord, LoadShare};
 use super::probe::{self, Outcome, OwnershipProbe};
+use super::publisher::Publisher;
 use super::queues::ListenQueues;
 use super::shared::SharedArray;
 use super::{SteeringCounters, SteeringError, Takeover};
@@ -72,8 +73,7 @@ pub struct EbpfSteering {
     policy: Balance,
     sockets: ReusePortSockArray<MapData>,
     config_map: Array<MapData, Config>,
-    live_map: ArrayOfMaps<MapData, Array<MapData, LiveSet>>,
-    loads: ArrayOfMaps<MapData, MapData>,
+    publisher: Publisher,
     probe_seen: Array<MapData, u64>,
     counters: PerCpuArray<MapData, Counters>,
     config: Config,
@@ -127,13 +127,14 @@ impl EbpfSteering {
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)
             .map_err(|e| SteeringError::map("use map COUNTERS", e))?;
         write_maglev(&ebpf, slots)?;
+        let publisher = Publisher::start(live_map, loads)
+            .map_err(|e| SteeringError::io("start the steering publisher thread", e))?;
         let mut steering = EbpfSteering {
             ebpf,
             policy,
             sockets,
             config_map,
-            live_map,
-            loads,
+            publisher,
             probe_seen,
             counters,
             config: Config {
@@ -151,6 +152,7 @@ impl EbpfSteering {
         };
         steering.write_config()?;
         steering.flush()?;
+        steering.publisher.wait();
         Ok(steering)
     }
 
@@ -172,9 +174,10 @@ impl EbpfSteering {
             .map_err(|e| SteeringError::io(format!("remember the worker of slot {slot}"), e))?;
         self.attach_through(fd.as_fd(), slot)?;
         if let Some(record) = self.records.get(&(slot, generation)) {
-            self.loads
-                .set(slot, record.map(), 0)
-                .map_err(|e| SteeringError::map(format!("set LOADS[{slot}]"), e))?;
+            let map = record
+                .share()
+                .map_err(|e| SteeringError::io("copy the load record's fd", e))?;
+            self.publisher.place_record(slot, map);
         }
         // Records of older generations of this slot (a draining worker, one that never
         // served) are read by nobody from now on.
@@ -206,8 +209,8 @@ impl EbpfSteering {
         }
     }
 
-    /// Publishes the live set if it changed: a new inner map swapped into `LIVE[0]` (see
-    /// the module docs for what a program run can see).
+    /// Hands the live set to the publisher if it changed (see the module docs for what a
+    /// program run can see, and when).
     pub fn flush(&mut self) -> Result<(), SteeringError> {
         if !self.dirty {
             return Ok(());
@@ -217,16 +220,14 @@ impl EbpfSteering {
             set.slots[i] = *slot;
         }
         set.count = self.live.len() as u32;
-        let mut inner: Array<MapData, LiveSet> =
-            Array::create(1, 0).map_err(|e| SteeringError::map("create a live-set map", e))?;
-        inner
-            .set(0, set.as_ref(), 0)
-            .map_err(|e| SteeringError::map("write the live set", e))?;
-        self.live_map
-            .set(0, &inner, 0)
-            .map_err(|e| SteeringError::map("publish the live set into LIVE[0]", e))?;
+        self.publisher.publish(set);
         self.dirty = false;
         Ok(())
+    }
+
+    /// Waits until what [`EbpfSteering::flush`] handed over is published.
+    pub fn wait_published(&self) {
+        self.publisher.wait();
     }
 
     /// A fresh record for the worker of `slot`/`generation`, and a copy of its fd.
@@ -497,5 +498,252 @@ fn classify(what: &'static str, err: &(dyn std::error::Error + 'static)) -> Stee
     SteeringError::Load {
         what,
         detail: crate::error_chain(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Needs CAP_BPF (root), as `cargo xtask test` runs.
+
+    use std::collections::HashMap;
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    use socket2::{Domain, Protocol, Socket, Type};
+
+    use super::*;
+
+    const SLOTS: usize = 5;
+
+    fn own_pidfd() -> OwnedFd {
+        // SAFETY: plain syscall on integers.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, std::process::id(), 0) };
+        assert!(fd >= 0, "pidfd_open: {}", io::Error::last_os_error());
+        // SAFETY: a fresh fd the kernel just gave this process.
+        unsafe { OwnedFd::from_raw_fd(fd as i32) }
+    }
+
+    fn reuseport_listener(addr: SocketAddr) -> TcpListener {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+        socket.set_reuse_port(true).expect("SO_REUSEPORT");
+        socket.bind(&addr.into()).expect("bind");
+        socket.listen(4096).expect("listen");
+        socket.set_nonblocking(true).expect("nonblocking");
+        socket.into()
+    }
+
+    /// A client connection: its source, and when `connect` started and returned.
+    struct Attempt {
+        source: SocketAddr,
+        started: Instant,
+        done: Instant,
+    }
+
+    #[test]
+    fn the_live_set_holds_under_rapid_flips_while_connections_arrive() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("free port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let listeners: Vec<TcpListener> = (0..SLOTS).map(|_| reuseport_listener(addr)).collect();
+        let fds: Vec<OwnedFd> = listeners
+            .iter()
+            .map(|l| OwnedFd::from(l.try_clone().expect("dup")))
+            .collect();
+        let pidfd = own_pidfd();
+        let pid = std::process::id() as i32;
+        let mut steering =
+            EbpfSteering::load(Balance::RoundRobin, SLOTS as u32).expect("load (root)");
+        // Slot 0 always serves; slots 1..4 rotate, two in and two out at any time, so a slot
+        // that leaves stays out for a whole flip.
+        let mut serving: std::collections::VecDeque<u32> = [1, 2].into();
+        let mut resting: std::collections::VecDeque<u32> = [3, 4].into();
+        for slot in [0, 1, 2] {
+            steering
+                .activate(slot, 1, &fds[slot as usize], pid, pidfd.as_fd())
+                .expect("activate");
+        }
+        steering.flush().expect("flush");
+        steering.wait_published();
+
+        let stop = AtomicBool::new(false);
+        /// Stops every thread of the test, even when the flipper panics.
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let bound = Instant::now() + Duration::from_secs(20);
+        // Source -> the slots whose listener accepted a connection from it. A client port is
+        // now and then chosen twice in a run; such sources are not judged.
+        let accepted: Mutex<HashMap<SocketAddr, Vec<usize>>> = Mutex::new(HashMap::new());
+        let attempts: Mutex<Vec<Attempt>> = Mutex::new(Vec::new());
+        let failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
+        // (slot, out since, back at): the listener of a slot that is out stays open, as a
+        // draining worker's does, so only steering keeps connections away from it.
+        let mut out_windows: Vec<(usize, Instant, Option<Instant>)> = Vec::new();
+        let mut flips = 0u64;
+        std::thread::scope(|scope| {
+            for (slot, listener) in listeners.iter().enumerate() {
+                let (stop, accepted) = (&stop, &accepted);
+                scope.spawn(move || {
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < bound {
+                        match listener.accept() {
+                            Ok((_stream, peer)) => {
+                                accepted
+                                    .lock()
+                                    .expect("lock")
+                                    .entry(peer)
+                                    .or_default()
+                                    .push(slot);
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                std::thread::sleep(Duration::from_micros(200));
+                            }
+                            Err(e) => panic!("accept: {e}"),
+                        }
+                    }
+                });
+            }
+            for client in 0..2u8 {
+                let (stop, attempts, failures) = (&stop, &attempts, &failures);
+                scope.spawn(move || {
+                    let mut n = 0u32;
+                    while !stop.load(Ordering::Relaxed) && n < 10_000 && Instant::now() < bound {
+                        n += 1;
+                        let ip = [127, 0, 5 + client, (n % 250 + 1) as u8];
+                        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+                            .expect("socket");
+                        socket
+                            .bind(&SocketAddr::from((ip, 0)).into())
+                            .expect("bind client");
+                        let started = Instant::now();
+                        match socket.connect_timeout(&addr.into(), Duration::from_secs(2)) {
+                            Ok(()) => {
+                                let source = socket
+                                    .local_addr()
+                                    .expect("local")
+                                    .as_socket()
+                                    .expect("inet");
+                                attempts.lock().expect("lock").push(Attempt {
+                                    source,
+                                    started,
+                                    done: Instant::now(),
+                                });
+                                let _closed = TcpStream::from(socket);
+                            }
+                            Err(e) => failures.lock().expect("lock").push(e.to_string()),
+                        }
+                    }
+                });
+            }
+            let _stop = StopOnDrop(&stop);
+            let deadline = Instant::now() + Duration::from_millis(1500);
+            while Instant::now() < deadline {
+                // As a replacement does it: the new slot in, then the old one out.
+                let (Some(entering), Some(leaving)) = (resting.pop_front(), serving.pop_front())
+                else {
+                    unreachable!("two slots in each queue");
+                };
+                if let Some(window) = out_windows
+                    .iter_mut()
+                    .rev()
+                    .find(|w| w.0 == entering as usize)
+                {
+                    window.2 = Some(Instant::now());
+                }
+                steering
+                    .activate(entering, 1, &fds[entering as usize], pid, pidfd.as_fd())
+                    .expect("activate");
+                steering.flush().expect("flush");
+                std::thread::sleep(Duration::from_micros(500));
+                steering.deactivate(leaving).expect("deactivate");
+                // Out of steering from here on, although the set without it may still be
+                // on its way to the program.
+                out_windows.push((leaving as usize, Instant::now(), None));
+                steering.flush().expect("flush");
+                std::thread::sleep(Duration::from_micros(500));
+                serving.push_back(entering);
+                resting.push_back(leaving);
+                flips += 1;
+            }
+        });
+        // Let the acceptors' last connections count: take what is still queued.
+        for (slot, listener) in listeners.iter().enumerate() {
+            while let Ok((_, peer)) = listener.accept() {
+                accepted
+                    .lock()
+                    .expect("lock")
+                    .entry(peer)
+                    .or_default()
+                    .push(slot);
+            }
+        }
+        let accepted = accepted.into_inner().expect("lock");
+        let attempts = attempts.into_inner().expect("lock");
+        let failures = failures.into_inner().expect("lock");
+        let counters = steering.counters(SLOTS).expect("counters");
+        let mut tries: HashMap<SocketAddr, usize> = HashMap::new();
+        for attempt in &attempts {
+            *tries.entry(attempt.source).or_default() += 1;
+        }
+        let accepts: usize = accepted.values().map(Vec::len).sum();
+        let mut outside = Vec::new();
+        let mut ambiguous = 0;
+        for attempt in &attempts {
+            let slot = match accepted.get(&attempt.source).map(Vec::as_slice) {
+                Some(&[slot]) if tries[&attempt.source] == 1 => slot,
+                _ => {
+                    ambiguous += 1;
+                    continue;
+                }
+            };
+            let was_out = out_windows.iter().any(|&(s, from, to)| {
+                s == slot && from <= attempt.started && to.is_none_or(|to| attempt.done <= to)
+            });
+            if was_out {
+                outside.push((attempt.source, slot));
+            }
+        }
+        println!(
+            "{flips} flips of the live set in 1.5 s, {} connections ({ambiguous} from a reused \
+             source, not judged), {} fallbacks, selections {:?}",
+            attempts.len(),
+            counters.fallbacks,
+            counters.selections
+        );
+        assert!(flips >= 200, "too few flips to stress anything: {flips}");
+        assert!(
+            attempts.len() >= 500,
+            "too few connections: {}",
+            attempts.len()
+        );
+        assert!(
+            failures.is_empty(),
+            "connections failed: {:?}",
+            &failures[..failures.len().min(5)]
+        );
+        assert_eq!(counters.drops, 0, "the program dropped connections");
+        assert_eq!(
+            accepts,
+            attempts.len(),
+            "every connection was accepted, once"
+        );
+        assert!(
+            ambiguous <= attempts.len() / 100,
+            "too many reused sources: {ambiguous}"
+        );
+        assert!(
+            outside.is_empty(),
+            "{} connections reached a slot outside the live set, e.g. {:?}",
+            outside.len(),
+            &outside[..outside.len().min(5)]
+        );
     }
 }

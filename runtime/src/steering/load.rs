@@ -100,11 +100,6 @@ impl LoadRecord {
         Ok(LoadRecord { map, memory })
     }
 
-    /// The map, to place into the program's `LOADS`.
-    pub fn map(&self) -> &MapData {
-        &self.map
-    }
-
     /// A copy of the map's fd for the worker.
     pub fn share(&self) -> io::Result<OwnedFd> {
         self.map.fd().as_fd().try_clone_to_owned()

@@ -20,6 +20,7 @@ pub mod holder;
 pub mod load;
 pub mod maglev;
 pub mod probe;
+pub mod publisher;
 pub mod queues;
 pub mod shared;
 
