@@ -83,6 +83,8 @@ pub struct EbpfSteering {
     /// Load records by (slot, generation): handed out, serving, or waiting to serve.
     records: BTreeMap<(u32, u32), LoadRecord>,
     probe: Option<OwnershipProbe>,
+    /// `PROBE` as it was when the probe in flight was sent.
+    seen_at_send: u64,
     queues: Option<ListenQueues>,
     takeovers: u64,
 }
@@ -147,6 +149,7 @@ impl EbpfSteering {
             dirty: true,
             records: BTreeMap::new(),
             probe: None,
+            seen_at_send: 0,
             queues: None,
             takeovers: 0,
         };
@@ -255,18 +258,27 @@ impl EbpfSteering {
             // attaches the program through its socket.
             return Ok(None);
         }
-        if self.probe.is_none() {
-            let probe = OwnershipProbe::new(listen).map_err(|e| {
-                SteeringError::io(format!("set up the ownership probe of {listen}"), e)
-            })?;
-            self.config.probe_port = probe::port_in_packet(probe.source());
-            self.config.probe_client = probe::client_in_packet(probe.source());
-            self.write_config()?;
-            self.probe = Some(probe);
-        }
-        let seen_before = self.probes_seen()?;
-        let probe = self.probe.as_mut().expect("set above");
+        let probe = match &mut self.probe {
+            Some(probe) => probe,
+            None => {
+                let probe = OwnershipProbe::new(listen).map_err(|e| {
+                    SteeringError::io(format!("set up the ownership probe of {listen}"), e)
+                })?;
+                self.config.probe_port = probe::port_in_packet(probe.source());
+                self.config.probe_client = probe::client_in_packet(probe.source());
+                self.config_map
+                    .set(0, self.config, 0)
+                    .map_err(|e| SteeringError::map("write CONFIG", e))?;
+                self.probe.insert(probe)
+            }
+        };
         if !probe.in_flight() {
+            // What the program had counted before this probe left: a probe still in
+            // flight from an earlier tick keeps the count from when it was sent.
+            self.seen_at_send = self
+                .probe_seen
+                .get(&0, 0)
+                .map_err(|e| SteeringError::map("read PROBE", e))?;
             probe.send().map_err(|e| {
                 SteeringError::io(format!("send the ownership probe to {listen}"), e)
             })?;
@@ -274,7 +286,13 @@ impl EbpfSteering {
         let outcome = probe
             .outcome(PROBE_WAIT)
             .map_err(|e| SteeringError::io("read the ownership probe", e))?;
-        if self.probes_seen()? > seen_before {
+        let seen = self
+            .probe_seen
+            .get(&0, 0)
+            .map_err(|e| SteeringError::map("read PROBE", e))?;
+        if seen > self.seen_at_send {
+            // Steer's program decided (and dropped it); its reset may still be on the way.
+            probe.forget();
             return Ok(None);
         }
         let evidence = match outcome {
@@ -326,13 +344,13 @@ impl EbpfSteering {
 
     /// Settles each serving worker's record against its listener's accept queue.
     pub fn reconcile_load(&mut self, listen: SocketAddr) -> Result<(), SteeringError> {
-        if self.queues.is_none() {
-            self.queues = Some(
+        let queues = match &mut self.queues {
+            Some(queues) => queues,
+            None => self.queues.insert(
                 ListenQueues::open()
                     .map_err(|e| SteeringError::io("open a sock_diag socket", e))?,
-            );
-        }
-        let queues = self.queues.as_mut().expect("set above");
+            ),
+        };
         let lengths = queues
             .lengths(listen.is_ipv6(), listen.port())
             .map_err(|e| {
@@ -390,12 +408,6 @@ impl EbpfSteering {
             .try_into()
             .map_err(attach_error)?;
         program.attach(socket).map_err(attach_error)
-    }
-
-    fn probes_seen(&self) -> Result<u64, SteeringError> {
-        self.probe_seen
-            .get(&0, 0)
-            .map_err(|e| SteeringError::map("read PROBE", e))
     }
 
     fn write_config(&mut self) -> Result<(), SteeringError> {

@@ -115,16 +115,4 @@ impl LoadRecord {
             steered.wrapping_sub(accepted).wrapping_sub(queued),
         );
     }
-
-    /// The record as it is now.
-    pub fn read(&self) -> SlotLoad {
-        let field = |offset| self.memory.u64_at(offset).load(Ordering::Relaxed);
-        SlotLoad {
-            steered: field(record::STEERED),
-            accepted: field(record::ACCEPTED),
-            active: field(record::ACTIVE),
-            settled: field(record::SETTLED),
-            _pad: [0; 4],
-        }
-    }
 }

@@ -76,6 +76,11 @@ impl OwnershipProbe {
         self.in_flight.is_some()
     }
 
+    /// Closes the probe in flight, whatever becomes of it (its verdict is known).
+    pub fn forget(&mut self) {
+        self.in_flight = None;
+    }
+
     /// Sends a probe (a non-blocking `connect`).
     pub fn send(&mut self) -> io::Result<()> {
         let socket = source_socket(self.target)?;

@@ -111,13 +111,18 @@ fn is_probe(ctx: &SkReuseportContext, config: &Config) -> bool {
     true
 }
 
-/// Picks a slot and selects its socket; `None` if no live slot took the connection.
+/// Picks a slot and selects its socket; `None` if no registered socket took the
+/// connection.
 #[inline(always)]
 fn select(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters) -> Option<()> {
-    let live = LIVE.get_value(0, &0)?;
+    let Some(live) = LIVE.get_value(0, &0) else {
+        counters.fallbacks += 1;
+        return any_registered(ctx, config, counters);
+    };
     let count = live.count;
     if count == 0 || count > MAX_SLOTS {
-        return None;
+        counters.fallbacks += 1;
+        return any_registered(ctx, config, counters);
     }
     // `first` is the slot the policy wants; `spill` is where in the live list to start
     // if that slot holds no socket.
@@ -174,6 +179,28 @@ fn select(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters) ->
             return Some(());
         }
         i += 1;
+    }
+    any_registered(ctx, config, counters)
+}
+
+/// The first slot whose registered socket takes the connection. `SOCKETS` holds exactly
+/// the sockets of serving workers (the primary adds one before the live set naming it is
+/// published, and removes it before it stops serving), so this is the last resort while a
+/// new live set is on its way: a cluster that has just started, or a slot that has just
+/// left while the set still names it.
+#[inline(always)]
+fn any_registered(
+    ctx: &SkReuseportContext,
+    config: &Config,
+    counters: &mut Counters,
+) -> Option<()> {
+    let slots = config.slots.min(MAX_SLOTS);
+    let mut slot = 0;
+    while slot < slots {
+        if try_slot(ctx, slot, counters) {
+            return Some(());
+        }
+        slot += 1;
     }
     None
 }
