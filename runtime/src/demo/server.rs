@@ -91,7 +91,7 @@ impl Server {
     /// Tells the primary the loop is up, then runs it until drained (or exits the process
     /// when the primary is gone).
     pub fn run(mut self) -> io::Result<()> {
-        self.send(&Message::Ready);
+        self.send(&Message::Ready { heartbeats: true });
         let DemoOptions {
             slot,
             generation,
@@ -184,9 +184,7 @@ impl Server {
             Ok(()) => {}
             Err(IpcError::Closed) => primary_gone(),
             // The primary is not reading; a lost pong reads as a slow worker, not a dead one.
-            Err(IpcError::Io { source, .. }) if source.kind() == io::ErrorKind::WouldBlock => {
-                warn!(?message, "IPC socket full, message dropped");
-            }
+            Err(IpcError::Full) => warn!(?message, "IPC socket full, message dropped"),
             Err(error) => ipc_failed(&error),
         }
     }

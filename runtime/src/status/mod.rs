@@ -59,6 +59,14 @@ pub struct PrimaryStatus {
     pub phase: String,
     /// The primary's own resident memory.
     pub rss_bytes: Option<u64>,
+    /// Log lines the primary dropped because its log output (stderr) could not keep up;
+    /// the primary never waits for it.
+    #[serde(default)]
+    pub log_lines_dropped: u64,
+    /// Times the primary's own loop ran late (it was stopped, or starved of CPU); the
+    /// heartbeat deadlines restarted then, so nobody was declared hung for it.
+    #[serde(default)]
+    pub stalls: u64,
 }
 
 /// One slot in `/status`.
@@ -89,10 +97,16 @@ pub struct WorkerStatus {
     pub last_exit: Option<String>,
     /// Backoff left before the next start.
     pub next_restart_in_ms: Option<u64>,
-    /// Milliseconds since the process last answered on IPC.
+    /// Milliseconds the process has owed an answer to a ping (since the oldest ping it has
+    /// not answered was sent; 0 when it owes none); absent for a program that never spoke
+    /// the protocol. A watched worker is hung when this passes `health-timeout`.
     pub health_ms: Option<u64>,
     /// Old generations still draining.
     pub draining: usize,
+    /// User messages from this slot that were not relayed: over the relay budget, or the
+    /// receiver could not take them.
+    #[serde(default)]
+    pub messages_dropped: u64,
 }
 
 /// Sums in `/status`.

@@ -164,7 +164,8 @@ impl EbpfSteering {
         self.policy
     }
 
-    /// Puts `fd` into steering at `slot` for the worker of `generation` (process `pid`).
+    /// Puts `fd` into steering at `slot` for the worker of `generation` (process `pid`,
+    /// holding it at fd `held_at` if known).
     pub fn activate(
         &mut self,
         slot: u32,
@@ -172,8 +173,9 @@ impl EbpfSteering {
         fd: &OwnedFd,
         pid: i32,
         pidfd: BorrowedFd<'_>,
+        held_at: Option<std::os::fd::RawFd>,
     ) -> Result<(), SteeringError> {
-        let holder = ListenerHolder::new(pid, pidfd, fd)
+        let holder = ListenerHolder::new(pid, pidfd, fd, held_at)
             .map_err(|e| SteeringError::io(format!("remember the worker of slot {slot}"), e))?;
         self.attach_through(fd.as_fd(), slot)?;
         if let Some(record) = self.records.get(&(slot, generation)) {
@@ -577,7 +579,7 @@ mod tests {
         let mut resting: std::collections::VecDeque<u32> = [3, 4].into();
         for slot in [0, 1, 2] {
             steering
-                .activate(slot, 1, &fds[slot as usize], pid, pidfd.as_fd())
+                .activate(slot, 1, &fds[slot as usize], pid, pidfd.as_fd(), None)
                 .expect("activate");
         }
         steering.flush().expect("flush");
@@ -671,7 +673,14 @@ mod tests {
                     window.2 = Some(Instant::now());
                 }
                 steering
-                    .activate(entering, 1, &fds[entering as usize], pid, pidfd.as_fd())
+                    .activate(
+                        entering,
+                        1,
+                        &fds[entering as usize],
+                        pid,
+                        pidfd.as_fd(),
+                        None,
+                    )
                     .expect("activate");
                 steering.flush().expect("flush");
                 std::thread::sleep(Duration::from_micros(500));

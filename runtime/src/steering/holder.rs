@@ -16,15 +16,24 @@ pub struct ListenerHolder {
     pid: i32,
     pidfd: OwnedFd,
     inode: u64,
+    /// The fd number it said it holds the socket at, if it said.
+    fd: Option<RawFd>,
 }
 
 impl ListenerHolder {
-    /// Remembers that process `pid` (behind `pidfd`, which is duplicated) holds `socket`.
-    pub fn new(pid: i32, pidfd: BorrowedFd<'_>, socket: &OwnedFd) -> io::Result<ListenerHolder> {
+    /// Remembers that process `pid` (behind `pidfd`, which is duplicated) holds `socket`,
+    /// at fd `fd` if that is known.
+    pub fn new(
+        pid: i32,
+        pidfd: BorrowedFd<'_>,
+        socket: &OwnedFd,
+        fd: Option<RawFd>,
+    ) -> io::Result<ListenerHolder> {
         Ok(ListenerHolder {
             pid,
             pidfd: pidfd.try_clone_to_owned()?,
             inode: socket_inode(socket)?,
+            fd,
         })
     }
 
@@ -34,10 +43,17 @@ impl ListenerHolder {
         self.inode
     }
 
-    /// A copy of the listener, taken from the holding process.
+    /// A copy of the listener, taken from the holding process: at the fd it said, else
+    /// wherever `/proc/<pid>/fd` shows it.
     pub fn borrow(&self) -> io::Result<OwnedFd> {
+        if let Some(fd) = self.fd
+            && let Ok(socket) = pidfd_getfd(&self.pidfd, fd)
+            && socket_inode(&socket)? == self.inode
+        {
+            return Ok(socket);
+        }
         let target = find_socket_fd(self.pid, self.inode)?;
-        pidfd_getfd(self.pidfd.as_fd(), target)
+        pidfd_getfd(&self.pidfd, target)
     }
 }
 
@@ -82,9 +98,10 @@ pub fn find_socket_fd(pid: i32, inode: u64) -> io::Result<RawFd> {
 
 /// Duplicates fd `target` of the process behind `pidfd` into this one (`pidfd_getfd(2)`;
 /// needs ptrace access to the process).
-pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, target: RawFd) -> io::Result<OwnedFd> {
+pub fn pidfd_getfd(pidfd: impl AsFd, target: RawFd) -> io::Result<OwnedFd> {
+    let pidfd = pidfd.as_fd().as_raw_fd();
     // SAFETY: plain syscall on integers; the kernel checks both fds.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, target, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -26,7 +26,7 @@ pub mod shared;
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 
 use serde::Serialize;
 
@@ -214,7 +214,7 @@ impl Steering {
     }
 
     /// Puts a worker's verified socket into steering at `slot`; `pid`/`pidfd` is the
-    /// worker holding it. The primary's copy of the fd is closed afterwards: the worker's
+    /// worker holding it (at fd `held_at`, if known). The primary's copy of the fd is closed afterwards: the worker's
     /// copy keeps the socket alive, so the socket leaves the group (and the program's map)
     /// by itself when the worker exits. The live set is published by [`Steering::flush`].
     ///
@@ -227,11 +227,14 @@ impl Steering {
         fd: OwnedFd,
         pid: i32,
         pidfd: BorrowedFd<'_>,
+        held_at: Option<RawFd>,
     ) -> Result<(), SteeringError> {
         match self {
             Steering::Kernel => ebpf::detach_foreign_program(&fd, slot),
             Steering::Baseline(_) => Ok(()),
-            Steering::Ebpf(program) => program.activate(slot as u32, generation, &fd, pid, pidfd),
+            Steering::Ebpf(program) => {
+                program.activate(slot as u32, generation, &fd, pid, pidfd, held_at)
+            }
         }
     }
 

@@ -12,15 +12,15 @@ mod link;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use link::{DrainSignal, Heartbeat, UserMessage, WorkerStats};
+pub use link::{DrainSignal, Heartbeat, INBOX_CAPACITY, UserMessage, WorkerStats};
 use serde::Serialize;
 
-use crate::ipc::{Channel, IpcError, Message, Recipient};
+use crate::ipc::{Channel, IpcError, Message, Payload, Recipient};
 use env::WorkerEnv;
 
 /// A library worker: what the closure passed to [`crate::ClusterBuilder::run`] receives.
@@ -157,7 +157,7 @@ impl Worker {
 
     /// Sends a JSON message to another worker, or to all others, through the primary.
     pub fn send_to(&self, to: Recipient, data: impl Serialize) -> Result<(), IpcError> {
-        let data = serde_json::to_value(data).map_err(|source| IpcError::Malformed {
+        let data = Payload::new(&data).map_err(|source| IpcError::Malformed {
             preview: "user message".into(),
             source,
         })?;
@@ -183,6 +183,12 @@ impl Worker {
     /// The next message if one is waiting.
     pub fn try_recv(&self) -> Option<UserMessage> {
         self.link.inbox.lock().ok()?.try_recv().ok()
+    }
+
+    /// User messages dropped because more than [`INBOX_CAPACITY`] were waiting
+    /// unread.
+    pub fn dropped_messages(&self) -> u64 {
+        self.link.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Publishes this worker's load for `--balance least-loaded`: connections accepted so
@@ -255,7 +261,7 @@ where
             return ExitCode::FAILURE;
         }
     };
-    if let Err(err) = link.channel.send(&Message::Ready) {
+    if let Err(err) = link.channel.send(&Message::Ready { heartbeats: true }) {
         tracing::error!("cannot report ready: {err}");
         return ExitCode::FAILURE;
     }
@@ -283,7 +289,8 @@ pub(crate) fn bootstrap() -> Result<Bootstrapped, String> {
     }
     // SAFETY: the primary passed this fd for the worker's exclusive use; we checked it is
     // open and it is owned by nothing else in this freshly exec'd process.
-    let channel = unsafe { Channel::from_raw_fd(env.ipc_fd) };
+    let channel = unsafe { Channel::from_raw_fd(env.ipc_fd) }
+        .map_err(|err| format!("{}={}: {err}", env::IPC_FD, env.ipc_fd))?;
     // `userspace` baseline: no socket to register; connections arrive over IPC.
     let Some(listener) = intake::open_listener(&env)? else {
         crate::privileges::drop_after_registration()?;
@@ -293,6 +300,7 @@ pub(crate) fn bootstrap() -> Result<Bootstrapped, String> {
         .send_with_fd(
             &Message::Register {
                 pid: std::process::id(),
+                fd: Some(listener.as_raw_fd()),
             },
             listener.as_fd(),
         )
