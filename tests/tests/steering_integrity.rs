@@ -388,10 +388,9 @@ fn python() -> &'static str {
     }
 }
 
-/// Opens a connection every 20 ms for 2 s against two `load_worker.py` workers, slot 0
+/// Opens a connection every 20 ms for 2 s against two workers running `script`, slot 0
 /// holding each request 3 s, and keeps them all open. Returns the share slot 0 took.
-fn held_share(extra: &[&str]) -> f64 {
-    let script = load_worker();
+fn held_share(script: &str, extra: &[&str]) -> f64 {
     let mut args = vec![
         "--workers",
         "2",
@@ -401,7 +400,7 @@ fn held_share(extra: &[&str]) -> f64 {
         "300ms",
         "--",
         python(),
-        &script,
+        script,
         "--hold-slot",
         "0",
         "--hold-ms",
@@ -410,20 +409,31 @@ fn held_share(extra: &[&str]) -> f64 {
     args.extend_from_slice(extra);
     let cluster = Cluster::start(&args);
     let addr = cluster.listen_addr();
-    let mut conns = Vec::new();
+    // An answered connection is closed at once, so that only slot 0's held requests
+    // stay open.
+    let mut held = Vec::new();
+    let mut to_slot_0 = 0;
+    let mut total = 0;
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
         let mut conn = steer_tests::KeepAlive::connect(addr).expect("connect");
         conn.send_only("/").expect("send");
-        conns.push(conn);
+        total += 1;
+        if conn
+            .wait_readable(Duration::from_millis(200))
+            .expect("poll")
+        {
+            let worker = conn.read_response().expect("answered").worker();
+            to_slot_0 += usize::from(worker == Some(0));
+        } else {
+            held.push(conn);
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let total = conns.len();
-    let to_slot_0 = conns
-        .iter_mut()
-        .map(|conn| conn.read_response().expect("answered").worker())
-        .filter(|&worker| worker == Some(0))
-        .count();
+    for mut conn in held {
+        let worker = conn.read_response().expect("answered").worker();
+        to_slot_0 += usize::from(worker == Some(0));
+    }
     to_slot_0 as f64 / total as f64
 }
 
@@ -431,7 +441,7 @@ fn held_share(extra: &[&str]) -> f64 {
 fn an_external_worker_that_publishes_its_load_is_balanced_on_it() {
     // tests/fixtures/load_worker.py is the example of docs/ipc.md: its open connections
     // are in its own record, so least-loaded sees slot 0 filling up with held requests.
-    let publishing = held_share(&[]);
+    let publishing = held_share(&load_worker(), &[]);
     println!(
         "least-loaded, slot 0 holding every request 3 s: it took {:.0}% of new connections",
         publishing * 100.0
@@ -440,6 +450,24 @@ fn an_external_worker_that_publishes_its_load_is_balanced_on_it() {
         publishing <= 0.15,
         "a worker that publishes its open connections gets few new ones while busy: {:.0}%",
         publishing * 100.0
+    );
+}
+
+#[test]
+fn a_python_worker_on_the_contrib_helper_publishes_its_load() {
+    // contrib/python/steer.py's HTTPServer stores accepted/active on every accept and
+    // close; the app only holds its requests.
+    let app = format!("{}/fixtures/python_app.py", env!("CARGO_MANIFEST_DIR"));
+    let share = held_share(&app, &[]);
+    println!(
+        "least-loaded, the helper's slot 0 holding every request 3 s: it took {:.0}% of new \
+         connections",
+        share * 100.0
+    );
+    assert!(
+        share <= 0.15,
+        "the helper publishes its open connections: {:.0}%",
+        share * 100.0
     );
 }
 
