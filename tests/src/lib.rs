@@ -41,7 +41,8 @@
 //! - [`pid_alive`], [`rss_bytes`], [`children_of`], [`wait_for`]: process inspection and
 //!   the generic poll-with-deadline.
 //! - [`free_port`], [`TempFile`]: ports and config files for a test.
-//! - [`SynSender`]: raw SYNs that never complete (phantom load; needs root).
+//! - [`SynSender`]: raw SYNs that never complete (phantom load; needs root); [`rogue`]: a
+//!   same-user listener on a cluster's port, and the classic BPF filter it may attach.
 
 pub mod chaos;
 mod cluster;
@@ -51,6 +52,7 @@ mod load;
 mod net;
 mod process;
 pub mod prometheus;
+pub mod rogue;
 pub mod status;
 mod syn;
 mod temp;

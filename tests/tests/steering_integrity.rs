@@ -13,89 +13,18 @@
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
+use steer_tests::rogue::{attach_classic_bpf_returning, rogue_listener, rogue_share};
 use steer_tests::{Cluster, Signal, SynSender, Value, http_get, http_get_from, prometheus, status};
-
-/// `SO_ATTACH_REUSEPORT_CBPF` (asm-generic/socket.h).
-const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
 
 fn takeovers(doc: &Value) -> u64 {
     doc["steering"]["takeovers"]
         .as_u64()
         .unwrap_or_else(|| panic!("no steering.takeovers in {doc}"))
-}
-
-/// A same-user listener on the cluster's port: it joins the `SO_REUSEPORT` group.
-fn rogue_listener(addr: SocketAddr) -> TcpListener {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
-    socket.set_reuse_port(true).expect("SO_REUSEPORT");
-    socket.bind(&addr.into()).expect("the rogue binds the port");
-    socket.listen(1024).expect("listen");
-    socket.set_nonblocking(true).expect("nonblocking");
-    socket.into()
-}
-
-/// Replaces the group's program with a one-instruction classic BPF filter that returns
-/// `index`: the rogue's own place in the group's socket array.
-fn attach_classic_bpf_returning(socket: &TcpListener, index: u32) {
-    // BPF_RET | BPF_K
-    let code = [libc::sock_filter {
-        code: 0x06,
-        jt: 0,
-        jf: 0,
-        k: index,
-    }];
-    let program = libc::sock_fprog {
-        len: 1,
-        filter: code.as_ptr().cast_mut(),
-    };
-    // SAFETY: a valid sock_fprog pointing at `code`, which outlives the call; the kernel
-    // copies the program.
-    let ret = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_ATTACH_REUSEPORT_CBPF,
-            (&raw const program).cast(),
-            size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(
-        ret,
-        0,
-        "SO_ATTACH_REUSEPORT_CBPF: {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-/// Opens `n` connections from `client` (the handshake completes in the kernel either way)
-/// and returns how many the rogue listener took.
-fn rogue_share(addr: SocketAddr, rogue: &TcpListener, client: IpAddr, n: usize) -> usize {
-    let mut got = 0;
-    let mut kept = Vec::new();
-    for _ in 0..n {
-        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
-        socket
-            .bind(&SocketAddr::new(client, 0).into())
-            .expect("bind client");
-        socket
-            .connect_timeout(&addr.into(), Duration::from_secs(2))
-            .expect("connect");
-        kept.push(socket);
-        loop {
-            match rogue.accept() {
-                Ok(_) => got += 1,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) => panic!("rogue accept: {e}"),
-            }
-        }
-    }
-    got
 }
 
 /// The whole attack under `policy`: the rogue replaces the program, the primary takes it
@@ -117,7 +46,7 @@ fn rogue_classic_bpf_is_repaired_within_one_interval(policy: &str) -> Cluster {
     // The four workers hold indices 0..3 of the group's socket array; the rogue is 4.
     attach_classic_bpf_returning(&rogue, 4);
     let attached = Instant::now();
-    let before_repair = rogue_share(addr, &rogue, Ipv4Addr::LOCALHOST.into(), 20);
+    let before_repair = rogue_share(addr, &rogue, &[Ipv4Addr::LOCALHOST.into()], 20);
     let doc = cluster.wait_until("the takeover is noticed", interval * 3, |s| {
         takeovers(s) >= 1
     });
@@ -161,10 +90,7 @@ fn rogue_classic_bpf_is_repaired_within_one_interval(policy: &str) -> Cluster {
     let clients: Vec<IpAddr> = (0..200)
         .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 2, 1 + (i % 200) as u8)))
         .collect();
-    let mut after = 0;
-    for client in &clients {
-        after += rogue_share(addr, &rogue, *client, 1);
-    }
+    let after = rogue_share(addr, &rogue, &clients, clients.len());
     assert_eq!(
         after, 0,
         "{policy}: the rogue got {after} of 200 after the repair"

@@ -27,6 +27,8 @@ use crate::worker::env;
 
 /// fd number of the IPC socket in re-executed workers.
 const IPC_FD_BUILTIN: i32 = 3;
+/// How soon an undecided ownership probe is looked at again.
+const PROBE_RECHECK: Duration = Duration::from_millis(50);
 /// fd number of an external worker's load record (`least-loaded`), `STEER_LOAD_FD`.
 const LOAD_FD_EXTERNAL: i32 = 5;
 /// fd number of the IPC socket in external workers (fd 3 is their listener).
@@ -98,8 +100,12 @@ pub(crate) struct Host {
     pub leftovers: Vec<Leftovers>,
     /// The open-file limit this primary started with: what workers get by default.
     pub inherited_nofile: Option<(u64, u64)>,
-    /// When steering's per-interval checks are next due (program ownership, load records).
+    /// When steering's checks are next looked at: the next round, or sooner while the
+    /// ownership probe of this round is undecided.
     pub next_steering_check: Instant,
+    /// When the next round of steering's per-interval checks is due (program ownership,
+    /// load records).
+    pub next_steering_round: Instant,
 }
 
 impl Host {
@@ -247,13 +253,25 @@ impl Host {
     /// Steer's (a takeover is logged and counted by steering) and settles the load records.
     pub(crate) fn tend_steering(&mut self, now: Instant) {
         if now >= self.next_steering_check {
-            self.next_steering_check = now + self.config.health_interval;
-            if let Err(err) = self.steering.ensure_program(self.listen) {
+            let round = now >= self.next_steering_round;
+            if (round || self.steering.probe_in_flight())
+                && let Err(err) = self.steering.ensure_program(self.listen)
+            {
                 tracing::warn!("cannot check who decides for the port's group: {err}");
             }
-            if let Err(err) = self.steering.reconcile_load(self.listen) {
-                tracing::warn!("cannot settle the load records: {err}");
+            if round {
+                self.next_steering_round = now + self.config.health_interval;
+                if let Err(err) = self.steering.reconcile_load(self.listen) {
+                    tracing::warn!("cannot settle the load records: {err}");
+                }
             }
+            // An undecided probe (a busy host) is looked at again soon, not a whole
+            // interval later.
+            self.next_steering_check = if self.steering.probe_in_flight() {
+                now + PROBE_RECHECK
+            } else {
+                self.next_steering_round
+            };
         }
         if let Err(err) = self.steering.flush() {
             tracing::warn!("cannot publish the live set: {err}");

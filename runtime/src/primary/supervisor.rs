@@ -137,6 +137,7 @@ impl Supervisor {
                 leftovers: Vec::new(),
                 inherited_nofile,
                 next_steering_check: Instant::now(),
+                next_steering_round: Instant::now(),
             },
             hooks,
             signals,

@@ -55,10 +55,10 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/st
 
 const PROGRAM: &str = "steer_select";
 
-/// How long the health tick waits for a probe's reset or handshake before it leaves the
-/// verdict to the next tick. On loopback the answer is there before `connect` returns,
-/// unless the host is overloaded.
-const PROBE_WAIT: Duration = Duration::from_millis(20);
+/// How long one check waits for a probe's reset or handshake before it leaves the verdict
+/// to the next look (the primary looks again 50 ms later). On loopback the answer is
+/// there before `connect` returns, unless the host is overloaded.
+const PROBE_WAIT: Duration = Duration::from_millis(5);
 
 /// A slot in steering.
 #[derive(Debug)]
@@ -319,6 +319,11 @@ impl EbpfSteering {
         restored.map(|_| Some(Takeover { evidence }))
     }
 
+    /// Whether the probe sent last is still undecided.
+    pub fn probe_in_flight(&self) -> bool {
+        self.probe.as_ref().is_some_and(OwnershipProbe::in_flight)
+    }
+
     /// Attaches the program again through the socket of any serving worker.
     fn reattach(&self) -> Result<u32, SteeringError> {
         let mut last = None;
@@ -549,6 +554,16 @@ mod tests {
         socket.into()
     }
 
+    /// Notes that `slot`'s listener accepted a connection from `peer`.
+    fn record(accepted: &Mutex<HashMap<SocketAddr, Vec<usize>>>, peer: SocketAddr, slot: usize) {
+        accepted
+            .lock()
+            .expect("lock")
+            .entry(peer)
+            .or_default()
+            .push(slot);
+    }
+
     /// A client connection: its source, and when `connect` started and returned.
     struct Attempt {
         source: SocketAddr,
@@ -609,14 +624,7 @@ mod tests {
                 scope.spawn(move || {
                     while !stop.load(Ordering::Relaxed) && Instant::now() < bound {
                         match listener.accept() {
-                            Ok((_stream, peer)) => {
-                                accepted
-                                    .lock()
-                                    .expect("lock")
-                                    .entry(peer)
-                                    .or_default()
-                                    .push(slot);
-                            }
+                            Ok((_stream, peer)) => record(accepted, peer, slot),
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                                 std::thread::sleep(Duration::from_micros(200));
                             }
@@ -698,12 +706,7 @@ mod tests {
         // Let the acceptors' last connections count: take what is still queued.
         for (slot, listener) in listeners.iter().enumerate() {
             while let Ok((_, peer)) = listener.accept() {
-                accepted
-                    .lock()
-                    .expect("lock")
-                    .entry(peer)
-                    .or_default()
-                    .push(slot);
+                record(&accepted, peer, slot);
             }
         }
         let accepted = accepted.into_inner().expect("lock");

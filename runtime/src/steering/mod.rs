@@ -271,6 +271,15 @@ impl Steering {
         }
     }
 
+    /// Whether an ownership probe sent by [`Steering::ensure_program`] is still undecided
+    /// (call `ensure_program` again soon to judge it).
+    pub fn probe_in_flight(&self) -> bool {
+        match self {
+            Steering::Ebpf(program) => program.probe_in_flight(),
+            _ => false,
+        }
+    }
+
     /// Once per health interval (`least-loaded`): settles every serving worker's load
     /// record against its listener's real accept queue.
     pub fn reconcile_load(&mut self, listen: SocketAddr) -> Result<(), SteeringError> {
