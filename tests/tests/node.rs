@@ -188,8 +188,9 @@ fn a_node_worker_whose_event_loop_blocks_is_replaced_within_interval_plus_timeou
         },
     );
     let took = blocked_at.elapsed();
-    // One status poll of slack on top of the bound the contract states.
-    let bound = interval + timeout + steer_tests::STATUS_POLL_INTERVAL * 2;
+    // Slack on top of the bound the contract states, for status polls and a loaded host's
+    // scheduling (the primary's own lateness beyond a quarter interval is excused).
+    let bound = interval + timeout + interval / 2;
     assert!(
         took <= bound,
         "replaced after {took:?}, more than interval + timeout ({bound:?}): {replaced:#}"

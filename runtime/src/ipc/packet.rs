@@ -175,7 +175,7 @@ mod tests {
         a.send_with_fd(
             &Message::Register {
                 pid: 42,
-                fd: Some(7),
+                fd: Some(listener.as_raw_fd()),
             },
             listener.as_fd(),
         )
@@ -185,7 +185,7 @@ mod tests {
             got.message,
             Message::Register {
                 pid: 42,
-                fd: Some(7)
+                fd: Some(listener.as_raw_fd())
             }
         );
         let fd = got.fd.expect("fd attached");

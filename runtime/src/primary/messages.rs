@@ -229,6 +229,9 @@ impl Supervisor {
     fn dropped_message(&mut self, slot: usize, now: Instant, why: &str) {
         self.core.count_dropped_message(slot);
         let interval = self.core.settings().health_interval;
+        if self.drop_reports.len() <= slot {
+            self.drop_reports.resize(slot + 1, (now, 0));
+        }
         let Some((reported, since)) = self.drop_reports.get_mut(slot) else {
             return;
         };

@@ -50,6 +50,17 @@ use super::shared::SharedArray;
 use super::{SteeringCounters, SteeringError, Takeover};
 use crate::config::Balance;
 
+/// The program's `CONFIG.policy` code for `policy`.
+fn policy_code(policy: Balance) -> Result<u32, SteeringError> {
+    match policy {
+        Balance::RoundRobin => Ok(policy::ROUND_ROBIN),
+        Balance::Hash => Ok(policy::HASH),
+        Balance::LeastLoaded => Ok(policy::LEAST_LOADED),
+        Balance::Cpu => Ok(policy::CPU),
+        other => Err(SteeringError::NotAProgramPolicy(other)),
+    }
+}
+
 /// The program object, built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer-ebpf"));
 
@@ -87,6 +98,11 @@ pub struct EbpfSteering {
     seen_at_send: u64,
     queues: Option<ListenQueues>,
     takeovers: u64,
+    /// While the program is held back ([`EbpfSteering::hold`]), the last socket put into
+    /// steering, to attach it through at [`EbpfSteering::release`]; `None` otherwise.
+    /// Held only for the seconds a successor primary starts: a copy kept any longer would
+    /// keep a dead worker's socket (and its queue) in the group.
+    held: Option<Option<OwnedFd>>,
 }
 
 impl std::fmt::Debug for EbpfSteering {
@@ -102,13 +118,7 @@ impl std::fmt::Debug for EbpfSteering {
 impl EbpfSteering {
     /// Loads the program for `policy` over `slots` configured slots.
     pub fn load(policy: Balance, slots: u32) -> Result<EbpfSteering, SteeringError> {
-        let code = match policy {
-            Balance::RoundRobin => policy::ROUND_ROBIN,
-            Balance::Hash => policy::HASH,
-            Balance::LeastLoaded => policy::LEAST_LOADED,
-            Balance::Cpu => policy::CPU,
-            other => return Err(SteeringError::NotAProgramPolicy(other)),
-        };
+        let code = policy_code(policy)?;
         if slots == 0 || slots > MAX_SLOTS {
             return Err(SteeringError::SlotCount(slots));
         }
@@ -152,6 +162,7 @@ impl EbpfSteering {
             seen_at_send: 0,
             queues: None,
             takeovers: 0,
+            held: None,
         };
         steering.write_config()?;
         steering.flush()?;
@@ -162,6 +173,46 @@ impl EbpfSteering {
     /// The policy the program runs.
     pub fn policy(&self) -> Balance {
         self.policy
+    }
+
+    /// Switches the policy the program runs: one write of `CONFIG`, read by the very next
+    /// program run. Workers and the live set stay as they are. Workers that started under
+    /// another policy have no load record, so after a switch to `least-loaded` they weigh
+    /// nothing until they are replaced.
+    pub fn set_policy(&mut self, policy: Balance) -> Result<(), SteeringError> {
+        self.config.policy = policy_code(policy)?;
+        self.write_config()?;
+        self.policy = policy;
+        Ok(())
+    }
+
+    /// See [`super::Steering::hold`].
+    pub fn hold(&mut self) {
+        self.held.get_or_insert(None);
+    }
+
+    /// See [`super::Steering::release`].
+    pub fn release(&mut self) -> Result<(), SteeringError> {
+        match self.held.take() {
+            Some(Some(socket)) => self.attach_through(socket.as_fd(), None),
+            // Nothing held: no socket entered steering meanwhile, and the first one to
+            // enter attaches the program.
+            _ => Ok(()),
+        }
+    }
+
+    /// Rebuilds the Maglev table over `slots` slots and records the new count in
+    /// `CONFIG`. The table is rewritten in place: while it is, a new connection may find
+    /// an entry of the old table or of the new one, both of which name live slots or fall
+    /// back to one, so nothing is dropped; a client whose entry changed moves, which a
+    /// resize has to do for the clients of added or removed slots anyway.
+    pub fn resize(&mut self, slots: u32) -> Result<(), SteeringError> {
+        if slots == 0 || slots > MAX_SLOTS {
+            return Err(SteeringError::SlotCount(slots));
+        }
+        write_maglev(&self.ebpf, slots)?;
+        self.config.slots = slots;
+        self.write_config()
     }
 
     /// Puts `fd` into steering at `slot` for the worker of `generation` (process `pid`,
@@ -177,7 +228,14 @@ impl EbpfSteering {
     ) -> Result<(), SteeringError> {
         let holder = ListenerHolder::new(pid, pidfd, fd, held_at)
             .map_err(|e| SteeringError::io(format!("remember the worker of slot {slot}"), e))?;
-        self.attach_through(fd.as_fd(), slot)?;
+        match &mut self.held {
+            Some(held) => {
+                *held = Some(fd.try_clone().map_err(|e| {
+                    SteeringError::io(format!("keep slot {slot}'s socket until release"), e)
+                })?)
+            }
+            None => self.attach_through(fd.as_fd(), Some(slot))?,
+        }
         if let Some(record) = self.records.get(&(slot, generation)) {
             let map = record
                 .share()
@@ -255,9 +313,10 @@ impl EbpfSteering {
         &mut self,
         listen: SocketAddr,
     ) -> Result<Option<Takeover>, SteeringError> {
-        if self.live.is_empty() {
-            // Nothing to probe: no socket of ours is in a group. The next activation
-            // attaches the program through its socket.
+        if self.live.is_empty() || self.held.is_some() {
+            // Nothing to probe: no socket of ours is in a group (the next activation
+            // attaches the program through its socket), or the program is held back while
+            // the previous primary's decides.
             return Ok(None);
         }
         let probe = match &mut self.probe {
@@ -330,7 +389,7 @@ impl EbpfSteering {
         for (slot, serving) in &self.live {
             match serving.holder.borrow() {
                 Ok(socket) => {
-                    self.attach_through(socket.as_fd(), *slot)?;
+                    self.attach_through(socket.as_fd(), Some(*slot))?;
                     return Ok(*slot);
                 }
                 Err(err) => {
@@ -402,9 +461,18 @@ impl EbpfSteering {
         Ok(total)
     }
 
-    fn attach_through(&self, socket: BorrowedFd<'_>, slot: u32) -> Result<(), SteeringError> {
+    /// Attaches the program to the group through `socket` (any socket of the group; the
+    /// one of `slot`, for the error message).
+    pub fn attach_through(
+        &self,
+        socket: BorrowedFd<'_>,
+        slot: Option<u32>,
+    ) -> Result<(), SteeringError> {
         let attach_error = |source| SteeringError::Attach {
-            what: format!("attach the program through slot {slot}'s socket"),
+            what: match slot {
+                Some(slot) => format!("attach the program through slot {slot}'s socket"),
+                None => "attach the program through a socket of the group".into(),
+            },
             source,
         };
         let program: &SkReuseport = self

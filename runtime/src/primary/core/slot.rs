@@ -286,6 +286,9 @@ pub(crate) struct Slot {
     pub messages_dropped: u64,
     /// Why a replacement of the serving process is wanted, if one is.
     pub replacement: Option<Replacement>,
+    /// Being removed by a resize: nothing starts here; once its processes are gone the
+    /// slot leaves the table.
+    pub retired: bool,
 }
 
 impl Slot {
@@ -305,11 +308,19 @@ impl Slot {
             accepted_before: 0,
             messages_dropped: 0,
             replacement: None,
+            retired: false,
         }
     }
 
     /// The state `/status` reports.
     pub(crate) fn state(&self) -> SlotState {
+        if self.retired {
+            return if self.workers().next().is_some() {
+                SlotState::Draining
+            } else {
+                SlotState::Stopped
+            };
+        }
         if self.failed {
             return SlotState::Failed;
         }
