@@ -468,7 +468,7 @@ fn an_upgrade_hands_systemd_the_new_main_pid() {
     );
     let old = cluster.pid();
     let mut heard: Vec<(u32, String)> = Vec::new();
-    let mut wait_for = |line: &str, heard: &mut Vec<(u32, String)>| -> u32 {
+    let wait_for = |line: &str, heard: &mut Vec<(u32, String)>| -> u32 {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some((pid, message)) = receive_with_sender(&socket) {
