@@ -335,31 +335,31 @@ fn held_share(script: &str, extra: &[&str]) -> f64 {
     args.extend_from_slice(extra);
     let cluster = Cluster::start(&args);
     let addr = cluster.listen_addr();
-    // An answered connection is closed at once, so that only slot 0's held requests
-    // stay open.
-    let mut held = Vec::new();
+    // An answered connection is closed as soon as its answer is in (looked for every
+    // 20 ms), so that only slot 0's held requests stay open.
+    let mut open: Vec<steer_tests::KeepAlive> = Vec::new();
     let mut to_slot_0 = 0;
     let mut total = 0;
+    let mut take_answers = |open: &mut Vec<steer_tests::KeepAlive>, wait: bool| {
+        open.retain_mut(|conn| {
+            if !wait && !conn.wait_readable(Duration::ZERO).expect("poll") {
+                return true;
+            }
+            let worker = conn.read_response().expect("answered").worker();
+            to_slot_0 += usize::from(worker == Some(0));
+            false
+        });
+    };
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
         let mut conn = steer_tests::KeepAlive::connect(addr).expect("connect");
         conn.send_only("/").expect("send");
         total += 1;
-        if conn
-            .wait_readable(Duration::from_millis(200))
-            .expect("poll")
-        {
-            let worker = conn.read_response().expect("answered").worker();
-            to_slot_0 += usize::from(worker == Some(0));
-        } else {
-            held.push(conn);
-        }
+        open.push(conn);
         std::thread::sleep(Duration::from_millis(20));
+        take_answers(&mut open, false);
     }
-    for mut conn in held {
-        let worker = conn.read_response().expect("answered").worker();
-        to_slot_0 += usize::from(worker == Some(0));
-    }
+    take_answers(&mut open, true);
     to_slot_0 as f64 / total as f64
 }
 
