@@ -62,6 +62,9 @@ class Channel:
         self.sock.setblocking(False)
         self._in = bytearray()
         self._out = bytearray()
+        # Handler threads send too (``Worker.send``): the outbox is one thread's at a time,
+        # or a send appends while another thread's socket write holds the buffer.
+        self._out_lock = threading.RLock()
         self.dropped = 0
 
     def fileno(self):
@@ -73,25 +76,27 @@ class Channel:
         line = json.dumps(message, separators=(",", ":")).encode()
         if len(line) > MAX_MESSAGE_BYTES:
             raise ValueError(f"IPC message of {len(line)} bytes, limit {MAX_MESSAGE_BYTES}")
-        if len(self._out) + len(line) + 1 > OUTBOX_LIMIT:
-            self.flush()
+        with self._out_lock:
             if len(self._out) + len(line) + 1 > OUTBOX_LIMIT:
-                self.dropped += 1
-                return False
-        self._out += line + b"\n"
-        self.flush()
-        return True
+                self.flush()
+                if len(self._out) + len(line) + 1 > OUTBOX_LIMIT:
+                    self.dropped += 1
+                    return False
+            self._out += line + b"\n"
+            self.flush()
+            return True
 
     def flush(self):
         """Writes what waits, as far as the socket takes it."""
-        while self._out:
-            try:
-                sent = self.sock.send(self._out)
-            except (BlockingIOError, InterruptedError):
-                return
-            except (BrokenPipeError, ConnectionResetError) as err:
-                raise PrimaryGone() from err
-            del self._out[:sent]
+        with self._out_lock:
+            while self._out:
+                try:
+                    sent = self.sock.send(self._out)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except (BrokenPipeError, ConnectionResetError) as err:
+                    raise PrimaryGone() from err
+                del self._out[:sent]
 
     def receive(self):
         """Every complete message queued now (a list, maybe empty)."""
