@@ -209,7 +209,13 @@ impl Supervisor {
             if to.is_some_and(|t| t != slot.index) || (to.is_none() && from == Some(slot.index)) {
                 continue;
             }
-            let Some(worker) = slot.current.as_ref().filter(|w| w.serving()) else {
+            // Only to a worker that speaks the protocol: one that never reads its socket
+            // (Node without a `message` listener queues what it gets without bound).
+            let Some(worker) = slot
+                .current
+                .as_ref()
+                .filter(|w| w.serving() && w.heartbeat.speaks)
+            else {
                 continue;
             };
             if let Some(process) = self.host.procs.get(&worker.id)
