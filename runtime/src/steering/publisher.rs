@@ -5,10 +5,11 @@
 //! before the update returns (`maybe_wait_bpf_programs` in `kernel/bpf/syscall.c`): when it
 //! returns, every program run that could still see the old inner map has finished. That
 //! wait is what makes a published live set safe to read, and it takes about 8 ms on an idle
-//! 2-CPU host and 60 ms on a busy one. The primary's loop must not stop that long (a
-//! status probe waits on it), so it hands the new entries to this thread, which applies
-//! them in order and, if they pile up, only the newest of each: one record per slot and
-//! one live set.
+//! 2-CPU host and 60 ms on a busy one. The primary's loop should not stop that long for
+//! every change (a status probe waits on it), so it hands the new entries to this
+//! thread, which applies them in order and, if they pile up, only the newest of each: one
+//! record per slot and one live set. The loop waits ([`Publisher::wait`]) only when a slot
+//! enters the set.
 //!
 //! What stays synchronous, in the primary, is `SOCKETS`: a slot's socket is removed before
 //! the live set without it is handed over, and added before the set with it. A program run
@@ -106,6 +107,12 @@ fn publish_until_closed(
     mut live: ArrayOfMaps<MapData, Array<MapData, LiveSet>>,
     mut loads: ArrayOfMaps<MapData, MapData>,
 ) {
+    // The inner maps in place now. Each is let go only after the update that replaced it
+    // has returned, that is after a grace period: on kernels before 6.8, which free a
+    // replaced inner map at once when the outer map held its last reference, a program
+    // run could otherwise still be reading it.
+    let mut live_set: Option<Array<MapData, LiveSet>> = None;
+    let mut placed: BTreeMap<u32, MapData> = BTreeMap::new();
     while let Ok(first) = queue.recv() {
         let mut records: BTreeMap<u32, OwnedFd> = BTreeMap::new();
         let mut newest: Option<Box<LiveSet>> = None;
@@ -120,14 +127,17 @@ fn publish_until_closed(
             }
         }
         for (slot, map) in records {
-            if let Err(err) = place(&mut loads, slot, map) {
-                tracing::warn!(slot, "cannot place the worker's load record: {err}");
+            match place(&mut loads, slot, map) {
+                Ok(map) => drop(placed.insert(slot, map)),
+                Err(err) => tracing::warn!(slot, "cannot place the worker's load record: {err}"),
             }
         }
-        if let Some(set) = newest
-            && let Err(err) = replace_live_set(&mut live, &set)
-        {
-            tracing::warn!("cannot publish the live set: {err}");
+        if let Some(set) = newest {
+            match replace_live_set(&mut live, &set) {
+                // The set it replaces is let go here, after the update returned.
+                Ok(inner) => drop(live_set.replace(inner)),
+                Err(err) => tracing::warn!("cannot publish the live set: {err}"),
+            }
         }
         for done in waiting {
             let _ = done.send(());
@@ -135,21 +145,25 @@ fn publish_until_closed(
     }
 }
 
+/// Places `map` at `LOADS[slot]`; returns it, to be held until it is replaced in turn.
 fn place(
     loads: &mut ArrayOfMaps<MapData, MapData>,
     slot: u32,
     map: OwnedFd,
-) -> Result<(), aya::maps::MapError> {
+) -> Result<MapData, aya::maps::MapError> {
     let map = MapData::from_fd(map)?;
-    loads.set(slot, &map, 0)
+    loads.set(slot, &map, 0)?;
+    Ok(map)
 }
 
-/// A new one-entry map holding `set`, swapped into `LIVE[0]`.
+/// A new one-entry map holding `set`, swapped into `LIVE[0]`; returns it, to be held
+/// until it is replaced in turn.
 fn replace_live_set(
     live: &mut ArrayOfMaps<MapData, Array<MapData, LiveSet>>,
     set: &LiveSet,
-) -> Result<(), aya::maps::MapError> {
+) -> Result<Array<MapData, LiveSet>, aya::maps::MapError> {
     let mut inner: Array<MapData, LiveSet> = Array::create(1, 0)?;
     inner.set(0, set, 0)?;
-    live.set(0, &inner, 0)
+    live.set(0, &inner, 0)?;
+    Ok(inner)
 }
