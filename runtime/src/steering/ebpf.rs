@@ -169,6 +169,12 @@ impl EbpfSteering {
             takeovers: 0,
             held: None,
         };
+        if policy == Balance::LeastLoaded {
+            steering.queues = Some(
+                ListenQueues::open()
+                    .map_err(|e| SteeringError::io("open a sock_diag socket", e))?,
+            );
+        }
         steering.write_config()?;
         steering.flush()?;
         steering.publisher.wait();
@@ -254,6 +260,16 @@ impl EbpfSteering {
         self.sockets
             .set(slot, &fd.as_raw_fd(), 0)
             .map_err(|e| SteeringError::map(format!("put the socket into SOCKETS[{slot}]"), e))?;
+        // The probe's fds are taken with the first socket, not at the first check: the
+        // primary holds the same fds from the moment a worker is ready.
+        if self.probe.is_none()
+            && let Ok(Some(listen)) = socket2::SockRef::from(fd)
+                .local_addr()
+                .map(|a| a.as_socket())
+            && let Err(err) = self.set_up_probe(listen)
+        {
+            tracing::warn!("cannot set up the ownership probe yet: {err}");
+        }
         if self
             .live
             .insert(slot, Serving { generation, holder })
@@ -336,19 +352,11 @@ impl EbpfSteering {
             // the previous primary's decides.
             return Ok(None);
         }
-        let probe = match &mut self.probe {
-            Some(probe) => probe,
-            None => {
-                let probe = OwnershipProbe::new(listen).map_err(|e| {
-                    SteeringError::io(format!("set up the ownership probe of {listen}"), e)
-                })?;
-                self.config.probe_port = probe::port_in_packet(probe.source());
-                self.config.probe_client = probe::client_in_packet(probe.source());
-                self.config_map
-                    .set(0, self.config, 0)
-                    .map_err(|e| SteeringError::map("write CONFIG", e))?;
-                self.probe.insert(probe)
-            }
+        if self.probe.is_none() {
+            self.set_up_probe(listen)?;
+        }
+        let Some(probe) = self.probe.as_mut() else {
+            return Ok(None);
         };
         if !probe.in_flight() {
             // What the program had counted before this probe left: a probe still in
@@ -393,6 +401,18 @@ impl EbpfSteering {
             }
         );
         restored.map(|_| Some(Takeover { evidence }))
+    }
+
+    /// Reserves the ownership probe's source and names it in `CONFIG`: once, before the
+    /// first probe is sent (so no probe is in flight while `CONFIG` changes).
+    fn set_up_probe(&mut self, listen: SocketAddr) -> Result<(), SteeringError> {
+        let probe = OwnershipProbe::new(listen)
+            .map_err(|e| SteeringError::io(format!("set up the ownership probe of {listen}"), e))?;
+        self.config.probe_port = probe::port_in_packet(probe.source());
+        self.config.probe_client = probe::client_in_packet(probe.source());
+        self.write_config()?;
+        self.probe = Some(probe);
+        Ok(())
     }
 
     /// Whether the probe sent last is still undecided.

@@ -11,7 +11,8 @@
 //! The source is a local address and a port reserved for the cluster's life (a bound,
 //! never-connected `SO_REUSEADDR` socket), so no packet from outside can look like the
 //! probe, and `CONFIG` is written once. Each probe closes with a reset (`SO_LINGER` 0), so
-//! the four-tuple can be used again at once.
+//! the four-tuple can be used again at once. The next probe's socket is made when the last
+//! one is closed, so the primary holds the same two fds between probes as during one.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -39,6 +40,8 @@ pub struct OwnershipProbe {
     _reservation: Socket,
     source: SocketAddr,
     target: SocketAddr,
+    /// The socket the next probe leaves from (bound, not connected).
+    next: Option<Socket>,
     in_flight: Option<Socket>,
 }
 
@@ -60,6 +63,7 @@ impl OwnershipProbe {
             .ok_or_else(|| io::Error::other("the probe's source has no IP address"))?;
         Ok(OwnershipProbe {
             _reservation: reservation,
+            next: Some(probe_socket(source, target)?),
             source,
             target,
             in_flight: None,
@@ -78,15 +82,23 @@ impl OwnershipProbe {
 
     /// Closes the probe in flight, whatever becomes of it (its verdict is known).
     pub fn forget(&mut self) {
+        self.close_in_flight();
+    }
+
+    /// Makes the next probe's socket, then closes the one in flight.
+    fn close_in_flight(&mut self) {
+        if self.next.is_none() {
+            self.next = probe_socket(self.source, self.target).ok();
+        }
         self.in_flight = None;
     }
 
     /// Sends a probe (a non-blocking `connect`).
     pub fn send(&mut self) -> io::Result<()> {
-        let socket = source_socket(self.target)?;
-        socket.bind(&SockAddr::from(self.source))?;
-        socket.set_linger(Some(Duration::ZERO))?;
-        socket.set_nonblocking(true)?;
+        let socket = match self.next.take() {
+            Some(socket) => socket,
+            None => probe_socket(self.source, self.target)?,
+        };
         match socket.connect(&SockAddr::from(self.target)) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -117,10 +129,19 @@ impl OwnershipProbe {
             Some(e) => return Err(e),
         };
         if outcome != Outcome::Pending {
-            self.in_flight = None;
+            self.close_in_flight();
         }
         Ok(outcome)
     }
+}
+
+/// A socket bound to the probe's source, closing with a reset, non-blocking.
+fn probe_socket(source: SocketAddr, target: SocketAddr) -> io::Result<Socket> {
+    let socket = source_socket(target)?;
+    socket.bind(&SockAddr::from(source))?;
+    socket.set_linger(Some(Duration::ZERO))?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
 }
 
 fn source_socket(target: SocketAddr) -> io::Result<Socket> {
