@@ -24,8 +24,8 @@
 //! - At most one set is handed over per [`EbpfSteering::flush`], which the primary calls
 //!   once per turn of its loop; the publisher thread applies only the newest when several
 //!   wait, so a burst of changes (a stop takes every slot out) is one update. A flush that
-//!   adds a slot waits until the set is published, so a worker reported ready is one the
-//!   policy picks; one that only removes slots does not wait.
+//!   adds a slot waits (20 ms at most) until the set is published, so a worker reported
+//!   ready is one the policy picks; one that only removes slots does not wait.
 //! - A connection never reaches a socket that is out of steering: [`EbpfSteering::deactivate`]
 //!   removes the socket from `SOCKETS` before it returns, and `activate` adds it before
 //!   the set naming its slot is handed over. Until the new set is published (one grace
@@ -67,6 +67,9 @@ fn policy_code(policy: Balance) -> Result<u32, SteeringError> {
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer-ebpf"));
 
 const PROGRAM: &str = "steer_select";
+
+/// How long a flush that adds a slot waits for the set to be published.
+const GROWTH_WAIT: Duration = Duration::from_millis(20);
 
 /// How long one check waits for a probe's reset or handshake before it leaves the verdict
 /// to the next look (the primary looks again 50 ms later). On loopback the answer is
@@ -301,9 +304,10 @@ impl EbpfSteering {
 
     /// Hands the live set to the publisher if it changed (see the module docs for what a
     /// program run can see, and when). When a slot entered it, waits until it is published
-    /// (one RCU grace period, 8 to 60 ms), so that a worker reported ready is one the
-    /// policy picks; a set that only shrank is published without waiting, since a slot
-    /// that left is unreachable already (its socket is out of `SOCKETS`).
+    /// (one RCU grace period: 8 ms idle), up to [`GROWTH_WAIT`], so that a worker reported
+    /// ready is one the policy picks; a set that only shrank is published without
+    /// waiting, since a slot that left is unreachable already (its socket is out of
+    /// `SOCKETS`).
     pub fn flush(&mut self) -> Result<(), SteeringError> {
         if !self.dirty {
             return Ok(());
@@ -315,7 +319,9 @@ impl EbpfSteering {
         set.count = self.live.len() as u32;
         self.publisher.publish(set);
         if std::mem::take(&mut self.grew) {
-            self.publisher.wait();
+            // Longer than an idle host's grace period, shorter than a busy one's: the loop
+            // never stops long, and on a busy host the new slot is picked a moment later.
+            let _published = self.publisher.wait_at_most(GROWTH_WAIT);
         }
         self.dirty = false;
         Ok(())

@@ -8,8 +8,8 @@
 //! 2-CPU host and 60 ms on a busy one. The primary's loop should not stop that long for
 //! every change (a status probe waits on it), so it hands the new entries to this
 //! thread, which applies them in order and, if they pile up, only the newest of each: one
-//! record per slot and one live set. The loop waits ([`Publisher::wait`]) only when a slot
-//! enters the set.
+//! record per slot and one live set. The loop waits ([`Publisher::wait_at_most`], 20 ms at
+//! most) only when a slot enters the set.
 //!
 //! What stays synchronous, in the primary, is `SOCKETS`: a slot's socket is removed before
 //! the live set without it is handed over, and added before the set with it. A program run
@@ -82,6 +82,14 @@ impl Publisher {
         let (done, wait) = mpsc::channel();
         self.send(Update::Sync(done));
         let _published_or_gone = wait.recv();
+    }
+
+    /// Waits until everything handed over so far is published, or `limit` has passed;
+    /// whether it was published.
+    pub fn wait_at_most(&self, limit: std::time::Duration) -> bool {
+        let (done, wait) = mpsc::channel();
+        self.send(Update::Sync(done));
+        wait.recv_timeout(limit).is_ok()
     }
 
     fn send(&self, update: Update) {
