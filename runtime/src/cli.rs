@@ -228,6 +228,12 @@ pub fn main() -> ExitCode {
 fn check(args: &RunArgs) -> ExitCode {
     match args.config() {
         Ok(config) => {
+            if let Some(path) = &config.pid_file
+                && let Err(err) = crate::primary::pidfile::PidFile::probe(path)
+            {
+                eprintln!("steer: --pid-file: {}", crate::error_chain(&err));
+                return ExitCode::from(EXIT_USAGE);
+            }
             let source = config
                 .config_file
                 .as_ref()

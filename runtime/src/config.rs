@@ -6,6 +6,7 @@
 //! `workers = "x"` fail with the same words.
 
 mod fields;
+pub mod program;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -285,6 +286,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// kernel's default `fs.nr_open`.
 pub const WORKER_NOFILE_RANGE: std::ops::RangeInclusive<u64> = 16..=1_048_576;
 
+/// Shortest `health-interval`: the primary pings every worker this often.
+pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Shortest `health-timeout`: below it, ordinary scheduling delays read as hangs.
+pub const MIN_HEALTH_TIMEOUT: Duration = Duration::from_millis(100);
+
 /// Smallest `--worker-memory-limit`: below this not even the demo worker maps its
 /// executable and libraries.
 pub const MIN_WORKER_MEMORY_LIMIT: u64 = 32 << 20;
@@ -429,6 +436,50 @@ impl Config {
             let _ = writeln!(out, "{key} = {value}");
         }
         out
+    }
+}
+
+/// The keys whose change a SIGHUP cannot apply to the running primary, each named once.
+pub fn keys_needing_restart(running: &Config, reloaded: &Config) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    let mut changed = |key, differs: bool| {
+        if differs {
+            keys.push(key);
+        }
+    };
+    changed("listen", running.listen != reloaded.listen);
+    changed("workers", running.workers != reloaded.workers);
+    changed("balance", running.balance != reloaded.balance);
+    changed("status", running.status != reloaded.status);
+    changed(
+        "cpu-affinity",
+        running.cpu_affinity != reloaded.cpu_affinity,
+    );
+    changed("pid-file", running.pid_file != reloaded.pid_file);
+    changed("log-format", running.log_format != reloaded.log_format);
+    changed(
+        "tcp-migrate-req",
+        running.tcp_migrate_req != reloaded.tcp_migrate_req,
+    );
+    keys
+}
+
+impl Config {
+    /// Keeps the running values of the keys a reload cannot change
+    /// ([`keys_needing_restart`]), and what never comes from the file.
+    pub fn keep_unreloadable(&mut self, running: &Config) {
+        self.listen = running.listen;
+        self.workers = running.workers;
+        self.balance = running.balance;
+        self.status = running.status;
+        // Pinning belongs with the policy (`cpu` implies it): it stays as started.
+        self.cpu_affinity = running.cpu_affinity;
+        self.pid_file = running.pid_file.clone();
+        self.log_format = running.log_format;
+        self.tcp_migrate_req = running.tcp_migrate_req;
+        self.verbosity = running.verbosity;
+        self.config_file = running.config_file.clone();
+        self.overrides = running.overrides.clone();
     }
 }
 
@@ -779,23 +830,7 @@ impl Settings {
         positive("restart-window", self.restart_window)?;
         let health_interval = self.health_interval.map_or(d.health_interval, |p| p.0);
         let health_timeout = self.health_timeout.map_or(d.health_timeout, |p| p.0);
-        if health_timeout < health_interval {
-            let key = if self.health_timeout.is_some() {
-                "health-timeout"
-            } else {
-                "health-interval"
-            };
-            return Err(self.invalid(
-                key,
-                humantime::format_duration(self.health_timeout.map_or(health_interval, |p| p.0))
-                    .to_string(),
-                format!(
-                    "health-timeout ({}) must be at least health-interval ({})",
-                    humantime::format_duration(health_timeout),
-                    humantime::format_duration(health_interval)
-                ),
-            ));
-        }
+        self.check_health_timings(health_interval, health_timeout)?;
         let workers = self.workers.unwrap_or_default().resolve();
         let max = steer_common::MAX_SLOTS as usize;
         if !(1..=max).contains(&workers) {
@@ -850,7 +885,7 @@ impl Settings {
                 },
             )?),
         };
-        Ok(Config {
+        let config = Config {
             listen: self.listen.map_or(d.listen, |p| p.0),
             workers,
             balance: self.balance.map_or(d.balance, |p| p.0),
@@ -875,7 +910,121 @@ impl Settings {
             command: self.command.clone().filter(|c| !c.is_empty()),
             config_file: None,
             overrides: Settings::default(),
-        })
+        };
+        self.check_addresses(&config)?;
+        self.check_environment(&config)?;
+        Ok(config)
+    }
+
+    /// Heartbeat timings that can work: an interval the loop can keep, and a timeout that
+    /// gives a worker at least two pings to answer.
+    fn check_health_timings(
+        &self,
+        interval: Duration,
+        timeout: Duration,
+    ) -> Result<(), ConfigError> {
+        let shown = |d: Duration| humantime::format_duration(d).to_string();
+        if interval < MIN_HEALTH_INTERVAL {
+            return Err(self.invalid(
+                "health-interval",
+                shown(interval),
+                format!(
+                    "must be at least {}: the primary pings every worker this often",
+                    shown(MIN_HEALTH_INTERVAL)
+                ),
+            ));
+        }
+        if timeout < interval * 2 {
+            let key = if self.health_timeout.is_some() {
+                "health-timeout"
+            } else {
+                "health-interval"
+            };
+            let value = if key == "health-timeout" {
+                timeout
+            } else {
+                interval
+            };
+            return Err(self.invalid(
+                key,
+                shown(value),
+                format!(
+                    "health-timeout ({}) must be at least twice health-interval ({}): a worker must get two pings to answer before it is judged",
+                    shown(timeout),
+                    shown(interval)
+                ),
+            ));
+        }
+        if timeout < MIN_HEALTH_TIMEOUT {
+            return Err(self.invalid(
+                "health-timeout",
+                shown(timeout),
+                format!(
+                    "must be at least {}: shorter, ordinary scheduling delays on a busy host read as hangs",
+                    shown(MIN_HEALTH_TIMEOUT)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The status listener cannot share the workers' address: the workers would bind
+    /// (and crash-loop) against Steer's own status socket.
+    fn check_addresses(&self, config: &Config) -> Result<(), ConfigError> {
+        let Some(status) = config.status else {
+            return Ok(());
+        };
+        let listen = config.listen;
+        let overlaps = status.port() == listen.port()
+            && listen.port() != 0
+            && (status.ip() == listen.ip()
+                || status.ip().is_unspecified()
+                || listen.ip().is_unspecified());
+        if overlaps {
+            return Err(self.invalid(
+                "status",
+                status.to_string(),
+                format!(
+                    "the status listener cannot share the workers' address (listen = {listen}); choose another port"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// What must hold on this machine: the worker program exists and may be executed
+    /// (by `user`, if set), and the pid file's directory exists.
+    fn check_environment(&self, config: &Config) -> Result<(), ConfigError> {
+        if let Some(command) = &config.command
+            && let Some(program) = command.first()
+        {
+            let credentials = config.credentials.as_ref().map(|c| (c.uid, c.gid));
+            if let Err(reason) = program::check(std::ffi::OsStr::new(program), credentials) {
+                return Err(if self.origin.lines.contains_key("command") {
+                    self.invalid("command", program.clone(), reason)
+                } else {
+                    ConfigError::Invalid {
+                        key: "COMMAND (after --)".into(),
+                        value: program.clone(),
+                        reason,
+                    }
+                });
+            }
+        }
+        if let Some(path) = &config.pid_file {
+            let parent = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if !parent.is_dir() {
+                return Err(self.invalid(
+                    "pid-file",
+                    path.display().to_string(),
+                    format!("its directory {} does not exist", parent.display()),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1040,7 +1189,7 @@ mod tests {
         assert!(err.contains(&path.display().to_string()), "{err}");
         assert!(err.contains("`health-interval` at line 2"), "{err}");
         assert!(
-            err.contains("must be at least health-interval (5s)"),
+            err.contains("must be at least twice health-interval (5s)"),
             "{err}"
         );
         // The same value given as a flag is named as the flag.

@@ -1,10 +1,20 @@
 //! Log setup: one line per lifecycle event, as text or JSON, on stderr.
 //!
+//! The primary never waits for its log: its lines go through a bounded queue to a writer
+//! thread (tracing-appender's non-blocking writer, lossy), so a stalled stderr (a full
+//! journald pipe, a terminal on hold) cannot stop supervision. What the queue cannot take
+//! is dropped and counted ([`dropped_lines`], shown in `/status` and `/metrics`).
+//!
 //! Workers inherit the primary's choice through `STEER_LOG_FORMAT` and `STEER_LOG_LEVEL`
-//! so their lines match the primary's.
+//! so their lines match the primary's; they write directly (a worker stuck on its own
+//! stderr is stuck, and its heartbeats say so).
+
+use std::sync::{Mutex, OnceLock};
 
 use tracing::level_filters::LevelFilter;
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
 
 use crate::config::LogFormat;
 
@@ -12,6 +22,12 @@ use crate::config::LogFormat;
 pub(crate) const ENV_LOG_FORMAT: &str = "STEER_LOG_FORMAT";
 /// Environment variable carrying the verbosity to workers.
 pub(crate) const ENV_LOG_LEVEL: &str = "STEER_LOG_LEVEL";
+
+/// Lines the non-blocking writer holds before it drops new ones.
+const QUEUED_LINES: usize = 16_384;
+
+/// The writer thread's guard (dropping it flushes) and its drop counter.
+static WRITER: OnceLock<(Mutex<Option<WorkerGuard>>, ErrorCounter)> = OnceLock::new();
 
 /// Maps `-q`/`-v` counts to a level: -2 error, -1 warn, 0 info, 1 debug, 2+ trace.
 pub fn level(verbosity: i8) -> LevelFilter {
@@ -24,9 +40,43 @@ pub fn level(verbosity: i8) -> LevelFilter {
     }
 }
 
-/// Installs the global subscriber. `RUST_LOG`, when set, overrides the verbosity. Safe to
-/// call twice (the second call is ignored).
+/// Installs the global subscriber for a primary, writing through a non-blocking queue.
+/// `RUST_LOG`, when set, overrides the verbosity. Safe to call twice (the second call is
+/// ignored). Call [`flush`] before the process exits.
 pub fn init(format: LogFormat, verbosity: i8) {
+    if WRITER.get().is_some() {
+        return;
+    }
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(QUEUED_LINES)
+        .thread_name("steer-log")
+        .finish(std::io::stderr());
+    let counter = writer.error_counter();
+    let _ = WRITER.set((Mutex::new(Some(guard)), counter));
+    install(format, verbosity, writer);
+}
+
+/// Lines dropped so far because stderr could not keep up.
+pub fn dropped_lines() -> u64 {
+    WRITER
+        .get()
+        .map_or(0, |(_, counter)| counter.dropped_lines() as u64)
+}
+
+/// Writes out what is queued and stops the writer thread (waits for stderr, once, at exit).
+pub fn flush() {
+    if let Some((guard, _)) = WRITER.get()
+        && let Ok(mut guard) = guard.lock()
+    {
+        drop(guard.take());
+    }
+}
+
+fn install<W>(format: LogFormat, verbosity: i8, writer: W)
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
     let filter = EnvFilter::builder()
         .with_default_directive(level(verbosity).into())
         .from_env_lossy();
@@ -35,7 +85,7 @@ pub fn init(format: LogFormat, verbosity: i8) {
         && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(ansi);
     let _already_set = match format {
         LogFormat::Text => builder.with_target(false).try_init(),
@@ -47,7 +97,8 @@ pub fn init(format: LogFormat, verbosity: i8) {
     };
 }
 
-/// Installs the subscriber a worker inherits from its primary's environment.
+/// Installs the subscriber a worker inherits from its primary's environment (writing
+/// straight to stderr).
 pub(crate) fn init_from_env() {
     let format = std::env::var(ENV_LOG_FORMAT)
         .ok()
@@ -57,5 +108,5 @@ pub(crate) fn init_from_env() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    init(format, verbosity);
+    install(format, verbosity, std::io::stderr);
 }

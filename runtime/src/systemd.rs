@@ -13,7 +13,12 @@
 //! | the number of ready slots changes | `STATUS=<ready> of <n> workers ready` |
 //!
 //! [`Notifier`] is fed the cluster's state on every turn of the primary's loop and sends
-//! only on a change, so the supervisor needs no call at each place a state changes.
+//! only on a change, so the supervisor needs no call at each place a state changes. The
+//! socket is non-blocking: a service manager that does not read never stalls the
+//! primary. What it could not take is not lost: the notifier compares with what was last
+//! *delivered*, so the next turn sends the change again, folded into the latest state
+//! (a `READY=1` is never dropped; a `RELOADING=1` that the end of the reload overtook is
+//! simply not sent).
 
 use std::io;
 use std::os::linux::net::SocketAddrExt;
@@ -48,9 +53,12 @@ pub enum Phase {
 #[derive(Debug)]
 pub struct Notifier {
     target: Option<(UnixDatagram, SocketAddr)>,
+    /// The state systemd has been told.
     last: Option<ClusterState>,
-    /// `READY=1` has been sent once (start-up is over).
+    /// `READY=1` has been delivered once (start-up is over).
     started: bool,
+    /// Datagrams the socket refused (full); each was folded into a later one.
+    deferred: u64,
 }
 
 impl Notifier {
@@ -70,6 +78,7 @@ impl Notifier {
             target,
             last: None,
             started: false,
+            deferred: 0,
         }
     }
 
@@ -79,7 +88,14 @@ impl Notifier {
             target: None,
             last: None,
             started: false,
+            deferred: 0,
         }
+    }
+
+    /// How many times the service manager's socket was full and a message waited for a
+    /// later turn.
+    pub fn deferred(&self) -> u64 {
+        self.deferred
     }
 
     fn open(name: &str) -> io::Result<(UnixDatagram, SocketAddr)> {
@@ -94,7 +110,9 @@ impl Notifier {
             }
         };
         // std creates the socket with SOCK_CLOEXEC, so workers do not inherit it.
-        Ok((UnixDatagram::unbound()?, addr))
+        let socket = UnixDatagram::unbound()?;
+        socket.set_nonblocking(true)?;
+        Ok((socket, addr))
     }
 
     /// Whether messages are sent at all.
@@ -102,39 +120,40 @@ impl Notifier {
         self.target.is_some()
     }
 
-    /// Takes the current state; sends what changed since the last call.
+    /// Takes the current state; sends what changed since the last delivered one. Never
+    /// blocks: if the socket is full, the change is sent again on a later call.
     pub fn observe(&mut self, state: ClusterState) {
         if self.target.is_none() || self.last == Some(state) {
             return;
         }
-        let message = self.message(state);
-        self.last = Some(state);
-        if !message.is_empty() {
-            self.send(&message);
+        let (message, started) = self.message(state);
+        if message.is_empty() || self.send(&message) {
+            self.last = Some(state);
+            self.started = started;
         }
     }
 
-    /// The datagram for a change to `state` (empty if nothing is worth saying).
-    fn message(&mut self, state: ClusterState) -> String {
+    /// The datagram for a change from what was delivered to `state` (empty if nothing is
+    /// worth saying), and whether start-up is over once it is delivered.
+    fn message(&self, state: ClusterState) -> (String, bool) {
         let before = self.last;
+        let mut started = self.started;
         let mut lines = Vec::new();
         match state.phase {
             Phase::Stopping if before.is_none_or(|b| b.phase != Phase::Stopping) => {
                 lines.push("STOPPING=1".to_owned());
             }
             Phase::Reloading
-                if self.started && before.is_none_or(|b| b.phase != Phase::Reloading) =>
+                if started && before.is_none_or(|b| b.phase != Phase::Reloading) =>
             {
                 lines.push("RELOADING=1".to_owned());
                 lines.push(format!("MONOTONIC_USEC={}", monotonic_usec()));
             }
-            Phase::Running if state.ready == state.slots && !self.started => {
-                self.started = true;
+            Phase::Running if state.ready == state.slots && !started => {
+                started = true;
                 lines.push("READY=1".to_owned());
             }
-            Phase::Running
-                if self.started && before.is_some_and(|b| b.phase == Phase::Reloading) =>
-            {
+            Phase::Running if started && before.is_some_and(|b| b.phase == Phase::Reloading) => {
                 lines.push("READY=1".to_owned());
             }
             _ => {}
@@ -152,15 +171,25 @@ impl Notifier {
                 state.ready, state.slots
             ));
         }
-        lines.join("\n")
+        (lines.join("\n"), started)
     }
 
-    fn send(&self, message: &str) {
+    /// Sends one datagram; false if it must be tried again (the socket is full). Other
+    /// errors (no listener) are logged and count as delivered: retrying cannot help.
+    fn send(&mut self, message: &str) -> bool {
         let Some((socket, addr)) = &self.target else {
-            return;
+            return true;
         };
-        if let Err(err) = socket.send_to_addr(message.as_bytes(), addr) {
-            tracing::debug!("cannot notify systemd ({message:?}): {err}");
+        match socket.send_to_addr(message.as_bytes(), addr) {
+            Ok(_) => true,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                self.deferred += 1;
+                false
+            }
+            Err(err) => {
+                tracing::debug!("cannot notify systemd ({message:?}): {err}");
+                true
+            }
         }
     }
 }
@@ -188,7 +217,9 @@ mod tests {
     }
 
     fn listening() -> (UnixDatagram, Notifier, String) {
-        let name = format!("steer-notify-test-{}", std::process::id());
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("steer-notify-test-{}-{n}", std::process::id());
         let addr = SocketAddr::from_abstract_name(name.as_bytes()).expect("abstract name");
         let socket = UnixDatagram::bind_addr(&addr).expect("bind");
         socket
@@ -199,6 +230,7 @@ mod tests {
             target: Some((sender, target)),
             last: None,
             started: false,
+            deferred: 0,
         };
         (socket, notifier, name)
     }
@@ -247,6 +279,35 @@ mod tests {
         );
         notifier.observe(state(2, Phase::Running));
         assert_eq!(recv(&socket), "READY=1\nSTATUS=2 of 2 workers ready");
+    }
+
+    #[test]
+    fn a_full_socket_never_blocks_and_ready_is_delivered_once_there_is_room() {
+        let (socket, mut notifier, _) = listening();
+        // Fill the receiver's queue without reading it.
+        let (filler, addr) = Notifier::open(&format!("@{}", abstract_name(&socket))).expect("open");
+        while filler.send_to_addr(b"STATUS=filler", &addr).is_ok() {}
+        let started = std::time::Instant::now();
+        notifier.observe(state(2, Phase::Running));
+        notifier.observe(state(2, Phase::Running));
+        assert!(started.elapsed() < Duration::from_secs(1), "never blocks");
+        assert!(notifier.deferred() >= 1);
+        // The manager reads again: the next turn delivers READY=1.
+        socket.set_nonblocking(true).expect("nonblocking");
+        while socket.recv(&mut [0u8; 512]).is_ok() {}
+        notifier.observe(state(2, Phase::Running));
+        let mut seen = String::new();
+        let mut buf = [0u8; 512];
+        while let Ok(n) = socket.recv(&mut buf) {
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            seen.push('|');
+        }
+        assert!(seen.contains("READY=1"), "{seen}");
+    }
+
+    fn abstract_name(socket: &UnixDatagram) -> String {
+        let addr = socket.local_addr().expect("addr");
+        String::from_utf8_lossy(addr.as_abstract_name().expect("abstract")).into_owned()
     }
 
     #[test]

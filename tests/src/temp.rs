@@ -91,6 +91,19 @@ impl TempFile {
         TempFile { path }
     }
 
+    /// [`new`](TempFile::new), with mode 0755.
+    ///
+    /// # Panics
+    ///
+    /// If the file cannot be written.
+    pub fn executable(extension: &str, contents: impl AsRef<[u8]>) -> TempFile {
+        use std::os::unix::fs::PermissionsExt;
+        let file = TempFile::new(extension, contents);
+        fs::set_permissions(&file.path, fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", file.path.display()));
+        file
+    }
+
     /// Where the file is.
     pub fn path(&self) -> &Path {
         &self.path

@@ -43,7 +43,7 @@ fn steer_check_refuses_bad_files_naming_the_key_the_line_and_what_is_allowed() {
             "health-interval = \"2s\"\nhealth-timeout = \"1s\"\n",
             &[
                 "`health-timeout` at line 2",
-                "at least health-interval (2s)",
+                "at least twice health-interval (2s)",
             ],
         ),
         (

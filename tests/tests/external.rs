@@ -130,7 +130,7 @@ fn a_crash_loop_ends_with_the_slot_failed_while_the_others_serve() {
 }
 
 #[test]
-fn a_worker_sending_garbage_on_ipc_is_replaced_and_the_primary_keeps_serving() {
+fn a_worker_sending_garbage_on_ipc_is_replaced_counted_as_a_crash_and_the_primary_keeps_serving() {
     let script = fd3_worker();
     let cluster = Cluster::start(&[
         "--workers",
@@ -152,9 +152,10 @@ fn a_worker_sending_garbage_on_ipc_is_replaced_and_the_primary_keeps_serving() {
         },
     );
     assert_eq!(
-        doc["workers"][0]["restarts"], 0,
-        "a replacement, not a crash restart"
+        doc["workers"][0]["restarts"], 1,
+        "a protocol violation counts like a crash (backoff, max-restarts)"
     );
+    assert_eq!(doc["workers"][1]["restarts"], 0);
     let log = cluster.log();
     assert!(
         log.contains("IPC protocol violation") && log.contains("malformed IPC message"),

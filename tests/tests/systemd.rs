@@ -154,8 +154,10 @@ fn a_cluster_that_never_becomes_ready_never_says_ready() {
     let path = dir.path().with_extension("notify");
     let _cleanup = RemoveOnDrop(path.clone());
     let mut systemd = FakeSystemd::bind(&SocketAddr::from_pathname(&path).expect("path"));
-    // A worker program that cannot be started: the slot never serves and ends `failed`.
-    // (A program that starts and exits is briefly ready: it got a listening socket.)
+    // A worker program whose execve fails (an executable file that is no program): the
+    // slot never serves and ends `failed`. An external worker is ready only once its
+    // exec succeeded, so nothing is ever reported ready.
+    let program = TempFile::executable("bin", b"\x7fnot an executable\n");
     let cluster = Cluster::spawn_with(
         &[
             "--workers",
@@ -165,7 +167,7 @@ fn a_cluster_that_never_becomes_ready_never_says_ready() {
             "--restart-window",
             "1m",
             "--",
-            "/nonexistent/steer-test-worker",
+            program.as_arg(),
         ],
         |cmd| {
             cmd.env("NOTIFY_SOCKET", &path);

@@ -102,8 +102,8 @@ mod tests {
             };
             assert_eq!(
                 worker.next_message(),
-                Message::Ready,
-                "the worker announces itself first"
+                Message::Ready { heartbeats: true },
+                "the worker announces itself first, declaring its heartbeats"
             );
             worker
         }

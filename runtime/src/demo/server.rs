@@ -91,7 +91,7 @@ impl Server {
     /// Tells the primary the loop is up, then runs it until drained (or exits the process
     /// when the primary is gone).
     pub fn run(mut self) -> io::Result<()> {
-        self.send(&Message::Ready);
+        self.send(&Message::Ready { heartbeats: true });
         let DemoOptions {
             slot,
             generation,

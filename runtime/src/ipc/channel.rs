@@ -287,10 +287,10 @@ mod tests {
     fn message_and_fd_cross_the_pair() {
         let (a, b) = Channel::pair().expect("socketpair");
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        a.send_with_fd(&Message::Register { pid: 42 }, listener.as_fd())
+        a.send_with_fd(&Message::Register { pid: 42, fd: None }, listener.as_fd())
             .expect("send");
         let got = b.recv().expect("recv").expect("a message");
-        assert_eq!(got.message, Message::Register { pid: 42 });
+        assert_eq!(got.message, Message::Register { pid: 42, fd: None });
         let fd = got.fd.expect("fd attached");
         let flags = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_GETFD).expect("getfd");
         assert_ne!(
@@ -363,7 +363,10 @@ mod tests {
         let (a, b) = Channel::pair().expect("socketpair");
         drop(b);
         assert!(matches!(a.recv(), Err(IpcError::Closed)));
-        assert!(matches!(a.send(&Message::Ready), Err(IpcError::Closed)));
+        assert!(matches!(
+            a.send(&Message::Ready { heartbeats: false }),
+            Err(IpcError::Closed)
+        ));
     }
 
     #[test]
@@ -380,7 +383,7 @@ mod tests {
         raw.write_all(br#"{"v":1,"type":"ready"}"#).expect("write");
         assert_eq!(
             b.recv().expect("recv").expect("msg").message,
-            Message::Ready
+            Message::Ready { heartbeats: false }
         );
     }
 }

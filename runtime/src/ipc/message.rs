@@ -21,6 +21,10 @@ pub enum Message {
     Register {
         /// The worker's pid, as the worker sees it.
         pid: u32,
+        /// The fd number the worker holds the socket at, so a primary that must shut a
+        /// hung worker's listener down finds it without searching the worker's fd table.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fd: Option<i32>,
     },
     /// Primary -> worker: the socket passed the checks and goes into steering once the
     /// worker says `ready`.
@@ -31,7 +35,12 @@ pub enum Message {
         load: Option<crate::steering::LoadShare>,
     },
     /// Worker -> primary: the accept loop runs; the slot may be marked `ready`.
-    Ready,
+    Ready {
+        /// The worker answers pings from its serving loop: from now on, only `pong`
+        /// counts as its sign of life, and silence means it is stuck.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        heartbeats: bool,
+    },
     /// Primary -> worker: liveness probe, answered from the worker's event loop.
     Ping {
         /// Echoed in the matching [`Message::Pong`].
@@ -121,6 +130,21 @@ mod tests {
             serde_json::to_string(&user).expect("serialize"),
             r#"{"v":1,"type":"user","to":{"slot":2},"data":"hi"}"#
         );
+    }
+
+    #[test]
+    fn ready_declares_heartbeats_only_when_it_says_so() {
+        let plain: Envelope = serde_json::from_str(r#"{"v":1,"type":"ready"}"#).expect("parse");
+        assert_eq!(plain.message, Message::Ready { heartbeats: false });
+        let beating: Envelope =
+            serde_json::from_str(r#"{"v":1,"type":"ready","heartbeats":true}"#).expect("parse");
+        assert_eq!(beating.message, Message::Ready { heartbeats: true });
+        let text = serde_json::to_string(&Envelope {
+            v: 1,
+            message: Message::Ready { heartbeats: true },
+        })
+        .expect("serialize");
+        assert_eq!(text, r#"{"v":1,"type":"ready","heartbeats":true}"#);
     }
 
     #[test]

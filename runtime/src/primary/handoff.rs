@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use mio::unix::SourceFd;
 
-use super::slot::Phase;
 use super::supervisor::Supervisor;
 use crate::baseline::{Baseline, Target};
 
@@ -13,20 +12,19 @@ impl Supervisor {
     /// The `userspace` listener is readable (or a retry is due): accept and hand out,
     /// round-robin over the slots whose serving process is ready.
     pub(super) fn hand_off(&mut self) {
-        let Some(handoff) = self.baseline.as_mut().and_then(Baseline::handoff) else {
+        let Some(handoff) = self.host.baseline.as_mut().and_then(Baseline::handoff) else {
             return;
         };
+        let procs = &self.host.procs;
         let targets: Vec<Target<'_>> = self
-            .slots
+            .core
+            .slots()
             .iter()
             .filter_map(|slot| {
-                let process = slot
-                    .current
-                    .as_ref()
-                    .filter(|p| p.phase == Phase::Ready && !p.killed)?;
+                let worker = slot.current.as_ref().filter(|w| w.serving() && !w.killed)?;
                 Some(Target {
                     slot: slot.index,
-                    channel: &process.channel,
+                    channel: &procs.get(&worker.id)?.channel,
                 })
             })
             .collect();
@@ -36,7 +34,7 @@ impl Supervisor {
     /// When the hand-off must run again without an event (accept budget used up, or a
     /// connection waiting for a worker that can take it).
     pub(super) fn baseline_wakeup(&self, now: Instant) -> Option<Instant> {
-        match self.baseline.as_ref()? {
+        match self.host.baseline.as_ref()? {
             Baseline::Userspace(handoff) => handoff.retry_at(now),
             Baseline::Shared { .. } => None,
         }
@@ -45,10 +43,10 @@ impl Supervisor {
     /// Shutdown: the primary stops accepting (`userspace`) and drops its copy of the shared
     /// socket, which closes when the last draining worker closes its own.
     pub(super) fn close_baseline(&mut self) {
-        if let Some(Baseline::Userspace(handoff)) = &self.baseline {
+        if let Some(Baseline::Userspace(handoff)) = &self.host.baseline {
             let fd = handoff.listener_fd();
-            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+            let _ = self.host.poll.registry().deregister(&mut SourceFd(&fd));
         }
-        self.baseline = None;
+        self.host.baseline = None;
     }
 }

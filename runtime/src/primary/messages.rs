@@ -1,95 +1,87 @@
 //! Messages from workers: registration, readiness, heartbeats, and user messages to relay.
-//! Nothing a worker sends can crash the primary: a protocol violation replaces the worker.
+//! Nothing a worker sends can crash the primary or flood it: a protocol violation counts
+//! as a crash of that worker, and what it relays to others is budgeted.
 
-use std::os::fd::AsRawFd;
 use std::time::Instant;
 
-use mio::unix::SourceFd;
-
 use super::Control;
-use super::slot::{Phase, Role};
+use super::core::{Registration, WorkerId};
+use super::process::ListenerRef;
 use super::supervisor::Supervisor;
-use crate::baseline::Baseline;
 use crate::ipc::{IpcError, Message, Received, Recipient};
 
 /// Most messages read from one worker per wakeup, so a chatty worker cannot starve the
-/// loop (the rest wait for the next wakeup; the socket stays readable).
+/// loop (the rest wait for the next turn; the socket stays readable).
 const MAX_MESSAGES_PER_WAKEUP: usize = 64;
 
 impl Supervisor {
-    /// The worker's IPC socket is readable.
-    pub(super) fn on_ipc(&mut self, pid: i32) {
-        let Some(&index) = self.pid_slot.get(&pid) else {
-            return;
-        };
-        let mut batch = Vec::new();
-        {
-            let Some((_, process)) = self.slots[index].find_mut(pid) else {
+    /// The worker's IPC socket is readable (or has more than one turn read).
+    pub(super) fn on_ipc(&mut self, id: WorkerId) {
+        for _ in 0..MAX_MESSAGES_PER_WAKEUP {
+            let Some(process) = self.host.process(id).filter(|p| p.ipc_watched) else {
                 return;
             };
-            for _ in 0..MAX_MESSAGES_PER_WAKEUP {
-                match process.channel.recv() {
-                    Ok(Some(received)) => batch.push(Ok(received)),
-                    Ok(None) => break,
-                    Err(err) => {
-                        batch.push(Err(err));
-                        break;
-                    }
-                }
-            }
-        }
-        let more = batch.len() == MAX_MESSAGES_PER_WAKEUP;
-        for item in batch {
-            match item {
-                Ok(received) => {
-                    if let Err(violation) = self.on_message(index, pid, received) {
-                        self.protocol_violation(index, pid, &violation);
+            let received = process.channel.recv();
+            let index = process.slot;
+            match received {
+                Ok(Some(received)) => {
+                    if let Err(violation) = self.on_message(index, id, received) {
+                        self.violation(index, id, &violation);
                         return;
                     }
                 }
+                Ok(None) => return,
                 Err(IpcError::Closed) => {
                     // The worker closed its end (exiting, or an external program that does
-                    // not speak the protocol): stop watching; its exit comes on the pidfd.
-                    self.unwatch_ipc(index, pid);
+                    // not speak the protocol): its exit comes on the pidfd.
+                    self.host.unwatch_ipc(id);
                     return;
                 }
                 Err(err) => {
-                    self.protocol_violation(index, pid, &err.to_string());
+                    self.violation(index, id, &err.to_string());
                     return;
                 }
             }
         }
-        if more && !self.pending_ipc.contains(&pid) {
+        if !self.pending_ipc.contains(&id) {
             // Edge-triggered: what is left raises no new event. Serve it after the next
             // poll, so one chatty worker cannot starve signals, exits or other workers.
-            self.pending_ipc.push(pid);
+            self.pending_ipc.push(id);
         }
     }
 
-    fn on_message(&mut self, index: usize, pid: i32, received: Received) -> Result<(), String> {
+    fn violation(&mut self, index: usize, id: WorkerId, what: &str) {
+        self.host.unwatch_ipc(id);
+        self.core
+            .violation(&mut self.host, index, id, what, Instant::now());
+    }
+
+    fn on_message(&mut self, index: usize, id: WorkerId, received: Received) -> Result<(), String> {
         let now = Instant::now();
-        let external = matches!(self.program, super::WorkerProgram::External(_));
-        let expected = self.listen;
-        let Some((_, process)) = self.slots[index].find_mut(pid) else {
-            return Ok(());
-        };
-        process.last_heard = now;
-        process.speaks_ipc = true;
-        match received.message {
-            Message::Register { .. } => {
-                let fd = received.fd.ok_or("register without a socket attached")?;
-                if external {
-                    return Err(
-                        "an external worker may not register a socket; it was given fd 3".into(),
-                    );
+        let Received { message, fd } = received;
+        match message {
+            Message::Register { fd: number, .. } => {
+                let socket = fd.ok_or("register without a socket attached")?;
+                match self.core.registered(index, id, now)? {
+                    Registration::Ignored => return Ok(()),
+                    Registration::Accepted => {}
                 }
-                if process.phase != Phase::Starting || process.registered_fd.is_some() {
-                    return Err("register sent twice".into());
-                }
-                crate::listener::verify(&fd, expected)
+                crate::listener::verify(&socket, self.host.listen)
                     .map_err(|e| format!("rejected registration: {e}"))?;
-                process.registered_fd = Some(fd);
-                let sent = match self.steering.load_share(index, process.generation as u32) {
+                let generation = self
+                    .core
+                    .worker(index, id)
+                    .map_or(0, |w| w.generation as u32);
+                let listener = super::process::socket_inode(&socket)
+                    .zip(number)
+                    .map(|(inode, fd)| ListenerRef { inode, fd });
+                let share = self.host.steering.load_share(index, generation);
+                let Some(process) = self.host.procs.get_mut(&id) else {
+                    return Ok(());
+                };
+                process.listener = listener;
+                process.registered_fd = Some(socket);
+                let sent = match share {
                     Some(Ok((map, load))) => process
                         .channel
                         .send_with_fd(&Message::Registered { load: Some(load) }, map),
@@ -102,33 +94,31 @@ impl Supervisor {
                 sent.map_err(|e| format!("cannot confirm registration: {e}"))?;
                 tracing::info!(
                     slot = index,
-                    pid,
-                    generation = process.generation,
+                    pid = process.pid,
+                    generation,
                     "worker registered its socket"
                 );
             }
-            Message::Ready => {
-                if received.fd.is_some() {
+            Message::Ready { heartbeats } => {
+                if fd.is_some() {
                     return Err("unexpected fd beside ready".into());
                 }
-                if !external
-                    && self
-                        .baseline
-                        .as_ref()
-                        .is_none_or(Baseline::workers_register)
-                    && process.registered_fd.is_none()
-                    && process.phase == Phase::Starting
-                {
-                    return Err("ready before register".into());
-                }
-                self.become_ready(index, pid, now);
+                self.core
+                    .ready(&mut self.host, index, id, heartbeats, now)?;
             }
-            Message::Pong { counters, .. } => {
-                process.counters = counters;
-                process.answers_pings = true;
+            Message::Pong { seq, counters } => {
+                if fd.is_some() {
+                    return Err("unexpected fd beside pong".into());
+                }
+                self.core
+                    .pong(&mut self.host, index, id, seq, counters, now)?;
             }
             Message::User { to, data, .. } => {
-                self.route_user_message(index, to.unwrap_or(Recipient::Primary), data)
+                if fd.is_some() {
+                    return Err("unexpected fd beside a user message".into());
+                }
+                self.core.spoke(index, id, now);
+                self.route_user_message(index, id, to.unwrap_or(Recipient::Primary), data, now);
             }
             other @ (Message::Registered { .. }
             | Message::Ping { .. }
@@ -140,80 +130,116 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Relays a worker's user message, or hands it to the primary's hook.
-    fn route_user_message(&mut self, from: usize, to: Recipient, data: serde_json::Value) {
+    /// Relays a worker's user message within its budget, or hands it to the primary's hook.
+    fn route_user_message(
+        &mut self,
+        from: usize,
+        id: WorkerId,
+        to: Recipient,
+        data: serde_json::Value,
+        now: Instant,
+    ) {
+        if to != Recipient::Primary {
+            let size = estimated_size(&data);
+            let allowed = self
+                .host
+                .process(id)
+                .is_some_and(|p| p.budget.take(size, now));
+            if !allowed {
+                self.dropped_message(from, now, "over its relay budget");
+                return;
+            }
+        }
         match to {
             Recipient::Primary => {
                 let Some(hook) = self.hooks.on_message.as_mut() else {
-                    tracing::debug!(slot = from, "user message with no primary hook: {data}");
+                    tracing::debug!(slot = from, "user message with no primary hook");
                     return;
                 };
                 let mut control = Control {
                     outbox: Vec::new(),
-                    workers: self.slots.len(),
+                    workers: self.core.slots().len(),
                 };
                 hook(&mut control, from, data);
                 for (target, data) in control.outbox {
-                    self.deliver(None, target, data);
+                    self.deliver(None, target, data, now);
                 }
             }
-            Recipient::All => self.deliver(Some(from), None, data),
-            Recipient::Slot(slot) => self.deliver(Some(from), Some(slot), data),
+            Recipient::All => self.deliver(Some(from), None, data, now),
+            Recipient::Slot(slot) => self.deliver(Some(from), Some(slot), data, now),
         }
     }
 
     /// Sends a user message to one slot's serving process, or to every slot's but the
-    /// sender's.
+    /// sender's. What a receiver cannot take now (its socket is full) is dropped and
+    /// counted against the sender's slot.
     pub(crate) fn deliver(
         &mut self,
         from: Option<usize>,
         to: Option<usize>,
         data: serde_json::Value,
+        now: Instant,
     ) {
         let message = Message::User {
             to: None,
             from,
             data,
         };
-        for slot in &self.slots {
+        let mut undelivered = 0u64;
+        for slot in self.core.slots() {
             if to.is_some_and(|t| t != slot.index) || (to.is_none() && from == Some(slot.index)) {
                 continue;
             }
-            if let Some(process) = slot.current.as_ref().filter(|p| p.phase == Phase::Ready)
-                && let Err(err) = process.channel.send(&message)
+            let Some(worker) = slot.current.as_ref().filter(|w| w.serving()) else {
+                continue;
+            };
+            if let Some(process) = self.host.procs.get(&worker.id)
+                && process.channel.send(&message).is_err()
             {
-                tracing::warn!(slot = slot.index, "cannot deliver user message: {err}");
+                undelivered += 1;
+            }
+        }
+        if let Some(sender) = from {
+            for _ in 0..undelivered {
+                self.dropped_message(sender, now, "a receiver could not take it");
             }
         }
     }
 
-    /// A worker broke the protocol: log it and replace it. Its IPC is no longer read.
-    fn protocol_violation(&mut self, index: usize, pid: i32, what: &str) {
-        tracing::warn!(
-            slot = index,
-            pid,
-            "IPC protocol violation: {what}; replacing the worker"
-        );
-        self.unwatch_ipc(index, pid);
-        let now = Instant::now();
-        let Some((role, process)) = self.slots[index].find_mut(pid) else {
+    /// Counts a dropped message; warns at most once per health interval per slot.
+    fn dropped_message(&mut self, slot: usize, now: Instant, why: &str) {
+        self.core.count_dropped_message(slot);
+        let interval = self.core.settings().health_interval;
+        let Some((reported, since)) = self.drop_reports.get_mut(slot) else {
             return;
         };
-        // Its IPC is no longer read, so its silence from now on means nothing.
-        process.answers_pings = false;
-        match (role, process.phase) {
-            // Serving: start a replacement first; this one drains when it is ready.
-            (Role::Current, Phase::Ready) => self.slots[index].replace_wanted = true,
-            // Not serving yet, or already leaving: it has no queue worth keeping.
-            _ => Self::kill(process, "protocol violation"),
+        *since += 1;
+        if now.saturating_duration_since(*reported) >= interval {
+            tracing::warn!(
+                slot,
+                dropped = *since,
+                "dropped {} user message(s) from this slot since the last report ({why})",
+                *since
+            );
+            *reported = now;
+            *since = 0;
         }
-        let _ = now;
     }
+}
 
-    fn unwatch_ipc(&mut self, index: usize, pid: i32) {
-        if let Some((_, process)) = self.slots[index].find_mut(pid) {
-            let fd = process.channel.as_raw_fd();
-            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+/// About how many bytes `value` takes as JSON, without serializing it.
+fn estimated_size(value: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    match value {
+        Value::Null | Value::Bool(_) => 5,
+        Value::Number(_) => 20,
+        Value::String(s) => s.len() + 2,
+        Value::Array(items) => items.iter().map(estimated_size).sum::<usize>() + 2,
+        Value::Object(map) => {
+            map.iter()
+                .map(|(k, v)| k.len() + 3 + estimated_size(v))
+                .sum::<usize>()
+                + 2
         }
     }
 }

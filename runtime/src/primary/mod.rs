@@ -3,27 +3,31 @@
 //! time, drains on shutdown, and serves status. It never touches a client byte, except
 //! under the `userspace` baseline ([`crate::baseline`]), where it accepts every connection.
 //!
-//! Everything happens on one thread in one `mio` loop: signals arrive through a `signalfd`,
-//! worker exits through one pidfd per worker, worker messages through one `SOCK_SEQPACKET`
-//! socket per worker, and status requests through the status listener.
+//! The decisions live in [`core`](self::core), apart from the I/O: a state machine that
+//! takes events and the time and acts through a small trait, tested without processes.
+//! The [`supervisor`](self::supervisor) runs it on one thread in one `mio` loop: signals
+//! arrive through signal-hook's pipe, worker exits through one pidfd per worker, worker
+//! messages through one IPC socket per worker, and status requests through the status
+//! listener. A worker is its process group ([`process`](self::process)).
 
+mod core;
 mod handoff;
-mod health;
-mod lifecycle;
+mod host;
+mod limits;
 mod messages;
 mod notify;
+pub mod pidfile;
+mod process;
 mod report;
-mod restart;
 mod signals;
-mod slot;
 pub(crate) mod spawn;
 mod supervisor;
 
 use std::process::ExitCode;
 
+pub use self::core::SlotState;
 use serde::Serialize;
 use serde_json::Value;
-pub use slot::SlotState;
 
 use crate::config::Config;
 
@@ -85,9 +89,33 @@ impl Control {
 }
 
 /// Runs a primary until it is stopped. Returns the process exit status: 0 after a clean
-/// stop, 1 if it could not start (the reason is logged).
+/// stop; 2 if the pid file is held by a running primary; 1 if it could not start or its
+/// loop failed (the reason is logged).
 pub fn run(config: Config, program: WorkerProgram, hooks: Hooks) -> ExitCode {
-    match supervisor::Supervisor::start(config, program, hooks) {
+    let code = start_and_run(config, program, hooks);
+    // What the log writer still holds is written before the process exits.
+    crate::logging::flush();
+    code
+}
+
+fn start_and_run(config: Config, program: WorkerProgram, hooks: Hooks) -> ExitCode {
+    limits::ensure_standard_fds();
+    let pid_file = match config.pid_file.as_deref().map(pidfile::PidFile::acquire) {
+        None => None,
+        Some(Ok(file)) => Some(file),
+        Some(Err(err)) => {
+            tracing::error!("--pid-file: {}", crate::error_chain(&err));
+            return ExitCode::from(crate::cli::EXIT_USAGE);
+        }
+    };
+    let inherited_nofile = match limits::raise_for(config.workers) {
+        Ok(limits) => Some(limits),
+        Err(message) => {
+            tracing::error!("{message}");
+            return ExitCode::from(crate::cli::EXIT_FAILURE);
+        }
+    };
+    match supervisor::Supervisor::start(config, program, hooks, pid_file, inherited_nofile) {
         Ok(supervisor) => supervisor.run(),
         Err(message) => {
             tracing::error!("{message}");

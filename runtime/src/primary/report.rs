@@ -2,7 +2,8 @@
 
 use std::time::Instant;
 
-use super::supervisor::{ClusterPhase, Supervisor};
+use super::core::Phase;
+use super::supervisor::Supervisor;
 use crate::status::server::Reply;
 use crate::status::{
     PrimaryStatus, StatusDocument, SteeringStatus, Totals, WorkerStatus, rss_bytes,
@@ -49,7 +50,8 @@ impl Supervisor {
     /// The `/status` document as of now.
     pub(super) fn snapshot(&self) -> StatusDocument {
         let now = Instant::now();
-        let counters = match self.steering.counters(self.slots.len()) {
+        let slots = self.core.slots();
+        let counters = match self.host.steering.counters(slots.len()) {
             Some(Ok(counters)) => Some(counters),
             Some(Err(err)) => {
                 tracing::warn!("cannot read the steering counters: {err}");
@@ -57,20 +59,17 @@ impl Supervisor {
             }
             None => None,
         };
-        let workers: Vec<WorkerStatus> = self
-            .slots
+        let workers: Vec<WorkerStatus> = slots
             .iter()
             .map(|slot| {
-                let process = slot.current.as_ref().or(slot.incoming.as_ref());
+                let worker = slot.shown();
+                let process = worker.and_then(|w| self.host.procs.get(&w.id));
                 WorkerStatus {
                     slot: slot.index,
-                    pid: process.map(|p| p.pid),
-                    generation: process.map_or(slot.generation, |p| p.generation),
-                    state: serde_json::to_value(slot.state())
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default(),
-                    uptime_s: process.map(|p| now.saturating_duration_since(p.started).as_secs()),
+                    pid: worker.map(|w| w.pid),
+                    generation: worker.map_or(slot.generation, |w| w.generation),
+                    state: slot.state().name().to_owned(),
+                    uptime_s: worker.map(|w| now.saturating_duration_since(w.started).as_secs()),
                     restarts: slot.restarts,
                     // What the program steered here (kernel-side, exact), else what the
                     // workers reported accepting.
@@ -78,37 +77,44 @@ impl Supervisor {
                         .as_ref()
                         .and_then(|c| c.selections.get(slot.index).copied())
                         .unwrap_or_else(|| slot.accepted()),
-                    active: process.map_or(0, |p| p.counters.active),
-                    requests: process.map_or(0, |p| p.counters.requests),
+                    active: worker.map_or(0, |w| w.counters.active),
+                    requests: worker.map_or(0, |w| w.counters.requests),
                     rss_bytes: process.and_then(|p| p.memory.as_ref()?.bytes()),
                     last_exit: slot.last_exit.map(|s| s.to_string()),
                     next_restart_in_ms: slot.next_restart_in(now).map(|d| d.as_millis() as u64),
-                    health_ms: process
-                        .filter(|p| p.speaks_ipc)
-                        .map(|p| now.saturating_duration_since(p.last_heard).as_millis() as u64),
+                    health_ms: worker
+                        .and_then(|w| w.heartbeat.age(now))
+                        .map(|age| age.as_millis() as u64),
                     draining: slot.retiring.len(),
+                    messages_dropped: slot.messages_dropped,
                 }
             })
             .collect();
         let totals = Totals {
             workers: workers.len(),
             ready: workers.iter().filter(|w| w.state == "ready").count(),
-            restarts: workers.iter().map(|w| u64::from(w.restarts)).sum(),
-            accepted: workers.iter().map(|w| w.accepted).sum(),
+            restarts: workers
+                .iter()
+                .fold(0u64, |sum, w| sum.saturating_add(u64::from(w.restarts))),
+            accepted: workers
+                .iter()
+                .fold(0u64, |sum, w| sum.saturating_add(w.accepted)),
         };
-        let phase = match (self.phase, &self.roll) {
-            (ClusterPhase::Stopping { .. }, _) => "stopping",
-            (ClusterPhase::Running, Some(_)) => "rolling",
-            (ClusterPhase::Running, None) => "running",
+        let phase = match (self.core.phase(), self.core.rolling()) {
+            (Phase::Stopping { .. }, _) => "stopping",
+            (Phase::Running, true) => "rolling",
+            (Phase::Running, false) => "running",
         };
         StatusDocument {
             primary: PrimaryStatus {
                 pid: std::process::id(),
                 uptime_s: now.saturating_duration_since(self.started).as_secs(),
-                balance: self.steering.policy().to_string(),
-                listen: self.listen.to_string(),
+                balance: self.host.steering.policy().to_string(),
+                listen: self.host.listen.to_string(),
                 phase: phase.into(),
                 rss_bytes: rss_bytes(std::process::id()),
+                log_lines_dropped: crate::logging::dropped_lines(),
+                stalls: self.core.stalls(),
             },
             workers,
             totals,

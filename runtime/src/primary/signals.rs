@@ -1,10 +1,19 @@
-//! Signals to the primary, read from a `signalfd` in the event loop and mapped to actions
-//! in one place.
+//! Signals to the primary, mapped to actions in one place.
+//!
+//! They are caught by handlers (signal-hook) that wake the event loop through a pipe, not
+//! read from a `signalfd`: a `signalfd` needs the signals blocked in every thread, and a
+//! library host may have threads of its own that would then take a SIGTERM with its
+//! default action and kill the primary without a drain. A handler works whichever thread
+//! the kernel picks. Installing it also replaces an `SIG_IGN` the primary may have
+//! inherited (`nohup` ignores SIGHUP; a careless parent may ignore SIGCHLD), so no signal
+//! the primary relies on is lost.
 
-use nix::sys::signal::{SigSet, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
+use std::io;
 
-/// What an operator asked for.
+use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR2};
+use signal_hook_mio::v1_0::Signals;
+
+/// What a signal asks of the primary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Action {
     /// SIGTERM / SIGINT: drain every worker, then exit 0. A second one kills at once.
@@ -13,34 +22,26 @@ pub(crate) enum Action {
     RollingRestart,
     /// SIGHUP: re-read the config file, revive failed slots, then roll.
     Reload,
+    /// SIGCHLD: a child changed state (a worker, or an orphan of a worker's tree that
+    /// this primary, as subreaper, has inherited).
+    Child,
 }
 
-fn handled() -> SigSet {
-    let mut set = SigSet::empty();
-    for signal in [
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGUSR2,
-        Signal::SIGHUP,
-    ] {
-        set.add(signal);
-    }
-    set
-}
+/// The signals the primary handles.
+const HANDLED: [i32; 5] = [SIGTERM, SIGINT, SIGUSR2, SIGHUP, SIGCHLD];
 
-/// Blocks the handled signals and opens a non-blocking `signalfd` for them.
-pub(crate) fn open() -> nix::Result<SignalFd> {
-    let set = handled();
-    set.thread_block()?;
-    SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+/// Installs the handlers; the returned source is registered with the event loop.
+pub(crate) fn open() -> io::Result<Signals> {
+    Signals::new(HANDLED)
 }
 
 /// Maps a received signal number to its action.
-pub(crate) fn action(signo: u32) -> Option<Action> {
-    match Signal::try_from(i32::try_from(signo).ok()?).ok()? {
-        Signal::SIGTERM | Signal::SIGINT => Some(Action::Stop),
-        Signal::SIGUSR2 => Some(Action::RollingRestart),
-        Signal::SIGHUP => Some(Action::Reload),
+pub(crate) fn action(signal: i32) -> Option<Action> {
+    match signal {
+        SIGTERM | SIGINT => Some(Action::Stop),
+        SIGUSR2 => Some(Action::RollingRestart),
+        SIGHUP => Some(Action::Reload),
+        SIGCHLD => Some(Action::Child),
         _ => None,
     }
 }

@@ -14,7 +14,9 @@ use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+use super::core::ExitStatus;
 
 /// Where an external worker finds its listening socket (systemd's `SD_LISTEN_FDS_START`).
 pub(crate) const LISTEN_FD: RawFd = 3;
@@ -50,8 +52,8 @@ pub(crate) struct SpawnSpec {
 pub(crate) struct ChildLimits {
     /// Switch to `(uid, gid)` (supplementary groups: just `gid`).
     pub credentials: Option<(u32, u32)>,
-    /// `RLIMIT_NOFILE`, soft and hard.
-    pub nofile: Option<u64>,
+    /// `RLIMIT_NOFILE` `(soft, hard)`.
+    pub nofile: Option<(u64, u64)>,
     /// `RLIMIT_AS` in bytes, soft and hard.
     pub address_space: Option<u64>,
 }
@@ -59,15 +61,20 @@ pub(crate) struct ChildLimits {
 impl ChildLimits {
     /// The limits of a worker under `config`. An external program switches user before
     /// `execve` (its socket is already bound); a re-executed worker switches itself after
-    /// registering (see [`crate::privileges`]).
-    pub(crate) fn for_worker(config: &crate::config::Config, external: bool) -> ChildLimits {
+    /// registering (see [`crate::privileges`]). Without `worker-nofile` a worker gets the
+    /// open-file limit the primary started with, not the one it raised for itself.
+    pub(crate) fn for_worker(
+        config: &crate::config::Config,
+        external: bool,
+        inherited_nofile: Option<(u64, u64)>,
+    ) -> ChildLimits {
         ChildLimits {
             credentials: config
                 .credentials
                 .as_ref()
                 .filter(|_| external)
                 .map(|c| (c.uid, c.gid)),
-            nofile: config.worker_nofile,
+            nofile: config.worker_nofile.map(|n| (n, n)).or(inherited_nofile),
             address_space: config.worker_memory_limit,
         }
     }
@@ -85,6 +92,7 @@ enum ChildStep {
     LimitFiles = 5,
     LimitMemory = 6,
     NoNewPrivs = 7,
+    CloseFds = 8,
 }
 
 impl ChildStep {
@@ -97,45 +105,35 @@ impl ChildStep {
             5 => "setrlimit(RLIMIT_NOFILE) for --worker-nofile",
             6 => "setrlimit(RLIMIT_AS) for --worker-memory-limit",
             7 => "prctl(PR_SET_NO_NEW_PRIVS)",
+            8 => "closing the primary's other fds (close_range)",
             _ => "execve",
         }
     }
 }
 
-/// A started child.
+/// A started child. It may still be on its way to `execve`: a failure there is reported on
+/// `exec_report` (read it with [`describe_exec_report`] once the child has exited), so the
+/// primary never waits for the exec.
 #[derive(Debug)]
-pub(crate) struct Spawned {
-    /// Its pid.
+pub(crate) struct Child {
+    /// Its pid (and its process group id).
     pub pid: i32,
     /// `pidfd_open(pid)`: readable when it exits; signals through it cannot hit a reused pid.
     pub pidfd: OwnedFd,
+    /// Non-blocking read end of the pipe a failed `execve` writes its step and errno to;
+    /// end-of-file once the exec succeeded.
+    pub exec_report: std::fs::File,
+    /// The program, for the message about a failed exec.
+    pub program: PathBuf,
 }
 
 /// Finds `name` on `PATH` the way `execvp` would, or returns it as given if it has a `/`.
 pub(crate) fn resolve_program(name: &OsStr) -> io::Result<PathBuf> {
-    if name.as_bytes().contains(&b'/') {
-        return Ok(PathBuf::from(name));
-    }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| is_executable(candidate))
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("{} not found on PATH", name.to_string_lossy()),
-            )
-        })
+    crate::config::program::resolve(name)
 }
 
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    path.metadata()
-        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-/// Starts the child. Returns once `execve` has succeeded (or with its errno).
-pub(crate) fn spawn(spec: SpawnSpec) -> io::Result<Spawned> {
+/// Starts the child and returns at once, without waiting for its `execve`.
+pub(crate) fn spawn(spec: SpawnSpec) -> io::Result<Child> {
     let program = cstring(spec.program.as_os_str())?;
     let argv: Vec<CString> = spec
         .argv
@@ -163,8 +161,9 @@ pub(crate) fn spawn(spec: SpawnSpec) -> io::Result<Spawned> {
     let dev_null = OwnedFd::from(std::fs::File::open("/dev/null")?);
     let (exec_err_read, exec_err_low) = pipe_cloexec()?;
     let exec_err_write = dup_above(&exec_err_low, FIRST_SAFE_FD)?;
-    // Only one write end may stay open here, or the read below never sees end-of-file.
+    // Only one write end may stay open here, or the read end never sees end-of-file.
     drop(exec_err_low);
+    set_nonblocking(&exec_err_read)?;
 
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
@@ -192,6 +191,9 @@ pub(crate) fn spawn(spec: SpawnSpec) -> io::Result<Spawned> {
         limits: spec.limits,
     };
 
+    // Every signal stays blocked across fork, so none of the primary's handlers can run in
+    // the child before it has reset them to their defaults.
+    let blocked = SignalsBlocked::all()?;
     // SAFETY: fork has no preconditions; the child branch runs only `ChildPlan::exec`,
     // which makes async-signal-safe calls and never returns.
     let pid = unsafe { libc::fork() };
@@ -203,37 +205,53 @@ pub(crate) fn spawn(spec: SpawnSpec) -> io::Result<Spawned> {
         // because the child's memory is a copy of the parent's at the time of fork.
         unsafe { child.exec() }
     }
+    drop(blocked);
     drop(exec_err_write);
     drop(fds);
-
-    // Our copy of the write end is closed; the child's closes on exec (empty read) or
-    // after it writes the errno of a failed exec.
-    let mut report = [0u8; 8];
-    let mut pipe = std::fs::File::from(exec_err_read);
-    let read = read_full(&mut pipe, &mut report).inspect_err(|_| kill_and_reap(pid))?;
-    if read == report.len() {
-        reap(pid);
-        let [s0, s1, s2, s3, e0, e1, e2, e3] = report;
-        let step = u32::from_ne_bytes([s0, s1, s2, s3]);
-        let err = io::Error::from_raw_os_error(i32::from_ne_bytes([e0, e1, e2, e3]));
-        if step == ChildStep::Exec as u32 {
-            let who = match spec.limits.credentials {
-                Some((uid, gid)) => format!(" as uid {uid} gid {gid}"),
-                None => String::new(),
-            };
-            return Err(io::Error::new(
-                err.kind(),
-                format!("execve {}{who}: {err}", spec.program.display()),
-            ));
-        }
-        return Err(io::Error::new(
-            err.kind(),
-            format!("{} failed in the worker: {err}", ChildStep::describe(step)),
-        ));
-    }
     // An unreaped child's pid cannot be reused, so killing by pid here is safe.
     let pidfd = pidfd_open(pid).inspect_err(|_| kill_and_reap(pid))?;
-    Ok(Spawned { pid, pidfd })
+    Ok(Child {
+        pid,
+        pidfd,
+        exec_report: std::fs::File::from(exec_err_read),
+        program: spec.program,
+    })
+}
+
+/// The message for a child's failure report: which step failed, and its errno.
+pub(crate) fn describe_exec_report(report: [u8; 8]) -> String {
+    let [s0, s1, s2, s3, e0, e1, e2, e3] = report;
+    let step = u32::from_ne_bytes([s0, s1, s2, s3]);
+    let err = io::Error::from_raw_os_error(i32::from_ne_bytes([e0, e1, e2, e3]));
+    format!("{} failed in the worker: {err}", ChildStep::describe(step))
+}
+
+/// Blocks every signal until dropped (`pthread_sigmask`), restoring the previous mask.
+struct SignalsBlocked(libc::sigset_t);
+
+impl SignalsBlocked {
+    fn all() -> io::Result<SignalsBlocked> {
+        // SAFETY: sigset_t is plain data, filled by sigfillset before use.
+        let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: both sets are valid for writing.
+        let rc = unsafe {
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old)
+        };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(SignalsBlocked(old))
+    }
+}
+
+impl Drop for SignalsBlocked {
+    fn drop(&mut self) {
+        // SAFETY: restores a mask read from the kernel.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
+    }
 }
 
 /// Everything the child needs, as raw pointers and numbers prepared before `fork`.
@@ -295,12 +313,14 @@ impl ChildPlan {
             // Own process group: a terminal's Ctrl-C reaches the primary only, which then
             // drains the workers instead of having them killed mid-request.
             libc::setpgid(0, 0);
-            // The primary blocks its signals for signalfd and ignores SIGPIPE; a worker
-            // starts from the defaults (ignored dispositions survive execve).
+            // A worker starts from the default disposition of every signal: the primary's
+            // handlers would run here until execve, and ignored signals (SIGPIPE, or what
+            // the primary's own parent ignored) survive execve. Signals are still blocked
+            // (see `SignalsBlocked`), so none arrives before its default is back.
+            reset_signal_dispositions();
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             // A CPU this process may not use (a cpuset) leaves the worker unpinned: there
             // is no one to tell from here, and an unpinned worker still serves.
             if let Some(set) = &self.cpu_set {
@@ -326,23 +346,15 @@ impl ChildPlan {
             // The exec-error pipe stays (it is close-on-exec, so it goes at execve anyway).
             let keep = self.exec_err;
             if keep > first_unused {
-                libc::syscall(
-                    libc::SYS_close_range,
-                    first_unused as libc::c_uint,
-                    (keep - 1) as libc::c_uint,
-                    0,
-                );
+                close_from(first_unused, keep - 1);
             }
-            libc::syscall(
-                libc::SYS_close_range,
-                (keep.max(first_unused - 1) + 1) as libc::c_uint,
-                libc::c_uint::MAX,
-                0,
-            );
-            if let Some(n) = self.limits.nofile {
+            if !close_from(keep.max(first_unused - 1) + 1, RawFd::MAX) {
+                self.fail(ChildStep::CloseFds);
+            }
+            if let Some((soft, hard)) = self.limits.nofile {
                 let limit = libc::rlimit {
-                    rlim_cur: n as libc::rlim_t,
-                    rlim_max: n as libc::rlim_t,
+                    rlim_cur: soft as libc::rlim_t,
+                    rlim_max: hard as libc::rlim_t,
                 };
                 if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
                     self.fail(ChildStep::LimitFiles);
@@ -381,6 +393,82 @@ impl ChildPlan {
             libc::_exit(127)
         }
     }
+}
+
+/// The kernel's `struct sigaction` (x86_64 and aarch64 layout), for `rt_sigaction(2)`
+/// directly: glibc's `signal()` refuses the signals it reserves (32 and 33), which can
+/// still arrive ignored from a careless parent.
+#[repr(C)]
+struct KernelSigaction {
+    handler: libc::sighandler_t,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
+}
+
+/// Every signal back to its default disposition (async-signal-safe: raw syscalls only).
+///
+/// # Safety
+/// Only in the forked child, with every signal blocked.
+unsafe fn reset_signal_dispositions() {
+    let default = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    for signal in 1..=64 {
+        if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: installs SIG_DFL for one signal; the struct matches the kernel's and
+        // the size argument is that of its 64-bit mask.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                signal,
+                &default as *const KernelSigaction,
+                std::ptr::null_mut::<KernelSigaction>(),
+                8usize,
+            )
+        };
+    }
+}
+
+/// Closes fds `first..=last` in the child: `close_range(2)`, or one `close` at a time up
+/// to the open-file limit where the kernel has no `close_range`. Async-signal-safe.
+/// Returns false if neither worked.
+///
+/// # Safety
+/// Only in the forked child, where no other thread can be using these fds.
+unsafe fn close_from(first: RawFd, last: RawFd) -> bool {
+    if first > last || first < 0 {
+        return true;
+    }
+    // SAFETY: closing fds the child will not use; the kernel checks the range.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            last as libc::c_uint,
+            0,
+        )
+    };
+    if rc == 0 {
+        return true;
+    }
+    // SAFETY: rlimit is plain data written by the kernel.
+    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: getrlimit writes into `limit`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return false;
+    }
+    let end = (limit.rlim_cur.min(1 << 20) as RawFd).min(last.saturating_add(1));
+    for fd in first..end {
+        // SAFETY: as above; EBADF for fds that are not open is harmless.
+        unsafe { libc::close(fd) };
+    }
+    true
 }
 
 /// Writes `value` in decimal followed by NUL at `buf` (which has PID_DIGITS + 1 bytes).
@@ -437,6 +525,20 @@ fn dup_above(fd: &OwnedFd, min: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
+/// Sets `O_NONBLOCK` on `fd`.
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: F_GETFL on a valid fd only reads its flags.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL on a valid fd we own.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `pipe2(O_CLOEXEC)`.
 fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
@@ -478,52 +580,6 @@ pub(crate) fn pidfd_signal(pidfd: &OwnedFd, signal: libc::c_int) -> io::Result<(
     }
 }
 
-/// How a child ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ExitStatus {
-    /// `exit(code)`.
-    Code(i32),
-    /// Killed by this signal.
-    Signal(i32),
-}
-
-impl ExitStatus {
-    /// `exit 0`.
-    pub(crate) fn success(self) -> bool {
-        self == ExitStatus::Code(0)
-    }
-}
-
-impl std::fmt::Display for ExitStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ExitStatus::Code(code) => write!(f, "exit code {code}"),
-            ExitStatus::Signal(sig) => {
-                let name =
-                    nix::sys::signal::Signal::try_from(*sig).map_or("unknown", |s| s.as_str());
-                write!(f, "signal {sig} ({name})")
-            }
-        }
-    }
-}
-
-/// `waitpid(pid, WNOHANG)`: the status if the child has exited (and reaps it).
-pub(crate) fn try_reap(pid: i32) -> Option<ExitStatus> {
-    let mut status = 0;
-    // SAFETY: waitpid on our own child writes the status integer.
-    let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-    if rc != pid {
-        return None;
-    }
-    if libc::WIFEXITED(status) {
-        Some(ExitStatus::Code(libc::WEXITSTATUS(status)))
-    } else if libc::WIFSIGNALED(status) {
-        Some(ExitStatus::Signal(libc::WTERMSIG(status)))
-    } else {
-        None
-    }
-}
-
 /// SIGKILL and a blocking `waitpid` for a child of ours that cannot be supervised.
 pub(crate) fn kill_and_reap(pid: i32) {
     // SAFETY: kill on our own unreaped child (its pid cannot have been reused).
@@ -531,25 +587,44 @@ pub(crate) fn kill_and_reap(pid: i32) {
     reap(pid);
 }
 
-/// Blocking `waitpid` for a child that failed to exec.
+/// Blocking `waitpid` for a child of ours that cannot be supervised.
 fn reap(pid: i32) {
     let mut status = 0;
     // SAFETY: waitpid on our own child.
     unsafe { libc::waitpid(pid, &mut status, 0) };
 }
 
-fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> io::Result<usize> {
-    use std::io::Read;
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
+/// Reaps the child behind `pidfd` if it has exited: `waitid(P_PIDFD, WEXITED | WNOHANG)`.
+/// `ECHILD` (reaped by someone else, or SIGCHLD was ignored when it exited) is an exit
+/// of unknown status, never "still running".
+pub(crate) fn try_reap(pidfd: &OwnedFd) -> Option<ExitStatus> {
+    // SAFETY: siginfo_t is plain data; all-zero is a valid value to be overwritten.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid on our pidfd writes into `info`.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG,
+        )
+    };
+    if rc < 0 {
+        return match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EINTR) => None,
+            _ => Some(ExitStatus::Unknown),
+        };
     }
-    Ok(filled)
+    // SAFETY: the kernel filled `info` for a child that changed state, or left si_pid 0.
+    let (pid, code, status) = unsafe { (info.si_pid(), info.si_code, info.si_status()) };
+    if pid == 0 {
+        return None;
+    }
+    Some(match code {
+        libc::CLD_EXITED => ExitStatus::Code(status),
+        libc::CLD_KILLED | libc::CLD_DUMPED => ExitStatus::Signal(status),
+        _ => ExitStatus::Unknown,
+    })
 }
 
 #[cfg(test)]
@@ -559,13 +634,17 @@ mod tests {
 
     use super::*;
 
-    fn wait(pid: i32) -> ExitStatus {
+    fn wait(child: &Child) -> ExitStatus {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Some(status) = try_reap(pid) {
+            if let Some(status) = try_reap(&child.pidfd) {
                 return status;
             }
-            assert!(Instant::now() < deadline, "child {pid} did not exit");
+            assert!(
+                Instant::now() < deadline,
+                "child {} did not exit",
+                child.pid
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -590,7 +669,7 @@ mod tests {
             limits: ChildLimits::default(),
         })
         .expect("spawn");
-        assert_eq!(wait(spawned.pid), ExitStatus::Code(0));
+        assert_eq!(wait(&spawned), ExitStatus::Code(0));
         let mut out = String::new();
         std::fs::File::from(read)
             .read_to_string(&mut out)
@@ -625,7 +704,7 @@ mod tests {
             limits: ChildLimits::default(),
         })
         .expect("spawn");
-        wait(spawned.pid);
+        wait(&spawned);
         let mut out = String::new();
         std::fs::File::from(read)
             .read_to_string(&mut out)
@@ -637,8 +716,8 @@ mod tests {
     }
 
     #[test]
-    fn exec_failure_is_reported_with_errno() {
-        let err = spawn(SpawnSpec {
+    fn exec_failure_is_reported_without_waiting_for_it() {
+        let mut child = spawn(SpawnSpec {
             program: "/nonexistent/steer-test".into(),
             argv: vec!["x".into()],
             env: vec![],
@@ -648,8 +727,53 @@ mod tests {
             cpu: None,
             limits: ChildLimits::default(),
         })
-        .expect_err("cannot exec");
-        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        .expect("fork succeeds; the exec fails later");
+        assert_eq!(wait(&child), ExitStatus::Code(127));
+        let mut report = [0u8; 8];
+        child.exec_report.read_exact(&mut report).expect("a report");
+        let text = describe_exec_report(report);
+        assert!(
+            text.contains("execve") && text.contains("No such file"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_successful_exec_closes_the_report_pipe_and_resets_every_signal() {
+        // What a careless parent passes on through exec: an ignored signal.
+        // SAFETY: setting and restoring a disposition; no handler is installed.
+        let before = unsafe { libc::signal(libc::SIGWINCH, libc::SIG_IGN) };
+        let (read, write) = pipe_cloexec().expect("pipe");
+        let mut child = spawn(SpawnSpec {
+            program: "/bin/sh".into(),
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "grep -E '^Sig(Ign|Blk)' /proc/self/status >&3".into(),
+            ],
+            env: vec![],
+            env_remove: &[],
+            fds: vec![(write, 3)],
+            listen_pid: false,
+            cpu: None,
+            limits: ChildLimits::default(),
+        })
+        .expect("spawn");
+        // SAFETY: restores what was there.
+        unsafe { libc::signal(libc::SIGWINCH, before) };
+        assert_eq!(wait(&child), ExitStatus::Code(0));
+        let mut report = Vec::new();
+        child
+            .exec_report
+            .read_to_end(&mut report)
+            .expect("end of file");
+        assert!(report.is_empty(), "a successful exec reports nothing");
+        let mut out = String::new();
+        std::fs::File::from(read)
+            .read_to_string(&mut out)
+            .expect("read");
+        assert!(out.contains("SigIgn:\t0000000000000000"), "{out}");
+        assert!(out.contains("SigBlk:\t0000000000000000"), "{out}");
     }
 
     #[test]
@@ -666,7 +790,7 @@ mod tests {
             limits: ChildLimits::default(),
         })
         .expect("spawn");
-        assert_eq!(wait(spawned.pid), ExitStatus::Signal(libc::SIGKILL));
+        assert_eq!(wait(&spawned), ExitStatus::Signal(libc::SIGKILL));
         assert_eq!(ExitStatus::Signal(9).to_string(), "signal 9 (SIGKILL)");
     }
 }

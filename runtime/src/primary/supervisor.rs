@@ -1,22 +1,25 @@
-//! The supervisor: the primary's state and its event loop.
+//! The supervisor: the primary's event loop around the [`Core`].
+//!
+//! One thread, one `mio` poll: signals (through signal-hook's pipe), worker exits (one
+//! pidfd each), worker messages (one IPC socket each) and status requests. Each turn reads
+//! the events, hands them to the core, lets the core act through the [`Host`], and sleeps
+//! until the next event or the core's next deadline.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::BTreeSet;
 use std::ffi::OsString;
-use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use nix::sys::signalfd::SignalFd;
+use signal_hook_mio::v1_0::Signals;
 
+use super::core::{Core, Phase, Settings, WorkerId};
+use super::host::{Host, WorkerFd, decode_worker_token};
+use super::pidfile::PidFile;
 use super::signals::{self, Action};
-use super::slot::Slot;
 use super::{Hooks, WorkerProgram};
 use crate::baseline::Baseline;
-use crate::config::{Balance, Config, Settings};
+use crate::config::{Balance, Config, Settings as ConfigSettings};
 use crate::status::server::{CLIENT_TOKEN_BASE, StatusServer};
 use crate::steering::{self, MigrateReq, Steering};
 
@@ -24,102 +27,47 @@ const SIGNAL_TOKEN: Token = Token(0);
 const STATUS_TOKEN: Token = Token(1);
 /// The `userspace` baseline's listening socket (below the status clients' tokens, far
 /// above any worker's).
-const BASELINE_TOKEN: Token = Token(CLIENT_TOKEN_BASE - 1);
-/// Worker tokens are derived from the pid: `2 + 2*pid` (exit) and `3 + 2*pid` (IPC). Pids
-/// are unique among unreaped children, and a child's fds are closed right after it is
-/// reaped, in the same event, so a later event for a stale token finds no process.
-const WORKER_TOKEN_BASE: usize = 2;
+pub(super) const BASELINE_TOKEN: Token = Token(CLIENT_TOKEN_BASE - 1);
 
-/// Longest the loop sleeps without a deadline, so clock-based checks never starve.
-const MAX_SLEEP: Duration = Duration::from_secs(1);
+/// Longest the loop sleeps while status clients are connected, so they are expired.
+const STATUS_SLEEP: Duration = Duration::from_secs(1);
 
-/// Which of a worker's fds an event is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum WorkerFd {
-    /// The pidfd: the process exited.
-    Exit,
-    /// The IPC socket: messages (or end-of-file).
-    Ipc,
-}
-
-pub(super) fn worker_token(pid: i32, fd: WorkerFd) -> Token {
-    let base = WORKER_TOKEN_BASE + 2 * pid.unsigned_abs() as usize;
-    Token(if fd == WorkerFd::Exit { base } else { base + 1 })
-}
-
-fn decode_worker_token(token: Token) -> Option<(i32, WorkerFd)> {
-    let n = token.0.checked_sub(WORKER_TOKEN_BASE)?;
-    let pid = i32::try_from(n / 2).ok()?;
-    Some((
-        pid,
-        if n % 2 == 0 {
-            WorkerFd::Exit
-        } else {
-            WorkerFd::Ipc
-        },
-    ))
-}
-
-/// Whether the cluster is serving or going away.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum ClusterPhase {
-    /// Normal operation.
-    Running,
-    /// Draining for exit; SIGKILL for what is left at `deadline`.
-    Stopping { deadline: Instant, killed: bool },
-}
-
-/// A rolling restart in progress: slots still to replace, and the one being replaced.
-#[derive(Debug, Default)]
-pub(super) struct Roll {
-    pub queue: VecDeque<usize>,
-    pub current: Option<usize>,
-    /// Another SIGUSR2 arrived meanwhile: roll again when this one ends.
-    pub again: bool,
-}
+/// Why the primary could not start, for the operator.
+pub(crate) type StartError = String;
 
 /// The primary.
 pub(crate) struct Supervisor {
-    pub(super) config: Config,
-    pub(super) program: WorkerProgram,
-    /// This executable, for re-executed workers. Resolved by path at every spawn, so a
-    /// binary replaced on disk is picked up by the next rolling restart.
-    pub(super) exe: PathBuf,
-    pub(super) args: Vec<OsString>,
+    pub(super) core: Core,
+    pub(super) host: Host,
     pub(super) hooks: Hooks,
-    pub(super) poll: Poll,
-    signals: SignalFd,
+    signals: Signals,
     pub(super) status: Option<StatusServer>,
-    pub(super) steering: Steering,
-    /// The `shared`/`userspace` baseline's listening socket and state, if one runs.
-    pub(super) baseline: Option<Baseline>,
     /// A bound (never listening) `SO_REUSEPORT` socket on the cluster address: it resolves
     /// port 0 and keeps the port Steer's while all workers restart. It receives nothing.
     _reservation: socket2::Socket,
-    pub(super) listen: SocketAddr,
-    pub(super) slots: Vec<Slot>,
-    /// Slot of every live child, by pid.
-    pub(super) pid_slot: HashMap<i32, usize>,
-    pub(super) next_worker_id: u64,
     pub(super) started: Instant,
-    pub(super) phase: ClusterPhase,
-    pub(super) roll: Option<Roll>,
-    pub(super) next_ping: Instant,
-    pub(super) ping_seq: u64,
     /// Workers whose IPC had more queued than one wakeup reads.
-    pub(super) pending_ipc: Vec<i32>,
+    pub(super) pending_ipc: Vec<WorkerId>,
+    /// Per slot: when its dropped user messages were last reported, and how many since.
+    pub(super) drop_reports: Vec<(Instant, u64)>,
     /// systemd's `NOTIFY_SOCKET`, told about readiness, reloads and stopping.
     pub(super) notifier: crate::systemd::Notifier,
+    pid_file: Option<PidFile>,
+    /// Children this process had before it became a primary (a library host's own): never
+    /// reaped by the primary.
+    foreign_children: BTreeSet<i32>,
 }
 
 impl Supervisor {
     /// Checks the configuration against the machine and sets everything up; no worker is
-    /// started yet. The error is a message for the operator.
+    /// started yet.
     pub(crate) fn start(
         config: Config,
         program: WorkerProgram,
         hooks: Hooks,
-    ) -> Result<Supervisor, String> {
+        pid_file: Option<PidFile>,
+        inherited_nofile: Option<(u64, u64)>,
+    ) -> Result<Supervisor, StartError> {
         let steering = Steering::new(config.balance, config.workers as u32)
             .map_err(|err| format!("--balance {}: {err}", config.balance))?;
         let reservation = crate::listener::bind_reuseport(config.listen, false)
@@ -143,13 +91,9 @@ impl Supervisor {
             }
         }
         let poll = Poll::new().map_err(|e| format!("cannot create the event loop: {e}"))?;
-        let signals = signals::open().map_err(|e| format!("cannot open a signalfd: {e}"))?;
+        let mut signals = signals::open().map_err(|e| format!("cannot catch signals: {e}"))?;
         poll.registry()
-            .register(
-                &mut SourceFd(&signals.as_raw_fd()),
-                SIGNAL_TOKEN,
-                Interest::READABLE,
-            )
+            .register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)
             .map_err(|e| format!("cannot watch signals: {e}"))?;
         if let Some(baseline) = &baseline {
             baseline
@@ -170,201 +114,104 @@ impl Supervisor {
         };
         let exe = std::env::current_exe()
             .map_err(|e| format!("cannot find this executable to start workers: {e}"))?;
-        if let Some(path) = &config.pid_file {
-            std::fs::write(path, format!("{}\n", std::process::id()))
-                .map_err(|e| format!("cannot write --pid-file {}: {e}", path.display()))?;
+        let mut pid_file = pid_file;
+        if let Some(file) = pid_file.as_mut() {
+            file.write_pid()
+                .map_err(|e| format!("cannot write --pid-file {}: {e}", file.path().display()))?;
         }
+        become_subreaper();
         let now = Instant::now();
-        let slots = (0..config.workers).map(Slot::new).collect();
+        let slots = config.workers;
         Ok(Supervisor {
-            next_ping: now + config.health_interval,
-            config,
-            program,
-            exe,
-            args: std::env::args_os().collect(),
+            core: Core::new(Settings::of(&config), slots, now),
+            host: Host {
+                config,
+                program,
+                exe,
+                args: std::env::args_os().collect::<Vec<OsString>>(),
+                poll,
+                steering,
+                baseline,
+                listen,
+                procs: Default::default(),
+                leftovers: Vec::new(),
+                inherited_nofile,
+            },
             hooks,
-            poll,
             signals,
             status,
-            steering,
-            baseline,
             _reservation: reservation,
-            listen,
-            slots,
-            pid_slot: HashMap::new(),
-            next_worker_id: 1,
             started: now,
-            phase: ClusterPhase::Running,
-            roll: None,
-            ping_seq: 0,
             pending_ipc: Vec::new(),
+            drop_reports: vec![(now, 0); slots],
             notifier: crate::systemd::Notifier::from_env(),
+            pid_file,
+            foreign_children: own_children(),
         })
     }
 
-    /// Runs the event loop until the cluster has stopped.
+    /// Runs the event loop until the cluster has stopped. Exit status 0 after a clean stop,
+    /// 1 if the loop itself failed (the workers are killed then: nobody would supervise
+    /// them).
     pub(crate) fn run(mut self) -> ExitCode {
         let status_addr = self.status.as_ref().and_then(|s| s.local_addr().ok());
         tracing::info!(
             pid = std::process::id(),
-            listen = %self.listen,
-            workers = self.slots.len(),
-            balance = %self.steering.policy(),
+            listen = %self.host.listen,
+            workers = self.core.slots().len(),
+            balance = %self.host.steering.policy(),
             status = ?status_addr,
             "primary started"
         );
-        let now = Instant::now();
-        for slot in &mut self.slots {
-            slot.next_start = Some(now);
-        }
+        self.core.start(Instant::now());
         let mut events = Events::with_capacity(256);
-        loop {
-            self.tick(Instant::now());
-            if self.finished() {
-                break;
-            }
+        let code = loop {
             let now = Instant::now();
+            // What suspects have said may clear them: read it before they are judged.
+            for id in self.core.suspects(now) {
+                self.on_ipc(id);
+            }
+            self.core.tick(&mut self.host, now);
+            self.host.tend_leftovers(now);
+            self.after_turn(now);
+            if self.finished() {
+                break ExitCode::SUCCESS;
+            }
             let timeout = if self.pending_ipc.is_empty() {
-                self.next_wakeup(now)
-                    .saturating_duration_since(now)
-                    .min(MAX_SLEEP)
+                self.next_wake(now).saturating_duration_since(now)
             } else {
                 Duration::ZERO
             };
-            if let Err(err) = self.poll.poll(&mut events, Some(timeout))
+            if let Err(err) = self.host.poll.poll(&mut events, Some(timeout))
                 && err.kind() != std::io::ErrorKind::Interrupted
             {
-                tracing::error!("event loop failed: {err}");
-                break;
+                tracing::error!("the event loop failed: {err}; killing every worker");
+                self.core.kill_all(&mut self.host);
+                break ExitCode::from(crate::cli::EXIT_FAILURE);
             }
             for event in &events {
                 self.dispatch(event.token());
             }
-            for pid in std::mem::take(&mut self.pending_ipc) {
-                self.on_ipc(pid);
+            for id in std::mem::take(&mut self.pending_ipc) {
+                self.on_ipc(id);
             }
-        }
-        if let Some(path) = &self.config.pid_file {
-            let _ = std::fs::remove_file(path);
+        };
+        self.reap_orphans(true);
+        if let Some(file) = self.pid_file.take() {
+            file.remove();
         }
         tracing::info!("primary stopped");
-        ExitCode::SUCCESS
+        code
     }
 
-    fn dispatch(&mut self, token: Token) {
-        match token {
-            SIGNAL_TOKEN => self.read_signals(),
-            STATUS_TOKEN => {
-                if let Some(status) = self.status.as_mut() {
-                    status.accept(self.poll.registry());
-                }
-            }
-            BASELINE_TOKEN => self.hand_off(),
-            Token(n) if n >= CLIENT_TOKEN_BASE => {
-                if let Some(mut status) = self.status.take() {
-                    status.on_client_event(self.poll.registry(), token, |path| self.reply(path));
-                    self.status = Some(status);
-                }
-            }
-            _ => match decode_worker_token(token) {
-                Some((pid, WorkerFd::Exit)) => self.on_exit(pid),
-                Some((pid, WorkerFd::Ipc)) => self.on_ipc(pid),
-                None => {}
-            },
-        }
-    }
-
-    fn read_signals(&mut self) {
-        loop {
-            match self.signals.read_signal() {
-                Ok(Some(info)) => match signals::action(info.ssi_signo) {
-                    Some(action) => self.on_action(action),
-                    None => continue,
-                },
-                Ok(None) => return,
-                Err(err) => {
-                    tracing::error!("reading the signalfd failed: {err}");
-                    return;
-                }
-            }
-        }
-    }
-
-    fn on_action(&mut self, action: Action) {
-        match action {
-            Action::Stop => match self.phase {
-                ClusterPhase::Running => self.begin_stop(),
-                ClusterPhase::Stopping { .. } => {
-                    tracing::warn!("second stop signal: killing every worker now");
-                    self.kill_all();
-                }
-            },
-            Action::RollingRestart => self.begin_roll("SIGUSR2"),
-            Action::Reload => self.reload(),
-        }
-    }
-
-    /// Periodic work: starts, deadlines, heartbeats, rolling-restart progress.
-    fn tick(&mut self, now: Instant) {
-        if let ClusterPhase::Stopping {
-            deadline,
-            killed: false,
-        } = self.phase
-            && now >= deadline
-        {
-            tracing::warn!(
-                "shutdown timeout ({}) reached: killing the workers still draining",
-                humantime::format_duration(self.config.shutdown_timeout)
-            );
-            self.kill_all();
-        }
-        for index in 0..self.slots.len() {
-            self.tick_slot(index, now);
-        }
-        if now >= self.next_ping {
-            self.send_pings(now);
-            self.next_ping = now + self.config.health_interval;
-        } else {
-            self.check_health(now);
-        }
-        self.advance_roll();
-        if self.baseline_wakeup(now).is_some_and(|at| at <= now) {
-            self.hand_off();
-        }
-        if let Some(status) = self.status.as_mut() {
-            status.expire(self.poll.registry(), now);
-        }
-        self.notify_service_manager();
-    }
-
-    /// The earliest moment `tick` has something to do.
-    fn next_wakeup(&self, now: Instant) -> Instant {
-        let mut at = self.next_ping;
-        if let Some(t) = self.next_health_deadline() {
-            // Just past the deadline: silence must be longer than the timeout.
-            at = at.min(t + Duration::from_millis(1));
-        }
-        if let ClusterPhase::Stopping {
-            deadline,
-            killed: false,
-        } = self.phase
-        {
-            at = at.min(deadline);
-        }
-        for slot in &self.slots {
-            if let Some(t) = slot.next_start {
-                at = at.min(t);
-            }
-            for process in slot.processes() {
-                if let Some(t) = process.deadline
-                    && !process.killed
-                {
-                    at = at.min(t);
-                }
-            }
+    /// The earliest moment anything is due: the core's, the host's and the listeners'.
+    fn next_wake(&mut self, now: Instant) -> Instant {
+        let mut at = self.core.next_wake(now);
+        if let Some(t) = self.host.next_wake(now) {
+            at = at.min(t);
         }
         if self.status.as_ref().is_some_and(StatusServer::has_clients) {
-            at = at.min(now + MAX_SLEEP);
+            at = at.min(now + STATUS_SLEEP);
         }
         if let Some(retry) = self.baseline_wakeup(now) {
             at = at.min(retry);
@@ -372,153 +219,181 @@ impl Supervisor {
         at
     }
 
+    /// Housekeeping after the core's turn: status clients, the baseline, systemd.
+    fn after_turn(&mut self, now: Instant) {
+        if self.baseline_wakeup(now).is_some_and(|at| at <= now) {
+            self.hand_off();
+        }
+        if let Some(status) = self.status.as_mut() {
+            status.expire(self.host.poll.registry(), now);
+        }
+        self.notify_service_manager();
+    }
+
+    /// Stopped, and nothing of any worker's group is left.
     fn finished(&self) -> bool {
-        matches!(self.phase, ClusterPhase::Stopping { .. })
-            && self.slots.iter().all(|s| s.processes().next().is_none())
+        self.core.finished() && self.host.leftovers.is_empty()
     }
 
-    /// SIGTERM/SIGINT: drain everything, exit when the last worker is gone.
-    fn begin_stop(&mut self) {
-        tracing::info!(
-            "stopping: draining every worker (SIGKILL after {})",
-            humantime::format_duration(self.config.shutdown_timeout)
-        );
+    fn dispatch(&mut self, token: Token) {
+        match token {
+            SIGNAL_TOKEN => self.read_signals(),
+            STATUS_TOKEN => {
+                if let Some(status) = self.status.as_mut() {
+                    status.accept(self.host.poll.registry());
+                }
+            }
+            BASELINE_TOKEN => self.hand_off(),
+            Token(n) if n >= CLIENT_TOKEN_BASE => {
+                if let Some(mut status) = self.status.take() {
+                    status
+                        .on_client_event(self.host.poll.registry(), token, |path| self.reply(path));
+                    self.status = Some(status);
+                }
+            }
+            _ => match decode_worker_token(token) {
+                Some((id, WorkerFd::Exit)) => self.on_exit(id),
+                Some((id, WorkerFd::Ipc)) => self.on_ipc(id),
+                Some((id, WorkerFd::Exec)) => self.on_exec(id),
+                None => {}
+            },
+        }
+    }
+
+    fn read_signals(&mut self) {
+        let received: Vec<i32> = self.signals.pending().collect();
+        for signal in received {
+            if let Some(action) = signals::action(signal) {
+                self.on_action(action);
+            }
+        }
+    }
+
+    fn on_action(&mut self, action: Action) {
         let now = Instant::now();
-        self.phase = ClusterPhase::Stopping {
-            deadline: now + self.config.shutdown_timeout,
-            killed: false,
+        match action {
+            Action::Stop => match self.core.phase() {
+                Phase::Running => {
+                    self.close_baseline();
+                    self.core.stop(&mut self.host, now);
+                }
+                Phase::Stopping { .. } => {
+                    tracing::warn!("second stop signal: killing every worker now");
+                    self.core.kill_all(&mut self.host);
+                }
+            },
+            Action::RollingRestart => self.core.begin_roll("SIGUSR2"),
+            Action::Reload => self.reload(now),
+            Action::Child => self.on_child_signal(),
+        }
+    }
+
+    /// A worker's pidfd is readable: it exited.
+    pub(super) fn on_exit(&mut self, id: WorkerId) {
+        let Some(index) = self.host.procs.get(&id).map(|p| p.slot) else {
+            return;
         };
-        self.roll = None;
-        self.close_baseline();
-        for index in 0..self.slots.len() {
-            let slot = &mut self.slots[index];
-            slot.next_start = None;
-            slot.replace_wanted = false;
-            self.leave_steering(index);
-            let slot = &mut self.slots[index];
-            let mut draining: Vec<_> = slot
-                .current
-                .take()
-                .into_iter()
-                .chain(slot.incoming.take())
-                .collect();
-            for process in &mut draining {
-                Self::drain(
-                    &self.program,
-                    index,
-                    process,
-                    now,
-                    self.config.shutdown_timeout,
-                );
-            }
-            self.slots[index].retiring.extend(draining);
-        }
-    }
-
-    fn kill_all(&mut self) {
-        if let ClusterPhase::Stopping { deadline, .. } = self.phase {
-            self.phase = ClusterPhase::Stopping {
-                deadline,
-                killed: true,
-            };
-        }
-        for slot in &mut self.slots {
-            for process in slot.processes_mut() {
-                Self::kill(process, "shutdown");
-            }
-        }
-    }
-
-    /// SIGUSR2: replace every ready slot, one at a time.
-    pub(super) fn begin_roll(&mut self, why: &str) {
-        if !matches!(self.phase, ClusterPhase::Running) {
-            return;
-        }
-        if let Some(roll) = self.roll.as_mut() {
-            tracing::info!("{why}: a rolling restart is under way; another follows it");
-            roll.again = true;
-            return;
-        }
-        tracing::info!("{why}: rolling restart of {} slots", self.slots.len());
-        self.roll = Some(Roll {
-            queue: (0..self.slots.len()).collect(),
-            current: None,
-            again: false,
+        // Still a zombie here, so its group's number cannot have been reused.
+        let drain_deadline = self.core.worker(index, id).and_then(|w| match w.stage() {
+            super::core::Stage::Draining { deadline } => Some(deadline),
+            _ => None,
         });
-    }
-
-    fn advance_roll(&mut self) {
-        let Some(roll) = self.roll.as_mut() else {
+        let now = Instant::now();
+        let Some((index, status)) = self.host.bury(id, drain_deadline, now) else {
             return;
         };
-        if let Some(index) = roll.current {
-            let slot = &self.slots[index];
-            if !slot.failed && (slot.replace_wanted || slot.incoming.is_some()) {
+        self.pending_ipc.retain(|pending| *pending != id);
+        self.core.exited(&mut self.host, index, id, status, now);
+    }
+
+    /// A worker's exec-report pipe is readable: its `execve` succeeded or failed.
+    fn on_exec(&mut self, id: WorkerId) {
+        let Some(index) = self.host.procs.get(&id).map(|p| p.slot) else {
+            return;
+        };
+        if self.host.exec_outcome(id) == Some(true) {
+            self.core
+                .executed(&mut self.host, index, id, Instant::now());
+        }
+    }
+
+    /// SIGCHLD: exits of workers are handled as their pidfds report them; what is left are
+    /// orphans of workers' trees, inherited because the primary is a subreaper.
+    fn on_child_signal(&mut self) {
+        let ids: Vec<WorkerId> = self
+            .host
+            .procs
+            .values()
+            .filter(|p| p.has_exited())
+            .map(|p| p.id)
+            .collect();
+        for id in ids {
+            self.on_exit(id);
+        }
+        self.reap_orphans(false);
+    }
+
+    /// Reaps every exited child that is not a worker (nor the library host's own). At the
+    /// end (`last`), kills those still alive first (a process that left its worker's group,
+    /// such as a daemon, and was re-parented here) and waits a moment for them.
+    fn reap_orphans(&mut self, last: bool) {
+        let workers: BTreeSet<i32> = self.host.procs.values().map(|p| p.pid).collect();
+        let mut orphans: Vec<i32> = own_children()
+            .into_iter()
+            .filter(|pid| !workers.contains(pid) && !self.foreign_children.contains(pid))
+            .collect();
+        if last && !orphans.is_empty() {
+            tracing::info!(
+                count = orphans.len(),
+                "killing processes that left their worker's group"
+            );
+            for &pid in &orphans {
+                // SAFETY: our own unreaped child; its pid cannot have been reused.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        let deadline = Instant::now() + super::process::LEFTOVER_GRACE;
+        loop {
+            orphans.retain(|&pid| {
+                let mut status = 0;
+                // SAFETY: waitpid on our own child.
+                unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) == 0 }
+            });
+            if !last || orphans.is_empty() || Instant::now() > deadline {
                 return;
             }
-            roll.current = None;
-        }
-        while let Some(index) = roll.queue.pop_front() {
-            let slot = &mut self.slots[index];
-            if slot.failed || slot.current.is_none() {
-                // Nothing serves here; a restart or revival will start the new code anyway.
-                continue;
-            }
-            slot.replace_wanted = true;
-            roll.current = Some(index);
-            return;
-        }
-        if roll.again {
-            roll.again = false;
-            roll.queue = (0..self.slots.len()).collect();
-        } else {
-            tracing::info!("rolling restart complete");
-            self.roll = None;
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
-    /// SIGHUP: re-read the config file, apply what can change live, revive failed slots,
-    /// then roll so every worker runs with the new settings.
-    fn reload(&mut self) {
-        if self.phase != ClusterPhase::Running {
+    /// SIGHUP: re-read the config file, apply what can change live, warn by name about
+    /// every key that cannot, revive failed slots, then roll.
+    fn reload(&mut self, now: Instant) {
+        if self.core.phase() != Phase::Running {
             tracing::info!("SIGHUP ignored: the cluster is stopping");
             return;
         }
-        if let Some(path) = self.config.config_file.clone() {
+        let config = &self.host.config;
+        if let Some(path) = config.config_file.clone() {
             // Flags given at start keep winning over the file, as they did then.
-            let overrides = self.config.overrides.clone();
-            match Settings::from_file(&path).and_then(|file| overrides.overlay(file).into_config())
-            {
+            let overrides = config.overrides.clone();
+            let loaded = ConfigSettings::from_file(&path)
+                .and_then(|file| overrides.overlay(file).into_config());
+            match loaded {
                 Ok(mut new) => {
-                    for (what, changed) in [
-                        ("listen", new.listen != self.config.listen),
-                        ("workers", new.workers != self.config.workers),
-                        ("balance", new.balance != self.config.balance),
-                        ("status", new.status != self.config.status),
-                    ] {
-                        if changed {
-                            tracing::warn!(
-                                "SIGHUP: `{what}` changed in {}; it takes effect only on a full restart",
-                                path.display()
-                            );
-                        }
+                    for key in crate::config::keys_needing_restart(config, &new) {
+                        tracing::warn!(
+                            "SIGHUP: `{key}` changed in {}; it takes effect only on a full restart, and keeps its running value",
+                            path.display()
+                        );
                     }
-                    new.listen = self.config.listen;
-                    new.workers = self.config.workers;
-                    new.balance = self.config.balance;
-                    // Pinning belongs with the policy (`cpu` implies it): it stays as started.
-                    new.cpu_affinity = self.config.cpu_affinity;
-                    new.status = self.config.status;
-                    new.verbosity = self.config.verbosity;
-                    new.config_file = self.config.config_file.clone();
-                    new.pid_file = self.config.pid_file.clone();
-                    new.overrides = self.config.overrides.clone();
+                    new.keep_unreloadable(config);
                     if let (WorkerProgram::External(_), Some(command)) =
-                        (&self.program, &new.command)
+                        (&self.host.program, &new.command)
                     {
-                        self.program = WorkerProgram::External(command.clone());
+                        self.host.program = WorkerProgram::External(command.clone());
                     }
-                    self.config = new;
+                    self.host.config = new;
                     tracing::info!("SIGHUP: reloaded {}", path.display());
                 }
                 Err(err) => {
@@ -530,15 +405,36 @@ impl Supervisor {
                 }
             }
         }
-        let now = Instant::now();
-        for slot in &mut self.slots {
-            if slot.failed {
-                tracing::info!(slot = slot.index, "SIGHUP: reviving failed slot");
-                slot.failed = false;
-                slot.crashes.clear();
-                slot.next_start = Some(now);
-            }
-        }
-        self.begin_roll("SIGHUP");
+        self.core.reload(Settings::of(&self.host.config), now);
     }
+}
+
+/// Orphans of workers' trees (a worker that forked and exited, a daemonizing app) are
+/// re-parented to the primary instead of init, so they are known, killed with the
+/// cluster and reaped (`PR_SET_CHILD_SUBREAPER`).
+fn become_subreaper() {
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        tracing::warn!(
+            "cannot become a subreaper ({}): processes a worker leaves behind go to init",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// This process's children, from `/proc/self/task/*/children`.
+fn own_children() -> BTreeSet<i32> {
+    let mut children = BTreeSet::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return children;
+    };
+    for task in tasks.flatten() {
+        if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+            children.extend(
+                text.split_whitespace()
+                    .filter_map(|pid| pid.parse::<i32>().ok()),
+            );
+        }
+    }
+    children
 }

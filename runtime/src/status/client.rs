@@ -151,6 +151,7 @@ mod tests {
             next_restart_in_ms: if pid.is_none() { Some(400) } else { None },
             health_ms: Some(10),
             draining: 0,
+            messages_dropped: 0,
         };
         let doc = StatusDocument {
             primary: PrimaryStatus {
@@ -160,6 +161,8 @@ mod tests {
                 listen: "127.0.0.1:8000".into(),
                 phase: "running".into(),
                 rss_bytes: None,
+                log_lines_dropped: 0,
+                stalls: 0,
             },
             workers: vec![worker(0, "ready", Some(11)), worker(1, "backoff", None)],
             totals: Totals {

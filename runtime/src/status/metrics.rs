@@ -13,7 +13,7 @@ use super::{StatusDocument, WorkerStatus};
 
 /// Every value of the `state` label, as `/status` spells the states.
 pub const STATES: &[&str] = &[
-    "starting", "ready", "draining", "backoff", "failed", "stopped",
+    "starting", "ready", "hung", "draining", "backoff", "failed", "stopped",
 ];
 
 /// One metric family being written.
@@ -113,6 +113,18 @@ pub fn render(doc: &StatusDocument) -> String {
     for name in ["running", "rolling", "stopping"] {
         phase.sample(&[("phase", name)], f64::from(u8::from(p.phase == name)));
     }
+    e.family(
+        "steer_log_lines_dropped_total",
+        "counter",
+        "Log lines the primary dropped because stderr could not keep up.",
+    )
+    .sample(&[], p.log_lines_dropped as f64);
+    e.family(
+        "steer_primary_stalls_total",
+        "counter",
+        "Times the primary's loop ran late and restarted heartbeat deadlines instead of blaming workers.",
+    )
+    .sample(&[], p.stalls as f64);
     e.family("steer_workers", "gauge", "Configured worker slots.")
         .sample(&[], doc.totals.workers as f64);
     e.family("steer_workers_ready", "gauge", "Slots in state ready.")
@@ -121,7 +133,7 @@ pub fn render(doc: &StatusDocument) -> String {
     let mut state = e.family(
         "steer_worker_state",
         "gauge",
-        "1 for the slot's state (starting, ready, draining, backoff, failed, stopped), 0 for the others.",
+        "1 for the slot's state (starting, ready, hung, draining, backoff, failed, stopped), 0 for the others.",
     );
     for w in &doc.workers {
         let slot = w.slot.to_string();
@@ -143,8 +155,15 @@ pub fn render(doc: &StatusDocument) -> String {
         doc,
         "steer_worker_restarts_total",
         "counter",
-        "Crash restarts per slot.",
+        "Crash restarts per slot (protocol violations included).",
         |w| Some(f64::from(w.restarts)),
+    );
+    e.per_slot(
+        doc,
+        "steer_worker_messages_dropped_total",
+        "counter",
+        "User messages from the slot not relayed: over its relay budget, or the receiver was full.",
+        |w| Some(w.messages_dropped as f64),
     );
     e.per_slot(
         doc,
@@ -258,6 +277,7 @@ mod tests {
             next_restart_in_ms: None,
             health_ms: Some(250),
             draining: 0,
+            messages_dropped: 0,
         };
         StatusDocument {
             primary: PrimaryStatus {
@@ -267,6 +287,8 @@ mod tests {
                 listen: "127.0.0.1:8000".into(),
                 phase: "running".into(),
                 rss_bytes: Some(8192),
+                log_lines_dropped: 0,
+                stalls: 0,
             },
             workers: vec![worker(0, "ready"), worker(1, "backoff")],
             totals: Totals {

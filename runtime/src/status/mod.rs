@@ -55,6 +55,14 @@ pub struct PrimaryStatus {
     pub phase: String,
     /// The primary's own resident memory.
     pub rss_bytes: Option<u64>,
+    /// Log lines the primary dropped because its log output (stderr) could not keep up;
+    /// the primary never waits for it.
+    #[serde(default)]
+    pub log_lines_dropped: u64,
+    /// Times the primary's own loop ran late (it was stopped, or starved of CPU); the
+    /// heartbeat deadlines restarted then, so nobody was declared hung for it.
+    #[serde(default)]
+    pub stalls: u64,
 }
 
 /// One slot in `/status`.
@@ -85,10 +93,15 @@ pub struct WorkerStatus {
     pub last_exit: Option<String>,
     /// Backoff left before the next start.
     pub next_restart_in_ms: Option<u64>,
-    /// Milliseconds since the process last answered on IPC.
+    /// Milliseconds since the process last answered a ping (or, before its first
+    /// answer, since it first spoke); absent for a program that never spoke the protocol.
     pub health_ms: Option<u64>,
     /// Old generations still draining.
     pub draining: usize,
+    /// User messages from this slot that were not relayed: over the relay budget, or the
+    /// receiver could not take them.
+    #[serde(default)]
+    pub messages_dropped: u64,
 }
 
 /// Sums in `/status`.

@@ -10,13 +10,18 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use serde_json::Value;
 
 use crate::ipc::{Channel, Counters, IpcError, Message};
+
+/// Most user messages waiting for [`crate::Worker::recv`]; more are dropped and counted
+/// ([`crate::Worker::dropped_messages`]), so a worker that never reads its messages cannot
+/// grow without bound.
+pub const INBOX_CAPACITY: usize = 1024;
 
 /// Counters a library worker bumps as it serves; sent to the primary with each heartbeat
 /// and shown per slot in `/status`.
@@ -108,6 +113,8 @@ pub(crate) struct Link {
     pending_ping: AtomicU64,
     /// Set when the primary closed the link.
     closed: AtomicBool,
+    /// User messages dropped because the inbox was full.
+    pub(crate) dropped: AtomicU64,
     /// The [`Heartbeat`] future waiting for the next ping, if one is.
     waker: Mutex<Option<Waker>>,
 }
@@ -123,6 +130,7 @@ impl Link {
             inbox: Mutex::new(rx),
             pending_ping: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
             waker: Mutex::new(None),
         });
         let reader = Arc::clone(&link);
@@ -132,7 +140,7 @@ impl Link {
         Ok(link)
     }
 
-    fn read_loop(&self, inbox: &Sender<UserMessage>, slot: usize) {
+    fn read_loop(&self, inbox: &SyncSender<UserMessage>, slot: usize) {
         loop {
             match self.channel.recv() {
                 Ok(Some(received)) => match received.message {
@@ -143,7 +151,17 @@ impl Link {
                     }
                     Message::Drain => self.drain.set(),
                     Message::User { from, data, .. } => {
-                        let _receiver_gone = inbox.send(UserMessage { from, data });
+                        match inbox.try_send(UserMessage { from, data }) {
+                            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+                            Err(TrySendError::Full(_)) => {
+                                if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                                    tracing::warn!(
+                                        slot,
+                                        "user message inbox full ({INBOX_CAPACITY}): dropping messages until it is read"
+                                    );
+                                }
+                            }
+                        }
                     }
                     other => tracing::debug!(slot, "ignoring unexpected message {other:?}"),
                 },
@@ -223,6 +241,38 @@ impl Future for Heartbeat {
     }
 }
 
-fn channel_pair() -> (Sender<UserMessage>, Receiver<UserMessage>) {
-    channel()
+fn channel_pair() -> (SyncSender<UserMessage>, Receiver<UserMessage>) {
+    sync_channel(INBOX_CAPACITY)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    #[test]
+    fn an_unread_inbox_is_bounded_and_counts_what_it_drops() {
+        let (primary, worker) = Channel::pair().expect("socketpair");
+        let link = Link::start(worker, 0).expect("link");
+        let sent = INBOX_CAPACITY + 500;
+        for i in 0..sent {
+            primary
+                .send(&Message::User {
+                    to: None,
+                    from: Some(1),
+                    data: Value::from(i),
+                })
+                .expect("send");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while link.dropped.load(Ordering::Relaxed) < 500 {
+            assert!(Instant::now() < deadline, "the reader thread keeps up");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let inbox = link.inbox.lock().expect("inbox");
+        let kept = std::iter::from_fn(|| inbox.try_recv().ok()).count();
+        assert_eq!(kept, INBOX_CAPACITY);
+        assert_eq!(link.dropped.load(Ordering::Relaxed), 500);
+    }
 }

@@ -12,12 +12,12 @@ mod link;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use link::{DrainSignal, Heartbeat, UserMessage, WorkerStats};
+pub use link::{DrainSignal, Heartbeat, INBOX_CAPACITY, UserMessage, WorkerStats};
 use serde::Serialize;
 
 use crate::ipc::{Channel, IpcError, Message, Recipient};
@@ -185,6 +185,14 @@ impl Worker {
         self.link.inbox.lock().ok()?.try_recv().ok()
     }
 
+    /// User messages dropped because more than [`INBOX_CAPACITY`] were waiting
+    /// unread.
+    pub fn dropped_messages(&self) -> u64 {
+        self.link
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Publishes this worker's load for `--balance least-loaded`: connections accepted so
     /// far and connections open now. Two stores into memory shared with the kernel; call
     /// it on every accept and close. Under other policies it does nothing. A worker that
@@ -251,7 +259,7 @@ where
             return ExitCode::FAILURE;
         }
     };
-    if let Err(err) = link.channel.send(&Message::Ready) {
+    if let Err(err) = link.channel.send(&Message::Ready { heartbeats: true }) {
         tracing::error!("cannot report ready: {err}");
         return ExitCode::FAILURE;
     }
@@ -289,6 +297,7 @@ pub(crate) fn bootstrap() -> Result<Bootstrapped, String> {
         .send_with_fd(
             &Message::Register {
                 pid: std::process::id(),
+                fd: Some(listener.as_raw_fd()),
             },
             listener.as_fd(),
         )

@@ -1,0 +1,1027 @@
+//! The primary's decisions, apart from its I/O.
+//!
+//! [`Core`] holds the slot table, the cluster's phase, the rolling restart and the
+//! heartbeat clock. It takes events (a worker registered, became ready, answered a ping,
+//! broke the protocol, exited; a signal; the time) and acts through [`Io`], the host's
+//! processes, IPC and steering maps. It never makes a system call itself, so every
+//! decision (health verdicts, restart backoff, roll steps, shutdown) is tested here with a
+//! recording [`Io`] and a clock the test moves (see `tests.rs`), the way quinn-proto's
+//! state machines are tested without sockets.
+//!
+//! The invariant "a slot is `ready` exactly when its socket is in the steering maps" is
+//! owned by [`slot`]: see [`Slot::seat`].
+
+mod heartbeat;
+mod restart;
+mod roll;
+mod slot;
+#[cfg(test)]
+mod tests;
+
+use std::time::{Duration, Instant};
+
+use restart::Verdict;
+use roll::Roll;
+pub use slot::SlotState;
+pub(crate) use slot::{ExitStatus, Registration, Replacement, Role, Slot, Stage, Worker};
+
+use crate::config::Config;
+use crate::ipc::Counters;
+
+/// A worker process, unique over the primary's life (`STEER_WORKER_ID`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct WorkerId(pub u64);
+
+impl std::fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// What a spawn produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Spawned {
+    /// The child's pid.
+    pub pid: i32,
+    /// Its listening socket was made by the primary and already listens (an external
+    /// program on fd 3): it is ready as soon as it runs.
+    pub listening: bool,
+    /// It must send `register` with a socket of its own before `ready` (built-in and
+    /// library workers, except under the `userspace` baseline, where they have none).
+    pub registers: bool,
+}
+
+/// What the core asks of the host. Every method is one action on one process or on the
+/// steering maps; none blocks.
+pub(crate) trait Io {
+    /// Starts a process for `slot` as `generation`, known as `id` from now on.
+    fn spawn(&mut self, slot: usize, generation: u64, id: WorkerId) -> Result<Spawned, String>;
+    /// Puts the worker's socket into steering at `slot`, replacing whatever was there.
+    fn enter_steering(&mut self, slot: usize, id: WorkerId, generation: u64) -> Result<(), String>;
+    /// Takes `slot` out of steering.
+    fn leave_steering(&mut self, slot: usize);
+    /// Asks the worker to stop accepting, finish and exit: the `drain` message, and
+    /// SIGTERM to an external worker's process group.
+    fn drain(&mut self, id: WorkerId);
+    /// Repeats the `drain` message (it may have been lost to a full socket).
+    fn repeat_drain(&mut self, id: WorkerId);
+    /// SIGKILL to the worker's process group.
+    fn kill(&mut self, id: WorkerId);
+    /// Sends `ping` with `seq`.
+    fn ping(&mut self, id: WorkerId, seq: u64);
+    /// Shuts the worker's listening socket down from outside, so its queue migrates.
+    fn shut_down_listener(&mut self, id: WorkerId) -> Result<(), String>;
+    /// The worker's resident memory in bytes.
+    fn resident_bytes(&mut self, id: WorkerId) -> Option<u64>;
+}
+
+/// The settings the core decides with (the rest of [`Config`] belongs to the host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Settings {
+    /// Heartbeat period.
+    pub health_interval: Duration,
+    /// A watched worker owing a ping this long is hung.
+    pub health_timeout: Duration,
+    /// A worker not ready by then is killed.
+    pub start_timeout: Duration,
+    /// A draining worker is killed after this.
+    pub shutdown_timeout: Duration,
+    /// Crashes allowed per `restart_window`.
+    pub max_restarts: u32,
+    /// The window `max_restarts` counts over.
+    pub restart_window: Duration,
+    /// A serving worker over this many resident bytes is replaced.
+    pub max_memory: Option<u64>,
+}
+
+impl Settings {
+    /// The core's part of `config`.
+    pub(crate) fn of(config: &Config) -> Settings {
+        Settings {
+            health_interval: config.health_interval,
+            health_timeout: config.health_timeout,
+            start_timeout: config.start_timeout,
+            shutdown_timeout: config.shutdown_timeout,
+            max_restarts: config.max_restarts,
+            restart_window: config.restart_window,
+            max_memory: config.max_memory,
+        }
+    }
+
+    /// How late the loop may wake before the primary reports itself stalled (shorter
+    /// lateness is excused just the same, without a log line).
+    fn stall(&self) -> Duration {
+        self.health_interval.max(Duration::from_millis(250))
+    }
+}
+
+/// Whether the cluster is serving or going away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Normal operation.
+    Running,
+    /// Draining for exit; SIGKILL for what is left at `deadline`.
+    Stopping {
+        /// The shutdown timeout.
+        deadline: Instant,
+        /// SIGKILL already sent to everything.
+        killed: bool,
+    },
+}
+
+/// The primary's state and decisions.
+#[derive(Debug)]
+pub(crate) struct Core {
+    settings: Settings,
+    slots: Vec<Slot>,
+    phase: Phase,
+    roll: Option<Roll>,
+    next_ping: Instant,
+    ping_seq: u64,
+    next_id: u64,
+    /// The wake-up last handed to the loop: waking much later means the primary stalled.
+    expected_wake: Option<Instant>,
+    /// How many times the primary found itself stalled.
+    stalls: u64,
+}
+
+impl Core {
+    /// A cluster of `slots` empty slots; [`Core::start`] schedules their first workers.
+    pub(crate) fn new(settings: Settings, slots: usize, now: Instant) -> Core {
+        Core {
+            settings,
+            slots: (0..slots).map(Slot::new).collect(),
+            phase: Phase::Running,
+            roll: None,
+            next_ping: now + settings.health_interval,
+            ping_seq: 0,
+            next_id: 1,
+            expected_wake: None,
+            stalls: 0,
+        }
+    }
+
+    /// Schedules every slot's first worker for now.
+    pub(crate) fn start(&mut self, now: Instant) {
+        for slot in &mut self.slots {
+            slot.next_start = Some(now);
+        }
+    }
+
+    /// The slots.
+    pub(crate) fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    /// The phase.
+    pub(crate) fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Whether a rolling restart is under way.
+    pub(crate) fn rolling(&self) -> bool {
+        self.roll.is_some()
+    }
+
+    /// The settings in force.
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// How many times the primary noticed it had stalled (and blamed nobody).
+    pub(crate) fn stalls(&self) -> u64 {
+        self.stalls
+    }
+
+    /// The worker `id`.
+    pub(crate) fn worker(&self, index: usize, id: WorkerId) -> Option<&Worker> {
+        self.slots.get(index)?.find(id).map(|(_, w)| w)
+    }
+
+    /// Counts one dropped user message against `index`.
+    pub(crate) fn count_dropped_message(&mut self, index: usize) {
+        if let Some(slot) = self.slots.get_mut(index) {
+            slot.messages_dropped = slot.messages_dropped.saturating_add(1);
+        }
+    }
+
+    /// Serving processes whose heartbeat deadline has passed: the host reads what is
+    /// pending on their IPC before [`Core::tick`] judges them.
+    pub(crate) fn suspects(&self, now: Instant) -> Vec<WorkerId> {
+        let timeout = self.settings.health_timeout;
+        self.slots
+            .iter()
+            .filter_map(|slot| slot.current.as_ref())
+            .filter(|w| w.overdue(now, timeout))
+            .map(|w| w.id)
+            .collect()
+    }
+
+    /// Whether the cluster has stopped: stopping, and no process left.
+    pub(crate) fn finished(&self) -> bool {
+        matches!(self.phase, Phase::Stopping { .. })
+            && self.slots.iter().all(|s| s.workers().next().is_none())
+    }
+
+    /// Periodic work: stall detection, the shutdown deadline, roll steps, starts and
+    /// deadlines, heartbeats and verdicts. Cheap when nothing is due; the host calls it on
+    /// every turn of its loop, after reading the turn's events.
+    pub(crate) fn tick(&mut self, io: &mut impl Io, now: Instant) {
+        self.notice_stall(now);
+        if let Phase::Stopping {
+            deadline,
+            killed: false,
+        } = self.phase
+            && now >= deadline
+        {
+            tracing::warn!(
+                "shutdown timeout ({}) reached: killing the workers still draining",
+                humantime::format_duration(self.settings.shutdown_timeout)
+            );
+            self.kill_all(io);
+        }
+        self.advance_roll();
+        for index in 0..self.slots.len() {
+            self.tick_slot(io, index, now);
+        }
+        if now >= self.next_ping {
+            self.heartbeat_round(io, now);
+            self.next_ping = now + self.settings.health_interval;
+        }
+        self.judge(io, now);
+        self.advance_roll();
+        for index in 0..self.slots.len() {
+            self.tick_slot(io, index, now);
+        }
+    }
+
+    /// The earliest moment [`Core::tick`] has something to do. The loop sleeps until
+    /// then (or an event); waking much later than this is a stall of the primary.
+    pub(crate) fn next_wake(&mut self, now: Instant) -> Instant {
+        let timeout = self.settings.health_timeout;
+        let mut at = self.next_ping;
+        let running = self.phase == Phase::Running;
+        if let Phase::Stopping {
+            deadline,
+            killed: false,
+        } = self.phase
+        {
+            at = at.min(deadline);
+        }
+        for slot in &self.slots {
+            if running
+                && !slot.failed
+                && let Some(t) = slot.next_start
+            {
+                at = at.min(t);
+            }
+            for worker in slot.workers() {
+                if let Some(t) = worker.deadline() {
+                    at = at.min(t);
+                }
+            }
+            if running
+                && let Some(current) = slot.current.as_ref().filter(|w| w.serving())
+                && let Some(t) = current.heartbeat.deadline(timeout)
+            {
+                // Just past the deadline: the silence must be longer than the timeout.
+                at = at.min(t + Duration::from_millis(1));
+            }
+        }
+        let at = at.max(now);
+        self.expected_wake = Some(at);
+        at
+    }
+
+    /// A loop that woke after the moment it asked for was not running (stopped, or
+    /// starved of CPU): whatever workers owe is excused by exactly that lateness, so
+    /// nobody is blamed for time the primary did not run. A long stall is reported.
+    fn notice_stall(&mut self, now: Instant) {
+        let Some(expected) = self.expected_wake.take() else {
+            return;
+        };
+        let late = now.saturating_duration_since(expected);
+        if late < Duration::from_millis(10) {
+            return;
+        }
+        if late > self.settings.stall() {
+            self.stalls += 1;
+            tracing::warn!(
+                late_ms = late.as_millis() as u64,
+                "the primary's loop woke {} late (the primary was stopped or the host is \
+                 overloaded): heartbeat deadlines move by as much; no worker is blamed",
+                humantime::format_duration(Duration::from_millis(late.as_millis() as u64))
+            );
+        }
+        for slot in &mut self.slots {
+            for worker in slot.workers_mut() {
+                worker.heartbeat.forgive(late, now);
+            }
+        }
+    }
+
+    // ---- starts, deadlines, replacements ----
+
+    /// Starts, replaces or gives up on one slot's processes as its timers say.
+    fn tick_slot(&mut self, io: &mut impl Io, index: usize, now: Instant) {
+        let running = self.phase == Phase::Running;
+        let slot = &mut self.slots[index];
+        if running && !slot.failed {
+            let due = slot.next_start.is_none_or(|t| t <= now);
+            let replaceable = slot
+                .current
+                .as_ref()
+                .is_some_and(|w| matches!(w.stage(), Stage::Serving | Stage::Hung));
+            if slot.current.is_none() && slot.incoming.is_none() && slot.next_start.is_some() && due
+            {
+                slot.next_start = None;
+                slot.replacement = None;
+                self.start_worker(io, index, Role::Current, now);
+            } else if slot.replacement.is_some() && slot.incoming.is_none() && due && replaceable {
+                slot.next_start = None;
+                self.start_worker(io, index, Role::Incoming, now);
+            }
+        }
+        let (start_timeout, shutdown_timeout) =
+            (self.settings.start_timeout, self.settings.shutdown_timeout);
+        for worker in self.slots[index].workers_mut() {
+            let Some(deadline) = worker.deadline().filter(|&t| t <= now) else {
+                continue;
+            };
+            match worker.stage() {
+                Stage::Starting { .. } => tracing::warn!(
+                    slot = index,
+                    pid = worker.pid,
+                    "worker was not ready within {}; killing it",
+                    humantime::format_duration(start_timeout)
+                ),
+                _ => tracing::warn!(
+                    slot = index,
+                    pid = worker.pid,
+                    "worker still draining after {}; killing it",
+                    humantime::format_duration(
+                        now.saturating_duration_since(deadline) + shutdown_timeout
+                    )
+                ),
+            }
+            worker.killed = true;
+            io.kill(worker.id);
+        }
+    }
+
+    /// Spawns the slot's next generation, as its process or as its replacement.
+    fn start_worker(&mut self, io: &mut impl Io, index: usize, role: Role, now: Instant) {
+        let slot = &mut self.slots[index];
+        slot.generation += 1;
+        let generation = slot.generation;
+        let id = WorkerId(self.next_id);
+        self.next_id += 1;
+        match io.spawn(index, generation, id) {
+            Ok(spawned) => {
+                tracing::info!(
+                    slot = index,
+                    generation,
+                    pid = spawned.pid,
+                    replacing = (role == Role::Incoming),
+                    "worker spawned"
+                );
+                let worker = Worker::new(id, spawned, generation, now, self.settings.start_timeout);
+                self.slots[index].place(role, worker);
+            }
+            Err(err) => {
+                tracing::error!(slot = index, generation, "cannot start worker: {err}");
+                self.slots[index].last_exit = None;
+                self.after_crash(io, index, role, None, now);
+            }
+        }
+    }
+
+    /// The worker serves: into steering, and if it replaces an older generation, that one
+    /// drains now.
+    fn become_ready(&mut self, io: &mut impl Io, index: usize, id: WorkerId, now: Instant) {
+        let drain_timeout = self.settings.shutdown_timeout;
+        let slot = &mut self.slots[index];
+        let Some((_, worker)) = slot.find(id) else {
+            return;
+        };
+        let (pid, generation, started) = (worker.pid, worker.generation, worker.started);
+        match slot.seat(io, id, now, drain_timeout) {
+            Err(err) => {
+                // Serving nothing: replace it (a fresh socket may work).
+                tracing::error!(
+                    slot = index,
+                    generation,
+                    pid,
+                    "cannot put the worker into steering: {err}"
+                );
+                if let Some((_, worker)) = slot.find_mut(id) {
+                    worker.killed = true;
+                    io.kill(id);
+                }
+            }
+            Ok(old) => {
+                tracing::info!(
+                    slot = index,
+                    generation,
+                    pid,
+                    startup_ms = now.saturating_duration_since(started).as_millis() as u64,
+                    "worker ready"
+                );
+                let Some(old_id) = old else {
+                    return;
+                };
+                // Had it answered since, its replacement would have been called off.
+                let silent = slot.replacement == Some(Replacement::Silent);
+                slot.replacement = None;
+                let Some((_, old)) = slot.find_mut(old_id) else {
+                    return;
+                };
+                tracing::info!(
+                    slot = index,
+                    pid = old.pid,
+                    generation = old.generation,
+                    "replaced; draining the old generation"
+                );
+                // Still silent when its replacement is ready: its queue moves to the
+                // replacement now rather than when it is killed.
+                if silent {
+                    match io.shut_down_listener(old_id) {
+                        Ok(()) => tracing::info!(
+                            slot = index,
+                            pid = old.pid,
+                            "shut the silent worker's listener down; its queue moved to its replacement"
+                        ),
+                        Err(err) => tracing::warn!(
+                            slot = index,
+                            pid = old.pid,
+                            "cannot shut the silent worker's listener down: {err}"
+                        ),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Restart accounting for a process that ended (or never started) unexpectedly.
+    fn after_crash(
+        &mut self,
+        io: &mut impl Io,
+        index: usize,
+        role: Role,
+        ready_since: Option<Instant>,
+        now: Instant,
+    ) {
+        let (max, window) = (self.settings.max_restarts, self.settings.restart_window);
+        let slot = &mut self.slots[index];
+        match slot.crashes.record(now, ready_since, max, window) {
+            Verdict::Fail if role == Role::Incoming => {
+                tracing::error!(
+                    slot = index,
+                    "replacement failed more than {max} times in {}; keeping the running generation",
+                    humantime::format_duration(window)
+                );
+                slot.replacement = None;
+            }
+            Verdict::Fail => {
+                tracing::error!(
+                    slot = index,
+                    "failed more than {max} times in {}: slot failed (revive with SIGHUP)",
+                    humantime::format_duration(window)
+                );
+                slot.failed = true;
+                slot.next_start = None;
+                slot.replacement = None;
+                if let Some(mut incoming) = slot.incoming.take() {
+                    incoming.killed = true;
+                    incoming.account();
+                    io.kill(incoming.id);
+                    slot.retiring.push(incoming);
+                }
+            }
+            Verdict::RestartAfter(delay) => {
+                slot.restarts = slot.restarts.saturating_add(1);
+                if role == Role::Current && slot.incoming.is_some() {
+                    // The replacement already on its way takes over.
+                    slot.current = slot.incoming.take();
+                    slot.replacement = None;
+                    tracing::info!(slot = index, "the replacement being started takes over");
+                } else {
+                    slot.next_start = Some(now + delay);
+                    tracing::info!(slot = index, "restarting in {} ms", delay.as_millis());
+                }
+            }
+        }
+    }
+
+    // ---- events from workers ----
+
+    /// The worker's `execve` succeeded. One whose socket the primary made and that already
+    /// listens (an external program) is ready now: the kernel queues connections until it
+    /// accepts. One that failed to exec never gets here: it exits, as a crash.
+    pub(crate) fn executed(&mut self, io: &mut impl Io, index: usize, id: WorkerId, now: Instant) {
+        let Some((_, worker)) = self.slots[index].find(id) else {
+            return;
+        };
+        if worker.killed || !worker.may_become_ready() || self.phase != Phase::Running {
+            return;
+        }
+        if !worker.registers && worker.listening {
+            self.become_ready(io, index, id, now);
+        }
+    }
+
+    /// A worker sent `register` with its socket (which the host has checked).
+    pub(crate) fn registered(
+        &mut self,
+        index: usize,
+        id: WorkerId,
+        now: Instant,
+    ) -> Result<Registration, String> {
+        let slot = &mut self.slots[index];
+        if let Some((_, worker)) = slot.find_mut(id) {
+            worker.heartbeat.spoke(now);
+        }
+        slot.register(id)
+    }
+
+    /// A worker sent `ready`, saying whether it answers pings from its serving loop.
+    pub(crate) fn ready(
+        &mut self,
+        io: &mut impl Io,
+        index: usize,
+        id: WorkerId,
+        heartbeats: bool,
+        now: Instant,
+    ) -> Result<(), String> {
+        let running = self.phase == Phase::Running;
+        let slot = &mut self.slots[index];
+        let Some((role, worker)) = slot.find_mut(id) else {
+            return Ok(());
+        };
+        worker.heartbeat.spoke(now);
+        if worker.killed || worker.draining() || role == Role::Retiring || !running {
+            // On its way out (drained or killed while starting): not its fault.
+            return Ok(());
+        }
+        if heartbeats {
+            worker.heartbeat.watch(now);
+        }
+        match worker.stage() {
+            Stage::Starting { .. } if !worker.may_become_ready() => {
+                Err("ready before register".into())
+            }
+            Stage::Starting { .. } => {
+                self.become_ready(io, index, id, now);
+                self.ping_now(io, index, id, now);
+                Ok(())
+            }
+            // An external worker, serving since it was spawned, now speaks the protocol.
+            Stage::Serving => {
+                self.ping_now(io, index, id, now);
+                Ok(())
+            }
+            Stage::Hung | Stage::Draining { .. } => Ok(()),
+        }
+    }
+
+    /// A worker answered ping `seq`. For a watched worker, this is the only sign of life.
+    pub(crate) fn pong(
+        &mut self,
+        io: &mut impl Io,
+        index: usize,
+        id: WorkerId,
+        seq: u64,
+        counters: Counters,
+        now: Instant,
+    ) -> Result<(), String> {
+        let slot = &mut self.slots[index];
+        let Some((role, worker)) = slot.find_mut(id) else {
+            return Ok(());
+        };
+        worker.heartbeat.spoke(now);
+        worker.heartbeat.answered(seq, now)?;
+        worker.counters = counters;
+        let (stage, pid, woke) = (worker.stage(), worker.pid, worker.woke);
+        if role != Role::Current {
+            return Ok(());
+        }
+        match (stage, slot.replacement) {
+            (Stage::Serving, Some(Replacement::Silent)) => {
+                // It was only slow: it keeps its place, and the replacement is not needed.
+                tracing::info!(
+                    slot = index,
+                    pid,
+                    "silent worker answered again before its replacement was ready: keeping it"
+                );
+                slot.replacement = None;
+                if let Some(mut incoming) = slot.incoming.take() {
+                    incoming.killed = true;
+                    incoming.account();
+                    io.kill(incoming.id);
+                    slot.retiring.push(incoming);
+                }
+            }
+            (Stage::Hung, _) if !woke => {
+                // Its listener is shut down: it cannot take new connections again. It
+                // finishes what it has once its replacement is ready.
+                if let Some(current) = slot.current.as_mut() {
+                    current.woke = true;
+                }
+                tracing::info!(
+                    slot = index,
+                    pid,
+                    "worker declared hung answered again; its listener is shut down, so its \
+                     replacement goes on and it drains once that is ready"
+                );
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// A worker sent something else (a user message): it speaks the protocol. For a
+    /// watched worker this is no sign of life: only `pong` is.
+    pub(crate) fn spoke(&mut self, index: usize, id: WorkerId, now: Instant) {
+        if let Some((_, worker)) = self.slots[index].find_mut(id) {
+            worker.heartbeat.spoke(now);
+        }
+    }
+
+    /// A worker broke the protocol. Its IPC is no longer read; it counts as a crash
+    /// (backoff, `failed` after `max-restarts`). A serving one keeps serving until its
+    /// replacement, started after the backoff delay, is ready.
+    pub(crate) fn violation(
+        &mut self,
+        io: &mut impl Io,
+        index: usize,
+        id: WorkerId,
+        what: &str,
+        now: Instant,
+    ) {
+        let (max, window) = (self.settings.max_restarts, self.settings.restart_window);
+        let timeout = self.settings.shutdown_timeout;
+        let running = self.phase == Phase::Running;
+        let slot = &mut self.slots[index];
+        let Some((role, worker)) = slot.find_mut(id) else {
+            return;
+        };
+        tracing::warn!(
+            slot = index,
+            pid = worker.pid,
+            "IPC protocol violation: {what}; counted as a crash"
+        );
+        worker.heartbeat.deaf = true;
+        if role == Role::Retiring || worker.draining() || worker.killed || !running {
+            // Already leaving: it has no queue worth keeping.
+            worker.killed = true;
+            io.kill(id);
+            return;
+        }
+        worker.account();
+        let serving = worker.serving();
+        let ready_since = worker.ready_since;
+        if !serving {
+            // Not serving yet: it has no queue worth keeping.
+            worker.killed = true;
+            io.kill(id);
+        }
+        match slot.crashes.record(now, ready_since, max, window) {
+            Verdict::Fail if role == Role::Incoming => {
+                tracing::error!(
+                    slot = index,
+                    "replacement failed more than {max} times in {}; keeping the running generation",
+                    humantime::format_duration(window)
+                );
+                slot.replacement = None;
+            }
+            Verdict::Fail => {
+                tracing::error!(
+                    slot = index,
+                    "failed more than {max} times in {}: slot failed (revive with SIGHUP)",
+                    humantime::format_duration(window)
+                );
+                slot.failed = true;
+                slot.next_start = None;
+                slot.replacement = None;
+                let workers = slot.current.take().into_iter().chain(slot.incoming.take());
+                let mut leaving: Vec<Worker> = workers.collect();
+                for worker in &mut leaving {
+                    if !worker.killed {
+                        Slot::drain(index, worker, io, now, timeout);
+                    }
+                }
+                slot.retiring.extend(leaving);
+            }
+            Verdict::RestartAfter(delay) => {
+                slot.restarts = slot.restarts.saturating_add(1);
+                slot.next_start = Some(now + delay);
+                if serving {
+                    slot.replacement.get_or_insert(Replacement::Violation);
+                }
+                tracing::info!(
+                    slot = index,
+                    "{} in {} ms",
+                    if serving {
+                        "replacing it"
+                    } else {
+                        "restarting"
+                    },
+                    delay.as_millis()
+                );
+            }
+        }
+    }
+
+    /// A worker process exited (the host has reaped it).
+    pub(crate) fn exited(
+        &mut self,
+        io: &mut impl Io,
+        index: usize,
+        id: WorkerId,
+        status: ExitStatus,
+        now: Instant,
+    ) {
+        let running = self.phase == Phase::Running;
+        let slot = &mut self.slots[index];
+        let Some((role, worker)) = slot.remove(io, id) else {
+            return;
+        };
+        slot.accepted_before = slot
+            .accepted_before
+            .saturating_add(worker.counters.accepted);
+        let (pid, generation) = (worker.pid, worker.generation);
+        if worker.exit_expected() || !running {
+            if status.success() || worker.killed {
+                tracing::info!(slot = index, generation, pid, "worker exited: {status}");
+            } else {
+                tracing::warn!(
+                    slot = index,
+                    generation,
+                    pid,
+                    "worker exited while draining: {status}"
+                );
+            }
+            return;
+        }
+        tracing::warn!(slot = index, generation, pid, "worker exited: {status}");
+        slot.last_exit = Some(status);
+        self.after_crash(io, index, role, worker.ready_since, now);
+    }
+
+    // ---- heartbeats and verdicts ----
+
+    /// Pings one worker at once (it just became ready).
+    fn ping_now(&mut self, io: &mut impl Io, index: usize, id: WorkerId, now: Instant) {
+        self.ping_seq += 1;
+        let seq = self.ping_seq;
+        if let Some((_, worker)) = self.slots[index].find_mut(id)
+            && !worker.heartbeat.deaf
+        {
+            io.ping(id, seq);
+            worker.heartbeat.sent(seq, now);
+        }
+    }
+
+    /// The heartbeat tick: pings every serving or draining worker that speaks the
+    /// protocol, repeats drain requests, and checks the memory limit.
+    fn heartbeat_round(&mut self, io: &mut impl Io, now: Instant) {
+        self.ping_seq += 1;
+        let seq = self.ping_seq;
+        for slot in &mut self.slots {
+            for worker in slot.workers_mut() {
+                let beat = &worker.heartbeat;
+                if !beat.speaks || beat.deaf || worker.killed {
+                    continue;
+                }
+                match worker.stage() {
+                    Stage::Serving | Stage::Hung => {}
+                    Stage::Draining { .. } => io.repeat_drain(worker.id),
+                    Stage::Starting { .. } => continue,
+                }
+                io.ping(worker.id, seq);
+                worker.heartbeat.sent(seq, now);
+            }
+        }
+        if let Some(limit) = self.settings.max_memory
+            && self.phase == Phase::Running
+        {
+            for slot in &mut self.slots {
+                let Some(worker) = slot.current.as_mut().filter(|w| w.serving()) else {
+                    continue;
+                };
+                if worker.over_memory {
+                    continue;
+                }
+                let Some(rss) = io.resident_bytes(worker.id) else {
+                    continue;
+                };
+                if rss > limit {
+                    worker.over_memory = true;
+                    tracing::warn!(
+                        slot = slot.index,
+                        pid = worker.pid,
+                        rss_bytes = rss,
+                        limit_bytes = limit,
+                        "worker passed --max-memory: replacing it gracefully"
+                    );
+                    slot.replacement.get_or_insert(Replacement::Memory);
+                }
+            }
+        }
+    }
+
+    /// Declares hung every serving worker that owes a ping older than `health-timeout`.
+    ///
+    /// When most serving workers are silent together, the host (or this primary) is more
+    /// likely stalled than most workers hung, and taking them out would leave the rest, or
+    /// nobody, to serve everything. So a minority of silent workers is taken out at once;
+    /// a majority (which includes the only worker of a one-worker cluster) stays in
+    /// steering while replacements start, and each hands its queue over only if it is
+    /// still silent when its replacement is ready.
+    fn judge(&mut self, io: &mut impl Io, now: Instant) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        let timeout = self.settings.health_timeout;
+        let live = self
+            .slots
+            .iter()
+            .filter(|s| s.current.as_ref().is_some_and(Worker::serving))
+            .count();
+        let silent: Vec<usize> = self
+            .slots
+            .iter()
+            .filter(|s| s.current.as_ref().is_some_and(|w| w.overdue(now, timeout)))
+            .map(|s| s.index)
+            .collect();
+        let minority = silent.len() * 2 <= live;
+        for index in silent {
+            let slot = &mut self.slots[index];
+            if minority {
+                Self::declare_hung(io, slot, timeout);
+            } else if slot.replacement.is_none() {
+                slot.replacement = Some(Replacement::Silent);
+                tracing::warn!(
+                    slot = index,
+                    "worker has not answered heartbeats for {}, nor have most of the {live} \
+                     serving: keeping it in steering while a replacement starts (host \
+                     overloaded?)",
+                    humantime::format_duration(timeout)
+                );
+            }
+        }
+    }
+
+    /// Out of steering, its listener shut down so its queue migrates, a replacement wanted.
+    fn declare_hung(io: &mut impl Io, slot: &mut Slot, timeout: Duration) {
+        let index = slot.index;
+        let Some(worker) = slot.current.as_ref() else {
+            return;
+        };
+        let (id, pid) = (worker.id, worker.pid);
+        tracing::warn!(
+            slot = index,
+            pid,
+            generation = worker.generation,
+            "worker has not answered heartbeats for {}: hung; taking it out of steering \
+             and replacing it",
+            humantime::format_duration(timeout)
+        );
+        // Out of the live set first, so the program never picks it for its own queue.
+        slot.hang(io);
+        match io.shut_down_listener(id) {
+            Ok(()) => tracing::info!(
+                slot = index,
+                pid,
+                "shut the hung worker's listener down; its queued connections moved to the \
+                 live workers"
+            ),
+            Err(err) => tracing::warn!(
+                slot = index,
+                pid,
+                "cannot shut the hung worker's listener down ({err}); its queued \
+                 connections wait for it to wake or die"
+            ),
+        }
+        // A replacement for memory or a roll is now one for a hang (it starts at once).
+        slot.replacement = Some(Replacement::Hung);
+        slot.next_start = None;
+    }
+
+    // ---- operator actions ----
+
+    /// SIGTERM/SIGINT: every worker leaves steering and drains; the cluster has stopped
+    /// once the last one is gone ([`Core::finished`]).
+    pub(crate) fn stop(&mut self, io: &mut impl Io, now: Instant) {
+        let timeout = self.settings.shutdown_timeout;
+        tracing::info!(
+            "stopping: draining every worker (SIGKILL after {})",
+            humantime::format_duration(timeout)
+        );
+        self.phase = Phase::Stopping {
+            deadline: now + timeout,
+            killed: false,
+        };
+        self.roll = None;
+        for slot in &mut self.slots {
+            slot.next_start = None;
+            slot.replacement = None;
+            let index = slot.index;
+            let mut leaving: Vec<Worker> = slot
+                .current
+                .take()
+                .into_iter()
+                .chain(slot.incoming.take())
+                .collect();
+            for worker in &mut leaving {
+                Slot::drain(index, worker, io, now, timeout);
+            }
+            slot.retiring.extend(leaving);
+        }
+    }
+
+    /// SIGKILL to every process (a second stop signal, or the shutdown deadline).
+    pub(crate) fn kill_all(&mut self, io: &mut impl Io) {
+        if let Phase::Stopping { deadline, .. } = self.phase {
+            self.phase = Phase::Stopping {
+                deadline,
+                killed: true,
+            };
+        }
+        for slot in &mut self.slots {
+            for worker in slot.workers_mut() {
+                if !worker.killed {
+                    worker.killed = true;
+                    io.kill(worker.id);
+                }
+            }
+        }
+    }
+
+    /// SIGUSR2 (or SIGHUP): replace every serving slot, one at a time. It starts in the
+    /// same turn of the loop.
+    pub(crate) fn begin_roll(&mut self, why: &str) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        if let Some(roll) = self.roll.as_mut() {
+            tracing::info!("{why}: a rolling restart is under way; another follows it");
+            roll.again = true;
+            return;
+        }
+        tracing::info!("{why}: rolling restart of {} slots", self.slots.len());
+        self.roll = Some(Roll::over(self.slots.len()));
+    }
+
+    fn advance_roll(&mut self) {
+        let Some(roll) = self.roll.as_mut() else {
+            return;
+        };
+        if let Some(index) = roll.current {
+            let slot = &self.slots[index];
+            if !slot.failed && (slot.replacement.is_some() || slot.incoming.is_some()) {
+                return;
+            }
+            roll.current = None;
+        }
+        while let Some(index) = roll.queue.pop_front() {
+            let slot = &mut self.slots[index];
+            if slot.failed || slot.current.is_none() {
+                // Nothing serves here; a restart or revival starts the new code anyway.
+                continue;
+            }
+            slot.replacement.get_or_insert(Replacement::Roll);
+            roll.current = Some(index);
+            return;
+        }
+        if roll.again {
+            roll.again = false;
+            roll.queue = (0..self.slots.len()).collect();
+        } else {
+            tracing::info!("rolling restart complete");
+            self.roll = None;
+        }
+    }
+
+    /// SIGHUP: the new settings apply to what happens next; `failed` slots are revived;
+    /// then every worker is rolled so it runs with the new settings.
+    pub(crate) fn reload(&mut self, settings: Settings, now: Instant) {
+        if self.phase != Phase::Running {
+            tracing::info!("SIGHUP ignored: the cluster is stopping");
+            return;
+        }
+        if settings.health_interval != self.settings.health_interval {
+            self.next_ping = self.next_ping.min(now + settings.health_interval);
+        }
+        self.settings = settings;
+        for slot in &mut self.slots {
+            if slot.failed {
+                tracing::info!(slot = slot.index, "SIGHUP: reviving failed slot");
+                slot.failed = false;
+                slot.crashes.clear();
+                slot.next_start = Some(now);
+            }
+        }
+        self.begin_roll("SIGHUP");
+    }
+}

@@ -1,0 +1,647 @@
+//! The core driven in simulation: a recording [`Io`] stands in for processes and steering
+//! maps, and the test moves the clock. Every step checks the slot invariant: a slot is
+//! `ready` exactly when its current worker's socket is in the (simulated) steering map.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// The host as the core sees it, recorded.
+#[derive(Debug, Default)]
+struct Recorder {
+    next_pid: i32,
+    /// Spawns so far: `(slot, generation, id)`.
+    spawns: Vec<(usize, u64, WorkerId)>,
+    /// Workers started as external programs (ready at once, no register).
+    external: bool,
+    /// The steering map: slot -> worker.
+    steering: BTreeMap<usize, WorkerId>,
+    alive: BTreeSet<WorkerId>,
+    drained: Vec<WorkerId>,
+    killed: Vec<WorkerId>,
+    pings: Vec<(WorkerId, u64)>,
+    shut_down: Vec<WorkerId>,
+    rss: BTreeMap<WorkerId, u64>,
+    fail_spawns: bool,
+}
+
+impl Io for Recorder {
+    fn spawn(&mut self, slot: usize, generation: u64, id: WorkerId) -> Result<Spawned, String> {
+        if self.fail_spawns {
+            return Err("no such program".into());
+        }
+        self.next_pid += 1;
+        self.spawns.push((slot, generation, id));
+        self.alive.insert(id);
+        Ok(Spawned {
+            pid: 1000 + self.next_pid,
+            listening: self.external,
+            registers: !self.external,
+        })
+    }
+
+    fn enter_steering(&mut self, slot: usize, id: WorkerId, _: u64) -> Result<(), String> {
+        self.steering.insert(slot, id);
+        Ok(())
+    }
+
+    fn leave_steering(&mut self, slot: usize) {
+        self.steering.remove(&slot);
+    }
+
+    fn drain(&mut self, id: WorkerId) {
+        self.drained.push(id);
+    }
+
+    fn repeat_drain(&mut self, _: WorkerId) {}
+
+    fn kill(&mut self, id: WorkerId) {
+        self.killed.push(id);
+    }
+
+    fn ping(&mut self, id: WorkerId, seq: u64) {
+        self.pings.push((id, seq));
+    }
+
+    fn shut_down_listener(&mut self, id: WorkerId) -> Result<(), String> {
+        self.shut_down.push(id);
+        Ok(())
+    }
+
+    fn resident_bytes(&mut self, id: WorkerId) -> Option<u64> {
+        self.rss.get(&id).copied()
+    }
+}
+
+const INTERVAL: Duration = Duration::from_millis(200);
+const TIMEOUT: Duration = Duration::from_millis(600);
+
+fn settings() -> Settings {
+    Settings {
+        health_interval: INTERVAL,
+        health_timeout: TIMEOUT,
+        start_timeout: Duration::from_secs(10),
+        shutdown_timeout: Duration::from_secs(5),
+        max_restarts: 10,
+        restart_window: Duration::from_secs(60),
+        max_memory: None,
+    }
+}
+
+/// A cluster under simulation.
+struct Sim {
+    core: Core,
+    io: Recorder,
+    now: Instant,
+}
+
+impl Sim {
+    fn new(slots: usize) -> Sim {
+        Sim::with(slots, settings(), false)
+    }
+
+    fn with(slots: usize, settings: Settings, external: bool) -> Sim {
+        let now = Instant::now();
+        let mut core = Core::new(settings, slots, now);
+        core.start(now);
+        let io = Recorder {
+            external,
+            ..Recorder::default()
+        };
+        let mut sim = Sim { core, io, now };
+        sim.tick();
+        sim.exec_all();
+        sim
+    }
+
+    /// Every spawned process's exec succeeds.
+    fn exec_all(&mut self) {
+        let spawned: Vec<(usize, u64, WorkerId)> = self.io.spawns.clone();
+        for (index, _, id) in spawned {
+            self.core.executed(&mut self.io, index, id, self.now);
+            self.check();
+        }
+    }
+
+    /// A tick at the current time, then the invariant.
+    fn tick(&mut self) {
+        self.core.tick(&mut self.io, self.now);
+        self.check();
+        self.exec_all();
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        // The loop asks when to wake before it sleeps; the core measures lateness from it.
+        let _ = self.core.next_wake(self.now - by);
+        self.tick();
+    }
+
+    /// Moves time in steps no longer than the loop would sleep, answering every ping of the
+    /// workers in `answering` as it comes.
+    fn run_for(&mut self, span: Duration, answering: &dyn Fn(WorkerId) -> bool) {
+        let end = self.now + span;
+        while self.now < end {
+            let wake = self.core.next_wake(self.now).min(end);
+            self.now = wake.max(self.now + Duration::from_millis(1));
+            self.core.tick(&mut self.io, self.now);
+            self.exec_all();
+            self.answer(answering);
+            self.check();
+        }
+    }
+
+    fn answer(&mut self, answering: &dyn Fn(WorkerId) -> bool) {
+        for (id, seq) in std::mem::take(&mut self.io.pings) {
+            if !answering(id) {
+                continue;
+            }
+            if let Some(index) = self.slot_of(id) {
+                let _ = self
+                    .core
+                    .pong(&mut self.io, index, id, seq, Counters::default(), self.now);
+            }
+        }
+        self.check();
+    }
+
+    fn slot_of(&self, id: WorkerId) -> Option<usize> {
+        self.core
+            .slots()
+            .iter()
+            .position(|slot| slot.find(id).is_some())
+    }
+
+    /// Registers and readies every starting worker, declaring heartbeats.
+    fn ready_all(&mut self) {
+        let starting: Vec<(usize, WorkerId)> = self
+            .core
+            .slots()
+            .iter()
+            .flat_map(|slot| {
+                slot.current
+                    .iter()
+                    .chain(slot.incoming.iter())
+                    .filter(|w| matches!(w.stage(), Stage::Starting { .. }) && !w.killed)
+                    .map(move |w| (slot.index, w.id))
+            })
+            .collect();
+        for (index, id) in starting {
+            if !self.io.external {
+                let _ = self.core.registered(index, id, self.now);
+            }
+            self.core
+                .ready(&mut self.io, index, id, true, self.now)
+                .expect("ready");
+            self.check();
+        }
+    }
+
+    fn exit(&mut self, id: WorkerId, status: ExitStatus) {
+        let index = self.slot_of(id).expect("a worker of the cluster");
+        self.io.alive.remove(&id);
+        self.core.exited(&mut self.io, index, id, status, self.now);
+        self.check();
+    }
+
+    fn current(&self, index: usize) -> WorkerId {
+        self.core.slots()[index]
+            .current
+            .as_ref()
+            .expect("a current worker")
+            .id
+    }
+
+    fn state(&self, index: usize) -> SlotState {
+        self.core.slots()[index].state()
+    }
+
+    /// The invariant this module exists for.
+    fn check(&self) {
+        for slot in self.core.slots() {
+            let seated = self.io.steering.get(&slot.index).copied();
+            let serving = slot.current.as_ref().filter(|w| w.serving()).map(|w| w.id);
+            assert_eq!(
+                seated, serving,
+                "slot {}: in steering {seated:?}, serving {serving:?}",
+                slot.index
+            );
+            assert_eq!(
+                slot.state() == SlotState::Ready,
+                seated.is_some(),
+                "slot {} is {:?} with steering {seated:?}",
+                slot.index,
+                slot.state()
+            );
+        }
+    }
+}
+
+#[test]
+fn workers_enter_steering_when_ready_and_are_pinged_at_once() {
+    let mut sim = Sim::new(2);
+    assert_eq!(sim.io.spawns.len(), 2);
+    assert_eq!(sim.state(0), SlotState::Starting);
+    sim.ready_all();
+    assert_eq!(sim.state(0), SlotState::Ready);
+    assert_eq!(sim.state(1), SlotState::Ready);
+    assert_eq!(
+        sim.io.pings.len(),
+        2,
+        "each is pinged the moment it is ready"
+    );
+}
+
+#[test]
+fn a_worker_that_hangs_right_after_ready_is_hung_within_interval_plus_timeout() {
+    let mut sim = Sim::new(4);
+    sim.ready_all();
+    let stuck = sim.current(1);
+    sim.run_for(INTERVAL + TIMEOUT + Duration::from_millis(10), &|id| {
+        id != stuck
+    });
+    assert_eq!(
+        sim.state(1),
+        SlotState::Hung,
+        "never answered a single ping"
+    );
+    assert_eq!(sim.io.shut_down, [stuck], "its queue is handed over");
+    assert!(!sim.io.steering.values().any(|&id| id == stuck));
+    for index in [0, 2, 3] {
+        assert_eq!(sim.state(index), SlotState::Ready);
+    }
+    assert_eq!(
+        sim.io.spawns.len(),
+        5,
+        "a replacement started at once for the hung worker"
+    );
+}
+
+#[test]
+fn only_pong_is_a_sign_of_life_for_a_worker_that_declared_heartbeats() {
+    let mut sim = Sim::new(4);
+    sim.ready_all();
+    let stuck = sim.current(2);
+    let end = sim.now + INTERVAL + TIMEOUT + Duration::from_millis(10);
+    while sim.now < end {
+        // Its side thread keeps talking while its loop answers nothing.
+        sim.core.spoke(2, stuck, sim.now);
+        sim.run_for(Duration::from_millis(50), &|id| id != stuck);
+    }
+    assert_eq!(sim.state(2), SlotState::Hung);
+}
+
+#[test]
+fn a_stall_of_the_primary_blames_no_worker() {
+    let mut sim = Sim::new(4);
+    sim.ready_all();
+    sim.answer(&|_| true);
+    sim.run_for(Duration::from_secs(1), &|_| true);
+    // The primary is stopped for 3 s: every worker answered at once, but nobody read it.
+    let ping_before = sim.io.pings.len();
+    let _ = sim.core.next_wake(sim.now);
+    sim.now += Duration::from_secs(3);
+    sim.tick();
+    assert!(sim.io.pings.len() > ping_before, "a heartbeat round is due");
+    for index in 0..4 {
+        assert_eq!(sim.state(index), SlotState::Ready, "slot {index}");
+    }
+    assert_eq!(sim.core.stalls(), 1);
+    sim.run_for(Duration::from_secs(2), &|_| true);
+    assert_eq!(sim.io.spawns.len(), 4, "nobody was replaced");
+}
+
+#[test]
+fn pongs_waiting_in_the_socket_clear_a_suspect_before_it_is_judged() {
+    let mut sim = Sim::new(4);
+    sim.ready_all();
+    sim.answer(&|_| true);
+    // The next heartbeat round goes out and nothing is read for longer than the timeout,
+    // without a stall of the loop (it was busy): the answers are there when it looks.
+    sim.now += INTERVAL;
+    sim.tick();
+    let owed: Vec<(WorkerId, u64)> = std::mem::take(&mut sim.io.pings);
+    assert_eq!(owed.len(), 4);
+    sim.now += TIMEOUT + Duration::from_millis(50);
+    assert_eq!(
+        sim.core.suspects(sim.now).len(),
+        4,
+        "overdue until their answers are read"
+    );
+    for (id, seq) in owed {
+        let index = sim.slot_of(id).expect("slot");
+        sim.core
+            .pong(&mut sim.io, index, id, seq, Counters::default(), sim.now)
+            .expect("a ping it was sent");
+    }
+    sim.tick();
+    for index in 0..4 {
+        assert_eq!(sim.state(index), SlotState::Ready);
+    }
+}
+
+#[test]
+fn a_silent_majority_stays_in_steering_and_one_that_answers_keeps_its_place() {
+    let mut sim = Sim::new(2);
+    sim.ready_all();
+    let (a, b) = (sim.current(0), sim.current(1));
+    sim.run_for(INTERVAL + TIMEOUT + Duration::from_millis(10), &|_| false);
+    assert_eq!(sim.state(0), SlotState::Ready, "kept in steering");
+    assert_eq!(sim.state(1), SlotState::Ready);
+    assert_eq!(sim.io.spawns.len(), 4, "replacements are starting");
+    // Slot 0 answers before its replacement is ready: the replacement is called off.
+    sim.run_for(INTERVAL, &|id| id == a);
+    assert_eq!(sim.current(0), a);
+    assert!(sim.core.slots()[0].incoming.is_none());
+    assert_eq!(sim.core.slots()[0].replacement, None);
+    // Slot 1's replacement becomes ready and takes over; the silent one hands its queue.
+    sim.ready_all();
+    assert_ne!(sim.current(1), b);
+    assert!(sim.io.shut_down.contains(&b));
+    assert!(sim.io.drained.contains(&b));
+}
+
+#[test]
+fn a_hung_worker_that_wakes_up_is_still_replaced() {
+    let mut sim = Sim::new(4);
+    sim.ready_all();
+    let stuck = sim.current(0);
+    sim.run_for(INTERVAL + TIMEOUT + Duration::from_millis(10), &|id| {
+        id != stuck
+    });
+    assert_eq!(sim.state(0), SlotState::Hung);
+    sim.run_for(INTERVAL * 2, &|_| true);
+    assert_eq!(
+        sim.state(0),
+        SlotState::Hung,
+        "its listener is gone for good"
+    );
+    sim.ready_all();
+    assert_eq!(sim.state(0), SlotState::Ready);
+    assert!(sim.io.drained.contains(&stuck), "it drains what it has");
+}
+
+#[test]
+fn a_worker_violating_the_protocol_at_every_start_backs_off_and_fails() {
+    let settings = Settings {
+        max_restarts: 5,
+        ..settings()
+    };
+    let mut sim = Sim::with(2, settings, true);
+    let mut violated = BTreeSet::new();
+    let end = sim.now + Duration::from_secs(10);
+    while sim.now < end && !sim.core.slots()[0].failed {
+        let fresh: Vec<WorkerId> = sim.core.slots()[0]
+            .workers()
+            .filter(|w| !w.killed && !violated.contains(&w.id))
+            .map(|w| w.id)
+            .collect();
+        for id in fresh {
+            violated.insert(id);
+            sim.core.violation(&mut sim.io, 0, id, "garbage", sim.now);
+            sim.check();
+        }
+        // Replaced workers drain and exit; killed ones exit.
+        let leaving: Vec<WorkerId> = sim
+            .io
+            .drained
+            .drain(..)
+            .chain(sim.io.killed.drain(..))
+            .collect();
+        for id in leaving {
+            if sim.io.alive.contains(&id) {
+                sim.exit(id, ExitStatus::Code(0));
+            }
+        }
+        sim.advance(Duration::from_millis(20));
+    }
+    let slot = &sim.core.slots()[0];
+    assert!(
+        slot.failed,
+        "failed after max-restarts ({} starts)",
+        violated.len()
+    );
+    assert_eq!(slot.restarts, 5);
+    assert!(
+        violated.len() <= 12,
+        "backed off: {} starts",
+        violated.len()
+    );
+    assert_eq!(
+        sim.state(1),
+        SlotState::Ready,
+        "the other slot is untouched"
+    );
+}
+
+#[test]
+fn a_stop_during_a_roll_ignores_the_incoming_workers_registration() {
+    let mut sim = Sim::new(2);
+    sim.ready_all();
+    sim.core.begin_roll("test");
+    sim.tick();
+    let incoming = sim.core.slots()[0]
+        .incoming
+        .as_ref()
+        .expect("the roll starts in the same turn")
+        .id;
+    sim.core.stop(&mut sim.io, sim.now);
+    sim.check();
+    assert_eq!(
+        sim.core.registered(0, incoming, sim.now),
+        Ok(Registration::Ignored),
+        "no violation for a worker told to drain while it started"
+    );
+    assert!(
+        sim.core
+            .ready(&mut sim.io, 0, incoming, true, sim.now)
+            .is_ok()
+    );
+    assert!(
+        sim.io.steering.is_empty(),
+        "nobody is in steering while stopping"
+    );
+    let everyone: Vec<WorkerId> = sim.io.alive.iter().copied().collect();
+    for id in everyone {
+        sim.exit(id, ExitStatus::Code(0));
+    }
+    assert!(sim.core.finished());
+}
+
+#[test]
+fn a_roll_replaces_each_slot_in_turn_and_starts_at_once() {
+    let mut sim = Sim::new(3);
+    sim.ready_all();
+    let before: Vec<WorkerId> = (0..3).map(|i| sim.current(i)).collect();
+    sim.core.begin_roll("SIGUSR2");
+    sim.tick();
+    assert_eq!(
+        sim.io.spawns.len(),
+        4,
+        "the first replacement starts in the same turn"
+    );
+    for _ in 0..3 {
+        sim.ready_all();
+        sim.tick();
+    }
+    assert!(!sim.core.rolling());
+    for (index, old) in before.iter().enumerate() {
+        assert_ne!(sim.current(index), *old);
+        assert!(sim.io.drained.contains(old));
+    }
+}
+
+#[test]
+fn an_exit_of_unknown_status_is_a_crash_and_the_slot_restarts() {
+    let mut sim = Sim::new(2);
+    sim.ready_all();
+    let gone = sim.current(0);
+    sim.exit(gone, ExitStatus::Unknown);
+    assert_eq!(sim.state(0), SlotState::Backoff);
+    sim.advance(BACKOFF);
+    assert_eq!(sim.state(0), SlotState::Starting);
+    assert_eq!(sim.core.slots()[0].restarts, 1);
+}
+
+const BACKOFF: Duration = Duration::from_millis(100);
+
+#[test]
+fn a_spawn_that_fails_is_backed_off_like_a_crash() {
+    let mut sim = Sim::new(1);
+    sim.io.fail_spawns = true;
+    sim.exit(sim.current(0), ExitStatus::Code(1));
+    sim.advance(BACKOFF);
+    assert_eq!(
+        sim.state(0),
+        SlotState::Backoff,
+        "the spawn failed; try again later"
+    );
+    assert_eq!(sim.core.slots()[0].restarts, 2);
+}
+
+#[test]
+fn memory_over_the_limit_replaces_a_worker_gracefully() {
+    let settings = Settings {
+        max_memory: Some(100),
+        ..settings()
+    };
+    let mut sim = Sim::with(1, settings, false);
+    sim.ready_all();
+    let fat = sim.current(0);
+    sim.io.rss.insert(fat, 200);
+    sim.run_for(INTERVAL, &|_| true);
+    assert_eq!(
+        sim.state(0),
+        SlotState::Ready,
+        "it serves until its replacement is ready"
+    );
+    assert!(sim.core.slots()[0].incoming.is_some());
+    sim.ready_all();
+    assert!(sim.io.drained.contains(&fat));
+}
+
+#[test]
+fn counters_saturate() {
+    let mut sim = Sim::new(2);
+    sim.ready_all();
+    for (index, id) in [(0, sim.current(0)), (1, sim.current(1))] {
+        let seq = sim
+            .io
+            .pings
+            .iter()
+            .find(|(p, _)| *p == id)
+            .expect("pinged")
+            .1;
+        let counters = Counters {
+            accepted: u64::MAX,
+            active: 0,
+            requests: u64::MAX,
+        };
+        sim.core
+            .pong(&mut sim.io, index, id, seq, counters, sim.now)
+            .expect("pong");
+    }
+    sim.exit(sim.current(0), ExitStatus::Code(1));
+    assert_eq!(sim.core.slots()[0].accepted(), u64::MAX);
+    assert_eq!(sim.core.slots()[1].accepted(), u64::MAX);
+}
+
+/// Random events against the invariant: whatever order workers register, become ready,
+/// answer, break the protocol, exit, and whatever operators send, a slot is `ready`
+/// exactly when its socket is in steering, and a stopped cluster finishes.
+#[test]
+fn the_steering_invariant_holds_under_random_events() {
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    for round in 0..300 {
+        let slots = 1 + next(4) as usize;
+        let mut sim = Sim::with(slots, settings(), round % 3 == 0);
+        for _ in 0..150 {
+            let workers: Vec<(usize, WorkerId)> = sim
+                .core
+                .slots()
+                .iter()
+                .flat_map(|s| s.workers().map(move |w| (s.index, w.id)))
+                .collect();
+            let pick = (!workers.is_empty()).then(|| workers[next(workers.len() as u64) as usize]);
+            match (next(12), pick) {
+                (0, Some((index, id))) => {
+                    let _ = sim.core.registered(index, id, sim.now);
+                }
+                (1 | 2, Some((index, id))) => {
+                    if let Err(what) = sim
+                        .core
+                        .ready(&mut sim.io, index, id, next(2) == 0, sim.now)
+                    {
+                        sim.core.violation(&mut sim.io, index, id, &what, sim.now);
+                    }
+                }
+                (3, Some((_, id))) if sim.io.alive.contains(&id) => {
+                    let status = [
+                        ExitStatus::Code(0),
+                        ExitStatus::Signal(9),
+                        ExitStatus::Unknown,
+                    ][next(3) as usize];
+                    sim.exit(id, status);
+                }
+                (4, Some((index, id))) => sim.core.violation(&mut sim.io, index, id, "x", sim.now),
+                (5, _) => sim.core.begin_roll("random"),
+                (6, _) if next(8) == 0 => sim.core.stop(&mut sim.io, sim.now),
+                (7, _) => {
+                    let answering = next(2) == 0;
+                    sim.answer(&move |_| answering);
+                }
+                (8, _) => sim.core.reload(settings(), sim.now),
+                _ => {}
+            }
+            sim.check();
+            // Killed and drained processes eventually exit.
+            if next(3) == 0 {
+                let leaving: Vec<WorkerId> = sim.io.killed.drain(..).collect();
+                for id in leaving {
+                    if sim.io.alive.contains(&id) {
+                        sim.exit(id, ExitStatus::Signal(9));
+                    }
+                }
+            }
+            sim.advance(Duration::from_millis(next(400)));
+        }
+        sim.core.stop(&mut sim.io, sim.now);
+        sim.check();
+        let everyone: Vec<WorkerId> = sim.io.alive.iter().copied().collect();
+        for id in everyone {
+            sim.exit(id, ExitStatus::Code(0));
+        }
+        assert!(
+            sim.core.finished(),
+            "round {round}: stopped and nothing left"
+        );
+        assert!(sim.io.steering.is_empty());
+    }
+}

@@ -1,0 +1,477 @@
+//! The host side of the primary: the real processes, their IPC, and the steering maps,
+//! behind the [`Io`] the core decides through.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Interest, Poll, Token};
+
+use super::WorkerProgram;
+use super::core::{Io, Spawned, WorkerId};
+use super::process::{
+    LEFTOVER_GRACE, Leftovers, ListenerRef, Process, RelayBudget, ResidentMemory, group_alive,
+    signal_group, socket_inode,
+};
+use super::spawn::{self, LISTEN_FD, SpawnSpec};
+use crate::baseline::Baseline;
+use crate::config::Config;
+use crate::ipc::{Channel, Message};
+use crate::logging::{ENV_LOG_FORMAT, ENV_LOG_LEVEL};
+use crate::steering::Steering;
+use crate::worker::env;
+
+/// fd number of the IPC socket in re-executed workers.
+const IPC_FD_BUILTIN: i32 = 3;
+/// fd number of the IPC socket in external workers (fd 3 is their listener).
+const IPC_FD_EXTERNAL: i32 = 4;
+
+/// First token of worker fds: `BASE + 3*id` (exit), `+ 1` (IPC) and `+ 2` (the exec
+/// report). Worker ids are never reused, so a late event for a gone worker names nobody.
+pub(crate) const WORKER_TOKEN_BASE: usize = 16;
+
+/// How often leftovers of a worker's group are looked for, besides SIGCHLD.
+const LEFTOVER_POLL: Duration = Duration::from_millis(50);
+
+/// Which of a worker's fds an event is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WorkerFd {
+    /// The pidfd: the process exited.
+    Exit,
+    /// The IPC socket: messages (or end-of-file).
+    Ipc,
+    /// The exec-report pipe: end-of-file once `execve` succeeded, a report if it failed.
+    Exec,
+}
+
+/// The poll token of one of a worker's fds.
+pub(crate) fn worker_token(id: WorkerId, fd: WorkerFd) -> Token {
+    let base = WORKER_TOKEN_BASE + 3 * id.0 as usize;
+    Token(
+        base + match fd {
+            WorkerFd::Exit => 0,
+            WorkerFd::Ipc => 1,
+            WorkerFd::Exec => 2,
+        },
+    )
+}
+
+/// The worker and fd a token names.
+pub(crate) fn decode_worker_token(token: Token) -> Option<(WorkerId, WorkerFd)> {
+    let n = token.0.checked_sub(WORKER_TOKEN_BASE)?;
+    let kind = match n % 3 {
+        0 => WorkerFd::Exit,
+        1 => WorkerFd::Ipc,
+        _ => WorkerFd::Exec,
+    };
+    Some((WorkerId((n / 3) as u64), kind))
+}
+
+/// Processes, steering and what spawning needs.
+pub(crate) struct Host {
+    /// The configuration workers are started with.
+    pub config: Config,
+    /// What the workers run.
+    pub program: WorkerProgram,
+    /// This executable, for re-executed workers. Resolved by path at every spawn, so a
+    /// binary replaced on disk is picked up by the next rolling restart.
+    pub exe: PathBuf,
+    /// This process's arguments, for library workers.
+    pub args: Vec<OsString>,
+    /// The event loop's poll (workers' fds are registered here).
+    pub poll: Poll,
+    /// The steering maps.
+    pub steering: Steering,
+    /// The `shared`/`userspace` baseline's socket and state, if one runs.
+    pub baseline: Option<Baseline>,
+    /// The cluster address (port 0 resolved).
+    pub listen: SocketAddr,
+    /// Every live worker process.
+    pub procs: HashMap<WorkerId, Process>,
+    /// Groups whose leader exited, still being waited for.
+    pub leftovers: Vec<Leftovers>,
+    /// The open-file limit this primary started with: what workers get by default.
+    pub inherited_nofile: Option<(u64, u64)>,
+}
+
+impl Host {
+    /// The process `id`, if it still runs.
+    pub(crate) fn process(&mut self, id: WorkerId) -> Option<&mut Process> {
+        self.procs.get_mut(&id)
+    }
+
+    /// Stops reading a worker's IPC (after a violation, or at end-of-file).
+    pub(crate) fn unwatch_ipc(&mut self, id: WorkerId) {
+        if let Some(process) = self.procs.get_mut(&id)
+            && process.ipc_watched
+        {
+            process.ipc_watched = false;
+            let fd = process.channel.as_raw_fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+        }
+    }
+
+    /// A worker's main process exited: its group's leftovers are dealt with, it is
+    /// reaped, and its fds are closed. `drain_deadline` is when a draining worker's
+    /// children must be done; a crashed worker's group is killed at once.
+    pub(crate) fn bury(
+        &mut self,
+        id: WorkerId,
+        drain_deadline: Option<Instant>,
+        now: Instant,
+    ) -> Option<(usize, super::core::ExitStatus)> {
+        let mut process = self.procs.remove(&id)?;
+        let pgid = process.pid;
+        if drain_deadline.is_none() {
+            // While the leader is unreaped its number names only its group.
+            let _ = signal_group(pgid, libc::SIGKILL);
+        }
+        let status = process
+            .try_reap()
+            .unwrap_or(super::core::ExitStatus::Unknown);
+        if let Some(reason) = process.exec_failure() {
+            tracing::error!(
+                slot = process.slot,
+                pid = process.pid,
+                "cannot start worker {}: {reason}",
+                process.program_name()
+            );
+        }
+        let registry = self.poll.registry();
+        let _ = registry.deregister(&mut SourceFd(&process.pidfd.as_raw_fd()));
+        if let Some(pipe) = &process.exec_report {
+            let _ = registry.deregister(&mut SourceFd(&pipe.as_raw_fd()));
+        }
+        if process.ipc_watched {
+            let _ = registry.deregister(&mut SourceFd(&process.channel.as_raw_fd()));
+        }
+        if group_alive(pgid) {
+            let (deadline, killed) = match drain_deadline {
+                Some(deadline) => (deadline.max(now), false),
+                None => (now + LEFTOVER_GRACE, true),
+            };
+            self.leftovers.push(Leftovers {
+                pgid,
+                slot: process.slot,
+                deadline,
+                killed,
+            });
+        }
+        Some((process.slot, status))
+    }
+
+    /// The exec-report pipe is readable: `Some(true)` once `execve` succeeded (end of
+    /// file), `Some(false)` if it failed (the reason is logged; the exit follows), `None`
+    /// if there is nothing to tell yet.
+    pub(crate) fn exec_outcome(&mut self, id: WorkerId) -> Option<bool> {
+        use std::io::Read;
+        let process = self.procs.get_mut(&id)?;
+        let pipe = process.exec_report.as_mut()?;
+        let mut report = [0u8; 8];
+        let outcome = match pipe.read(&mut report) {
+            Ok(0) => true,
+            Ok(8) => {
+                tracing::error!(
+                    slot = process.slot,
+                    pid = process.pid,
+                    "cannot start worker {}: {}",
+                    process.program_name(),
+                    spawn::describe_exec_report(report)
+                );
+                false
+            }
+            Ok(_) => false,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => return None,
+            Err(_) => false,
+        };
+        if let Some(pipe) = process.exec_report.take() {
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&pipe.as_raw_fd()));
+        }
+        Some(outcome)
+    }
+
+    /// Forgets groups that are gone, kills those past their deadline.
+    pub(crate) fn tend_leftovers(&mut self, now: Instant) {
+        self.leftovers.retain_mut(|left| {
+            if !group_alive(left.pgid) {
+                return false;
+            }
+            if now < left.deadline {
+                return true;
+            }
+            if left.killed {
+                tracing::warn!(
+                    slot = left.slot,
+                    pgid = left.pgid,
+                    "processes of a worker's group are still there after SIGKILL; no longer waiting for them"
+                );
+                return false;
+            }
+            tracing::warn!(
+                slot = left.slot,
+                pgid = left.pgid,
+                "what is left of a drained worker's process group is still running; killing it"
+            );
+            let _ = signal_group(left.pgid, libc::SIGKILL);
+            left.killed = true;
+            left.deadline = now + LEFTOVER_GRACE;
+            true
+        });
+    }
+
+    /// When leftovers need looking at again.
+    pub(crate) fn next_wake(&self, now: Instant) -> Option<Instant> {
+        self.leftovers
+            .iter()
+            .map(|left| left.deadline.min(now + LEFTOVER_POLL))
+            .min()
+    }
+
+    /// Builds the spawn for this slot's program and starts it.
+    fn spawn_process(
+        &mut self,
+        slot: usize,
+        generation: u64,
+        id: WorkerId,
+    ) -> std::io::Result<(Process, bool)> {
+        let (primary_end, worker_end) = Channel::pair()?;
+        primary_end.set_nonblocking(true)?;
+        let mut vars: Vec<(OsString, OsString)> = vec![
+            (env::SLOT.into(), slot.to_string().into()),
+            (env::GENERATION.into(), generation.to_string().into()),
+            (env::ID.into(), id.0.to_string().into()),
+            (
+                ENV_LOG_FORMAT.into(),
+                log_format_name(self.config.log_format).into(),
+            ),
+            (
+                ENV_LOG_LEVEL.into(),
+                self.config.verbosity.to_string().into(),
+            ),
+        ];
+        let external = matches!(self.program, WorkerProgram::External(_));
+        let (program, argv, fds, own_socket, registers) = match &self.program {
+            WorkerProgram::External(command) => {
+                // The `shared` baseline's socket, else one of the child's own.
+                let socket = match self.baseline.as_ref().and_then(|b| b.external_socket()) {
+                    Some(shared) => shared?,
+                    None => OwnedFd::from(crate::listener::bind_reuseport(self.listen, true)?),
+                };
+                let primary_copy = socket.try_clone()?;
+                vars.push((env::IPC_FD.into(), IPC_FD_EXTERNAL.to_string().into()));
+                vars.push(("LISTEN_FDS".into(), "1".into()));
+                vars.push(("LISTEN_FDNAMES".into(), "steer".into()));
+                let first = command.first().map(OsString::from).unwrap_or_default();
+                let program = spawn::resolve_program(&first)?;
+                let argv = command.iter().map(OsString::from).collect();
+                let fds = vec![
+                    (socket, LISTEN_FD),
+                    (OwnedFd::from(worker_end), IPC_FD_EXTERNAL),
+                ];
+                (program, argv, fds, Some(primary_copy), false)
+            }
+            builtin => {
+                let role = if *builtin == WorkerProgram::Demo {
+                    env::ROLE_DEMO
+                } else {
+                    env::ROLE_LIBRARY
+                };
+                vars.push((env::ROLE.into(), role.into()));
+                vars.push((env::IPC_FD.into(), IPC_FD_BUILTIN.to_string().into()));
+                vars.push((env::LISTEN.into(), self.listen.to_string().into()));
+                if self.config.demo_faults {
+                    vars.push((env::DEMO_FAULTS.into(), "1".into()));
+                }
+                if let Some(credentials) = &self.config.credentials {
+                    let switch = crate::privileges::env_for(credentials);
+                    vars.extend(switch.map(|(k, v)| (k.into(), v.into())));
+                }
+                let argv0 = self.args.first().cloned().unwrap_or_else(|| "steer".into());
+                let argv = if *builtin == WorkerProgram::Demo {
+                    vec![argv0, "worker".into(), slot.to_string().into()]
+                } else {
+                    self.args.clone()
+                };
+                let mut fds = vec![(OwnedFd::from(worker_end), IPC_FD_BUILTIN)];
+                let mut registers = true;
+                if let Some(baseline) = &self.baseline {
+                    let inheritance = baseline.worker_inheritance()?;
+                    vars.extend(inheritance.env);
+                    fds.extend(inheritance.fds);
+                    registers = baseline.workers_register();
+                }
+                (self.exe.clone(), argv, fds, None, registers)
+            }
+        };
+        let listen_pid = own_socket.is_some();
+        let child = spawn::spawn(SpawnSpec {
+            program,
+            argv,
+            env: vars,
+            env_remove: env::ALL,
+            fds,
+            listen_pid,
+            cpu: self
+                .config
+                .cpu_affinity
+                .then(|| slot % crate::steering::online_cpus()),
+            limits: spawn::ChildLimits::for_worker(&self.config, external, self.inherited_nofile),
+        })?;
+        let now = Instant::now();
+        let listener = own_socket.as_ref().and_then(|socket| {
+            Some(ListenerRef {
+                inode: socket_inode(socket)?,
+                fd: LISTEN_FD,
+            })
+        });
+        let process = Process {
+            id,
+            slot,
+            pid: child.pid,
+            pidfd: child.pidfd,
+            channel: primary_end,
+            registered_fd: own_socket,
+            listener,
+            memory: ResidentMemory::open(child.pid),
+            exec_report: Some(child.exec_report),
+            program: child.program,
+            external,
+            ipc_watched: true,
+            budget: RelayBudget::new(now),
+        };
+        Ok((process, registers))
+    }
+}
+
+impl Io for Host {
+    fn spawn(&mut self, slot: usize, generation: u64, id: WorkerId) -> Result<Spawned, String> {
+        let (process, registers) = self
+            .spawn_process(slot, generation, id)
+            .map_err(|err| err.to_string())?;
+        let registry = self.poll.registry();
+        let watch = registry
+            .register(
+                &mut SourceFd(&process.pidfd.as_raw_fd()),
+                worker_token(id, WorkerFd::Exit),
+                Interest::READABLE,
+            )
+            .and_then(|()| {
+                registry.register(
+                    &mut SourceFd(&process.channel.as_raw_fd()),
+                    worker_token(id, WorkerFd::Ipc),
+                    Interest::READABLE,
+                )
+            })
+            .and_then(|()| match &process.exec_report {
+                Some(pipe) => registry.register(
+                    &mut SourceFd(&pipe.as_raw_fd()),
+                    worker_token(id, WorkerFd::Exec),
+                    Interest::READABLE,
+                ),
+                None => Ok(()),
+            });
+        if let Err(err) = watch {
+            // Without its pidfd in the loop its exit would never be seen.
+            let _ = signal_group(process.pid, libc::SIGKILL);
+            let _ = registry.deregister(&mut SourceFd(&process.pidfd.as_raw_fd()));
+            let _ = registry.deregister(&mut SourceFd(&process.channel.as_raw_fd()));
+            spawn::kill_and_reap(process.pid);
+            return Err(format!("cannot watch the new worker: {err}"));
+        }
+        let spawned = Spawned {
+            pid: process.pid,
+            listening: process.registered_fd.is_some(),
+            registers,
+        };
+        self.procs.insert(id, process);
+        Ok(spawned)
+    }
+
+    fn enter_steering(&mut self, slot: usize, id: WorkerId, generation: u64) -> Result<(), String> {
+        let process = self.procs.get_mut(&id).ok_or("the worker is gone")?;
+        match process.registered_fd.take() {
+            Some(fd) => self
+                .steering
+                .activate(slot, generation as u32, fd)
+                .map_err(|err| err.to_string()),
+            // The baselines' workers have no socket of their own to steer to.
+            None if self.baseline.is_some() => Ok(()),
+            None => Err("it registered no socket".into()),
+        }
+    }
+
+    fn leave_steering(&mut self, slot: usize) {
+        if let Err(err) = self.steering.deactivate(slot) {
+            tracing::warn!(slot, "cannot take the slot out of steering: {err}");
+        }
+    }
+
+    fn drain(&mut self, id: WorkerId) {
+        let Some(process) = self.procs.get_mut(&id) else {
+            return;
+        };
+        process.registered_fd = None;
+        let _not_listening = process.channel.send(&Message::Drain);
+        if process.external
+            && let Err(err) = process.signal_group(libc::SIGTERM)
+        {
+            // Without it the worker drains only at the SIGKILL deadline (a worker of
+            // another user needs CAP_KILL).
+            tracing::warn!(
+                slot = process.slot,
+                pid = process.pid,
+                "SIGTERM failed: {err}{}",
+                if err.raw_os_error() == Some(libc::EPERM) {
+                    " (the primary needs CAP_KILL to signal a worker of another user)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+
+    fn repeat_drain(&mut self, id: WorkerId) {
+        if let Some(process) = self.procs.get(&id) {
+            let _full_or_gone = process.channel.send(&Message::Drain);
+        }
+    }
+
+    fn kill(&mut self, id: WorkerId) {
+        if let Some(process) = self.procs.get(&id)
+            && let Err(err) = process.signal_group(libc::SIGKILL)
+        {
+            tracing::debug!(pid = process.pid, "SIGKILL failed: {err}");
+        }
+    }
+
+    fn ping(&mut self, id: WorkerId, seq: u64) {
+        if let Some(process) = self.procs.get(&id) {
+            // A worker that does not read its socket cannot answer either: the verdict
+            // comes from the missing pong, not from here.
+            let _full_or_gone = process.channel.send(&Message::Ping { seq });
+        }
+    }
+
+    fn shut_down_listener(&mut self, id: WorkerId) -> Result<(), String> {
+        let process = self.procs.get(&id).ok_or("the worker is gone")?;
+        process.shut_down_listener().map_err(|err| err.to_string())
+    }
+
+    fn resident_bytes(&mut self, id: WorkerId) -> Option<u64> {
+        self.procs.get(&id)?.memory.as_ref()?.bytes()
+    }
+}
+
+fn log_format_name(format: crate::config::LogFormat) -> &'static str {
+    match format {
+        crate::config::LogFormat::Text => "text",
+        crate::config::LogFormat::Json => "json",
+    }
+}

@@ -1,0 +1,337 @@
+//! One worker process as the host holds it: its pid and pidfd, its process group, its IPC
+//! channel, the socket it registered, and the files the primary reads about it.
+//!
+//! A worker is its **process group**: each worker is started in a group of its own
+//! (`setpgid(0, 0)` before `execve`), and drain, kill and the clean-up after its exit all
+//! reach the whole group, so a shell wrapper (`sh -c 'app; true'`) or an app that forks
+//! helpers leaves nothing behind. The group is signalled while its leader is still
+//! unreaped (or while members remain), so its number cannot have been reused.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use super::core::{ExitStatus, WorkerId};
+use crate::ipc::Channel;
+
+/// The worker's listening socket, as the primary can find it again in the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ListenerRef {
+    /// Its inode, which names the socket whatever fd it sits at.
+    pub inode: u64,
+    /// The fd number the worker holds it at (3 for an external worker; what `register`
+    /// said for a built-in or library one).
+    pub fd: RawFd,
+}
+
+/// One worker process.
+#[derive(Debug)]
+pub(crate) struct Process {
+    /// The core's name for it.
+    pub id: WorkerId,
+    /// Its slot.
+    pub slot: usize,
+    /// Its pid, which is also its process group id.
+    pub pid: i32,
+    /// `pidfd_open(pid)`: readable when it exits; signals through it never hit a reused pid.
+    pub pidfd: OwnedFd,
+    /// The primary's end of its IPC socket.
+    pub channel: Channel,
+    /// The socket it registered (or, external, the one made for it), held until it is in
+    /// steering.
+    pub registered_fd: Option<OwnedFd>,
+    /// Where its listener is, to shut it down if it hangs.
+    pub listener: Option<ListenerRef>,
+    /// Its `/proc/<pid>/statm`, kept open to read resident memory without allocating.
+    pub memory: Option<ResidentMemory>,
+    /// The read end of the pipe its `execve` reports a failure on (closed on success).
+    pub exec_report: Option<File>,
+    /// The executable it was started from.
+    pub program: std::path::PathBuf,
+    /// An external program (drain is SIGTERM to its group).
+    pub external: bool,
+    /// Its IPC is still read.
+    pub ipc_watched: bool,
+    /// What it may still relay to other workers.
+    pub budget: RelayBudget,
+}
+
+impl Process {
+    /// Sends `signal` to the worker's process group, or to the process alone if the group
+    /// is gone (it left its group). `ESRCH` means everything is gone already.
+    pub(crate) fn signal_group(&self, signal: libc::c_int) -> io::Result<()> {
+        match signal_group(self.pid, signal) {
+            Err(err) if err.raw_os_error() == Some(libc::ESRCH) => {
+                super::spawn::pidfd_signal(&self.pidfd, signal)
+            }
+            other => other,
+        }
+    }
+
+    /// The executable, for messages.
+    pub(crate) fn program_name(&self) -> std::path::Display<'_> {
+        self.program.display()
+    }
+
+    /// Reaps it if it has exited (see [`super::spawn::try_reap`]).
+    pub(crate) fn try_reap(&self) -> Option<ExitStatus> {
+        super::spawn::try_reap(&self.pidfd)
+    }
+
+    /// Whether it has exited (without reaping it: `WNOWAIT`).
+    pub(crate) fn has_exited(&self) -> bool {
+        // SAFETY: siginfo_t is plain data; all-zero is a valid value to be overwritten.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid on our pidfd writes into `info`.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                self.pidfd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: filled by the kernel, or left zero.
+        rc < 0 || unsafe { info.si_pid() } != 0
+    }
+
+    /// What its `execve` reported, if it failed: read once, without blocking.
+    pub(crate) fn exec_failure(&mut self) -> Option<String> {
+        let mut pipe = self.exec_report.take()?;
+        let mut report = [0u8; 8];
+        match pipe.read(&mut report) {
+            Ok(8) => Some(super::spawn::describe_exec_report(report)),
+            _ => None,
+        }
+    }
+
+    /// Takes its listening socket from it (`pidfd_getfd(2)`) and shuts it down, so its
+    /// queue migrates to the live workers and it receives nothing more. Looks only at the
+    /// fd it is known to hold the socket at: a worker that moved it is not searched for.
+    pub(crate) fn shut_down_listener(&self) -> io::Result<()> {
+        let listener = self
+            .listener
+            .ok_or_else(|| io::Error::other("its listening socket was never recorded"))?;
+        let socket =
+            pidfd_getfd(&self.pidfd, listener.fd).map_err(|err| match err.raw_os_error() {
+                Some(libc::EPERM) => io::Error::new(
+                    err.kind(),
+                    format!(
+                        "pidfd_getfd: {err} (the primary needs CAP_SYS_PTRACE over the worker)"
+                    ),
+                ),
+                _ => io::Error::new(
+                    err.kind(),
+                    format!("pidfd_getfd of fd {}: {err}", listener.fd),
+                ),
+            })?;
+        if socket_inode(&socket) != Some(listener.inode) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "fd {} of the worker is no longer its listening socket",
+                    listener.fd
+                ),
+            ));
+        }
+        socket2::SockRef::from(&socket).shutdown(std::net::Shutdown::Read)
+    }
+}
+
+/// `kill(-pgid, signal)`.
+pub(crate) fn signal_group(pgid: i32, signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: kill has no memory effects; a negative pid names a process group.
+    if unsafe { libc::kill(-pgid, signal) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether any process is left in group `pgid` (`kill(-pgid, 0)`).
+pub(crate) fn group_alive(pgid: i32) -> bool {
+    !matches!(signal_group(pgid, 0), Err(err) if err.raw_os_error() == Some(libc::ESRCH))
+}
+
+/// What is left of a worker's group after its main process exited: given until `deadline`
+/// to finish (a draining worker's children may still be answering), then killed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Leftovers {
+    /// The group.
+    pub pgid: i32,
+    /// Its slot, for the log.
+    pub slot: usize,
+    /// SIGKILL then.
+    pub deadline: Instant,
+    /// SIGKILL sent.
+    pub killed: bool,
+}
+
+/// The inode of a socket.
+pub(crate) fn socket_inode(fd: &impl AsFd) -> Option<u64> {
+    nix::sys::stat::fstat(fd).ok().map(|stat| stat.st_ino)
+}
+
+/// Duplicates fd `target` of the process behind `pidfd` into this one (`pidfd_getfd(2)`,
+/// Linux 5.6; needs ptrace access to the process, which the primary has over its own
+/// children of the same user, and with CAP_SYS_PTRACE over others).
+pub(crate) fn pidfd_getfd(pidfd: &OwnedFd, target: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall on integers; the kernel checks both fds.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(fd).map_err(|_| io::Error::other("fd out of range"))?;
+    // SAFETY: the kernel just installed `fd` in this process for us alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A token bucket: what a worker may relay to other workers. Broadcasts cost one token
+/// per message and their size in bytes; what exceeds the budget is dropped and counted
+/// against the sender's slot, so one chatty worker cannot flood the primary or the others.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RelayBudget {
+    messages: f64,
+    bytes: f64,
+    refilled: Instant,
+}
+
+/// Messages a worker may relay per second (and hold in reserve).
+pub(crate) const RELAY_MESSAGES_PER_SECOND: f64 = 1_000.0;
+/// Bytes a worker may relay per second (and hold in reserve).
+pub(crate) const RELAY_BYTES_PER_SECOND: f64 = 8.0 * 1024.0 * 1024.0;
+
+impl RelayBudget {
+    /// A full budget.
+    pub(crate) fn new(now: Instant) -> RelayBudget {
+        RelayBudget {
+            messages: RELAY_MESSAGES_PER_SECOND,
+            bytes: RELAY_BYTES_PER_SECOND,
+            refilled: now,
+        }
+    }
+
+    /// Takes one message of `len` bytes from the budget, if it is there.
+    pub(crate) fn take(&mut self, len: usize, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        self.messages =
+            (self.messages + elapsed * RELAY_MESSAGES_PER_SECOND).min(RELAY_MESSAGES_PER_SECOND);
+        self.bytes = (self.bytes + elapsed * RELAY_BYTES_PER_SECOND).min(RELAY_BYTES_PER_SECOND);
+        let len = len as f64;
+        if self.messages < 1.0 || self.bytes < len {
+            return false;
+        }
+        self.messages -= 1.0;
+        self.bytes -= len;
+        true
+    }
+}
+
+/// A process's `/proc/<pid>/statm`, opened once and re-read from offset 0 (the kernel
+/// regenerates it on each read), so each check is one `pread(2)` into a stack buffer.
+#[derive(Debug)]
+pub(crate) struct ResidentMemory {
+    statm: File,
+    page_size: u64,
+}
+
+impl ResidentMemory {
+    /// Opens `/proc/<pid>/statm`; `None` if the process is already gone.
+    pub(crate) fn open(pid: i32) -> Option<ResidentMemory> {
+        let statm = File::open(format!("/proc/{pid}/statm")).ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        Some(ResidentMemory {
+            statm,
+            page_size: u64::try_from(page_size).unwrap_or(4096),
+        })
+    }
+
+    /// Resident memory in bytes now; `None` once the process has exited.
+    pub(crate) fn bytes(&self) -> Option<u64> {
+        let mut buf = [0u8; 128];
+        let n = self.statm.read_at(&mut buf, 0).ok()?;
+        resident_pages(&buf[..n]).map(|pages| pages.saturating_mul(self.page_size))
+    }
+}
+
+/// The second field of a `statm` line (resident pages), parsed without allocating.
+fn resident_pages(statm: &[u8]) -> Option<u64> {
+    let field = statm
+        .split(|&b| b == b' ')
+        .filter(|f| !f.is_empty())
+        .nth(1)?;
+    let mut pages: u64 = 0;
+    for &b in field.iter().take_while(|b| b.is_ascii_digit()) {
+        pages = pages.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+    }
+    Some(pages)
+}
+
+/// How long a group left behind by a crashed worker gets after SIGKILL before the primary
+/// stops waiting for it (SIGKILL cannot be refused; this only bounds a zombie's reaping).
+pub(crate) const LEFTOVER_GRACE: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statm_resident_field_is_the_second() {
+        assert_eq!(resident_pages(b"6613 1460 1054 205 0 621 0\n"), Some(1460));
+        assert_eq!(resident_pages(b"1 2\n"), Some(2));
+        assert_eq!(resident_pages(b"1"), None);
+    }
+
+    #[test]
+    fn own_resident_memory_is_read_and_tracks_growth() {
+        let memory = ResidentMemory::open(std::process::id() as i32).expect("own statm");
+        let before = memory.bytes().expect("rss");
+        assert!(before > 0);
+        let block = vec![1u8; 64 << 20];
+        let after = memory.bytes().expect("rss");
+        assert!(
+            after >= before + (60 << 20),
+            "64 MiB touched, rss {before} -> {after}"
+        );
+        drop(block);
+    }
+
+    #[test]
+    fn a_listener_taken_with_pidfd_getfd_and_shut_down_stops_listening() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let pid = std::process::id() as i32;
+        let pidfd = super::super::spawn::pidfd_open(pid).expect("pidfd_open");
+        let socket = pidfd_getfd(&pidfd, listener.as_raw_fd()).expect("pidfd_getfd");
+        assert_eq!(socket_inode(&socket), socket_inode(&listener));
+        socket2::SockRef::from(&socket)
+            .shutdown(std::net::Shutdown::Read)
+            .expect("shutdown");
+        assert!(
+            std::net::TcpStream::connect(addr).is_err(),
+            "a shut-down listener must refuse"
+        );
+        let err = listener
+            .accept()
+            .expect_err("accept on a shut-down listener");
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
+    }
+
+    #[test]
+    fn the_relay_budget_refills_with_time_and_refuses_past_it() {
+        let t0 = Instant::now();
+        let mut budget = RelayBudget::new(t0);
+        let taken = (0..2_000).filter(|_| budget.take(10, t0)).count();
+        assert_eq!(taken, RELAY_MESSAGES_PER_SECOND as usize);
+        assert!(
+            budget.take(10, t0 + Duration::from_millis(10)),
+            "10 ms refills 10"
+        );
+        let mut bytes = RelayBudget::new(t0);
+        assert!(bytes.take(RELAY_BYTES_PER_SECOND as usize, t0));
+        assert!(!bytes.take(1, t0), "the byte budget is spent");
+    }
+}
