@@ -143,9 +143,7 @@ impl Notifier {
             Phase::Stopping if before.is_none_or(|b| b.phase != Phase::Stopping) => {
                 lines.push("STOPPING=1".to_owned());
             }
-            Phase::Reloading
-                if started && before.is_none_or(|b| b.phase != Phase::Reloading) =>
-            {
+            Phase::Reloading if started && before.is_none_or(|b| b.phase != Phase::Reloading) => {
                 lines.push("RELOADING=1".to_owned());
                 lines.push(format!("MONOTONIC_USEC={}", monotonic_usec()));
             }

@@ -117,7 +117,7 @@ impl HandOff {
                     return Ok(());
                 }
                 // Full: try the next worker. Gone: its exit arrives on the pidfd.
-                Err(IpcError::Closed | IpcError::Io { .. }) => continue,
+                Err(IpcError::Full | IpcError::Closed | IpcError::Io { .. }) => continue,
                 Err(err) => {
                     tracing::warn!(slot = target.slot, "cannot hand a connection over: {err}");
                 }

@@ -184,9 +184,7 @@ impl Server {
             Ok(()) => {}
             Err(IpcError::Closed) => primary_gone(),
             // The primary is not reading; a lost pong reads as a slow worker, not a dead one.
-            Err(IpcError::Io { source, .. }) if source.kind() == io::ErrorKind::WouldBlock => {
-                warn!(?message, "IPC socket full, message dropped");
-            }
+            Err(IpcError::Full) => warn!(?message, "IPC socket full, message dropped"),
             Err(error) => ipc_failed(&error),
         }
     }

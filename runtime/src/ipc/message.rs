@@ -1,21 +1,25 @@
 //! The messages of the primary <-> worker protocol (documented for other languages in
 //! `docs/ipc.md`).
 //!
-//! Every datagram on the IPC socket is one JSON object: `{"v": 1, "type": "...", ...}`.
-//! A listening socket travels beside a `register` message as `SCM_RIGHTS` ancillary data.
+//! Every message is one JSON object: `{"v": 1, "type": "...", ...}`. How it travels (one
+//! datagram, or one line of a stream) is the channel's business; see `channel.rs`.
+
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::steering::LoadShare;
 
 /// The protocol version this build speaks; a message with another `v` is rejected.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// Largest datagram either side accepts. A larger one is a protocol violation.
+/// Largest message either side accepts, in bytes of JSON (without the newline that ends a
+/// line on a stream channel). A larger one is a protocol violation.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
-/// One protocol message, tagged by its `type` field.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+/// One protocol message; its `type` on the wire is the variant's name in snake case.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     /// Worker -> primary, first message: "here is my listening socket" (fd attached).
     Register {
@@ -23,7 +27,6 @@ pub enum Message {
         pid: u32,
         /// The fd number the worker holds the socket at, so a primary that must shut a
         /// hung worker's listener down finds it without searching the worker's fd table.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
         fd: Option<i32>,
     },
     /// Primary -> worker: the socket passed the checks and goes into steering once the
@@ -31,14 +34,12 @@ pub enum Message {
     Registered {
         /// Under `least-loaded`: where the worker publishes its load; the program's `LOAD`
         /// map travels beside the message as an fd.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        load: Option<crate::steering::LoadShare>,
+        load: Option<LoadShare>,
     },
     /// Worker -> primary: the accept loop runs; the slot may be marked `ready`.
     Ready {
-        /// The worker answers pings from its serving loop: from now on, only `pong`
-        /// counts as its sign of life, and silence means it is stuck.
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        /// The worker answers pings from its serving loop, so silence means it is stuck.
+        /// Optional on the wire (`"heartbeats":true`), false when absent.
         heartbeats: bool,
     },
     /// Primary -> worker: liveness probe, answered from the worker's event loop.
@@ -50,8 +51,7 @@ pub enum Message {
     Pong {
         /// The `seq` of the ping being answered.
         seq: u64,
-        /// What the worker has done so far.
-        #[serde(default)]
+        /// What the worker has done so far (each counter optional on the wire).
         counters: Counters,
     },
     /// Primary -> worker: stop accepting, finish in-flight work, then exit 0.
@@ -62,14 +62,29 @@ pub enum Message {
     /// Application message, in either direction (Node's `worker.send` / `process.send`).
     User {
         /// Worker -> primary: who should receive it; absent means the primary itself.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
         to: Option<Recipient>,
         /// Primary -> worker: the slot it came from, absent if from the primary.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
         from: Option<usize>,
-        /// Any JSON value.
-        data: Value,
+        /// Any JSON value, kept as the text that arrived so relaying it never parses or
+        /// re-serializes it.
+        data: Payload,
     },
+}
+
+impl Message {
+    /// The `type` field of this message on the wire.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Register { .. } => "register",
+            Message::Registered { .. } => "registered",
+            Message::Ready { .. } => "ready",
+            Message::Ping { .. } => "ping",
+            Message::Pong { .. } => "pong",
+            Message::Drain => "drain",
+            Message::Connection => "connection",
+            Message::User { .. } => "user",
+        }
+    }
 }
 
 /// Where a worker's [`Message::User`] goes.
@@ -86,6 +101,7 @@ pub enum Recipient {
 
 /// Counters a worker reports in every [`Message::Pong`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Counters {
     /// Connections accepted since the worker started.
     #[serde(default)]
@@ -98,65 +114,70 @@ pub struct Counters {
     pub requests: u64,
 }
 
-/// The wire form: the version beside the flattened message.
-#[derive(Serialize, Deserialize)]
-pub(crate) struct Envelope {
-    pub(crate) v: u32,
-    #[serde(flatten)]
-    pub(crate) message: Message,
+/// The `data` of a [`Message::User`]: one JSON value, held as its text.
+///
+/// A relayed message copies these bytes into the outgoing message as they are; only a
+/// receiver that wants to look inside parses them ([`Payload::to_value`]).
+#[derive(Clone)]
+pub struct Payload(Box<RawValue>);
+
+/// Equal when the texts are: `[1,2]` and `[1, 2]` differ.
+impl PartialEq for Payload {
+    fn eq(&self, other: &Payload) -> bool {
+        self.get() == other.get()
+    }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+impl Eq for Payload {}
 
-    #[test]
-    fn wire_form_is_flat_json_with_version() {
-        let env = Envelope {
-            v: PROTOCOL_VERSION,
-            message: Message::Ping { seq: 7 },
-        };
-        let text = serde_json::to_string(&env).expect("serialize");
-        assert_eq!(text, r#"{"v":1,"type":"ping","seq":7}"#);
-        let user = Envelope {
-            v: 1,
-            message: Message::User {
-                to: Some(Recipient::Slot(2)),
-                from: None,
-                data: Value::from("hi"),
-            },
-        };
-        assert_eq!(
-            serde_json::to_string(&user).expect("serialize"),
-            r#"{"v":1,"type":"user","to":{"slot":2},"data":"hi"}"#
-        );
+impl Payload {
+    /// Serializes any value (`serde_json::to_string`); fails only for values JSON cannot
+    /// hold, such as a map with non-string keys.
+    pub fn new(value: &impl Serialize) -> Result<Payload, serde_json::Error> {
+        serde_json::value::to_raw_value(value).map(Payload)
     }
 
-    #[test]
-    fn ready_declares_heartbeats_only_when_it_says_so() {
-        let plain: Envelope = serde_json::from_str(r#"{"v":1,"type":"ready"}"#).expect("parse");
-        assert_eq!(plain.message, Message::Ready { heartbeats: false });
-        let beating: Envelope =
-            serde_json::from_str(r#"{"v":1,"type":"ready","heartbeats":true}"#).expect("parse");
-        assert_eq!(beating.message, Message::Ready { heartbeats: true });
-        let text = serde_json::to_string(&Envelope {
-            v: 1,
-            message: Message::Ready { heartbeats: true },
-        })
-        .expect("serialize");
-        assert_eq!(text, r#"{"v":1,"type":"ready","heartbeats":true}"#);
+    /// Wraps JSON text after checking that it is one well-formed value.
+    pub fn from_json(text: &str) -> Result<Payload, serde_json::Error> {
+        RawValue::from_string(text.to_owned()).map(Payload)
     }
 
-    #[test]
-    fn pong_counters_default_when_absent() {
-        let env: Envelope =
-            serde_json::from_str(r#"{"v":1,"type":"pong","seq":3}"#).expect("parse");
-        assert_eq!(
-            env.message,
-            Message::Pong {
-                seq: 3,
-                counters: Counters::default()
-            }
-        );
+    /// The JSON text, exactly as it arrived (or as [`Payload::new`] wrote it).
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Parses the text into a [`serde_json::Value`].
+    pub fn to_value(&self) -> serde_json::Value {
+        // The text was checked to be one JSON value when this payload was made, so this
+        // parse cannot fail; `Null` is what a broken invariant would give, not a panic.
+        serde_json::from_str(self.get()).unwrap_or(serde_json::Value::Null)
+    }
+
+    pub(crate) fn raw(&self) -> &RawValue {
+        &self.0
+    }
+
+    pub(crate) fn from_raw(raw: &RawValue) -> Payload {
+        Payload(raw.to_owned())
+    }
+}
+
+impl From<serde_json::Value> for Payload {
+    fn from(value: serde_json::Value) -> Payload {
+        // A `Value` always serializes (its map keys are strings).
+        Payload::new(&value).unwrap_or_else(|_| Payload::from_raw(RawValue::NULL))
+    }
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.get())
+    }
+}
+
+impl fmt::Display for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.get())
     }
 }

@@ -20,7 +20,7 @@ use super::process::{
 use super::spawn::{self, LISTEN_FD, SpawnSpec};
 use crate::baseline::Baseline;
 use crate::config::Config;
-use crate::ipc::{Channel, Message};
+use crate::ipc::{Channel, Framing, Message};
 use crate::logging::{ENV_LOG_FORMAT, ENV_LOG_LEVEL};
 use crate::steering::Steering;
 use crate::worker::env;
@@ -241,7 +241,12 @@ impl Host {
         generation: u64,
         id: WorkerId,
     ) -> std::io::Result<(Process, bool)> {
-        let (primary_end, worker_end) = Channel::pair()?;
+        // External workers get newline-delimited JSON on a stream, which Node's
+        // `process.send` speaks (it cannot open a SOCK_SEQPACKET fd); the others pass fds.
+        let (primary_end, worker_end) = match &self.program {
+            WorkerProgram::External(_) => Channel::stream_pair()?,
+            _ => Channel::pair()?,
+        };
         primary_end.set_nonblocking(true)?;
         let mut vars: Vec<(OsString, OsString)> = vec![
             (env::SLOT.into(), slot.to_string().into()),
@@ -266,6 +271,8 @@ impl Host {
                 };
                 let primary_copy = socket.try_clone()?;
                 vars.push((env::IPC_FD.into(), IPC_FD_EXTERNAL.to_string().into()));
+                vars.push(("NODE_CHANNEL_FD".into(), IPC_FD_EXTERNAL.to_string().into()));
+                vars.push(("NODE_CHANNEL_SERIALIZATION_MODE".into(), "json".into()));
                 vars.push(("LISTEN_FDS".into(), "1".into()));
                 vars.push(("LISTEN_FDNAMES".into(), "steer".into()));
                 let first = command.first().map(OsString::from).unwrap_or_default();
@@ -363,10 +370,16 @@ impl Io for Host {
                 Interest::READABLE,
             )
             .and_then(|()| {
+                // A stream channel buffers what the socket does not take; it is flushed
+                // when the socket becomes writable.
+                let interest = match process.channel.framing() {
+                    Framing::Lines => Interest::READABLE | Interest::WRITABLE,
+                    Framing::Datagram => Interest::READABLE,
+                };
                 registry.register(
                     &mut SourceFd(&process.channel.as_raw_fd()),
                     worker_token(id, WorkerFd::Ipc),
-                    Interest::READABLE,
+                    interest,
                 )
             })
             .and_then(|()| match &process.exec_report {

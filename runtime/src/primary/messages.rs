@@ -8,7 +8,7 @@ use super::Control;
 use super::core::{Registration, WorkerId};
 use super::process::ListenerRef;
 use super::supervisor::Supervisor;
-use crate::ipc::{IpcError, Message, Received, Recipient};
+use crate::ipc::{Encoded, IpcError, Message, Payload, Received, Recipient};
 
 /// Most messages read from one worker per wakeup, so a chatty worker cannot starve the
 /// loop (the rest wait for the next turn; the socket stays readable).
@@ -17,6 +17,11 @@ const MAX_MESSAGES_PER_WAKEUP: usize = 64;
 impl Supervisor {
     /// The worker's IPC socket is readable (or has more than one turn read).
     pub(super) fn on_ipc(&mut self, id: WorkerId) {
+        // A stream channel is also watched for writability: what waits in its output
+        // buffer goes out now. A peer that is gone shows on the read side below.
+        if let Some(process) = self.host.process(id) {
+            let _gone = process.channel.flush();
+        }
         for _ in 0..MAX_MESSAGES_PER_WAKEUP {
             let Some(process) = self.host.process(id).filter(|p| p.ipc_watched) else {
                 return;
@@ -36,6 +41,14 @@ impl Supervisor {
                     // not speak the protocol): its exit comes on the pidfd.
                     self.host.unwatch_ipc(id);
                     return;
+                }
+                Err(err) if !err.is_violation() => {
+                    // This process is out of fds (or the socket failed): not the worker's
+                    // fault, never a protocol violation. The next message may need none.
+                    tracing::warn!(slot = index, "reading a worker's IPC: {err}");
+                    if !matches!(err, IpcError::FdsExhausted) {
+                        return;
+                    }
                 }
                 Err(err) => {
                     self.violation(index, id, &err.to_string());
@@ -62,7 +75,7 @@ impl Supervisor {
         match message {
             Message::Register { fd: number, .. } => {
                 let socket = fd.ok_or("register without a socket attached")?;
-                match self.core.registered(index, id, now)? {
+                match self.core.registered(index, id)? {
                     Registration::Ignored => return Ok(()),
                     Registration::Accepted => {}
                 }
@@ -110,14 +123,13 @@ impl Supervisor {
                 if fd.is_some() {
                     return Err("unexpected fd beside pong".into());
                 }
-                self.core
-                    .pong(&mut self.host, index, id, seq, counters, now)?;
+                self.core.pong(&mut self.host, index, id, seq, counters)?;
             }
             Message::User { to, data, .. } => {
                 if fd.is_some() {
                     return Err("unexpected fd beside a user message".into());
                 }
-                self.core.spoke(index, id, now);
+                self.core.spoke(index, id);
                 self.route_user_message(index, id, to.unwrap_or(Recipient::Primary), data, now);
             }
             other @ (Message::Registered { .. }
@@ -136,11 +148,11 @@ impl Supervisor {
         from: usize,
         id: WorkerId,
         to: Recipient,
-        data: serde_json::Value,
+        data: Payload,
         now: Instant,
     ) {
         if to != Recipient::Primary {
-            let size = estimated_size(&data);
+            let size = data.get().len();
             let allowed = self
                 .host
                 .process(id)
@@ -160,9 +172,9 @@ impl Supervisor {
                     outbox: Vec::new(),
                     workers: self.core.slots().len(),
                 };
-                hook(&mut control, from, data);
+                hook(&mut control, from, data.to_value());
                 for (target, data) in control.outbox {
-                    self.deliver(None, target, data, now);
+                    self.deliver(None, target, Payload::from(data), now);
                 }
             }
             Recipient::All => self.deliver(Some(from), None, data, now),
@@ -171,19 +183,25 @@ impl Supervisor {
     }
 
     /// Sends a user message to one slot's serving process, or to every slot's but the
-    /// sender's. What a receiver cannot take now (its socket is full) is dropped and
-    /// counted against the sender's slot.
+    /// sender's, serialized once whatever the number of receivers. What a receiver cannot
+    /// take now (its socket is full) is dropped and counted against the sender's slot.
     pub(crate) fn deliver(
         &mut self,
         from: Option<usize>,
         to: Option<usize>,
-        data: serde_json::Value,
+        data: Payload,
         now: Instant,
     ) {
-        let message = Message::User {
+        let message = match Encoded::new(&Message::User {
             to: None,
             from,
             data,
+        }) {
+            Ok(message) => message,
+            Err(err) => {
+                tracing::warn!(?from, "cannot relay a user message: {err}");
+                return;
+            }
         };
         let mut undelivered = 0u64;
         for slot in self.core.slots() {
@@ -194,7 +212,7 @@ impl Supervisor {
                 continue;
             };
             if let Some(process) = self.host.procs.get(&worker.id)
-                && process.channel.send(&message).is_err()
+                && process.channel.send_encoded(&message).is_err()
             {
                 undelivered += 1;
             }
@@ -223,23 +241,6 @@ impl Supervisor {
             );
             *reported = now;
             *since = 0;
-        }
-    }
-}
-
-/// About how many bytes `value` takes as JSON, without serializing it.
-fn estimated_size(value: &serde_json::Value) -> usize {
-    use serde_json::Value;
-    match value {
-        Value::Null | Value::Bool(_) => 5,
-        Value::Number(_) => 20,
-        Value::String(s) => s.len() + 2,
-        Value::Array(items) => items.iter().map(estimated_size).sum::<usize>() + 2,
-        Value::Object(map) => {
-            map.iter()
-                .map(|(k, v)| k.len() + 3 + estimated_size(v))
-                .sum::<usize>()
-                + 2
         }
     }
 }

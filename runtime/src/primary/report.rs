@@ -83,7 +83,7 @@ impl Supervisor {
                     last_exit: slot.last_exit.map(|s| s.to_string()),
                     next_restart_in_ms: slot.next_restart_in(now).map(|d| d.as_millis() as u64),
                     health_ms: worker
-                        .and_then(|w| w.heartbeat.age(now))
+                        .and_then(|w| w.heartbeat.owed(now))
                         .map(|age| age.as_millis() as u64),
                     draining: slot.retiring.len(),
                     messages_dropped: slot.messages_dropped,

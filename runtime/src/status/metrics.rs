@@ -190,7 +190,7 @@ pub fn render(doc: &StatusDocument) -> String {
         doc,
         "steer_worker_heartbeat_age_seconds",
         "gauge",
-        "Seconds since the slot's process last answered the primary (absent for programs that do not speak the protocol).",
+        "Seconds the slot's process has owed an answer to a ping (0 when it owes none; absent for programs that do not speak the protocol). A watched worker is hung past health-timeout.",
         |w| w.health_ms.map(|ms| ms as f64 / 1000.0),
     );
     e.per_slot(

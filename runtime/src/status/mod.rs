@@ -93,8 +93,9 @@ pub struct WorkerStatus {
     pub last_exit: Option<String>,
     /// Backoff left before the next start.
     pub next_restart_in_ms: Option<u64>,
-    /// Milliseconds since the process last answered a ping (or, before its first
-    /// answer, since it first spoke); absent for a program that never spoke the protocol.
+    /// Milliseconds the process has owed an answer to a ping (since the oldest ping it has
+    /// not answered was sent; 0 when it owes none); absent for a program that never spoke
+    /// the protocol. A watched worker is hung when this passes `health-timeout`.
     pub health_ms: Option<u64>,
     /// Old generations still draining.
     pub draining: usize,

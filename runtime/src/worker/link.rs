@@ -151,6 +151,7 @@ impl Link {
                     }
                     Message::Drain => self.drain.set(),
                     Message::User { from, data, .. } => {
+                        let data = data.to_value();
                         match inbox.try_send(UserMessage { from, data }) {
                             Ok(()) | Err(TrySendError::Disconnected(_)) => {}
                             Err(TrySendError::Full(_)) => {
@@ -261,7 +262,7 @@ mod tests {
                 .send(&Message::User {
                     to: None,
                     from: Some(1),
-                    data: Value::from(i),
+                    data: Value::from(i).into(),
                 })
                 .expect("send");
         }

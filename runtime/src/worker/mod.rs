@@ -20,7 +20,7 @@ use std::time::Duration;
 pub use link::{DrainSignal, Heartbeat, INBOX_CAPACITY, UserMessage, WorkerStats};
 use serde::Serialize;
 
-use crate::ipc::{Channel, IpcError, Message, Recipient};
+use crate::ipc::{Channel, IpcError, Message, Payload, Recipient};
 use env::WorkerEnv;
 
 /// A library worker: what the closure passed to [`crate::ClusterBuilder::run`] receives.
@@ -157,7 +157,7 @@ impl Worker {
 
     /// Sends a JSON message to another worker, or to all others, through the primary.
     pub fn send_to(&self, to: Recipient, data: impl Serialize) -> Result<(), IpcError> {
-        let data = serde_json::to_value(data).map_err(|source| IpcError::Malformed {
+        let data = Payload::new(&data).map_err(|source| IpcError::Malformed {
             preview: "user message".into(),
             source,
         })?;
@@ -188,9 +188,7 @@ impl Worker {
     /// User messages dropped because more than [`INBOX_CAPACITY`] were waiting
     /// unread.
     pub fn dropped_messages(&self) -> u64 {
-        self.link
-            .dropped
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.link.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Publishes this worker's load for `--balance least-loaded`: connections accepted so
@@ -287,7 +285,8 @@ pub(crate) fn bootstrap() -> Result<Bootstrapped, String> {
     }
     // SAFETY: the primary passed this fd for the worker's exclusive use; we checked it is
     // open and it is owned by nothing else in this freshly exec'd process.
-    let channel = unsafe { Channel::from_raw_fd(env.ipc_fd) };
+    let channel = unsafe { Channel::from_raw_fd(env.ipc_fd) }
+        .map_err(|err| format!("{}={}: {err}", env::IPC_FD, env.ipc_fd))?;
     // `userspace` baseline: no socket to register; connections arrive over IPC.
     let Some(listener) = intake::open_listener(&env)? else {
         crate::privileges::drop_after_registration()?;

@@ -27,8 +27,6 @@ pub(crate) struct Heartbeat {
     outstanding: VecDeque<(u64, Instant)>,
     /// The newest `seq` sent to it; a pong for a later one is a lie.
     last_sent: u64,
-    /// When it last answered, or when it was first watched.
-    last_sign: Option<Instant>,
 }
 
 impl Heartbeat {
@@ -42,7 +40,7 @@ impl Heartbeat {
 
     /// Records a pong for `seq`: every ping up to it is answered. Refused when `seq` was
     /// never sent.
-    pub(crate) fn answered(&mut self, seq: u64, now: Instant) -> Result<(), String> {
+    pub(crate) fn answered(&mut self, seq: u64) -> Result<(), String> {
         if seq > self.last_sent {
             return Err(format!(
                 "pong for ping {seq}, but the newest ping sent was {}",
@@ -53,14 +51,12 @@ impl Heartbeat {
             self.outstanding.pop_front();
         }
         self.watched = true;
-        self.last_sign = Some(now);
         Ok(())
     }
 
     /// Starts watching (a worker that declared heartbeats, from `ready` on).
-    pub(crate) fn watch(&mut self, now: Instant) {
+    pub(crate) fn watch(&mut self) {
         self.watched = true;
-        self.last_sign.get_or_insert(now);
     }
 
     /// When it turns hung if its oldest unanswered ping stays unanswered; `None` if it is
@@ -85,20 +81,25 @@ impl Heartbeat {
         }
     }
 
-    /// How long since its last sign of life, for `/status` (`None` if it never spoke).
-    pub(crate) fn age(&self, now: Instant) -> Option<Duration> {
+    /// How long it has owed an answer: since the oldest ping it has not answered was sent,
+    /// zero when it owes none (`None` if it never spoke the protocol). For `/status`: a
+    /// healthy worker stays near zero, a stuck one grows towards `health-timeout`.
+    pub(crate) fn owed(&self, now: Instant) -> Option<Duration> {
         if !self.speaks {
             return None;
         }
-        Some(now.saturating_duration_since(self.last_sign?))
+        Some(
+            self.outstanding
+                .front()
+                .map_or(Duration::ZERO, |&(_, sent)| {
+                    now.saturating_duration_since(sent)
+                }),
+        )
     }
 
     /// Notes that it spoke (any message): from now on it is pinged.
-    pub(crate) fn spoke(&mut self, now: Instant) {
-        if !self.speaks {
-            self.speaks = true;
-            self.last_sign.get_or_insert(now);
-        }
+    pub(crate) fn spoke(&mut self) {
+        self.speaks = true;
     }
 }
 
@@ -112,18 +113,18 @@ mod tests {
     fn a_watched_worker_is_overdue_only_past_its_oldest_unanswered_ping() {
         let t0 = Instant::now();
         let mut beat = Heartbeat::default();
-        beat.watch(t0);
+        beat.watch();
         assert_eq!(beat.deadline(TIMEOUT), None, "nothing owed yet");
         beat.sent(1, t0);
         beat.sent(2, t0 + Duration::from_secs(1));
         assert!(!beat.overdue(t0 + TIMEOUT, TIMEOUT));
         assert!(beat.overdue(t0 + TIMEOUT + Duration::from_millis(1), TIMEOUT));
-        beat.answered(1, t0 + Duration::from_secs(2)).expect("sent");
+        beat.answered(1).expect("sent");
         assert_eq!(
             beat.deadline(TIMEOUT),
             Some(t0 + Duration::from_secs(1) + TIMEOUT)
         );
-        beat.answered(2, t0 + Duration::from_secs(2)).expect("sent");
+        beat.answered(2).expect("sent");
         assert_eq!(beat.deadline(TIMEOUT), None);
     }
 
@@ -133,7 +134,7 @@ mod tests {
         let mut beat = Heartbeat::default();
         beat.sent(1, t0);
         assert!(!beat.overdue(t0 + 10 * TIMEOUT, TIMEOUT));
-        beat.watch(t0);
+        beat.watch();
         beat.deaf = true;
         assert!(!beat.overdue(t0 + 10 * TIMEOUT, TIMEOUT));
     }
@@ -143,8 +144,8 @@ mod tests {
         let t0 = Instant::now();
         let mut beat = Heartbeat::default();
         beat.sent(4, t0);
-        assert!(beat.answered(5, t0).is_err());
-        assert!(beat.answered(4, t0).is_ok());
+        assert!(beat.answered(5).is_err());
+        assert!(beat.answered(4).is_ok());
         assert!(beat.watched, "answering a ping makes it watched");
     }
 
@@ -152,7 +153,7 @@ mod tests {
     fn forgiving_excuses_exactly_the_time_the_primary_did_not_run() {
         let t0 = Instant::now();
         let mut beat = Heartbeat::default();
-        beat.watch(t0);
+        beat.watch();
         beat.sent(1, t0);
         let resumed = t0 + Duration::from_secs(5);
         assert!(beat.overdue(resumed, TIMEOUT));
@@ -163,7 +164,7 @@ mod tests {
         );
         assert!(beat.overdue(resumed + TIMEOUT + Duration::from_millis(1), TIMEOUT));
         let mut short = Heartbeat::default();
-        short.watch(t0);
+        short.watch();
         short.sent(1, t0);
         short.forgive(Duration::from_millis(200), t0 + Duration::from_secs(1));
         assert_eq!(

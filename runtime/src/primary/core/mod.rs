@@ -535,11 +535,10 @@ impl Core {
         &mut self,
         index: usize,
         id: WorkerId,
-        now: Instant,
     ) -> Result<Registration, String> {
         let slot = &mut self.slots[index];
         if let Some((_, worker)) = slot.find_mut(id) {
-            worker.heartbeat.spoke(now);
+            worker.heartbeat.spoke();
         }
         slot.register(id)
     }
@@ -558,13 +557,13 @@ impl Core {
         let Some((role, worker)) = slot.find_mut(id) else {
             return Ok(());
         };
-        worker.heartbeat.spoke(now);
+        worker.heartbeat.spoke();
         if worker.killed || worker.draining() || role == Role::Retiring || !running {
             // On its way out (drained or killed while starting): not its fault.
             return Ok(());
         }
         if heartbeats {
-            worker.heartbeat.watch(now);
+            worker.heartbeat.watch();
         }
         match worker.stage() {
             Stage::Starting { .. } if !worker.may_become_ready() => {
@@ -592,14 +591,13 @@ impl Core {
         id: WorkerId,
         seq: u64,
         counters: Counters,
-        now: Instant,
     ) -> Result<(), String> {
         let slot = &mut self.slots[index];
         let Some((role, worker)) = slot.find_mut(id) else {
             return Ok(());
         };
-        worker.heartbeat.spoke(now);
-        worker.heartbeat.answered(seq, now)?;
+        worker.heartbeat.spoke();
+        worker.heartbeat.answered(seq)?;
         worker.counters = counters;
         let (stage, pid, woke) = (worker.stage(), worker.pid, worker.woke);
         if role != Role::Current {
@@ -641,9 +639,9 @@ impl Core {
 
     /// A worker sent something else (a user message): it speaks the protocol. For a
     /// watched worker this is no sign of life: only `pong` is.
-    pub(crate) fn spoke(&mut self, index: usize, id: WorkerId, now: Instant) {
+    pub(crate) fn spoke(&mut self, index: usize, id: WorkerId) {
         if let Some((_, worker)) = self.slots[index].find_mut(id) {
-            worker.heartbeat.spoke(now);
+            worker.heartbeat.spoke();
         }
     }
 

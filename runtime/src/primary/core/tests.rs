@@ -160,7 +160,7 @@ impl Sim {
             if let Some(index) = self.slot_of(id) {
                 let _ = self
                     .core
-                    .pong(&mut self.io, index, id, seq, Counters::default(), self.now);
+                    .pong(&mut self.io, index, id, seq, Counters::default());
             }
         }
         self.check();
@@ -189,7 +189,7 @@ impl Sim {
             .collect();
         for (index, id) in starting {
             if !self.io.external {
-                let _ = self.core.registered(index, id, self.now);
+                let _ = self.core.registered(index, id);
             }
             self.core
                 .ready(&mut self.io, index, id, true, self.now)
@@ -286,7 +286,7 @@ fn only_pong_is_a_sign_of_life_for_a_worker_that_declared_heartbeats() {
     let end = sim.now + INTERVAL + TIMEOUT + Duration::from_millis(10);
     while sim.now < end {
         // Its side thread keeps talking while its loop answers nothing.
-        sim.core.spoke(2, stuck, sim.now);
+        sim.core.spoke(2, stuck);
         sim.run_for(Duration::from_millis(50), &|id| id != stuck);
     }
     assert_eq!(sim.state(2), SlotState::Hung);
@@ -332,7 +332,7 @@ fn pongs_waiting_in_the_socket_clear_a_suspect_before_it_is_judged() {
     for (id, seq) in owed {
         let index = sim.slot_of(id).expect("slot");
         sim.core
-            .pong(&mut sim.io, index, id, seq, Counters::default(), sim.now)
+            .pong(&mut sim.io, index, id, seq, Counters::default())
             .expect("a ping it was sent");
     }
     sim.tick();
@@ -449,7 +449,7 @@ fn a_stop_during_a_roll_ignores_the_incoming_workers_registration() {
     sim.core.stop(&mut sim.io, sim.now);
     sim.check();
     assert_eq!(
-        sim.core.registered(0, incoming, sim.now),
+        sim.core.registered(0, incoming),
         Ok(Registration::Ignored),
         "no violation for a worker told to drain while it started"
     );
@@ -559,7 +559,7 @@ fn counters_saturate() {
             requests: u64::MAX,
         };
         sim.core
-            .pong(&mut sim.io, index, id, seq, counters, sim.now)
+            .pong(&mut sim.io, index, id, seq, counters)
             .expect("pong");
     }
     sim.exit(sim.current(0), ExitStatus::Code(1));
@@ -592,7 +592,7 @@ fn the_steering_invariant_holds_under_random_events() {
             let pick = (!workers.is_empty()).then(|| workers[next(workers.len() as u64) as usize]);
             match (next(12), pick) {
                 (0, Some((index, id))) => {
-                    let _ = sim.core.registered(index, id, sim.now);
+                    let _ = sim.core.registered(index, id);
                 }
                 (1 | 2, Some((index, id))) => {
                     if let Err(what) = sim

@@ -1,0 +1,337 @@
+"""Steer worker helper for Python: standard library only, Python 3.8 or newer.
+
+Under ``steer run -- python3 app.py`` each worker process gets its listening socket as
+fd 3 (systemd socket activation) and the primary's IPC channel at ``STEER_IPC_FD``: a
+Unix stream socket carrying one JSON object a line (docs/ipc.md). This module speaks it:
+
+- ``Worker`` reads the environment, holds the listener and the channel, answers pings,
+  relays messages between workers (``send(to, data)``, ``on_message``) and turns SIGTERM,
+  the primary's ``drain`` message and a gone primary into one ``on_drain`` event.
+  Call ``worker.handle_ipc()`` from your event loop when the channel is readable
+  (``worker.register(selector)``, ``worker.attach_asyncio(loop)``): the pong then comes
+  from the loop itself, so a loop that stalls stops answering and Steer replaces the
+  worker. Never answer from a timer thread; that hides exactly the failure the heartbeat
+  is for.
+- ``HTTPServer`` is ``http.server`` on that socket with a drain that loses nothing:
+  stop accepting (queued connections move to the other workers), answer keep-alive
+  requests with ``Connection: close``, close connections still idle after a grace, and
+  return from ``serve()`` once the last connection is done.
+"""
+
+import errno
+import http.server
+import json
+import os
+import selectors
+import signal
+import socket
+import socketserver
+import threading
+import time
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024
+# Most bytes kept for a primary that does not read: four largest messages.
+OUTBOX_LIMIT = 4 * (MAX_MESSAGE_BYTES + 1)
+LISTEN_FD = 3
+DEFAULT_GRACE = 2.0
+# Migrated connections raise no event on the listener: look at its queue this often.
+ACCEPT_POLL = 0.05
+
+
+class PrimaryGone(Exception):
+    """The primary closed the channel: nobody supervises this process any more."""
+
+
+class Channel:
+    """The IPC stream, non-blocking: JSON lines in, JSON lines out.
+
+    What the socket does not take waits in a bounded buffer and goes out with the next
+    ``send`` or ``flush``; a message that does not fit is dropped whole and counted in
+    ``dropped``, so the primary never sees half a line.
+    """
+
+    def __init__(self, fd):
+        self.sock = socket.socket(fileno=fd)
+        self.sock.setblocking(False)
+        self._in = bytearray()
+        self._out = bytearray()
+        self.dropped = 0
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def send(self, message):
+        """Sends one message (``v`` is added); False if it was dropped."""
+        message = dict(message, v=PROTOCOL_VERSION)
+        line = json.dumps(message, separators=(",", ":")).encode()
+        if len(line) > MAX_MESSAGE_BYTES:
+            raise ValueError(f"IPC message of {len(line)} bytes, limit {MAX_MESSAGE_BYTES}")
+        if len(self._out) + len(line) + 1 > OUTBOX_LIMIT:
+            self.flush()
+            if len(self._out) + len(line) + 1 > OUTBOX_LIMIT:
+                self.dropped += 1
+                return False
+        self._out += line + b"\n"
+        self.flush()
+        return True
+
+    def flush(self):
+        """Writes what waits, as far as the socket takes it."""
+        while self._out:
+            try:
+                sent = self.sock.send(self._out)
+            except (BlockingIOError, InterruptedError):
+                return
+            except (BrokenPipeError, ConnectionResetError) as err:
+                raise PrimaryGone() from err
+            del self._out[:sent]
+
+    def receive(self):
+        """Every complete message queued now (a list, maybe empty)."""
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionResetError as err:
+                raise PrimaryGone() from err
+            if not chunk:
+                raise PrimaryGone()
+            self._in += chunk
+        *lines, rest = self._in.split(b"\n")
+        if len(rest) > MAX_MESSAGE_BYTES:
+            raise ValueError("an IPC line longer than the message limit")
+        self._in = bytearray(rest)
+        return [json.loads(line) for line in lines if line]
+
+
+def activated():
+    """Whether Steer (or systemd) handed this process a listening socket as fd 3."""
+    return os.environ.get("LISTEN_FDS") == "1" and os.environ.get("LISTEN_PID") == str(os.getpid())
+
+
+def _int_env(name):
+    value = os.environ.get(name)
+    return int(value) if value and value.isdigit() else None
+
+
+class Worker:
+    """One worker process's link to its primary.
+
+    ``slot`` (0..N-1, stable across restarts), ``generation`` and ``id`` come from the
+    environment (None without Steer). ``listener`` is the inherited fd-3 socket, or None.
+    ``counters`` (``accepted``, ``active``, ``requests``) travel with every pong and show
+    per slot in ``steer status``.
+    """
+
+    def __init__(self):
+        self.slot = _int_env("STEER_WORKER_SLOT")
+        self.generation = _int_env("STEER_WORKER_GENERATION")
+        self.id = _int_env("STEER_WORKER_ID")
+        self.listener = socket.socket(fileno=LISTEN_FD) if activated() else None
+        ipc_fd = _int_env("STEER_IPC_FD")
+        self.channel = Channel(ipc_fd) if ipc_fd is not None else None
+        self.counters = {"accepted": 0, "active": 0, "requests": 0}
+        self.draining = False
+        self._message_callbacks = []
+        self._drain_callbacks = []
+        self._lock = threading.Lock()
+
+    def on_message(self, callback):
+        """``callback(data, from_slot)`` for each message from another worker (or the
+        primary, with ``from_slot`` None). Runs inside ``handle_ipc``."""
+        self._message_callbacks.append(callback)
+        return callback
+
+    def on_drain(self, callback):
+        """``callback(why)`` once, when the worker is asked to drain."""
+        self._drain_callbacks.append(callback)
+        return callback
+
+    def send(self, to, data):
+        """Sends ``data`` (anything JSON can hold) to ``"all"`` other workers, one slot
+        (an int), or ``"primary"``. False if there is no channel or it was dropped."""
+        if to in ("all", "primary"):
+            recipient = to
+        elif isinstance(to, int) and to >= 0:
+            recipient = {"slot": to}
+        else:
+            raise ValueError(f'to must be "all", "primary" or a slot number, not {to!r}')
+        return self._send({"type": "user", "to": recipient, "data": data})
+
+    def ready(self):
+        """Tells the primary the loop runs and answers pings. Call it once serving."""
+        self._send({"type": "ready", "heartbeats": True})
+
+    def handle_ipc(self):
+        """Reads what the primary sent and acts on it. Call it from your event loop when
+        the channel is readable: pings are answered right here."""
+        if self.channel is None:
+            return
+        try:
+            self.channel.flush()
+            messages = self.channel.receive()
+        except PrimaryGone:
+            self.channel = None
+            self.drain("the primary is gone")
+            return
+        for message in messages:
+            kind = message.get("type")
+            if kind == "ping":
+                self._send({"type": "pong", "seq": message["seq"], "counters": dict(self.counters)})
+            elif kind == "drain":
+                self.drain("drain message")
+            elif kind == "user":
+                for callback in self._message_callbacks:
+                    callback(message.get("data"), message.get("from"))
+
+    def drain(self, why="drain"):
+        """Starts the drain once, whoever asks."""
+        with self._lock:
+            if self.draining:
+                return
+            self.draining = True
+        for callback in self._drain_callbacks:
+            callback(why)
+
+    def handle_sigterm(self):
+        """SIGTERM (what Steer sends an external worker to drain) starts the drain."""
+        signal.signal(signal.SIGTERM, lambda *_: self.drain("SIGTERM"))
+
+    def register(self, selector):
+        """Adds the channel to a ``selectors`` loop, with ``handle_ipc`` as its data."""
+        if self.channel is not None:
+            selector.register(self.channel, selectors.EVENT_READ, self.handle_ipc)
+
+    def attach_asyncio(self, loop):
+        """Answers pings from an asyncio loop (uvicorn's, aiohttp's ...)."""
+        if self.channel is not None:
+            loop.add_reader(self.channel.fileno(), self.handle_ipc)
+
+    def _send(self, message):
+        if self.channel is None:
+            return False
+        try:
+            return self.channel.send(message)
+        except PrimaryGone:
+            self.channel = None
+            self.drain("the primary is gone")
+            return False
+
+
+class DrainingHandler(http.server.BaseHTTPRequestHandler):
+    """An ``http.server`` handler for ``HTTPServer``: HTTP/1.1 keep-alive, and
+    ``Connection: close`` on every response once the worker drains. Subclass it and write
+    ``do_GET`` and friends as usual."""
+
+    protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        super().setup()
+        self.server._track(self.connection, busy=False)
+
+    def parse_request(self):
+        # Called once the request line has arrived: the connection is busy from here.
+        self.server._track(self.connection, busy=True)
+        self.server.worker.counters["requests"] += 1
+        return super().parse_request()
+
+    def end_headers(self):
+        if self.server.worker.draining:
+            self.send_header("Connection", "close")
+        super().end_headers()
+
+    def handle_one_request(self):
+        super().handle_one_request()
+        self.server._track(self.connection, busy=False)
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            self.server._untrack(self.connection)
+
+
+class HTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    """A threaded ``http.server`` on the worker's fd-3 socket, with Steer's drain.
+
+    ``serve()`` runs the loop: it accepts, answers the primary's pings, and on drain stops
+    accepting, tells keep-alive clients to close, closes connections idle after ``grace``
+    seconds, and returns when none is left. Without Steer it listens on ``address``.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, handler_class, worker=None, grace=DEFAULT_GRACE, address=("127.0.0.1", 8000)):
+        self.worker = worker or Worker()
+        self.grace = grace
+        self._connections = {}
+        self._connections_lock = threading.Lock()
+        inherited = self.worker.listener
+        super().__init__(address, handler_class, bind_and_activate=inherited is None)
+        if inherited is not None:
+            self.socket.close()
+            self.socket = inherited
+        self.socket.setblocking(False)
+
+    def _track(self, conn, busy):
+        with self._connections_lock:
+            if conn not in self._connections:
+                self.worker.counters["accepted"] += 1
+                self.worker.counters["active"] += 1
+            self._connections[conn] = busy
+
+    def _untrack(self, conn):
+        with self._connections_lock:
+            if self._connections.pop(conn, None) is not None:
+                self.worker.counters["active"] -= 1
+
+    def _close_idle(self):
+        with self._connections_lock:
+            idle = [conn for conn, busy in self._connections.items() if not busy]
+        for conn in idle:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def serve(self):
+        """Serves until drained. Returns when the last connection is done."""
+        worker = self.worker
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.socket, selectors.EVENT_READ, None)
+            worker.register(selector)
+            worker.ready()
+            idle_deadline = None
+            while True:
+                for key, _ in selector.select(timeout=ACCEPT_POLL):
+                    if key.data is not None:
+                        key.data()
+                if not worker.draining:
+                    self._accept_queued()
+                    continue
+                if idle_deadline is None:
+                    # Closing the listener hands its queue to the other workers.
+                    selector.unregister(self.socket)
+                    self.socket.close()
+                    idle_deadline = time.monotonic() + self.grace
+                if time.monotonic() >= idle_deadline:
+                    self._close_idle()
+                with self._connections_lock:
+                    if not self._connections:
+                        return
+
+    def _accept_queued(self):
+        while True:
+            try:
+                conn, address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                # EINVAL: the primary shut a hung worker's listener down; serve what is open.
+                if err.errno in (errno.EINVAL, errno.EBADF):
+                    self.worker.drain("listener shut down")
+                return
+            conn.setblocking(True)
+            self.process_request(conn, address)
