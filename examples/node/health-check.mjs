@@ -20,7 +20,9 @@ const server = http.createServer((req, res) => {
   res.setHeader("X-Steer-Worker", String(worker.slot));
   const here = url.searchParams.get("slot") ?? String(worker.slot);
   if (url.pathname === "/block" && here === String(worker.slot)) {
-    const until = Date.now() + Number(url.searchParams.get("ms") ?? 10000);
+    const ms = Number(url.searchParams.get("ms") ?? 10000);
+    console.log(`${new Date().toISOString()} worker ${worker.slot}: blocking the event loop for ${ms} ms`);
+    const until = Date.now() + ms;
     while (Date.now() < until) {
       // A CPU-bound bug, or a synchronous call that never returns.
     }

@@ -117,8 +117,9 @@ impl ClusterBuilder {
     /// them until SIGTERM/SIGINT and returns. In each worker (the same executable, started
     /// again by the primary with the same arguments) it binds and registers the worker's
     /// socket, calls `serve` with the [`Worker`], and returns when `serve` does. Call it
-    /// early in `main`, before starting threads: the primary takes its signals through a
-    /// `signalfd`, which needs them blocked in every thread.
+    /// early in `main`. The primary catches SIGTERM, SIGINT, SIGHUP, SIGUSR2 and SIGCHLD
+    /// with process-wide handlers, so other threads are fine; it becomes a subreaper and
+    /// reaps any child that exits, except those the process had before `run`.
     pub fn run<F>(self, serve: F) -> ExitCode
     where
         F: FnOnce(Worker) -> std::io::Result<()>,

@@ -85,6 +85,14 @@ impl Balance {
         "userspace",
     ];
 
+    /// Whether Steer's eBPF program runs this policy.
+    pub fn is_ebpf(self) -> bool {
+        matches!(
+            self,
+            Balance::RoundRobin | Balance::Hash | Balance::LeastLoaded | Balance::Cpu
+        )
+    }
+
     /// The name as written on the command line.
     pub fn name(self) -> &'static str {
         match self {
@@ -440,6 +448,7 @@ impl Config {
 }
 
 /// The keys whose change a SIGHUP cannot apply to the running primary, each named once.
+/// (`workers` and `balance` apply live; see the primary's reload.)
 pub fn keys_needing_restart(running: &Config, reloaded: &Config) -> Vec<&'static str> {
     let mut keys = Vec::new();
     let mut changed = |key, differs: bool| {
@@ -466,14 +475,12 @@ pub fn keys_needing_restart(running: &Config, reloaded: &Config) -> Vec<&'static
 
 impl Config {
     /// Keeps the running values of the keys a reload cannot change
-    /// ([`keys_needing_restart`]), and what never comes from the file.
+    /// ([`keys_needing_restart`]), and what never comes from the file. `balance` stays
+    /// too: the primary switches it, and records it, only if the switch succeeds.
     pub fn keep_unreloadable(&mut self, running: &Config) {
         self.listen = running.listen;
-        self.workers = running.workers;
         self.balance = running.balance;
         self.status = running.status;
-        // Pinning belongs with the policy (`cpu` implies it): it stays as started.
-        self.cpu_affinity = running.cpu_affinity;
         self.pid_file = running.pid_file.clone();
         self.log_format = running.log_format;
         self.tcp_migrate_req = running.tcp_migrate_req;

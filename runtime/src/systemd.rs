@@ -59,6 +59,12 @@ pub struct Notifier {
     started: bool,
     /// Datagrams the socket refused (full); each was folded into a later one.
     deferred: u64,
+    /// Says nothing about the cluster's state: another primary is the service's main
+    /// process (a successor before its predecessor has gone, or a predecessor after it
+    /// handed over).
+    quiet: bool,
+    /// `MAINPID=` still to be delivered (a primary handing over to its successor).
+    main_pid: Option<u32>,
 }
 
 impl Notifier {
@@ -79,6 +85,8 @@ impl Notifier {
             last: None,
             started: false,
             deferred: 0,
+            quiet: false,
+            main_pid: None,
         }
     }
 
@@ -89,6 +97,36 @@ impl Notifier {
             last: None,
             started: false,
             deferred: 0,
+            quiet: false,
+            main_pid: None,
+        }
+    }
+
+    /// Stops or resumes reporting the cluster's state. A successor stays quiet until its
+    /// predecessor has gone: with `NotifyAccess=main` only the main process is heard.
+    pub fn set_quiet(&mut self, quiet: bool) {
+        self.quiet = quiet;
+    }
+
+    /// Tells the service manager that `pid` is the service's main process from now on
+    /// (`MAINPID=`), then says nothing more: the successor speaks for the service.
+    /// Retried on every [`Notifier::observe`] until the socket takes it.
+    pub fn hand_over(&mut self, pid: u32) {
+        self.main_pid = Some(pid);
+        self.quiet = true;
+        self.deliver_main_pid();
+    }
+
+    /// Whether a `MAINPID=` is still waiting for room in the socket.
+    pub fn handing_over(&self) -> bool {
+        self.main_pid.is_some()
+    }
+
+    fn deliver_main_pid(&mut self) {
+        if let Some(pid) = self.main_pid
+            && self.send(&format!("MAINPID={pid}"))
+        {
+            self.main_pid = None;
         }
     }
 
@@ -123,7 +161,11 @@ impl Notifier {
     /// Takes the current state; sends what changed since the last delivered one. Never
     /// blocks: if the socket is full, the change is sent again on a later call.
     pub fn observe(&mut self, state: ClusterState) {
-        if self.target.is_none() || self.last == Some(state) {
+        if self.target.is_none() {
+            return;
+        }
+        self.deliver_main_pid();
+        if self.quiet || self.last == Some(state) {
             return;
         }
         let (message, started) = self.message(state);
@@ -229,6 +271,8 @@ mod tests {
             last: None,
             started: false,
             deferred: 0,
+            quiet: false,
+            main_pid: None,
         };
         (socket, notifier, name)
     }
@@ -306,6 +350,22 @@ mod tests {
     fn abstract_name(socket: &UnixDatagram) -> String {
         let addr = socket.local_addr().expect("addr");
         String::from_utf8_lossy(addr.as_abstract_name().expect("abstract")).into_owned()
+    }
+
+    #[test]
+    fn a_hand_over_names_the_new_main_pid_and_then_says_nothing() {
+        let (socket, mut notifier, _) = listening();
+        notifier.observe(state(2, Phase::Running));
+        assert_eq!(recv(&socket), "READY=1\nSTATUS=2 of 2 workers ready");
+        notifier.hand_over(4242);
+        assert_eq!(recv(&socket), "MAINPID=4242");
+        assert!(!notifier.handing_over());
+        notifier.observe(state(0, Phase::Stopping));
+        socket.set_nonblocking(true).expect("nonblocking");
+        assert!(
+            socket.recv(&mut [0u8; 64]).is_err(),
+            "no STOPPING=1 from the old primary"
+        );
     }
 
     #[test]

@@ -92,6 +92,21 @@ impl Cluster {
         Self::launch(cmd, run.listen, run.status)
     }
 
+    /// Runs `steer run <args>` as given, with no `--listen` or `--status` added: for a
+    /// config file that names them (a test of what a reload does with them). `listen` and
+    /// `status` say where the harness finds the cluster. Waits until every worker is ready.
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Cluster::start).
+    pub fn start_as_given(args: &[&str], listen: SocketAddr, status: SocketAddr) -> Cluster {
+        let mut cmd = Command::new(steer_bin());
+        cmd.arg("run").args(args);
+        let cluster = Self::launch(cmd, listen, status);
+        cluster.wait_ready(READY_TIMEOUT);
+        cluster
+    }
+
     /// Runs another primary than `steer run`, such as a program built on the `steer`
     /// library, with `args` completed by `--listen`/`--status` as in
     /// [`start`](Cluster::start), and waits until every worker is ready.
@@ -182,6 +197,11 @@ impl Cluster {
             )
         })?;
         self.remember_workers(pids_leniently(&status));
+        // A successor primary (after an upgrade) is not a child of this harness: it is
+        // remembered like a worker, so a failing test does not leave it behind.
+        if let Some(primary) = status::primary_pid(&status).filter(|&pid| pid != self.pid) {
+            self.remember_workers([primary]);
+        }
         Ok(status)
     }
 

@@ -76,7 +76,20 @@ fn a_python_worker_on_the_helper_loses_no_keep_alive_request_across_a_roll() {
         "python3",
         &script,
     ]);
-    let load = Load::keep_alive(cluster.listen_addr(), 4);
+    // An external worker counts as ready when it runs; start the load once both answer.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = BTreeSet::new();
+    while seen.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "only slots {seen:?} answered in 30 s"
+        );
+        if let Ok(response) = steer_tests::http_get(cluster.listen_addr(), "/") {
+            seen.extend(response.worker());
+        }
+    }
+    // Two clients: Python serves with one GIL, and this test is about drain, not load.
+    let load = Load::keep_alive(cluster.listen_addr(), 2);
     load.wait_for_ok(200, Duration::from_secs(20));
     cluster.rolling_restart(Duration::from_secs(30));
     cluster.wait_until("the old generation gone", Duration::from_secs(15), |s| {

@@ -410,3 +410,113 @@ fn the_units_capabilities_let_the_primary_rescue_the_queue_of_a_hung_worker_of_a
     );
     cluster.stop_cleanly(Duration::from_secs(15));
 }
+
+/// Every datagram with the pid of the process that sent it (`SO_PASSCRED`).
+fn receive_with_sender(socket: &UnixDatagram) -> Option<(u32, String)> {
+    use std::io::IoSliceMut;
+    use std::os::fd::AsRawFd;
+
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut buf = [0u8; 4096];
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
+    let msg = recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )
+    .ok()?;
+    let pid = msg.cmsgs().ok()?.find_map(|c| match c {
+        ControlMessageOwned::ScmCredentials(cred) => Some(cred.pid() as u32),
+        _ => None,
+    })?;
+    let len = msg.bytes;
+    Some((pid, String::from_utf8_lossy(&buf[..len]).into_owned()))
+}
+
+/// The upgrade as systemd sees it: the old primary says RELOADING=1, then names its
+/// successor with MAINPID=, then says nothing more (no STOPPING=1: the service is not
+/// stopping); the successor, once it is the main process, says READY=1.
+#[test]
+fn an_upgrade_hands_systemd_the_new_main_pid() {
+    use nix::sys::socket::{setsockopt, sockopt};
+    // SAFETY: prctl with integer arguments: the successor is re-parented here.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let name = format!("steer-test-notify-upgrade-{}", std::process::id());
+    let addr = SocketAddr::from_abstract_name(name.as_bytes()).expect("name");
+    let socket = UnixDatagram::bind_addr(&addr).expect("bind");
+    setsockopt(&socket, sockopt::PassCred, &true).expect("SO_PASSCRED");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let dir = TempFile::new("d", "");
+    let pid_file = dir.path().with_extension("pid");
+    let pid_arg = pid_file.to_string_lossy().into_owned();
+    let cluster = Cluster::spawn_with(
+        &[
+            "--workers",
+            "2",
+            "--balance",
+            "round-robin",
+            "--pid-file",
+            &pid_arg,
+        ],
+        |cmd| {
+            cmd.env("NOTIFY_SOCKET", format!("@{name}"));
+        },
+    );
+    let old = cluster.pid();
+    let mut heard: Vec<(u32, String)> = Vec::new();
+    let wait_for = |line: &str, heard: &mut Vec<(u32, String)>| -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some((pid, message)) = receive_with_sender(&socket) {
+                heard.push((pid, message.clone()));
+                if message.lines().any(|l| l.starts_with(line)) {
+                    return pid;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {line:?}; heard {heard:?}\n{}",
+                cluster.log()
+            );
+        }
+    };
+    assert_eq!(wait_for("READY=1", &mut heard), old);
+    cluster.signal(Signal::SIGUSR1);
+    assert_eq!(wait_for("RELOADING=1", &mut heard), old);
+    assert_eq!(
+        wait_for("MAINPID=", &mut heard),
+        old,
+        "the old main process names the new one"
+    );
+    let named: u32 = heard
+        .last()
+        .and_then(|(_, m)| m.lines().find_map(|l| l.strip_prefix("MAINPID=")))
+        .and_then(|p| p.parse().ok())
+        .expect("MAINPID=<pid>");
+    let from = wait_for("READY=1", &mut heard);
+    assert_eq!(from, named, "READY=1 comes from the new main process");
+    assert_eq!(cluster.wait_exit(Duration::from_secs(30)).code(), Some(0));
+    let content = std::fs::read_to_string(&pid_file).expect("pid file");
+    assert_eq!(content.trim(), named.to_string());
+    assert!(
+        !heard
+            .iter()
+            .any(|(pid, m)| *pid == old && m.contains("STOPPING=1")),
+        "the old primary never says the service is stopping: {heard:?}"
+    );
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(named as i32), Signal::SIGTERM)
+        .expect("SIGTERM");
+    assert_eq!(wait_for("STOPPING=1", &mut heard), named);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while steer_tests::pid_alive(named) {
+        let mut status = 0;
+        // SAFETY: waitpid on the successor, re-parented to this subreaper.
+        unsafe { libc::waitpid(named as i32, &mut status, libc::WNOHANG) };
+        assert!(Instant::now() < deadline, "the successor did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

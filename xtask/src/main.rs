@@ -1,8 +1,8 @@
 //! Project automation, run as `cargo xtask <command>` (an alias in `.cargo/config.toml`).
 //!
 //! - `setup`: install what building and testing need, idempotently (rustfmt, clippy,
-//!   nightly + rust-src and bpf-linker for the eBPF program, python3 for a test fixture,
-//!   systemd-analyze for the unit-file test).
+//!   nightly + rust-src and bpf-linker for the eBPF program, python3 and nodejs for the
+//!   external-worker tests, systemd-analyze for the unit-file test).
 //! - `run [-- ARGS]`: build `steer` (release) and start the demo cluster on 127.0.0.1:8000
 //!   with status on 127.0.0.1:8001; ARGS are added to `steer run`.
 //! - `test`: formatting, clippy, then every unit and integration test. What CI runs.

@@ -13,6 +13,11 @@ pub(crate) fn run() -> Result<(), String> {
         "the external-worker tests run a Python fd-3 worker",
     )?;
     ensure_command(
+        "node",
+        "nodejs",
+        "the Node worker tests (tests/tests/node.rs) run examples/node/ with real node",
+    )?;
+    ensure_command(
         "systemd-analyze",
         "systemd",
         "a test checks deploy/systemd/steer.service with `systemd-analyze verify`",

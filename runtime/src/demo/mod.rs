@@ -103,7 +103,7 @@ mod tests {
             assert_eq!(
                 worker.next_message(),
                 Message::Ready { heartbeats: true },
-                "the worker announces itself first, and that it answers pings"
+                "the worker announces itself first, declaring its heartbeats"
             );
             worker
         }

@@ -17,7 +17,13 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use nix::sys::socket::{AddressFamily, SockFlag, SockType, getsockopt, socketpair, sockopt};
+use std::io::IoSlice;
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, getsockopt, sendmsg, socketpair,
+    sockopt,
+};
 
 use super::error::IpcError;
 use super::message::{MAX_MESSAGE_BYTES, Message};
@@ -284,6 +290,29 @@ impl AsRawFd for Channel {
 impl From<Channel> for OwnedFd {
     fn from(channel: Channel) -> OwnedFd {
         channel.fd
+    }
+}
+
+/// One `sendmsg` with `MSG_NOSIGNAL`, retried on `EINTR`: the bytes written, or `None`
+/// when the socket is full (`EAGAIN`). A peer that is gone is [`IpcError::Closed`].
+pub(super) fn send_some(
+    fd: BorrowedFd<'_>,
+    iov: &[IoSlice<'_>],
+    cmsgs: &[ControlMessage<'_>],
+) -> Result<Option<usize>, IpcError> {
+    loop {
+        match sendmsg::<()>(fd.as_raw_fd(), iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(written) => return Ok(Some(written)),
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN) => return Ok(None),
+            Err(Errno::EPIPE | Errno::ECONNRESET) => return Err(IpcError::Closed),
+            Err(errno) => {
+                return Err(IpcError::Io {
+                    op: "sendmsg",
+                    source: errno.into(),
+                });
+            }
+        }
     }
 }
 

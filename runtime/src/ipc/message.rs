@@ -27,6 +27,7 @@ pub enum Message {
         pid: u32,
         /// The fd number the worker holds the socket at, so a primary that must shut a
         /// hung worker's listener down finds it without searching the worker's fd table.
+        /// Optional on the wire.
         fd: Option<i32>,
     },
     /// Primary -> worker: the socket passed the checks and goes into steering once the

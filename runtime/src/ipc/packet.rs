@@ -11,9 +11,9 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::cmsg_space;
 use nix::errno::Errno;
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg};
 
-use super::channel::{ReceiveBuffer, Received};
+use super::channel::{ReceiveBuffer, Received, send_some};
 use super::error::IpcError;
 use super::message::MAX_MESSAGE_BYTES;
 use super::wire;
@@ -39,20 +39,10 @@ pub(super) fn send(
     let raw = attached.map(|fd| [fd.as_raw_fd()]);
     let rights = raw.as_ref().map(|raw| ControlMessage::ScmRights(raw));
     let cmsgs = rights.as_slice();
-    let iov = [IoSlice::new(bytes)];
-    loop {
-        match sendmsg::<()>(fd.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
-            Ok(_) => return Ok(()),
-            Err(Errno::EINTR) => continue,
-            Err(Errno::EAGAIN) => return Err(IpcError::Full),
-            Err(Errno::EPIPE | Errno::ECONNRESET) => return Err(IpcError::Closed),
-            Err(errno) => {
-                return Err(IpcError::Io {
-                    op: "sendmsg",
-                    source: errno.into(),
-                });
-            }
-        }
+    match send_some(fd, &[IoSlice::new(bytes)], cmsgs)? {
+        // A datagram is taken whole or not at all.
+        Some(_) => Ok(()),
+        None => Err(IpcError::Full),
     }
 }
 
@@ -165,6 +155,8 @@ mod tests {
     use std::net::TcpListener;
     use std::os::fd::AsFd;
 
+    use nix::sys::socket::sendmsg;
+
     use super::*;
     use crate::ipc::{Channel, Counters, Message};
 
@@ -175,7 +167,7 @@ mod tests {
         a.send_with_fd(
             &Message::Register {
                 pid: 42,
-                fd: Some(7),
+                fd: Some(listener.as_raw_fd()),
             },
             listener.as_fd(),
         )
@@ -185,7 +177,7 @@ mod tests {
             got.message,
             Message::Register {
                 pid: 42,
-                fd: Some(7)
+                fd: Some(listener.as_raw_fd())
             }
         );
         let fd = got.fd.expect("fd attached");

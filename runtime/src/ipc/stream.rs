@@ -12,9 +12,9 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use nix::errno::Errno;
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 
-use super::channel::{Outbox, ReceiveBuffer, Received};
+use super::channel::{Outbox, ReceiveBuffer, Received, send_some};
 use super::error::IpcError;
 use super::message::MAX_MESSAGE_BYTES;
 use super::wire;
@@ -67,22 +67,9 @@ pub(super) fn flush(fd: BorrowedFd<'_>, outbox: &mut Outbox) -> Result<(), IpcEr
     Ok(())
 }
 
-/// One `sendmsg` (`MSG_NOSIGNAL`); 0 bytes written when the socket is full.
+/// One `sendmsg`; 0 bytes written when the socket is full.
 fn write(fd: BorrowedFd<'_>, iov: &[IoSlice<'_>]) -> Result<usize, IpcError> {
-    loop {
-        match sendmsg::<()>(fd.as_raw_fd(), iov, &[], MsgFlags::MSG_NOSIGNAL, None) {
-            Ok(written) => return Ok(written),
-            Err(Errno::EINTR) => continue,
-            Err(Errno::EAGAIN) => return Ok(0),
-            Err(Errno::EPIPE | Errno::ECONNRESET) => return Err(IpcError::Closed),
-            Err(errno) => {
-                return Err(IpcError::Io {
-                    op: "sendmsg",
-                    source: errno.into(),
-                });
-            }
-        }
-    }
+    Ok(send_some(fd, iov, &[])?.unwrap_or(0))
 }
 
 /// Hands out the next complete line, reading more when none is buffered.
@@ -197,6 +184,8 @@ fn read(fd: BorrowedFd<'_>, buffer: &mut ReceiveBuffer) -> Result<Read, IpcError
 mod tests {
     use std::io::{Read as _, Write};
     use std::os::fd::AsFd;
+
+    use nix::sys::socket::sendmsg;
 
     use super::*;
     use crate::ipc::{Channel, Encoded, Message, Payload};

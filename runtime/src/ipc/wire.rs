@@ -259,6 +259,10 @@ mod tests {
     fn every_message_survives_a_round_trip() {
         let messages = [
             Message::Register { pid: 9, fd: None },
+            Message::Register {
+                pid: 9,
+                fd: Some(5),
+            },
             Message::Registered { load: None },
             Message::Registered {
                 load: Some(LoadShare {

@@ -197,6 +197,34 @@ impl Host {
         Some(outcome)
     }
 
+    /// Switches the steering policy of the running cluster, if the program allows it
+    /// without restarting workers.
+    pub(crate) fn switch_policy(&mut self, wanted: crate::config::Balance) -> Result<(), String> {
+        self.steering.switch_policy(wanted)
+    }
+
+    /// Attaches this primary's program to the group again, through the listener of one of
+    /// `serving` (a successor that failed may have attached its own).
+    pub(crate) fn reassert_steering(&mut self, serving: &[WorkerId]) -> Result<(), String> {
+        if !matches!(self.steering, Steering::Ebpf(_)) {
+            return Ok(());
+        }
+        let mut last = String::from("no serving worker");
+        for id in serving {
+            let Some(process) = self.procs.get(id) else {
+                continue;
+            };
+            match process.borrow_listener() {
+                Ok(socket) => {
+                    use std::os::fd::AsFd;
+                    return self.steering.reattach_through(socket.as_fd());
+                }
+                Err(err) => last = err.to_string(),
+            }
+        }
+        Err(last)
+    }
+
     /// Forgets groups that are gone, kills those past their deadline.
     pub(crate) fn tend_leftovers(&mut self, now: Instant) {
         self.leftovers.retain_mut(|left| {
@@ -475,6 +503,12 @@ impl Io for Host {
     fn shut_down_listener(&mut self, id: WorkerId) -> Result<(), String> {
         let process = self.procs.get(&id).ok_or("the worker is gone")?;
         process.shut_down_listener().map_err(|err| err.to_string())
+    }
+
+    fn resize_steering(&mut self, slots: usize) {
+        if let Err(err) = self.steering.resize(slots as u32) {
+            tracing::warn!(slots, "cannot rebuild steering for {slots} slots: {err}");
+        }
     }
 
     fn resident_bytes(&mut self, id: WorkerId) -> Option<u64> {

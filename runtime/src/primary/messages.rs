@@ -208,7 +208,13 @@ impl Supervisor {
             if to.is_some_and(|t| t != slot.index) || (to.is_none() && from == Some(slot.index)) {
                 continue;
             }
-            let Some(worker) = slot.current.as_ref().filter(|w| w.serving()) else {
+            // Only to a worker that speaks the protocol: one that never reads its socket
+            // (Node without a `message` listener queues what it gets without bound).
+            let Some(worker) = slot
+                .current
+                .as_ref()
+                .filter(|w| w.serving() && w.heartbeat.speaks)
+            else {
                 continue;
             };
             if let Some(process) = self.host.procs.get(&worker.id)
@@ -228,6 +234,9 @@ impl Supervisor {
     fn dropped_message(&mut self, slot: usize, now: Instant, why: &str) {
         self.core.count_dropped_message(slot);
         let interval = self.core.settings().health_interval;
+        if self.drop_reports.len() <= slot {
+            self.drop_reports.resize(slot + 1, (now, 0));
+        }
         let Some((reported, since)) = self.drop_reports.get_mut(slot) else {
             return;
         };

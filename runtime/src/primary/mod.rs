@@ -22,6 +22,7 @@ mod report;
 mod signals;
 pub(crate) mod spawn;
 mod supervisor;
+mod upgrade;
 
 use std::process::ExitCode;
 
@@ -100,13 +101,35 @@ pub fn run(config: Config, program: WorkerProgram, hooks: Hooks) -> ExitCode {
 
 fn start_and_run(config: Config, program: WorkerProgram, hooks: Hooks) -> ExitCode {
     limits::ensure_standard_fds();
-    let pid_file = match config.pid_file.as_deref().map(pidfile::PidFile::acquire) {
-        None => None,
-        Some(Ok(file)) => Some(file),
-        Some(Err(err)) => {
-            tracing::error!("--pid-file: {}", crate::error_chain(&err));
-            return ExitCode::from(crate::cli::EXIT_USAGE);
-        }
+    // A successor primary (an upgrade) takes what its predecessor handed down first.
+    let mut inheritance = upgrade::Inheritance::take();
+    if let Some(inherited) = &inheritance {
+        tracing::info!(
+            predecessor = inherited.from,
+            "starting as the successor of the running primary"
+        );
+    }
+    let inherited_pid_file = inheritance.as_mut().and_then(|i| i.pid_file.take());
+    let pid_file = match (config.pid_file.as_deref(), inherited_pid_file) {
+        (None, _) => None,
+        (Some(path), Some(file)) => match pidfile::PidFile::adopt(path, file) {
+            Ok(file) => Some(file),
+            // A changed `pid-file`: take the new one.
+            Err(_) => match pidfile::PidFile::acquire(path) {
+                Ok(file) => Some(file),
+                Err(err) => {
+                    tracing::error!("--pid-file: {}", crate::error_chain(&err));
+                    return ExitCode::from(crate::cli::EXIT_USAGE);
+                }
+            },
+        },
+        (Some(path), None) => match pidfile::PidFile::acquire(path) {
+            Ok(file) => Some(file),
+            Err(err) => {
+                tracing::error!("--pid-file: {}", crate::error_chain(&err));
+                return ExitCode::from(crate::cli::EXIT_USAGE);
+            }
+        },
     };
     let inherited_nofile = match limits::raise_for(config.workers) {
         Ok(limits) => Some(limits),
@@ -115,7 +138,14 @@ fn start_and_run(config: Config, program: WorkerProgram, hooks: Hooks) -> ExitCo
             return ExitCode::from(crate::cli::EXIT_FAILURE);
         }
     };
-    match supervisor::Supervisor::start(config, program, hooks, pid_file, inherited_nofile) {
+    match supervisor::Supervisor::start(
+        config,
+        program,
+        hooks,
+        pid_file,
+        inherited_nofile,
+        inheritance,
+    ) {
         Ok(supervisor) => supervisor.run(),
         Err(message) => {
             tracing::error!("{message}");

@@ -12,7 +12,7 @@ impl Supervisor {
         if !self.notifier.enabled() {
             return;
         }
-        let phase = match (self.core.phase(), self.core.rolling()) {
+        let phase = match (self.core.phase(), self.core.rolling() || self.upgrading()) {
             (Phase::Stopping { .. }, _) => NotifyPhase::Stopping,
             (Phase::Running, true) => NotifyPhase::Reloading,
             (Phase::Running, false) => NotifyPhase::Running,

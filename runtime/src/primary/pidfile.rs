@@ -93,6 +93,32 @@ impl PidFile {
         })
     }
 
+    /// Takes over `file`, the pid file at `path` that the primary this one replaces holds
+    /// locked: the lock is on the open file, which both now share, so it never lapses.
+    /// Refused if `file` is not the file at `path` (a changed `pid-file`).
+    pub fn adopt(path: &Path, file: File) -> Result<PidFile, PidFileError> {
+        use std::os::unix::fs::MetadataExt;
+        let same = match (std::fs::metadata(path), file.metadata()) {
+            (Ok(on_disk), Ok(held)) => on_disk.dev() == held.dev() && on_disk.ino() == held.ino(),
+            _ => false,
+        };
+        if !same {
+            return Err(PidFileError::Open {
+                path: path.to_owned(),
+                source: io::Error::other("it is not the pid file the previous primary handed down"),
+            });
+        }
+        Ok(PidFile {
+            path: path.to_owned(),
+            file,
+        })
+    }
+
+    /// The open, locked file, to hand down to a successor.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Checks that `path` could be taken now (`steer check`), and lets it go again.
     pub fn probe(path: &Path) -> Result<(), PidFileError> {
         let existed = path.exists();

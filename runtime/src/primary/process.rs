@@ -82,19 +82,7 @@ impl Process {
 
     /// Whether it has exited (without reaping it: `WNOWAIT`).
     pub(crate) fn has_exited(&self) -> bool {
-        // SAFETY: siginfo_t is plain data; all-zero is a valid value to be overwritten.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: waitid on our pidfd writes into `info`.
-        let rc = unsafe {
-            libc::waitid(
-                libc::P_PIDFD,
-                self.pidfd.as_raw_fd() as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-            )
-        };
-        // SAFETY: filled by the kernel, or left zero.
-        rc < 0 || unsafe { info.si_pid() } != 0
+        super::spawn::has_exited(&self.pidfd)
     }
 
     /// What its `execve` reported, if it failed: read once, without blocking.
@@ -105,6 +93,26 @@ impl Process {
             Ok(8) => Some(super::spawn::describe_exec_report(report)),
             _ => None,
         }
+    }
+
+    /// A copy of its listening socket, taken from it with `pidfd_getfd(2)` at the fd it is
+    /// known to hold it at. Close it soon: while the primary holds it, the socket outlives
+    /// its worker.
+    pub(crate) fn borrow_listener(&self) -> io::Result<OwnedFd> {
+        let listener = self
+            .listener
+            .ok_or_else(|| io::Error::other("its listening socket was never recorded"))?;
+        let socket = pidfd_getfd(&self.pidfd, listener.fd)?;
+        if socket_inode(&socket) != Some(listener.inode) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "fd {} of the worker is no longer its listening socket",
+                    listener.fd
+                ),
+            ));
+        }
+        Ok(socket)
     }
 
     /// Takes its listening socket from it (`pidfd_getfd(2)`) and shuts it down, so its

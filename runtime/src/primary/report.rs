@@ -23,6 +23,14 @@ impl Supervisor {
                 content_type: "text/plain; version=0.0.4",
                 body: crate::status::render_metrics(&self.snapshot()),
             },
+            "/ready" if self.handed_over() => Reply {
+                // A request this primary took just before it handed over: the cluster at
+                // this address is its successor now, which is ready (that is why this one
+                // handed over).
+                status: 200,
+                content_type: "text/plain",
+                body: "ready (handed over to the new primary)\n".into(),
+            },
             "/ready" => {
                 // For load balancers and Kubernetes probes: serving now, and staying.
                 let doc = self.snapshot();
@@ -91,7 +99,7 @@ impl Supervisor {
             })
             .collect();
         let totals = Totals {
-            workers: workers.len(),
+            workers: self.core.configured(),
             ready: workers.iter().filter(|w| w.state == "ready").count(),
             restarts: workers
                 .iter()
@@ -102,6 +110,7 @@ impl Supervisor {
         };
         let phase = match (self.core.phase(), self.core.rolling()) {
             (Phase::Stopping { .. }, _) => "stopping",
+            (Phase::Running, _) if self.upgrading() => "upgrading",
             (Phase::Running, true) => "rolling",
             (Phase::Running, false) => "running",
         };

@@ -10,7 +10,9 @@
 
 use std::io;
 
-use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR2};
+use signal_hook::consts::signal::{
+    SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2,
+};
 use signal_hook_mio::v1_0::Signals;
 
 /// What a signal asks of the primary.
@@ -20,15 +22,23 @@ pub(crate) enum Action {
     Stop,
     /// SIGUSR2: replace every worker, one slot at a time.
     RollingRestart,
-    /// SIGHUP: re-read the config file, revive failed slots, then roll.
+    /// SIGHUP: re-read the config file, resize, revive failed slots, then roll.
     Reload,
+    /// SIGUSR1: a new primary, from the executable now on disk, takes over.
+    Upgrade,
+    /// SIGTTIN: one more worker (gunicorn's convention); no other slot is touched.
+    AddWorker,
+    /// SIGTTOU: one worker fewer, the highest slot; no other slot is touched.
+    RemoveWorker,
     /// SIGCHLD: a child changed state (a worker, or an orphan of a worker's tree that
     /// this primary, as subreaper, has inherited).
     Child,
 }
 
 /// The signals the primary handles.
-const HANDLED: [i32; 5] = [SIGTERM, SIGINT, SIGUSR2, SIGHUP, SIGCHLD];
+const HANDLED: [i32; 8] = [
+    SIGTERM, SIGINT, SIGUSR2, SIGHUP, SIGCHLD, SIGUSR1, SIGTTIN, SIGTTOU,
+];
 
 /// Installs the handlers; the returned source is registered with the event loop.
 pub(crate) fn open() -> io::Result<Signals> {
@@ -42,6 +52,9 @@ pub(crate) fn action(signal: i32) -> Option<Action> {
         SIGUSR2 => Some(Action::RollingRestart),
         SIGHUP => Some(Action::Reload),
         SIGCHLD => Some(Action::Child),
+        SIGUSR1 => Some(Action::Upgrade),
+        SIGTTIN => Some(Action::AddWorker),
+        SIGTTOU => Some(Action::RemoveWorker),
         _ => None,
     }
 }

@@ -47,9 +47,13 @@ pub(crate) struct SpawnSpec {
     pub limits: ChildLimits,
 }
 
-/// What a child gives up before `execve`. `PR_SET_NO_NEW_PRIVS` is always set.
+/// What a child gives up before `execve`. A worker always gets `PR_SET_NO_NEW_PRIVS`,
+/// its parent-death signal and a process group of its own; a successor primary (an
+/// upgrade) gets none of them: it outlives this primary and keeps its privileges.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct ChildLimits {
+    /// A new primary taking over from this one, not a worker.
+    pub successor: bool,
     /// Switch to `(uid, gid)` (supplementary groups: just `gid`).
     pub credentials: Option<(u32, u32)>,
     /// `RLIMIT_NOFILE` `(soft, hard)`.
@@ -69,6 +73,7 @@ impl ChildLimits {
         inherited_nofile: Option<(u64, u64)>,
     ) -> ChildLimits {
         ChildLimits {
+            successor: false,
             credentials: config
                 .credentials
                 .as_ref()
@@ -298,21 +303,24 @@ impl ChildPlan {
                     self.fail(ChildStep::SetUid);
                 }
             }
-            // The worker dies with its primary (even on SIGKILL), so there are no orphans.
-            libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            );
-            // The primary may have died between fork and prctl: then nobody would kill us.
-            if libc::getppid() != self.parent {
-                libc::_exit(1);
+            if !self.limits.successor {
+                // The worker dies with its primary (even on SIGKILL): no orphans.
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                );
+                // The primary may have died between fork and prctl: then nobody would
+                // kill us.
+                if libc::getppid() != self.parent {
+                    libc::_exit(1);
+                }
+                // Own process group: a terminal's Ctrl-C reaches the primary only, which
+                // then drains the workers instead of having them killed mid-request.
+                libc::setpgid(0, 0);
             }
-            // Own process group: a terminal's Ctrl-C reaches the primary only, which then
-            // drains the workers instead of having them killed mid-request.
-            libc::setpgid(0, 0);
             // A worker starts from the default disposition of every signal: the primary's
             // handlers would run here until execve, and ignored signals (SIGPIPE, or what
             // the primary's own parent ignored) survive execve. Signals are still blocked
@@ -370,7 +378,7 @@ impl ChildPlan {
                 }
             }
             // Nothing the worker executes can gain privileges (set-uid bits, file caps).
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            if !self.limits.successor && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 self.fail(ChildStep::NoNewPrivs);
             }
             if !self.listen_pid_buf.is_null() {
@@ -592,6 +600,23 @@ fn reap(pid: i32) {
     let mut status = 0;
     // SAFETY: waitpid on our own child.
     unsafe { libc::waitpid(pid, &mut status, 0) };
+}
+
+/// Whether the child behind `pidfd` has exited, without reaping it (`WNOWAIT`).
+pub(crate) fn has_exited(pidfd: &OwnedFd) -> bool {
+    // SAFETY: siginfo_t is plain data; all-zero is a valid value to be overwritten.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid on our pidfd writes into `info`.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    // SAFETY: filled by the kernel, or left zero.
+    rc < 0 || unsafe { info.si_pid() } != 0
 }
 
 /// Reaps the child behind `pidfd` if it has exited: `waitid(P_PIDFD, WEXITED | WNOHANG)`.

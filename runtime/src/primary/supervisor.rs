@@ -10,6 +10,9 @@ use std::ffi::OsString;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use std::os::fd::{AsFd, AsRawFd};
+
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use signal_hook_mio::v1_0::Signals;
 
@@ -17,6 +20,7 @@ use super::core::{Core, Phase, Settings, WorkerId};
 use super::host::{Host, WorkerFd, decode_worker_token};
 use super::pidfile::PidFile;
 use super::signals::{self, Action};
+use super::upgrade::{Inheritance, Progress, Successor};
 use super::{Hooks, WorkerProgram};
 use crate::baseline::Baseline;
 use crate::config::{Balance, Config, Settings as ConfigSettings};
@@ -25,6 +29,16 @@ use crate::steering::{self, MigrateReq, Steering};
 
 const SIGNAL_TOKEN: Token = Token(0);
 const STATUS_TOKEN: Token = Token(1);
+/// A successor primary's pidfd (it exited).
+const SUCCESSOR_EXIT_TOKEN: Token = Token(2);
+/// A successor primary's `ready` pipe.
+const SUCCESSOR_READY_TOKEN: Token = Token(3);
+/// The predecessor's pidfd, in a successor (it has gone).
+const PREDECESSOR_TOKEN: Token = Token(4);
+
+/// How much longer than one worker's start timeout a successor primary may take to have
+/// every slot ready.
+const SUCCESSOR_GRACE: Duration = Duration::from_secs(5);
 /// The `userspace` baseline's listening socket (below the status clients' tokens, far
 /// above any worker's).
 pub(super) const BASELINE_TOKEN: Token = Token(CLIENT_TOKEN_BASE - 1);
@@ -56,6 +70,14 @@ pub(crate) struct Supervisor {
     /// Children this process had before it became a primary (a library host's own): never
     /// reaped by the primary.
     foreign_children: BTreeSet<i32>,
+    /// A successor primary being started (SIGUSR1), or the one this primary handed over to.
+    successor: Option<Successor>,
+    /// This primary handed over to its successor and is draining its own workers.
+    handed_over: bool,
+    /// This primary is a successor: what its predecessor handed down.
+    inheritance: Option<Inheritance>,
+    /// As a successor, it has taken over (or its predecessor is gone).
+    taken_over: bool,
 }
 
 impl Supervisor {
@@ -67,9 +89,15 @@ impl Supervisor {
         hooks: Hooks,
         pid_file: Option<PidFile>,
         inherited_nofile: Option<(u64, u64)>,
+        mut inheritance: Option<Inheritance>,
     ) -> Result<Supervisor, StartError> {
-        let steering = Steering::new(config.balance, config.workers as u32)
+        let mut steering = Steering::new(config.balance, config.workers as u32)
             .map_err(|err| format!("--balance {}: {err}", config.balance))?;
+        if inheritance.is_some() {
+            // The group switches from the old program to this one in one step, once every
+            // slot of this primary is ready.
+            steering.hold();
+        }
         let reservation = crate::listener::bind_reuseport(config.listen, false)
             .map_err(|err| crate::listener::explain_bind_error(config.listen, &err))?;
         let listen = reservation
@@ -100,14 +128,26 @@ impl Supervisor {
                 .register(poll.registry(), BASELINE_TOKEN)
                 .map_err(|e| format!("cannot watch the baseline's listening socket: {e}"))?;
         }
+        let inherited_status = inheritance.as_mut().and_then(|i| i.status.take());
         let status = match config.status {
             Some(addr) => {
-                let mut server = StatusServer::bind(addr).map_err(|e| {
+                let mut server = match inherited_status {
+                    Some(listener) if listener.local_addr().is_ok_and(|a| a == addr) => {
+                        StatusServer::from_listener(listener)
+                    }
+                    _ => StatusServer::bind(addr),
+                }
+                .map_err(|e| {
                     format!("cannot bind the status listener {addr}: {e} (choose another --status)")
                 })?;
-                server
-                    .register(poll.registry(), STATUS_TOKEN)
-                    .map_err(|e| format!("cannot watch the status listener: {e}"))?;
+                // A successor answers only once it has taken over: until then the
+                // predecessor, serving the same socket, speaks for the cluster (its
+                // `/ready` is true; this one's would not be yet).
+                if inheritance.is_none() {
+                    server
+                        .register(poll.registry(), STATUS_TOKEN)
+                        .map_err(|e| format!("cannot watch the status listener: {e}"))?;
+                }
                 Some(server)
             }
             None => None,
@@ -115,9 +155,25 @@ impl Supervisor {
         let exe = std::env::current_exe()
             .map_err(|e| format!("cannot find this executable to start workers: {e}"))?;
         let mut pid_file = pid_file;
-        if let Some(file) = pid_file.as_mut() {
+        // A successor writes its pid once it has taken over; until then the file names
+        // the primary that serves.
+        if let Some(file) = pid_file.as_mut().filter(|_| inheritance.is_none()) {
             file.write_pid()
                 .map_err(|e| format!("cannot write --pid-file {}: {e}", file.path().display()))?;
+        }
+        let mut notifier = crate::systemd::Notifier::from_env();
+        if let Some(inherited) = &inheritance {
+            // The predecessor is the service's main process until it hands over.
+            notifier.set_quiet(true);
+            if let Some(pidfd) = &inherited.predecessor {
+                poll.registry()
+                    .register(
+                        &mut SourceFd(&pidfd.as_raw_fd()),
+                        PREDECESSOR_TOKEN,
+                        Interest::READABLE,
+                    )
+                    .map_err(|e| format!("cannot watch the previous primary: {e}"))?;
+            }
         }
         become_subreaper();
         let now = Instant::now();
@@ -144,9 +200,13 @@ impl Supervisor {
             started: now,
             pending_ipc: Vec::new(),
             drop_reports: vec![(now, 0); slots],
-            notifier: crate::systemd::Notifier::from_env(),
+            notifier,
             pid_file,
             foreign_children: own_children(),
+            successor: None,
+            handed_over: false,
+            taken_over: inheritance.is_none(),
+            inheritance,
         })
     }
 
@@ -197,7 +257,9 @@ impl Supervisor {
             }
         };
         self.reap_orphans(true);
-        if let Some(file) = self.pid_file.take() {
+        if let Some(file) = self.pid_file.take()
+            && !self.handed_over
+        {
             file.remove();
         }
         tracing::info!("primary stopped");
@@ -219,8 +281,21 @@ impl Supervisor {
         at
     }
 
-    /// Housekeeping after the core's turn: status clients, the baseline, systemd.
+    /// Housekeeping after the core's turn: an upgrade's progress, status clients, the
+    /// baseline, systemd.
     fn after_turn(&mut self, now: Instant) {
+        self.take_over_if_ready();
+        if let Some(successor) = &self.successor
+            && !self.handed_over
+            && now >= successor.deadline
+        {
+            let status = successor.abandon();
+            self.upgrade_failed(&format!(
+                "it did not have every worker ready within {} (killed{})",
+                humantime::format_duration(self.host.config.start_timeout + SUCCESSOR_GRACE),
+                status.map(|s| format!(": {s}")).unwrap_or_default()
+            ));
+        }
         if self.baseline_wakeup(now).is_some_and(|at| at <= now) {
             self.hand_off();
         }
@@ -230,9 +305,10 @@ impl Supervisor {
         self.notify_service_manager();
     }
 
-    /// Stopped, and nothing of any worker's group is left.
+    /// Stopped, nothing of any worker's group is left, and systemd knows who the main
+    /// process is.
     fn finished(&self) -> bool {
-        self.core.finished() && self.host.leftovers.is_empty()
+        self.core.finished() && self.host.leftovers.is_empty() && !self.notifier.handing_over()
     }
 
     fn dispatch(&mut self, token: Token) {
@@ -244,6 +320,9 @@ impl Supervisor {
                 }
             }
             BASELINE_TOKEN => self.hand_off(),
+            SUCCESSOR_READY_TOKEN => self.on_successor_word(),
+            SUCCESSOR_EXIT_TOKEN => self.on_successor_exit(),
+            PREDECESSOR_TOKEN => self.on_predecessor_gone(),
             Token(n) if n >= CLIENT_TOKEN_BASE => {
                 if let Some(mut status) = self.status.take() {
                     status
@@ -285,6 +364,19 @@ impl Supervisor {
             Action::RollingRestart => self.core.begin_roll("SIGUSR2"),
             Action::Reload => self.reload(now),
             Action::Child => self.on_child_signal(),
+            Action::Upgrade => self.begin_upgrade(now),
+            Action::AddWorker => {
+                let slots = self.core.configured() + 1;
+                self.core.resize(&mut self.host, slots, now, "SIGTTIN");
+            }
+            Action::RemoveWorker => {
+                let slots = self.core.configured().saturating_sub(1);
+                if slots == 0 {
+                    tracing::warn!("SIGTTOU ignored: the last worker stays");
+                } else {
+                    self.core.resize(&mut self.host, slots, now, "SIGTTOU");
+                }
+            }
         }
     }
 
@@ -304,6 +396,245 @@ impl Supervisor {
         };
         self.pending_ipc.retain(|pending| *pending != id);
         self.core.exited(&mut self.host, index, id, status, now);
+    }
+
+    /// This primary has handed over to its successor and is only draining.
+    pub(super) fn handed_over(&self) -> bool {
+        self.handed_over
+    }
+
+    /// A successor is starting (this primary has not handed over yet).
+    pub(super) fn upgrading(&self) -> bool {
+        self.successor.is_some() && !self.handed_over
+    }
+
+    /// SIGUSR1: start a successor from the executable now on disk, with the same command
+    /// line; this primary keeps serving until it has taken over (see [`super::upgrade`]).
+    fn begin_upgrade(&mut self, now: Instant) {
+        if self.core.phase() != Phase::Running {
+            tracing::warn!("SIGUSR1 ignored: the cluster is stopping");
+            return;
+        }
+        if self.successor.is_some() {
+            tracing::warn!("SIGUSR1 ignored: an upgrade is under way");
+            return;
+        }
+        if std::process::id() == 1 {
+            // The old primary exits at the end of an upgrade, and a PID namespace ends
+            // with its PID 1: the successor and every worker would die with it.
+            tracing::warn!(
+                "SIGUSR1 ignored: this primary is PID 1 (a container), whose exit would end \
+                 the container; roll out a new image instead"
+            );
+            return;
+        }
+        let deadline = now + self.host.config.start_timeout + SUCCESSOR_GRACE;
+        let started = Successor::start(
+            self.host.exe.clone(),
+            self.host.args.clone(),
+            self.status.as_ref().map(StatusServer::listener_fd),
+            self.pid_file.as_ref().map(|f| f.file().as_fd()),
+            self.host.inherited_nofile,
+            deadline,
+        );
+        let successor = match started {
+            Ok(successor) => successor,
+            Err(err) => {
+                tracing::error!(
+                    "upgrade failed: cannot start {}: {err}; this primary keeps serving",
+                    self.host.exe.display()
+                );
+                return;
+            }
+        };
+        let registry = self.host.poll.registry();
+        let watched = registry
+            .register(
+                &mut SourceFd(&successor.pidfd.as_raw_fd()),
+                SUCCESSOR_EXIT_TOKEN,
+                Interest::READABLE,
+            )
+            .and_then(|()| {
+                registry.register(
+                    &mut SourceFd(&successor.ready_fd()),
+                    SUCCESSOR_READY_TOKEN,
+                    Interest::READABLE,
+                )
+            });
+        if let Err(err) = watched {
+            successor.abandon();
+            tracing::error!("upgrade failed: cannot watch the new primary: {err}");
+            return;
+        }
+        tracing::info!(
+            pid = successor.pid,
+            exe = %self.host.exe.display(),
+            "upgrade: a new primary is starting; this one serves until it has taken over"
+        );
+        self.successor = Some(successor);
+    }
+
+    /// The successor's `ready` pipe is readable.
+    fn on_successor_word(&mut self) {
+        let Some(successor) = self.successor.as_mut().filter(|_| !self.handed_over) else {
+            return;
+        };
+        match successor.progress() {
+            Progress::Starting => {}
+            Progress::Ready => self.hand_over(),
+            // It closed the pipe unsaid. Its exit, on the pidfd, says how it ended; one
+            // that lives on without a word meets its deadline.
+            Progress::Gone => {
+                let _ = self
+                    .host
+                    .poll
+                    .registry()
+                    .deregister(&mut SourceFd(&successor.ready_fd()));
+                if successor.has_exited() {
+                    self.on_successor_exit();
+                }
+            }
+        }
+    }
+
+    /// The successor exited. Before it took over, that is a failed upgrade.
+    fn on_successor_exit(&mut self) {
+        let Some(successor) = &self.successor else {
+            return;
+        };
+        if self.handed_over {
+            // It is the cluster now; this primary only reaps it if it is still its parent.
+            let _ = successor.exited();
+            return;
+        }
+        let Some(status) = successor.exited() else {
+            return;
+        };
+        self.upgrade_failed(&format!(
+            "the new primary ended ({status}) before it was ready"
+        ));
+    }
+
+    /// The upgrade did not happen: this primary keeps serving, with its own program back
+    /// on the group if the successor had attached its own.
+    fn upgrade_failed(&mut self, why: &str) {
+        if let Some(successor) = self.successor.take() {
+            let registry = self.host.poll.registry();
+            let _ = registry.deregister(&mut SourceFd(&successor.pidfd.as_raw_fd()));
+            let _ = registry.deregister(&mut SourceFd(&successor.ready_fd()));
+            if successor.exited().is_none() {
+                successor.abandon();
+            }
+        }
+        tracing::error!("upgrade failed: {why}; this primary keeps serving");
+        let serving: Vec<WorkerId> = self
+            .core
+            .slots()
+            .iter()
+            .filter_map(|s| s.current.as_ref().filter(|w| w.serving()).map(|w| w.id))
+            .collect();
+        if let Err(err) = self.host.reassert_steering(&serving) {
+            tracing::warn!("cannot put this primary's program back on the group: {err}");
+        }
+    }
+
+    /// The successor has taken over: tell systemd, stop answering status requests, and
+    /// drain. The successor's program is already the group's, so what is queued on this
+    /// primary's workers migrates to the new ones as their listeners close.
+    fn hand_over(&mut self) {
+        let Some(pid) = self.successor.as_ref().map(|s| s.pid) else {
+            return;
+        };
+        self.handed_over = true;
+        tracing::info!(
+            successor = pid,
+            "upgrade: the new primary has taken over; draining this primary's workers"
+        );
+        self.notifier.hand_over(pid as u32);
+        if let Some(status) = self.status.as_mut() {
+            status.close(self.host.poll.registry());
+        }
+        // The successor holds the pid file now (the lock is on the open file, which it
+        // shares): this primary lets go of it without removing it.
+        self.pid_file = None;
+        self.close_baseline();
+        self.core.stop(&mut self.host, Instant::now());
+    }
+
+    /// In a successor, once every slot is ready: attach the program, write the pid file,
+    /// and tell the predecessor.
+    fn take_over_if_ready(&mut self) {
+        if self.taken_over || self.core.phase() != Phase::Running {
+            return;
+        }
+        let configured = self.core.configured();
+        if !self.core.slots()[..configured]
+            .iter()
+            .all(|s| s.state() == super::core::SlotState::Ready)
+        {
+            return;
+        }
+        self.taken_over = true;
+        if let Err(err) = self.host.steering.release() {
+            tracing::error!("cannot attach the steering program: {err}");
+        }
+        self.start_answering_status();
+        if let Some(file) = self.pid_file.as_mut()
+            && let Err(err) = file.write_pid()
+        {
+            tracing::warn!("cannot write --pid-file {}: {err}", file.path().display());
+        }
+        let Some(inherited) = self.inheritance.as_mut() else {
+            return;
+        };
+        match inherited.announce_ready() {
+            Ok(()) => tracing::info!(
+                predecessor = inherited.from,
+                "every worker is ready: took over from the previous primary"
+            ),
+            // It is gone already: this primary is on its own, which is what it is now.
+            Err(err) => tracing::warn!(
+                predecessor = inherited.from,
+                "every worker is ready, but the previous primary did not hear it: {err}"
+            ),
+        }
+    }
+
+    /// In a successor: the predecessor has exited, and this primary speaks for the
+    /// service. Gone before this one took over, it left its program on the group with
+    /// no socket of its own to pick: this primary's program goes on at once.
+    fn on_predecessor_gone(&mut self) {
+        let Some(inherited) = self.inheritance.take() else {
+            return;
+        };
+        if let Some(pidfd) = &inherited.predecessor {
+            let _ = self
+                .host
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&pidfd.as_raw_fd()));
+        }
+        if !self.taken_over {
+            tracing::warn!(
+                predecessor = inherited.from,
+                "the previous primary is gone before this one took over; taking over now"
+            );
+            if let Err(err) = self.host.steering.release() {
+                tracing::error!("cannot attach the steering program: {err}");
+            }
+            self.start_answering_status();
+        }
+        self.notifier.set_quiet(false);
+    }
+
+    /// A successor takes over the status listener it inherited.
+    fn start_answering_status(&mut self) {
+        if let Some(status) = self.status.as_mut()
+            && let Err(err) = status.register(self.host.poll.registry(), STATUS_TOKEN)
+            && err.kind() != std::io::ErrorKind::AlreadyExists
+        {
+            tracing::error!("cannot watch the status listener: {err}");
+        }
     }
 
     /// A worker's exec-report pipe is readable: its `execve` succeeded or failed.
@@ -337,10 +668,12 @@ impl Supervisor {
     /// end (`last`), kills those still alive first (a process that left its worker's group,
     /// such as a daemon, and was re-parented here) and waits a moment for them.
     fn reap_orphans(&mut self, last: bool) {
-        let workers: BTreeSet<i32> = self.host.procs.values().map(|p| p.pid).collect();
+        let mut spared: BTreeSet<i32> = self.host.procs.values().map(|p| p.pid).collect();
+        // The successor outlives this primary: it is the cluster now.
+        spared.extend(self.successor.as_ref().map(|s| s.pid));
         let mut orphans: Vec<i32> = own_children()
             .into_iter()
-            .filter(|pid| !workers.contains(pid) && !self.foreign_children.contains(pid))
+            .filter(|pid| !spared.contains(pid) && !self.foreign_children.contains(pid))
             .collect();
         if last && !orphans.is_empty() {
             tracing::info!(
@@ -383,10 +716,11 @@ impl Supervisor {
                 Ok(mut new) => {
                     for key in crate::config::keys_needing_restart(config, &new) {
                         tracing::warn!(
-                            "SIGHUP: `{key}` changed in {}; it takes effect only on a full restart, and keeps its running value",
+                            "SIGHUP: `{key}` changed in {}; it keeps its running value: a new primary applies it (SIGUSR1, an upgrade)",
                             path.display()
                         );
                     }
+                    let (workers, balance) = (new.workers, new.balance);
                     new.keep_unreloadable(config);
                     if let (WorkerProgram::External(_), Some(command)) =
                         (&self.host.program, &new.command)
@@ -395,6 +729,8 @@ impl Supervisor {
                     }
                     self.host.config = new;
                     tracing::info!("SIGHUP: reloaded {}", path.display());
+                    self.switch_policy(balance);
+                    self.core.resize(&mut self.host, workers, now, "SIGHUP");
                 }
                 Err(err) => {
                     tracing::error!(
@@ -406,6 +742,33 @@ impl Supervisor {
             }
         }
         self.core.reload(Settings::of(&self.host.config), now);
+    }
+}
+
+impl Supervisor {
+    /// SIGHUP with another `balance`: switches the policy without restarting anyone
+    /// where the program allows it; otherwise warns, naming the key, and keeps it.
+    fn switch_policy(&mut self, wanted: Balance) {
+        let running = self.host.steering.policy();
+        let wanted = match wanted {
+            Balance::Auto if self.host.steering.is_ebpf() => Balance::RoundRobin,
+            Balance::Auto => Balance::Kernel,
+            other => other,
+        };
+        if wanted == running {
+            return;
+        }
+        match self.host.switch_policy(wanted) {
+            Ok(()) => {
+                tracing::info!(
+                    "SIGHUP: balance {running} -> {wanted}, without restarting a worker"
+                );
+                self.host.config.balance = wanted;
+            }
+            Err(why) => tracing::warn!(
+                "SIGHUP: `balance` changed from {running} to {wanted}, which cannot apply live ({why}); it keeps its running value: a new primary applies it (SIGUSR1, an upgrade)"
+            ),
+        }
     }
 }
 

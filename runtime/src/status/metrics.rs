@@ -108,9 +108,9 @@ pub fn render(doc: &StatusDocument) -> String {
     let mut phase = e.family(
         "steer_primary_phase",
         "gauge",
-        "1 for the primary's phase: running, rolling (a rolling restart) or stopping.",
+        "1 for the primary's phase: running, rolling (a rolling restart), upgrading (a new primary is starting) or stopping.",
     );
-    for name in ["running", "rolling", "stopping"] {
+    for name in ["running", "rolling", "upgrading", "stopping"] {
         phase.sample(&[("phase", name)], f64::from(u8::from(p.phase == name)));
     }
     e.family(

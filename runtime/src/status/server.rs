@@ -46,6 +46,8 @@ pub(crate) struct StatusServer {
     listener: TcpListener,
     clients: HashMap<Token, Client>,
     next_token: usize,
+    /// No longer accepting ([`StatusServer::close`]).
+    closed: bool,
 }
 
 impl StatusServer {
@@ -61,7 +63,26 @@ impl StatusServer {
             listener: TcpListener::bind(addr)?,
             clients: HashMap::new(),
             next_token: CLIENT_TOKEN_BASE,
+            closed: false,
         })
+    }
+
+    /// Serves on a listener that is already bound and listening (handed down by the
+    /// primary this one replaces, so the status address never refuses a connection).
+    pub(crate) fn from_listener(listener: std::net::TcpListener) -> io::Result<StatusServer> {
+        listener.set_nonblocking(true)?;
+        Ok(StatusServer {
+            listener: TcpListener::from_std(listener),
+            clients: HashMap::new(),
+            next_token: CLIENT_TOKEN_BASE,
+            closed: false,
+        })
+    }
+
+    /// The listening socket, to hand down to a successor.
+    pub(crate) fn listener_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd()
     }
 
     /// The bound address.
@@ -74,8 +95,19 @@ impl StatusServer {
         registry.register(&mut self.listener, token, Interest::READABLE)
     }
 
+    /// Stops accepting (a primary that handed over to its successor, which serves the same
+    /// listening socket): clients already connected are still answered, and the socket
+    /// itself stays open in the successor, so nobody is refused.
+    pub(crate) fn close(&mut self, registry: &Registry) {
+        let _ = registry.deregister(&mut self.listener);
+        self.closed = true;
+    }
+
     /// Accepts every pending client.
     pub(crate) fn accept(&mut self, registry: &Registry) {
+        if self.closed {
+            return;
+        }
         loop {
             match self.listener.accept() {
                 Ok((mut stream, _)) => {

@@ -27,6 +27,17 @@ use super::shared::SharedArray;
 use super::{SteeringCounters, SteeringError};
 use crate::config::Balance;
 
+/// The program's `CONFIG.policy` code for `policy`.
+fn policy_code(policy: Balance) -> Result<u32, String> {
+    match policy {
+        Balance::RoundRobin => Ok(policy::ROUND_ROBIN),
+        Balance::Hash => Ok(policy::HASH),
+        Balance::LeastLoaded => Ok(policy::LEAST_LOADED),
+        Balance::Cpu => Ok(policy::CPU),
+        other => Err(format!("{other} is not an eBPF policy")),
+    }
+}
+
 /// The program object, built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer-ebpf"));
 
@@ -46,6 +57,11 @@ pub struct EbpfSteering {
     config: Config,
     /// Slot -> generation of the worker serving it.
     live: BTreeMap<u32, u32>,
+    /// While the program is held back ([`EbpfSteering::hold`]), the last socket put into
+    /// steering, to attach it through at [`EbpfSteering::release`]; `None` otherwise.
+    /// Held only for the seconds a successor primary starts: a copy kept any longer would
+    /// keep a dead worker's socket (and its queue) in the group.
+    held: Option<Option<OwnedFd>>,
 }
 
 impl std::fmt::Debug for EbpfSteering {
@@ -60,17 +76,7 @@ impl std::fmt::Debug for EbpfSteering {
 impl EbpfSteering {
     /// Loads the program for `policy` over `slots` configured slots.
     pub fn load(policy: Balance, slots: u32) -> Result<EbpfSteering, SteeringError> {
-        let code = match policy {
-            Balance::RoundRobin => policy::ROUND_ROBIN,
-            Balance::Hash => policy::HASH,
-            Balance::LeastLoaded => policy::LEAST_LOADED,
-            Balance::Cpu => policy::CPU,
-            other => {
-                return Err(SteeringError::Other(format!(
-                    "{other} is not an eBPF policy"
-                )));
-            }
-        };
+        let code = policy_code(policy).map_err(SteeringError::Other)?;
         if slots == 0 || slots > MAX_SLOTS {
             return Err(SteeringError::Other(format!(
                 "{slots} slots (1..={MAX_SLOTS})"
@@ -142,6 +148,7 @@ impl EbpfSteering {
                 cpus: super::online_cpus() as u32,
             },
             live: BTreeMap::new(),
+            held: None,
         };
         steering.publish_live()?;
         Ok(steering)
@@ -152,8 +159,19 @@ impl EbpfSteering {
         self.policy
     }
 
-    /// Puts `fd` into steering at `slot` for the worker of `generation`.
-    pub fn activate(&mut self, slot: u32, generation: u32, fd: &OwnedFd) -> Result<(), String> {
+    /// Switches the policy the program runs: one write of `CONFIG`, read by the very next
+    /// program run. Workers and the live set stay as they are.
+    pub fn set_policy(&mut self, policy: Balance) -> Result<(), String> {
+        self.config.policy = policy_code(policy)?;
+        self.config_map
+            .set(0, self.config, 0)
+            .map_err(|e| format!("cannot write CONFIG: {e}"))?;
+        self.policy = policy;
+        Ok(())
+    }
+
+    /// Attaches the program to the group through `socket` (any socket of the group).
+    pub fn attach_through(&self, socket: BorrowedFd<'_>) -> Result<(), String> {
         let program: &SkReuseport = self
             .ebpf
             .program(PROGRAM)
@@ -161,8 +179,63 @@ impl EbpfSteering {
             .try_into()
             .map_err(|e| format!("{e}"))?;
         program
-            .attach(fd.as_fd())
+            .attach(socket)
             .map_err(|e| format!("cannot attach the program through the socket: {e}"))?;
+        Ok(())
+    }
+
+    /// See [`super::Steering::hold`].
+    pub fn hold(&mut self) {
+        self.held.get_or_insert(None);
+    }
+
+    /// See [`super::Steering::release`].
+    pub fn release(&mut self) -> Result<(), String> {
+        match self.held.take() {
+            Some(Some(socket)) => self.attach_through(socket.as_fd()),
+            // Nothing held: no socket entered steering meanwhile, and the first one to
+            // enter attaches the program.
+            _ => Ok(()),
+        }
+    }
+
+    /// Rebuilds the Maglev table over `slots` slots and records the new count in
+    /// `CONFIG`. The table is rewritten in place: while it is, a new connection may find
+    /// an entry of the old table or of the new one, both of which name live slots or fall
+    /// back to one, so nothing is dropped; a client whose entry changed moves, which a
+    /// resize has to do for the clients of added or removed slots anyway.
+    pub fn resize(&mut self, slots: u32) -> Result<(), String> {
+        if slots == 0 || slots > MAX_SLOTS {
+            return Err(format!("{slots} slots (1..={MAX_SLOTS})"));
+        }
+        let maglev_fd = map_fd(&self.ebpf, "MAGLEV").map_err(|e| e.to_string())?;
+        let maglev = SharedArray::map(maglev_fd.as_fd(), 4, HASH_TABLE_SIZE as usize)
+            .map_err(|e| format!("cannot map MAGLEV: {e}"))?;
+        let mut table = vec![0u32; HASH_TABLE_SIZE as usize];
+        super::maglev::build(slots, &mut table);
+        for (i, slot) in table.iter().enumerate() {
+            maglev
+                .u32_at(maglev.offset_of(i))
+                .store(*slot, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.config.slots = slots;
+        self.config_map
+            .set(0, self.config, 0)
+            .map_err(|e| format!("cannot write CONFIG: {e}"))
+    }
+
+    /// Puts `fd` into steering at `slot` for the worker of `generation`.
+    pub fn activate(&mut self, slot: u32, generation: u32, fd: &OwnedFd) -> Result<(), String> {
+        match &mut self.held {
+            Some(held) => {
+                *held = Some(
+                    fd.try_clone()
+                        .map_err(|e| format!("cannot keep the socket: {e}"))?,
+                )
+            }
+            None => self.attach_through(fd.as_fd())?,
+        }
+
         self.sockets
             .set(slot, &fd.as_raw_fd(), 0)
             .map_err(|e| format!("cannot put the socket into SOCKETS[{slot}]: {e}"))?;

@@ -80,6 +80,34 @@ mod tests {
         assert_ne!(table(4), table(5));
     }
 
+    /// The figure the README quotes: of 1,000 client IPs, the share whose slot changes
+    /// when `hash` grows from 4 to 5 slots (the ideal is the new slot's fifth).
+    #[test]
+    fn growing_from_4_to_5_slots_moves_about_a_fifth_of_1000_clients() {
+        let (before, after) = (table(4), table(5));
+        let moved = (0..1000u32)
+            .filter(|i| {
+                let ip = u32::from_be_bytes([10, 0, (i / 250) as u8, (i % 250) as u8 + 1]).to_be();
+                let h = steer_common::hash_client([ip, 0, 0, 0], false) % HASH_TABLE_SIZE;
+                before[h as usize] != after[h as usize]
+            })
+            .count();
+        eprintln!(
+            "4 -> 5 slots: {moved} of 1000 client IPs move ({:.1}%)",
+            moved as f64 / 10.0
+        );
+        assert!((150..=260).contains(&moved), "{moved} of 1000 moved");
+        let shrink = (0..1000u32)
+            .filter(|i| {
+                let ip = u32::from_be_bytes([10, 1, (i / 250) as u8, (i % 250) as u8 + 1]).to_be();
+                let h = steer_common::hash_client([ip, 0, 0, 0], false) % HASH_TABLE_SIZE;
+                after[h as usize] != before[h as usize] && after[h as usize] != 4
+            })
+            .count();
+        eprintln!("5 -> 4 slots: {shrink} of 1000 clients not on the removed slot move");
+        assert!(shrink <= 20, "{shrink} clients of kept slots moved");
+    }
+
     #[test]
     fn adding_a_slot_moves_few_entries() {
         // Maglev's minimal disruption: going from 4 to 5 slots should move about 1/5 of

@@ -114,6 +114,26 @@ impl Steering {
         }
     }
 
+    /// Whether Steer's program runs.
+    pub fn is_ebpf(&self) -> bool {
+        matches!(self, Steering::Ebpf(_))
+    }
+
+    /// Switches to `wanted` without restarting a worker: between the eBPF policies this is
+    /// one write of the program's `CONFIG`. Refused (with the reason) where it cannot be
+    /// done live: to or from the baselines, whose socket layout differs, and between
+    /// `kernel` and the eBPF policies.
+    pub fn switch_policy(&mut self, wanted: Balance) -> Result<(), String> {
+        match self {
+            Steering::Ebpf(program) if wanted.is_ebpf() => program.set_policy(wanted),
+            Steering::Baseline(_) => Err("a baseline's single socket cannot be re-steered".into()),
+            _ if matches!(wanted, Balance::Shared | Balance::Userspace) => {
+                Err("a baseline needs its own single socket".into())
+            }
+            _ => Err("switching between kernel and an eBPF policy needs a new primary".into()),
+        }
+    }
+
     /// Steering with no program: the kernel's own reuseport hash.
     pub fn kernel() -> Steering {
         Steering::Kernel
@@ -144,6 +164,43 @@ impl Steering {
         match self {
             Steering::Kernel | Steering::Baseline(_) => Ok(()),
             Steering::Ebpf(program) => program.deactivate(slot as u32),
+        }
+    }
+
+    /// Holds the program back from the port's group: sockets enter steering as usual, but
+    /// the program is attached only at [`Steering::release`]. A successor primary does this
+    /// so that the group switches from the old program to its own in one step, once all of
+    /// its workers are ready.
+    pub fn hold(&mut self) {
+        if let Steering::Ebpf(program) = self {
+            program.hold();
+        }
+    }
+
+    /// Attaches the program held back by [`Steering::hold`].
+    pub fn release(&mut self) -> Result<(), String> {
+        match self {
+            Steering::Kernel | Steering::Baseline(_) => Ok(()),
+            Steering::Ebpf(program) => program.release(),
+        }
+    }
+
+    /// Attaches the program again through `socket`, a socket of the group (for a primary
+    /// whose successor failed after attaching its own program).
+    pub fn reattach_through(&mut self, socket: BorrowedFd<'_>) -> Result<(), String> {
+        match self {
+            Steering::Kernel | Steering::Baseline(_) => Ok(()),
+            Steering::Ebpf(program) => program.attach_through(socket),
+        }
+    }
+
+    /// Rebuilds what depends on the configured slot count for `slots` slots: the `hash`
+    /// policy's Maglev table (a consistent hash: only the clients that must move do) and
+    /// the `cpu` policy's mapping. Sockets in steering stay.
+    pub fn resize(&mut self, slots: u32) -> Result<(), String> {
+        match self {
+            Steering::Kernel | Steering::Baseline(_) => Ok(()),
+            Steering::Ebpf(program) => program.resize(slots),
         }
     }
 

@@ -275,5 +275,8 @@ mod tests {
         let kept = std::iter::from_fn(|| inbox.try_recv().ok()).count();
         assert_eq!(kept, INBOX_CAPACITY);
         assert_eq!(link.dropped.load(Ordering::Relaxed), 500);
+        // The link's reader exits the process when the primary's end closes (a worker
+        // without a primary must not linger): keep it open for the test binary's life.
+        std::mem::forget(primary);
     }
 }

@@ -71,6 +71,9 @@ pub(crate) trait Io {
     fn ping(&mut self, id: WorkerId, seq: u64);
     /// Shuts the worker's listening socket down from outside, so its queue migrates.
     fn shut_down_listener(&mut self, id: WorkerId) -> Result<(), String>;
+    /// The steering maps are built over `slots` configured slots from now on (the `hash`
+    /// table, the `cpu` mapping).
+    fn resize_steering(&mut self, slots: usize);
     /// The worker's resident memory in bytes.
     fn resident_bytes(&mut self, id: WorkerId) -> Option<u64>;
 }
@@ -108,8 +111,14 @@ impl Settings {
         }
     }
 
-    /// How late the loop may wake before the primary reports itself stalled (shorter
-    /// lateness is excused just the same, without a log line).
+    /// How late the loop may wake before the primary excuses the lateness: below this it
+    /// is ordinary scheduling jitter, which `health-timeout >= 2 x health-interval` already
+    /// absorbs, and excusing it would only delay the verdict on a worker that is hung.
+    fn excused_lateness(&self) -> Duration {
+        (self.health_interval / 4).max(Duration::from_millis(50))
+    }
+
+    /// How late the loop may wake before the primary also reports itself stalled.
     fn stall(&self) -> Duration {
         self.health_interval.max(Duration::from_millis(250))
     }
@@ -143,6 +152,12 @@ pub(crate) struct Core {
     expected_wake: Option<Instant>,
     /// How many times the primary found itself stalled.
     stalls: u64,
+    /// Slots the cluster is configured for: the first `configured` of `slots`; the rest
+    /// are being removed by a resize.
+    configured: usize,
+    /// Slots were added: steering grows to `configured` once they are all ready, so a
+    /// client whose hash moves to a new slot moves once, when it can be served there.
+    growing: bool,
 }
 
 impl Core {
@@ -158,7 +173,14 @@ impl Core {
             next_id: 1,
             expected_wake: None,
             stalls: 0,
+            configured: slots,
+            growing: false,
         }
+    }
+
+    /// Slots the cluster is configured for now.
+    pub(crate) fn configured(&self) -> usize {
+        self.configured
     }
 
     /// Schedules every slot's first worker for now.
@@ -253,6 +275,7 @@ impl Core {
         for index in 0..self.slots.len() {
             self.tick_slot(io, index, now);
         }
+        self.finish_resize(io);
     }
 
     /// The earliest moment [`Core::tick`] has something to do. The loop sleeps until
@@ -271,6 +294,7 @@ impl Core {
         for slot in &self.slots {
             if running
                 && !slot.failed
+                && !slot.retired
                 && let Some(t) = slot.next_start
             {
                 at = at.min(t);
@@ -293,15 +317,16 @@ impl Core {
         at
     }
 
-    /// A loop that woke after the moment it asked for was not running (stopped, or
+    /// A loop that woke well after the moment it asked for was not running (stopped, or
     /// starved of CPU): whatever workers owe is excused by exactly that lateness, so
-    /// nobody is blamed for time the primary did not run. A long stall is reported.
+    /// nobody is blamed for time the primary did not run (a host that stalled stalled its
+    /// workers too). A long stall is reported.
     fn notice_stall(&mut self, now: Instant) {
         let Some(expected) = self.expected_wake.take() else {
             return;
         };
         let late = now.saturating_duration_since(expected);
-        if late < Duration::from_millis(10) {
+        if late < self.settings.excused_lateness() {
             return;
         }
         if late > self.settings.stall() {
@@ -326,7 +351,7 @@ impl Core {
     fn tick_slot(&mut self, io: &mut impl Io, index: usize, now: Instant) {
         let running = self.phase == Phase::Running;
         let slot = &mut self.slots[index];
-        if running && !slot.failed {
+        if running && !slot.failed && !slot.retired {
             let due = slot.next_start.is_none_or(|t| t <= now);
             let replaceable = slot
                 .current
@@ -519,13 +544,14 @@ impl Core {
     /// listens (an external program) is ready now: the kernel queues connections until it
     /// accepts. One that failed to exec never gets here: it exits, as a crash.
     pub(crate) fn executed(&mut self, io: &mut impl Io, index: usize, id: WorkerId, now: Instant) {
-        let Some((_, worker)) = self.slots[index].find(id) else {
+        let Some((_, worker)) = self.slots.get(index).and_then(|s| s.find(id)) else {
             return;
         };
         if worker.killed || !worker.may_become_ready() || self.phase != Phase::Running {
             return;
         }
-        if !worker.registers && worker.listening {
+        let waits_for_ready = self.slots[index].says_ready;
+        if !worker.registers && worker.listening && !waits_for_ready {
             self.become_ready(io, index, id, now);
         }
     }
@@ -536,7 +562,9 @@ impl Core {
         index: usize,
         id: WorkerId,
     ) -> Result<Registration, String> {
-        let slot = &mut self.slots[index];
+        let Some(slot) = self.slots.get_mut(index) else {
+            return Ok(Registration::Ignored);
+        };
         if let Some((_, worker)) = slot.find_mut(id) {
             worker.heartbeat.spoke();
         }
@@ -553,7 +581,9 @@ impl Core {
         now: Instant,
     ) -> Result<(), String> {
         let running = self.phase == Phase::Running;
-        let slot = &mut self.slots[index];
+        let Some(slot) = self.slots.get_mut(index) else {
+            return Ok(());
+        };
         let Some((role, worker)) = slot.find_mut(id) else {
             return Ok(());
         };
@@ -565,10 +595,13 @@ impl Core {
         if heartbeats {
             worker.heartbeat.watch();
         }
-        match worker.stage() {
-            Stage::Starting { .. } if !worker.may_become_ready() => {
-                Err("ready before register".into())
-            }
+        let (stage, listening, may_become_ready) =
+            (worker.stage(), worker.listening, worker.may_become_ready());
+        if listening {
+            slot.says_ready = true;
+        }
+        match stage {
+            Stage::Starting { .. } if !may_become_ready => Err("ready before register".into()),
             Stage::Starting { .. } => {
                 self.become_ready(io, index, id, now);
                 self.ping_now(io, index, id, now);
@@ -592,7 +625,9 @@ impl Core {
         seq: u64,
         counters: Counters,
     ) -> Result<(), String> {
-        let slot = &mut self.slots[index];
+        let Some(slot) = self.slots.get_mut(index) else {
+            return Ok(());
+        };
         let Some((role, worker)) = slot.find_mut(id) else {
             return Ok(());
         };
@@ -640,7 +675,7 @@ impl Core {
     /// A worker sent something else (a user message): it speaks the protocol. For a
     /// watched worker this is no sign of life: only `pong` is.
     pub(crate) fn spoke(&mut self, index: usize, id: WorkerId) {
-        if let Some((_, worker)) = self.slots[index].find_mut(id) {
+        if let Some((_, worker)) = self.slots.get_mut(index).and_then(|s| s.find_mut(id)) {
             worker.heartbeat.spoke();
         }
     }
@@ -659,7 +694,9 @@ impl Core {
         let (max, window) = (self.settings.max_restarts, self.settings.restart_window);
         let timeout = self.settings.shutdown_timeout;
         let running = self.phase == Phase::Running;
-        let slot = &mut self.slots[index];
+        let Some(slot) = self.slots.get_mut(index) else {
+            return;
+        };
         let Some((role, worker)) = slot.find_mut(id) else {
             return;
         };
@@ -740,7 +777,9 @@ impl Core {
         now: Instant,
     ) {
         let running = self.phase == Phase::Running;
-        let slot = &mut self.slots[index];
+        let Some(slot) = self.slots.get_mut(index) else {
+            return;
+        };
         let Some((role, worker)) = slot.remove(io, id) else {
             return;
         };
@@ -967,8 +1006,8 @@ impl Core {
             roll.again = true;
             return;
         }
-        tracing::info!("{why}: rolling restart of {} slots", self.slots.len());
-        self.roll = Some(Roll::over(self.slots.len()));
+        tracing::info!("{why}: rolling restart of {} slots", self.configured);
+        self.roll = Some(Roll::over(self.configured));
     }
 
     fn advance_roll(&mut self) {
@@ -976,15 +1015,20 @@ impl Core {
             return;
         };
         if let Some(index) = roll.current {
-            let slot = &self.slots[index];
-            if !slot.failed && (slot.replacement.is_some() || slot.incoming.is_some()) {
+            if let Some(slot) = self.slots.get(index)
+                && !slot.failed
+                && !slot.retired
+                && (slot.replacement.is_some() || slot.incoming.is_some())
+            {
                 return;
             }
             roll.current = None;
         }
         while let Some(index) = roll.queue.pop_front() {
-            let slot = &mut self.slots[index];
-            if slot.failed || slot.current.is_none() {
+            let Some(slot) = self.slots.get_mut(index) else {
+                continue;
+            };
+            if slot.failed || slot.retired || slot.current.is_none() {
                 // Nothing serves here; a restart or revival starts the new code anyway.
                 continue;
             }
@@ -994,10 +1038,96 @@ impl Core {
         }
         if roll.again {
             roll.again = false;
-            roll.queue = (0..self.slots.len()).collect();
+            roll.queue = (0..self.configured).collect();
         } else {
             tracing::info!("rolling restart complete");
             self.roll = None;
+        }
+    }
+
+    /// Changes the number of slots (SIGHUP with a new `workers`, SIGTTIN, SIGTTOU) without
+    /// touching any slot that stays. Added slots start at once, and steering grows to them
+    /// once they are all ready. Removed slots, the highest first, leave steering at once
+    /// and drain; steering shrinks at once, so only the clients of removed slots move.
+    pub(crate) fn resize(&mut self, io: &mut impl Io, slots: usize, now: Instant, why: &str) {
+        let slots = slots.clamp(1, steer_common::MAX_SLOTS as usize);
+        if self.phase != Phase::Running || slots == self.configured {
+            return;
+        }
+        tracing::info!("{why}: {} -> {slots} workers", self.configured);
+        let timeout = self.settings.shutdown_timeout;
+        if slots > self.configured {
+            for index in self.configured..slots {
+                match self.slots.get_mut(index) {
+                    Some(slot) => {
+                        // Still draining from an earlier shrink: it serves again.
+                        slot.retired = false;
+                        slot.failed = false;
+                        slot.crashes.clear();
+                        if slot.current.is_none() && slot.incoming.is_none() {
+                            slot.next_start = Some(now);
+                        }
+                    }
+                    None => {
+                        let mut slot = Slot::new(index);
+                        slot.next_start = Some(now);
+                        self.slots.push(slot);
+                    }
+                }
+            }
+            self.configured = slots;
+            self.growing = true;
+            return;
+        }
+        for index in (slots..self.configured).rev() {
+            let slot = &mut self.slots[index];
+            slot.retired = true;
+            slot.next_start = None;
+            slot.replacement = None;
+            let mut leaving: Vec<Worker> = slot
+                .current
+                .take()
+                .into_iter()
+                .chain(slot.incoming.take())
+                .collect();
+            for worker in &mut leaving {
+                if worker.killed {
+                    continue;
+                }
+                if matches!(worker.stage(), Stage::Starting { .. }) {
+                    worker.killed = true;
+                    worker.account();
+                    io.kill(worker.id);
+                } else {
+                    Slot::drain(index, worker, io, now, timeout);
+                }
+            }
+            slot.retiring.extend(leaving);
+        }
+        self.configured = slots;
+        self.growing = false;
+        io.resize_steering(slots);
+    }
+
+    /// Grows steering once every added slot serves (or has failed), and forgets removed
+    /// slots at the end of the table once their processes are gone.
+    fn finish_resize(&mut self, io: &mut impl Io) {
+        if self.growing
+            && self.slots[..self.configured]
+                .iter()
+                .all(|s| s.failed || s.state() == SlotState::Ready)
+        {
+            self.growing = false;
+            io.resize_steering(self.configured);
+            tracing::info!("{} workers ready: steering spans them all", self.configured);
+        }
+        while self.slots.len() > self.configured
+            && self
+                .slots
+                .last()
+                .is_some_and(|s| s.retired && s.workers().next().is_none())
+        {
+            self.slots.pop();
         }
     }
 
@@ -1012,7 +1142,7 @@ impl Core {
             self.next_ping = self.next_ping.min(now + settings.health_interval);
         }
         self.settings = settings;
-        for slot in &mut self.slots {
+        for slot in self.slots.iter_mut().filter(|s| !s.retired) {
             if slot.failed {
                 tracing::info!(slot = slot.index, "SIGHUP: reviving failed slot");
                 slot.failed = false;

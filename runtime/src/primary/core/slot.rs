@@ -286,6 +286,13 @@ pub(crate) struct Slot {
     pub messages_dropped: u64,
     /// Why a replacement of the serving process is wanted, if one is.
     pub replacement: Option<Replacement>,
+    /// Being removed by a resize: nothing starts here; once its processes are gone the
+    /// slot leaves the table.
+    pub retired: bool,
+    /// A worker of this slot whose socket the primary made (an external program) has said
+    /// `ready`: its successors count as ready only once they say it too, so the old
+    /// generation keeps serving while a new one boots (PM2's `wait_ready`).
+    pub says_ready: bool,
 }
 
 impl Slot {
@@ -305,11 +312,20 @@ impl Slot {
             accepted_before: 0,
             messages_dropped: 0,
             replacement: None,
+            retired: false,
+            says_ready: false,
         }
     }
 
     /// The state `/status` reports.
     pub(crate) fn state(&self) -> SlotState {
+        if self.retired {
+            return if self.workers().next().is_some() {
+                SlotState::Draining
+            } else {
+                SlotState::Stopped
+            };
+        }
         if self.failed {
             return SlotState::Failed;
         }

@@ -24,6 +24,8 @@ struct Recorder {
     shut_down: Vec<WorkerId>,
     rss: BTreeMap<WorkerId, u64>,
     fail_spawns: bool,
+    /// Every slot count steering was rebuilt for.
+    resizes: Vec<usize>,
 }
 
 impl Io for Recorder {
@@ -71,6 +73,10 @@ impl Io for Recorder {
 
     fn resident_bytes(&mut self, id: WorkerId) -> Option<u64> {
         self.rss.get(&id).copied()
+    }
+
+    fn resize_steering(&mut self, slots: usize) {
+        self.resizes.push(slots);
     }
 }
 
@@ -567,6 +573,104 @@ fn counters_saturate() {
     assert_eq!(sim.core.slots()[1].accepted(), u64::MAX);
 }
 
+#[test]
+fn an_external_workers_replacement_waits_for_its_ready_once_the_slot_has_said_it() {
+    let mut sim = Sim::with(1, settings(), true);
+    let first = sim.current(0);
+    assert_eq!(
+        sim.state(0),
+        SlotState::Ready,
+        "ready once its exec succeeded"
+    );
+    sim.core
+        .ready(&mut sim.io, 0, first, false, sim.now)
+        .expect("ready");
+    sim.core.begin_roll("SIGUSR2");
+    sim.tick();
+    let incoming = sim.core.slots()[0]
+        .incoming
+        .as_ref()
+        .expect("replacement")
+        .id;
+    assert_eq!(
+        sim.current(0),
+        first,
+        "the old one serves while the new one boots"
+    );
+    assert!(sim.io.drained.is_empty());
+    sim.core
+        .ready(&mut sim.io, 0, incoming, false, sim.now)
+        .expect("ready");
+    sim.check();
+    assert_eq!(sim.current(0), incoming);
+    assert_eq!(sim.io.drained, [first]);
+}
+
+#[test]
+fn growing_starts_the_new_slots_and_steering_grows_once_they_serve() {
+    let mut sim = Sim::new(2);
+    sim.ready_all();
+    let before = (sim.current(0), sim.current(1));
+    sim.core.resize(&mut sim.io, 4, sim.now, "SIGHUP");
+    sim.tick();
+    assert_eq!(sim.io.spawns.len(), 4, "two new slots start at once");
+    assert!(sim.io.resizes.is_empty(), "steering waits for them");
+    sim.ready_all();
+    sim.tick();
+    assert_eq!(sim.io.resizes, [4]);
+    assert_eq!(
+        (sim.current(0), sim.current(1)),
+        before,
+        "the others are untouched"
+    );
+    for index in 0..4 {
+        assert_eq!(sim.state(index), SlotState::Ready);
+    }
+}
+
+#[test]
+fn shrinking_drains_the_highest_slots_and_steering_shrinks_at_once() {
+    let mut sim = Sim::new(4);
+    sim.ready_all();
+    let kept: Vec<WorkerId> = (0..3).map(|i| sim.current(i)).collect();
+    let removed = sim.current(3);
+    sim.core.resize(&mut sim.io, 3, sim.now, "SIGTTOU");
+    sim.check();
+    assert_eq!(sim.io.resizes, [3]);
+    assert!(!sim.io.steering.contains_key(&3), "out of steering at once");
+    assert_eq!(sim.io.drained, [removed]);
+    assert_eq!(sim.state(3), SlotState::Draining);
+    sim.exit(removed, ExitStatus::Code(0));
+    sim.tick();
+    assert_eq!(sim.core.slots().len(), 3, "the slot is gone once drained");
+    assert_eq!((0..3).map(|i| sim.current(i)).collect::<Vec<_>>(), kept);
+    assert_eq!(sim.core.slots()[0].restarts, 0);
+    // A roll covers the slots that remain.
+    sim.core.begin_roll("SIGUSR2");
+    for _ in 0..4 {
+        sim.tick();
+        sim.ready_all();
+    }
+    assert!(!sim.core.rolling());
+    assert_eq!(sim.io.spawns.len(), 4 + 3);
+}
+
+#[test]
+fn a_slot_removed_and_added_again_serves_while_its_old_worker_drains() {
+    let mut sim = Sim::new(2);
+    sim.ready_all();
+    let old = sim.current(1);
+    sim.core.resize(&mut sim.io, 1, sim.now, "SIGTTOU");
+    sim.core.resize(&mut sim.io, 2, sim.now, "SIGTTIN");
+    sim.tick();
+    sim.ready_all();
+    sim.tick();
+    assert_eq!(sim.state(1), SlotState::Ready);
+    assert_ne!(sim.current(1), old);
+    assert!(sim.core.slots()[1].retiring.iter().any(|w| w.id == old));
+    assert_eq!(sim.io.resizes, [1, 2]);
+}
+
 /// Random events against the invariant: whatever order workers register, become ready,
 /// answer, break the protocol, exit, and whatever operators send, a slot is `ready`
 /// exactly when its socket is in steering, and a stopped cluster finishes.
@@ -618,6 +722,10 @@ fn the_steering_invariant_holds_under_random_events() {
                     sim.answer(&move |_| answering);
                 }
                 (8, _) => sim.core.reload(settings(), sim.now),
+                (9, _) => {
+                    let to = 1 + next(5) as usize;
+                    sim.core.resize(&mut sim.io, to, sim.now, "random");
+                }
                 _ => {}
             }
             sim.check();

@@ -1,0 +1,253 @@
+//! Replacing the primary itself with zero downtime (`SIGUSR1`).
+//!
+//! The running primary starts a **successor**: the executable now on disk, with the same
+//! command line (so the same config file, re-read as it is now). What cannot be re-created
+//! without a gap is handed down as inherited fds: the status listener (so the status
+//! address never refuses a connection) and the locked pid file. The successor starts its
+//! own workers on the same address; they join the port's `SO_REUSEPORT` group next to the
+//! old ones. Under an eBPF policy it holds its program back until every one of its slots
+//! is ready, then attaches it to the group in one step: from then on new connections go to
+//! the new workers only. It writes its pid into the pid file and says `ready` on a pipe.
+//!
+//! Only then does the old primary hand over: it tells systemd the new main pid
+//! (`MAINPID=`), stops answering status requests, and drains its workers. Their listeners
+//! close, and what was queued on them migrates through the new program (or, in `kernel`
+//! mode, through `tcp_migrate_req`) to the new workers. It exits 0 once they are gone.
+//!
+//! If the successor fails before it is ready (its config does not parse, it crashes, its
+//! workers never become ready within the deadline), it exits or is killed, its workers die
+//! with it, and the old primary puts its own program back on the group and keeps serving.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use super::spawn::{self, ChildLimits, SpawnSpec};
+
+/// The old primary's pid, in the successor's environment.
+pub(crate) const ENV_FROM: &str = "STEER_UPGRADE_FROM";
+/// The fd the successor says `ready` on.
+pub(crate) const ENV_READY_FD: &str = "STEER_UPGRADE_READY_FD";
+/// The inherited status listener's fd.
+pub(crate) const ENV_STATUS_FD: &str = "STEER_UPGRADE_STATUS_FD";
+/// The inherited (locked) pid file's fd.
+pub(crate) const ENV_PID_FILE_FD: &str = "STEER_UPGRADE_PID_FILE_FD";
+/// Every variable of the hand-over: never passed on to workers.
+pub(crate) const ENV: &[&str] = &[ENV_FROM, ENV_READY_FD, ENV_STATUS_FD, ENV_PID_FILE_FD];
+
+const READY_FD: RawFd = 3;
+const STATUS_FD: RawFd = 4;
+const PID_FILE_FD: RawFd = 5;
+
+/// What the successor says once it has taken over.
+const READY: &[u8] = b"ready\n";
+
+/// The old primary's view of a successor being started.
+#[derive(Debug)]
+pub(crate) struct Successor {
+    /// Its pid.
+    pub pid: i32,
+    /// Readable when it exits.
+    pub pidfd: OwnedFd,
+    /// The read end of its `ready` pipe (non-blocking).
+    ready: File,
+    /// It is killed if it has not said `ready` by then.
+    pub deadline: Instant,
+    heard: Vec<u8>,
+}
+
+/// What a successor's `ready` pipe says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Progress {
+    /// Nothing yet.
+    Starting,
+    /// It has taken over.
+    Ready,
+    /// It closed the pipe without saying `ready` (it exited or failed).
+    Gone,
+}
+
+impl Successor {
+    /// Starts `exe` with `args` as a successor, handing it the status listener and the pid
+    /// file, and giving its workers the open-file limit this primary started with.
+    pub(crate) fn start(
+        exe: PathBuf,
+        args: Vec<OsString>,
+        status: Option<BorrowedFd<'_>>,
+        pid_file: Option<BorrowedFd<'_>>,
+        nofile: Option<(u64, u64)>,
+        deadline: Instant,
+    ) -> io::Result<Successor> {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let mut env: Vec<(OsString, OsString)> = vec![
+            (ENV_FROM.into(), std::process::id().to_string().into()),
+            (ENV_READY_FD.into(), READY_FD.to_string().into()),
+        ];
+        let mut fds = vec![(write, READY_FD)];
+        if let Some(status) = status {
+            env.push((ENV_STATUS_FD.into(), STATUS_FD.to_string().into()));
+            fds.push((status.try_clone_to_owned()?, STATUS_FD));
+        }
+        if let Some(pid_file) = pid_file {
+            env.push((ENV_PID_FILE_FD.into(), PID_FILE_FD.to_string().into()));
+            fds.push((pid_file.try_clone_to_owned()?, PID_FILE_FD));
+        }
+        let program = exe;
+        let child = spawn::spawn(SpawnSpec {
+            program,
+            argv: args,
+            env,
+            env_remove: ENV,
+            fds,
+            listen_pid: false,
+            cpu: None,
+            limits: ChildLimits {
+                successor: true,
+                nofile,
+                ..ChildLimits::default()
+            },
+        })?;
+        let ready = File::from(read);
+        set_nonblocking(ready.as_fd())?;
+        // Its exec report is not needed: a failed exec closes the ready pipe unsaid.
+        drop(child.exec_report);
+        Ok(Successor {
+            pid: child.pid,
+            pidfd: child.pidfd,
+            ready,
+            deadline,
+            heard: Vec::new(),
+        })
+    }
+
+    /// The fd to watch for its word.
+    pub(crate) fn ready_fd(&self) -> RawFd {
+        self.ready.as_raw_fd()
+    }
+
+    /// Reads what it said so far, without blocking.
+    pub(crate) fn progress(&mut self) -> Progress {
+        let mut buf = [0u8; 64];
+        loop {
+            match self.ready.read(&mut buf) {
+                Ok(0) => {
+                    return if self.heard.starts_with(READY) {
+                        Progress::Ready
+                    } else {
+                        Progress::Gone
+                    };
+                }
+                Ok(n) => {
+                    self.heard.extend_from_slice(&buf[..n]);
+                    self.heard.truncate(READY.len());
+                    if self.heard.starts_with(READY) {
+                        return Progress::Ready;
+                    }
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Progress::Starting,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return Progress::Gone,
+            }
+        }
+    }
+
+    /// Kills it (and, through their parent-death signal, its workers) and reaps it.
+    pub(crate) fn abandon(&self) -> Option<super::core::ExitStatus> {
+        let _ = spawn::pidfd_signal(&self.pidfd, libc::SIGKILL);
+        for _ in 0..200 {
+            if let Some(status) = spawn::try_reap(&self.pidfd) {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        None
+    }
+
+    /// Reaps it if it has exited.
+    pub(crate) fn exited(&self) -> Option<super::core::ExitStatus> {
+        spawn::try_reap(&self.pidfd)
+    }
+
+    /// Whether it has exited, without reaping it.
+    pub(crate) fn has_exited(&self) -> bool {
+        spawn::has_exited(&self.pidfd)
+    }
+}
+
+/// The new primary's view: what its predecessor handed down.
+#[derive(Debug)]
+pub(crate) struct Inheritance {
+    /// The predecessor's pid.
+    pub from: i32,
+    /// Readable once the predecessor has exited.
+    pub predecessor: Option<OwnedFd>,
+    ready: Option<File>,
+    /// The status listener, still listening.
+    pub status: Option<std::net::TcpListener>,
+    /// The pid file, locked.
+    pub pid_file: Option<File>,
+}
+
+impl Inheritance {
+    /// What this process inherited, if it was started as a successor. The fds are taken
+    /// at the numbers the environment names, and checked to be what they claim.
+    pub(crate) fn take() -> Option<Inheritance> {
+        let from: i32 = std::env::var(ENV_FROM).ok()?.parse().ok()?;
+        let fd = |name: &str| -> Option<OwnedFd> {
+            let number: RawFd = std::env::var(name).ok()?.parse().ok()?;
+            // SAFETY: F_GETFD only reads the flags of an fd number.
+            if number < 3 || unsafe { libc::fcntl(number, libc::F_GETFD) } < 0 {
+                return None;
+            }
+            // SAFETY: the predecessor placed this fd here for this process alone, and
+            // nothing else in it refers to the number: it is taken exactly once.
+            Some(unsafe { OwnedFd::from_raw_fd(number) })
+        };
+        let ready = fd(ENV_READY_FD).map(File::from);
+        let status = fd(ENV_STATUS_FD).map(std::net::TcpListener::from);
+        let pid_file = fd(ENV_PID_FILE_FD).map(File::from);
+        for file in [
+            ready.as_ref().map(AsFd::as_fd),
+            pid_file.as_ref().map(AsFd::as_fd),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let _ = set_cloexec(file);
+        }
+        if let Some(listener) = &status {
+            let _ = set_cloexec(listener.as_fd());
+        }
+        Some(Inheritance {
+            from,
+            predecessor: spawn::pidfd_open(from).ok(),
+            ready,
+            status,
+            pid_file,
+        })
+    }
+
+    /// Tells the predecessor this primary has taken over.
+    pub(crate) fn announce_ready(&mut self) -> io::Result<()> {
+        let Some(mut pipe) = self.ready.take() else {
+            return Ok(());
+        };
+        pipe.write_all(READY)
+    }
+}
+
+fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
+}
+
+fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    Ok(())
+}

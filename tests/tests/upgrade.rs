@@ -1,0 +1,449 @@
+//! Zero downtime for the primary itself and for every setting (issue 14): SIGUSR1
+//! upgrades under load, upgrades that fail, live resizes (SIGHUP, SIGTTIN, SIGTTOU) and a
+//! live policy switch.
+//!
+//! A successor primary outlives the one the harness started, so this test process is a
+//! subreaper: successors are re-parented here, and the harness remembers every primary it
+//! sees in `/status`, so a failing test leaves none behind.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use steer_tests::{
+    Cluster, Load, Signal, SlotState, TempFile, http_get, http_get_from, pid_alive, status,
+    steer_bin, wait_for,
+};
+
+fn subreaper() {
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+}
+
+fn send(pid: u32, signal: Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)
+        .unwrap_or_else(|e| panic!("{signal} to {pid}: {e}"));
+}
+
+fn pid_in(file: &Path) -> u32 {
+    std::fs::read_to_string(file)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", file.display()))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("the pid file {} holds no pid: {e}", file.display()))
+}
+
+/// Reaps a successor re-parented to this process once it exits (never the primary the
+/// harness started: the harness reaps that one).
+fn reap(cluster: &Cluster, pid: u32) {
+    if pid == cluster.pid() {
+        let _ = cluster.try_exit_status();
+        return;
+    }
+    let mut status = 0;
+    // SAFETY: waitpid on a pid that may or may not be our child; WNOHANG never blocks.
+    unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
+}
+
+/// `/status` from whoever answers, every few milliseconds, counting what fails.
+struct StatusWatch {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl StatusWatch {
+    fn start(addr: std::net::SocketAddr) -> StatusWatch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
+        let thread = std::thread::spawn(move || {
+            let mut errors = Vec::new();
+            let end = Instant::now() + Duration::from_secs(120);
+            while !s.load(Ordering::Relaxed) && Instant::now() < end {
+                match http_get(addr, "/ready") {
+                    Ok(r) if r.status == 200 => {
+                        o.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => {
+                        f.fetch_add(1, Ordering::Relaxed);
+                        errors.push(format!("{} {}", r.status, r.body.trim()));
+                    }
+                    Err(e) => {
+                        f.fetch_add(1, Ordering::Relaxed);
+                        errors.push(e.to_string());
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            errors
+        });
+        StatusWatch {
+            stop,
+            ok,
+            failed,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let errors = self
+            .thread
+            .take()
+            .map(|t| t.join().expect("status watcher"))
+            .unwrap_or_default();
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            errors,
+        )
+    }
+}
+
+/// SIGUSR1 to the primary named in `pid_file`; waits until its successor holds the pid
+/// file, answers `/status` with every worker ready, and the old primary has exited.
+/// Returns the successor's pid and how long the hand-over took.
+fn upgrade(cluster: &Cluster, pid_file: &Path) -> (u32, Duration) {
+    let old = pid_in(pid_file);
+    let started = Instant::now();
+    send(old, Signal::SIGUSR1);
+    // Not `Cluster::wait_until`: the primary the harness started exits here, as it should.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let new = loop {
+        if let Ok(doc) = cluster.try_status()
+            && let Some(new) = status::primary_pid(&doc).filter(|&p| p != old)
+            && status::all_ready(&doc)
+        {
+            break new;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no successor took over: {}",
+            cluster.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    wait_for("the old primary to exit", Duration::from_secs(30), || {
+        reap(cluster, old);
+        !pid_alive(old)
+    });
+    let took = started.elapsed();
+    assert_eq!(pid_in(pid_file), new, "the pid file names the new primary");
+    (new, took)
+}
+
+/// Stops the primary named in `pid_file` and waits for it to be gone.
+fn stop(cluster: &Cluster, pid_file: &Path) {
+    let pid = pid_in(pid_file);
+    send(pid, Signal::SIGTERM);
+    wait_for("the primary to stop", Duration::from_secs(30), || {
+        reap(cluster, pid);
+        !pid_alive(pid)
+    });
+    assert!(!pid_file.exists(), "removed at a clean exit");
+}
+
+fn pid_file() -> (TempFile, PathBuf) {
+    let dir = TempFile::new("d", "");
+    let path = dir.path().with_extension("pid");
+    (dir, path)
+}
+
+fn five_upgrades_under(load_kind: &str) {
+    subreaper();
+    let (_dir, pid_file) = pid_file();
+    let pid_arg = pid_file.to_string_lossy().into_owned();
+    let cluster = Cluster::start(&[
+        "--workers",
+        "2",
+        "--balance",
+        "round-robin",
+        "--pid-file",
+        &pid_arg,
+    ]);
+    let addr = cluster.listen_addr();
+    let watch = StatusWatch::start(cluster.status_addr());
+    let load = match load_kind {
+        "keep-alive" => Load::keep_alive(addr, 3),
+        _ => Load::new_connections(addr, 3),
+    };
+    load.wait_for_ok(200, Duration::from_secs(10));
+    let mut primaries = BTreeSet::from([cluster.pid()]);
+    let mut took = Vec::new();
+    for round in 0..5 {
+        let before = load.ok();
+        let (new, duration) = upgrade(&cluster, &pid_file);
+        assert!(
+            primaries.insert(new),
+            "round {round}: a new primary each time"
+        );
+        took.push((duration, load.ok() - before));
+        load.wait_for_ok(load.ok() + 50, Duration::from_secs(10));
+    }
+    let report = load.stop();
+    let (status_ok, status_failed, errors) = watch.stop();
+    eprintln!(
+        "5 upgrades under {load_kind} load: {report}; /ready answered {status_ok} times, \
+         failed {status_failed}; each upgrade (time, requests served meanwhile): {took:?}"
+    );
+    report.assert_all_succeeded();
+    assert_eq!(
+        status_failed, 0,
+        "the status address answered throughout: {errors:?}"
+    );
+    let doc = cluster.status();
+    assert_eq!(status::primary_pid(&doc), Some(pid_in(&pid_file)));
+    for old in primaries.iter().filter(|&&p| p != pid_in(&pid_file)) {
+        assert!(!pid_alive(*old), "old primary {old} exited");
+    }
+    stop(&cluster, &pid_file);
+}
+
+#[test]
+fn five_upgrades_back_to_back_under_new_connection_load_lose_nothing() {
+    five_upgrades_under("new-connection");
+}
+
+#[test]
+fn five_upgrades_back_to_back_under_keep_alive_load_lose_nothing() {
+    five_upgrades_under("keep-alive");
+}
+
+/// Waits for the log line of a failed upgrade; the old primary must still serve.
+fn assert_upgrade_failed_and_old_serves(cluster: &Cluster, pid_file: &Path, load: Load) {
+    let old = pid_in(pid_file);
+    send(old, Signal::SIGUSR1);
+    cluster.wait_for_log("upgrade failed", Duration::from_secs(30));
+    load.wait_for_ok(load.ok() + 100, Duration::from_secs(10));
+    let report = load.stop();
+    eprintln!("a failed upgrade under load: {report}");
+    report.assert_all_succeeded();
+    assert_eq!(
+        pid_in(pid_file),
+        old,
+        "the pid file still names the old primary"
+    );
+    let doc = cluster.status();
+    assert_eq!(status::primary_pid(&doc), Some(old));
+    assert!(status::all_ready(&doc));
+    assert!(
+        cluster.try_exit_status().is_none(),
+        "the old primary keeps running"
+    );
+    // It still steers: every worker takes new connections.
+    cluster.rolling_restart(Duration::from_secs(30));
+}
+
+#[test]
+fn an_upgrade_whose_config_no_longer_parses_leaves_the_old_primary_serving() {
+    subreaper();
+    let (_dir, pid_file) = pid_file();
+    let config = TempFile::new("toml", "workers = 2\nbalance = \"round-robin\"\n");
+    let pid_arg = pid_file.to_string_lossy().into_owned();
+    let cluster = Cluster::start(&["--config", config.as_arg(), "--pid-file", &pid_arg]);
+    let load = Load::new_connections(cluster.listen_addr(), 2);
+    load.wait_for_ok(100, Duration::from_secs(10));
+    std::fs::write(config.path(), "workers = \"many\"\n").expect("break the config");
+    assert_upgrade_failed_and_old_serves(&cluster, &pid_file, load);
+    assert!(cluster.log().contains("workers"), "the reason is logged");
+    cluster.stop_cleanly(Duration::from_secs(15));
+}
+
+#[test]
+fn an_upgrade_to_an_executable_that_exits_1_leaves_the_old_primary_serving() {
+    subreaper();
+    let (_dir, pid_file) = pid_file();
+    let pid_arg = pid_file.to_string_lossy().into_owned();
+    let copy = TempFile::executable("bin", std::fs::read(steer_bin()).expect("read steer"));
+    let (listen, status) = (
+        steer_tests::free_local_addr().to_string(),
+        steer_tests::free_local_addr().to_string(),
+    );
+    let cluster = Cluster::start_program(
+        copy.path(),
+        &[
+            "run",
+            "--listen",
+            &listen,
+            "--status",
+            &status,
+            "--workers",
+            "2",
+            "--balance",
+            "round-robin",
+            "--pid-file",
+            &pid_arg,
+        ],
+    );
+    let load = Load::new_connections(cluster.listen_addr(), 2);
+    load.wait_for_ok(100, Duration::from_secs(10));
+    // The binary on disk is replaced (a new inode at the same path, as installs do).
+    let broken = copy.path().with_extension("new");
+    std::fs::write(&broken, "#!/bin/sh\nexit 1\n").expect("write");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    std::fs::rename(&broken, copy.path()).expect("replace the binary");
+    let old = pid_in(&pid_file);
+    send(old, Signal::SIGUSR1);
+    cluster.wait_for_log("upgrade failed", Duration::from_secs(30));
+    assert!(cluster.log().contains("exit code 1"), "{}", cluster.log());
+    load.wait_for_ok(load.ok() + 100, Duration::from_secs(10));
+    let report = load.stop();
+    report.assert_all_succeeded();
+    assert_eq!(pid_in(&pid_file), old);
+    assert!(status::all_ready(&cluster.status()));
+    // The old binary is gone from disk: stop without rolling (a roll would run the script).
+    cluster.stop_cleanly(Duration::from_secs(15));
+}
+
+#[test]
+fn sighup_resizes_2_to_4_to_3_workers_under_load_losing_nothing() {
+    let config = TempFile::new("toml", "workers = 2\nbalance = \"round-robin\"\n");
+    let cluster = Cluster::start(&["--config", config.as_arg()]);
+    let load = Load::new_connections(cluster.listen_addr(), 3);
+    load.wait_for_ok(100, Duration::from_secs(10));
+    std::fs::write(config.path(), "workers = 4\nbalance = \"round-robin\"\n").expect("write");
+    cluster.signal(Signal::SIGHUP);
+    cluster.wait_until(
+        "4 workers ready, the roll done",
+        Duration::from_secs(30),
+        |s| {
+            status::workers(s).len() == 4
+                && status::all_ready(s)
+                && s["primary"]["phase"] == "running"
+        },
+    );
+    load.wait_for_ok(load.ok() + 100, Duration::from_secs(10));
+    std::fs::write(config.path(), "workers = 3\nbalance = \"round-robin\"\n").expect("write");
+    cluster.signal(Signal::SIGHUP);
+    let doc = cluster.wait_until("3 workers", Duration::from_secs(30), |s| {
+        status::workers(s).len() == 3 && status::all_ready(s) && s["primary"]["phase"] == "running"
+    });
+    assert_eq!(doc["totals"]["workers"], 3);
+    load.wait_for_ok(load.ok() + 100, Duration::from_secs(10));
+    let report = load.stop();
+    eprintln!("SIGHUP 2 -> 4 -> 3 workers under load: {report}");
+    report.assert_all_succeeded();
+    // The removed slot gets nothing any more; the three others all serve.
+    let mut seen = BTreeSet::new();
+    for _ in 0..60 {
+        seen.insert(
+            http_get(cluster.listen_addr(), "/")
+                .expect("get")
+                .worker()
+                .expect("header"),
+        );
+    }
+    assert_eq!(seen, BTreeSet::from([0, 1, 2]));
+    cluster.stop_cleanly(Duration::from_secs(15));
+}
+
+#[test]
+fn sigttin_and_sigttou_add_and_remove_one_worker_without_touching_the_others() {
+    let cluster = Cluster::start(&["--workers", "2", "--balance", "round-robin"]);
+    let load = Load::new_connections(cluster.listen_addr(), 2);
+    load.wait_for_ok(100, Duration::from_secs(10));
+    let before = cluster.worker_pids();
+    cluster.signal(Signal::SIGTTIN);
+    let doc = cluster.wait_until("a third worker", Duration::from_secs(20), |s| {
+        status::workers(s).len() == 3 && status::all_ready(s)
+    });
+    let after: Vec<(usize, u32)> = status::worker_pids(&doc);
+    assert_eq!(&after[..2], &before[..], "slots 0 and 1 kept their pids");
+    let third = after[2].1;
+    cluster.signal(Signal::SIGTTOU);
+    cluster.wait_until("back to two", Duration::from_secs(20), |s| {
+        status::workers(s).len() == 2
+    });
+    wait_for(
+        "the removed worker to exit",
+        Duration::from_secs(20),
+        || !pid_alive(third),
+    );
+    assert_eq!(
+        cluster.worker_pids(),
+        before,
+        "slots 0 and 1 kept their pids"
+    );
+    let report = load.stop();
+    eprintln!("SIGTTIN then SIGTTOU under load: {report}");
+    report.assert_all_succeeded();
+    assert!(
+        !cluster.log().contains("rolling restart"),
+        "no slot was rolled"
+    );
+    cluster.stop_cleanly(Duration::from_secs(15));
+}
+
+#[test]
+fn sighup_from_round_robin_to_hash_under_load_then_one_client_sticks_to_one_slot() {
+    let config = TempFile::new("toml", "workers = 4\nbalance = \"round-robin\"\n");
+    let cluster = Cluster::start(&["--config", config.as_arg()]);
+    let load = Load::new_connections(cluster.listen_addr(), 3);
+    load.wait_for_ok(100, Duration::from_secs(10));
+    std::fs::write(config.path(), "workers = 4\nbalance = \"hash\"\n").expect("write");
+    cluster.signal(Signal::SIGHUP);
+    cluster.wait_until("balance hash", Duration::from_secs(20), |s| {
+        status::balance(s) == Some("hash") && status::all_ready(s)
+    });
+    load.wait_for_ok(load.ok() + 100, Duration::from_secs(10));
+    let report = load.stop();
+    eprintln!("round-robin -> hash under load: {report}");
+    report.assert_all_succeeded();
+    assert!(
+        cluster.log().contains("without restarting a worker"),
+        "{}",
+        cluster.log()
+    );
+    for last in [5u8, 77, 200] {
+        let client = Ipv4Addr::new(127, 0, 3, last);
+        let slots: BTreeSet<usize> = (0..20)
+            .map(|_| {
+                http_get_from(client, cluster.listen_addr(), "/")
+                    .expect("get")
+                    .worker()
+                    .expect("header")
+            })
+            .collect();
+        assert_eq!(slots.len(), 1, "client {client} landed on {slots:?}");
+    }
+    assert_eq!(status::worker(&cluster.status(), 0).state, SlotState::Ready);
+    cluster.stop_cleanly(Duration::from_secs(15));
+}
+
+#[test]
+fn sighup_refuses_a_changed_listen_address_naming_it() {
+    let (listen, status, other) = (
+        steer_tests::free_local_addr(),
+        steer_tests::free_local_addr(),
+        steer_tests::free_local_addr(),
+    );
+    let text = |listen| {
+        format!("workers = 1\nbalance = \"kernel\"\nlisten = \"{listen}\"\nstatus = \"{status}\"\n")
+    };
+    let config = TempFile::new("toml", text(listen));
+    let cluster = Cluster::start_as_given(&["--config", config.as_arg()], listen, status);
+    std::fs::write(config.path(), text(other)).expect("write");
+    cluster.signal(Signal::SIGHUP);
+    let log = cluster.wait_for_log("`listen` changed", Duration::from_secs(10));
+    assert!(
+        log.contains("SIGUSR1"),
+        "the warning says how to apply it: {log}"
+    );
+    cluster.wait_until("the roll after the reload", Duration::from_secs(20), |s| {
+        status::all_ready(s) && s["primary"]["phase"] == "running"
+    });
+    assert!(
+        http_get(cluster.listen_addr(), "/").is_ok(),
+        "still on the old address"
+    );
+    cluster.stop_cleanly(Duration::from_secs(15));
+}
