@@ -17,6 +17,18 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// What the workers run (the primary spawns each kind differently; the baselines accept
+/// only some).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerProgram {
+    /// The built-in demo HTTP app (this executable, re-executed).
+    Demo,
+    /// The library user's closure (this executable, re-executed with the same arguments).
+    Library,
+    /// An external program that gets its listening socket as fd 3 (`LISTEN_FDS=1`).
+    External(Vec<String>),
+}
+
 pub use link::{DrainSignal, Heartbeat, INBOX_CAPACITY, UserMessage, WorkerStats};
 use serde::Serialize;
 
