@@ -8,11 +8,16 @@
 //!   by kind, many loopback source addresses for the `hash` policy.
 //! - [`suite`]: the benchmark `cargo xtask bench` runs: every balancing policy and baseline
 //!   (and Node cluster and nginx when present) through the same scenarios in interleaved
-//!   rounds, reported as medians with min-max in `target/bench/report.{md,json,svg}`.
+//!   rounds, reported as medians with min-max in `target/bench/report.{md,json,svg}`, with
+//!   the server's CPU time per request and its memory.
+//! - [`profile`]: where one new connection's microseconds go (`perf`), by side and by
+//!   system call, and the steering program's own cost; `target/bench/perf.md`.
 //!
-//! The binary `steer-bench` exposes both: `steer-bench load ...` and `steer-bench suite ...`.
+//! The binary `steer-bench` exposes all three: `steer-bench load ...`, `steer-bench suite
+//! ...` and `steer-bench profile ...`.
 //! Absolute figures on a shared machine are noise; the suite reports ratios measured in
 //! the same run, and nothing here is a pass/fail test of speed.
 
 pub mod load;
+pub mod profile;
 pub mod suite;

@@ -1,4 +1,5 @@
-//! `steer-bench`: the load generator on its own (`load`), or the whole benchmark (`suite`).
+//! `steer-bench`: the load generator on its own (`load`), the whole benchmark (`suite`), or
+//! a `perf` profile of one policy's new-connection path (`profile`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use steer_bench::load::{self, LoadSpec, Mode, Stop};
+use steer_bench::profile::{self, ProfileConfig};
 use steer_bench::suite::{self, SuiteConfig, subject};
 
 /// Steer's benchmark tools.
@@ -23,6 +25,26 @@ enum Command {
     Load(LoadArgs),
     /// Runs the whole benchmark (what `cargo xtask bench` starts) and writes the reports.
     Suite(SuiteArgs),
+    /// Profiles one policy under new-connection load with `perf` (what `cargo xtask bench
+    /// --perf` starts) and writes `perf.md`.
+    Profile(ProfileArgs),
+}
+
+/// `steer-bench profile`.
+#[derive(Debug, clap::Args)]
+struct ProfileArgs {
+    /// The `steer` binary to profile (a release build).
+    #[arg(long)]
+    steer: PathBuf,
+    /// The `--balance` policy.
+    #[arg(long, default_value = "round-robin")]
+    policy: String,
+    /// Length of the profiled run.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    duration: Duration,
+    /// Where perf.data and perf.md go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
 }
 
 /// `steer-bench suite`.
@@ -92,6 +114,22 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
+/// Prints the markdown report a run wrote, or its error.
+fn print_report(result: Result<PathBuf, String>) -> ExitCode {
+    match result {
+        Ok(report) => {
+            if let Ok(text) = std::fs::read_to_string(&report) {
+                println!("{text}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("steer-bench: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -104,18 +142,23 @@ fn main() -> ExitCode {
                 scratch: args.out.join("scratch"),
             };
             let config = SuiteConfig::new(programs, args.out, args.quick);
-            match suite::run(&config) {
-                Ok(report) => {
-                    if let Ok(text) = std::fs::read_to_string(&report) {
-                        println!("{text}");
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(err) => {
-                    eprintln!("steer-bench: {err}");
-                    ExitCode::FAILURE
-                }
-            }
+            print_report(suite::run(&config))
+        }
+        Command::Profile(args) => {
+            let config = ProfileConfig {
+                programs: subject::Programs {
+                    steer: args.steer,
+                    node: None,
+                    node_script: PathBuf::new(),
+                    nginx: None,
+                    scratch: args.out.join("scratch"),
+                },
+                policy: args.policy,
+                workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+                length: args.duration,
+                out_dir: args.out,
+            };
+            print_report(profile::run(&config))
         }
         Command::Load(args) => {
             let mut spec = LoadSpec::new(

@@ -12,6 +12,10 @@ Unix stream socket carrying one JSON object a line (docs/ipc.md). This module sp
   from the loop itself, so a loop that stalls stops answering and Steer replaces the
   worker. Never answer from a timer thread; that hides exactly the failure the heartbeat
   is for.
+- ``LoadRecord`` is the worker's own load record under ``--balance least-loaded``
+  (``STEER_LOAD_FD``): ``worker.publish_load()`` stores the ``accepted`` and ``active``
+  counters there, two stores into shared memory, and ``HTTPServer`` calls it on every
+  accept and close.
 - ``HTTPServer`` is ``http.server`` on that socket with a drain that loses nothing:
   stop accepting (queued connections move to the other workers), answer keep-alive
   requests with ``Connection: close``, close connections still idle after a grace, and
@@ -21,11 +25,13 @@ Unix stream socket carrying one JSON object a line (docs/ipc.md). This module sp
 import errno
 import http.server
 import json
+import mmap
 import os
 import selectors
 import signal
 import socket
 import socketserver
+import struct
 import threading
 import time
 
@@ -56,6 +62,9 @@ class Channel:
         self.sock.setblocking(False)
         self._in = bytearray()
         self._out = bytearray()
+        # Handler threads send too (``Worker.send``): the outbox is one thread's at a time,
+        # or a send appends while another thread's socket write holds the buffer.
+        self._out_lock = threading.RLock()
         self.dropped = 0
 
     def fileno(self):
@@ -67,25 +76,27 @@ class Channel:
         line = json.dumps(message, separators=(",", ":")).encode()
         if len(line) > MAX_MESSAGE_BYTES:
             raise ValueError(f"IPC message of {len(line)} bytes, limit {MAX_MESSAGE_BYTES}")
-        if len(self._out) + len(line) + 1 > OUTBOX_LIMIT:
-            self.flush()
+        with self._out_lock:
             if len(self._out) + len(line) + 1 > OUTBOX_LIMIT:
-                self.dropped += 1
-                return False
-        self._out += line + b"\n"
-        self.flush()
-        return True
+                self.flush()
+                if len(self._out) + len(line) + 1 > OUTBOX_LIMIT:
+                    self.dropped += 1
+                    return False
+            self._out += line + b"\n"
+            self.flush()
+            return True
 
     def flush(self):
         """Writes what waits, as far as the socket takes it."""
-        while self._out:
-            try:
-                sent = self.sock.send(self._out)
-            except (BlockingIOError, InterruptedError):
-                return
-            except (BrokenPipeError, ConnectionResetError) as err:
-                raise PrimaryGone() from err
-            del self._out[:sent]
+        with self._out_lock:
+            while self._out:
+                try:
+                    sent = self.sock.send(self._out)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except (BrokenPipeError, ConnectionResetError) as err:
+                    raise PrimaryGone() from err
+                del self._out[:sent]
 
     def receive(self):
         """Every complete message queued now (a list, maybe empty)."""
@@ -116,6 +127,32 @@ def _int_env(name):
     return int(value) if value and value.isdigit() else None
 
 
+class LoadRecord:
+    """This worker's own load record (``--balance least-loaded``; docs/ipc.md).
+
+    The map behind ``STEER_LOAD_FD`` holds this process's record and nothing else; the
+    fields are native-endian u64s at the offsets ``STEER_LOAD_LAYOUT`` names. The worker
+    writes ``accepted`` and ``active``; the program and the primary write the others.
+    """
+
+    def __init__(self, fd, layout):
+        self._memory = mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        offsets = dict(field.split(":") for field in layout.split(","))
+        self._accepted = int(offsets["accepted"])
+        self._active = int(offsets["active"])
+
+    @classmethod
+    def from_env(cls):
+        """The record Steer passed, or None (another policy, or not under Steer)."""
+        fd = _int_env("STEER_LOAD_FD")
+        layout = os.environ.get("STEER_LOAD_LAYOUT")
+        return cls(fd, layout) if fd is not None and layout else None
+
+    def publish(self, accepted, active):
+        struct.pack_into("=Q", self._memory, self._accepted, accepted)
+        struct.pack_into("=Q", self._memory, self._active, active)
+
+
 class Worker:
     """One worker process's link to its primary.
 
@@ -133,6 +170,7 @@ class Worker:
         ipc_fd = _int_env("STEER_IPC_FD")
         self.channel = Channel(ipc_fd) if ipc_fd is not None else None
         self.counters = {"accepted": 0, "active": 0, "requests": 0}
+        self.load = LoadRecord.from_env()
         self.draining = False
         self._message_callbacks = []
         self._drain_callbacks = []
@@ -159,6 +197,13 @@ class Worker:
         else:
             raise ValueError(f'to must be "all", "primary" or a slot number, not {to!r}')
         return self._send({"type": "user", "to": recipient, "data": data})
+
+    def publish_load(self):
+        """Stores ``counters["accepted"]`` and ``["active"]`` in this worker's load record
+        (``least-loaded``). Call it on every accept and close; it stops once draining,
+        when the record is no longer read."""
+        if self.load is not None and not self.draining:
+            self.load.publish(self.counters["accepted"], self.counters["active"])
 
     def ready(self):
         """Tells the primary the loop runs and answers pings. Call it once serving."""
@@ -280,12 +325,14 @@ class HTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             if conn not in self._connections:
                 self.worker.counters["accepted"] += 1
                 self.worker.counters["active"] += 1
+                self.worker.publish_load()
             self._connections[conn] = busy
 
     def _untrack(self, conn):
         with self._connections_lock:
             if self._connections.pop(conn, None) is not None:
                 self.worker.counters["active"] -= 1
+                self.worker.publish_load()
 
     def _close_idle(self):
         with self._connections_lock:

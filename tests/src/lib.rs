@@ -41,6 +41,8 @@
 //! - [`pid_alive`], [`rss_bytes`], [`children_of`], [`wait_for`]: process inspection and
 //!   the generic poll-with-deadline.
 //! - [`free_port`], [`TempFile`]: ports and config files for a test.
+//! - [`SynSender`]: raw SYNs that never complete (phantom load; needs root); [`rogue`]: a
+//!   same-user listener on a cluster's port, and the classic BPF filter it may attach.
 
 pub mod chaos;
 mod cluster;
@@ -50,7 +52,9 @@ mod load;
 mod net;
 mod process;
 pub mod prometheus;
+pub mod rogue;
 pub mod status;
+mod syn;
 mod temp;
 #[cfg(test)]
 mod test_server;
@@ -70,4 +74,5 @@ pub use crate::process::{
     POLL_INTERVAL, children_of, descendants_of, pid_alive, process_state, rss_bytes, wait_for,
 };
 pub use crate::status::{SlotState, WorkerStatus, all_ready};
+pub use crate::syn::SynSender;
 pub use crate::temp::TempFile;

@@ -17,7 +17,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use steer_bench::suite::subject::cpu_time;
+use steer_bench::suite::footprint;
 use steer_tests::{Cluster, http_get_timeout, status, steer_bin, wait_for};
 
 /// Serializes the tests whose figures (latency, CPU time) another attack would distort.
@@ -995,6 +995,7 @@ fn out_of_descriptors_accepting_pauses_instead_of_spinning() {
         };
         let nofile = set_process_nofile(pid, lowest_free_fd(pid));
         let log_from = cluster.log().len();
+        let cpu_time = |pid| footprint::sample(pid).map(|tree| tree.root_cpu());
         let cpu_before = cpu_time(pid).expect("cpu time");
         let started = Instant::now();
         let clients: Vec<_> = (0..4)

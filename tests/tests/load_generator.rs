@@ -99,3 +99,47 @@ fn load_generator_reports_refused_connections_and_stops_on_time() {
     assert!(report.errors.refused > 0, "{report}");
     assert_eq!(report.errors.total(), report.errors.refused, "{report}");
 }
+
+#[test]
+fn load_generator_splits_its_counts_by_the_phase_each_request_started_in() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let cluster = Cluster::start(&["--workers", "2", "--balance", "kernel"]);
+    let phase = Arc::new(AtomicU64::new(0));
+    let mut spec = LoadSpec::new(
+        cluster.listen_addr(),
+        Mode::Connect,
+        4,
+        Stop::After(Duration::from_millis(1500)),
+    );
+    spec.phase = Some(Arc::clone(&phase));
+    let mover = {
+        let phase = Arc::clone(&phase);
+        std::thread::spawn(move || {
+            for _ in 0..5 {
+                std::thread::sleep(Duration::from_millis(150));
+                phase.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let report = load::run(&spec).expect("the load generator runs");
+    mover.join().expect("the phase thread");
+    println!("{report}; per phase {:?}", report.per_phase);
+    assert_eq!(report.errors.total(), 0, "{report}");
+    let phases: Vec<u64> = report.per_phase.keys().copied().collect();
+    assert_eq!(
+        phases,
+        (0..=5).collect::<Vec<_>>(),
+        "every phase saw requests"
+    );
+    for (worker, count) in &report.per_worker {
+        let split: u64 = report
+            .per_phase
+            .values()
+            .filter_map(|workers| workers.get(worker))
+            .sum();
+        assert_eq!(split, *count, "worker {worker}: the phases add up");
+    }
+    cluster.stop_cleanly(Duration::from_secs(10));
+}

@@ -6,11 +6,10 @@
 //! Every test here loads the program, so it needs root (CAP_BPF), as `cargo xtask test` runs.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::ErrorKind;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, Socket, Type};
+use steer_tests::rogue::{rogue_listener, rogue_share};
 use steer_tests::{
     Cluster, KeepAlive, Load, Signal, Value, block_slot, http_get, http_get_from,
     run_to_completion, status, steer_bin,
@@ -315,43 +314,6 @@ fn cpu_policy_lands_every_connection_on_the_worker_pinned_to_the_syns_cpu() {
     }
 }
 
-/// A listener of the same user on the same port with `SO_REUSEPORT`: it joins the group.
-fn rogue_listener(addr: SocketAddr) -> TcpListener {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
-    socket.set_reuse_port(true).expect("SO_REUSEPORT");
-    socket
-        .bind(&addr.into())
-        .expect("the rogue binds the same port");
-    socket.listen(1024).expect("listen");
-    socket.set_nonblocking(true).expect("nonblocking");
-    socket.into()
-}
-
-/// Opens `n` connections (the handshake completes in the kernel either way) and returns
-/// how many the rogue listener got.
-fn rogue_share(addr: SocketAddr, rogue: &TcpListener, n: usize) -> usize {
-    let clients = client_ips(200);
-    let mut got = 0;
-    for i in 0..n {
-        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
-        socket
-            .bind(&SocketAddr::new(clients[i % clients.len()], 0).into())
-            .expect("bind client");
-        socket
-            .connect_timeout(&addr.into(), Duration::from_secs(2))
-            .expect("connect");
-        let _stream: TcpStream = socket.into();
-        loop {
-            match rogue.accept() {
-                Ok(_) => got += 1,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) => panic!("rogue accept: {e}"),
-            }
-        }
-    }
-    got
-}
-
 #[test]
 fn a_rogue_reuseport_listener_gets_nothing_under_any_ebpf_policy() {
     // Under `kernel` the rogue is just another member of the group: it gets its share,
@@ -359,7 +321,7 @@ fn a_rogue_reuseport_listener_gets_nothing_under_any_ebpf_policy() {
     {
         let cluster = Cluster::start(&["--workers", "2", "--balance", "kernel"]);
         let rogue = rogue_listener(cluster.listen_addr());
-        let got = rogue_share(cluster.listen_addr(), &rogue, 1000);
+        let got = rogue_share(cluster.listen_addr(), &rogue, &client_ips(200), 1000);
         println!("kernel: the rogue listener got {got} of 1000 connections");
         assert!(
             got > 0,
@@ -369,7 +331,7 @@ fn a_rogue_reuseport_listener_gets_nothing_under_any_ebpf_policy() {
     for policy in EBPF_POLICIES {
         let cluster = Cluster::start(&["--workers", "2", "--balance", policy]);
         let rogue = rogue_listener(cluster.listen_addr());
-        let got = rogue_share(cluster.listen_addr(), &rogue, 1000);
+        let got = rogue_share(cluster.listen_addr(), &rogue, &client_ips(200), 1000);
         assert_eq!(
             got, 0,
             "{policy}: the rogue listener received {got} of 1000 connections"

@@ -1,5 +1,5 @@
-//! `cargo xtask bench [--quick] [--peers]`: Steer's policies against the userspace
-//! baselines (and Node cluster and nginx when present), side by side.
+//! `cargo xtask bench [--quick] [--peers] [--perf [--policy P]]`: Steer's policies against
+//! the userspace baselines (and Node cluster and nginx when present), side by side.
 //!
 //! It builds `steer` and `steer-bench` in release mode and runs `steer-bench suite`, which
 //! does the measuring and writes `target/bench/report.{md,json,svg}`. The suite runs from
@@ -9,23 +9,32 @@
 //!
 //! - `--quick`: one short round, under two minutes on two cores.
 //! - `--peers`: install nginx (and Node) with apt when missing, so the peers are measured.
+//! - `--perf`: instead of the suite, profile one policy's new-connection path with `perf`
+//!   (installed with apt when missing) into `target/bench/perf.md`: where the server's and
+//!   the client's microseconds go, and the steering program's own cost. `--policy`
+//!   (default round-robin) picks the policy.
 
 use std::path::Path;
 use std::process::Command;
 
 /// Runs the benchmark.
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
+    const USAGE: &str = "usage: cargo xtask bench [--quick] [--peers] [--perf [--policy P]]";
     let mut quick = false;
     let mut peers = false;
-    for arg in args {
+    let mut perf = false;
+    let mut policy = "round-robin".to_owned();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => quick = true,
             "--peers" => peers = true,
-            other => {
-                return Err(format!(
-                    "bench: unknown argument {other:?}; usage: cargo xtask bench [--quick] [--peers]"
-                ));
-            }
+            "--perf" => perf = true,
+            "--policy" => match args.next() {
+                Some(value) => policy.clone_from(value),
+                None => return Err(format!("bench: --policy needs a value; {USAGE}")),
+            },
+            other => return Err(format!("bench: unknown argument {other:?}; {USAGE}")),
         }
     }
     if !crate::setup::is_root() {
@@ -37,6 +46,9 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     if peers {
         ensure_peer("nginx", "nginx", "-v")?;
         ensure_peer("node", "nodejs", "--version")?;
+    }
+    if perf {
+        ensure_peer("perf", "linux-perf", "--version")?;
     }
     crate::step(
         "cargo",
@@ -56,6 +68,16 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let root = crate::workspace_root();
     let runner = root.join("target/release/steer-bench");
     let steer = root.join("target/release/steer");
+    if perf {
+        let out = root.join("target/bench").display().to_string();
+        let steer = steer.display().to_string();
+        return crate::step(
+            &runner.display().to_string(),
+            &[
+                "profile", "--steer", &steer, "--policy", &policy, "--out", &out,
+            ],
+        );
+    }
     let mut suite = vec![
         "suite".to_owned(),
         "--steer".into(),

@@ -6,8 +6,9 @@
 //! - `run [-- ARGS]`: build `steer` (release) and start the demo cluster on 127.0.0.1:8000
 //!   with status on 127.0.0.1:8001; ARGS are added to `steer run`.
 //! - `test`: formatting, clippy, then every unit and integration test. What CI runs.
-//! - `bench [--quick] [--peers]`: every balancing policy against the userspace baselines
-//!   and peers; reports in `target/bench/` (see `bench.rs`).
+//! - `bench [--quick] [--peers] [--perf [--policy P]]`: every balancing policy against the
+//!   userspace baselines and peers, or a `perf` profile of one policy's new-connection
+//!   path; reports in `target/bench/` (see `bench.rs`).
 //! - `soak [--seconds N]`: load plus a rolling restart every 5 s for N seconds (default
 //!   60); fails if a request fails or the primary's fds or memory grow.
 //! - `fuzz [--seconds N] [TARGET]...`: run the fuzz targets (`fuzz/`, cargo-fuzz) for N
@@ -31,7 +32,7 @@ fn main() -> ExitCode {
         Some("-h" | "--help" | "help") | None => {
             println!(
                 "usage: cargo xtask <setup | run [-- STEER_RUN_ARGS] | test [-- CARGO_TEST_ARGS] | \
-                 bench [--quick] [--peers] | soak [--seconds N] | \
+                 bench [--quick] [--peers] [--perf [--policy P]] | soak [--seconds N] | \
                  fuzz [--seconds N] [TARGET]...>"
             );
             return ExitCode::SUCCESS;

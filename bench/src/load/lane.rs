@@ -4,6 +4,7 @@
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
@@ -39,6 +40,8 @@ pub(crate) struct Driver {
     /// Request limit of a count-bound run.
     pub limit: Option<u64>,
     pub shared: Arc<Shared>,
+    /// The run's phase counter, read when each request starts.
+    pub phase: Option<Arc<AtomicU64>>,
 }
 
 /// Where a lane's current request stands.
@@ -66,6 +69,8 @@ struct Lane {
     started: Instant,
     /// When the current step gives up.
     deadline: Instant,
+    /// The run's phase when the current request started.
+    run_phase: Option<u64>,
 }
 
 impl Lane {
@@ -76,6 +81,7 @@ impl Lane {
             input: Vec::with_capacity(1024),
             started: now,
             deadline: now,
+            run_phase: None,
         }
     }
 }
@@ -102,9 +108,7 @@ impl Driver {
         loop {
             let now = Instant::now();
             if self.limit.is_none() && now >= self.end {
-                self.shared
-                    .stop
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                self.shared.stop.store(true, Ordering::Relaxed);
                 return Ok(report);
             }
             if lanes.iter().all(|lane| lane.phase == Phase::Idle) {
@@ -141,6 +145,7 @@ impl Driver {
             let now = Instant::now();
             lane.started = now;
             lane.deadline = now + self.timeout;
+            lane.run_phase = self.phase.as_ref().map(|p| p.load(Ordering::Relaxed));
             lane.input.clear();
             if lane.stream.is_some() {
                 lane.phase = Phase::Writing { written: 0 };
@@ -197,6 +202,7 @@ impl Driver {
                     response.status,
                     response.worker,
                     lane.started.elapsed(),
+                    lane.run_phase,
                     self.shared_live(),
                 );
                 match self.mode {

@@ -13,7 +13,9 @@
 //! The run stops after a duration or a request count, whichever [`Stop`] says, and never
 //! later than [`MAX_DURATION`]. Requests still in flight at a duration's end are not
 //! counted. Each connection can come from its own loopback source address (127.0.0.x), so
-//! the `hash` policy sees many clients.
+//! the `hash` policy sees many clients. A [`LoadSpec::phase`] counter, moved by another
+//! thread (for example while it stalls a worker), splits the per-worker counts by the phase
+//! each request started in.
 
 mod lane;
 mod report;
@@ -81,6 +83,10 @@ pub struct LoadSpec {
     /// How many loopback source addresses to spread connections over (127.0.0.1 up to
     /// 127.0.0.N); 1 uses the kernel's choice. Only for loopback targets.
     pub sources: u8,
+    /// A counter another thread moves through the phases of the run (for example odd while
+    /// a worker is stalled): successful requests are also counted per worker under the
+    /// value it had when they started, in [`LoadReport::per_phase`].
+    pub phase: Option<Arc<AtomicU64>>,
 }
 
 impl LoadSpec {
@@ -95,6 +101,7 @@ impl LoadSpec {
             stop,
             timeout: Duration::from_secs(5),
             sources: 1,
+            phase: None,
         }
     }
 
@@ -180,6 +187,7 @@ pub fn run(spec: &LoadSpec) -> std::io::Result<LoadReport> {
                 end: started + deadline,
                 limit,
                 shared: Arc::clone(&shared),
+                phase: spec.phase.clone(),
             };
             std::thread::Builder::new()
                 .name(format!("load-{t}"))

@@ -126,6 +126,10 @@ pub struct LoadReport {
     pub errors: Errors,
     /// Successful requests per `X-Steer-Worker` value (`?` when absent).
     pub per_worker: BTreeMap<String, u64>,
+    /// With a [`LoadSpec::phase`](super::LoadSpec::phase) counter: successful requests per
+    /// phase they started in, per worker.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub per_phase: BTreeMap<u64, BTreeMap<String, u64>>,
     /// Latency of successful requests.
     pub latency: Latency,
     #[serde(skip)]
@@ -143,19 +147,21 @@ impl LoadReport {
             rate: 0.0,
             errors: Errors::default(),
             per_worker: BTreeMap::new(),
+            per_phase: BTreeMap::new(),
             latency: Latency::default(),
             histogram: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
                 .expect("constant histogram bounds are valid"),
         }
     }
 
-    /// Counts a complete response; one that does not count (`counted` false: the run was
-    /// over when it arrived) is ignored.
+    /// Counts a complete response to a request started in `phase`; one that does not
+    /// count (`counted` false: the run was over when it arrived) is ignored.
     pub fn succeed_or_fail(
         &mut self,
         status: u16,
         worker: Option<String>,
         latency: Duration,
+        phase: Option<u64>,
         counted: bool,
     ) {
         if !counted {
@@ -166,10 +172,16 @@ impl LoadReport {
             return;
         }
         self.ok += 1;
-        *self
-            .per_worker
-            .entry(worker.unwrap_or_else(|| "?".into()))
-            .or_insert(0) += 1;
+        let worker = worker.unwrap_or_else(|| "?".into());
+        if let Some(phase) = phase {
+            *self
+                .per_phase
+                .entry(phase)
+                .or_default()
+                .entry(worker.clone())
+                .or_insert(0) += 1;
+        }
+        *self.per_worker.entry(worker).or_insert(0) += 1;
         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         self.histogram
             .saturating_record(us.clamp(1, MAX_LATENCY_US));
@@ -186,6 +198,12 @@ impl LoadReport {
         self.errors.merge(&other.errors);
         for (worker, count) in other.per_worker {
             *self.per_worker.entry(worker).or_insert(0) += count;
+        }
+        for (phase, workers) in other.per_phase {
+            let mine = self.per_phase.entry(phase).or_default();
+            for (worker, count) in workers {
+                *mine.entry(worker).or_insert(0) += count;
+            }
         }
         // Same bounds on both sides, so adding cannot fail.
         let _ = self.histogram.add(&other.histogram);
@@ -282,10 +300,22 @@ mod tests {
     fn fairness_counts_silent_workers_as_zero() {
         let mut report = LoadReport::empty(Mode::Connect, 1);
         for _ in 0..30 {
-            report.succeed_or_fail(200, Some("0".into()), Duration::from_micros(100), true);
+            report.succeed_or_fail(
+                200,
+                Some("0".into()),
+                Duration::from_micros(100),
+                None,
+                true,
+            );
         }
         for _ in 0..10 {
-            report.succeed_or_fail(200, Some("1".into()), Duration::from_micros(300), true);
+            report.succeed_or_fail(
+                200,
+                Some("1".into()),
+                Duration::from_micros(300),
+                None,
+                true,
+            );
         }
         let two = report.fairness(2);
         assert!((two.max_over_min - 3.0).abs() < 1e-9);
@@ -297,10 +327,10 @@ mod tests {
     fn percentiles_errors_and_late_responses() {
         let mut report = LoadReport::empty(Mode::KeepAlive, 1);
         for us in 1..=1000 {
-            report.succeed_or_fail(200, None, Duration::from_micros(us), true);
+            report.succeed_or_fail(200, None, Duration::from_micros(us), None, true);
         }
-        report.succeed_or_fail(500, None, Duration::from_micros(5), true);
-        report.succeed_or_fail(200, None, Duration::from_secs(9), false);
+        report.succeed_or_fail(500, None, Duration::from_micros(5), None, true);
+        report.succeed_or_fail(200, None, Duration::from_secs(9), None, false);
         report.fail(ErrorKind::of(&io::ErrorKind::ConnectionRefused.into()));
         report.fail(ErrorKind::of(&io::ErrorKind::UnexpectedEof.into()));
         report.finish(Duration::from_secs(2));

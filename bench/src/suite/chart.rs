@@ -1,174 +1,370 @@
-//! `report.svg`: throughput and p99 latency per subject, as grouped bars (plotters, SVG
-//! backend only).
+//! `report.svg`: four panels of horizontal bars, one band per subject: throughput, server
+//! CPU per request, new-connection latency tails, and the tails with a stalled worker
+//! (plotters, SVG backend only).
+//!
+//! Bars are horizontal so that every subject's name is written level beside its band, and
+//! each bar carries its median as text, with a whisker for the min-max over the rounds.
+//! Latency spans 1 ms to a 200 ms stall, so its panels are on a log scale.
 
 use std::path::Path;
 
+use plotters::coord::Shift;
+use plotters::coord::ranged1d::{AsRangedCoord, Ranged, ValueFormatter};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::summary::{Stat, Summary};
+use super::summary::{Stat, SubjectSummary, Summary};
 
-const WIDTH: u32 = 1200;
-const HEIGHT: u32 = 520;
+const WIDTH: u32 = 1500;
+const HEIGHT: u32 = 1200;
 const BLUE: RGBColor = RGBColor(52, 101, 164);
 const ORANGE: RGBColor = RGBColor(230, 140, 40);
+const GREEN: RGBColor = RGBColor(78, 154, 6);
+const FONT: &str = "sans-serif";
 
-/// One panel: two bar series over the subjects.
+/// One bar series: a legend label, a colour, and per subject the figure (if measured).
+struct Series<'a> {
+    label: &'a str,
+    color: RGBColor,
+    values: Vec<Option<Stat>>,
+}
+
+/// One panel.
 struct Panel<'a> {
     title: &'a str,
+    /// The x axis' description, with its unit.
     unit: &'a str,
-    series: [(&'a str, RGBColor, Vec<f64>); 2],
+    /// Decimals of the value printed at a bar's end.
+    digits: usize,
+    log: bool,
+    series: Vec<Series<'a>>,
 }
 
 /// Draws the chart to `path`.
 pub fn draw(summary: &Summary, path: &Path) -> Result<(), String> {
     let names: Vec<String> = summary.subjects.iter().map(|s| s.name.clone()).collect();
-    let values = |f: &dyn Fn(&super::summary::SubjectSummary) -> Option<Stat>, scale: f64| {
+    let values = |f: &dyn Fn(&SubjectSummary) -> Option<Stat>, scale: f64| -> Vec<Option<Stat>> {
         summary
             .subjects
             .iter()
-            .map(|s| f(s).map_or(0.0, |stat| stat.median * scale))
-            .collect::<Vec<f64>>()
+            .map(|s| {
+                f(s).map(|stat| Stat {
+                    median: stat.median * scale,
+                    min: stat.min * scale,
+                    max: stat.max * scale,
+                })
+            })
+            .collect()
     };
-    let throughput = Panel {
-        title: "Throughput (median)",
-        unit: "thousand per second",
-        series: [
-            (
-                "keep-alive requests",
-                BLUE,
-                values(&|s| s.keepalive_rate, 1e-3),
-            ),
-            ("new connections", ORANGE, values(&|s| s.connect_rate, 1e-3)),
-        ],
-    };
-    let latency = Panel {
-        title: "p99 latency of new connections (median)",
-        unit: "ms",
-        series: [
-            ("no stall", BLUE, values(&|s| s.connect_p99_ms, 1.0)),
-            (
-                "one worker stalled",
-                ORANGE,
-                values(&|s| s.stall_p99_ms, 1.0),
-            ),
-        ],
-    };
+    let panels = [
+        Panel {
+            title: "Throughput",
+            unit: "thousand per second (median, min-max)",
+            digits: 1,
+            log: false,
+            series: vec![
+                Series {
+                    label: "keep-alive requests",
+                    color: BLUE,
+                    values: values(&|s| s.keepalive.rate, 1e-3),
+                },
+                Series {
+                    label: "new connections",
+                    color: ORANGE,
+                    values: values(&|s| s.connect.rate, 1e-3),
+                },
+            ],
+        },
+        Panel {
+            title: "Server CPU per request (primary + workers)",
+            unit: "microseconds of utime+stime (median, min-max)",
+            digits: 1,
+            log: false,
+            series: vec![
+                Series {
+                    label: "per new connection",
+                    color: ORANGE,
+                    values: values(&|s| s.connect.cpu_us, 1.0),
+                },
+                Series {
+                    label: "per keep-alive request",
+                    color: BLUE,
+                    values: values(&|s| s.keepalive.cpu_us, 1.0),
+                },
+            ],
+        },
+        Panel {
+            title: "New-connection latency",
+            unit: "ms, log scale (median over rounds, min-max)",
+            digits: 1,
+            log: true,
+            series: vec![
+                Series {
+                    label: "p99",
+                    color: BLUE,
+                    values: values(&|s| s.connect.tails.p99_ms, 1.0),
+                },
+                Series {
+                    label: "p99.9",
+                    color: ORANGE,
+                    values: values(&|s| s.connect.tails.p999_ms, 1.0),
+                },
+                Series {
+                    label: "max",
+                    color: GREEN,
+                    values: values(&|s| s.connect.tails.max_ms, 1.0),
+                },
+            ],
+        },
+        Panel {
+            title: "New-connection latency, one worker stalled 200 ms/s (Steer only)",
+            unit: "ms, log scale (median over rounds, min-max)",
+            digits: 1,
+            log: true,
+            series: vec![
+                Series {
+                    label: "p99",
+                    color: BLUE,
+                    values: values(&|s| s.stall.and_then(|x| x.tails.p99_ms), 1.0),
+                },
+                Series {
+                    label: "p99.9",
+                    color: ORANGE,
+                    values: values(&|s| s.stall.and_then(|x| x.tails.p999_ms), 1.0),
+                },
+                Series {
+                    label: "max",
+                    color: GREEN,
+                    values: values(&|s| s.stall.and_then(|x| x.tails.max_ms), 1.0),
+                },
+            ],
+        },
+    ];
     let root = SVGBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let (left, right) = root.split_horizontally(WIDTH / 2);
-    draw_panel(&left, &throughput, &names)?;
-    draw_panel(&right, &latency, &names)?;
+    for (area, panel) in root.split_evenly((2, 2)).iter().zip(&panels) {
+        draw_panel(area, panel, &names)?;
+    }
     root.present()
         .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
+/// Height of a panel's heading: its title, and under it the legend.
+const HEADING: u32 = 62;
+
 fn draw_panel<DB: DrawingBackend>(
-    area: &DrawingArea<DB, plotters::coord::Shift>,
+    area: &DrawingArea<DB, Shift>,
     panel: &Panel<'_>,
     names: &[String],
 ) -> Result<(), String> {
-    let top = panel
-        .series
-        .iter()
-        .flat_map(|(_, _, v)| v.iter().copied())
-        .fold(0.0f64, f64::max)
-        .max(1e-3)
-        * 1.15;
-    let n = names.len().max(1);
-    let mut chart = ChartBuilder::on(area)
-        .caption(panel.title, ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(90)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0f64..n as f64, 0f64..top)
+    let (heading, plot) = area.split_vertically(HEADING);
+    draw_heading(&heading, panel)?;
+    let measured = || {
+        panel
+            .series
+            .iter()
+            .flat_map(|s| s.values.iter().flatten())
+            .filter(|v| v.max > 0.0)
+    };
+    // Room on the right for the value printed past the longest bar and its whisker.
+    let top = measured().map(|v| v.max).fold(0.0f64, f64::max).max(1e-3);
+    let n = names.len().max(1) as f64;
+    let mut builder = ChartBuilder::on(&plot);
+    builder
+        .margin(14)
+        .margin_top(4)
+        .margin_right(24)
+        .x_label_area_size(48)
+        .y_label_area_size(130);
+    if panel.log {
+        let bottom = measured()
+            .map(|v| v.min)
+            .filter(|&v| v > 0.0)
+            .fold(f64::INFINITY, f64::min);
+        let bottom = if bottom.is_finite() { bottom } else { 0.1 };
+        let low = 10f64.powf((bottom / 2.0).log10().floor());
+        let high = 10f64.powf((top * 2.0).log10().ceil());
+        let chart = builder
+            .build_cartesian_2d((low..high).log_scale(), 0f64..n)
+            .map_err(|e| e.to_string())?;
+        draw_bars(chart, panel, names, low)
+    } else {
+        let chart = builder
+            .build_cartesian_2d(0f64..top * 1.15, 0f64..n)
+            .map_err(|e| e.to_string())?;
+        draw_bars(chart, panel, names, 0.0)
+    }
+}
+
+/// The panel's title, and under it one swatch and label per series, centred.
+fn draw_heading<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    panel: &Panel<'_>,
+) -> Result<(), String> {
+    let (width, _) = area.dim_in_pixel();
+    let centre = i32::try_from(width / 2).unwrap_or(0);
+    let title = TextStyle::from((FONT, 20).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
+    area.draw(&Text::new(panel.title, (centre, 10), title))
         .map_err(|e| e.to_string())?;
+    let label = TextStyle::from((FONT, 15).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
+    // A swatch, its label (about 8 px a character at this size) and a gap.
+    let entry = |series: &Series<'_>| 20 + 8 * i32::try_from(series.label.len()).unwrap_or(0) + 28;
+    let total: i32 = panel.series.iter().map(entry).sum();
+    let mut x = centre - total / 2;
+    let y = 44;
+    for series in &panel.series {
+        area.draw(&Rectangle::new(
+            [(x, y - 7), (x + 14, y + 7)],
+            series.color.filled(),
+        ))
+        .map_err(|e| e.to_string())?;
+        area.draw(&Text::new(series.label, (x + 20, y), label.clone()))
+            .map_err(|e| e.to_string())?;
+        x += entry(series);
+    }
+    Ok(())
+}
+
+/// Draws the mesh, the subjects' names, and the bars with their whiskers and values.
+fn draw_bars<'a, DB, X>(
+    mut chart: ChartContext<'a, DB, Cartesian2d<X, RangedCoordf64>>,
+    panel: &Panel<'_>,
+    names: &[String],
+    base: f64,
+) -> Result<(), String>
+where
+    DB: DrawingBackend + 'a,
+    X: Ranged<ValueType = f64> + ValueFormatter<f64>,
+    X: AsRangedCoord<CoordDescType = X, Value = f64>,
+{
+    let n = names.len();
+    // Subject i's band is [n-1-i, n-i): the first subject on top.
+    let band = |i: usize| (n - 1 - i) as f64;
     chart
         .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(n * 2 + 1)
-        .x_label_formatter(&|x| {
-            let i = x.floor() as usize;
-            // One label per bar group, at its centre.
-            if (x - x.floor() - 0.5).abs() < 0.01 && i < names.len() {
-                names[i].clone()
+        .disable_y_mesh()
+        .y_labels(n * 2 + 1)
+        .y_label_formatter(&|y| {
+            let k = y.floor();
+            if (y - k - 0.5).abs() < 0.01 && k >= 0.0 && (k as usize) < n {
+                names[n - 1 - k as usize].clone()
             } else {
                 String::new()
             }
         })
-        .x_label_style(
-            TextStyle::from(
-                ("sans-serif", 13)
-                    .into_font()
-                    .transform(FontTransform::Rotate90),
-            )
-            .pos(Pos::new(HPos::Left, VPos::Center)),
-        )
-        .y_desc(panel.unit)
+        .y_label_style((FONT, 15))
+        .x_label_style((FONT, 13))
+        .x_label_formatter(&|x| tick(*x))
+        .x_max_light_lines(4)
+        .x_desc(panel.unit)
+        .axis_desc_style((FONT, 14))
         .draw()
         .map_err(|e| e.to_string())?;
-    for (k, (label, color, values)) in panel.series.iter().enumerate() {
-        let offset = 0.1 + 0.4 * k as f64;
-        let color = *color;
-        chart
-            .draw_series(values.iter().enumerate().map(|(i, &v)| {
-                let x = i as f64 + offset;
-                Rectangle::new([(x, 0.0), (x + 0.38, v)], color.filled())
-            }))
-            .map_err(|e| e.to_string())?
-            .label(*label)
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+    let count = panel.series.len() as f64;
+    let height = 0.84 / count;
+    for (k, series) in panel.series.iter().enumerate() {
+        let color = series.color;
+        let offset = |i: usize| band(i) + 0.92 - height * (k as f64 + 1.0);
+        let bars = series.values.iter().enumerate().filter_map(|(i, v)| {
+            let v = v.filter(|v| v.median > 0.0)?;
+            let y = offset(i);
+            Some(Rectangle::new(
+                [(base, y), (v.median, y + height * 0.9)],
+                color.filled(),
+            ))
+        });
+        chart.draw_series(bars).map_err(|e| e.to_string())?;
+        let whiskers = series.values.iter().enumerate().filter_map(|(i, v)| {
+            let v = v.filter(|v| v.median > 0.0 && v.max > v.min)?;
+            let y = offset(i) + height * 0.45;
+            Some(PathElement::new(
+                [(v.min.max(base), y), (v.max, y)],
+                BLACK.stroke_width(1),
+            ))
+        });
+        chart.draw_series(whiskers).map_err(|e| e.to_string())?;
+        let digits = panel.digits;
+        let labels = series.values.iter().enumerate().filter_map(|(i, v)| {
+            let v = v.filter(|v| v.median > 0.0)?;
+            let y = offset(i) + height * 0.45;
+            // A few pixels right of the bar or its whisker, whichever ends later.
+            Some(
+                EmptyElement::at((v.max.max(v.median), y))
+                    + Text::new(
+                        format!("{:.digits$}", v.median),
+                        (4, 0),
+                        TextStyle::from((FONT, 12).into_font())
+                            .pos(Pos::new(HPos::Left, VPos::Center)),
+                    ),
+            )
+        });
+        chart.draw_series(labels).map_err(|e| e.to_string())?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .map_err(|e| e.to_string())
+    Ok(())
+}
+
+/// An axis tick: no decimals where none are needed (`0`, `20`, `100`; `0.5`).
+fn tick(value: f64) -> String {
+    if value == value.round() {
+        format!("{value:.0}")
+    } else {
+        let text = format!("{value:.2}");
+        text.trim_end_matches('0').trim_end_matches('.').to_owned()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::suite::summary::SubjectSummary;
+    use crate::suite::summary::{LoadFigures, MemoryFigures, StallFigures, Tails};
 
     fn stat(median: f64) -> Option<Stat> {
         Some(Stat {
             median,
-            min: median,
-            max: median,
+            min: median * 0.9,
+            max: median * 1.1,
         })
     }
 
+    fn tails(p99: f64) -> Tails {
+        Tails {
+            p50_ms: stat(p99 / 4.0),
+            p99_ms: stat(p99),
+            p999_ms: stat(p99 * 3.0),
+            max_ms: stat(p99 * 10.0),
+        }
+    }
+
     fn subject(name: &str, rate: f64) -> SubjectSummary {
+        let figures = |rate: f64, cpu: f64| LoadFigures {
+            rate: stat(rate),
+            tails: tails(5.0),
+            cpu_us: stat(cpu),
+            ..LoadFigures::default()
+        };
         SubjectSummary {
             name: name.into(),
-            keepalive_rate: stat(rate * 4.0),
-            keepalive_p99_ms: stat(2.0),
-            keepalive_max_over_min: stat(1.1),
-            connect_rate: stat(rate),
-            connect_p50_ms: stat(1.0),
-            connect_p99_ms: stat(5.0),
-            connect_max_over_min: stat(1.0),
-            connect_cv: stat(0.01),
-            connect_primary_cpu_pct: stat(0.0),
-            keepalive_primary_cpu_pct: stat(0.0),
-            stall_p99_ms: stat(9.0),
-            stall_p999_ms: stat(200.0),
-            stall_rate: stat(rate),
-            stall_ratio: Some(1.8),
-            roll_errors: None,
-            roll_ok: None,
-            roll_unfinished: None,
-            roll_s: None,
+            keepalive: figures(rate * 4.0, 12.5),
+            connect: figures(rate, 48.5),
+            stall: Some(StallFigures {
+                tails: tails(9.0),
+                rate: stat(rate),
+                p99_ratio: Some(1.8),
+                share_on_stalled: stat(0.4),
+            }),
+            roll: None,
+            memory: MemoryFigures::default(),
         }
     }
 
     #[test]
-    fn chart_names_every_subject_and_series() {
+    fn chart_names_every_subject_series_and_unit() {
         let summary = Summary {
-            subjects: vec![subject("kernel", 20_000.0), subject("userspace", 9_000.0)],
+            subjects: vec![
+                subject("kernel", 20_000.0),
+                subject("nginx-reuseport", 9_000.0),
+            ],
             targets: Vec::new(),
         };
         let path =
@@ -176,14 +372,24 @@ mod tests {
         draw(&summary, &path).expect("draws");
         let svg = std::fs::read_to_string(&path).expect("written");
         let _ = std::fs::remove_file(&path);
+        // plotters writes each text element's content on a line of its own.
+        let texts: Vec<&str> = svg.lines().map(str::trim).collect();
         for text in [
             "kernel",
-            "userspace",
+            "nginx-reuseport",
             "keep-alive requests",
-            "one worker stalled",
+            "per new connection",
+            "p99.9",
+            "max",
+            "48.5",
+            "80.0",
         ] {
+            assert!(texts.contains(&text), "{text} missing");
+        }
+        for text in ["microseconds", "one worker stalled", "ms, log scale"] {
             assert!(svg.contains(text), "{text} missing");
         }
-        assert!(svg.matches("<rect").count() >= 8, "four bars per panel");
+        // 2 + 2 + 3 + 3 series over 2 subjects, plus the legends' swatches.
+        assert!(svg.matches("<rect").count() >= 20, "every bar is drawn");
     }
 }

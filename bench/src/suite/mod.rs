@@ -5,11 +5,13 @@
 //! `SCHED_NONE` and nginx with `reuseport` when installed) runs through the scenarios of
 //! [`scenario`] in interleaved rounds: round 1 runs A, B, C, ..., round 2 runs them again,
 //! so slow drift on a shared machine hits every subject alike. Each subject is started
-//! fresh for each round with as many workers as CPUs. [`summary`] reduces the rounds to
-//! medians with min-max and checks the targets; the report lands in `report.md`,
-//! `report.json` and `report.svg`.
+//! fresh for each round with as many workers as CPUs. Around each run [`footprint`] reads
+//! the CPU time and memory of every process of the server. [`summary`] reduces the rounds
+//! to medians with min-max (ratios round by round) and checks the targets; the report lands
+//! in `report.md`, `report.json` and `report.svg`.
 
 mod chart;
+pub mod footprint;
 pub mod scenario;
 pub mod subject;
 pub mod summary;
@@ -202,14 +204,20 @@ fn run_subject(config: &SuiteConfig, subject: &Subject, round: usize) -> Result<
 fn progress(m: &Measurement) -> String {
     let l = &m.load;
     match m.scenario {
-        Scenario::KeepAlive => format!("ka {:.0}/s", l.rate),
+        Scenario::KeepAlive => format!("ka {:.0}/s {:.1}us", l.rate, m.cpu_us_per_request),
         Scenario::Connect => format!(
-            "conn {:.0}/s p99 {:.1}ms cpu {:.0}%",
+            "conn {:.0}/s {:.1}us p99 {:.1}ms primary {:.0}%",
             l.rate,
+            m.cpu_us_per_request,
             l.latency.p99_us as f64 / 1000.0,
             m.primary_cpu_pct
         ),
-        Scenario::Stall => format!("stall p99 {:.1}ms", l.latency.p99_us as f64 / 1000.0),
+        Scenario::Stall => format!(
+            "stall p99 {:.1}ms on stalled {}",
+            l.latency.p99_us as f64 / 1000.0,
+            m.stalled_share
+                .map_or_else(|| "-".into(), |s| format!("{:.0}%", 100.0 * s))
+        ),
         Scenario::Roll => format!(
             "roll failed {} ({})",
             l.errors.total(),

@@ -3,12 +3,13 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::subject::{Server, cpu_time};
+use super::footprint::{self, TreeSample};
+use super::subject::Server;
 use crate::load::{self, LoadReport, LoadSpec, Mode, Stop};
 
 /// Keep-alive connections in the throughput scenario.
@@ -72,13 +73,26 @@ pub struct Measurement {
     pub scenario: Scenario,
     /// The load's report.
     pub load: LoadReport,
-    /// CPU seconds the primary used during the run.
+    /// CPU seconds of the whole server during the run: the primary, every worker, and the
+    /// processes that exited during it (see [`footprint`]).
+    pub server_cpu_s: f64,
+    /// [`Self::server_cpu_s`] per request answered, microseconds.
+    pub cpu_us_per_request: f64,
+    /// CPU seconds the primary alone used during the run.
     pub primary_cpu_s: f64,
     /// The primary's CPU as a share of one core over the run, percent.
     pub primary_cpu_pct: f64,
+    /// The primary's RSS after the run, bytes.
+    pub primary_rss_bytes: u64,
+    /// The RSS of every other process of the server after the run, bytes.
+    pub worker_rss_bytes: Vec<u64>,
     /// Stall: `/block` requests the blocked worker answered.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stalls: Option<u64>,
+    /// Stall: of the requests that started while a worker was stalled, the share that the
+    /// stalled worker answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stalled_share: Option<f64>,
     /// Roll: seconds from SIGUSR2 until every slot ran a new process (`None`: not within
     /// the run).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -94,23 +108,31 @@ pub fn run(scenario: Scenario, server: &Server, length: Duration) -> Result<Meas
         spec
     };
     let pid = server.primary_pid();
-    let cpu_before = cpu_time(pid).unwrap_or_default();
+    let before = footprint::sample(pid).ok_or("the server's primary is gone")?;
     let mut stalls = None;
+    let mut stalled_share = None;
     let mut roll_s = None;
     let load = match scenario {
         Scenario::KeepAlive => run_load(&spec(Mode::KeepAlive, KEEPALIVE_CONNECTIONS))?,
         Scenario::Connect => run_load(&spec(Mode::Connect, CONNECT_LANES))?,
         Scenario::Stall => {
             let stop = Arc::new(AtomicBool::new(false));
+            let phase = Arc::new(AtomicU64::new(0));
             let blocker = {
                 let stop = Arc::clone(&stop);
+                let phase = Arc::clone(&phase);
                 let addr = server.addr;
-                std::thread::spawn(move || block_one_worker(addr, &stop))
+                std::thread::spawn(move || block_one_worker(addr, &stop, &phase))
             };
-            let report = run_load(&spec(Mode::Connect, CONNECT_LANES));
+            let mut load_spec = spec(Mode::Connect, CONNECT_LANES);
+            load_spec.phase = Some(phase);
+            let report = run_load(&load_spec);
             stop.store(true, Ordering::Relaxed);
-            stalls = Some(blocker.join().map_err(|_| "the blocker thread panicked")?);
-            report?
+            let stalled = blocker.join().map_err(|_| "the blocker thread panicked")?;
+            let report = report?;
+            stalls = Some(stalled.len() as u64);
+            stalled_share = share_on_stalled(&report, &stalled);
+            report
         }
         Scenario::Roll => {
             let before = server
@@ -137,28 +159,63 @@ pub fn run(scenario: Scenario, server: &Server, length: Duration) -> Result<Meas
                 .map_err(|e| format!("load: {e}"))?
         }
     };
-    let cpu = cpu_time(pid)
-        .unwrap_or_default()
-        .saturating_sub(cpu_before)
-        .as_secs_f64();
+    let after = footprint::sample(pid).ok_or("the server's primary exited during the run")?;
+    let (server_cpu, primary_cpu) = cpu_between(&before, &after);
     Ok(Measurement {
         scenario,
-        primary_cpu_pct: 100.0 * cpu / load.elapsed_s.max(1e-9),
-        primary_cpu_s: cpu,
+        server_cpu_s: server_cpu,
+        cpu_us_per_request: 1e6 * server_cpu / (load.ok.max(1) as f64),
+        primary_cpu_pct: 100.0 * primary_cpu / load.elapsed_s.max(1e-9),
+        primary_cpu_s: primary_cpu,
+        primary_rss_bytes: after.root_rss(),
+        worker_rss_bytes: after.descendant_rss(),
         load,
         stalls,
+        stalled_share,
         roll_s,
     })
+}
+
+/// CPU seconds of the whole server and of its primary between two samples.
+fn cpu_between(before: &TreeSample, after: &TreeSample) -> (f64, f64) {
+    (
+        after.cpu().saturating_sub(before.cpu()).as_secs_f64(),
+        after
+            .root_cpu()
+            .saturating_sub(before.root_cpu())
+            .as_secs_f64(),
+    )
+}
+
+/// Of the requests that started during a stall (odd phases), the share answered by the
+/// worker stalled in that phase; `None` if none started during one.
+fn share_on_stalled(report: &LoadReport, stalled: &[Stalled]) -> Option<f64> {
+    let (mut on_stalled, mut during) = (0u64, 0u64);
+    for stall in stalled {
+        if let Some(workers) = report.per_phase.get(&stall.phase) {
+            during += workers.values().sum::<u64>();
+            on_stalled += workers.get(&stall.worker).copied().unwrap_or(0);
+        }
+    }
+    (during > 0).then(|| on_stalled as f64 / during as f64)
 }
 
 fn run_load(spec: &LoadSpec) -> Result<LoadReport, String> {
     load::run(spec).map_err(|e| format!("load: {e}"))
 }
 
+/// One stall: the phase of the run it was, and the worker it blocked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stalled {
+    phase: u64,
+    worker: String,
+}
+
 /// Keeps one connection to whichever worker accepts it and asks that worker to block its
-/// event loop for [`STALL_MS`] every [`STALL_EVERY`], until `stop`. Returns the stalls done.
-fn block_one_worker(addr: SocketAddr, stop: &AtomicBool) -> u64 {
-    let mut stalls = 0;
+/// event loop for [`STALL_MS`] every [`STALL_EVERY`], until `stop`. `phase` is odd while a
+/// stall is asked for and answered (the load counts requests by it). Returns the stalls.
+fn block_one_worker(addr: SocketAddr, stop: &AtomicBool, phase: &AtomicU64) -> Vec<Stalled> {
+    let mut stalls = Vec::new();
     let mut connection: Option<TcpStream> = None;
     let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
@@ -175,16 +232,23 @@ fn block_one_worker(addr: SocketAddr, stop: &AtomicBool) -> u64 {
                 Err(_) => continue,
             },
         };
-        if let Some(stream) = stall_once(stream) {
-            stalls += 1;
+        let during = phase.fetch_add(1, Ordering::Relaxed) + 1;
+        let answered = stall_once(stream);
+        phase.fetch_add(1, Ordering::Relaxed);
+        if let Some((stream, worker)) = answered {
+            stalls.push(Stalled {
+                phase: during,
+                worker,
+            });
             connection = Some(stream);
         }
     }
     stalls
 }
 
-/// One `/block` request on a kept-alive connection; the connection back if it stays usable.
-fn stall_once(mut stream: TcpStream) -> Option<TcpStream> {
+/// One `/block` request on a kept-alive connection; the connection back if it stays
+/// usable, with the `X-Steer-Worker` of the worker that blocked.
+fn stall_once(mut stream: TcpStream) -> Option<(TcpStream, String)> {
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
         stream,
@@ -202,15 +266,63 @@ fn stall_once(mut stream: TcpStream) -> Option<TcpStream> {
         let mut headers = [httparse::EMPTY_HEADER; 16];
         let mut response = httparse::Response::new(&mut headers);
         if let Ok(httparse::Status::Complete(head)) = response.parse(&buf) {
-            let length: usize = response
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
+            let header = |name: &str| {
+                response
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(name))
+                    .and_then(|h| std::str::from_utf8(h.value).ok())
+                    .map(str::trim)
+            };
+            let length: usize = header("content-length")
+                .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
+            let worker = header("x-steer-worker").unwrap_or("?").to_owned();
             if buf.len() >= head + length {
-                return (response.code == Some(200)).then_some(stream);
+                return (response.code == Some(200)).then_some((stream, worker));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stalled_share_counts_only_requests_started_during_a_stall() {
+        let mut report = LoadReport::empty(Mode::Connect, 1);
+        let mut answer = |worker: &str, phase: u64, n: usize| {
+            for _ in 0..n {
+                report.succeed_or_fail(
+                    200,
+                    Some(worker.into()),
+                    Duration::from_millis(1),
+                    Some(phase),
+                    true,
+                );
+            }
+        };
+        // Phase 0 and 2: no stall. Phase 1: worker 0 stalled; phase 3: worker 1 stalled.
+        answer("0", 0, 500);
+        answer("1", 0, 500);
+        answer("0", 1, 30);
+        answer("1", 1, 10);
+        answer("0", 2, 100);
+        answer("0", 3, 5);
+        answer("1", 3, 15);
+        let stalled = [
+            Stalled {
+                phase: 1,
+                worker: "0".into(),
+            },
+            Stalled {
+                phase: 3,
+                worker: "1".into(),
+            },
+        ];
+        let share = share_on_stalled(&report, &stalled).expect("requests during stalls");
+        assert!((share - 45.0 / 60.0).abs() < 1e-9, "{share}");
+        assert_eq!(share_on_stalled(&report, &[]), None);
     }
 }

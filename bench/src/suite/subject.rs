@@ -274,20 +274,6 @@ impl Drop for Server {
     }
 }
 
-/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
-pub fn cpu_time(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces; the fields after its closing parenthesis are fixed.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let per_second = u64::try_from(per_second).ok().filter(|&n| n > 0)?;
-    Some(Duration::from_secs_f64(ticks as f64 / per_second as f64))
-}
-
 /// A free port on 127.0.0.1 (bound and released; the kernel does not hand it out again
 /// soon).
 fn free_addr() -> Result<SocketAddr, String> {
@@ -355,21 +341,4 @@ fn write_nginx_conf(prefix: &Path, addr: SocketAddr, workers: usize) -> Result<P
     );
     std::fs::write(&conf, text).map_err(|e| format!("writing {}: {e}", conf.display()))?;
     Ok(conf)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cpu_time_of_this_process_grows() {
-        let pid = std::process::id();
-        let before = cpu_time(pid).expect("readable");
-        let started = Instant::now();
-        let mut x = 0u64;
-        while started.elapsed() < Duration::from_millis(60) {
-            x = std::hint::black_box(x.wrapping_add(1));
-        }
-        assert!(cpu_time(pid).expect("readable") > before);
-    }
 }

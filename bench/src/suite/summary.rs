@@ -1,6 +1,7 @@
 //! From rounds to figures: medians with min-max per subject, the targets, and the
 //! markdown report.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde::Serialize;
@@ -87,15 +88,103 @@ impl Stat {
 
     /// `median (min-max)` with `digits` decimals.
     fn show(&self, digits: usize) -> String {
+        self.show_with(digits, "")
+    }
+
+    /// A ratio: `0.74x (0.70-0.81)`.
+    fn show_x(&self, digits: usize) -> String {
+        self.show_with(digits, "x")
+    }
+
+    /// A share, as a percentage: `48% (40-52)`.
+    fn show_percent(&self) -> String {
+        Stat {
+            median: self.median * 100.0,
+            min: self.min * 100.0,
+            max: self.max * 100.0,
+        }
+        .show_with(0, "%")
+    }
+
+    fn show_with(&self, digits: usize, unit: &str) -> String {
         if self.min == self.max {
-            format!("{:.digits$}", self.median)
+            format!("{:.digits$}{unit}", self.median)
         } else {
             format!(
-                "{:.digits$} ({:.digits$}-{:.digits$})",
+                "{:.digits$}{unit} ({:.digits$}-{:.digits$})",
                 self.median, self.min, self.max
             )
         }
     }
+}
+
+/// Latency percentiles of a run, ms, over the rounds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Tails {
+    /// Median.
+    pub p50_ms: Option<Stat>,
+    /// 99th percentile.
+    pub p99_ms: Option<Stat>,
+    /// 99.9th percentile.
+    pub p999_ms: Option<Stat>,
+    /// Slowest request.
+    pub max_ms: Option<Stat>,
+}
+
+/// The figures of a keep-alive or new-connection run.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LoadFigures {
+    /// Requests (new connections) per second.
+    pub rate: Option<Stat>,
+    /// Latency (a new connection's includes its handshake).
+    pub tails: Tails,
+    /// Busiest worker over idlest.
+    pub max_over_min: Option<Stat>,
+    /// Coefficient of variation of per-worker counts.
+    pub cv: Option<Stat>,
+    /// Server CPU (every process of it, the primary included) per request, microseconds.
+    pub cpu_us: Option<Stat>,
+    /// [`Self::cpu_us`] over userspace's in the same round.
+    pub cpu_vs_userspace: Option<Stat>,
+    /// [`Self::cpu_us`] over nginx's in the same round.
+    pub cpu_vs_nginx: Option<Stat>,
+    /// The primary's own CPU, percent of one core.
+    pub primary_cpu_pct: Option<Stat>,
+}
+
+/// The stalled-worker run.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct StallFigures {
+    /// Latency of the other traffic.
+    pub tails: Tails,
+    /// New connections per second.
+    pub rate: Option<Stat>,
+    /// Median stalled p99 over median no-stall (connect) p99.
+    pub p99_ratio: Option<f64>,
+    /// Of the requests started during a stall, the share the stalled worker answered.
+    pub share_on_stalled: Option<Stat>,
+}
+
+/// The rolling-restart runs, summed over the rounds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RollFigures {
+    /// Failed requests by kind.
+    pub errors: Errors,
+    /// Requests answered.
+    pub ok: u64,
+    /// Rounds in which the roll did not finish within the run.
+    pub unfinished: usize,
+    /// Seconds to replace every worker.
+    pub roll_s: Option<Stat>,
+}
+
+/// Resident memory after the new-connection run, MiB.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct MemoryFigures {
+    /// The primary (Steer's primary, Node's primary, nginx's master).
+    pub primary_rss_mib: Option<Stat>,
+    /// The largest worker.
+    pub worker_rss_mib: Option<Stat>,
 }
 
 /// One subject's figures.
@@ -103,42 +192,16 @@ impl Stat {
 pub struct SubjectSummary {
     /// The subject.
     pub name: String,
-    /// Keep-alive requests per second.
-    pub keepalive_rate: Option<Stat>,
-    /// Keep-alive p99 latency, ms.
-    pub keepalive_p99_ms: Option<Stat>,
-    /// Keep-alive: busiest worker over idlest.
-    pub keepalive_max_over_min: Option<Stat>,
-    /// New connections per second.
-    pub connect_rate: Option<Stat>,
-    /// New-connection p50 latency (handshake included), ms.
-    pub connect_p50_ms: Option<Stat>,
-    /// New-connection p99 latency, ms.
-    pub connect_p99_ms: Option<Stat>,
-    /// New connections: busiest worker over idlest.
-    pub connect_max_over_min: Option<Stat>,
-    /// New connections: coefficient of variation of per-worker counts.
-    pub connect_cv: Option<Stat>,
-    /// The primary's CPU during the connect run, percent of one core.
-    pub connect_primary_cpu_pct: Option<Stat>,
-    /// The primary's CPU during the keep-alive run, percent of one core.
-    pub keepalive_primary_cpu_pct: Option<Stat>,
-    /// Stalled worker: p99 of the other traffic, ms.
-    pub stall_p99_ms: Option<Stat>,
-    /// Stalled worker: p99.9, ms.
-    pub stall_p999_ms: Option<Stat>,
-    /// Stalled worker: new connections per second.
-    pub stall_rate: Option<Stat>,
-    /// Median stalled p99 over median no-stall (connect) p99.
-    pub stall_ratio: Option<f64>,
-    /// Rolling restart: failed requests over all rounds, by kind.
-    pub roll_errors: Option<Errors>,
-    /// Rolling restart: requests answered over all rounds.
-    pub roll_ok: Option<u64>,
-    /// Rolling restart: rounds in which the roll did not finish within the run.
-    pub roll_unfinished: Option<usize>,
-    /// Rolling restart: seconds to replace every worker.
-    pub roll_s: Option<Stat>,
+    /// Keep-alive throughput.
+    pub keepalive: LoadFigures,
+    /// New connections.
+    pub connect: LoadFigures,
+    /// Stalled worker (Steer only).
+    pub stall: Option<StallFigures>,
+    /// Rolling restart (Steer only).
+    pub roll: Option<RollFigures>,
+    /// Memory.
+    pub memory: MemoryFigures,
 }
 
 /// A target of the issue, as measured.
@@ -161,6 +224,15 @@ pub struct Summary {
     pub targets: Vec<Target>,
 }
 
+/// The subject CPU costs are compared with: the userspace balancer.
+const USERSPACE: &str = "userspace";
+/// The peer CPU costs are compared with.
+const NGINX: &str = "nginx-reuseport";
+/// The primary's RSS with the program loaded must stay under this, MiB.
+const PRIMARY_RSS_MIB: f64 = 10.0;
+/// A demo worker's RSS must stay under this, MiB.
+const WORKER_RSS_MIB: f64 = 5.0;
+
 impl Summary {
     /// Reduces `samples` (over `names`, with `workers` workers each).
     pub fn of(samples: &[Sample], names: &[String], workers: usize) -> Summary {
@@ -168,7 +240,7 @@ impl Summary {
             .iter()
             .map(|name| summarize(name, samples, workers))
             .collect();
-        let targets = targets(&subjects);
+        let targets = targets(&subjects, workers);
         Summary { subjects, targets }
     }
 
@@ -178,61 +250,128 @@ impl Summary {
     }
 }
 
-fn summarize(name: &str, samples: &[Sample], workers: usize) -> SubjectSummary {
-    let of = |scenario: Scenario| -> Vec<&Measurement> {
-        samples
+/// `name`'s measurements of `scenario`, by round.
+fn by_round<'a>(
+    samples: &'a [Sample],
+    name: &str,
+    scenario: Scenario,
+) -> BTreeMap<usize, &'a Measurement> {
+    samples
+        .iter()
+        .filter(|s| s.subject == name)
+        .flat_map(|s| {
+            s.measurements
+                .iter()
+                .filter(move |m| m.scenario == scenario)
+                .map(move |m| (s.round, m))
+        })
+        .collect()
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn tails(runs: &BTreeMap<usize, &Measurement>) -> Tails {
+    let stat =
+        |f: &dyn Fn(&Measurement) -> u64| Stat::of(runs.values().map(|m| ms(f(m))).collect());
+    Tails {
+        p50_ms: stat(&|m| m.load.latency.p50_us),
+        p99_ms: stat(&|m| m.load.latency.p99_us),
+        p999_ms: stat(&|m| m.load.latency.p999_us),
+        max_ms: stat(&|m| m.load.latency.max_us),
+    }
+}
+
+/// Per round, `name`'s CPU per request over `reference`'s; their median and range.
+fn cpu_ratio(samples: &[Sample], name: &str, reference: &str, scenario: Scenario) -> Option<Stat> {
+    let theirs = by_round(samples, reference, scenario);
+    Stat::of(
+        by_round(samples, name, scenario)
             .iter()
-            .filter(|s| s.subject == name)
-            .flat_map(|s| s.measurements.iter())
-            .filter(|m| m.scenario == scenario)
-            .collect()
-    };
-    let stat = |scenario: Scenario, f: &dyn Fn(&Measurement) -> f64| {
-        Stat::of(of(scenario).into_iter().map(f).collect())
-    };
-    let ms = |us: u64| us as f64 / 1000.0;
-    let connect_p99 = stat(Scenario::Connect, &|m| ms(m.load.latency.p99_us));
-    let stall_p99 = stat(Scenario::Stall, &|m| ms(m.load.latency.p99_us));
-    let rolls = of(Scenario::Roll);
-    let roll_errors = (!rolls.is_empty()).then(|| {
-        let mut total = Errors::default();
-        for m in &rolls {
-            let e = &m.load.errors;
-            total.refused += e.refused;
-            total.reset += e.reset;
-            total.timeout += e.timeout;
-            total.bad_status += e.bad_status;
-            total.other += e.other;
+            .filter_map(|(round, m)| {
+                let reference = theirs.get(round)?.cpu_us_per_request;
+                (reference > 0.0).then(|| m.cpu_us_per_request / reference)
+            })
+            .collect(),
+    )
+}
+
+fn load_figures(samples: &[Sample], name: &str, scenario: Scenario, workers: usize) -> LoadFigures {
+    let runs = by_round(samples, name, scenario);
+    let stat = |f: &dyn Fn(&Measurement) -> f64| Stat::of(runs.values().map(|m| f(m)).collect());
+    LoadFigures {
+        rate: stat(&|m| m.load.rate),
+        tails: tails(&runs),
+        max_over_min: stat(&|m| m.load.fairness(workers).max_over_min),
+        cv: stat(&|m| m.load.fairness(workers).cv),
+        cpu_us: stat(&|m| m.cpu_us_per_request),
+        cpu_vs_userspace: cpu_ratio(samples, name, USERSPACE, scenario),
+        cpu_vs_nginx: cpu_ratio(samples, name, NGINX, scenario),
+        primary_cpu_pct: stat(&|m| m.primary_cpu_pct),
+    }
+}
+
+fn summarize(name: &str, samples: &[Sample], workers: usize) -> SubjectSummary {
+    let keepalive = load_figures(samples, name, Scenario::KeepAlive, workers);
+    let connect = load_figures(samples, name, Scenario::Connect, workers);
+    let stalls = by_round(samples, name, Scenario::Stall);
+    let stall = (!stalls.is_empty()).then(|| {
+        let tails = tails(&stalls);
+        StallFigures {
+            tails,
+            rate: Stat::of(stalls.values().map(|m| m.load.rate).collect()),
+            p99_ratio: tails
+                .p99_ms
+                .zip(connect.tails.p99_ms)
+                .map(|(stalled, calm)| stalled.median / calm.median.max(1e-9)),
+            share_on_stalled: Stat::of(stalls.values().filter_map(|m| m.stalled_share).collect()),
         }
-        total
     });
+    let rolls = by_round(samples, name, Scenario::Roll);
+    let roll = (!rolls.is_empty()).then(|| {
+        let mut errors = Errors::default();
+        for m in rolls.values() {
+            let e = &m.load.errors;
+            errors.refused += e.refused;
+            errors.reset += e.reset;
+            errors.timeout += e.timeout;
+            errors.bad_status += e.bad_status;
+            errors.other += e.other;
+        }
+        RollFigures {
+            errors,
+            ok: rolls.values().map(|m| m.load.ok).sum(),
+            unfinished: rolls.values().filter(|m| m.roll_s.is_none()).count(),
+            roll_s: Stat::of(rolls.values().filter_map(|m| m.roll_s).collect()),
+        }
+    });
+    let connects = by_round(samples, name, Scenario::Connect);
+    let memory = MemoryFigures {
+        primary_rss_mib: Stat::of(
+            connects
+                .values()
+                .map(|m| mib(m.primary_rss_bytes))
+                .collect(),
+        ),
+        worker_rss_mib: Stat::of(
+            connects
+                .values()
+                .filter_map(|m| m.worker_rss_bytes.iter().max().map(|&b| mib(b)))
+                .collect(),
+        ),
+    };
     SubjectSummary {
         name: name.to_owned(),
-        keepalive_rate: stat(Scenario::KeepAlive, &|m| m.load.rate),
-        keepalive_p99_ms: stat(Scenario::KeepAlive, &|m| ms(m.load.latency.p99_us)),
-        keepalive_max_over_min: stat(Scenario::KeepAlive, &|m| {
-            m.load.fairness(workers).max_over_min
-        }),
-        connect_rate: stat(Scenario::Connect, &|m| m.load.rate),
-        connect_p50_ms: stat(Scenario::Connect, &|m| ms(m.load.latency.p50_us)),
-        connect_p99_ms: connect_p99,
-        connect_max_over_min: stat(Scenario::Connect, &|m| {
-            m.load.fairness(workers).max_over_min
-        }),
-        connect_cv: stat(Scenario::Connect, &|m| m.load.fairness(workers).cv),
-        connect_primary_cpu_pct: stat(Scenario::Connect, &|m| m.primary_cpu_pct),
-        keepalive_primary_cpu_pct: stat(Scenario::KeepAlive, &|m| m.primary_cpu_pct),
-        stall_p99_ms: stall_p99,
-        stall_p999_ms: stat(Scenario::Stall, &|m| ms(m.load.latency.p999_us)),
-        stall_rate: stat(Scenario::Stall, &|m| m.load.rate),
-        stall_ratio: stall_p99
-            .zip(connect_p99)
-            .map(|(stalled, calm)| stalled.median / calm.median.max(1e-9)),
-        roll_errors,
-        roll_ok: (!rolls.is_empty()).then(|| rolls.iter().map(|m| m.load.ok).sum()),
-        roll_unfinished: (!rolls.is_empty())
-            .then(|| rolls.iter().filter(|m| m.roll_s.is_none()).count()),
-        roll_s: Stat::of(rolls.iter().filter_map(|m| m.roll_s).collect()),
+        keepalive,
+        connect,
+        stall,
+        roll,
+        memory,
     }
 }
 
@@ -241,10 +380,11 @@ fn ratio(a: Option<Stat>, b: Option<Stat>) -> Option<f64> {
     Some(a?.median / b?.median)
 }
 
-fn targets(subjects: &[SubjectSummary]) -> Vec<Target> {
+fn targets(subjects: &[SubjectSummary], workers: usize) -> Vec<Target> {
     let get = |name: &str| subjects.iter().find(|s| s.name == name);
-    let connect = |name: &str| get(name).and_then(|s| s.connect_rate);
-    let keepalive = |name: &str| get(name).and_then(|s| s.keepalive_rate);
+    let connect = |name: &str| get(name).and_then(|s| s.connect.rate);
+    let keepalive = |name: &str| get(name).and_then(|s| s.keepalive.rate);
+    let cpu = |name: &str| get(name).and_then(|s| s.connect.cpu_us);
     let mut targets = Vec::new();
 
     let rr = ratio(connect("round-robin"), connect("kernel"));
@@ -254,30 +394,58 @@ fn targets(subjects: &[SubjectSummary]) -> Vec<Target> {
         met: rr.map(|r| r >= 0.97),
     });
 
-    let userspace_cpu = get("userspace")
-        .and_then(|s| s.connect_primary_cpu_pct)
+    let userspace_cpu = get(USERSPACE)
+        .and_then(|s| s.connect.primary_cpu_pct)
         .map_or(f64::NAN, |s| s.median);
     for policy in EBPF_POLICIES {
-        let r = ratio(connect(policy), connect("userspace"));
-        let cpu = get(policy)
-            .and_then(|s| s.connect_primary_cpu_pct)
+        let r = ratio(connect(policy), connect(USERSPACE));
+        let primary = get(policy)
+            .and_then(|s| s.connect.primary_cpu_pct)
             .map_or(f64::NAN, |s| s.median);
         targets.push(Target {
             goal: format!("{policy} new-connection rate >= 1.5x userspace, primary CPU near zero"),
             measured: r.map_or_else(
                 || "not measured".into(),
-                |r| format!("{r:.2}x; primary CPU {cpu:.1}% vs userspace {userspace_cpu:.0}%"),
+                |r| format!("{r:.2}x; primary CPU {primary:.1}% vs userspace {userspace_cpu:.0}%"),
             ),
-            met: r.map(|r| r >= 1.5 && cpu < 2.0),
+            met: r.map(|r| r >= 1.5 && primary < 2.0),
         });
     }
 
-    let nginx = "nginx-reuseport";
+    for (reference, bound, missing) in [
+        (USERSPACE, 0.8, "userspace not measured"),
+        (
+            NGINX,
+            1.1,
+            "nginx not installed (cargo xtask bench --peers)",
+        ),
+    ] {
+        for policy in EBPF_POLICIES {
+            let r = get(policy).and_then(|s| match reference {
+                USERSPACE => s.connect.cpu_vs_userspace,
+                _ => s.connect.cpu_vs_nginx,
+            });
+            targets.push(Target {
+                goal: format!("{policy}: server CPU per new connection <= {bound}x {reference}"),
+                measured: match (r, cpu(policy), cpu(reference)) {
+                    (Some(r), Some(mine), Some(theirs)) => format!(
+                        "{} ({:.1} vs {:.1} us)",
+                        r.show_x(2),
+                        mine.median,
+                        theirs.median
+                    ),
+                    _ => missing.into(),
+                },
+                met: r.map(|r| r.median <= bound),
+            });
+        }
+    }
+
     for (what, rate) in [
         ("keep-alive", &keepalive as &dyn Fn(&str) -> Option<Stat>),
         ("new-connection", &connect),
     ] {
-        let r = ratio(rate("round-robin"), rate(nginx));
+        let r = ratio(rate("round-robin"), rate(NGINX));
         targets.push(Target {
             goal: format!("demo workers (round-robin) on par with nginx reuseport, {what} rate"),
             measured: r.map_or_else(
@@ -301,7 +469,7 @@ fn targets(subjects: &[SubjectSummary]) -> Vec<Target> {
         });
     }
 
-    let ll = get("least-loaded").and_then(|s| s.stall_ratio);
+    let ll = get("least-loaded").and_then(|s| s.stall?.p99_ratio);
     targets.push(Target {
         goal: "least-loaded stalled-worker p99 <= 2x its no-stall p99".into(),
         measured: ll.map_or_else(|| "not measured".into(), |r| format!("{r:.2}x")),
@@ -309,26 +477,53 @@ fn targets(subjects: &[SubjectSummary]) -> Vec<Target> {
     });
 
     for policy in EBPF_POLICIES {
-        let failed = get(policy).and_then(|s| s.roll_errors).map(|e| e.total());
-        let unfinished = get(policy).and_then(|s| s.roll_unfinished).unwrap_or(0);
+        let roll = get(policy).and_then(|s| s.roll);
         targets.push(Target {
             goal: format!("{policy}: zero failed requests across the rolling restarts"),
-            measured: failed.map_or_else(
+            measured: roll.map_or_else(
                 || "not measured".into(),
-                |f| {
-                    format!(
-                        "{f} failed{}",
-                        if unfinished > 0 {
-                            format!(", {unfinished} roll(s) unfinished")
-                        } else {
-                            String::new()
-                        }
-                    )
+                |r| {
+                    let unfinished = if r.unfinished > 0 {
+                        format!(", {} roll(s) unfinished", r.unfinished)
+                    } else {
+                        String::new()
+                    };
+                    format!("{} failed{unfinished}", r.errors.total())
                 },
             ),
-            met: failed.map(|f| f == 0),
+            met: roll.map(|r| r.errors.total() == 0),
         });
     }
+
+    // The largest of the eBPF policies' medians: each loaded the program.
+    let largest = |f: &dyn Fn(&SubjectSummary) -> Option<Stat>, names: &[&str]| {
+        names
+            .iter()
+            .filter_map(|name| Some((name.to_string(), f(get(name)?)?.median)))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+    };
+    let primary = largest(&|s| s.memory.primary_rss_mib, &EBPF_POLICIES);
+    targets.push(Target {
+        goal: format!(
+            "primary RSS with the eBPF program loaded < {PRIMARY_RSS_MIB} MiB ({workers} workers)"
+        ),
+        measured: primary.as_ref().map_or_else(
+            || "not measured".into(),
+            |(name, m)| format!("{m:.1} MiB (largest: {name})"),
+        ),
+        met: primary.map(|(_, m)| m < PRIMARY_RSS_MIB),
+    });
+    let mut steer = vec!["kernel"];
+    steer.extend(EBPF_POLICIES);
+    let worker = largest(&|s| s.memory.worker_rss_mib, &steer);
+    targets.push(Target {
+        goal: format!("demo worker RSS < {WORKER_RSS_MIB} MiB"),
+        measured: worker.as_ref().map_or_else(
+            || "not measured".into(),
+            |(name, m)| format!("{m:.1} MiB (largest: {name})"),
+        ),
+        met: worker.map(|(_, m)| m < WORKER_RSS_MIB),
+    });
     targets
 }
 
@@ -336,9 +531,24 @@ fn show(stat: Option<Stat>, digits: usize) -> String {
     stat.map_or_else(|| "-".into(), |s| s.show(digits))
 }
 
+fn show_x(stat: Option<Stat>) -> String {
+    stat.map_or_else(|| "-".into(), |s| s.show_x(2))
+}
+
+/// Appends a markdown table: a header row, then one row per item of `rows`.
+fn table(out: &mut String, header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) {
+    let _ = writeln!(out, "| {} |", header.join(" | "));
+    let _ = writeln!(out, "|{}", "---|".repeat(header.len()));
+    for row in rows {
+        let _ = writeln!(out, "| {} |", row.join(" | "));
+    }
+    out.push('\n');
+}
+
 /// The markdown report.
 pub fn markdown(run: &Run) -> String {
     let s = &run.setup;
+    let subjects = &run.summary.subjects;
     let mut out = String::new();
     let _ = writeln!(out, "# Steer benchmark ({} run)\n", s.mode);
     let _ = writeln!(
@@ -351,104 +561,327 @@ pub fn markdown(run: &Run) -> String {
         s.cpus, s.cpu_model, s.kernel, s.workers, s.rounds, s.throughput_s, s.stall_s, s.roll_s
     );
     let _ = writeln!(out, "## Throughput and fairness\n");
-    let _ = writeln!(
-        out,
-        "| subject | keep-alive req/s | new conn/s | conn p50 ms | conn p99 ms | max/min (conn) | CV (conn) | max/min (keep-alive) | primary CPU % (conn) |"
+    table(
+        &mut out,
+        &[
+            "subject",
+            "keep-alive req/s",
+            "new conn/s",
+            "max/min (conn)",
+            "CV (conn)",
+            "max/min (keep-alive)",
+            "primary CPU % (conn)",
+        ],
+        subjects.iter().map(|x| {
+            vec![
+                x.name.clone(),
+                show(x.keepalive.rate, 0),
+                show(x.connect.rate, 0),
+                show(x.connect.max_over_min, 2),
+                show(x.connect.cv, 3),
+                show(x.keepalive.max_over_min, 2),
+                show(x.connect.primary_cpu_pct, 1),
+            ]
+        }),
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
-    for x in &run.summary.subjects {
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            x.name,
-            show(x.keepalive_rate, 0),
-            show(x.connect_rate, 0),
-            show(x.connect_p50_ms, 2),
-            show(x.connect_p99_ms, 2),
-            show(x.connect_max_over_min, 2),
-            show(x.connect_cv, 3),
-            show(x.keepalive_max_over_min, 2),
-            show(x.connect_primary_cpu_pct, 1),
-        );
-    }
     let _ = writeln!(
         out,
-        "\n## Stalled worker\n\nOne worker blocks its event loop {STALL_MS} ms every {} s \
-         (`/block?ms={STALL_MS}`); new-connection load as above. Latency of the load's \
-         requests (the blocking requests are not counted).\n",
+        "## Server CPU per request\n\nutime+stime of every process of the server (the primary, \
+         the workers, and those that exited during the run), from `/proc`, sampled before and \
+         after each run, over the requests answered. Ratios are taken round by round against \
+         the reference measured in the same round. On loopback the client's system calls run \
+         the server's side of the handshake (and the steering program) in softirq, so that \
+         part is charged to the client, not here.\n"
+    );
+    table(
+        &mut out,
+        &[
+            "subject",
+            "us per new connection",
+            "vs userspace",
+            "vs nginx",
+            "us per keep-alive request",
+            "vs userspace",
+            "vs nginx",
+        ],
+        subjects.iter().map(|x| {
+            vec![
+                x.name.clone(),
+                show(x.connect.cpu_us, 1),
+                show_x(x.connect.cpu_vs_userspace),
+                show_x(x.connect.cpu_vs_nginx),
+                show(x.keepalive.cpu_us, 2),
+                show_x(x.keepalive.cpu_vs_userspace),
+                show_x(x.keepalive.cpu_vs_nginx),
+            ]
+        }),
+    );
+    let _ = writeln!(
+        out,
+        "## Latency\n\nms; a new connection's includes its handshake.\n"
+    );
+    table(
+        &mut out,
+        &[
+            "subject",
+            "keep-alive p50",
+            "p99",
+            "p99.9",
+            "max",
+            "new conn p50",
+            "p99",
+            "p99.9",
+            "max",
+        ],
+        subjects.iter().map(|x| {
+            let (k, c) = (&x.keepalive.tails, &x.connect.tails);
+            vec![
+                x.name.clone(),
+                show(k.p50_ms, 2),
+                show(k.p99_ms, 2),
+                show(k.p999_ms, 2),
+                show(k.max_ms, 1),
+                show(c.p50_ms, 2),
+                show(c.p99_ms, 2),
+                show(c.p999_ms, 2),
+                show(c.max_ms, 1),
+            ]
+        }),
+    );
+    let _ = writeln!(
+        out,
+        "## Stalled worker\n\nOne worker blocks its event loop {STALL_MS} ms every {} s \
+         (`/block?ms={STALL_MS}`); new-connection load as above. Latency (ms) of the load's \
+         requests (the blocking requests are not counted). \"On stalled\": of the requests \
+         that started while the worker was blocked, the share it answered.\n",
         STALL_EVERY.as_secs()
     );
-    let _ = writeln!(
-        out,
-        "| subject | p99 no stall ms | p99 stalled ms | stalled / no stall | p99.9 stalled ms | new conn/s stalled |"
+    table(
+        &mut out,
+        &[
+            "subject",
+            "p99 no stall",
+            "p99 stalled",
+            "stalled / no stall",
+            "p99.9 stalled",
+            "max stalled",
+            "on stalled",
+            "new conn/s stalled",
+        ],
+        subjects.iter().filter_map(|x| {
+            let st = x.stall?;
+            Some(vec![
+                x.name.clone(),
+                show(x.connect.tails.p99_ms, 2),
+                show(st.tails.p99_ms, 2),
+                st.p99_ratio
+                    .map_or_else(|| "-".into(), |r| format!("{r:.2}x")),
+                show(st.tails.p999_ms, 1),
+                show(st.tails.max_ms, 1),
+                st.share_on_stalled
+                    .map_or_else(|| "-".into(), |s| s.show_percent()),
+                show(st.rate, 0),
+            ])
+        }),
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|");
-    for x in run
-        .summary
-        .subjects
-        .iter()
-        .filter(|x| x.stall_p99_ms.is_some())
-    {
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {} | {} |",
-            x.name,
-            show(x.connect_p99_ms, 2),
-            show(x.stall_p99_ms, 2),
-            x.stall_ratio
-                .map_or_else(|| "-".into(), |r| format!("{r:.2}x")),
-            show(x.stall_p999_ms, 2),
-            show(x.stall_rate, 0),
-        );
-    }
     let _ = writeln!(
         out,
-        "\n## Rolling restart\n\nSIGUSR2 a quarter into a new-connection run; every request \
+        "## Rolling restart\n\nSIGUSR2 a quarter into a new-connection run; every request \
          counted, summed over the rounds.\n"
     );
+    table(
+        &mut out,
+        &[
+            "subject",
+            "requests ok",
+            "failed",
+            "refused",
+            "reset",
+            "timeout",
+            "bad status",
+            "roll time s",
+        ],
+        subjects.iter().filter_map(|x| {
+            let r = x.roll?;
+            let e = r.errors;
+            Some(vec![
+                x.name.clone(),
+                r.ok.to_string(),
+                e.total().to_string(),
+                e.refused.to_string(),
+                e.reset.to_string(),
+                e.timeout.to_string(),
+                e.bad_status.to_string(),
+                show(r.roll_s, 2),
+            ])
+        }),
+    );
     let _ = writeln!(
         out,
-        "| subject | requests ok | failed | refused | reset | timeout | bad status | roll time s |"
+        "## Memory\n\nResident set after the new-connection run, MiB (release build).\n"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
-    for x in run
-        .summary
-        .subjects
-        .iter()
-        .filter(|x| x.roll_errors.is_some())
-    {
-        let e = x.roll_errors.unwrap_or_default();
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
-            x.name,
-            x.roll_ok.unwrap_or(0),
-            e.total(),
-            e.refused,
-            e.reset,
-            e.timeout,
-            e.bad_status,
-            show(x.roll_s, 2),
-        );
-    }
-    let _ = writeln!(
-        out,
-        "\n## Targets\n\n| target | measured | met |\n|---|---|---|"
+    table(
+        &mut out,
+        &["subject", "primary RSS", "largest worker RSS"],
+        subjects.iter().map(|x| {
+            vec![
+                x.name.clone(),
+                show(x.memory.primary_rss_mib, 1),
+                show(x.memory.worker_rss_mib, 1),
+            ]
+        }),
     );
-    for t in &run.summary.targets {
-        let met = match t.met {
-            Some(true) => "yes",
-            Some(false) => "**no**",
-            None => "n/a",
-        };
-        let _ = writeln!(out, "| {} | {} | {met} |", t.goal, t.measured);
-    }
+    let _ = writeln!(out, "## Targets\n");
+    table(
+        &mut out,
+        &["target", "measured", "met"],
+        run.summary.targets.iter().map(|t| {
+            let met = match t.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "n/a",
+            };
+            vec![t.goal.clone(), t.measured.clone(), met.into()]
+        }),
+    );
     out
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::load::{LoadReport, Mode};
+    use crate::suite::subject::Programs;
+
+    /// A measurement of `requests` answered (1 ms to `max_ms` ms), costing `cpu_us` each.
+    fn measurement(scenario: Scenario, requests: u64, max_ms: u64, cpu_us: f64) -> Measurement {
+        let mut load = LoadReport::empty(Mode::Connect, 1);
+        for i in 0..requests {
+            let worker = (i % 2).to_string();
+            let latency = Duration::from_micros(1000 + i * max_ms * 1000 / requests);
+            load.succeed_or_fail(200, Some(worker), latency, Some(1), true);
+        }
+        load.finish(Duration::from_secs(1));
+        Measurement {
+            scenario,
+            server_cpu_s: cpu_us * requests as f64 / 1e6,
+            cpu_us_per_request: cpu_us,
+            primary_cpu_s: 0.0,
+            primary_cpu_pct: 0.0,
+            primary_rss_bytes: 7 << 20,
+            worker_rss_bytes: vec![3 << 20, 4 << 20],
+            load,
+            stalls: (scenario == Scenario::Stall).then_some(2),
+            stalled_share: (scenario == Scenario::Stall).then_some(0.5),
+            roll_s: None,
+        }
+    }
+
+    fn sample(round: usize, subject: &str, connect_cpu_us: f64) -> Sample {
+        let mut measurements = vec![
+            measurement(Scenario::KeepAlive, 2000, 20, connect_cpu_us / 4.0),
+            measurement(Scenario::Connect, 1000, 30, connect_cpu_us),
+        ];
+        if subject != NGINX {
+            measurements.push(measurement(Scenario::Stall, 1000, 200, connect_cpu_us));
+        }
+        Sample {
+            round,
+            subject: subject.into(),
+            measurements,
+        }
+    }
+
+    #[test]
+    fn the_report_carries_cpu_per_request_tails_and_the_cost_targets() {
+        // Round by round: round-robin costs 0.80x then 0.70x userspace, 0.89x then 1.05x
+        // nginx; the median of two is the lower one.
+        let samples = vec![
+            sample(1, "round-robin", 40.0),
+            sample(1, USERSPACE, 50.0),
+            sample(1, NGINX, 45.0),
+            sample(2, "round-robin", 42.0),
+            sample(2, USERSPACE, 60.0),
+            sample(2, NGINX, 40.0),
+        ];
+        let names: Vec<String> = ["round-robin", USERSPACE, NGINX].map(String::from).into();
+        let summary = Summary::of(&samples, &names, 2);
+        let rr = summary.subject("round-robin").expect("summarized");
+        let vs_userspace = rr.connect.cpu_vs_userspace.expect("a ratio");
+        assert!((vs_userspace.median - 0.7).abs() < 1e-9, "{vs_userspace:?}");
+        assert!((vs_userspace.max - 0.8).abs() < 1e-9, "{vs_userspace:?}");
+        let vs_nginx = rr.connect.cpu_vs_nginx.expect("a ratio");
+        assert!((vs_nginx.median - 40.0 / 45.0).abs() < 1e-9, "{vs_nginx:?}");
+        assert_eq!(rr.connect.cpu_us.map(|s| s.median), Some(40.0));
+        let tails = rr.connect.tails;
+        assert!(tails.max_ms.expect("max").median >= 30.0, "{tails:?}");
+        assert!(tails.p999_ms.expect("p99.9").median > tails.p99_ms.expect("p99").median);
+        let stall = rr.stall.expect("stalled run");
+        assert_eq!(stall.share_on_stalled.map(|s| s.median), Some(0.5));
+        assert!(stall.tails.max_ms.expect("max").median >= 200.0);
+
+        let met = |goal: &str| {
+            summary
+                .targets
+                .iter()
+                .find(|t| t.goal == goal)
+                .unwrap_or_else(|| panic!("target {goal:?} in {:#?}", summary.targets))
+                .met
+        };
+        assert_eq!(
+            met("round-robin: server CPU per new connection <= 0.8x userspace"),
+            Some(true)
+        );
+        assert_eq!(
+            met("round-robin: server CPU per new connection <= 1.1x nginx-reuseport"),
+            Some(true)
+        );
+        assert_eq!(
+            met("hash: server CPU per new connection <= 0.8x userspace"),
+            None,
+            "not measured is not met"
+        );
+
+        let programs = Programs {
+            steer: "steer".into(),
+            node: None,
+            node_script: "node_cluster.js".into(),
+            nginx: None,
+            scratch: std::env::temp_dir(),
+        };
+        let config = SuiteConfig::new(programs, std::env::temp_dir(), true);
+        let run = Run {
+            setup: Setup::describe(&config, &names),
+            samples,
+            summary,
+        };
+        let text = markdown(&run);
+        for column in [
+            "| subject | us per new connection | vs userspace | vs nginx | us per keep-alive request |",
+            "| keep-alive p50 | p99 | p99.9 | max | new conn p50 | p99 | p99.9 | max |",
+            "| max stalled | on stalled |",
+            "| round-robin | 40.0 (40.0-42.0) | 0.70x (0.70-0.80) | 0.89x (0.89-1.05) |",
+            "| round-robin: server CPU per new connection <= 0.8x userspace | 0.70x (0.70-0.80) (40.0 vs 50.0 us) | yes |",
+            "| 50% |",
+        ] {
+            assert!(text.contains(column), "{column:?} missing from\n{text}");
+        }
+        let json = serde_json::to_string(&run).expect("serializes");
+        for key in [
+            "\"cpu_us_per_request\"",
+            "\"server_cpu_s\"",
+            "\"cpu_vs_userspace\"",
+            "\"cpu_vs_nginx\"",
+            "\"p999_ms\"",
+            "\"max_ms\"",
+            "\"share_on_stalled\"",
+            "\"stalled_share\"",
+        ] {
+            assert!(json.contains(key), "{key} missing from report.json");
+        }
+    }
 
     #[test]
     fn median_and_range() {

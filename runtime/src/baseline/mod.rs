@@ -29,7 +29,7 @@ use socket2::Socket;
 pub use handoff::{HandOff, Target};
 
 use crate::config::Balance;
-use crate::primary::WorkerProgram;
+use crate::worker::WorkerProgram;
 use crate::worker::env;
 
 /// fd number of the shared listening socket in re-executed workers under `shared` (fd 3

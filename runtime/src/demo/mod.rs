@@ -279,6 +279,38 @@ mod tests {
     }
 
     #[test]
+    fn accepted_connections_inherit_tcp_nodelay_from_the_listener() {
+        // The worker sets TCP_NODELAY once on its listener, not on each connection: what
+        // the listener accepts inherits it, so keep-alive responses never wait for Nagle.
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let watch = listener.try_clone().expect("dup of the listener");
+        let (_primary, worker_end) = Channel::pair().expect("socketpair");
+        let options = DemoOptions {
+            slot: 0,
+            generation: 1,
+            faults: false,
+            timeouts: Timeouts::default(),
+        };
+        let server = server::Server::new(Some(listener), worker_end, options, None)
+            .expect("a server over the listener");
+        assert!(
+            socket2::SockRef::from(&watch)
+                .tcp_nodelay()
+                .expect("getsockopt"),
+            "the listener has TCP_NODELAY"
+        );
+        let _client = TcpStream::connect(watch.local_addr().expect("addr")).expect("connect");
+        let (accepted, _) = watch.accept().expect("the handshake is done: accept");
+        assert!(
+            socket2::SockRef::from(&accepted)
+                .tcp_nodelay()
+                .expect("getsockopt"),
+            "an accepted socket inherits it"
+        );
+        drop(server);
+    }
+
+    #[test]
     fn serves_http_answers_pings_and_drains() {
         let worker = Worker::start(3, false);
 

@@ -265,11 +265,7 @@ mod tests {
             },
             Message::Registered { load: None },
             Message::Registered {
-                load: Some(LoadShare {
-                    index: 1,
-                    entries: 4,
-                    generation: 3,
-                }),
+                load: Some(LoadShare::RECORD),
             },
             Message::Ready { heartbeats: true },
             Message::Ready { heartbeats: false },

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,10 @@ use crate::worker::env;
 
 /// fd number of the IPC socket in re-executed workers.
 const IPC_FD_BUILTIN: i32 = 3;
+/// How soon an undecided ownership probe is looked at again.
+const PROBE_RECHECK: Duration = Duration::from_millis(50);
+/// fd number of an external worker's load record (`least-loaded`), `STEER_LOAD_FD`.
+const LOAD_FD_EXTERNAL: i32 = 5;
 /// fd number of the IPC socket in external workers (fd 3 is their listener).
 const IPC_FD_EXTERNAL: i32 = 4;
 
@@ -96,6 +100,12 @@ pub(crate) struct Host {
     pub leftovers: Vec<Leftovers>,
     /// The open-file limit this primary started with: what workers get by default.
     pub inherited_nofile: Option<(u64, u64)>,
+    /// When steering's checks are next looked at: the next round, or sooner while the
+    /// ownership probe of this round is undecided.
+    pub next_steering_check: Instant,
+    /// When the next round of steering's per-interval checks is due (program ownership,
+    /// load records).
+    pub next_steering_round: Instant,
 }
 
 impl Host {
@@ -217,7 +227,10 @@ impl Host {
             match process.borrow_listener() {
                 Ok(socket) => {
                     use std::os::fd::AsFd;
-                    return self.steering.reattach_through(socket.as_fd());
+                    return self
+                        .steering
+                        .reattach_through(socket.as_fd())
+                        .map_err(|err| err.to_string());
                 }
                 Err(err) => last = err.to_string(),
             }
@@ -254,12 +267,48 @@ impl Host {
         });
     }
 
-    /// When leftovers need looking at again.
+    /// When leftovers, or steering's checks, need looking at again.
     pub(crate) fn next_wake(&self, now: Instant) -> Option<Instant> {
-        self.leftovers
+        let leftovers = self
+            .leftovers
             .iter()
             .map(|left| left.deadline.min(now + LEFTOVER_POLL))
-            .min()
+            .min();
+        Some(leftovers.map_or(self.next_steering_check, |at| {
+            at.min(self.next_steering_check)
+        }))
+    }
+
+    /// Once per loop turn, before the loop sleeps: publishes what this turn changed in the
+    /// live set. Once per health interval: makes sure the program deciding for the group is
+    /// Steer's (unless `own_group` is false: a successor primary is taking it over; a
+    /// takeover is logged and counted by steering) and settles the load records.
+    pub(crate) fn tend_steering(&mut self, now: Instant, own_group: bool) {
+        if now >= self.next_steering_check {
+            let round = now >= self.next_steering_round;
+            if own_group
+                && (round || self.steering.probe_in_flight())
+                && let Err(err) = self.steering.ensure_program(self.listen)
+            {
+                tracing::warn!("cannot check who decides for the port's group: {err}");
+            }
+            if round {
+                self.next_steering_round = now + self.config.health_interval;
+                if let Err(err) = self.steering.reconcile_load(self.listen) {
+                    tracing::warn!("cannot settle the load records: {err}");
+                }
+            }
+            // An undecided probe (a busy host) is looked at again soon, not a whole
+            // interval later.
+            self.next_steering_check = if self.steering.probe_in_flight() {
+                now + PROBE_RECHECK
+            } else {
+                self.next_steering_round
+            };
+        }
+        if let Err(err) = self.steering.flush() {
+            tracing::warn!("cannot publish the live set: {err}");
+        }
     }
 
     /// Builds the spawn for this slot's program and starts it.
@@ -306,10 +355,26 @@ impl Host {
                 let first = command.first().map(OsString::from).unwrap_or_default();
                 let program = spawn::resolve_program(&first)?;
                 let argv = command.iter().map(OsString::from).collect();
-                let fds = vec![
+                let mut fds = vec![
                     (socket, LISTEN_FD),
                     (OwnedFd::from(worker_end), IPC_FD_EXTERNAL),
                 ];
+                // An external worker does not register, so its load record is placed at
+                // spawn, like its socket.
+                match self.steering.load_record(slot, generation as u32) {
+                    Some(Ok((record, _share))) => {
+                        vars.push((env::LOAD_FD.into(), LOAD_FD_EXTERNAL.to_string().into()));
+                        vars.push((
+                            env::LOAD_LAYOUT.into(),
+                            crate::steering::load::LAYOUT.into(),
+                        ));
+                        fds.push((record, LOAD_FD_EXTERNAL));
+                    }
+                    Some(Err(err)) => {
+                        tracing::warn!(slot, "worker will not publish its load: {err}");
+                    }
+                    None => {}
+                }
                 (program, argv, fds, Some(primary_copy), false)
             }
             builtin => {
@@ -442,7 +507,14 @@ impl Io for Host {
         match process.registered_fd.take() {
             Some(fd) => self
                 .steering
-                .activate(slot, generation as u32, fd)
+                .activate(
+                    slot,
+                    generation as u32,
+                    fd,
+                    process.pid,
+                    process.pidfd.as_fd(),
+                    process.listener.map(|listener| listener.fd),
+                )
                 .map_err(|err| err.to_string()),
             // The baselines' workers have no socket of their own to steer to.
             None if self.baseline.is_some() => Ok(()),

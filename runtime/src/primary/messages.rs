@@ -2,6 +2,7 @@
 //! Nothing a worker sends can crash the primary or flood it: a protocol violation counts
 //! as a crash of that worker, and what it relays to others is budgeted.
 
+use std::os::fd::AsFd;
 use std::time::Instant;
 
 use super::Control;
@@ -88,16 +89,16 @@ impl Supervisor {
                 let listener = super::process::socket_inode(&socket)
                     .zip(number)
                     .map(|(inode, fd)| ListenerRef { inode, fd });
-                let share = self.host.steering.load_share(index, generation);
+                let share = self.host.steering.load_record(index, generation);
                 let Some(process) = self.host.procs.get_mut(&id) else {
                     return Ok(());
                 };
                 process.listener = listener;
                 process.registered_fd = Some(socket);
                 let sent = match share {
-                    Some(Ok((map, load))) => process
+                    Some(Ok((record, load))) => process
                         .channel
-                        .send_with_fd(&Message::Registered { load: Some(load) }, map),
+                        .send_with_fd(&Message::Registered { load: Some(load) }, record.as_fd()),
                     Some(Err(err)) => {
                         tracing::warn!(slot = index, "worker will not publish its load: {err}");
                         process.channel.send(&Message::Registered { load: None })
@@ -208,7 +209,13 @@ impl Supervisor {
             if to.is_some_and(|t| t != slot.index) || (to.is_none() && from == Some(slot.index)) {
                 continue;
             }
-            let Some(worker) = slot.current.as_ref().filter(|w| w.serving()) else {
+            // Only to a worker that speaks the protocol: one that never reads its socket
+            // (Node without a `message` listener queues what it gets without bound).
+            let Some(worker) = slot
+                .current
+                .as_ref()
+                .filter(|w| w.serving() && w.heartbeat.speaks)
+            else {
                 continue;
             };
             if let Some(process) = self.host.procs.get(&worker.id)

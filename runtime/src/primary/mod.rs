@@ -34,16 +34,7 @@ use serde_json::Value;
 
 use crate::config::Config;
 
-/// What the workers run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WorkerProgram {
-    /// The built-in demo HTTP app (this executable, re-executed).
-    Demo,
-    /// The library user's closure (this executable, re-executed with the same arguments).
-    Library,
-    /// An external program that gets its listening socket as fd 3 (`LISTEN_FDS=1`).
-    External(Vec<String>),
-}
+pub use crate::worker::WorkerProgram;
 
 /// A user-message callback of the primary: `(control, from_slot, data)`.
 pub type MessageHook = Box<dyn FnMut(&mut Control, usize, Value)>;

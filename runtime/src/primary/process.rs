@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
@@ -181,19 +181,9 @@ pub(crate) fn socket_inode(fd: &impl AsFd) -> Option<u64> {
     nix::sys::stat::fstat(fd).ok().map(|stat| stat.st_ino)
 }
 
-/// Duplicates fd `target` of the process behind `pidfd` into this one (`pidfd_getfd(2)`,
-/// Linux 5.6; needs ptrace access to the process, which the primary has over its own
-/// children of the same user, and with CAP_SYS_PTRACE over others).
-pub(crate) fn pidfd_getfd(pidfd: &OwnedFd, target: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall on integers; the kernel checks both fds.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = RawFd::try_from(fd).map_err(|_| io::Error::other("fd out of range"))?;
-    // SAFETY: the kernel just installed `fd` in this process for us alone.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
+/// Duplicates fd `target` of the process behind `pidfd` into this one (`pidfd_getfd(2)`;
+/// steering borrows listeners the same way).
+pub(crate) use crate::steering::holder::pidfd_getfd;
 
 /// A token bucket: what a worker may relay to other workers. Broadcasts cost one token
 /// per message and their size in bytes; what exceeds the budget is dropped and counted
@@ -284,6 +274,8 @@ pub(crate) const LEFTOVER_GRACE: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd;
+
     use super::*;
 
     #[test]

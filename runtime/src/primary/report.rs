@@ -133,6 +133,7 @@ impl Supervisor {
                 fallbacks: c.fallbacks,
                 drops: c.drops,
                 migrations: c.migrations,
+                takeovers: c.takeovers,
             }),
         }
     }

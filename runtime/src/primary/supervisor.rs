@@ -191,6 +191,8 @@ impl Supervisor {
                 procs: Default::default(),
                 leftovers: Vec::new(),
                 inherited_nofile,
+                next_steering_check: Instant::now(),
+                next_steering_round: Instant::now(),
             },
             hooks,
             signals,
@@ -232,6 +234,10 @@ impl Supervisor {
             }
             self.core.tick(&mut self.host, now);
             self.host.tend_leftovers(now);
+            // Whatever the last events and this tick changed in the live set is published
+            // once, before the loop sleeps. While a successor starts, its program is to
+            // take the group over: this primary's must not take it back.
+            self.host.tend_steering(now, self.successor.is_none());
             self.after_turn(now);
             if self.finished() {
                 break ExitCode::SUCCESS;

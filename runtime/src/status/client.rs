@@ -391,6 +391,7 @@ mod tests {
                 fallbacks: 3,
                 drops: 0,
                 migrations: 7,
+                takeovers: 0,
             }),
         };
         let table = render_table(&doc);

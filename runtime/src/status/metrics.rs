@@ -232,6 +232,11 @@ pub fn render(doc: &StatusDocument) -> String {
                 "Connections migrated out of a closing listener to a live slot.",
                 steering.migrations,
             ),
+            (
+                "steer_steering_takeovers_total",
+                "Times another program (or none) was found deciding for the port's group and Steer's was attached again.",
+                steering.takeovers,
+            ),
         ] {
             e.family(name, "counter", help).sample(&[], value as f64);
         }
@@ -303,6 +308,7 @@ mod tests {
                 fallbacks: 1,
                 drops: 2,
                 migrations: 3,
+                takeovers: 4,
             }),
         }
     }
@@ -329,6 +335,7 @@ mod tests {
         assert!(text.contains("steer_worker_heartbeat_age_seconds{slot=\"1\"} 0.25\n"));
         assert!(text.contains("steer_steering_selections_total{slot=\"1\"} 10\n"));
         assert!(text.contains("steer_steering_drops_total 2\n"));
+        assert!(text.contains("steer_steering_takeovers_total 4\n"));
         assert!(text.contains("steer_primary_phase{phase=\"running\"} 1\n"));
     }
 

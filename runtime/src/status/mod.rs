@@ -43,6 +43,10 @@ pub struct SteeringStatus {
     pub drops: u64,
     /// Connections migrated out of a closing listener to a live slot.
     pub migrations: u64,
+    /// Times the primary found another program (or none) deciding for the port's group
+    /// and attached its own again (checked once per health interval).
+    #[serde(default)]
+    pub takeovers: u64,
 }
 
 /// The primary's part of `/status`.

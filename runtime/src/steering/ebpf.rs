@@ -4,37 +4,62 @@
 //! Upkeep, all from the primary's event loop:
 //! - a worker's socket enters `SOCKETS` at its slot when the worker is ready (the program is
 //!   attached through that socket first: harmless if it already is, and it covers a group
-//!   re-created after all its sockets closed);
-//! - it leaves the moment the slot stops serving (exit, drain at shutdown). A replacement
-//!   (rolling restart, a worker replaced after a protocol violation or a missed heartbeat)
-//!   overwrites its slot's entry, which takes the old socket out in the same instant;
-//! - the live set is double-buffered: the inactive half is written, then `CONFIG.active`
-//!   flips, so the program never reads a half-written set.
+//!   re-created after all its sockets closed, or a program someone else left on it);
+//! - it leaves `SOCKETS` the moment the slot stops serving (exit, drain at shutdown). A
+//!   replacement (rolling restart, a worker replaced after a protocol violation or a
+//!   missed heartbeat) overwrites its slot's entry, which takes the old socket out in the
+//!   same instant;
+//! - the live set follows once per turn of the loop ([`EbpfSteering::flush`]);
+//! - once per health interval, the ownership probe checks that the program deciding is
+//!   this one ([`super::probe`]), and `least-loaded` records are settled against the real
+//!   accept queues ([`super::queues`]).
+//!
+//! # What is guaranteed about the live set
+//!
+//! - A published set is never written again. Each change is a new one-entry map, swapped
+//!   into `LIVE[0]` by one map update ([`super::publisher`]), and the kernel returns from
+//!   that update only after every program run that could see the old map has finished. A
+//!   run therefore reads one whole set, the old or the new, never a mix, and never a set
+//!   being written.
+//! - At most one set is handed over per [`EbpfSteering::flush`], which the primary calls
+//!   once per turn of its loop; the publisher thread applies only the newest when several
+//!   wait, so a burst of changes (a stop takes every slot out) is one update. A flush that
+//!   adds a slot waits (20 ms at most) until the set is published, so a worker reported
+//!   ready is one the policy picks; one that only removes slots does not wait.
+//! - A connection never reaches a socket that is out of steering: [`EbpfSteering::deactivate`]
+//!   removes the socket from `SOCKETS` before it returns, and `activate` adds it before
+//!   the set naming its slot is handed over. Until the new set is published (one grace
+//!   period, 8 to 60 ms), a run may pick a slot that has just left; it finds no socket
+//!   there and falls back to the next live slot (counted in `fallbacks`).
 
 use std::collections::BTreeMap;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
 
-use aya::maps::{Array, Map, MapData, PerCpuArray, ReusePortSockArray};
-use aya::programs::SkReuseport;
-use aya::{Ebpf, EbpfError};
-use steer_common::{
-    Config, Counters, HASH_TABLE_SIZE, LiveSet, MAX_SLOTS, SlotLoad, load_index, policy,
-};
+use aya::maps::{Array, ArrayOfMaps, Map, MapData, PerCpuArray, ReusePortSockArray};
+use aya::programs::{ProgramError, SkReuseport};
+use aya::{Ebpf, EbpfError, EbpfLoader};
+use steer_common::{Config, Counters, HASH_TABLE_SIZE, LiveSet, MAX_SLOTS, policy};
 
-use super::load::{LoadReporter, LoadShare};
+use super::holder::ListenerHolder;
+use super::load::{LoadRecord, LoadShare};
+use super::probe::{self, Outcome, OwnershipProbe};
+use super::publisher::Publisher;
+use super::queues::ListenQueues;
 use super::shared::SharedArray;
-use super::{SteeringCounters, SteeringError};
+use super::{SteeringCounters, SteeringError, Takeover};
 use crate::config::Balance;
 
 /// The program's `CONFIG.policy` code for `policy`.
-fn policy_code(policy: Balance) -> Result<u32, String> {
+fn policy_code(policy: Balance) -> Result<u32, SteeringError> {
     match policy {
         Balance::RoundRobin => Ok(policy::ROUND_ROBIN),
         Balance::Hash => Ok(policy::HASH),
         Balance::LeastLoaded => Ok(policy::LEAST_LOADED),
         Balance::Cpu => Ok(policy::CPU),
-        other => Err(format!("{other} is not an eBPF policy")),
+        other => Err(SteeringError::NotAProgramPolicy(other)),
     }
 }
 
@@ -43,20 +68,43 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/st
 
 const PROGRAM: &str = "steer_select";
 
+/// How long a flush that adds a slot waits for the set to be published.
+const GROWTH_WAIT: Duration = Duration::from_millis(20);
+
+/// How long one check waits for a probe's reset or handshake before it leaves the verdict
+/// to the next look (the primary looks again 50 ms later). On loopback the answer is
+/// there before `connect` returns, unless the host is overloaded.
+const PROBE_WAIT: Duration = Duration::from_millis(5);
+
+/// A slot in steering.
+#[derive(Debug)]
+struct Serving {
+    generation: u32,
+    holder: ListenerHolder,
+}
+
 /// The loaded program and its maps.
 pub struct EbpfSteering {
     ebpf: Ebpf,
     policy: Balance,
     sockets: ReusePortSockArray<MapData>,
     config_map: Array<MapData, Config>,
-    live_map: Array<MapData, LiveSet>,
-    steered: Array<MapData, u64>,
+    publisher: Publisher,
+    probe_seen: Array<MapData, u64>,
     counters: PerCpuArray<MapData, Counters>,
-    load: SharedArray,
-    load_fd: OwnedFd,
     config: Config,
-    /// Slot -> generation of the worker serving it.
-    live: BTreeMap<u32, u32>,
+    live: BTreeMap<u32, Serving>,
+    /// The live set changed since the last flush.
+    dirty: bool,
+    /// A slot entered the live set since the last flush.
+    grew: bool,
+    /// Load records by (slot, generation): handed out, serving, or waiting to serve.
+    records: BTreeMap<(u32, u32), LoadRecord>,
+    probe: Option<OwnershipProbe>,
+    /// `PROBE` as it was when the probe in flight was sent.
+    seen_at_send: u64,
+    queues: Option<ListenQueues>,
+    takeovers: u64,
     /// While the program is held back ([`EbpfSteering::hold`]), the last socket put into
     /// steering, to attach it through at [`EbpfSteering::release`]; `None` otherwise.
     /// Held only for the seconds a successor primary starts: a copy kept any longer would
@@ -69,6 +117,7 @@ impl std::fmt::Debug for EbpfSteering {
         f.debug_struct("EbpfSteering")
             .field("policy", &self.policy)
             .field("live", &self.live)
+            .field("takeovers", &self.takeovers)
             .finish_non_exhaustive()
     }
 }
@@ -76,73 +125,70 @@ impl std::fmt::Debug for EbpfSteering {
 impl EbpfSteering {
     /// Loads the program for `policy` over `slots` configured slots.
     pub fn load(policy: Balance, slots: u32) -> Result<EbpfSteering, SteeringError> {
-        let code = policy_code(policy).map_err(SteeringError::Other)?;
+        let code = policy_code(policy)?;
         if slots == 0 || slots > MAX_SLOTS {
-            return Err(SteeringError::Other(format!(
-                "{slots} slots (1..={MAX_SLOTS})"
-            )));
+            return Err(SteeringError::SlotCount(slots));
         }
-        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| classify("load the eBPF maps", &e))?;
-        {
-            let program: &mut SkReuseport = ebpf
-                .program_mut(PROGRAM)
-                .ok_or_else(|| SteeringError::Other(format!("program {PROGRAM} missing")))?
-                .try_into()
-                .map_err(|e| SteeringError::Other(format!("program {PROGRAM}: {e}")))?;
-            program
-                .load()
-                .map_err(|e| classify("load the eBPF program", &e))?;
-        }
+        // Without kernel BTF: the program has no CO-RE relocations to resolve against it.
+        // `Ebpf::load` parses /sys/kernel/btf/vmlinux twice and keeps both copies until the
+        // object is loaded (32 MiB of heap at peak); the maps and program allocated in
+        // between pin that heap, and glibc keeps it resident once freed (the primary's RSS
+        // was 21 MiB, 7 MiB now). `new()` still parses it once; `btf(None)` drops it first.
+        let mut ebpf = EbpfLoader::new()
+            .btf(None)
+            .load(OBJECT)
+            .map_err(|e| classify("load the eBPF maps", &e))?;
+        program_mut(&mut ebpf)?
+            .load()
+            .map_err(|e| classify("load the eBPF program", &e))?;
         let sockets = ReusePortSockArray::try_from(take(&mut ebpf, "SOCKETS")?)
-            .map_err(|e| SteeringError::Other(format!("map SOCKETS: {e}")))?;
+            .map_err(|e| SteeringError::map("use map SOCKETS", e))?;
         let config_map = Array::try_from(take(&mut ebpf, "CONFIG")?)
-            .map_err(|e| SteeringError::Other(format!("map CONFIG: {e}")))?;
-        let live_map = Array::try_from(take(&mut ebpf, "LIVE")?)
-            .map_err(|e| SteeringError::Other(format!("map LIVE: {e}")))?;
-        let steered = Array::try_from(take(&mut ebpf, "STEERED")?)
-            .map_err(|e| SteeringError::Other(format!("map STEERED: {e}")))?;
+            .map_err(|e| SteeringError::map("use map CONFIG", e))?;
+        let live_map = ArrayOfMaps::try_from(take(&mut ebpf, "LIVE")?)
+            .map_err(|e| SteeringError::map("use map LIVE", e))?;
+        let loads = ArrayOfMaps::try_from(take(&mut ebpf, "LOADS")?)
+            .map_err(|e| SteeringError::map("use map LOADS", e))?;
+        let probe_seen = Array::try_from(take(&mut ebpf, "PROBE")?)
+            .map_err(|e| SteeringError::map("use map PROBE", e))?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)
-            .map_err(|e| SteeringError::Other(format!("map COUNTERS: {e}")))?;
-        let load_fd = map_fd(&ebpf, "LOAD")?;
-        let load = SharedArray::map(
-            load_fd.as_fd(),
-            size_of::<SlotLoad>(),
-            2 * MAX_SLOTS as usize,
-        )
-        .map_err(|e| SteeringError::Other(format!("cannot map LOAD: {e}")))?;
-        // The Maglev table depends only on the slot count, so it is written once, before
-        // any socket is in steering, through a shared mapping (65,537 entries would be as
-        // many system calls through the map API).
-        let maglev_fd = map_fd(&ebpf, "MAGLEV")?;
-        let maglev = SharedArray::map(maglev_fd.as_fd(), 4, HASH_TABLE_SIZE as usize)
-            .map_err(|e| SteeringError::Other(format!("cannot map MAGLEV: {e}")))?;
-        let mut table = vec![0u32; HASH_TABLE_SIZE as usize];
-        super::maglev::build(slots, &mut table);
-        for (i, slot) in table.iter().enumerate() {
-            maglev
-                .u32_at(maglev.offset_of(i))
-                .store(*slot, std::sync::atomic::Ordering::Relaxed);
-        }
+            .map_err(|e| SteeringError::map("use map COUNTERS", e))?;
+        write_maglev(&ebpf, slots)?;
+        let publisher = Publisher::start(live_map, loads)
+            .map_err(|e| SteeringError::io("start the steering publisher thread", e))?;
         let mut steering = EbpfSteering {
             ebpf,
             policy,
             sockets,
             config_map,
-            live_map,
-            steered,
+            publisher,
+            probe_seen,
             counters,
-            load,
-            load_fd,
             config: Config {
                 policy: code,
-                active: 0,
                 slots,
                 cpus: super::online_cpus() as u32,
+                ..Config::default()
             },
             live: BTreeMap::new(),
+            dirty: true,
+            grew: false,
+            records: BTreeMap::new(),
+            probe: None,
+            seen_at_send: 0,
+            queues: None,
+            takeovers: 0,
             held: None,
         };
-        steering.publish_live()?;
+        if policy == Balance::LeastLoaded {
+            steering.queues = Some(
+                ListenQueues::open()
+                    .map_err(|e| SteeringError::io("open a sock_diag socket", e))?,
+            );
+        }
+        steering.write_config()?;
+        steering.flush()?;
+        steering.publisher.wait();
         Ok(steering)
     }
 
@@ -152,27 +198,13 @@ impl EbpfSteering {
     }
 
     /// Switches the policy the program runs: one write of `CONFIG`, read by the very next
-    /// program run. Workers and the live set stay as they are.
-    pub fn set_policy(&mut self, policy: Balance) -> Result<(), String> {
+    /// program run. Workers and the live set stay as they are. Workers that started under
+    /// another policy have no load record, so after a switch to `least-loaded` they weigh
+    /// nothing until they are replaced.
+    pub fn set_policy(&mut self, policy: Balance) -> Result<(), SteeringError> {
         self.config.policy = policy_code(policy)?;
-        self.config_map
-            .set(0, self.config, 0)
-            .map_err(|e| format!("cannot write CONFIG: {e}"))?;
+        self.write_config()?;
         self.policy = policy;
-        Ok(())
-    }
-
-    /// Attaches the program to the group through `socket` (any socket of the group).
-    pub fn attach_through(&self, socket: BorrowedFd<'_>) -> Result<(), String> {
-        let program: &SkReuseport = self
-            .ebpf
-            .program(PROGRAM)
-            .ok_or("program missing")?
-            .try_into()
-            .map_err(|e| format!("{e}"))?;
-        program
-            .attach(socket)
-            .map_err(|e| format!("cannot attach the program through the socket: {e}"))?;
         Ok(())
     }
 
@@ -182,9 +214,9 @@ impl EbpfSteering {
     }
 
     /// See [`super::Steering::release`].
-    pub fn release(&mut self) -> Result<(), String> {
+    pub fn release(&mut self) -> Result<(), SteeringError> {
         match self.held.take() {
-            Some(Some(socket)) => self.attach_through(socket.as_fd()),
+            Some(Some(socket)) => self.attach_through(socket.as_fd(), None),
             // Nothing held: no socket entered steering meanwhile, and the first one to
             // enter attaches the program.
             _ => Ok(()),
@@ -196,97 +228,278 @@ impl EbpfSteering {
     /// an entry of the old table or of the new one, both of which name live slots or fall
     /// back to one, so nothing is dropped; a client whose entry changed moves, which a
     /// resize has to do for the clients of added or removed slots anyway.
-    pub fn resize(&mut self, slots: u32) -> Result<(), String> {
+    pub fn resize(&mut self, slots: u32) -> Result<(), SteeringError> {
         if slots == 0 || slots > MAX_SLOTS {
-            return Err(format!("{slots} slots (1..={MAX_SLOTS})"));
+            return Err(SteeringError::SlotCount(slots));
         }
-        let maglev_fd = map_fd(&self.ebpf, "MAGLEV").map_err(|e| e.to_string())?;
-        let maglev = SharedArray::map(maglev_fd.as_fd(), 4, HASH_TABLE_SIZE as usize)
-            .map_err(|e| format!("cannot map MAGLEV: {e}"))?;
-        let mut table = vec![0u32; HASH_TABLE_SIZE as usize];
-        super::maglev::build(slots, &mut table);
-        for (i, slot) in table.iter().enumerate() {
-            maglev
-                .u32_at(maglev.offset_of(i))
-                .store(*slot, std::sync::atomic::Ordering::Relaxed);
-        }
+        write_maglev(&self.ebpf, slots)?;
         self.config.slots = slots;
-        self.config_map
-            .set(0, self.config, 0)
-            .map_err(|e| format!("cannot write CONFIG: {e}"))
+        self.write_config()
     }
 
-    /// Puts `fd` into steering at `slot` for the worker of `generation`.
-    pub fn activate(&mut self, slot: u32, generation: u32, fd: &OwnedFd) -> Result<(), String> {
+    /// Puts `fd` into steering at `slot` for the worker of `generation` (process `pid`,
+    /// holding it at fd `held_at` if known).
+    pub fn activate(
+        &mut self,
+        slot: u32,
+        generation: u32,
+        fd: &OwnedFd,
+        pid: i32,
+        pidfd: BorrowedFd<'_>,
+        held_at: Option<std::os::fd::RawFd>,
+    ) -> Result<(), SteeringError> {
+        let holder = ListenerHolder::new(pid, pidfd, fd, held_at)
+            .map_err(|e| SteeringError::io(format!("remember the worker of slot {slot}"), e))?;
         match &mut self.held {
             Some(held) => {
-                *held = Some(
-                    fd.try_clone()
-                        .map_err(|e| format!("cannot keep the socket: {e}"))?,
-                )
+                *held = Some(fd.try_clone().map_err(|e| {
+                    SteeringError::io(format!("keep slot {slot}'s socket until release"), e)
+                })?)
             }
-            None => self.attach_through(fd.as_fd())?,
+            None => self.attach_through(fd.as_fd(), Some(slot))?,
         }
-
+        if let Some(record) = self.records.get(&(slot, generation)) {
+            let map = record
+                .share()
+                .map_err(|e| SteeringError::io("copy the load record's fd", e))?;
+            self.publisher.place_record(slot, map);
+        }
+        // Records of older generations of this slot (a draining worker, one that never
+        // served) are read by nobody from now on.
+        self.records
+            .retain(|&(s, g), _| s != slot || g == generation);
         self.sockets
             .set(slot, &fd.as_raw_fd(), 0)
-            .map_err(|e| format!("cannot put the socket into SOCKETS[{slot}]: {e}"))?;
-        self.live.insert(slot, generation);
-        self.publish_live().map_err(|e| e.to_string())
-    }
-
-    /// Takes `slot` out of steering: no new connection reaches its socket from now on.
-    pub fn deactivate(&mut self, slot: u32) -> Result<(), String> {
-        let was_live = self.live.remove(&slot).is_some();
-        match self.sockets.clear_index(&slot) {
-            Ok(()) => {}
-            // Already gone: the kernel removes a socket from the map when it closes.
-            Err(aya::maps::MapError::SyscallError(err))
-                if err.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(err) => return Err(format!("cannot clear SOCKETS[{slot}]: {err}")),
+            .map_err(|e| SteeringError::map(format!("put the socket into SOCKETS[{slot}]"), e))?;
+        // The probe's fds are taken with the first socket, not at the first check: the
+        // primary holds the same fds from the moment a worker is ready.
+        if self.probe.is_none()
+            && let Ok(Some(listen)) = socket2::SockRef::from(fd)
+                .local_addr()
+                .map(|a| a.as_socket())
+            && let Err(err) = self.set_up_probe(listen)
+        {
+            tracing::warn!("cannot set up the ownership probe yet: {err}");
         }
-        if was_live {
-            self.publish_live().map_err(|e| e.to_string())?;
+        if self
+            .live
+            .insert(slot, Serving { generation, holder })
+            .is_none()
+        {
+            self.dirty = true;
+            self.grew = true;
         }
         Ok(())
     }
 
-    /// Where the worker of `slot`/`generation` publishes its load, and the map to map.
-    /// Called when the worker registers: its record (and the program's count of what it
-    /// steered there) start from zero, before the worker maps the record and long before
-    /// its socket enters steering.
-    pub fn load_share(
+    /// Takes `slot` out of steering: no new connection reaches its socket from now on.
+    pub fn deactivate(&mut self, slot: u32) -> Result<(), SteeringError> {
+        if let Some(serving) = self.live.remove(&slot) {
+            self.records.remove(&(slot, serving.generation));
+            self.dirty = true;
+        }
+        match self.sockets.clear_index(&slot) {
+            Ok(()) => Ok(()),
+            // Already gone: the kernel removes a socket from the map when it closes.
+            Err(aya::maps::MapError::SyscallError(err))
+                if err.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(err) => Err(SteeringError::map(format!("clear SOCKETS[{slot}]"), err)),
+        }
+    }
+
+    /// Hands the live set to the publisher if it changed (see the module docs for what a
+    /// program run can see, and when). When a slot entered it, waits until it is published
+    /// (one RCU grace period: 8 ms idle), up to [`GROWTH_WAIT`], so that a worker reported
+    /// ready is one the policy picks; a set that only shrank is published without
+    /// waiting, since a slot that left is unreachable already (its socket is out of
+    /// `SOCKETS`).
+    pub fn flush(&mut self) -> Result<(), SteeringError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let mut set = Box::new(LiveSet::EMPTY);
+        for (i, slot) in self.live.keys().enumerate() {
+            set.slots[i] = *slot;
+        }
+        set.count = self.live.len() as u32;
+        self.publisher.publish(set);
+        if std::mem::take(&mut self.grew) {
+            // Longer than an idle host's grace period, shorter than a busy one's: the loop
+            // never stops long, and on a busy host the new slot is picked a moment later.
+            let _published = self.publisher.wait_at_most(GROWTH_WAIT);
+        }
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Waits until what [`EbpfSteering::flush`] handed over is published.
+    pub fn wait_published(&self) {
+        self.publisher.wait();
+    }
+
+    /// A fresh record for the worker of `slot`/`generation`, and a copy of its fd.
+    pub fn load_record(
         &mut self,
         slot: u32,
         generation: u32,
-    ) -> Result<(BorrowedFd<'_>, LoadShare), String> {
-        let index = load_index(slot, generation);
-        self.steered
-            .set(index, 0, 0)
-            .map_err(|e| format!("cannot reset STEERED[{index}]: {e}"))?;
-        LoadReporter::reset(&self.load, index);
-        Ok((
-            self.load_fd.as_fd(),
-            LoadShare {
-                index,
-                entries: 2 * MAX_SLOTS,
-                generation,
-            },
-        ))
+    ) -> Result<(OwnedFd, LoadShare), SteeringError> {
+        let record = LoadRecord::create()
+            .map_err(|e| SteeringError::map(format!("create the load record of slot {slot}"), e))?;
+        let fd = record
+            .share()
+            .map_err(|e| SteeringError::io("copy the load record's fd", e))?;
+        self.records.insert((slot, generation), record);
+        Ok((fd, LoadShare::RECORD))
+    }
+
+    /// The ownership check of one health interval (see [`super::probe`]).
+    pub fn ensure_program(
+        &mut self,
+        listen: SocketAddr,
+    ) -> Result<Option<Takeover>, SteeringError> {
+        if self.live.is_empty() || self.held.is_some() {
+            // Nothing to probe: no socket of ours is in a group (the next activation
+            // attaches the program through its socket), or the program is held back while
+            // the previous primary's decides.
+            return Ok(None);
+        }
+        if self.probe.is_none() {
+            self.set_up_probe(listen)?;
+        }
+        let Some(probe) = self.probe.as_mut() else {
+            return Ok(None);
+        };
+        if !probe.in_flight() {
+            // What the program had counted before this probe left: a probe still in
+            // flight from an earlier tick keeps the count from when it was sent.
+            self.seen_at_send = self
+                .probe_seen
+                .get(&0, 0)
+                .map_err(|e| SteeringError::map("read PROBE", e))?;
+            probe.send().map_err(|e| {
+                SteeringError::io(format!("send the ownership probe to {listen}"), e)
+            })?;
+        }
+        let outcome = probe
+            .outcome(PROBE_WAIT)
+            .map_err(|e| SteeringError::io("read the ownership probe", e))?;
+        let seen = self
+            .probe_seen
+            .get(&0, 0)
+            .map_err(|e| SteeringError::map("read PROBE", e))?;
+        if seen > self.seen_at_send {
+            // Steer's program decided (and dropped it); its reset may still be on the way.
+            probe.forget();
+            return Ok(None);
+        }
+        let evidence = match outcome {
+            Outcome::Pending => return Ok(None),
+            Outcome::Answered => {
+                "a socket of the group answered the probe, which Steer's program drops"
+            }
+            Outcome::Refused => "the probe was refused without Steer's program seeing it",
+        };
+        self.takeovers += 1;
+        let restored = self.reattach();
+        tracing::warn!(
+            %listen,
+            evidence,
+            takeovers = self.takeovers,
+            "steering takeover: another program (or none) was deciding for the port's SO_REUSEPORT group; {}",
+            match &restored {
+                Ok(slot) => format!("Steer's program is attached again (through slot {slot}'s socket)"),
+                Err(err) => format!("Steer's program could not be attached again: {err}"),
+            }
+        );
+        restored.map(|_| Some(Takeover { evidence }))
+    }
+
+    /// Reserves the ownership probe's source and names it in `CONFIG`: once, before the
+    /// first probe is sent (so no probe is in flight while `CONFIG` changes).
+    fn set_up_probe(&mut self, listen: SocketAddr) -> Result<(), SteeringError> {
+        let probe = OwnershipProbe::new(listen)
+            .map_err(|e| SteeringError::io(format!("set up the ownership probe of {listen}"), e))?;
+        self.config.probe_port = probe::port_in_packet(probe.source());
+        self.config.probe_client = probe::client_in_packet(probe.source());
+        self.write_config()?;
+        self.probe = Some(probe);
+        Ok(())
+    }
+
+    /// Whether the probe sent last is still undecided.
+    pub fn probe_in_flight(&self) -> bool {
+        self.probe.as_ref().is_some_and(OwnershipProbe::in_flight)
+    }
+
+    /// Attaches the program again through the socket of any serving worker.
+    fn reattach(&self) -> Result<u32, SteeringError> {
+        let mut last = None;
+        for (slot, serving) in &self.live {
+            match serving.holder.borrow() {
+                Ok(socket) => {
+                    self.attach_through(socket.as_fd(), Some(*slot))?;
+                    return Ok(*slot);
+                }
+                Err(err) => {
+                    last = Some(SteeringError::io(
+                        format!("borrow slot {slot}'s socket"),
+                        err,
+                    ))
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            SteeringError::io(
+                "find a socket of the group",
+                io::Error::from(io::ErrorKind::NotFound),
+            )
+        }))
+    }
+
+    /// Settles each serving worker's record against its listener's accept queue.
+    pub fn reconcile_load(&mut self, listen: SocketAddr) -> Result<(), SteeringError> {
+        let queues = match &mut self.queues {
+            Some(queues) => queues,
+            None => self.queues.insert(
+                ListenQueues::open()
+                    .map_err(|e| SteeringError::io("open a sock_diag socket", e))?,
+            ),
+        };
+        let lengths = queues
+            .lengths(listen.is_ipv6(), listen.port())
+            .map_err(|e| {
+                SteeringError::io(
+                    format!("read the accept queues on port {}", listen.port()),
+                    e,
+                )
+            })?;
+        for (slot, serving) in &self.live {
+            if let (Some(record), Some(&queued)) = (
+                self.records.get(&(*slot, serving.generation)),
+                lengths.get(&serving.holder.inode()),
+            ) {
+                record.settle(u64::from(queued));
+            }
+        }
+        Ok(())
     }
 
     /// The program's counters, summed over CPUs, for the first `slots` slots.
-    pub fn counters(&self, slots: usize) -> Result<SteeringCounters, String> {
+    pub fn counters(&self, slots: usize) -> Result<SteeringCounters, SteeringError> {
         let per_cpu = self
             .counters
             .get(&0, 0)
-            .map_err(|e| format!("cannot read COUNTERS: {e}"))?;
+            .map_err(|e| SteeringError::map("read COUNTERS", e))?;
         let mut total = SteeringCounters {
             policy: self.policy,
             selections: vec![0; slots],
             fallbacks: 0,
             drops: 0,
             migrations: 0,
+            takeovers: self.takeovers,
         };
         for cpu in per_cpu.iter() {
             for (sum, value) in total.selections.iter_mut().zip(cpu.selections.iter()) {
@@ -299,47 +512,112 @@ impl EbpfSteering {
         Ok(total)
     }
 
-    /// Writes the live set into the inactive half, then flips `CONFIG.active` to it.
-    fn publish_live(&mut self) -> Result<(), SteeringError> {
-        let mut set = Box::new(LiveSet::EMPTY);
-        for (i, (slot, generation)) in self.live.iter().enumerate() {
-            set.slots[i] = *slot;
-            set.generations[*slot as usize] = *generation;
-        }
-        set.count = self.live.len() as u32;
-        let next = self.config.active ^ 1;
-        self.live_map
-            .set(next, set.as_ref(), 0)
-            .map_err(|e| SteeringError::Other(format!("cannot write LIVE[{next}]: {e}")))?;
-        self.config.active = next;
+    /// Attaches the program to the group through `socket` (any socket of the group; the
+    /// one of `slot`, for the error message).
+    pub fn attach_through(
+        &self,
+        socket: BorrowedFd<'_>,
+        slot: Option<u32>,
+    ) -> Result<(), SteeringError> {
+        let attach_error = |source| SteeringError::Attach {
+            what: match slot {
+                Some(slot) => format!("attach the program through slot {slot}'s socket"),
+                None => "attach the program through a socket of the group".into(),
+            },
+            source,
+        };
+        let program: &SkReuseport = self
+            .ebpf
+            .program(PROGRAM)
+            .ok_or(ProgramError::NotLoaded)
+            .map_err(attach_error)?
+            .try_into()
+            .map_err(attach_error)?;
+        program.attach(socket).map_err(attach_error)
+    }
+
+    fn write_config(&mut self) -> Result<(), SteeringError> {
         self.config_map
             .set(0, self.config, 0)
-            .map_err(|e| SteeringError::Other(format!("cannot write CONFIG: {e}")))
+            .map_err(|e| SteeringError::map("write CONFIG", e))
     }
 }
 
+/// `kernel` mode: detaches whatever program is attached to the group of `socket`
+/// (nothing of Steer's ever is), with a warning naming what was found.
+pub fn detach_foreign_program(socket: &OwnedFd, slot: usize) -> Result<(), SteeringError> {
+    match SkReuseport::detach(socket.as_fd()) {
+        Ok(()) => {
+            tracing::warn!(
+                slot,
+                "steering takeover: a program someone else attached was deciding for the port's SO_REUSEPORT group; detached it (--balance kernel hashes over the group)"
+            );
+            Ok(())
+        }
+        Err(ProgramError::SkReuseportError(
+            aya::programs::sk_reuseport::SkReuseportError::SetsockoptError { io_error, .. },
+        )) if io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(source) => Err(SteeringError::Attach {
+            what: format!("detach a program from slot {slot}'s group"),
+            source,
+        }),
+    }
+}
+
+fn program_mut(ebpf: &mut Ebpf) -> Result<&mut SkReuseport, SteeringError> {
+    let load_error = |detail: String| SteeringError::Load {
+        what: "find the program in the object",
+        detail,
+    };
+    ebpf.program_mut(PROGRAM)
+        .ok_or_else(|| load_error(format!("program {PROGRAM} missing")))?
+        .try_into()
+        .map_err(|e| load_error(format!("program {PROGRAM}: {e}")))
+}
+
+/// The Maglev table depends only on the slot count, so it is written once, before any
+/// socket is in steering, through a shared mapping (65,537 entries would be as many system
+/// calls through the map API).
+fn write_maglev(ebpf: &Ebpf, slots: u32) -> Result<(), SteeringError> {
+    let maglev_fd = map_fd(ebpf, "MAGLEV")?;
+    let maglev = SharedArray::map(maglev_fd.as_fd(), 4, HASH_TABLE_SIZE as usize)
+        .map_err(|e| SteeringError::io("map MAGLEV", e))?;
+    let mut table = vec![0u32; HASH_TABLE_SIZE as usize];
+    super::maglev::build(slots, &mut table);
+    for (i, slot) in table.iter().enumerate() {
+        maglev
+            .u32_at(maglev.offset_of(i))
+            .store(*slot, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(())
+}
+
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map, SteeringError> {
-    ebpf.take_map(name)
-        .ok_or_else(|| SteeringError::Other(format!("map {name} missing from the program")))
+    ebpf.take_map(name).ok_or_else(|| SteeringError::Load {
+        what: "find the program's maps",
+        detail: format!("map {name} missing from the object"),
+    })
 }
 
 fn map_fd(ebpf: &Ebpf, name: &str) -> Result<OwnedFd, SteeringError> {
-    let map = ebpf
-        .map(name)
-        .ok_or_else(|| SteeringError::Other(format!("map {name} missing from the program")))?;
-    let data = match map {
-        Map::Array(data) => data,
-        _ => return Err(SteeringError::Other(format!("map {name} is not an array"))),
+    let missing = |detail: String| SteeringError::Load {
+        what: "find the program's maps",
+        detail,
+    };
+    let data = match ebpf.map(name) {
+        Some(Map::Array(data)) => data,
+        Some(_) => return Err(missing(format!("map {name} is not an array"))),
+        None => return Err(missing(format!("map {name} missing from the object"))),
     };
     data.fd()
         .as_fd()
         .try_clone_to_owned()
-        .map_err(|e| SteeringError::Other(format!("cannot dup the fd of {name}: {e}")))
+        .map_err(|e| SteeringError::io(format!("dup the fd of {name}"), e))
 }
 
 /// Turns a load failure into a [`SteeringError`]: a permission error says which
 /// capability is missing.
-fn classify(what: &str, err: &(dyn std::error::Error + 'static)) -> SteeringError {
+fn classify(what: &'static str, err: &(dyn std::error::Error + 'static)) -> SteeringError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<io::Error>()
@@ -355,11 +633,260 @@ fn classify(what: &str, err: &(dyn std::error::Error + 'static)) -> SteeringErro
     {
         return SteeringError::MissingCapability;
     }
-    let mut text = format!("cannot {what}: {err}");
-    let mut source = err.source();
-    while let Some(e) = source {
-        text.push_str(&format!(": {e}"));
-        source = e.source();
+    SteeringError::Load {
+        what,
+        detail: crate::error_chain(err),
     }
-    SteeringError::Other(text)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Needs CAP_BPF (root), as `cargo xtask test` runs.
+
+    use std::collections::HashMap;
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    use socket2::{Domain, Protocol, Socket, Type};
+
+    use super::*;
+
+    const SLOTS: usize = 5;
+
+    fn own_pidfd() -> OwnedFd {
+        // SAFETY: plain syscall on integers.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, std::process::id(), 0) };
+        assert!(fd >= 0, "pidfd_open: {}", io::Error::last_os_error());
+        // SAFETY: a fresh fd the kernel just gave this process.
+        unsafe { OwnedFd::from_raw_fd(fd as i32) }
+    }
+
+    fn reuseport_listener(addr: SocketAddr) -> TcpListener {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+        socket.set_reuse_port(true).expect("SO_REUSEPORT");
+        socket.bind(&addr.into()).expect("bind");
+        socket.listen(4096).expect("listen");
+        socket.set_nonblocking(true).expect("nonblocking");
+        socket.into()
+    }
+
+    /// Notes that `slot`'s listener accepted a connection from `peer`.
+    fn record(accepted: &Mutex<HashMap<SocketAddr, Vec<usize>>>, peer: SocketAddr, slot: usize) {
+        accepted
+            .lock()
+            .expect("lock")
+            .entry(peer)
+            .or_default()
+            .push(slot);
+    }
+
+    /// A client connection: its source, and when `connect` started and returned.
+    struct Attempt {
+        source: SocketAddr,
+        started: Instant,
+        done: Instant,
+    }
+
+    #[test]
+    fn the_live_set_holds_under_rapid_flips_while_connections_arrive() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("free port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let listeners: Vec<TcpListener> = (0..SLOTS).map(|_| reuseport_listener(addr)).collect();
+        let fds: Vec<OwnedFd> = listeners
+            .iter()
+            .map(|l| OwnedFd::from(l.try_clone().expect("dup")))
+            .collect();
+        let pidfd = own_pidfd();
+        let pid = std::process::id() as i32;
+        let mut steering =
+            EbpfSteering::load(Balance::RoundRobin, SLOTS as u32).expect("load (root)");
+        // Slot 0 always serves; slots 1..4 rotate, two in and two out at any time, so a slot
+        // that leaves stays out for a whole flip.
+        let mut serving: std::collections::VecDeque<u32> = [1, 2].into();
+        let mut resting: std::collections::VecDeque<u32> = [3, 4].into();
+        for slot in [0, 1, 2] {
+            steering
+                .activate(slot, 1, &fds[slot as usize], pid, pidfd.as_fd(), None)
+                .expect("activate");
+        }
+        steering.flush().expect("flush");
+        steering.wait_published();
+
+        let stop = AtomicBool::new(false);
+        /// Stops every thread of the test, even when the flipper panics.
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let bound = Instant::now() + Duration::from_secs(20);
+        // Source -> the slots whose listener accepted a connection from it. A client port is
+        // now and then chosen twice in a run; such sources are not judged.
+        let accepted: Mutex<HashMap<SocketAddr, Vec<usize>>> = Mutex::new(HashMap::new());
+        let attempts: Mutex<Vec<Attempt>> = Mutex::new(Vec::new());
+        let failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
+        // (slot, out since, back at): the listener of a slot that is out stays open, as a
+        // draining worker's does, so only steering keeps connections away from it.
+        let mut out_windows: Vec<(usize, Instant, Option<Instant>)> = Vec::new();
+        let mut flips = 0u64;
+        std::thread::scope(|scope| {
+            for (slot, listener) in listeners.iter().enumerate() {
+                let (stop, accepted) = (&stop, &accepted);
+                scope.spawn(move || {
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < bound {
+                        match listener.accept() {
+                            Ok((_stream, peer)) => record(accepted, peer, slot),
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                std::thread::sleep(Duration::from_micros(200));
+                            }
+                            Err(e) => panic!("accept: {e}"),
+                        }
+                    }
+                });
+            }
+            for client in 0..2u8 {
+                let (stop, attempts, failures) = (&stop, &attempts, &failures);
+                scope.spawn(move || {
+                    let mut n = 0u32;
+                    while !stop.load(Ordering::Relaxed) && n < 10_000 && Instant::now() < bound {
+                        n += 1;
+                        let ip = [127, 0, 5 + client, (n % 250 + 1) as u8];
+                        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+                            .expect("socket");
+                        socket
+                            .bind(&SocketAddr::from((ip, 0)).into())
+                            .expect("bind client");
+                        let started = Instant::now();
+                        match socket.connect_timeout(&addr.into(), Duration::from_secs(2)) {
+                            Ok(()) => {
+                                let source = socket
+                                    .local_addr()
+                                    .expect("local")
+                                    .as_socket()
+                                    .expect("inet");
+                                attempts.lock().expect("lock").push(Attempt {
+                                    source,
+                                    started,
+                                    done: Instant::now(),
+                                });
+                                let _closed = TcpStream::from(socket);
+                            }
+                            Err(e) => failures.lock().expect("lock").push(e.to_string()),
+                        }
+                    }
+                });
+            }
+            let _stop = StopOnDrop(&stop);
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline {
+                // As a replacement does it: the new slot in, then the old one out.
+                let (Some(entering), Some(leaving)) = (resting.pop_front(), serving.pop_front())
+                else {
+                    unreachable!("two slots in each queue");
+                };
+                if let Some(window) = out_windows
+                    .iter_mut()
+                    .rev()
+                    .find(|w| w.0 == entering as usize)
+                {
+                    window.2 = Some(Instant::now());
+                }
+                steering
+                    .activate(
+                        entering,
+                        1,
+                        &fds[entering as usize],
+                        pid,
+                        pidfd.as_fd(),
+                        None,
+                    )
+                    .expect("activate");
+                steering.flush().expect("flush");
+                steering.deactivate(leaving).expect("deactivate");
+                // Out of steering from here on, although the set without it may still be
+                // on its way to the program.
+                out_windows.push((leaving as usize, Instant::now(), None));
+                steering.flush().expect("flush");
+                serving.push_back(entering);
+                resting.push_back(leaving);
+                flips += 1;
+            }
+        });
+        // Let the acceptors' last connections count: take what is still queued.
+        for (slot, listener) in listeners.iter().enumerate() {
+            while let Ok((_, peer)) = listener.accept() {
+                record(&accepted, peer, slot);
+            }
+        }
+        let accepted = accepted.into_inner().expect("lock");
+        let attempts = attempts.into_inner().expect("lock");
+        let failures = failures.into_inner().expect("lock");
+        let counters = steering.counters(SLOTS).expect("counters");
+        let mut tries: HashMap<SocketAddr, usize> = HashMap::new();
+        for attempt in &attempts {
+            *tries.entry(attempt.source).or_default() += 1;
+        }
+        let accepts: usize = accepted.values().map(Vec::len).sum();
+        let mut outside = Vec::new();
+        let mut ambiguous = 0;
+        for attempt in &attempts {
+            let slot = match accepted.get(&attempt.source).map(Vec::as_slice) {
+                Some(&[slot]) if tries[&attempt.source] == 1 => slot,
+                _ => {
+                    ambiguous += 1;
+                    continue;
+                }
+            };
+            let was_out = out_windows.iter().any(|&(s, from, to)| {
+                s == slot && from <= attempt.started && to.is_none_or(|to| attempt.done <= to)
+            });
+            if was_out {
+                outside.push((attempt.source, slot));
+            }
+        }
+        println!(
+            "{flips} flips of the live set in 2 s, {} connections ({ambiguous} from a reused \
+             source, not judged), {} fallbacks, selections {:?}",
+            attempts.len(),
+            counters.fallbacks,
+            counters.selections
+        );
+        // A flush that adds a slot waits for the set to be published (one RCU grace
+        // period): that, not the test, bounds how fast the set can flip.
+        assert!(flips >= 15, "too few flips to stress anything: {flips}");
+        assert!(
+            attempts.len() >= 500,
+            "too few connections: {}",
+            attempts.len()
+        );
+        assert!(
+            failures.is_empty(),
+            "connections failed: {:?}",
+            &failures[..failures.len().min(5)]
+        );
+        assert_eq!(counters.drops, 0, "the program dropped connections");
+        assert_eq!(
+            accepts,
+            attempts.len(),
+            "every connection was accepted, once"
+        );
+        assert!(
+            ambiguous <= attempts.len() / 100,
+            "too many reused sources: {ambiguous}"
+        );
+        assert!(
+            outside.is_empty(),
+            "{} connections reached a slot outside the live set, e.g. {:?}",
+            outside.len(),
+            &outside[..outside.len().min(5)]
+        );
+    }
 }

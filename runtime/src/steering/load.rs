@@ -1,70 +1,118 @@
-//! The worker side of `least-loaded`: publishing this worker's load to the program.
+//! Load records for `least-loaded`: one per worker process, written by three parties,
+//! one field each (see [`steer_common::SlotLoad`]).
 //!
-//! The primary hands each worker (with `registered`) an fd of the program's `LOAD` map and
-//! the index of the worker's own record. The worker maps it once and, on every accept and
-//! close, stores its counts there: two plain stores into shared memory, no system call, read
-//! by the program on the next SYN. The program adds what it has steered to the worker but
-//! the worker has not yet accepted, so a worker whose loop is stuck looks busier with every
-//! connection queued on it, although it publishes nothing.
+//! Each worker gets a record of its own: a one-entry `BPF_F_MMAPABLE` array map created
+//! for it when it registers (or, for an external program, when it is spawned). The worker
+//! receives the fd of that map only, so it can write its own record and nothing else. The
+//! primary puts the map into the program's `LOADS` array at the worker's slot when the
+//! worker starts serving, and a replacement's record takes its place: a worker that is
+//! draining, or one that was replaced, writes into a record nobody reads.
+//!
+//! The worker stores `accepted` and `active` on every accept and close: two plain stores
+//! into shared memory, no system call. The program adds one to `steered` per connection it
+//! hands over. That alone would count SYNs that never become a connection for as long as
+//! the worker lives (half-open scans, retransmits, SYNs dropped on a full queue), so once
+//! per health interval the primary reads the listener's real accept queue with
+//! `sock_diag` and writes `settled = steered - accepted - queue`: phantom load is gone
+//! within one interval. A worker that never publishes (`accepted` stays 0) is balanced on
+//! its real queue plus what was steered to it since the last interval.
 
+use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
 
+use aya::maps::MapData;
+use aya_obj::generated::{BPF_F_MMAPABLE, bpf_map_type::BPF_MAP_TYPE_ARRAY};
 use serde::{Deserialize, Serialize};
-use steer_common::SlotLoad;
+use steer_common::{SlotLoad, record};
 
 use super::shared::SharedArray;
 
-/// Where a worker's load record is, sent in the `registered` message beside the map's fd.
+/// Sent with `registered` beside the record's fd: how many bytes the record has (map one
+/// page from offset 0; the layout is [`steer_common::SlotLoad`], docs/ipc.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoadShare {
-    /// Index of this worker's record in the map.
-    pub index: u32,
-    /// Number of records in the map.
-    pub entries: u32,
-    /// The worker's generation, written into the record so the program can tell a record of
-    /// this worker from one left by an older one.
-    pub generation: u32,
+    /// Size of the record in bytes (64).
+    pub record_bytes: u32,
 }
+
+impl LoadShare {
+    /// The one layout there is.
+    pub const RECORD: LoadShare = LoadShare {
+        record_bytes: size_of::<SlotLoad>() as u32,
+    };
+}
+
+/// The layout of the record in `STEER_LOAD_LAYOUT` for external workers: `name:offset`
+/// pairs of native-endian `u64` fields.
+pub const LAYOUT: &str = "steered:0,accepted:8,active:16,settled:24";
 
 /// Publishes one worker's load. Cheap to call on every accept and close.
 #[derive(Debug)]
 pub struct LoadReporter {
     memory: SharedArray,
-    offset: usize,
 }
 
-const RECORD: usize = size_of::<SlotLoad>();
-const GENERATION: usize = std::mem::offset_of!(SlotLoad, generation);
-const ACCEPTED: usize = std::mem::offset_of!(SlotLoad, accepted);
-const ACTIVE: usize = std::mem::offset_of!(SlotLoad, active);
-
 impl LoadReporter {
-    /// Maps the record described by `share` from the map `fd`.
-    pub fn new(fd: OwnedFd, share: LoadShare) -> std::io::Result<LoadReporter> {
-        if share.index >= share.entries {
-            return Err(std::io::Error::other("load record index out of range"));
+    /// Maps the record behind `fd` (this worker's own map).
+    pub fn new(fd: OwnedFd, share: LoadShare) -> io::Result<LoadReporter> {
+        if share != LoadShare::RECORD {
+            return Err(io::Error::other(format!(
+                "unknown load record layout {share:?}"
+            )));
         }
-        let memory = SharedArray::map(fd.as_fd(), RECORD, share.entries as usize)?;
-        let offset = memory.offset_of(share.index as usize);
-        let reporter = LoadReporter { memory, offset };
-        reporter.publish(0, 0);
-        reporter
-            .memory
-            .store_u64(offset + GENERATION, u64::from(share.generation));
-        Ok(reporter)
+        let memory = SharedArray::map(fd.as_fd(), size_of::<SlotLoad>(), 1)?;
+        Ok(LoadReporter { memory })
     }
 
     /// Publishes the connections accepted so far and those open now.
     pub fn publish(&self, accepted: u64, active: u64) {
-        self.memory.store_u64(self.offset + ACCEPTED, accepted);
-        self.memory.store_u64(self.offset + ACTIVE, active);
+        self.memory.store_u64(record::ACCEPTED, accepted);
+        self.memory.store_u64(record::ACTIVE, active);
+    }
+}
+
+/// The primary's handle on one worker's record.
+#[derive(Debug)]
+pub struct LoadRecord {
+    map: MapData,
+    memory: SharedArray,
+}
+
+impl LoadRecord {
+    /// Creates a fresh, zeroed record (`BPF_MAP_CREATE`).
+    pub fn create() -> Result<LoadRecord, aya::maps::MapError> {
+        let definition = aya_obj::Map::new_from_params(
+            BPF_MAP_TYPE_ARRAY as u32,
+            size_of::<u32>() as u32,
+            size_of::<SlotLoad>() as u32,
+            1,
+            BPF_F_MMAPABLE,
+        );
+        let map = MapData::create(definition, "steer_load", None)?;
+        let memory =
+            SharedArray::map(map.fd().as_fd(), size_of::<SlotLoad>(), 1).map_err(|io_error| {
+                aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "mmap",
+                    io_error,
+                })
+            })?;
+        Ok(LoadRecord { map, memory })
     }
 
-    /// Clears the record (the primary does this before a new worker takes it).
-    pub(crate) fn reset(memory: &SharedArray, index: u32) {
-        let offset = memory.offset_of(index as usize);
-        for field in [GENERATION, ACCEPTED, ACTIVE] {
-            memory.store_u64(offset + field, 0);
-        }
+    /// A copy of the map's fd for the worker.
+    pub fn share(&self) -> io::Result<OwnedFd> {
+        self.map.fd().as_fd().try_clone_to_owned()
+    }
+
+    /// Settles the estimate against the listener's real accept queue: what was steered
+    /// and is neither accepted nor queued never became a connection.
+    pub fn settle(&self, queued: u64) {
+        let steered = self.memory.u64_at(record::STEERED).load(Ordering::Relaxed);
+        let accepted = self.memory.u64_at(record::ACCEPTED).load(Ordering::Relaxed);
+        self.memory.store_u64(
+            record::SETTLED,
+            steered.wrapping_sub(accepted).wrapping_sub(queued),
+        );
     }
 }

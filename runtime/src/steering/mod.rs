@@ -2,30 +2,39 @@
 //!
 //! - `kernel`: nothing is loaded. Every worker socket is in the port's `SO_REUSEPORT` group
 //!   and the kernel hashes each new connection's 4-tuple over the group. The primary still
-//!   checks each registered socket, and it makes sure a closing worker's queue migrates
+//!   checks each registered socket, detaches a program someone else left on the group
+//!   when a worker's socket enters it, and makes sure a closing worker's queue migrates
 //!   instead of being reset (see [`ensure_tcp_migrate_req`]).
 //! - `round-robin`, `hash`, `least-loaded`, `cpu`: Steer's `SK_REUSEPORT` program picks the
-//!   socket ([`ebpf`]); only sockets the primary registered can be picked, and connections
-//!   queued on a closing listener are migrated by the same program.
+//!   socket ([`ebpf`]); only sockets the primary registered can be picked, connections
+//!   queued on a closing listener are migrated by the same program, and once per health
+//!   interval the primary checks that the program deciding is still its own ([`probe`]).
 //! - `shared`, `userspace`: the baselines of [`crate::baseline`]; one listening socket, so
 //!   nothing to steer here.
 //!
-//! [`maglev`] builds the `hash` policy's table; [`load`] is the worker side of
-//! `least-loaded`.
+//! [`maglev`] builds the `hash` policy's table; [`load`] holds the `least-loaded` records,
+//! [`queues`] the real accept-queue lengths they are settled against.
 
 pub mod ebpf;
+pub mod holder;
 pub mod load;
 pub mod maglev;
+pub mod probe;
+pub mod publisher;
+pub mod queues;
 pub mod shared;
 
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 
 use serde::Serialize;
 
 use crate::config::Balance;
 pub use load::{LoadReporter, LoadShare};
 
-/// Why eBPF steering could not start.
+/// What went wrong in steering. Each variant keeps the system error behind it, so the
+/// errno survives ([`SteeringError::raw_os_error`]).
 #[derive(Debug, thiserror::Error)]
 pub enum SteeringError {
     /// The kernel refused the program or its maps for lack of privilege.
@@ -34,9 +43,82 @@ pub enum SteeringError {
         missing_capability_detail()
     )]
     MissingCapability,
-    /// Anything else, described.
-    #[error("{0}")]
-    Other(String),
+    /// `--balance` names no policy of the program.
+    #[error("{0} is not an eBPF policy")]
+    NotAProgramPolicy(Balance),
+    /// More slots than the program's maps hold.
+    #[error("{0} slots: the eBPF program takes 1..={max}", max = steer_common::MAX_SLOTS)]
+    SlotCount(u32),
+    /// Loading the object or the program failed (the verifier's or aya's words).
+    #[error("cannot {what}: {detail}")]
+    Load {
+        /// What was being loaded.
+        what: &'static str,
+        /// The error and its sources, in one line.
+        detail: String,
+    },
+    /// A map operation failed.
+    #[error("cannot {what}: {source}")]
+    Map {
+        /// The operation, naming the map.
+        what: String,
+        /// aya's error, with the system call and errno.
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// Attaching or detaching the program through a socket failed.
+    #[error("cannot {what}: {source}")]
+    Attach {
+        /// The operation, naming the slot.
+        what: String,
+        /// aya's error, with the errno of `setsockopt`.
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// Any other system call.
+    #[error("cannot {what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The system error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl SteeringError {
+    fn io(what: impl Into<String>, source: io::Error) -> SteeringError {
+        SteeringError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+
+    fn map(what: impl Into<String>, source: aya::maps::MapError) -> SteeringError {
+        SteeringError::Map {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// The errno of the failed system call, if one failed.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(err) = source {
+            if let Some(io) = err.downcast_ref::<io::Error>() {
+                return io.raw_os_error();
+            }
+            source = err.source();
+        }
+        None
+    }
+}
+
+/// Another program, or none, was deciding for the group; Steer's was attached again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Takeover {
+    /// What gave it away.
+    pub evidence: &'static str,
 }
 
 fn missing_capability_detail() -> String {
@@ -71,8 +153,11 @@ pub struct SteeringCounters {
     pub fallbacks: u64,
     /// Connections dropped because no live slot could take them.
     pub drops: u64,
-    /// Connections migrated out of a closing listener.
+    /// Connections migrated out of a closing listener to a live slot.
     pub migrations: u64,
+    /// Times the primary found another program (or none) deciding for the group and
+    /// attached its own again.
+    pub takeovers: u64,
 }
 
 fn serialize_display<S: serde::Serializer>(policy: &Balance, s: S) -> Result<S::Ok, S::Error> {
@@ -125,7 +210,9 @@ impl Steering {
     /// `kernel` and the eBPF policies.
     pub fn switch_policy(&mut self, wanted: Balance) -> Result<(), String> {
         match self {
-            Steering::Ebpf(program) if wanted.is_ebpf() => program.set_policy(wanted),
+            Steering::Ebpf(program) if wanted.is_ebpf() => {
+                program.set_policy(wanted).map_err(|err| err.to_string())
+            }
             Steering::Baseline(_) => Err("a baseline's single socket cannot be re-steered".into()),
             _ if matches!(wanted, Balance::Shared | Balance::Userspace) => {
                 Err("a baseline needs its own single socket".into())
@@ -148,19 +235,36 @@ impl Steering {
         }
     }
 
-    /// Puts a worker's verified socket into steering at `slot`. The primary's copy of the
-    /// fd is closed afterwards: the worker's copy keeps the socket alive, so the socket
-    /// leaves the group (and the program's map) by itself when the worker exits.
-    pub fn activate(&mut self, slot: usize, generation: u32, fd: OwnedFd) -> Result<(), String> {
+    /// Puts a worker's verified socket into steering at `slot`; `pid`/`pidfd` is the
+    /// worker holding it (at fd `held_at`, if known). The primary's copy of the fd is closed afterwards: the worker's
+    /// copy keeps the socket alive, so the socket leaves the group (and the program's map)
+    /// by itself when the worker exits. The live set is published by [`Steering::flush`].
+    ///
+    /// In `kernel` mode, a program someone else attached to the group is detached here
+    /// (`SO_DETACH_REUSEPORT_BPF`): the kernel's hash over the group is the policy.
+    pub fn activate(
+        &mut self,
+        slot: usize,
+        generation: u32,
+        fd: OwnedFd,
+        pid: i32,
+        pidfd: BorrowedFd<'_>,
+        held_at: Option<RawFd>,
+    ) -> Result<(), SteeringError> {
         match self {
-            Steering::Kernel | Steering::Baseline(_) => Ok(()),
-            Steering::Ebpf(program) => program.activate(slot as u32, generation, &fd),
+            Steering::Kernel => ebpf::detach_foreign_program(&fd, slot),
+            Steering::Baseline(_) => Ok(()),
+            Steering::Ebpf(program) => {
+                program.activate(slot as u32, generation, &fd, pid, pidfd, held_at)
+            }
         }
     }
 
-    /// Takes `slot` out of steering. In `kernel` mode a socket stays in the group until its
-    /// worker closes it, which a draining worker does as soon as its queue is empty.
-    pub fn deactivate(&mut self, slot: usize) -> Result<(), String> {
+    /// Takes `slot` out of steering: its socket can no longer be picked from now on; the
+    /// live set follows at [`Steering::flush`]. In `kernel` mode a socket stays in the
+    /// group until its worker closes it, which a draining worker does as soon as its queue
+    /// is empty.
+    pub fn deactivate(&mut self, slot: usize) -> Result<(), SteeringError> {
         match self {
             Steering::Kernel | Steering::Baseline(_) => Ok(()),
             Steering::Ebpf(program) => program.deactivate(slot as u32),
@@ -168,9 +272,10 @@ impl Steering {
     }
 
     /// Holds the program back from the port's group: sockets enter steering as usual, but
-    /// the program is attached only at [`Steering::release`]. A successor primary does this
-    /// so that the group switches from the old program to its own in one step, once all of
-    /// its workers are ready.
+    /// the program is attached only at [`Steering::release`], and [`Steering::ensure_program`]
+    /// leaves the group alone meanwhile. A successor primary does this so that the group
+    /// switches from the old program to its own in one step, once all of its workers are
+    /// ready.
     pub fn hold(&mut self) {
         if let Steering::Ebpf(program) = self {
             program.hold();
@@ -178,7 +283,7 @@ impl Steering {
     }
 
     /// Attaches the program held back by [`Steering::hold`].
-    pub fn release(&mut self) -> Result<(), String> {
+    pub fn release(&mut self) -> Result<(), SteeringError> {
         match self {
             Steering::Kernel | Steering::Baseline(_) => Ok(()),
             Steering::Ebpf(program) => program.release(),
@@ -186,41 +291,84 @@ impl Steering {
     }
 
     /// Attaches the program again through `socket`, a socket of the group (for a primary
-    /// whose successor failed after attaching its own program).
-    pub fn reattach_through(&mut self, socket: BorrowedFd<'_>) -> Result<(), String> {
+    /// whose successor failed after attaching its own).
+    pub fn reattach_through(&mut self, socket: BorrowedFd<'_>) -> Result<(), SteeringError> {
         match self {
             Steering::Kernel | Steering::Baseline(_) => Ok(()),
-            Steering::Ebpf(program) => program.attach_through(socket),
+            Steering::Ebpf(program) => program.attach_through(socket, None),
         }
     }
 
     /// Rebuilds what depends on the configured slot count for `slots` slots: the `hash`
     /// policy's Maglev table (a consistent hash: only the clients that must move do) and
     /// the `cpu` policy's mapping. Sockets in steering stay.
-    pub fn resize(&mut self, slots: u32) -> Result<(), String> {
+    pub fn resize(&mut self, slots: u32) -> Result<(), SteeringError> {
         match self {
             Steering::Kernel | Steering::Baseline(_) => Ok(()),
             Steering::Ebpf(program) => program.resize(slots),
         }
     }
 
-    /// The load record a worker of `slot`/`generation` publishes to (`least-loaded` only),
-    /// cleared for it. Call once, when the worker registers.
-    pub fn load_share(
+    /// Publishes the live set if [`Steering::activate`] or [`Steering::deactivate`]
+    /// changed it: at most once per call, so once per turn of the primary's loop.
+    pub fn flush(&mut self) -> Result<(), SteeringError> {
+        match self {
+            Steering::Kernel | Steering::Baseline(_) => Ok(()),
+            Steering::Ebpf(program) => program.flush(),
+        }
+    }
+
+    /// Once per health interval: makes sure the program deciding for the group of
+    /// `listen` is Steer's, and attaches it again if not (see [`probe`]). `Some` when it
+    /// was not; the takeover is logged and counted.
+    pub fn ensure_program(
+        &mut self,
+        listen: SocketAddr,
+    ) -> Result<Option<Takeover>, SteeringError> {
+        match self {
+            Steering::Kernel | Steering::Baseline(_) => Ok(None),
+            Steering::Ebpf(program) => program.ensure_program(listen),
+        }
+    }
+
+    /// Whether an ownership probe sent by [`Steering::ensure_program`] is still undecided
+    /// (call `ensure_program` again soon to judge it).
+    pub fn probe_in_flight(&self) -> bool {
+        match self {
+            Steering::Ebpf(program) => program.probe_in_flight(),
+            _ => false,
+        }
+    }
+
+    /// Once per health interval (`least-loaded`): settles every serving worker's load
+    /// record against its listener's real accept queue.
+    pub fn reconcile_load(&mut self, listen: SocketAddr) -> Result<(), SteeringError> {
+        match self {
+            Steering::Ebpf(program) if program.policy() == Balance::LeastLoaded => {
+                program.reconcile_load(listen)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A fresh load record for the worker of `slot`/`generation` (`least-loaded` only): an
+    /// fd of a map that holds only that worker's record, for the worker to map. Call once
+    /// per worker process, when it registers or (external programs) when it is spawned.
+    pub fn load_record(
         &mut self,
         slot: usize,
         generation: u32,
-    ) -> Option<Result<(BorrowedFd<'_>, LoadShare), String>> {
+    ) -> Option<Result<(OwnedFd, LoadShare), SteeringError>> {
         match self {
             Steering::Ebpf(program) if program.policy() == Balance::LeastLoaded => {
-                Some(program.load_share(slot as u32, generation))
+                Some(program.load_record(slot as u32, generation))
             }
             _ => None,
         }
     }
 
     /// The program's counters; `None` without a program.
-    pub fn counters(&self, slots: usize) -> Option<Result<SteeringCounters, String>> {
+    pub fn counters(&self, slots: usize) -> Option<Result<SteeringCounters, SteeringError>> {
         match self {
             Steering::Kernel | Steering::Baseline(_) => None,
             Steering::Ebpf(program) => Some(program.counters(slots)),

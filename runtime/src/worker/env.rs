@@ -12,6 +12,7 @@
 //! | `STEER_LISTEN_FD` | `shared` baseline: fd number of the inherited shared listening socket, used instead of binding one |
 //! | `STEER_HANDOFF` | `userspace` baseline (`1`): no listener; connections arrive over IPC |
 //! | `STEER_WORKER_UID`, `STEER_WORKER_GID` | re-executed workers: whom to become once registered (`--user`, `--group`) |
+//! | `STEER_LOAD_FD`, `STEER_LOAD_LAYOUT` | external workers under `least-loaded`: fd of the worker's own load record, and its fields (docs/ipc.md) |
 //! | `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES` | external workers: fd 3 is their listening socket (systemd socket activation) |
 //!
 //! `NOTIFY_SOCKET` is never passed on: only the primary talks to systemd.
@@ -38,6 +39,11 @@ pub(crate) const LISTEN_FD: &str = "STEER_LISTEN_FD";
 /// `userspace` baseline: connections arrive over IPC (`1`).
 pub(crate) const HANDOFF: &str = "STEER_HANDOFF";
 
+/// External workers under `least-loaded`: fd number of the worker's own load record.
+pub(crate) const LOAD_FD: &str = "STEER_LOAD_FD";
+/// External workers under `least-loaded`: `name:offset` of the record's `u64` fields.
+pub(crate) const LOAD_LAYOUT: &str = "STEER_LOAD_LAYOUT";
+
 /// `STEER_ROLE` value for the demo app.
 pub(crate) const ROLE_DEMO: &str = "demo";
 /// `STEER_ROLE` value for a library user's program.
@@ -56,6 +62,8 @@ pub(crate) const ALL: &[&str] = &[
     crate::demo::TIMEOUTS_ENV,
     LISTEN_FD,
     HANDOFF,
+    LOAD_FD,
+    LOAD_LAYOUT,
     crate::privileges::ENV_UID,
     crate::privileges::ENV_GID,
     "LISTEN_FDS",

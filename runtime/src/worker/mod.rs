@@ -17,6 +17,18 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// What the workers run (the primary spawns each kind differently; the baselines accept
+/// only some).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerProgram {
+    /// The built-in demo HTTP app (this executable, re-executed).
+    Demo,
+    /// The library user's closure (this executable, re-executed with the same arguments).
+    Library,
+    /// An external program that gets its listening socket as fd 3 (`LISTEN_FDS=1`).
+    External(Vec<String>),
+}
+
 pub use link::{DrainSignal, Heartbeat, INBOX_CAPACITY, UserMessage, WorkerStats};
 use serde::Serialize;
 
@@ -192,12 +204,16 @@ impl Worker {
     }
 
     /// Publishes this worker's load for `--balance least-loaded`: connections accepted so
-    /// far and connections open now. Two stores into memory shared with the kernel; call
-    /// it on every accept and close. Under other policies it does nothing. A worker that
-    /// never calls it is balanced on the number of connections steered to it since it
-    /// started, which spreads new connections but cannot see a stuck worker.
+    /// far and connections open now. Two stores into this worker's own record, in memory
+    /// shared with the kernel; call it on every accept and close. Under other policies,
+    /// and once the primary has asked this worker to drain (it is out of steering then),
+    /// it does nothing. A worker that never calls it is balanced on its listener's real
+    /// accept queue, which the primary reads once per health interval, plus what was
+    /// steered to it since: that sees a stuck worker, but not its open connections.
     pub fn report_load(&self, accepted: u64, active: u64) {
-        if let Some(load) = &self.load {
+        if let Some(load) = &self.load
+            && !self.link.drain.is_set()
+        {
             load.publish(accepted, active);
         }
     }

@@ -9,11 +9,11 @@
 //! | map | key | value | written by |
 //! |---|---|---|---|
 //! | `SOCKETS` (`REUSEPORT_SOCKARRAY`) | slot | a registered worker's listener | primary |
-//! | `CONFIG` (array, 1) | 0 | [`Config`] | primary |
-//! | `LIVE` (array, 2: double buffer) | [`Config::active`] | [`LiveSet`] | primary |
+//! | `CONFIG` (array, 1) | 0 | [`Config`] | primary, once |
+//! | `LIVE` (array of maps, 1) | 0 | a one-entry array holding the [`LiveSet`] | primary: a new inner map per change |
 //! | `MAGLEV` (mmapable array, [`HASH_TABLE_SIZE`]) | `hash % M` | slot | primary, once |
-//! | `LOAD` (mmapable array, 2 x [`MAX_SLOTS`]) | [`load_index`] | [`SlotLoad`] | each worker |
-//! | `STEERED` (array, 2 x [`MAX_SLOTS`]) | [`load_index`] | `u64` | program (least-loaded) |
+//! | `LOADS` (array of maps, [`MAX_SLOTS`]) | slot | the serving worker's own one-entry mmapable array holding its [`SlotLoad`] | program, worker and primary, one field each |
+//! | `PROBE` (array, 1) | 0 | `u64`: ownership probes seen | program |
 //! | `COUNTERS` (per-CPU array, 1) | 0 | [`Counters`] | program |
 //! | `CURSOR` (per-CPU array, 1) | 0 | `u32` round-robin cursor | program |
 #![no_std]
@@ -43,24 +43,32 @@ pub mod policy {
     pub const CPU: u32 = 4;
 }
 
-/// Program-wide settings (`CONFIG[0]`).
+/// Program-wide settings (`CONFIG[0]`), written once before any socket is in steering.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     /// One of the [`policy`] constants. Anything else drops every connection.
     pub policy: u32,
-    /// Which half of the double-buffered `LIVE` map is current (0 or 1). The
-    /// primary writes the other half, then flips this word: the program never sees a
-    /// half-written set.
-    pub active: u32,
     /// Configured slot count (`--workers`): the Maglev table and the `cpu` policy map onto
     /// `0..slots`, live or not.
     pub slots: u32,
     /// Online CPU count, for the `cpu` policy.
     pub cpus: u32,
+    /// The TCP source port of the primary's ownership probe, as the two bytes of the
+    /// packet read in native order (0: no probe).
+    pub probe_port: u32,
+    /// [`hash_client`] of the probe's source address.
+    pub probe_client: u32,
+    /// Padding; keeps the size a multiple of 8.
+    pub _pad: u32,
 }
 
-/// The slots in steering, in slot order (`LIVE[Config::active]`).
+/// The slots in steering, in slot order: the one value of the inner map at `LIVE[0]`.
+///
+/// A published set is never written again: each change is a new inner map, swapped into
+/// `LIVE` by one pointer store, and the kernel frees the old one only after every program
+/// run that could see it has returned (an RCU grace period). A run therefore sees one
+/// whole set, the old or the new.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct LiveSet {
@@ -70,8 +78,6 @@ pub struct LiveSet {
     pub _pad: u32,
     /// Live slot indices; the first `count` are valid.
     pub slots: [u32; MAX_SLOTS as usize],
-    /// Generation of the worker in each slot (indexed by slot), to find its load record.
-    pub generations: [u32; MAX_SLOTS as usize],
 }
 
 impl LiveSet {
@@ -80,32 +86,57 @@ impl LiveSet {
         count: 0,
         _pad: 0,
         slots: [0; MAX_SLOTS as usize],
-        generations: [0; MAX_SLOTS as usize],
     };
 }
 
-/// One worker's published load (`LOAD[load_index(slot, generation)]`), written by the worker
-/// through a shared mapping of the map: a plain store per accept and close, no system call.
-/// One cache line per record so neighbouring workers never share a line.
+/// One worker's load record: the only value of a one-entry `BPF_F_MMAPABLE` array map made
+/// for that worker process alone, and placed at `LOADS[slot]` while it serves.
+///
+/// Each field has one writer. The worker maps its record (and nothing else: its fd is of
+/// this map only) and stores `accepted` and `active`; the program adds to `steered`; the
+/// primary writes `settled` once per health interval from the listener's real accept
+/// queue. The load the program compares is
+/// `max(0, steered - accepted - settled) + active`: what waits in the queue plus what is
+/// open. One cache line, so the three writers never share a line with another record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SlotLoad {
-    /// The generation of the worker that wrote the record; the program ignores a record of
-    /// another generation (a worker still draining, or not yet started).
-    pub generation: u64,
-    /// Connections the worker has accepted.
+    /// Connections the program steered to this worker (new and migrated). Program only.
+    pub steered: u64,
+    /// Connections the worker has accepted. Worker only (0 if it never publishes).
     pub accepted: u64,
-    /// Connections the worker has open now.
+    /// Connections the worker has open now. Worker only.
     pub active: u64,
+    /// Steered connections that are neither accepted nor queued: SYNs that never completed
+    /// a handshake, retransmits, SYNs dropped on a full queue. Primary only, as
+    /// `steered - accepted - queue length` (wrapping), so the estimate corrects itself.
+    pub settled: u64,
     /// Pads the record to 64 bytes.
-    pub _pad: [u64; 5],
+    pub _pad: [u64; 4],
 }
 
-/// Index of the load record (and `STEERED` counter) of `slot`'s worker of `generation`. Two
-/// records per slot, by generation parity, so a replacement and the worker it replaces
-/// never write the same record.
-pub const fn load_index(slot: u32, generation: u32) -> u32 {
-    slot * 2 + (generation & 1)
+impl SlotLoad {
+    /// What the program weighs: the estimated queue (never negative) plus open connections.
+    #[inline(always)]
+    pub fn load(&self) -> u64 {
+        let queued = self
+            .steered
+            .wrapping_sub(self.accepted)
+            .wrapping_sub(self.settled) as i64;
+        (queued.max(0) as u64).saturating_add(self.active)
+    }
+}
+
+/// Byte offsets of the [`SlotLoad`] fields, for workers in other languages (docs/ipc.md).
+pub mod record {
+    /// `steered`.
+    pub const STEERED: usize = 0;
+    /// `accepted`.
+    pub const ACCEPTED: usize = 8;
+    /// `active`.
+    pub const ACTIVE: usize = 16;
+    /// `settled`.
+    pub const SETTLED: usize = 24;
 }
 
 /// The program's counters (`COUNTERS[0]`, one copy per CPU; the user side sums them).
@@ -118,7 +149,8 @@ pub struct Counters {
     pub fallbacks: u64,
     /// Connections dropped: no live slot could take them.
     pub drops: u64,
-    /// Connections migrated out of a closing listener (by the `migrate` path).
+    /// Connections migrated out of a closing listener to a live slot (by the `migrate`
+    /// path; a migration that ends in a drop is counted in `drops` only).
     pub migrations: u64,
 }
 
@@ -199,10 +231,39 @@ mod tests {
     }
 
     #[test]
-    fn load_records_alternate_by_generation() {
-        assert_eq!(load_index(3, 0), 6);
-        assert_eq!(load_index(3, 1), 7);
-        assert_eq!(load_index(3, 2), 6);
+    fn record_layout_is_what_docs_ipc_md_says() {
         assert_eq!(size_of::<SlotLoad>(), 64);
+        assert_eq!(core::mem::offset_of!(SlotLoad, steered), record::STEERED);
+        assert_eq!(core::mem::offset_of!(SlotLoad, accepted), record::ACCEPTED);
+        assert_eq!(core::mem::offset_of!(SlotLoad, active), record::ACTIVE);
+        assert_eq!(core::mem::offset_of!(SlotLoad, settled), record::SETTLED);
+    }
+
+    #[test]
+    fn load_is_queue_plus_open_and_never_negative() {
+        let load = |steered, accepted, active, settled| {
+            SlotLoad {
+                steered,
+                accepted,
+                active,
+                settled,
+                _pad: [0; 4],
+            }
+            .load()
+        };
+        assert_eq!(load(10, 4, 2, 0), 8, "6 queued + 2 open");
+        assert_eq!(
+            load(10, 4, 2, 6),
+            2,
+            "the primary settled the 6 that never came"
+        );
+        assert_eq!(load(10, 12, 1, 0), 1, "more accepted than steered: queue 0");
+        // The primary settles with wrapping arithmetic when the worker is ahead.
+        let settled = 10u64.wrapping_sub(12).wrapping_sub(0);
+        assert_eq!(
+            load(11, 12, 0, settled),
+            1,
+            "one steered since the settlement"
+        );
     }
 }

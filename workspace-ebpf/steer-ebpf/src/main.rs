@@ -6,10 +6,15 @@
 //! `SK_PASS` only after a successful selection: `SK_PASS` without one would let the kernel
 //! hash over every socket in the group, including other processes' sockets. If the chosen
 //! slot is empty it tries the next live slots; if none takes the connection it drops it.
+//!
+//! One SYN is not a connection: the primary's ownership probe. Once per health interval
+//! the primary connects from the source in `CONFIG.probe_*`; the program counts it in
+//! `PROBE` and drops it. A probe that is answered, or refused without being counted, was
+//! decided by a program other than this one, and the primary attaches this one again.
 #![no_std]
 #![no_main]
 // The BPF target has no atomic types, but LLVM lowers this intrinsic to BPF's
-// `lock xadd`: the one cross-CPU counter (STEERED) needs it.
+// `lock xadd`: the one cross-CPU counter (a record's `steered`) needs it.
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
@@ -18,28 +23,31 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_F_MMAPABLE, bpf_hdr_start_off::BPF_HDR_START_NET, sk_action},
+    btf_maps::{Array as BtfArray, ArrayOfMaps},
     helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_skb_load_bytes_relative},
-    macros::{map, sk_reuseport},
+    macros::{btf_map, map, sk_reuseport},
     maps::{Array, PerCpuArray, ReusePortSockArray},
     programs::SkReuseportContext,
 };
 use steer_common::{
-    Config, Counters, FALLBACK_TRIES, HASH_TABLE_SIZE, LiveSet, MAX_SLOTS, SlotLoad, load_index,
-    policy,
+    Config, Counters, FALLBACK_TRIES, HASH_TABLE_SIZE, LiveSet, MAX_SLOTS, SlotLoad, policy,
 };
 
 #[map]
 static SOCKETS: ReusePortSockArray = ReusePortSockArray::with_max_entries(MAX_SLOTS, 0);
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
-#[map]
-static LIVE: Array<LiveSet> = Array::with_max_entries(2, 0);
+#[btf_map]
+static LIVE: ArrayOfMaps<BtfArray<LiveSet, 1>, 1> = ArrayOfMaps::new();
 #[map]
 static MAGLEV: Array<u32> = Array::with_max_entries(HASH_TABLE_SIZE, BPF_F_MMAPABLE);
+#[btf_map]
+static LOADS: ArrayOfMaps<
+    BtfArray<SlotLoad, 1, { BPF_F_MMAPABLE as usize }>,
+    { MAX_SLOTS as usize },
+> = ArrayOfMaps::new();
 #[map]
-static LOAD: Array<SlotLoad> = Array::with_max_entries(2 * MAX_SLOTS, BPF_F_MMAPABLE);
-#[map]
-static STEERED: Array<u64> = Array::with_max_entries(2 * MAX_SLOTS, 0);
+static PROBE: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
 #[map]
@@ -48,6 +56,7 @@ static CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 const ETH_P_IP: u32 = 0x0800;
 const ETH_P_IPV6: u32 = 0x86DD;
 const AF_INET6: u32 = 10;
+const IPPROTO_TCP: u32 = 6;
 
 #[sk_reuseport(migrate)]
 pub fn steer_select(ctx: SkReuseportContext) -> u32 {
@@ -57,11 +66,20 @@ pub fn steer_select(ctx: SkReuseportContext) -> u32 {
     // SAFETY: a per-CPU array value, exclusively ours for this run (no preemption inside
     // a socket program on one CPU).
     let counters = unsafe { &mut *counters };
-    if ctx.migrating_sk().is_some() {
-        counters.migrations += 1;
+    let Some(config) = CONFIG.get(0) else {
+        return sk_action::SK_DROP;
+    };
+    let migrating = ctx.migrating_sk().is_some();
+    if !migrating && is_probe(&ctx, config) {
+        return sk_action::SK_DROP;
     }
-    match select(&ctx, counters) {
-        Some(()) => sk_action::SK_PASS,
+    match select(&ctx, config, counters) {
+        Some(()) => {
+            if migrating {
+                counters.migrations += 1;
+            }
+            sk_action::SK_PASS
+        }
         None => {
             counters.drops += 1;
             sk_action::SK_DROP
@@ -69,15 +87,42 @@ pub fn steer_select(ctx: SkReuseportContext) -> u32 {
     }
 }
 
-/// Picks a slot and selects its socket; `None` if no live slot took the connection.
+/// Whether this SYN is the primary's ownership probe (then it is counted in `PROBE`).
+/// The probe's source is a local address, which no packet from outside may carry.
 #[inline(always)]
-fn select(ctx: &SkReuseportContext, counters: &mut Counters) -> Option<()> {
-    let config = CONFIG.get(0)?;
-    let active = config.active & 1;
-    let live = LIVE.get(active)?;
+fn is_probe(ctx: &SkReuseportContext, config: &Config) -> bool {
+    if config.probe_port == 0 || ctx.ip_protocol() != IPPROTO_TCP {
+        return false;
+    }
+    // The packet data starts at the TCP header; its first two bytes are the source port.
+    let data = ctx.data();
+    if data + 2 > ctx.data_end() {
+        return false;
+    }
+    // SAFETY: the verifier sees the bounds check above; two bytes of packet data.
+    let port = u32::from(unsafe { core::ptr::read_unaligned(data as *const u16) });
+    if port != config.probe_port || client_hash(ctx) != Some(config.probe_client) {
+        return false;
+    }
+    if let Some(seen) = PROBE.get_ptr_mut(0) {
+        // SAFETY: a valid u64 in an array map; the primary sends one probe at a time.
+        unsafe { *seen += 1 };
+    }
+    true
+}
+
+/// Picks a slot and selects its socket; `None` if no registered socket took the
+/// connection.
+#[inline(always)]
+fn select(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters) -> Option<()> {
+    let Some(live) = LIVE.get_value(0, &0) else {
+        counters.fallbacks += 1;
+        return any_registered(ctx, config, counters);
+    };
     let count = live.count;
     if count == 0 || count > MAX_SLOTS {
-        return None;
+        counters.fallbacks += 1;
+        return any_registered(ctx, config, counters);
     }
     // `first` is the slot the policy wants; `spill` is where in the live list to start
     // if that slot holds no socket.
@@ -99,7 +144,7 @@ fn select(ctx: &SkReuseportContext, counters: &mut Counters) -> Option<()> {
             }
             let slot_a = live_slot(live, a)?;
             let slot_b = live_slot(live, b)?;
-            if load(live, slot_b) < load(live, slot_a) {
+            if load(slot_b) < load(slot_a) {
                 (slot_b, b + 1)
             } else {
                 (slot_a, a + 1)
@@ -123,34 +168,57 @@ fn select(ctx: &SkReuseportContext, counters: &mut Counters) -> Option<()> {
         }
         _ => return None,
     };
-    if try_slot(ctx, live, first, counters) {
+    if try_slot(ctx, first, counters) {
         return Some(());
     }
     counters.fallbacks += 1;
     let mut i = 0;
     while i < FALLBACK_TRIES {
         let slot = live_slot(live, (spill + i) % count)?;
-        if slot != first && try_slot(ctx, live, slot, counters) {
+        if slot != first && try_slot(ctx, slot, counters) {
             return Some(());
         }
         i += 1;
+    }
+    any_registered(ctx, config, counters)
+}
+
+/// The first slot whose registered socket takes the connection. `SOCKETS` holds exactly
+/// the sockets of serving workers (the primary adds one before the live set naming it is
+/// published, and removes it before it stops serving), so this is the last resort while a
+/// new live set is on its way: a cluster that has just started, or a slot that has just
+/// left while the set still names it.
+#[inline(always)]
+fn any_registered(
+    ctx: &SkReuseportContext,
+    config: &Config,
+    counters: &mut Counters,
+) -> Option<()> {
+    let slots = config.slots.min(MAX_SLOTS);
+    let mut slot = 0;
+    while slot < slots {
+        if try_slot(ctx, slot, counters) {
+            return Some(());
+        }
+        slot += 1;
     }
     None
 }
 
 /// Selects `slot`'s socket; counts the selection on success.
 #[inline(always)]
-fn try_slot(ctx: &SkReuseportContext, live: &LiveSet, slot: u32, counters: &mut Counters) -> bool {
+fn try_slot(ctx: &SkReuseportContext, slot: u32, counters: &mut Counters) -> bool {
     if slot >= MAX_SLOTS || SOCKETS.select_reuseport(ctx, slot).is_err() {
         return false;
     }
     let slot = bounded(slot);
     counters.selections[slot] += 1;
-    let generation = live.generations[slot];
-    if let Some(steered) = STEERED.get_ptr_mut(load_index(slot as u32, generation)) {
-        // SAFETY: a valid, 8-byte aligned u64 in an array map shared by all CPUs; the
-        // atomic add is the only write the program makes to it.
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(steered, 1) };
+    if let Some(record) = LOADS.get_value_ptr_mut(slot as u32, &0) {
+        // SAFETY: a valid, 8-byte aligned u64 in an array map shared by all CPUs and the
+        // worker's mapping; the atomic add is the only write anyone makes to it.
+        unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*record).steered, 1)
+        };
     }
     true
 }
@@ -172,20 +240,13 @@ fn bounded(value: u32) -> usize {
     (unsafe { core::ptr::read_volatile(&value) } & (MAX_SLOTS - 1)) as usize
 }
 
-/// Outstanding connections of `slot`: steered to it but not yet accepted, plus open ones.
+/// Outstanding connections of `slot`: queued (steered, not accepted nor settled) plus
+/// open. A slot whose worker has no record (not under least-loaded) weighs nothing.
 #[inline(always)]
-fn load(live: &LiveSet, slot: u32) -> u64 {
-    let generation = live.generations[bounded(slot)];
-    let index = load_index(slot, generation);
-    let steered = match STEERED.get(index) {
-        Some(steered) => *steered,
-        None => return u64::MAX,
-    };
-    match LOAD.get(index) {
-        Some(record) if record.generation == u64::from(generation) => {
-            steered.saturating_sub(record.accepted) + record.active
-        }
-        _ => steered,
+fn load(slot: u32) -> u64 {
+    match LOADS.get_value(slot, &0) {
+        Some(record) => record.load(),
+        None => 0,
     }
 }
 

@@ -550,7 +550,8 @@ impl Core {
         if worker.killed || !worker.may_become_ready() || self.phase != Phase::Running {
             return;
         }
-        if !worker.registers && worker.listening {
+        let waits_for_ready = self.slots[index].says_ready;
+        if !worker.registers && worker.listening && !waits_for_ready {
             self.become_ready(io, index, id, now);
         }
     }
@@ -594,10 +595,13 @@ impl Core {
         if heartbeats {
             worker.heartbeat.watch();
         }
-        match worker.stage() {
-            Stage::Starting { .. } if !worker.may_become_ready() => {
-                Err("ready before register".into())
-            }
+        let (stage, listening, may_become_ready) =
+            (worker.stage(), worker.listening, worker.may_become_ready());
+        if listening {
+            slot.says_ready = true;
+        }
+        match stage {
+            Stage::Starting { .. } if !may_become_ready => Err("ready before register".into()),
             Stage::Starting { .. } => {
                 self.become_ready(io, index, id, now);
                 self.ping_now(io, index, id, now);

@@ -289,6 +289,10 @@ pub(crate) struct Slot {
     /// Being removed by a resize: nothing starts here; once its processes are gone the
     /// slot leaves the table.
     pub retired: bool,
+    /// A worker of this slot whose socket the primary made (an external program) has said
+    /// `ready`: its successors count as ready only once they say it too, so the old
+    /// generation keeps serving while a new one boots (PM2's `wait_ready`).
+    pub says_ready: bool,
 }
 
 impl Slot {
@@ -309,6 +313,7 @@ impl Slot {
             messages_dropped: 0,
             replacement: None,
             retired: false,
+            says_ready: false,
         }
     }
 

@@ -574,6 +574,39 @@ fn counters_saturate() {
 }
 
 #[test]
+fn an_external_workers_replacement_waits_for_its_ready_once_the_slot_has_said_it() {
+    let mut sim = Sim::with(1, settings(), true);
+    let first = sim.current(0);
+    assert_eq!(
+        sim.state(0),
+        SlotState::Ready,
+        "ready once its exec succeeded"
+    );
+    sim.core
+        .ready(&mut sim.io, 0, first, false, sim.now)
+        .expect("ready");
+    sim.core.begin_roll("SIGUSR2");
+    sim.tick();
+    let incoming = sim.core.slots()[0]
+        .incoming
+        .as_ref()
+        .expect("replacement")
+        .id;
+    assert_eq!(
+        sim.current(0),
+        first,
+        "the old one serves while the new one boots"
+    );
+    assert!(sim.io.drained.is_empty());
+    sim.core
+        .ready(&mut sim.io, 0, incoming, false, sim.now)
+        .expect("ready");
+    sim.check();
+    assert_eq!(sim.current(0), incoming);
+    assert_eq!(sim.io.drained, [first]);
+}
+
+#[test]
 fn growing_starts_the_new_slots_and_steering_grows_once_they_serve() {
     let mut sim = Sim::new(2);
     sim.ready_all();
