@@ -15,10 +15,7 @@ use crate::config::{
     WORKER_NOFILE_RANGE, WorkerCount, parse_duration, parse_listen, parse_status_addr,
 };
 
-/// Exit status for usage and configuration errors.
-pub const EXIT_USAGE: u8 = 2;
-/// Exit status for runtime failures.
-pub const EXIT_FAILURE: u8 = 1;
+pub use crate::exit::{EXIT_FAILURE, EXIT_USAGE};
 
 /// Top-level command line.
 #[derive(Debug, Parser)]

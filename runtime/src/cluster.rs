@@ -148,7 +148,7 @@ impl ClusterBuilder {
             Ok(config) => config,
             Err(err) => {
                 eprintln!("steer: {}", crate::error_chain(&err));
-                return ExitCode::from(crate::cli::EXIT_USAGE);
+                return ExitCode::from(crate::exit::EXIT_USAGE);
             }
         };
         crate::logging::init(config.log_format, config.verbosity);

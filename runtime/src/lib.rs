@@ -59,7 +59,8 @@
 //! [`primary`] supervises; [`steering`] decides who gets the next connection ([`baseline`] holds
 //! the userspace balancers it is measured against); [`ipc`] is
 //! the primary/worker protocol; [`worker`] is the worker side; [`status`] serves and reads
-//! `/status`; [`demo`] is the built-in HTTP app; [`listener`] creates and checks sockets.
+//! `/status`; [`demo`] is the built-in HTTP app; [`listener`] creates and checks sockets;
+//! [`exit`] holds the exit statuses every command shares.
 
 pub mod accept;
 pub mod baseline;
@@ -67,6 +68,7 @@ pub mod cli;
 mod cluster;
 pub mod config;
 pub mod demo;
+pub mod exit;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod ipc;

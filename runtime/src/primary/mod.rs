@@ -112,7 +112,7 @@ fn start_and_run(config: Config, program: WorkerProgram, hooks: Hooks) -> ExitCo
                 Ok(file) => Some(file),
                 Err(err) => {
                     tracing::error!("--pid-file: {}", crate::error_chain(&err));
-                    return ExitCode::from(crate::cli::EXIT_USAGE);
+                    return ExitCode::from(crate::exit::EXIT_USAGE);
                 }
             },
         },
@@ -120,7 +120,7 @@ fn start_and_run(config: Config, program: WorkerProgram, hooks: Hooks) -> ExitCo
             Ok(file) => Some(file),
             Err(err) => {
                 tracing::error!("--pid-file: {}", crate::error_chain(&err));
-                return ExitCode::from(crate::cli::EXIT_USAGE);
+                return ExitCode::from(crate::exit::EXIT_USAGE);
             }
         },
     };
@@ -128,7 +128,7 @@ fn start_and_run(config: Config, program: WorkerProgram, hooks: Hooks) -> ExitCo
         Ok(limits) => Some(limits),
         Err(message) => {
             tracing::error!("{message}");
-            return ExitCode::from(crate::cli::EXIT_FAILURE);
+            return ExitCode::from(crate::exit::EXIT_FAILURE);
         }
     };
     match supervisor::Supervisor::start(
@@ -142,7 +142,7 @@ fn start_and_run(config: Config, program: WorkerProgram, hooks: Hooks) -> ExitCo
         Ok(supervisor) => supervisor.run(),
         Err(message) => {
             tracing::error!("{message}");
-            ExitCode::from(crate::cli::EXIT_FAILURE)
+            ExitCode::from(crate::exit::EXIT_FAILURE)
         }
     }
 }

@@ -252,7 +252,7 @@ impl Supervisor {
             {
                 tracing::error!("the event loop failed: {err}; killing every worker");
                 self.core.kill_all(&mut self.host);
-                break ExitCode::from(crate::cli::EXIT_FAILURE);
+                break ExitCode::from(crate::exit::EXIT_FAILURE);
             }
             for event in &events {
                 self.dispatch(event.token());

@@ -207,7 +207,7 @@ pub fn print(addr: SocketAddr, json: bool) -> ExitCode {
         Ok(body) => body,
         Err(err) => {
             eprintln!("{}", explain(addr, &err));
-            return ExitCode::from(crate::cli::EXIT_FAILURE);
+            return ExitCode::from(crate::exit::EXIT_FAILURE);
         }
     };
     if json {
@@ -221,7 +221,7 @@ pub fn print(addr: SocketAddr, json: bool) -> ExitCode {
         }
         Err(err) => {
             eprintln!("steer: the status document from {addr} is not understood: {err}");
-            ExitCode::from(crate::cli::EXIT_FAILURE)
+            ExitCode::from(crate::exit::EXIT_FAILURE)
         }
     }
 }

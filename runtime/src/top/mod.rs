@@ -28,7 +28,7 @@ pub fn run(addr: SocketAddr, interval: Duration) -> ExitCode {
         Ok(body) => body,
         Err(err) => {
             eprintln!("{}", explain(addr, &err));
-            return ExitCode::from(crate::cli::EXIT_FAILURE);
+            return ExitCode::from(crate::exit::EXIT_FAILURE);
         }
     };
     if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
@@ -36,13 +36,13 @@ pub fn run(addr: SocketAddr, interval: Duration) -> ExitCode {
             "steer: `steer top` draws on a terminal and stdout is not one; use `steer status` \
              (or `steer status --json`) in scripts"
         );
-        return ExitCode::from(crate::cli::EXIT_FAILURE);
+        return ExitCode::from(crate::exit::EXIT_FAILURE);
     }
     let mut terminal = match ratatui::try_init() {
         Ok(terminal) => terminal,
         Err(err) => {
             eprintln!("steer: cannot set up the terminal: {err}");
-            return ExitCode::from(crate::cli::EXIT_FAILURE);
+            return ExitCode::from(crate::exit::EXIT_FAILURE);
         }
     };
     let result = watch(&mut terminal, addr, interval, parse(addr, &first));
@@ -51,7 +51,7 @@ pub fn run(addr: SocketAddr, interval: Duration) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("steer: the terminal failed: {err}");
-            ExitCode::from(crate::cli::EXIT_FAILURE)
+            ExitCode::from(crate::exit::EXIT_FAILURE)
         }
     }
 }

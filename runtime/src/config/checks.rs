@@ -1,0 +1,265 @@
+//! The checks that turn [`Settings`] into a [`Config`]: defaults for what is missing, then
+//! each value against its range and against the others (health timings, addresses, the
+//! environment the primary will run in). Every refusal names the flag, or the file and line.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::values::{
+    Balance, ByteSize, MIN_HEALTH_INTERVAL, MIN_HEALTH_TIMEOUT, MIN_WORKER_MEMORY_LIMIT,
+    WORKER_NOFILE_RANGE, format_size,
+};
+use super::{Config, ConfigError, Credentials, Parsed, Settings, program};
+
+impl Settings {
+    /// The error for a value that parsed but does not fit: it names the file and line
+    /// when the value came from the file, else the flag.
+    fn invalid(
+        &self,
+        key: &str,
+        value: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> ConfigError {
+        let (value, reason) = (value.into(), reason.into());
+        match (&self.origin.path, self.origin.lines.get(key)) {
+            (Some(path), Some(line)) => ConfigError::File {
+                path: path.clone(),
+                message: format!(
+                    "invalid value {value:?} for key `{key}` at line {line}: {reason}"
+                ),
+            },
+            (None, Some(line)) => ConfigError::Invalid {
+                key: format!("`{key}` (line {line})"),
+                value,
+                reason,
+            },
+            (_, None) => ConfigError::Invalid {
+                key: format!("--{key}"),
+                value,
+                reason,
+            },
+        }
+    }
+
+    /// Applies defaults and cross-field checks.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let d = Config::default();
+        let positive = |key: &str, value: Option<Parsed<Duration>>| match value {
+            Some(Parsed(v)) if v.is_zero() => {
+                Err(self.invalid(key, "0s", "must be more than zero"))
+            }
+            _ => Ok(()),
+        };
+        positive("health-interval", self.health_interval)?;
+        positive("health-timeout", self.health_timeout)?;
+        positive("start-timeout", self.start_timeout)?;
+        positive("restart-window", self.restart_window)?;
+        positive("demo-header-timeout", self.demo_header_timeout)?;
+        positive("demo-idle-timeout", self.demo_idle_timeout)?;
+        positive("demo-body-timeout", self.demo_body_timeout)?;
+        positive("demo-send-timeout", self.demo_send_timeout)?;
+        let health_interval = self.health_interval.map_or(d.health_interval, |p| p.0);
+        let health_timeout = self.health_timeout.map_or(d.health_timeout, |p| p.0);
+        self.check_health_timings(health_interval, health_timeout)?;
+        let workers = self.workers.unwrap_or_default().resolve();
+        let max = steer_common::MAX_SLOTS as usize;
+        if !(1..=max).contains(&workers) {
+            return Err(self.invalid(
+                "workers",
+                workers.to_string(),
+                format!("expected a number from 1 to {max}, or auto"),
+            ));
+        }
+        if let Some(Parsed(ByteSize(limit))) = self.worker_memory_limit
+            && limit < MIN_WORKER_MEMORY_LIMIT
+        {
+            return Err(self.invalid(
+                "worker-memory-limit",
+                format_size(limit),
+                format!(
+                    "must be at least {}MiB: a worker cannot start in less",
+                    MIN_WORKER_MEMORY_LIMIT >> 20
+                ),
+            ));
+        }
+        if let Some(n) = self.worker_nofile
+            && !WORKER_NOFILE_RANGE.contains(&n)
+        {
+            return Err(self.invalid(
+                "worker-nofile",
+                n.to_string(),
+                format!(
+                    "expected a whole number from {} to {}",
+                    WORKER_NOFILE_RANGE.start(),
+                    WORKER_NOFILE_RANGE.end()
+                ),
+            ));
+        }
+        let credentials = match (&self.user, &self.group) {
+            (None, None) => None,
+            (None, Some(group)) => {
+                return Err(self.invalid(
+                    "group",
+                    group.clone(),
+                    "needs `user` as well: workers drop to a user and its group together",
+                ));
+            }
+            (Some(user), group) => Some(Credentials::resolve(user, group.as_deref()).map_err(
+                |(key, reason)| {
+                    let value = if key == "user" {
+                        user
+                    } else {
+                        group.as_deref().unwrap_or(user)
+                    };
+                    self.invalid(key, value.to_owned(), reason)
+                },
+            )?),
+        };
+        let config = Config {
+            listen: self.listen.map_or(d.listen, |p| p.0),
+            workers,
+            balance: self.balance.map_or(d.balance, |p| p.0),
+            status: self.status.map(|p| p.0.0),
+            shutdown_timeout: self.shutdown_timeout.map_or(d.shutdown_timeout, |p| p.0),
+            health_interval,
+            health_timeout,
+            start_timeout: self.start_timeout.map_or(d.start_timeout, |p| p.0),
+            max_restarts: self.max_restarts.unwrap_or(d.max_restarts),
+            restart_window: self.restart_window.map_or(d.restart_window, |p| p.0),
+            pid_file: self.pid_file.clone(),
+            log_format: self.log_format.map_or(d.log_format, |p| p.0),
+            verbosity: 0,
+            demo_faults: self.demo_faults.unwrap_or(false),
+            demo_header_timeout: self
+                .demo_header_timeout
+                .map_or(d.demo_header_timeout, |p| p.0),
+            demo_idle_timeout: self.demo_idle_timeout.map_or(d.demo_idle_timeout, |p| p.0),
+            demo_body_timeout: self.demo_body_timeout.map_or(d.demo_body_timeout, |p| p.0),
+            demo_send_timeout: self.demo_send_timeout.map_or(d.demo_send_timeout, |p| p.0),
+            tcp_migrate_req: self.tcp_migrate_req.unwrap_or(d.tcp_migrate_req),
+            cpu_affinity: self.cpu_affinity.unwrap_or(false)
+                || self.balance.is_some_and(|b| b.0 == Balance::Cpu),
+            max_memory: self.max_memory.map(|p| p.0.0),
+            credentials,
+            worker_nofile: self.worker_nofile,
+            worker_memory_limit: self.worker_memory_limit.map(|p| p.0.0),
+            command: self.command.clone().filter(|c| !c.is_empty()),
+            config_file: None,
+            overrides: Settings::default(),
+        };
+        self.check_addresses(&config)?;
+        self.check_environment(&config)?;
+        Ok(config)
+    }
+
+    /// Heartbeat timings that can work: an interval the loop can keep, and a timeout that
+    /// gives a worker at least two pings to answer.
+    fn check_health_timings(
+        &self,
+        interval: Duration,
+        timeout: Duration,
+    ) -> Result<(), ConfigError> {
+        let shown = |d: Duration| humantime::format_duration(d).to_string();
+        if interval < MIN_HEALTH_INTERVAL {
+            return Err(self.invalid(
+                "health-interval",
+                shown(interval),
+                format!(
+                    "must be at least {}: the primary pings every worker this often",
+                    shown(MIN_HEALTH_INTERVAL)
+                ),
+            ));
+        }
+        if timeout < interval * 2 {
+            let key = if self.health_timeout.is_some() {
+                "health-timeout"
+            } else {
+                "health-interval"
+            };
+            let value = if key == "health-timeout" {
+                timeout
+            } else {
+                interval
+            };
+            return Err(self.invalid(
+                key,
+                shown(value),
+                format!(
+                    "health-timeout ({}) must be at least twice health-interval ({}): a worker must get two pings to answer before it is judged",
+                    shown(timeout),
+                    shown(interval)
+                ),
+            ));
+        }
+        if timeout < MIN_HEALTH_TIMEOUT {
+            return Err(self.invalid(
+                "health-timeout",
+                shown(timeout),
+                format!(
+                    "must be at least {}: shorter, ordinary scheduling delays on a busy host read as hangs",
+                    shown(MIN_HEALTH_TIMEOUT)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The status listener cannot share the workers' address: the workers would bind
+    /// (and crash-loop) against Steer's own status socket.
+    fn check_addresses(&self, config: &Config) -> Result<(), ConfigError> {
+        let Some(status) = config.status else {
+            return Ok(());
+        };
+        let listen = config.listen;
+        let overlaps = status.port() == listen.port()
+            && listen.port() != 0
+            && (status.ip() == listen.ip()
+                || status.ip().is_unspecified()
+                || listen.ip().is_unspecified());
+        if overlaps {
+            return Err(self.invalid(
+                "status",
+                status.to_string(),
+                format!(
+                    "the status listener cannot share the workers' address (listen = {listen}); choose another port"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// What must hold on this machine: the worker program exists and may be executed
+    /// (by `user`, if set), and the pid file's directory exists.
+    fn check_environment(&self, config: &Config) -> Result<(), ConfigError> {
+        if let Some(command) = &config.command
+            && let Some(program) = command.first()
+        {
+            let credentials = config.credentials.as_ref().map(|c| (c.uid, c.gid));
+            if let Err(reason) = program::check(std::ffi::OsStr::new(program), credentials) {
+                return Err(if self.origin.lines.contains_key("command") {
+                    self.invalid("command", program.clone(), reason)
+                } else {
+                    ConfigError::Invalid {
+                        key: "COMMAND (after --)".into(),
+                        value: program.clone(),
+                        reason,
+                    }
+                });
+            }
+        }
+        if let Some(path) = &config.pid_file {
+            let parent = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if !parent.is_dir() {
+                return Err(self.invalid(
+                    "pid-file",
+                    path.display().to_string(),
+                    format!("its directory {} does not exist", parent.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
