@@ -17,11 +17,21 @@ const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
 ///
 /// If it cannot bind (another user's group, or no `SO_REUSEPORT` on the port).
 pub fn rogue_listener(addr: SocketAddr) -> TcpListener {
+    rogue_listener_with_backlog(addr, 1024)
+}
+
+/// [`rogue_listener`] with an accept queue of `backlog`: a rogue that never accepts and
+/// has a full queue drops every SYN handed to it, without a reset.
+///
+/// # Panics
+///
+/// As [`rogue_listener`].
+pub fn rogue_listener_with_backlog(addr: SocketAddr, backlog: i32) -> TcpListener {
     let socket =
         Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).expect("socket");
     socket.set_reuse_port(true).expect("SO_REUSEPORT");
     socket.bind(&addr.into()).expect("the rogue binds the port");
-    socket.listen(1024).expect("listen");
+    socket.listen(backlog).expect("listen");
     socket.set_nonblocking(true).expect("nonblocking");
     socket.into()
 }

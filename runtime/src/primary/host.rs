@@ -288,7 +288,9 @@ impl Host {
             let round = now >= self.next_steering_round;
             if own_group
                 && (round || self.steering.probe_in_flight())
-                && let Err(err) = self.steering.ensure_program(self.listen)
+                && let Err(err) = self
+                    .steering
+                    .ensure_program(self.listen, self.config.health_interval)
             {
                 tracing::warn!("cannot check who decides for the port's group: {err}");
             }

@@ -27,6 +27,7 @@ pub mod shared;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -324,10 +325,11 @@ impl Steering {
     pub fn ensure_program(
         &mut self,
         listen: SocketAddr,
+        patience: Duration,
     ) -> Result<Option<Takeover>, SteeringError> {
         match self {
             Steering::Kernel | Steering::Baseline(_) => Ok(None),
-            Steering::Ebpf(program) => program.ensure_program(listen),
+            Steering::Ebpf(program) => program.ensure_program(listen, patience),
         }
     }
 

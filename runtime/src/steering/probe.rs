@@ -17,7 +17,7 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -29,7 +29,9 @@ pub enum Outcome {
     Refused,
     /// A socket of the group completed the handshake: Steer's program never does that.
     Answered,
-    /// Nothing yet (the host is busy): judged at the next interval.
+    /// Nothing yet: looked at again shortly. A probe still pending after a whole health
+    /// interval, which Steer's program never saw, is a takeover too: a socket whose
+    /// program picked it and whose accept queue is full drops SYNs without a word.
     Pending,
 }
 
@@ -42,7 +44,8 @@ pub struct OwnershipProbe {
     target: SocketAddr,
     /// The socket the next probe leaves from (bound, not connected).
     next: Option<Socket>,
-    in_flight: Option<Socket>,
+    /// The probe sent last and still undecided, and when it left.
+    in_flight: Option<(Socket, Instant)>,
 }
 
 impl OwnershipProbe {
@@ -80,6 +83,13 @@ impl OwnershipProbe {
         self.in_flight.is_some()
     }
 
+    /// How long the probe in flight has been on its way (zero if none is).
+    pub fn waited(&self) -> Duration {
+        self.in_flight
+            .as_ref()
+            .map_or(Duration::ZERO, |(_, sent)| sent.elapsed())
+    }
+
     /// Closes the probe in flight, whatever becomes of it (its verdict is known).
     pub fn forget(&mut self) {
         self.close_in_flight();
@@ -105,14 +115,16 @@ impl OwnershipProbe {
             Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {}
             Err(e) => return Err(e),
         }
-        self.in_flight = Some(socket);
+        self.in_flight = Some((socket, Instant::now()));
         Ok(())
     }
 
     /// Waits up to `wait` for the probe in flight to be decided (`poll(2)` for the reset
-    /// or the handshake), and forgets it unless it is still pending.
+    /// or the handshake), and forgets it unless it is still pending. A probe that failed
+    /// some other way (the kernel gave up on its SYNs: `ETIMEDOUT`) is forgotten too, and
+    /// the error returned, so the next check sends a new one.
     pub fn outcome(&mut self, wait: Duration) -> io::Result<Outcome> {
-        let Some(socket) = self.in_flight.as_ref() else {
+        let Some((socket, _)) = self.in_flight.as_ref() else {
             return Ok(Outcome::Pending);
         };
         let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLOUT)];
@@ -122,16 +134,16 @@ impl OwnershipProbe {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(errno) => return Err(errno.into()),
         }
-        let outcome = match socket.take_error()? {
-            None if socket.peer_addr().is_ok() => Outcome::Answered,
-            None => Outcome::Pending,
-            Some(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => Outcome::Refused,
-            Some(e) => return Err(e),
+        let outcome = match socket.take_error() {
+            Ok(None) if socket.peer_addr().is_ok() => Ok(Outcome::Answered),
+            Ok(None) => Ok(Outcome::Pending),
+            Ok(Some(e)) if e.raw_os_error() == Some(libc::ECONNREFUSED) => Ok(Outcome::Refused),
+            Ok(Some(e)) | Err(e) => Err(e),
         };
-        if outcome != Outcome::Pending {
+        if !matches!(outcome, Ok(Outcome::Pending)) {
             self.close_in_flight();
         }
-        Ok(outcome)
+        outcome
     }
 }
 
