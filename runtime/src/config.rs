@@ -226,7 +226,8 @@ impl Config {
 }
 
 /// The keys whose change a SIGHUP cannot apply to the running primary, each named once.
-/// (`workers` and `balance` apply live; see the primary's reload.)
+/// (`workers` and `balance` apply live, and `cpu-affinity` with the roll that follows;
+/// see the primary's reload.)
 pub fn keys_needing_restart(running: &Config, reloaded: &Config) -> Vec<&'static str> {
     let mut keys = Vec::new();
     let mut changed = |key, differs: bool| {
@@ -235,13 +236,7 @@ pub fn keys_needing_restart(running: &Config, reloaded: &Config) -> Vec<&'static
         }
     };
     changed("listen", running.listen != reloaded.listen);
-    changed("workers", running.workers != reloaded.workers);
-    changed("balance", running.balance != reloaded.balance);
     changed("status", running.status != reloaded.status);
-    changed(
-        "cpu-affinity",
-        running.cpu_affinity != reloaded.cpu_affinity,
-    );
     changed("pid-file", running.pid_file != reloaded.pid_file);
     changed("log-format", running.log_format != reloaded.log_format);
     changed(
@@ -287,6 +282,29 @@ mod tests {
         assert_eq!(config.listen, SocketAddr::from(([127, 0, 0, 1], 9000)));
         assert_eq!(config.shutdown_timeout, Duration::from_secs(5));
         assert_eq!(config.balance, Balance::Kernel);
+    }
+
+    #[test]
+    fn a_reload_names_only_the_keys_it_cannot_apply() {
+        let running = Config::default();
+        let live = Config {
+            workers: running.workers + 2,
+            balance: Balance::Hash,
+            cpu_affinity: !running.cpu_affinity,
+            shutdown_timeout: running.shutdown_timeout * 2,
+            ..running.clone()
+        };
+        assert_eq!(
+            keys_needing_restart(&running, &live),
+            Vec::<&str>::new(),
+            "workers, balance and cpu-affinity apply with SIGHUP"
+        );
+        let moved = Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9999)),
+            status: Some(SocketAddr::from(([127, 0, 0, 1], 9998))),
+            ..live
+        };
+        assert_eq!(keys_needing_restart(&running, &moved), ["listen", "status"]);
     }
 
     #[test]

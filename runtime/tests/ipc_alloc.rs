@@ -140,3 +140,48 @@ fn a_broadcast_is_serialized_once_whatever_the_number_of_receivers() {
         "sending to 8 receivers allocated more than sending to 1"
     );
 }
+
+#[test]
+fn handing_a_connection_over_allocates_nothing() {
+    // The `userspace` baseline's hot path: accept, then `sendmsg` with `SCM_RIGHTS` to a
+    // worker, once per connection. (nix's `sendmsg` allocated its control buffer each call.)
+    use std::net::{TcpListener, TcpStream};
+    use steer::baseline::{HandOff, Target};
+
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let mut handoff = HandOff::new(socket2::Socket::from(listener));
+    let (primary, worker) = Channel::pair().expect("socketpair");
+    primary.set_nonblocking(true).expect("nonblocking");
+    worker.set_nonblocking(true).expect("nonblocking");
+    let targets = [Target {
+        slot: 0,
+        channel: &primary,
+    }];
+    let mut handed = 0;
+    let mut allocations = 0;
+    for round in 0..201 {
+        let clients: Vec<TcpStream> = (0..5)
+            .map(|_| TcpStream::connect(addr).expect("connect"))
+            .collect();
+        // Every connection is in the queue before the hand-off looks.
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        let made = allocations_in(|| handoff.hand_off(&targets));
+        // The first round warms the buffers up.
+        if round > 0 {
+            allocations += made;
+        }
+        while let Ok(Some(received)) = worker.recv() {
+            assert_eq!(received.message, Message::Connection);
+            assert!(received.fd.is_some(), "the connection's fd beside it");
+            handed += 1;
+        }
+        drop(clients);
+    }
+    assert_eq!(handed, 1_005, "every connection handed over");
+    assert_eq!(
+        allocations, 0,
+        "handing 1,000 connections over allocated {allocations} times"
+    );
+}

@@ -343,6 +343,11 @@ fn sighup_resizes_2_to_4_to_3_workers_under_load_losing_nothing() {
         );
     }
     assert_eq!(seen, BTreeSet::from([0, 1, 2]));
+    assert!(
+        !cluster.log().contains("keeps its running value"),
+        "a SIGHUP that applies `workers` warns that it did not: {}",
+        cluster.log()
+    );
     cluster.stop_cleanly(Duration::from_secs(15));
 }
 
@@ -401,6 +406,11 @@ fn sighup_from_round_robin_to_hash_under_load_then_one_client_sticks_to_one_slot
     assert!(
         cluster.log().contains("without restarting a worker"),
         "{}",
+        cluster.log()
+    );
+    assert!(
+        !cluster.log().contains("keeps its running value"),
+        "a SIGHUP that applies `balance` warns that it did not: {}",
         cluster.log()
     );
     for last in [5u8, 77, 200] {

@@ -279,7 +279,7 @@ mod tests {
     }
 
     #[test]
-    fn accepted_connections_inherit_tcp_nodelay_from_the_listener() {
+    fn accepted_connections_inherit_tcp_nodelay_and_the_send_buffer_from_the_listener() {
         // The worker sets TCP_NODELAY once on its listener, not on each connection: what
         // the listener accepts inherits it, so keep-alive responses never wait for Nagle.
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -305,6 +305,26 @@ mod tests {
             socket2::SockRef::from(&accepted)
                 .tcp_nodelay()
                 .expect("getsockopt"),
+            "an accepted socket inherits it"
+        );
+        // And the fixed send buffer (the kernel reports twice what was set), which
+        // autotuning would otherwise grow for a client that never reads.
+        let sndbuf = |s: &TcpStream| {
+            socket2::SockRef::from(s)
+                .send_buffer_size()
+                .expect("getsockopt")
+        };
+        let listener_sndbuf = socket2::SockRef::from(&watch)
+            .send_buffer_size()
+            .expect("getsockopt");
+        assert_eq!(
+            listener_sndbuf,
+            2 * server::SEND_BUFFER,
+            "the listener has the fixed send buffer"
+        );
+        assert_eq!(
+            sndbuf(&accepted),
+            listener_sndbuf,
             "an accepted socket inherits it"
         );
         drop(server);

@@ -41,7 +41,7 @@ const READ_CHUNK: usize = 8 * 1024;
 const ACCEPT_BUDGET: usize = 64;
 
 /// `SO_SNDBUF` of every connection (the kernel doubles it for its bookkeeping).
-const SEND_BUFFER: usize = 32 * 1024;
+pub(crate) const SEND_BUFFER: usize = 32 * 1024;
 
 /// How long a draining worker keeps idle connections: one that has sent nothing yet may
 /// have been queued just before the drain, and a keep-alive client may be sending its next
@@ -75,7 +75,7 @@ pub struct Server {
     full_until: Option<Instant>,
     /// When connections are next checked against their timeouts.
     next_sweep: Instant,
-    /// The listener has `TCP_NODELAY`, which the sockets it accepts inherit.
+    /// The listener has `TCP_NODELAY` and `SO_SNDBUF`, which the sockets it accepts inherit.
     listener_nodelay: bool,
 }
 
@@ -89,11 +89,13 @@ impl Server {
     ) -> io::Result<Server> {
         channel.set_nonblocking(true)?;
         let poll = Poll::new()?;
-        // Accepted sockets inherit TCP_NODELAY from their listener: one setsockopt here
-        // instead of one for each connection (one in ten of a new connection's calls).
-        let listener_nodelay = listener
-            .as_ref()
-            .is_some_and(|l| socket2::SockRef::from(l).set_tcp_nodelay(true).is_ok());
+        // Accepted sockets inherit TCP_NODELAY and a locked SO_SNDBUF from their listener:
+        // two setsockopts here instead of two for each connection (each one in ten of a
+        // new connection's calls).
+        let listener_nodelay = listener.as_ref().is_some_and(|l| {
+            let socket = socket2::SockRef::from(l);
+            socket.set_tcp_nodelay(true).is_ok() && socket.set_send_buffer_size(SEND_BUFFER).is_ok()
+        });
         let listener = match listener {
             Some(listener) => {
                 listener.set_nonblocking(true)?;
@@ -345,16 +347,19 @@ impl Server {
         }
     }
 
-    /// Watches an accepted connection; `set_nodelay` when it did not inherit TCP_NODELAY.
-    fn admit(&mut self, mut stream: TcpStream, set_nodelay: bool) {
+    /// Watches an accepted connection; `tune` when it did not inherit TCP_NODELAY and
+    /// SO_SNDBUF from a listener of this worker (a handed-over one).
+    fn admit(&mut self, mut stream: TcpStream, tune: bool) {
         // Small responses on keep-alive connections must not wait for Nagle.
-        if set_nodelay && let Err(error) = stream.set_nodelay(true) {
+        if tune && let Err(error) = stream.set_nodelay(true) {
             debug!(%error, "TCP_NODELAY failed");
         }
         // The demo's responses are small; a fixed send buffer bounds what a client that
         // never reads can make this worker compute and hold (autotuning would let it grow
         // to megabytes of responses per connection).
-        if let Err(error) = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER) {
+        if tune
+            && let Err(error) = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER)
+        {
             debug!(%error, "SO_SNDBUF failed");
         }
         let index = self.connections.next_index();
@@ -536,12 +541,12 @@ impl Server {
     }
 
     fn close(&mut self, index: usize, verdict: Verdict) {
-        let Some(mut connection) = self.connections.remove(index) else {
+        let Some(connection) = self.connections.remove(index) else {
             return;
         };
-        if let Err(error) = self.poll.registry().deregister(&mut connection.stream) {
-            debug!(%error, "could not stop watching a connection");
-        }
+        // No `deregister`: the socket's fd is not shared, and closing the last fd of a
+        // file takes it out of the epoll set; an `EPOLL_CTL_DEL` first would be one more
+        // system call per connection for nothing.
         if verdict == Verdict::Close {
             connection.linger(&mut self.scratch);
         }

@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::cmsg_space;
 use nix::errno::Errno;
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg};
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 
 use super::channel::{ReceiveBuffer, Received, send_some};
 use super::error::IpcError;
@@ -36,13 +36,75 @@ pub(super) fn send(
     bytes: &[u8],
     attached: Option<BorrowedFd<'_>>,
 ) -> Result<(), IpcError> {
-    let raw = attached.map(|fd| [fd.as_raw_fd()]);
-    let rights = raw.as_ref().map(|raw| ControlMessage::ScmRights(raw));
-    let cmsgs = rights.as_slice();
-    match send_some(fd, &[IoSlice::new(bytes)], cmsgs)? {
+    let sent = match attached {
+        None => send_some(fd, &[IoSlice::new(bytes)], &[])?,
+        Some(attached) => send_with_rights(fd, bytes, attached)?,
+    };
+    match sent {
         // A datagram is taken whole or not at all.
         Some(_) => Ok(()),
         None => Err(IpcError::Full),
+    }
+}
+
+/// A control buffer for one `SCM_RIGHTS` fd, aligned as `cmsghdr` needs.
+#[repr(C)]
+union OneFdControl {
+    _header: libc::cmsghdr,
+    bytes: [u8; 64],
+}
+
+/// `sendmsg(MSG_NOSIGNAL)` of `bytes` with `attached` in `SCM_RIGHTS`, retried on `EINTR`,
+/// with its control buffer on the stack: nix's `sendmsg` allocates one per call, and the
+/// `userspace` baseline sends one of these per connection. `None` when the socket is
+/// full (`EAGAIN`); `EPIPE`/`ECONNRESET` are [`IpcError::Closed`].
+fn send_with_rights(
+    fd: BorrowedFd<'_>,
+    bytes: &[u8],
+    attached: BorrowedFd<'_>,
+) -> Result<Option<usize>, IpcError> {
+    let fd_bytes = size_of::<RawFd>() as libc::c_uint;
+    // SAFETY: CMSG_SPACE and CMSG_LEN only compute sizes.
+    let (space, len) = unsafe { (libc::CMSG_SPACE(fd_bytes), libc::CMSG_LEN(fd_bytes)) };
+    let mut control = OneFdControl { bytes: [0; 64] };
+    debug_assert!(space as usize <= size_of::<OneFdControl>());
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr().cast_mut().cast(),
+        iov_len: bytes.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_iov = &raw mut iov;
+    header.msg_iovlen = 1;
+    header.msg_control = (&raw mut control).cast();
+    header.msg_controllen = space as _;
+    // SAFETY: `header` points at `control`, which has room for CMSG_SPACE(one fd) bytes
+    // and cmsghdr's alignment, so CMSG_FIRSTHDR is non-null and its data holds one fd.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&header);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = len as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), attached.as_raw_fd());
+    }
+    loop {
+        // SAFETY: `header` and everything it points at (`iov`, `bytes`, `control`) live
+        // through the call; the kernel only reads them.
+        let written = unsafe { libc::sendmsg(fd.as_raw_fd(), &header, libc::MSG_NOSIGNAL) };
+        if let Ok(written) = usize::try_from(written) {
+            return Ok(Some(written));
+        }
+        match Errno::last() {
+            Errno::EINTR => continue,
+            Errno::EAGAIN => return Ok(None),
+            Errno::EPIPE | Errno::ECONNRESET => return Err(IpcError::Closed),
+            errno => {
+                return Err(IpcError::Io {
+                    op: "sendmsg",
+                    source: errno.into(),
+                });
+            }
+        }
     }
 }
 
@@ -155,7 +217,7 @@ mod tests {
     use std::net::TcpListener;
     use std::os::fd::AsFd;
 
-    use nix::sys::socket::sendmsg;
+    use nix::sys::socket::{ControlMessage, sendmsg};
 
     use super::*;
     use crate::ipc::{Channel, Counters, Message};
