@@ -92,6 +92,21 @@ impl Cluster {
         Self::launch(cmd, run.listen, run.status)
     }
 
+    /// [`start`](Cluster::start) with another `steer` executable than [`steer_bin`]: the
+    /// release build, for what only it can show (its memory).
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Cluster::start).
+    pub fn start_binary(steer: &Path, args: &[&str]) -> Cluster {
+        let run = RunArgs::complete(args);
+        let mut cmd = Command::new(steer);
+        cmd.arg("run").args(&run.args);
+        let cluster = Self::launch(cmd, run.listen, run.status);
+        cluster.wait_ready(READY_TIMEOUT);
+        cluster
+    }
+
     /// Runs `steer run <args>` as given, with no `--listen` or `--status` added: for a
     /// config file that names them (a test of what a reload does with them). `listen` and
     /// `status` say where the harness finds the cluster. Waits until every worker is ready.

@@ -68,11 +68,29 @@ fn fd_count(pid: u32) -> usize {
 
 /// The lowest descriptor number `pid` does not use: with `RLIMIT_NOFILE` set to it, the
 /// process can open nothing more (the limit bounds descriptor numbers, not their count).
+/// Read once its descriptors hold still (the same three readings 100 ms apart, within 5 s):
+/// a socket closing a moment later (a status client on its way out) would free a number
+/// below the limit, and the process could accept again.
 fn lowest_free_fd(pid: u32) -> u64 {
-    let used: std::collections::BTreeSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("the process's fd directory")
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
+    let used = || -> std::collections::BTreeSet<u64> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("the process's fd directory")
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut readings = vec![used()];
+    while Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+        readings.push(used());
+        if let [.., a, b, c] = &readings[..]
+            && a == b
+            && b == c
+        {
+            break;
+        }
+    }
+    let used = readings.pop().expect("one reading at least");
     (0..).find(|n| !used.contains(n)).unwrap_or(0)
 }
 

@@ -306,6 +306,64 @@ fn memory_footprint_of_the_primary_with_the_ebpf_program_loaded() {
     footprint_within_budget("round-robin", 5 << 20);
 }
 
+/// The release `steer`, brought up to date (`cargo xtask test` builds it before the tests,
+/// so here it is a no-op there).
+fn release_steer() -> std::path::PathBuf {
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives in the workspace");
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--release", "--package", "steer", "--bin", "steer"])
+        .current_dir(workspace)
+        .status()
+        .expect("run cargo build --release");
+    assert!(status.success(), "cargo build --release of steer failed");
+    workspace.join("target/release/steer")
+}
+
+#[test]
+fn the_release_primary_with_the_program_loaded_stays_under_10_mib_and_workers_under_5() {
+    // What an operator sees in `ps`: total RSS of the release build, 4 workers, the eBPF
+    // program loaded, after serving.
+    let cluster = Cluster::start_binary(
+        &release_steer(),
+        &["--workers", "4", "--balance", "round-robin"],
+    );
+    assert_eq!(cluster.status()["primary"]["balance"], "round-robin");
+    for _ in 0..400 {
+        must_get(cluster.listen_addr(), "/");
+    }
+    cluster.status();
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let primary = rss_bytes(cluster.pid());
+    let workers: Vec<u64> = cluster
+        .worker_pids()
+        .into_iter()
+        .map(|(_, pid)| rss_bytes(pid))
+        .collect();
+    println!(
+        "release, 4 workers, round-robin: primary RSS {:.1} MiB; workers {:?} MiB",
+        mib(primary),
+        workers
+            .iter()
+            .map(|&w| (mib(w) * 10.0).round() / 10.0)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        primary < 10 << 20,
+        "release primary RSS {:.1} MiB with the program loaded and 4 workers",
+        mib(primary)
+    );
+    for worker in workers {
+        assert!(
+            worker < 5 << 20,
+            "release demo worker RSS {:.1} MiB",
+            mib(worker)
+        );
+    }
+    cluster.stop_cleanly(Duration::from_secs(15));
+}
+
 /// In the style of the kernel's `migrate_reuseport` selftest: connections wait in the
 /// accept queue of a worker that is not accepting (its loop is blocked), the worker is
 /// SIGKILLed, and every one of them must still be answered, by another worker.

@@ -42,6 +42,11 @@ fn python_workers_on_the_helper_exchange_messages_and_answer_pings() {
     let mut heard: BTreeMap<usize, Vec<Value>> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     while heard.len() < 2 && Instant::now() < deadline {
+        // Greet again each round: the primary relays only to workers that have spoken on
+        // their channel, and an external worker counts as started (and takes
+        // connections) before its helper's `ready`, so a first greeting can find its
+        // neighbour not yet listening to the channel.
+        must_get(cluster.listen_addr(), "/hello");
         let response = must_get(cluster.listen_addr(), "/inbox");
         let slot = response.worker().expect("slot");
         let inbox: Vec<Value> = serde_json::from_str(&response.body).expect("json");

@@ -160,6 +160,11 @@ fn test(args: &[String]) -> Result<(), String> {
     // Plain cargo commands act on the workspace's default members: everything but the
     // eBPF crate, which runtime/build.rs builds for its own target.
     step("cargo", &["build", "--bins", "--examples"])?;
+    // And the release primary, whose memory a test holds to the budget users see.
+    step(
+        "cargo",
+        &["build", "--release", "--package", "steer", "--bin", "steer"],
+    )?;
     let mut test_args = vec!["test"];
     let extra = passthrough(args);
     if !extra.is_empty() {

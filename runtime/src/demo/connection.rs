@@ -84,6 +84,10 @@ pub struct Connection {
     pub heard_from: bool,
     /// The client shut down its sending side.
     pub peer_closed: bool,
+    /// Registered with the worker's poll. A connection is registered only once it outlives
+    /// its first turn: one whose request came with the handshake is usually answered and
+    /// closed before epoll ever hears of it (one `epoll_ctl` fewer per connection).
+    pub watched: bool,
     /// `WRITABLE` is part of the registered interest.
     pub watching_writable: bool,
     /// Waiting to be driven again on the next turn of the loop (its budget ran out).
@@ -114,6 +118,7 @@ impl Connection {
             stage: Stage::Head,
             heard_from: false,
             peer_closed: false,
+            watched: false,
             watching_writable: false,
             queued: false,
             input: Vec::new(),
@@ -304,11 +309,6 @@ pub struct Connections {
 }
 
 impl Connections {
-    /// The index the next [`Connections::insert`] will use.
-    pub fn next_index(&self) -> usize {
-        self.vacant.last().copied().unwrap_or(self.slots.len())
-    }
-
     /// Stores `connection` and returns its index.
     pub fn insert(&mut self, connection: Connection) -> usize {
         self.open += 1;

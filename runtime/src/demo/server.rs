@@ -349,7 +349,7 @@ impl Server {
 
     /// Watches an accepted connection; `tune` when it did not inherit TCP_NODELAY and
     /// SO_SNDBUF from a listener of this worker (a handed-over one).
-    fn admit(&mut self, mut stream: TcpStream, tune: bool) {
+    fn admit(&mut self, stream: TcpStream, tune: bool) {
         // Small responses on keep-alive connections must not wait for Nagle.
         if tune && let Err(error) = stream.set_nodelay(true) {
             debug!(%error, "TCP_NODELAY failed");
@@ -362,22 +362,15 @@ impl Server {
         {
             debug!(%error, "SO_SNDBUF failed");
         }
-        let index = self.connections.next_index();
-        if let Err(error) =
-            self.poll
-                .registry()
-                .register(&mut stream, token_of(index), Interest::READABLE)
-        {
-            warn!(%error, "could not watch an accepted connection");
-            return;
-        }
         self.responder.count_accepted();
         self.next_serial += 1;
-        self.connections
-            .insert(Connection::new(stream, self.next_serial, Instant::now()));
+        let index =
+            self.connections
+                .insert(Connection::new(stream, self.next_serial, Instant::now()));
         self.publish_load();
         // The request often arrived with the handshake: answer it before anything can
-        // count this connection as idle.
+        // count this connection as idle. `drive` registers it with the poll only if it
+        // stays open (edge-triggered: registering reports what is already readable).
         self.drive(index, false);
     }
 
@@ -510,31 +503,38 @@ impl Server {
         match verdict {
             Verdict::Keep | Verdict::Again => {
                 let wants_writable = connection.pending_output() > 0;
-                if wants_writable != connection.watching_writable {
+                if !connection.watched || wants_writable != connection.watching_writable {
                     let interest = if wants_writable {
                         Interest::READABLE | Interest::WRITABLE
                     } else {
                         Interest::READABLE
                     };
-                    self.reregister(index, interest);
+                    self.watch(index, interest);
                 }
             }
             Verdict::Close | Verdict::Drop => self.close(index, verdict),
         }
     }
 
-    fn reregister(&mut self, index: usize, interest: Interest) {
+    /// Registers connection `index` with the poll for `interest`, or changes its interest
+    /// if it is registered already.
+    fn watch(&mut self, index: usize, interest: Interest) {
         let Some(connection) = self.connections.get_mut(index) else {
             return;
         };
-        match self
-            .poll
-            .registry()
-            .reregister(&mut connection.stream, token_of(index), interest)
-        {
-            Ok(()) => connection.watching_writable = interest.is_writable(),
+        let registry = self.poll.registry();
+        let watched = if connection.watched {
+            registry.reregister(&mut connection.stream, token_of(index), interest)
+        } else {
+            registry.register(&mut connection.stream, token_of(index), interest)
+        };
+        match watched {
+            Ok(()) => {
+                connection.watched = true;
+                connection.watching_writable = interest.is_writable();
+            }
             Err(error) => {
-                warn!(%error, "could not update a connection's interest");
+                warn!(%error, "could not watch a connection");
                 self.close(index, Verdict::Drop);
             }
         }
