@@ -236,6 +236,8 @@ fn run_fuzz(targets: &[&str], seconds: u32) -> Result<(), String> {
                 "--fuzz-dir",
                 "fuzz",
                 "-O",
+                // Debug assertions: an integer overflow is a crash here, as in a debug build.
+                "-a",
                 "--sanitizer",
                 "none",
                 target,

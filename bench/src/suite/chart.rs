@@ -14,6 +14,7 @@ use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
+use super::scenario::{STALL_EVERY, STALL_MS};
 use super::summary::{Stat, SubjectSummary, Summary};
 
 const WIDTH: u32 = 1500;
@@ -21,6 +22,8 @@ const HEIGHT: u32 = 1200;
 const BLUE: RGBColor = RGBColor(52, 101, 164);
 const ORANGE: RGBColor = RGBColor(230, 140, 40);
 const GREEN: RGBColor = RGBColor(78, 154, 6);
+const RED: RGBColor = RGBColor(204, 0, 0);
+const PURPLE: RGBColor = RGBColor(117, 80, 123);
 const FONT: &str = "sans-serif";
 
 /// One bar series: a legend label, a colour, and per subject the figure (if measured).
@@ -31,14 +34,25 @@ struct Series<'a> {
 }
 
 /// One panel.
+/// A target drawn across a panel: a vertical line at `value`, labelled.
+struct Mark {
+    label: String,
+    value: f64,
+    color: RGBColor,
+}
+
 struct Panel<'a> {
-    title: &'a str,
+    title: String,
     /// The x axis' description, with its unit.
     unit: &'a str,
     /// Decimals of the value printed at a bar's end.
     digits: usize,
     log: bool,
     series: Vec<Series<'a>>,
+    /// Targets to draw across the bars.
+    marks: Vec<Mark>,
+    /// The subjects' labels, when this panel says more than their names.
+    names: Option<Vec<String>>,
 }
 
 /// Draws the chart to `path`.
@@ -57,9 +71,46 @@ pub fn draw(summary: &Summary, path: &Path) -> Result<(), String> {
             })
             .collect()
     };
+    // The cost targets, against the references measured in the same run.
+    let reference = |name: &str| {
+        summary
+            .subjects
+            .iter()
+            .find(|s| s.name == name)
+            .and_then(|s| s.connect.cpu_us)
+            .map(|stat| stat.median)
+    };
+    let marks: Vec<Mark> = [
+        ("userspace", 0.8, "target 0.8x userspace", RED),
+        ("nginx-reuseport", 1.1, "target 1.1x nginx", PURPLE),
+    ]
+    .into_iter()
+    .filter_map(|(name, factor, label, color)| {
+        reference(name).map(|us| Mark {
+            label: format!("{label}: {:.1} us", us * factor),
+            value: us * factor,
+            color,
+        })
+    })
+    .collect();
+    // Under the stall, each subject's label says how much the stalled worker still got.
+    let stall_names = summary
+        .subjects
+        .iter()
+        .map(|s| {
+            match s
+                .stall
+                .and_then(|stall| stall.share_on_stalled)
+                .map(|share| share.median)
+            {
+                Some(share) => format!("{} ({:.0}% on stalled)", s.name, share * 100.0),
+                None => s.name.clone(),
+            }
+        })
+        .collect();
     let panels = [
         Panel {
-            title: "Throughput",
+            title: "Throughput".to_owned(),
             unit: "thousand per second (median, min-max)",
             digits: 1,
             log: false,
@@ -75,9 +126,12 @@ pub fn draw(summary: &Summary, path: &Path) -> Result<(), String> {
                     values: values(&|s| s.connect.rate, 1e-3),
                 },
             ],
+            marks: Vec::new(),
+            names: None,
         },
         Panel {
-            title: "Server CPU per request (primary + workers)",
+            title: "Server CPU per request (primary + workers); targets per new connection"
+                .to_owned(),
             unit: "microseconds of utime+stime (median, min-max)",
             digits: 1,
             log: false,
@@ -93,9 +147,11 @@ pub fn draw(summary: &Summary, path: &Path) -> Result<(), String> {
                     values: values(&|s| s.keepalive.cpu_us, 1.0),
                 },
             ],
+            marks,
+            names: None,
         },
         Panel {
-            title: "New-connection latency",
+            title: "New-connection latency".to_owned(),
             unit: "ms, log scale (median over rounds, min-max)",
             digits: 1,
             log: true,
@@ -116,9 +172,14 @@ pub fn draw(summary: &Summary, path: &Path) -> Result<(), String> {
                     values: values(&|s| s.connect.tails.max_ms, 1.0),
                 },
             ],
+            marks: Vec::new(),
+            names: None,
         },
         Panel {
-            title: "New-connection latency, one worker stalled 200 ms/s (Steer only)",
+            title: format!(
+                "New-connection latency, one worker stalled {STALL_MS} ms every {} s (Steer only)",
+                STALL_EVERY.as_secs_f64()
+            ),
             unit: "ms, log scale (median over rounds, min-max)",
             digits: 1,
             log: true,
@@ -139,6 +200,8 @@ pub fn draw(summary: &Summary, path: &Path) -> Result<(), String> {
                     values: values(&|s| s.stall.and_then(|x| x.tails.max_ms), 1.0),
                 },
             ],
+            marks: Vec::new(),
+            names: Some(stall_names),
         },
     ];
     let root = SVGBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
@@ -150,8 +213,9 @@ pub fn draw(summary: &Summary, path: &Path) -> Result<(), String> {
         .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
-/// Height of a panel's heading: its title, and under it the legend.
-const HEADING: u32 = 62;
+/// Height of a panel's heading: its title, and under it the legend (a second row for the
+/// targets).
+const HEADING: u32 = 84;
 
 fn draw_panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
@@ -160,6 +224,7 @@ fn draw_panel<DB: DrawingBackend>(
 ) -> Result<(), String> {
     let (heading, plot) = area.split_vertically(HEADING);
     draw_heading(&heading, panel)?;
+    let names = panel.names.as_deref().unwrap_or(names);
     let measured = || {
         panel
             .series
@@ -168,7 +233,11 @@ fn draw_panel<DB: DrawingBackend>(
             .filter(|v| v.max > 0.0)
     };
     // Room on the right for the value printed past the longest bar and its whisker.
-    let top = measured().map(|v| v.max).fold(0.0f64, f64::max).max(1e-3);
+    let top = measured()
+        .map(|v| v.max)
+        .chain(panel.marks.iter().map(|m| m.value))
+        .fold(0.0f64, f64::max)
+        .max(1e-3);
     let n = names.len().max(1) as f64;
     let mut builder = ChartBuilder::on(&plot);
     builder
@@ -205,7 +274,7 @@ fn draw_heading<DB: DrawingBackend>(
     let (width, _) = area.dim_in_pixel();
     let centre = i32::try_from(width / 2).unwrap_or(0);
     let title = TextStyle::from((FONT, 20).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
-    area.draw(&Text::new(panel.title, (centre, 10), title))
+    area.draw(&Text::new(panel.title.as_str(), (centre, 10), title))
         .map_err(|e| e.to_string())?;
     let label = TextStyle::from((FONT, 15).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
     // A swatch, its label (about 8 px a character at this size) and a gap.
@@ -222,6 +291,21 @@ fn draw_heading<DB: DrawingBackend>(
         area.draw(&Text::new(series.label, (x + 20, y), label.clone()))
             .map_err(|e| e.to_string())?;
         x += entry(series);
+    }
+    // The targets: a line swatch each, as they are drawn across the bars.
+    let mark_entry = |mark: &Mark| 20 + 8 * i32::try_from(mark.label.len()).unwrap_or(0) + 28;
+    let total: i32 = panel.marks.iter().map(mark_entry).sum();
+    let mut x = centre - total / 2;
+    let y = 68;
+    for mark in &panel.marks {
+        area.draw(&PathElement::new(
+            [(x, y), (x + 14, y)],
+            mark.color.stroke_width(3),
+        ))
+        .map_err(|e| e.to_string())?;
+        area.draw(&Text::new(mark.label.as_str(), (x + 20, y), label.clone()))
+            .map_err(|e| e.to_string())?;
+        x += mark_entry(mark);
     }
     Ok(())
 }
@@ -300,6 +384,15 @@ where
             )
         });
         chart.draw_series(labels).map_err(|e| e.to_string())?;
+    }
+    // Targets: a line across every subject's band (named in the legend).
+    for mark in &panel.marks {
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                [(mark.value, 0.0), (mark.value, n as f64)],
+                mark.color.stroke_width(2),
+            )))
+            .map_err(|e| e.to_string())?;
     }
     Ok(())
 }
@@ -386,7 +479,15 @@ mod tests {
         ] {
             assert!(texts.contains(&text), "{text} missing");
         }
-        for text in ["microseconds", "one worker stalled", "ms, log scale"] {
+        for text in [
+            "microseconds",
+            "one worker stalled 200 ms every 1 s",
+            "ms, log scale",
+            // The cost target against the nginx measured in the same run (1.1 x 48.5 us).
+            "target 1.1x nginx: 53.4 us",
+            // The stalled worker's share beside each subject of the stall panel.
+            "kernel (40% on stalled)",
+        ] {
             assert!(svg.contains(text), "{text} missing");
         }
         // 2 + 2 + 3 + 3 series over 2 subjects, plus the legends' swatches.
