@@ -20,9 +20,9 @@ mod values;
 pub use credentials::Credentials;
 pub use settings::{Origin, Parsed, SettingValue, Settings};
 pub use values::{
-    Balance, ByteSize, LogFormat, MIN_HEALTH_INTERVAL, MIN_HEALTH_TIMEOUT, MIN_WORKER_MEMORY_LIMIT,
-    StatusAddr, WORKER_NOFILE_RANGE, WorkerCount, format_size, parse_duration, parse_listen,
-    parse_size, parse_status_addr,
+    Balance, ByteSize, LogFormat, MIN_HEALTH_INTERVAL, MIN_HEALTH_TIMEOUT, MIN_MAX_MEMORY,
+    MIN_WORKER_MEMORY_LIMIT, StatusAddr, WORKER_NOFILE_RANGE, WorkerCount, format_size,
+    parse_duration, parse_listen, parse_size, parse_status_addr,
 };
 
 use std::fmt;
@@ -312,6 +312,22 @@ mod tests {
         let err = Settings::from_toml("workers = 2\nwrokers = 3\n").expect_err("unknown key");
         assert!(err.contains("wrokers"), "{err}");
         assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn a_max_memory_no_worker_can_stay_under_is_refused() {
+        for (text, ok) in [
+            ("max-memory = \"1\"", false),
+            ("max-memory = \"7MiB\"", false),
+            ("max-memory = \"8MiB\"", true),
+        ] {
+            let checked = Settings::from_toml(text).expect("parses").into_config();
+            match (checked, ok) {
+                (Ok(_), true) => {}
+                (Err(err), false) => assert!(err.to_string().contains("max-memory"), "{err}"),
+                (other, _) => panic!("{text}: {other:?}"),
+            }
+        }
     }
 
     #[test]

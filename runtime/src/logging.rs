@@ -83,10 +83,14 @@ where
     // Colour only for a person at a terminal; files and journald get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none();
+    // A log line that cannot be written is dropped. By default tracing-subscriber reports
+    // it with `eprintln!`, which panics on a closed stderr (EPIPE): a worker whose log
+    // pipe's reader went away would crash-loop instead of serving.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
-        .with_ansi(ansi);
+        .with_ansi(ansi)
+        .log_internal_errors(false);
     let _already_set = match format {
         LogFormat::Text => builder.with_target(false).try_init(),
         LogFormat::Json => builder

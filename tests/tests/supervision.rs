@@ -614,3 +614,135 @@ fn an_idle_primary_wakes_about_twice_per_health_interval() {
         "{wakeups} wake-ups in {rounds} heartbeat rounds"
     );
 }
+
+#[test]
+fn a_closed_log_pipe_does_not_stop_the_workers_serving() {
+    // `steer run ... 2>&1 | head -c 10`: once the reader is gone, every log line meets
+    // EPIPE. The workers' logger used to report that with `eprintln!`, which panics on a
+    // closed stderr: every worker crash-looped and the port refused connections.
+    use std::process::{Command, Stdio};
+    let (listen, status_addr) = (
+        steer_tests::free_local_addr(),
+        steer_tests::free_local_addr(),
+    );
+    let mut child = Command::new(steer_bin())
+        .args(["run", "--workers", "2", "-v", "--listen"])
+        .arg(listen.to_string())
+        .arg("--status")
+        .arg(status_addr.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn steer");
+    drop(child.stderr.take());
+    wait_for("the cluster is ready", Duration::from_secs(20), || {
+        http_get_timeout(status_addr, "/ready", Duration::from_secs(1))
+            .is_ok_and(|r| r.status == 200)
+    });
+    // Serving makes the workers log (-v), each line into the closed pipe.
+    for i in 0..50 {
+        let answer = http_get_timeout(listen, "/", Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("request {i} with the log pipe closed: {e}"));
+        assert_eq!(answer.status, 200);
+    }
+    let doc: steer_tests::Value = serde_json::from_str(
+        &http_get_timeout(status_addr, "/status", Duration::from_secs(2))
+            .expect("/status")
+            .body,
+    )
+    .expect("json");
+    for worker in status::workers(&doc) {
+        assert_eq!(
+            worker.raw["restarts"], 0,
+            "no worker died of its closed stderr: {doc}"
+        );
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let code = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status.code();
+        }
+        assert!(Instant::now() < deadline, "the primary did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(0), "a clean stop, log pipe closed or not");
+}
+
+#[test]
+fn a_sigterm_while_the_primary_is_still_starting_is_a_clean_stop() {
+    // The program's load takes a few hundred ms in a debug build. A SIGTERM meanwhile used
+    // to meet the default action: the primary died with no log line and status 143.
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    let mut codes = Vec::new();
+    for delay_ms in [20, 60, 120] {
+        let (listen, status_addr) = (
+            steer_tests::free_local_addr(),
+            steer_tests::free_local_addr(),
+        );
+        let mut child = Command::new(steer_bin())
+            .args([
+                "run",
+                "--workers",
+                "2",
+                "--balance",
+                "round-robin",
+                "--listen",
+            ])
+            .arg(listen.to_string())
+            .arg("--status")
+            .arg(status_addr.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn steer");
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "the primary did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        codes.push((delay_ms, status.code(), status.signal()));
+    }
+    println!("SIGTERM during start (delay ms, exit code, signal): {codes:?}");
+    for (delay_ms, code, signal) in codes {
+        assert_eq!(
+            (code, signal),
+            (Some(0), None),
+            "SIGTERM {delay_ms} ms after the start: a clean stop, not death by the signal"
+        );
+    }
+}
+
+#[test]
+fn a_second_primary_on_a_served_port_warns_that_it_shares_it() {
+    // An operator who starts the same cluster twice: the second one's bind succeeds (same
+    // user, SO_REUSEPORT), so it must say that the port is already served.
+    let first = Cluster::start(&["--workers", "1", "--balance", "kernel"]);
+    let listen = first.listen_addr().to_string();
+    let second = Cluster::start(&["--workers", "1", "--balance", "kernel", "--listen", &listen]);
+    let log = second.wait_for_log("already listen on this port", Duration::from_secs(5));
+    assert!(log.contains("another steer"), "{log}");
+    assert!(
+        !first.log().contains("already listen on this port"),
+        "the first primary found the port free: {}",
+        first.log()
+    );
+    second.stop_cleanly(Duration::from_secs(15));
+    first.stop_cleanly(Duration::from_secs(15));
+}

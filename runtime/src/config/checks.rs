@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::values::{
-    Balance, ByteSize, MIN_HEALTH_INTERVAL, MIN_HEALTH_TIMEOUT, MIN_WORKER_MEMORY_LIMIT,
-    WORKER_NOFILE_RANGE, format_size,
+    Balance, ByteSize, MIN_HEALTH_INTERVAL, MIN_HEALTH_TIMEOUT, MIN_MAX_MEMORY,
+    MIN_WORKER_MEMORY_LIMIT, WORKER_NOFILE_RANGE, format_size,
 };
 use super::{Config, ConfigError, Credentials, Parsed, Settings, program};
 
@@ -79,6 +79,19 @@ impl Settings {
                 format!(
                     "must be at least {}MiB: a worker cannot start in less",
                     MIN_WORKER_MEMORY_LIMIT >> 20
+                ),
+            ));
+        }
+        if let Some(Parsed(ByteSize(limit))) = self.max_memory
+            && limit < MIN_MAX_MEMORY
+        {
+            return Err(self.invalid(
+                "max-memory",
+                format_size(limit),
+                format!(
+                    "must be at least {}MiB: below it every worker is over the threshold \
+                     as soon as it starts, and is replaced every health interval",
+                    MIN_MAX_MEMORY >> 20
                 ),
             ));
         }

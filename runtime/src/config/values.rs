@@ -256,6 +256,10 @@ pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(10);
 /// Shortest `health-timeout`: below it, ordinary scheduling delays read as hangs.
 pub const MIN_HEALTH_TIMEOUT: Duration = Duration::from_millis(100);
 
+/// Smallest `--max-memory`: the demo worker alone is 4 MiB resident, so a threshold below
+/// this replaces every worker as soon as it starts, forever.
+pub const MIN_MAX_MEMORY: u64 = 8 << 20;
+
 /// Smallest `--worker-memory-limit`: below this not even the demo worker maps its
 /// executable and libraries.
 pub const MIN_WORKER_MEMORY_LIMIT: u64 = 32 << 20;

@@ -90,6 +90,10 @@ impl Supervisor {
         inherited_nofile: Option<(u64, u64)>,
         mut inheritance: Option<Inheritance>,
     ) -> Result<Supervisor, StartError> {
+        // Catch the signals first: loading the program takes a moment (a few hundred ms in
+        // a debug build), and a SIGTERM meanwhile must wait for the loop, not kill the
+        // primary with the default action.
+        let mut signals = signals::open().map_err(|e| format!("cannot catch signals: {e}"))?;
         let mut steering = Steering::new(config.balance, config.workers as u32)
             .map_err(|err| format!("--balance {}: {err}", config.balance))?;
         if inheritance.is_some() {
@@ -104,6 +108,9 @@ impl Supervisor {
             .ok()
             .and_then(|a| a.as_socket())
             .ok_or_else(|| format!("cannot read the bound address of {}", config.listen))?;
+        if inheritance.is_none() {
+            warn_if_already_served(listen);
+        }
         let baseline = Baseline::open(config.balance, listen, &program)
             .map_err(|err| format!("--balance {}: {err}", config.balance))?;
         if steering.policy() == Balance::Kernel && config.tcp_migrate_req {
@@ -118,7 +125,6 @@ impl Supervisor {
             }
         }
         let poll = Poll::new().map_err(|e| format!("cannot create the event loop: {e}"))?;
-        let mut signals = signals::open().map_err(|e| format!("cannot catch signals: {e}"))?;
         poll.registry()
             .register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)
             .map_err(|e| format!("cannot watch signals: {e}"))?;
@@ -221,7 +227,7 @@ impl Supervisor {
             listen = %self.host.listen,
             workers = self.core.slots().len(),
             balance = %self.host.steering.policy(),
-            status = ?status_addr,
+            status = %status_addr.map_or_else(|| "off".to_owned(), |addr| addr.to_string()),
             "primary started"
         );
         self.core.start(Instant::now());
@@ -787,4 +793,28 @@ fn own_children() -> BTreeSet<i32> {
         }
     }
     children
+}
+
+/// Warns when sockets of another process already listen on `listen`'s port before any
+/// worker of this primary does: the same cluster started twice, or a leftover of an old
+/// one. They joined the port's `SO_REUSEPORT` group (the primary's own bind succeeded), so
+/// under `kernel` they take a share of the connections, and under an eBPF policy Steer's
+/// program shuts them out, and another primary's ownership check fights over the group.
+fn warn_if_already_served(listen: std::net::SocketAddr) {
+    let found = steering::queues::ListenQueues::open()
+        .and_then(|mut queues| queues.lengths(listen.is_ipv6(), listen.port()));
+    match found {
+        Ok(listeners) if !listeners.is_empty() => tracing::warn!(
+            %listen,
+            listeners = listeners.len(),
+            "{} socket(s) of another process already listen on this port (another steer \
+             started twice? a leftover worker?): under `kernel` they take a share of the \
+             connections; under an eBPF policy this primary's program shuts them out, and \
+             another primary would fight over the group every health interval. Stop the \
+             other one",
+            listeners.len()
+        ),
+        Ok(_) => {}
+        Err(err) => tracing::debug!("cannot list the port's listeners: {err}"),
+    }
 }
