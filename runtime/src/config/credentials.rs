@@ -45,8 +45,9 @@ impl Credentials {
                     ))?,
             },
             None => entry.map(|e| Gid::as_raw(e.gid)).ok_or((
-                "group",
-                "the user has no entry in /etc/passwd: give --group as well".to_string(),
+                "user",
+                "this uid has no entry in /etc/passwd, so no primary group: give --group as well"
+                    .to_string(),
             ))?,
         };
         Ok(Credentials {
