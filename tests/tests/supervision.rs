@@ -615,26 +615,60 @@ fn an_idle_primary_wakes_about_twice_per_health_interval() {
     );
 }
 
+/// `steer run ARGS --listen L --status S` outside the harness, which owns the primary's
+/// stdio: for what it cannot set up (a closed log pipe, a signal during start). stdin and
+/// stdout are `/dev/null`; returns the child, its listen address and its status address.
+fn spawn_bare(
+    args: &[&str],
+    stderr: std::process::Stdio,
+) -> (
+    std::process::Child,
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+) {
+    let (listen, status) = (
+        steer_tests::free_local_addr(),
+        steer_tests::free_local_addr(),
+    );
+    let child = std::process::Command::new(steer_bin())
+        .arg("run")
+        .args(args)
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--status")
+        .arg(status.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn steer");
+    (child, listen, status)
+}
+
+/// SIGTERM to `child`, then its exit status (panics if it has not exited within 15 s).
+fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the primary did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_closed_log_pipe_does_not_stop_the_workers_serving() {
     // `steer run ... 2>&1 | head -c 10`: once the reader is gone, every log line meets
     // EPIPE. The workers' logger used to report that with `eprintln!`, which panics on a
     // closed stderr: every worker crash-looped and the port refused connections.
-    use std::process::{Command, Stdio};
-    let (listen, status_addr) = (
-        steer_tests::free_local_addr(),
-        steer_tests::free_local_addr(),
-    );
-    let mut child = Command::new(steer_bin())
-        .args(["run", "--workers", "2", "-v", "--listen"])
-        .arg(listen.to_string())
-        .arg("--status")
-        .arg(status_addr.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn steer");
+    let (mut child, listen, status_addr) =
+        spawn_bare(&["--workers", "2", "-v"], std::process::Stdio::piped());
     drop(child.stderr.take());
     wait_for("the cluster is ready", Duration::from_secs(20), || {
         http_get_timeout(status_addr, "/ready", Duration::from_secs(1))
@@ -658,20 +692,11 @@ fn a_closed_log_pipe_does_not_stop_the_workers_serving() {
             "no worker died of its closed stderr: {doc}"
         );
     }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let code = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status.code();
-        }
-        assert!(Instant::now() < deadline, "the primary did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(code, Some(0), "a clean stop, log pipe closed or not");
+    assert_eq!(
+        terminate(&mut child).code(),
+        Some(0),
+        "a clean stop, log pipe closed or not"
+    );
 }
 
 #[test]
@@ -679,44 +704,14 @@ fn a_sigterm_while_the_primary_is_still_starting_is_a_clean_stop() {
     // The program's load takes a few hundred ms in a debug build. A SIGTERM meanwhile used
     // to meet the default action: the primary died with no log line and status 143.
     use std::os::unix::process::ExitStatusExt;
-    use std::process::{Command, Stdio};
     let mut codes = Vec::new();
     for delay_ms in [20, 60, 120] {
-        let (listen, status_addr) = (
-            steer_tests::free_local_addr(),
-            steer_tests::free_local_addr(),
+        let (mut child, _, _) = spawn_bare(
+            &["--workers", "2", "--balance", "round-robin"],
+            std::process::Stdio::null(),
         );
-        let mut child = Command::new(steer_bin())
-            .args([
-                "run",
-                "--workers",
-                "2",
-                "--balance",
-                "round-robin",
-                "--listen",
-            ])
-            .arg(listen.to_string())
-            .arg("--status")
-            .arg(status_addr.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn steer");
         std::thread::sleep(Duration::from_millis(delay_ms));
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            Signal::SIGTERM,
-        )
-        .expect("SIGTERM");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "the primary did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = terminate(&mut child);
         codes.push((delay_ms, status.code(), status.signal()));
     }
     println!("SIGTERM during start (delay ms, exit code, signal): {codes:?}");
