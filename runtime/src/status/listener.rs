@@ -733,3 +733,103 @@ fn render(publication: &Publication) -> Rendered {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+
+    use mio::{Events, Poll, Token};
+
+    use super::*;
+    use crate::status::board::{Phase, Readiness};
+
+    /// One `GET /status`: the status code, or 0 if the exchange failed.
+    fn get_status(addr: SocketAddr) -> u16 {
+        let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+            return 0;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        if stream
+            .write_all(b"GET /status HTTP/1.1\r\nHost: t\r\n\r\n")
+            .is_err()
+        {
+            return 0;
+        }
+        let mut reply = Vec::new();
+        let _ = stream.read_to_end(&mut reply);
+        std::str::from_utf8(reply.get(9..12).unwrap_or_default())
+            .ok()
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn clients_share_renderings_at_most_one_per_interval() {
+        // The test plays the primary: it publishes a document whenever the thread asks.
+        // 40 clients asking again 20 ms after each answer would make 400 renderings if each
+        // were answered from its own; with a stable cluster state the thread asks at most
+        // once per RENDER_INTERVAL, and every waiting client gets that rendering (a
+        // document is never older than the request, so each waits for the next one).
+        let listener = StatusService::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let mut primary = Poll::new().expect("poll");
+        let service =
+            StatusService::start(listener, primary.registry(), Token(0), true).expect("start");
+        let document: StatusDocument =
+            serde_json::from_str(include_str!("../top/fixtures/status-after.json"))
+                .expect("fixture");
+        let readiness = Readiness {
+            ready: 2,
+            workers: 2,
+            phase: Phase::Running,
+            handed_over: false,
+        };
+        service.set_readiness(readiness, 1);
+        let addr = service.local_addr();
+        let clients: Vec<_> = (0..40)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    (0..10)
+                        .map(|_| {
+                            let code = get_status(addr);
+                            std::thread::sleep(Duration::from_millis(20));
+                            code
+                        })
+                        .collect::<Vec<u16>>()
+                })
+            })
+            .collect();
+        let started = Instant::now();
+        let mut published = 0u32;
+        let mut events = Events::with_capacity(8);
+        while !clients.iter().all(|c| c.is_finished())
+            && started.elapsed() < Duration::from_secs(30)
+        {
+            primary
+                .poll(&mut events, Some(Duration::from_millis(5)))
+                .expect("poll");
+            if service.document_wanted() {
+                service.publish(document.clone(), 1);
+                published += 1;
+            }
+        }
+        let elapsed = started.elapsed();
+        let codes: Vec<u16> = clients
+            .into_iter()
+            .flat_map(|c| c.join().expect("client"))
+            .collect();
+        let answered = codes.iter().filter(|&&c| c == 200).count();
+        let bound = (elapsed.as_millis() / RENDER_INTERVAL.as_millis()) as u32 + 2;
+        println!(
+            "{} requests from 40 clients in {elapsed:?}: {answered} answered 200, from \
+             {published} renderings (bound {bound})",
+            codes.len()
+        );
+        assert_eq!(answered, codes.len(), "every request answered: {codes:?}");
+        assert!(
+            published <= bound,
+            "{published} renderings in {elapsed:?}: more than one per {RENDER_INTERVAL:?}"
+        );
+        drop(service);
+    }
+}
