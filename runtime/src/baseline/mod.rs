@@ -75,7 +75,18 @@ impl Baseline {
                  COMMAND or a library worker"
                     .into(),
             ),
-            Balance::Userspace => Ok(Some(Baseline::Userspace(HandOff::new(bind()?)))),
+            Balance::Userspace => {
+                let socket = bind()?;
+                // The demo's connection options, set once on the listener so that every
+                // connection handed over has them already, as a worker's own listener
+                // gives them to what it accepts: the baseline pays no per-connection
+                // `setsockopt` that the policies it is measured against do not.
+                socket
+                    .set_tcp_nodelay(true)
+                    .and_then(|()| socket.set_send_buffer_size(crate::demo::SEND_BUFFER))
+                    .map_err(|err| format!("cannot set the userspace socket's options: {err}"))?;
+                Ok(Some(Baseline::Userspace(HandOff::new(socket))))
+            }
             _ => Ok(None),
         }
     }

@@ -31,6 +31,7 @@ mod routes;
 mod server;
 mod timeouts;
 
+pub(crate) use server::SEND_BUFFER;
 pub(crate) use timeouts::ENV as TIMEOUTS_ENV;
 pub use timeouts::Timeouts;
 
@@ -319,7 +320,7 @@ mod tests {
             .expect("getsockopt");
         assert_eq!(
             listener_sndbuf,
-            2 * server::SEND_BUFFER,
+            2 * SEND_BUFFER,
             "the listener has the fixed send buffer"
         );
         assert_eq!(

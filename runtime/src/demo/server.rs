@@ -341,14 +341,16 @@ impl Server {
         if self.connections.len() >= self.max_connections {
             self.make_room();
         }
+        // The primary's `userspace` listener carries the demo's TCP_NODELAY and SO_SNDBUF,
+        // and what it accepts inherits them, as from a worker's own listener.
         match stream.set_nonblocking(true) {
-            Ok(()) => self.admit(TcpStream::from_std(stream), true),
+            Ok(()) => self.admit(TcpStream::from_std(stream), false),
             Err(error) => warn!(%error, "could not take a handed-over connection"),
         }
     }
 
     /// Watches an accepted connection; `tune` when it did not inherit TCP_NODELAY and
-    /// SO_SNDBUF from a listener of this worker (a handed-over one).
+    /// SO_SNDBUF from its listener (setting them on the listener failed).
     fn admit(&mut self, stream: TcpStream, tune: bool) {
         // Small responses on keep-alive connections must not wait for Nagle.
         if tune && let Err(error) = stream.set_nodelay(true) {
