@@ -615,17 +615,26 @@ fn an_idle_primary_wakes_about_twice_per_health_interval() {
     );
 }
 
+/// A primary started outside the harness. Killed if a test panics before stopping it (its
+/// workers die with it: parent-death signal), so a failure leaves nothing running.
+struct Bare(std::process::Child);
+
+impl Drop for Bare {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// `steer run ARGS --listen L --status S` outside the harness, which owns the primary's
 /// stdio: for what it cannot set up (a closed log pipe, a signal during start). stdin and
-/// stdout are `/dev/null`; returns the child, its listen address and its status address.
+/// stdout are `/dev/null`; returns the primary, its listen address and its status address.
 fn spawn_bare(
     args: &[&str],
     stderr: std::process::Stdio,
-) -> (
-    std::process::Child,
-    std::net::SocketAddr,
-    std::net::SocketAddr,
-) {
+) -> (Bare, std::net::SocketAddr, std::net::SocketAddr) {
     let (listen, status) = (
         steer_tests::free_local_addr(),
         steer_tests::free_local_addr(),
@@ -642,11 +651,11 @@ fn spawn_bare(
         .stderr(stderr)
         .spawn()
         .expect("spawn steer");
-    (child, listen, status)
+    (Bare(child), listen, status)
 }
 
-/// SIGTERM to `child`, then its exit status (panics if it has not exited within 15 s).
-fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+/// SIGTERM to the primary, then its exit status (panics if it has not exited within 15 s).
+fn terminate(Bare(child): &mut Bare) -> std::process::ExitStatus {
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         Signal::SIGTERM,
@@ -669,7 +678,7 @@ fn a_closed_log_pipe_does_not_stop_the_workers_serving() {
     // closed stderr: every worker crash-looped and the port refused connections.
     let (mut child, listen, status_addr) =
         spawn_bare(&["--workers", "2", "-v"], std::process::Stdio::piped());
-    drop(child.stderr.take());
+    drop(child.0.stderr.take());
     wait_for("the cluster is ready", Duration::from_secs(20), || {
         http_get_timeout(status_addr, "/ready", Duration::from_secs(1))
             .is_ok_and(|r| r.status == 200)
@@ -705,7 +714,7 @@ fn a_sigterm_while_the_primary_is_still_starting_is_a_clean_stop() {
     // to meet the default action: the primary died with no log line and status 143.
     use std::os::unix::process::ExitStatusExt;
     let mut codes = Vec::new();
-    for delay_ms in [20, 60, 120] {
+    for delay_ms in [30, 80, 150] {
         let (mut child, _, _) = spawn_bare(
             &["--workers", "2", "--balance", "round-robin"],
             std::process::Stdio::null(),

@@ -93,7 +93,18 @@ pub fn run(config: Config, program: WorkerProgram, hooks: Hooks) -> ExitCode {
 }
 
 fn start_and_run(config: Config, program: WorkerProgram, hooks: Hooks) -> ExitCode {
+    // fds 0-2 first, so that nothing opened below lands on a closed standard stream.
     limits::ensure_standard_fds();
+    // Then catch the signals: setting up takes a moment (loading the program, a few
+    // hundred ms in a debug build), and a SIGTERM meanwhile must wait for the loop, not
+    // kill the primary with the default action.
+    let signals = match signals::open() {
+        Ok(signals) => signals,
+        Err(err) => {
+            tracing::error!("cannot catch signals: {err}");
+            return ExitCode::from(crate::exit::EXIT_FAILURE);
+        }
+    };
     // A successor primary (an upgrade) takes what its predecessor handed down first.
     let mut inheritance = upgrade::Inheritance::take();
     if let Some(inherited) = &inheritance {
@@ -138,6 +149,7 @@ fn start_and_run(config: Config, program: WorkerProgram, hooks: Hooks) -> ExitCo
         pid_file,
         inherited_nofile,
         inheritance,
+        signals,
     ) {
         Ok(supervisor) => supervisor.run(),
         Err(message) => {

@@ -89,11 +89,8 @@ impl Supervisor {
         pid_file: Option<PidFile>,
         inherited_nofile: Option<(u64, u64)>,
         mut inheritance: Option<Inheritance>,
+        mut signals: Signals,
     ) -> Result<Supervisor, StartError> {
-        // Catch the signals first: loading the program takes a moment (a few hundred ms in
-        // a debug build), and a SIGTERM meanwhile must wait for the loop, not kill the
-        // primary with the default action.
-        let mut signals = signals::open().map_err(|e| format!("cannot catch signals: {e}"))?;
         let mut steering = Steering::new(config.balance, config.workers as u32)
             .map_err(|err| format!("--balance {}: {err}", config.balance))?;
         if inheritance.is_some() {
