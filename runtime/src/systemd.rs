@@ -11,6 +11,7 @@
 //! | it has ended | `READY=1` |
 //! | stopping (SIGTERM, SIGINT) | `STOPPING=1` |
 //! | the number of ready slots changes | `STATUS=<ready> of <n> workers ready` |
+//! | a rolling restart gave up on a slot | `READY=1`, `STATUS=... rolling restart abandoned: slot <i>'s new worker could not start ...` |
 //!
 //! [`Notifier`] is fed the cluster's state on every turn of the primary's loop and sends
 //! only on a change, so the supervisor needs no call at each place a state changes. The
@@ -36,6 +37,8 @@ pub struct ClusterState {
     pub slots: usize,
     /// Where the cluster is.
     pub phase: Phase,
+    /// The last rolling restart gave up on this slot: its new worker could not start.
+    pub roll_abandoned: Option<usize>,
 }
 
 /// The cluster phases the protocol distinguishes.
@@ -198,16 +201,26 @@ impl Notifier {
             }
             _ => {}
         }
-        if before.is_none_or(|b| b.ready != state.ready || b.slots != state.slots)
-            || !lines.is_empty()
+        if before.is_none_or(|b| {
+            b.ready != state.ready
+                || b.slots != state.slots
+                || b.roll_abandoned != state.roll_abandoned
+        }) || !lines.is_empty()
         {
             let what = match state.phase {
                 Phase::Running => "",
                 Phase::Reloading => "rolling restart; ",
                 Phase::Stopping => "stopping; ",
             };
+            let problem = match state.roll_abandoned {
+                Some(slot) => format!(
+                    "; rolling restart abandoned: slot {slot}'s new worker could not start, \
+                     the running generation serves"
+                ),
+                None => String::new(),
+            };
             lines.push(format!(
-                "STATUS={what}{} of {} workers ready",
+                "STATUS={what}{} of {} workers ready{problem}",
                 state.ready, state.slots
             ));
         }
@@ -253,6 +266,7 @@ mod tests {
             ready,
             slots: 2,
             phase,
+            roll_abandoned: None,
         }
     }
 
@@ -308,6 +322,25 @@ mod tests {
         assert_eq!(
             recv(&socket),
             "STOPPING=1\nSTATUS=stopping; 0 of 2 workers ready"
+        );
+    }
+
+    #[test]
+    fn an_abandoned_roll_says_ready_and_names_the_slot() {
+        let (socket, mut notifier, _) = listening();
+        notifier.observe(state(2, Phase::Running));
+        assert!(recv(&socket).starts_with("READY=1"));
+        notifier.observe(state(2, Phase::Reloading));
+        assert!(recv(&socket).starts_with("RELOADING=1"));
+        notifier.observe(ClusterState {
+            roll_abandoned: Some(1),
+            ..state(2, Phase::Running)
+        });
+        let said = recv(&socket);
+        assert!(said.starts_with("READY=1\n"), "{said}");
+        assert!(
+            said.contains("STATUS=2 of 2 workers ready; rolling restart abandoned: slot 1's"),
+            "{said}"
         );
     }
 

@@ -520,3 +520,85 @@ fn an_upgrade_hands_systemd_the_new_main_pid() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Issue 21, point 4: a roll onto a release that never becomes ready ends, bounded by
+/// three start attempts on the first slot (3 x --start-timeout + backoff); the old
+/// generation serves throughout, `/status` names the slot, and systemd hears `READY=1`
+/// after `RELOADING=1` with a `STATUS=` that names the problem.
+#[test]
+fn a_roll_onto_a_release_that_never_becomes_ready_ends_and_the_old_generation_serves() {
+    let name = format!("steer-test-roll-never-ready-{}", std::process::id());
+    let mut systemd =
+        FakeSystemd::bind(&SocketAddr::from_abstract_name(name.as_bytes()).expect("name"));
+    let fixture = format!("{}/fixtures/python_app.py", env!("CARGO_MANIFEST_DIR"));
+    let app = TempFile::new(
+        "py",
+        format!(
+            "import runpy, sys\nsys.argv[0] = {fixture:?}\nrunpy.run_path({fixture:?}, run_name='__main__')\n"
+        ),
+    );
+    let cluster = Cluster::start_with(
+        &[
+            "--workers",
+            "2",
+            "--balance",
+            "round-robin",
+            "--start-timeout",
+            "2s",
+            "--",
+            "python3",
+            app.as_arg(),
+        ],
+        |cmd| {
+            cmd.env("NOTIFY_SOCKET", format!("@{name}"));
+        },
+    );
+    cluster.wait_until("both workers said ready", Duration::from_secs(20), |s| {
+        status::workers(s)
+            .iter()
+            .all(|w| w.raw["health_ms"].is_u64())
+            && status::all_ready(s)
+    });
+    systemd.wait_for("READY=1", &cluster);
+    let before = cluster.worker_pid_list();
+    let load = steer_tests::Load::new_connections(cluster.listen_addr(), 2);
+    load.wait_for_ok(100, Duration::from_secs(10));
+    // The release on disk now blocks before it serves (its database is unreachable).
+    let next = app.path().with_extension("next");
+    std::fs::write(&next, "import time\ntime.sleep(3600)\n").expect("write");
+    std::fs::rename(&next, app.path()).expect("replace the app");
+    let started = Instant::now();
+    cluster.signal(Signal::SIGUSR2);
+    systemd.wait_for("RELOADING=1", &cluster);
+    let doc = cluster.wait_until("the roll to give up", Duration::from_secs(30), |s| {
+        s["primary"]["roll_abandoned"]["slot"] == 0 && s["primary"]["phase"] == "running"
+    });
+    let took = started.elapsed();
+    let ready = systemd.wait_for("READY=1", &cluster);
+    assert!(
+        ready.contains("rolling restart abandoned: slot 0's"),
+        "systemd is told why: {ready:?}"
+    );
+    assert_eq!(
+        doc["primary"]["roll_abandoned"]["reason"], "not ready within 2s",
+        "{doc:#}"
+    );
+    load.wait_for_ok(load.ok() + 100, Duration::from_secs(10));
+    let report = load.stop();
+    eprintln!("a roll onto a release that never becomes ready ended after {took:?}: {report}");
+    report.assert_all_succeeded();
+    assert_eq!(
+        cluster.worker_pid_list(),
+        before,
+        "the old generation still serves, every slot of it"
+    );
+    assert!(status::all_ready(&cluster.status()));
+    let log = cluster.log();
+    assert!(log.contains("rolling restart abandoned"), "{log}");
+    assert!(
+        !log.contains("slot=1 generation=2"),
+        "the roll did not go on to slot 1: {log}"
+    );
+    // Stop without rolling: the app on disk would never start.
+    cluster.stop_cleanly(Duration::from_secs(15));
+}

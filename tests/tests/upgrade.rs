@@ -457,3 +457,319 @@ fn sighup_refuses_a_changed_listen_address_naming_it() {
     );
     cluster.stop_cleanly(Duration::from_secs(15));
 }
+
+/// Issue 21, point 1: a second upgrade while the first old primary still drains. The
+/// second successor is re-parented to the first old primary (the nearest subreaper) when
+/// its own parent exits; that primary's exit must not take it, and its workers, along.
+#[test]
+fn a_chain_of_upgrades_while_the_first_old_primary_drains_loses_nothing() {
+    subreaper();
+    let (_dir, pid_file) = pid_file();
+    let pid_arg = pid_file.to_string_lossy().into_owned();
+    let cluster = Cluster::start(&[
+        "--workers",
+        "2",
+        "--balance",
+        "round-robin",
+        "--shutdown-timeout",
+        "20s",
+        "--pid-file",
+        &pid_arg,
+    ]);
+    let addr = cluster.listen_addr();
+    let p0 = cluster.pid();
+    // A 9 s request keeps the first primary draining through the second upgrade.
+    let slow = std::thread::spawn(move || {
+        steer_tests::http_get_timeout(addr, "/sleep?ms=9000", Duration::from_secs(30))
+    });
+    cluster.wait_until("the slow request in flight", Duration::from_secs(10), |s| {
+        status::workers(s)
+            .iter()
+            .any(|w| w.raw["active"].as_u64() >= Some(1))
+    });
+    let load = Load::new_connections(addr, 3);
+    load.wait_for_ok(200, Duration::from_secs(10));
+    let (s1, _) = upgrade_without_waiting_for_the_old(&cluster, &pid_file);
+    assert!(
+        pid_alive(p0),
+        "the first primary still drains its slow request"
+    );
+    let (s2, _) = upgrade_without_waiting_for_the_old(&cluster, &pid_file);
+    assert_ne!(s1, s2);
+    wait_for("every old primary to exit", Duration::from_secs(40), || {
+        reap(&cluster, p0);
+        reap(&cluster, s1);
+        !pid_alive(p0) && !pid_alive(s1)
+    });
+    let slow = slow.join().expect("slow request thread");
+    assert!(
+        slow.as_ref().is_ok_and(|r| r.status == 200),
+        "the drained request was answered: {slow:?}"
+    );
+    // The newest primary serves, after every old one has gone.
+    load.wait_for_ok(load.ok() + 200, Duration::from_secs(10));
+    let report = load.stop();
+    eprintln!("a chain of two upgrades under load: {report}");
+    report.assert_all_succeeded();
+    assert!(pid_alive(s2), "the newest primary lives: {}", cluster.log());
+    let doc = cluster.status();
+    assert_eq!(status::primary_pid(&doc), Some(s2));
+    assert!(status::all_ready(&doc), "{doc:#}");
+    for _ in 0..20 {
+        steer_tests::must_get(addr, "/");
+    }
+    stop(&cluster, &pid_file);
+}
+
+/// A successor chain refuses SIGUSR1 to a successor that has not taken over yet: it logs
+/// why, and the upgrade under way completes.
+#[test]
+fn sigusr1_to_a_successor_that_has_not_taken_over_is_refused_with_a_reason() {
+    subreaper();
+    let (_dir, pid_file) = pid_file();
+    let pid_arg = pid_file.to_string_lossy().into_owned();
+    // Workers that take 1.5 s to say `ready` keep the successor from taking over for as
+    // long: the window in which it is sent SIGUSR1.
+    let app = format!("{}/fixtures/python_app.py", env!("CARGO_MANIFEST_DIR"));
+    let cluster = Cluster::start(&[
+        "--workers",
+        "2",
+        "--balance",
+        "round-robin",
+        "--pid-file",
+        &pid_arg,
+        "--",
+        "python3",
+        &app,
+        "--start-delay-ms",
+        "1500",
+    ]);
+    cluster.wait_until("both workers said ready", Duration::from_secs(20), |s| {
+        status::workers(s)
+            .iter()
+            .all(|w| w.raw["health_ms"].is_u64())
+            && status::all_ready(s)
+    });
+    let p0 = cluster.pid();
+    send(p0, Signal::SIGUSR1);
+    // The successor is the test's grandchild: find it as the primary's child that is not a
+    // worker, as soon as it exists.
+    let mut successor = None;
+    wait_for("the successor process", Duration::from_secs(10), || {
+        let workers: BTreeSet<u32> = cluster.worker_pid_list().into_iter().collect();
+        successor = steer_tests::children_of(p0)
+            .into_iter()
+            .find(|pid| !workers.contains(pid));
+        successor.is_some()
+    });
+    let s1 = successor.expect("found");
+    send(s1, Signal::SIGUSR1);
+    cluster.wait_for_log("still taking over", Duration::from_secs(10));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pid_in(&pid_file) != s1 || !status::all_ready(&cluster.status()) {
+        assert!(Instant::now() < deadline, "{}", cluster.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        cluster.log().matches("a new primary is starting").count(),
+        1,
+        "only one upgrade started: {}",
+        cluster.log()
+    );
+    wait_for("the old primary to exit", Duration::from_secs(30), || {
+        reap(&cluster, p0);
+        !pid_alive(p0)
+    });
+    let doc = cluster.status();
+    assert_eq!(status::primary_pid(&doc), Some(s1), "no second successor");
+    stop(&cluster, &pid_file);
+}
+
+/// SIGUSR1 to the primary named in `pid_file`; waits until a successor answers `/status`
+/// with every worker ready and holds the pid file, but not for the old primary to exit.
+fn upgrade_without_waiting_for_the_old(cluster: &Cluster, pid_file: &Path) -> (u32, Duration) {
+    let old = pid_in(pid_file);
+    let started = Instant::now();
+    send(old, Signal::SIGUSR1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(doc) = cluster.try_status()
+            && let Some(new) = status::primary_pid(&doc).filter(|&p| p != old)
+            && status::all_ready(&doc)
+            && pid_in(pid_file) == new
+        {
+            return (new, started.elapsed());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no successor took over: {}",
+            cluster.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An app file on disk that runs `real` (the python fixture, or a Node example), so that a
+/// test can replace what is on disk under the same command line.
+fn app_file(kind: &str) -> TempFile {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    match kind {
+        "python" => {
+            let real = format!("{dir}/fixtures/python_app.py");
+            TempFile::new(
+                "py",
+                format!(
+                    "import runpy, sys\nsys.argv[0] = {real:?}\nrunpy.run_path({real:?}, run_name='__main__')\n"
+                ),
+            )
+        }
+        _ => {
+            let real = Path::new(dir).join("../examples/node/hello.mjs");
+            let real = real.canonicalize().expect("examples/node/hello.mjs");
+            TempFile::new("mjs", format!("import {:?};\n", real.display().to_string()))
+        }
+    }
+}
+
+/// Replaces `app` on disk by `text` (a new inode at the same path, as deploys do).
+fn replace_app(app: &TempFile, text: &str) {
+    let next = app.path().with_extension("next");
+    std::fs::write(&next, text).expect("write the new release");
+    std::fs::rename(&next, app.path()).expect("replace the app");
+}
+
+/// Issue 21, point 12: SIGUSR1 after the app on disk was replaced by one that exits 1 at
+/// start. The successor waits for its workers' `ready` (the old ones said it), gives up
+/// after three failed starts on a slot, and tells the old primary, which keeps serving.
+fn an_upgrade_to_a_release_that_exits_at_start(kind: &str) {
+    subreaper();
+    let (_dir, pid_file) = pid_file();
+    let pid_arg = pid_file.to_string_lossy().into_owned();
+    let app = app_file(kind);
+    let interpreter = if kind == "python" { "python3" } else { "node" };
+    let cluster = Cluster::start(&[
+        "--workers",
+        "2",
+        "--balance",
+        "round-robin",
+        "--start-timeout",
+        "3s",
+        "--pid-file",
+        &pid_arg,
+        "--",
+        interpreter,
+        app.as_arg(),
+    ]);
+    cluster.wait_until("both workers said ready", Duration::from_secs(30), |s| {
+        status::workers(s)
+            .iter()
+            .all(|w| w.raw["health_ms"].is_u64())
+            && status::all_ready(s)
+    });
+    let old = cluster.pid();
+    let before = cluster.worker_pid_list();
+    let load = Load::new_connections(cluster.listen_addr(), 2);
+    load.wait_for_ok(100, Duration::from_secs(10));
+    replace_app(
+        &app,
+        if kind == "python" {
+            "import sys\nsys.exit(1)\n"
+        } else {
+            "process.exit(1);\n"
+        },
+    );
+    send(old, Signal::SIGUSR1);
+    let log = cluster.wait_for_log("upgrade failed", Duration::from_secs(30));
+    assert!(
+        log.contains("failed to start 3 times in a row (last: exited before ready: exit code 1)"),
+        "the old primary says why: {log}"
+    );
+    load.wait_for_ok(load.ok() + 200, Duration::from_secs(10));
+    let report = load.stop();
+    eprintln!("an upgrade to a {kind} release that exits at start: {report}");
+    report.assert_all_succeeded();
+    assert_eq!(pid_in(&pid_file), old, "the pid file names the old primary");
+    let doc = cluster.status();
+    assert_eq!(status::primary_pid(&doc), Some(old));
+    assert!(status::all_ready(&doc), "{doc:#}");
+    assert_eq!(cluster.worker_pid_list(), before, "the old workers serve");
+    assert!(cluster.try_exit_status().is_none(), "the old primary runs");
+    // Stop without rolling: the app on disk would not start.
+    cluster.stop_cleanly(Duration::from_secs(15));
+}
+
+#[test]
+fn an_upgrade_to_a_python_release_that_exits_at_start_leaves_the_old_primary_serving() {
+    an_upgrade_to_a_release_that_exits_at_start("python");
+}
+
+#[test]
+fn an_upgrade_to_a_node_release_that_exits_at_start_leaves_the_old_primary_serving() {
+    an_upgrade_to_a_release_that_exits_at_start("node");
+}
+
+/// Issue 21, point 8: an upgrade from `kernel` to an eBPF policy whose successor dies
+/// after it attached its program. The old primary takes that program off the group (no
+/// SYN is refused), and names itself in the pid file again.
+#[test]
+fn a_failed_upgrade_from_kernel_to_ebpf_leaves_no_program_on_the_group() {
+    subreaper();
+    let (_dir, pid_file) = pid_file();
+    let pid_arg = pid_file.to_string_lossy().into_owned();
+    let config = TempFile::new("toml", "workers = 2\nbalance = \"kernel\"\n");
+    // Workers that take a second to say `ready`: the successor takes over that much later,
+    // which leaves the time to stop the old primary before it hears of it.
+    let fixture = format!("{}/fixtures/python_app.py", env!("CARGO_MANIFEST_DIR"));
+    let cluster = Cluster::start(&[
+        "--config",
+        config.as_arg(),
+        "--pid-file",
+        &pid_arg,
+        "--",
+        "python3",
+        &fixture,
+        "--start-delay-ms",
+        "1000",
+    ]);
+    cluster.wait_until("both workers said ready", Duration::from_secs(30), |s| {
+        status::workers(s)
+            .iter()
+            .all(|w| w.raw["health_ms"].is_u64())
+            && status::all_ready(s)
+    });
+    let old = cluster.pid();
+    std::fs::write(config.path(), "workers = 2\nbalance = \"round-robin\"\n").expect("write");
+    send(old, Signal::SIGUSR1);
+    cluster.wait_for_log("a new primary is starting", Duration::from_secs(10));
+    // The old primary does not hear the successor's `ready` until it is dead.
+    send(old, Signal::SIGSTOP);
+    let log = cluster.wait_for_log(
+        "took over from the previous primary",
+        Duration::from_secs(30),
+    );
+    let successor = pid_in(&pid_file);
+    assert_ne!(successor, old, "the successor named itself: {log}");
+    send(successor, Signal::SIGKILL);
+    wait_for("the successor to die", Duration::from_secs(10), || {
+        steer_tests::process_state(successor).is_none_or(|s| s == 'Z')
+    });
+    send(old, Signal::SIGCONT);
+    cluster.wait_for_log("upgrade failed", Duration::from_secs(10));
+    wait_for(
+        "the old primary in the pid file",
+        Duration::from_secs(10),
+        || pid_in(&pid_file) == old,
+    );
+    let addr = cluster.listen_addr();
+    let mut refused = 0;
+    for _ in 0..50 {
+        if steer_tests::http_get_timeout(addr, "/", Duration::from_secs(5)).is_err() {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 0, "every connection is served: {}", cluster.log());
+    let doc = cluster.status();
+    assert_eq!(status::primary_pid(&doc), Some(old));
+    assert_eq!(status::balance(&doc), Some("kernel"));
+    cluster.stop_cleanly(Duration::from_secs(15));
+}

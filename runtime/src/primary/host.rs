@@ -216,7 +216,7 @@ impl Host {
     /// Attaches this primary's program to the group again, through the listener of one of
     /// `serving` (a successor that failed may have attached its own).
     pub(crate) fn reassert_steering(&mut self, serving: &[WorkerId]) -> Result<(), String> {
-        if !matches!(self.steering, Steering::Ebpf(_)) {
+        if matches!(self.steering, Steering::Baseline(_)) {
             return Ok(());
         }
         let mut last = String::from("no serving worker");

@@ -24,7 +24,7 @@ mod report;
 mod signals;
 pub(crate) mod spawn;
 mod supervisor;
-mod upgrade;
+pub(crate) mod upgrade;
 
 use std::process::ExitCode;
 

@@ -26,6 +26,7 @@ impl Supervisor {
             ready,
             slots: slots.len(),
             phase,
+            roll_abandoned: self.core.roll_abandoned().map(|r| r.slot),
         });
     }
 }

@@ -6,8 +6,8 @@ use std::time::Instant;
 use super::core::{Phase as CorePhase, SlotState};
 use super::supervisor::Supervisor;
 use crate::status::{
-    Phase, PrimaryStatus, Readiness, StatusDocument, SteeringStatus, Totals, WorkerStatus,
-    rss_bytes,
+    Phase, PrimaryStatus, Readiness, RollAbandonedStatus, StatusDocument, SteeringStatus, Totals,
+    WorkerStatus, rss_bytes,
 };
 
 impl Supervisor {
@@ -124,6 +124,10 @@ impl Supervisor {
                 rss_bytes: rss_bytes(std::process::id()),
                 log_lines_dropped: crate::logging::dropped_lines(),
                 stalls: self.core.stalls(),
+                roll_abandoned: self.core.roll_abandoned().map(|r| RollAbandonedStatus {
+                    slot: r.slot,
+                    reason: r.reason.clone(),
+                }),
             },
             workers,
             totals,

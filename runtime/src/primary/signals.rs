@@ -36,13 +36,23 @@ pub(crate) enum Action {
 }
 
 /// The signals the primary handles.
-const HANDLED: [i32; 8] = [
+pub(crate) const HANDLED: [i32; 8] = [
     SIGTERM, SIGINT, SIGUSR2, SIGHUP, SIGCHLD, SIGUSR1, SIGTTIN, SIGTTOU,
 ];
 
-/// Installs the handlers; the returned source is registered with the event loop.
+/// Installs the handlers, then unblocks the signals (a successor primary starts with
+/// them blocked, so that one sent before its handlers were in waited instead of killing
+/// it); the returned source is registered with the event loop.
 pub(crate) fn open() -> io::Result<Signals> {
-    Signals::new(HANDLED)
+    let signals = Signals::new(HANDLED)?;
+    let mut set = nix::sys::signal::SigSet::empty();
+    for signal in HANDLED {
+        if let Ok(signal) = nix::sys::signal::Signal::try_from(signal) {
+            set.add(signal);
+        }
+    }
+    set.thread_unblock().map_err(io::Error::from)?;
+    Ok(signals)
 }
 
 /// Maps a received signal number to its action.

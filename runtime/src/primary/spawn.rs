@@ -328,6 +328,15 @@ impl ChildPlan {
             reset_signal_dispositions();
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
+            if self.limits.successor {
+                // A new primary keeps the control signals blocked through execve, until
+                // its handlers are in (`signals::open`): one sent to it meanwhile (the
+                // operator, or `systemctl kill` to the whole unit) waits for its loop
+                // instead of killing it with the default action.
+                for signal in super::signals::HANDLED {
+                    libc::sigaddset(&mut empty, signal);
+                }
+            }
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
             // A CPU this process may not use (a cpuset) leaves the worker unpinned: there
             // is no one to tell from here, and an unpinned worker still serves.

@@ -18,7 +18,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use signal_hook_mio::v1_0::Signals;
 
-use super::core::{Core, Phase, Settings, WorkerId};
+use super::core::{Core, HEALTHY_RESET, Phase, START_ATTEMPTS, Settings, WorkerId};
 use super::host::{Host, WorkerFd, decode_worker_token};
 use super::pidfile::PidFile;
 use super::signals::{self, Action};
@@ -180,8 +180,12 @@ impl Supervisor {
         become_subreaper();
         let now = Instant::now();
         let slots = config.workers;
+        let mut core = Core::new(Settings::of(&config), slots, now);
+        for &index in inheritance.iter().flat_map(|i| &i.says_ready) {
+            core.expect_ready_word(index);
+        }
         Ok(Supervisor {
-            core: Core::new(Settings::of(&config), slots, now),
+            core,
             host: Host {
                 config,
                 program,
@@ -283,13 +287,18 @@ impl Supervisor {
         if let Some(retry) = self.baseline_wakeup(now) {
             at = at.min(retry);
         }
+        if !self.taken_over
+            && let Some(settled) = self.settled_at(now)
+        {
+            at = at.min(settled);
+        }
         at
     }
 
     /// Housekeeping after the core's turn: an upgrade's progress, the status thread, the
     /// baseline, systemd.
     fn after_turn(&mut self, now: Instant) {
-        self.take_over_if_ready();
+        self.take_over_if_ready(now);
         if let Some(successor) = &self.successor
             && !self.handed_over
             && now >= successor.deadline
@@ -412,6 +421,15 @@ impl Supervisor {
             tracing::warn!("SIGUSR1 ignored: an upgrade is under way");
             return;
         }
+        if !self.taken_over {
+            // Its predecessor still serves: a second successor now would race this one
+            // for the group. Once this primary has taken over, SIGUSR1 upgrades it.
+            tracing::warn!(
+                "SIGUSR1 ignored: this primary is still taking over from the previous one; \
+                 send it again once it serves"
+            );
+            return;
+        }
         if std::process::id() == 1 {
             // The old primary exits at the end of an upgrade, and a PID namespace ends
             // with its PID 1: the successor and every worker would die with it.
@@ -422,11 +440,19 @@ impl Supervisor {
             return;
         }
         let deadline = now + self.host.config.start_timeout + SUCCESSOR_GRACE;
+        let says_ready: Vec<usize> = self
+            .core
+            .slots()
+            .iter()
+            .filter(|s| s.says_ready)
+            .map(|s| s.index)
+            .collect();
         let started = Successor::start(
             self.host.exe.clone(),
             self.host.args.clone(),
             self.status.as_ref().map(StatusService::listener_fd),
             self.pid_file.as_ref().map(|f| f.file().as_fd()),
+            &says_ready,
             self.host.inherited_nofile,
             deadline,
         );
@@ -475,6 +501,9 @@ impl Supervisor {
         match successor.progress() {
             Progress::Starting => {}
             Progress::Ready => self.hand_over(),
+            Progress::Failed(why) => {
+                self.upgrade_failed(&format!("the new primary cannot start its workers: {why}"))
+            }
             // It closed the pipe unsaid. Its exit, on the pidfd, says how it ended; one
             // that lives on without a word meets its deadline.
             Progress::Gone => {
@@ -529,6 +558,12 @@ impl Supervisor {
         if let Err(err) = self.host.reassert_steering(&serving) {
             tracing::warn!("cannot put this primary's program back on the group: {err}");
         }
+        // The successor may have named itself there just before it died.
+        if let Some(file) = self.pid_file.as_mut()
+            && let Err(err) = file.write_pid()
+        {
+            tracing::warn!("cannot write --pid-file {}: {err}", file.path().display());
+        }
     }
 
     /// The successor has taken over: tell systemd, stop answering status requests, and
@@ -538,6 +573,11 @@ impl Supervisor {
         let Some(pid) = self.successor.as_ref().map(|s| s.pid) else {
             return;
         };
+        if self.successor.as_ref().is_some_and(Successor::has_exited) {
+            // It said `ready` and died before this primary heard it: nobody would serve.
+            self.upgrade_failed("the new primary said it was ready, then exited");
+            return;
+        }
         self.handed_over = true;
         tracing::info!(
             successor = pid,
@@ -554,17 +594,24 @@ impl Supervisor {
         self.core.stop(&mut self.host, Instant::now());
     }
 
-    /// In a successor, once every slot is ready: attach the program, write the pid file,
-    /// and tell the predecessor.
-    fn take_over_if_ready(&mut self) {
+    /// In a successor, once every slot is ready and settled: attach the program, write
+    /// the pid file, and tell the predecessor. A slot that cannot start is told instead.
+    fn take_over_if_ready(&mut self, now: Instant) {
         if self.taken_over || self.core.phase() != Phase::Running {
             return;
         }
-        let configured = self.core.configured();
-        if !self.core.slots()[..configured]
-            .iter()
-            .all(|s| s.state() == super::core::SlotState::Ready)
-        {
+        if let Some(why) = self.cannot_start() {
+            if let Some(inherited) = self.inheritance.as_mut()
+                && inherited.announce_failure(&why)
+            {
+                tracing::error!(
+                    predecessor = inherited.from,
+                    "{why}: told the previous primary, which keeps serving"
+                );
+            }
+            return;
+        }
+        if self.settled_at(now).is_none_or(|at| at > now) {
             return;
         }
         self.taken_over = true;
@@ -591,6 +638,43 @@ impl Supervisor {
                 "every worker is ready, but the previous primary did not hear it: {err}"
             ),
         }
+    }
+
+    /// In a successor: when every configured slot is ready and has settled, if they all
+    /// are ready. A worker counted ready when it ran (an external program that has not
+    /// said `ready`, on a slot whose workers never did) settles once it has stayed up for
+    /// [`HEALTHY_RESET`]: one that exits at start is not taken for a working release.
+    fn settled_at(&self, now: Instant) -> Option<Instant> {
+        let configured = self.core.configured();
+        let mut at = now;
+        for slot in &self.core.slots()[..configured] {
+            if slot.state() != super::core::SlotState::Ready {
+                return None;
+            }
+            let worker = slot.current.as_ref()?;
+            if worker.ready_at_exec() && !slot.says_ready {
+                let since = worker.ready_since.unwrap_or(now);
+                at = at.max(since + HEALTHY_RESET);
+            }
+        }
+        Some(at)
+    }
+
+    /// In a successor: why a slot cannot start, once one has failed
+    /// [`START_ATTEMPTS`] times in a row.
+    fn cannot_start(&self) -> Option<String> {
+        let configured = self.core.configured();
+        self.core.slots()[..configured]
+            .iter()
+            .find(|s| s.failed_starts >= START_ATTEMPTS)
+            .map(|s| {
+                format!(
+                    "slot {}'s worker failed to start {} times in a row (last: {})",
+                    s.index,
+                    s.failed_starts,
+                    s.last_start_failure.as_deref().unwrap_or("unknown")
+                )
+            })
     }
 
     /// In a successor: the predecessor has exited, and this primary speaks for the
@@ -665,6 +749,21 @@ impl Supervisor {
             .into_iter()
             .filter(|pid| !spared.contains(pid) && !self.foreign_children.contains(pid))
             .collect();
+        if last {
+            // A successor of a successor (a chain of upgrades) is re-parented here when
+            // its own parent, the primary between us, exits first: it is the cluster now,
+            // not a leftover of a worker's tree.
+            orphans.retain(|&pid| {
+                let successor = super::upgrade::is_successor_primary(pid);
+                if successor {
+                    tracing::info!(
+                        pid,
+                        "a newer primary (a later upgrade) was re-parented here; it keeps running"
+                    );
+                }
+                !successor
+            });
+        }
         if last && !orphans.is_empty() {
             tracing::info!(
                 count = orphans.len(),

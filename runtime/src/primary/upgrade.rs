@@ -14,9 +14,23 @@
 //! close, and what was queued on them migrates through the new program (or, in `kernel`
 //! mode, through `tcp_migrate_req`) to the new workers. It exits 0 once they are gone.
 //!
+//! A successor is no less careful than a rolling restart. It learns which slots' workers
+//! say `ready` (a helper, or any worker that speaks the protocol), and counts its own as
+//! ready only once they say it too; a worker counted ready when it runs (an external
+//! program that never speaks) must also have stayed up for a second. A successor whose
+//! slot fails to start [`START_ATTEMPTS`](super::core::START_ATTEMPTS) times in a row says
+//! so, with the reason, on the same pipe.
+//!
 //! If the successor fails before it is ready (its config does not parse, it crashes, its
-//! workers never become ready within the deadline), it exits or is killed, its workers die
-//! with it, and the old primary puts its own program back on the group and keeps serving.
+//! workers cannot start, or are not all ready within the deadline), it exits or is killed,
+//! its workers die with it, and the old primary logs why, puts its own program back on
+//! the group (or, under `kernel`, takes any program off it), names itself in the pid file
+//! again and keeps serving.
+//!
+//! SIGUSR1 to a successor that has not taken over yet is refused with a log line. Once it
+//! has, it may be upgraded again while the primary before it still drains (a chain): the
+//! newest is re-parented to that older primary, a subreaper, when the one between them
+//! exits, and is spared by its exit-time sweep ([`is_successor_primary`]).
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -35,8 +49,17 @@ pub(crate) const ENV_READY_FD: &str = "STEER_UPGRADE_READY_FD";
 pub(crate) const ENV_STATUS_FD: &str = "STEER_UPGRADE_STATUS_FD";
 /// The inherited (locked) pid file's fd.
 pub(crate) const ENV_PID_FILE_FD: &str = "STEER_UPGRADE_PID_FILE_FD";
+/// The slots whose workers say `ready` (comma-separated indices): the successor's count
+/// as ready only once they say it too.
+pub(crate) const ENV_SAYS_READY: &str = "STEER_UPGRADE_SAYS_READY";
 /// Every variable of the hand-over: never passed on to workers.
-pub(crate) const ENV: &[&str] = &[ENV_FROM, ENV_READY_FD, ENV_STATUS_FD, ENV_PID_FILE_FD];
+pub(crate) const ENV: &[&str] = &[
+    ENV_FROM,
+    ENV_READY_FD,
+    ENV_STATUS_FD,
+    ENV_PID_FILE_FD,
+    ENV_SAYS_READY,
+];
 
 const READY_FD: RawFd = 3;
 const STATUS_FD: RawFd = 4;
@@ -44,6 +67,11 @@ const PID_FILE_FD: RawFd = 5;
 
 /// What the successor says once it has taken over.
 const READY: &[u8] = b"ready\n";
+/// What a successor says, followed by the reason and a newline, when it cannot have
+/// every slot ready: the predecessor then kills it and keeps serving.
+const FAILED: &[u8] = b"failed: ";
+/// The longest reason the predecessor reads.
+const MOST_SAID: usize = 1024;
 
 /// The old primary's view of a successor being started.
 #[derive(Debug)]
@@ -68,23 +96,29 @@ pub(crate) enum Progress {
     Ready,
     /// It closed the pipe without saying `ready` (it exited or failed).
     Gone,
+    /// It said it cannot start, and why.
+    Failed(String),
 }
 
 impl Successor {
     /// Starts `exe` with `args` as a successor, handing it the status listener and the pid
-    /// file, and giving its workers the open-file limit this primary started with.
+    /// file, the slots whose workers say `ready`, and giving its workers the open-file
+    /// limit this primary started with.
     pub(crate) fn start(
         exe: PathBuf,
         args: Vec<OsString>,
         status: Option<BorrowedFd<'_>>,
         pid_file: Option<BorrowedFd<'_>>,
+        says_ready: &[usize],
         nofile: Option<(u64, u64)>,
         deadline: Instant,
     ) -> io::Result<Successor> {
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let says_ready: Vec<String> = says_ready.iter().map(usize::to_string).collect();
         let mut env: Vec<(OsString, OsString)> = vec![
             (ENV_FROM.into(), std::process::id().to_string().into()),
             (ENV_READY_FD.into(), READY_FD.to_string().into()),
+            (ENV_SAYS_READY.into(), says_ready.join(",").into()),
         ];
         let mut fds = vec![(write, READY_FD)];
         if let Some(status) = status {
@@ -130,21 +164,15 @@ impl Successor {
 
     /// Reads what it said so far, without blocking.
     pub(crate) fn progress(&mut self) -> Progress {
-        let mut buf = [0u8; 64];
+        let mut buf = [0u8; 256];
         loop {
             match self.ready.read(&mut buf) {
-                Ok(0) => {
-                    return if self.heard.starts_with(READY) {
-                        Progress::Ready
-                    } else {
-                        Progress::Gone
-                    };
-                }
+                Ok(0) => return self.heard_so_far().unwrap_or(Progress::Gone),
                 Ok(n) => {
                     self.heard.extend_from_slice(&buf[..n]);
-                    self.heard.truncate(READY.len());
-                    if self.heard.starts_with(READY) {
-                        return Progress::Ready;
+                    self.heard.truncate(MOST_SAID);
+                    if let Some(progress) = self.heard_so_far() {
+                        return progress;
                     }
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Progress::Starting,
@@ -152,6 +180,18 @@ impl Successor {
                 Err(_) => return Progress::Gone,
             }
         }
+    }
+
+    /// A complete word in what it said, if there is one.
+    fn heard_so_far(&self) -> Option<Progress> {
+        if self.heard.starts_with(READY) {
+            return Some(Progress::Ready);
+        }
+        let reason = self.heard.strip_prefix(FAILED)?;
+        let end = reason.iter().position(|&b| b == b'\n')?;
+        Some(Progress::Failed(
+            String::from_utf8_lossy(&reason[..end]).into_owned(),
+        ))
     }
 
     /// Kills it (and, through their parent-death signal, its workers) and reaps it.
@@ -189,6 +229,8 @@ pub(crate) struct Inheritance {
     pub status: Option<std::net::TcpListener>,
     /// The pid file, locked.
     pub pid_file: Option<File>,
+    /// Slots whose workers say `ready` under the predecessor.
+    pub says_ready: Vec<usize>,
 }
 
 impl Inheritance {
@@ -221,12 +263,18 @@ impl Inheritance {
         if let Some(listener) = &status {
             let _ = set_cloexec(listener.as_fd());
         }
+        let says_ready = std::env::var(ENV_SAYS_READY)
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|index| index.parse().ok())
+            .collect();
         Some(Inheritance {
             from,
             predecessor: spawn::pidfd_open(from).ok(),
             ready,
             status,
             pid_file,
+            says_ready,
         })
     }
 
@@ -237,6 +285,35 @@ impl Inheritance {
         };
         pipe.write_all(READY)
     }
+
+    /// Tells the predecessor this primary cannot have every slot ready, and why: it kills
+    /// this one and keeps serving. Said once; false if nobody heard it.
+    pub(crate) fn announce_failure(&mut self, why: &str) -> bool {
+        let Some(mut pipe) = self.ready.take() else {
+            return false;
+        };
+        let mut word = FAILED.to_vec();
+        word.extend(
+            why.bytes()
+                .filter(|&b| b != b'\n')
+                .take(MOST_SAID - FAILED.len() - 1),
+        );
+        word.push(b'\n');
+        pipe.write_all(&word).is_ok()
+    }
+}
+
+/// Whether `pid` is a primary started as a successor (an upgrade): its environment,
+/// fixed at its `execve`, names the primary it took over from. Workers never carry the
+/// variable ([`ENV`] is removed from theirs).
+pub(crate) fn is_successor_primary(pid: i32) -> bool {
+    let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+        return false;
+    };
+    let marker = format!("{ENV_FROM}=");
+    environ
+        .split(|&b| b == 0)
+        .any(|entry| entry.starts_with(marker.as_bytes()))
 }
 
 fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {

@@ -377,6 +377,7 @@ mod tests {
                 rss_bytes: None,
                 log_lines_dropped: 0,
                 stalls: 0,
+                roll_abandoned: None,
             },
             workers: vec![worker(0, "ready", Some(11)), worker(1, "backoff", None)],
             totals: Totals {

@@ -294,6 +294,7 @@ mod tests {
                 rss_bytes: Some(8192),
                 log_lines_dropped: 0,
                 stalls: 0,
+                roll_abandoned: None,
             },
             workers: vec![worker(0, "ready"), worker(1, "backoff")],
             totals: Totals {

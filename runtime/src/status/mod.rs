@@ -72,6 +72,19 @@ pub struct PrimaryStatus {
     /// heartbeat deadlines restarted then, so nobody was declared hung for it.
     #[serde(default)]
     pub stalls: u64,
+    /// The last rolling restart gave up on a slot whose new worker could not start; absent
+    /// otherwise, and cleared by the next rolling restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roll_abandoned: Option<RollAbandonedStatus>,
+}
+
+/// A rolling restart that gave up, in `/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollAbandonedStatus {
+    /// The slot whose new worker failed to start three times in a row.
+    pub slot: usize,
+    /// How its last attempt ended, e.g. `not ready within 10s`.
+    pub reason: String,
 }
 
 /// One slot in `/status`.

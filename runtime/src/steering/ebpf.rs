@@ -554,17 +554,26 @@ impl EbpfSteering {
 /// `kernel` mode: detaches whatever program is attached to the group of `socket`
 /// (nothing of Steer's ever is), with a warning naming what was found.
 pub fn detach_foreign_program(socket: &OwnedFd, slot: usize) -> Result<(), SteeringError> {
-    match SkReuseport::detach(socket.as_fd()) {
-        Ok(()) => {
-            tracing::warn!(
-                slot,
-                "steering takeover: a program someone else attached was deciding for the port's SO_REUSEPORT group; detached it (--balance kernel hashes over the group)"
-            );
-            Ok(())
-        }
+    if detach_any_program(socket.as_fd(), slot)? {
+        tracing::warn!(
+            slot,
+            "steering takeover: a program someone else attached was deciding for the port's SO_REUSEPORT group; detached it (--balance kernel hashes over the group)"
+        );
+    }
+    Ok(())
+}
+
+/// Detaches whatever program is attached to the group of `socket`
+/// (`SO_DETACH_REUSEPORT_BPF`); whether there was one.
+pub(crate) fn detach_any_program(
+    socket: BorrowedFd<'_>,
+    slot: usize,
+) -> Result<bool, SteeringError> {
+    match SkReuseport::detach(socket) {
+        Ok(()) => Ok(true),
         Err(ProgramError::SkReuseportError(
             aya::programs::sk_reuseport::SkReuseportError::SetsockoptError { io_error, .. },
-        )) if io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        )) if io_error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(source) => Err(SteeringError::Attach {
             what: format!("detach a program from slot {slot}'s group"),
             source,

@@ -291,11 +291,21 @@ impl Steering {
         }
     }
 
-    /// Attaches the program again through `socket`, a socket of the group (for a primary
-    /// whose successor failed after attaching its own).
+    /// Puts this primary's decision back on the group through `socket`, a socket of the
+    /// group (for a primary whose successor failed after attaching its own program): its
+    /// own program, or in `kernel` mode none at all, so that the kernel's hash decides
+    /// again instead of a dead successor's program refusing every connection.
     pub fn reattach_through(&mut self, socket: BorrowedFd<'_>) -> Result<(), SteeringError> {
         match self {
-            Steering::Kernel | Steering::Baseline(_) => Ok(()),
+            Steering::Kernel => {
+                if ebpf::detach_any_program(socket, 0)? {
+                    tracing::info!(
+                        "took the failed successor's program off the group: the kernel's hash decides again"
+                    );
+                }
+                Ok(())
+            }
+            Steering::Baseline(_) => Ok(()),
             Steering::Ebpf(program) => program.attach_through(socket, None),
         }
     }

@@ -71,6 +71,12 @@ pub(crate) const ALL: &[&str] = &[
     "LISTEN_FDNAMES",
     // The service manager speaks to the primary only (NotifyAccess=main).
     crate::systemd::NOTIFY_SOCKET,
+    // An upgrade's hand-over is the successor primary's alone: a worker that carried it
+    // would pass for a primary when its tree is swept (`upgrade::is_successor_primary`).
+    crate::primary::upgrade::ENV_FROM,
+    crate::primary::upgrade::ENV_READY_FD,
+    crate::primary::upgrade::ENV_STATUS_FD,
+    crate::primary::upgrade::ENV_PID_FILE_FD,
 ];
 
 /// A worker's identity and inheritance, read from its environment.

@@ -20,6 +20,7 @@ mod tests;
 
 use std::time::{Duration, Instant};
 
+pub(crate) use restart::HEALTHY_RESET;
 use restart::Verdict;
 use roll::Roll;
 pub use slot::SlotState;
@@ -49,6 +50,66 @@ pub(crate) struct Spawned {
     /// It must send `register` with a socket of its own before `ready` (built-in and
     /// library workers, except under the `userspace` baseline, where they have none).
     pub registers: bool,
+}
+
+/// How many times in a row a slot's new process may fail to start (exit, break the
+/// protocol or miss `--start-timeout` before it is ready) before a rolling restart gives
+/// up on it, and a successor primary gives up its upgrade. With the defaults a roll onto a
+/// release that never becomes ready ends within `3 x start-timeout + 0.3 s` (30.3 s).
+pub(crate) const START_ATTEMPTS: u32 = 3;
+
+/// A process that ended, or never started, without being asked to.
+#[derive(Debug, Clone)]
+enum Crash {
+    /// It exited (or was killed by the primary while starting: `start_timed_out`).
+    Exited {
+        status: ExitStatus,
+        ready_since: Option<Instant>,
+        start_timed_out: bool,
+    },
+    /// It broke the IPC protocol.
+    Violation {
+        serving: bool,
+        ready_since: Option<Instant>,
+    },
+    /// It could not be spawned.
+    NotSpawned(String),
+}
+
+impl Crash {
+    fn ready_since(&self) -> Option<Instant> {
+        match self {
+            Crash::Exited { ready_since, .. } | Crash::Violation { ready_since, .. } => {
+                *ready_since
+            }
+            Crash::NotSpawned(_) => None,
+        }
+    }
+
+    /// Why a start failed, for the log, `/status` and systemd.
+    fn describe(&self, start_timeout: Duration) -> String {
+        match self {
+            Crash::Exited {
+                start_timed_out: true,
+                ..
+            } => format!(
+                "not ready within {}",
+                humantime::format_duration(start_timeout)
+            ),
+            Crash::Exited { status, .. } => format!("exited before ready: {status}"),
+            Crash::Violation { .. } => "broke the IPC protocol before ready".to_owned(),
+            Crash::NotSpawned(err) => format!("cannot be started: {err}"),
+        }
+    }
+}
+
+/// A rolling restart that gave up on a slot (see [`START_ATTEMPTS`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RollAbandoned {
+    /// The slot whose new worker could not start.
+    pub slot: usize,
+    /// How its last attempt ended.
+    pub reason: String,
 }
 
 /// What the core asks of the host. Every method is one action on one process or on the
@@ -158,6 +219,8 @@ pub(crate) struct Core {
     /// Slots were added: steering grows to `configured` once they are all ready, so a
     /// client whose hash moves to a new slot moves once, when it can be served there.
     growing: bool,
+    /// The last rolling restart gave up (cleared when another one begins).
+    roll_abandoned: Option<RollAbandoned>,
 }
 
 impl Core {
@@ -175,6 +238,7 @@ impl Core {
             stalls: 0,
             configured: slots,
             growing: false,
+            roll_abandoned: None,
         }
     }
 
@@ -203,6 +267,20 @@ impl Core {
     /// Whether a rolling restart is under way.
     pub(crate) fn rolling(&self) -> bool {
         self.roll.is_some()
+    }
+
+    /// The last rolling restart, if it gave up on a slot.
+    pub(crate) fn roll_abandoned(&self) -> Option<&RollAbandoned> {
+        self.roll_abandoned.as_ref()
+    }
+
+    /// A successor primary learns from its predecessor that the workers of `index` say
+    /// `ready`: its own count as ready only once they say it too (see
+    /// [`Slot::says_ready`]).
+    pub(crate) fn expect_ready_word(&mut self, index: usize) {
+        if let Some(slot) = self.slots.get_mut(index) {
+            slot.says_ready = true;
+        }
     }
 
     /// The settings in force.
@@ -416,7 +494,7 @@ impl Core {
             Err(err) => {
                 tracing::error!(slot = index, generation, "cannot start worker: {err}");
                 self.slots[index].last_exit = None;
-                self.after_crash(io, index, role, None, now);
+                self.crash_verdict(io, index, role, Crash::NotSpawned(err), now);
             }
         }
     }
@@ -445,6 +523,7 @@ impl Core {
                 }
             }
             Ok(old) => {
+                slot.failed_starts = 0;
                 tracing::info!(
                     slot = index,
                     generation,
@@ -487,16 +566,35 @@ impl Core {
         }
     }
 
-    /// Restart accounting for a process that ended (or never started) unexpectedly.
-    fn after_crash(
+    /// The crash verdict, shared by every way a process can fail: it exited unexpectedly,
+    /// broke the protocol, or could not be started. Counts the crash against the slot's
+    /// backoff and `max-restarts`, and against the replacement's start attempts in a roll.
+    fn crash_verdict(
         &mut self,
         io: &mut impl Io,
         index: usize,
         role: Role,
-        ready_since: Option<Instant>,
+        crash: Crash,
         now: Instant,
     ) {
         let (max, window) = (self.settings.max_restarts, self.settings.restart_window);
+        let timeout = self.settings.shutdown_timeout;
+        let slot = &mut self.slots[index];
+        let ready_since = crash.ready_since();
+        if ready_since.is_none() {
+            slot.failed_starts = slot.failed_starts.saturating_add(1);
+            slot.last_start_failure = Some(crash.describe(self.settings.start_timeout));
+        }
+        if role == Role::Incoming
+            && slot.failed_starts >= START_ATTEMPTS
+            && matches!(
+                slot.replacement,
+                Some(Replacement::Roll | Replacement::Memory)
+            )
+        {
+            self.abandon_roll(index);
+            return;
+        }
         let slot = &mut self.slots[index];
         match slot.crashes.record(now, ready_since, max, window) {
             Verdict::Fail if role == Role::Incoming => {
@@ -516,26 +614,76 @@ impl Core {
                 slot.failed = true;
                 slot.next_start = None;
                 slot.replacement = None;
-                if let Some(mut incoming) = slot.incoming.take() {
-                    incoming.killed = true;
-                    incoming.account();
-                    io.kill(incoming.id);
-                    slot.retiring.push(incoming);
+                let mut leaving: Vec<Worker> = slot
+                    .current
+                    .take()
+                    .into_iter()
+                    .chain(slot.incoming.take())
+                    .collect();
+                for worker in leaving.iter_mut().filter(|w| !w.killed) {
+                    if matches!(worker.stage(), Stage::Starting { .. }) {
+                        // Not serving yet: it has no queue worth keeping.
+                        worker.killed = true;
+                        worker.account();
+                        io.kill(worker.id);
+                    } else {
+                        Slot::drain(index, worker, io, now, timeout);
+                    }
                 }
+                slot.retiring.extend(leaving);
             }
             Verdict::RestartAfter(delay) => {
                 slot.restarts = slot.restarts.saturating_add(1);
-                if role == Role::Current && slot.incoming.is_some() {
+                if slot.current.is_none() && slot.incoming.is_some() {
                     // The replacement already on its way takes over.
                     slot.current = slot.incoming.take();
                     slot.replacement = None;
                     tracing::info!(slot = index, "the replacement being started takes over");
-                } else {
-                    slot.next_start = Some(now + delay);
-                    tracing::info!(slot = index, "restarting in {} ms", delay.as_millis());
+                    return;
                 }
+                slot.next_start = Some(now + delay);
+                let serving = matches!(crash, Crash::Violation { serving: true, .. });
+                if serving {
+                    // It keeps serving until its replacement is ready.
+                    slot.replacement.get_or_insert(Replacement::Violation);
+                }
+                tracing::info!(
+                    slot = index,
+                    "{} in {} ms",
+                    if serving {
+                        "replacing it"
+                    } else {
+                        "restarting"
+                    },
+                    delay.as_millis()
+                );
             }
         }
+    }
+
+    /// A roll's replacement for `index` failed to start [`START_ATTEMPTS`] times in a
+    /// row: the new code cannot serve, so the roll ends here and every slot keeps its
+    /// running generation (a broken release is not rolled onto the next slot).
+    fn abandon_roll(&mut self, index: usize) {
+        let slot = &mut self.slots[index];
+        slot.replacement = None;
+        slot.next_start = None;
+        let reason = slot
+            .last_start_failure
+            .clone()
+            .unwrap_or_else(|| "it did not start".to_owned());
+        tracing::error!(
+            slot = index,
+            attempts = START_ATTEMPTS,
+            "rolling restart abandoned: slot {index}'s new worker failed to start \
+             {START_ATTEMPTS} times in a row (last: {reason}); every slot keeps its running \
+             generation"
+        );
+        self.roll = None;
+        self.roll_abandoned = Some(RollAbandoned {
+            slot: index,
+            reason,
+        });
     }
 
     // ---- events from workers ----
@@ -691,8 +839,6 @@ impl Core {
         what: &str,
         now: Instant,
     ) {
-        let (max, window) = (self.settings.max_restarts, self.settings.restart_window);
-        let timeout = self.settings.shutdown_timeout;
         let running = self.phase == Phase::Running;
         let Some(slot) = self.slots.get_mut(index) else {
             return;
@@ -720,51 +866,11 @@ impl Core {
             worker.killed = true;
             io.kill(id);
         }
-        match slot.crashes.record(now, ready_since, max, window) {
-            Verdict::Fail if role == Role::Incoming => {
-                tracing::error!(
-                    slot = index,
-                    "replacement failed more than {max} times in {}; keeping the running generation",
-                    humantime::format_duration(window)
-                );
-                slot.replacement = None;
-            }
-            Verdict::Fail => {
-                tracing::error!(
-                    slot = index,
-                    "failed more than {max} times in {}: slot failed (revive with SIGHUP)",
-                    humantime::format_duration(window)
-                );
-                slot.failed = true;
-                slot.next_start = None;
-                slot.replacement = None;
-                let workers = slot.current.take().into_iter().chain(slot.incoming.take());
-                let mut leaving: Vec<Worker> = workers.collect();
-                for worker in &mut leaving {
-                    if !worker.killed {
-                        Slot::drain(index, worker, io, now, timeout);
-                    }
-                }
-                slot.retiring.extend(leaving);
-            }
-            Verdict::RestartAfter(delay) => {
-                slot.restarts = slot.restarts.saturating_add(1);
-                slot.next_start = Some(now + delay);
-                if serving {
-                    slot.replacement.get_or_insert(Replacement::Violation);
-                }
-                tracing::info!(
-                    slot = index,
-                    "{} in {} ms",
-                    if serving {
-                        "replacing it"
-                    } else {
-                        "restarting"
-                    },
-                    delay.as_millis()
-                );
-            }
-        }
+        let crash = Crash::Violation {
+            serving,
+            ready_since,
+        };
+        self.crash_verdict(io, index, role, crash, now);
     }
 
     /// A worker process exited (the host has reaped it).
@@ -802,7 +908,12 @@ impl Core {
         }
         tracing::warn!(slot = index, generation, pid, "worker exited: {status}");
         slot.last_exit = Some(status);
-        self.after_crash(io, index, role, worker.ready_since, now);
+        let crash = Crash::Exited {
+            status,
+            ready_since: worker.ready_since,
+            start_timed_out: worker.killed,
+        };
+        self.crash_verdict(io, index, role, crash, now);
     }
 
     // ---- heartbeats and verdicts ----
@@ -1008,6 +1119,10 @@ impl Core {
         }
         tracing::info!("{why}: rolling restart of {} slots", self.configured);
         self.roll = Some(Roll::over(self.configured));
+        self.roll_abandoned = None;
+        for slot in &mut self.slots {
+            slot.failed_starts = 0;
+        }
     }
 
     fn advance_roll(&mut self) {

@@ -211,6 +211,12 @@ impl Worker {
         }
     }
 
+    /// Counted ready as soon as it ran: its socket was made by the primary and it sends
+    /// no `register` (an external program), so nothing it said made it ready.
+    pub(crate) fn ready_at_exec(&self) -> bool {
+        self.listening && !self.registers
+    }
+
     /// Whether it has sent `register`, or needs none.
     pub(crate) fn may_become_ready(&self) -> bool {
         match self.stage {
@@ -293,6 +299,11 @@ pub(crate) struct Slot {
     /// `ready`: its successors count as ready only once they say it too, so the old
     /// generation keeps serving while a new one boots (PM2's `wait_ready`).
     pub says_ready: bool,
+    /// Processes in a row that ended before they were ready (see
+    /// [`super::START_ATTEMPTS`]); 0 once one is ready, and when a roll begins.
+    pub failed_starts: u32,
+    /// How the last of them ended.
+    pub last_start_failure: Option<String>,
 }
 
 impl Slot {
@@ -314,6 +325,8 @@ impl Slot {
             replacement: None,
             retired: false,
             says_ready: false,
+            failed_starts: 0,
+            last_start_failure: None,
         }
     }
 

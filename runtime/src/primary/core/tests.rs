@@ -753,3 +753,98 @@ fn the_steering_invariant_holds_under_random_events() {
         assert!(sim.io.steering.is_empty());
     }
 }
+
+/// The replacement the roll is waiting on for `index`.
+fn incoming(sim: &Sim, index: usize) -> Option<WorkerId> {
+    sim.core.slots()[index].incoming.as_ref().map(|w| w.id)
+}
+
+#[test]
+fn a_roll_whose_replacement_never_becomes_ready_ends_after_three_attempts() {
+    let mut sim = Sim::with(2, settings(), true);
+    for index in 0..2 {
+        let id = sim.current(index);
+        sim.core
+            .ready(&mut sim.io, index, id, true, sim.now)
+            .expect("ready");
+    }
+    let serving: Vec<WorkerId> = (0..2).map(|i| sim.current(i)).collect();
+    let started = sim.now;
+    sim.core.begin_roll("SIGUSR2");
+    sim.tick();
+    // Each replacement of slot 0 runs but never says `ready`: killed at the start timeout,
+    // its exit is a failed start.
+    let mut attempts = 0;
+    while let Some(id) = incoming(&sim, 0) {
+        attempts += 1;
+        assert!(attempts <= START_ATTEMPTS, "no more than three attempts");
+        sim.run_for(settings().start_timeout, &|_| true);
+        assert!(sim.io.killed.contains(&id), "killed at its start timeout");
+        sim.exit(id, ExitStatus::Signal(9));
+        // The backoff before the next attempt.
+        sim.run_for(Duration::from_millis(500), &|_| true);
+    }
+    assert_eq!(attempts, START_ATTEMPTS);
+    assert!(!sim.core.rolling(), "the roll has ended");
+    let abandoned = sim.core.roll_abandoned().expect("the roll says it gave up");
+    assert_eq!(abandoned.slot, 0);
+    assert_eq!(abandoned.reason, "not ready within 10s");
+    assert!(
+        sim.now.saturating_duration_since(started)
+            <= settings().start_timeout * START_ATTEMPTS + Duration::from_secs(2),
+        "within the documented bound"
+    );
+    // The old generation serves throughout, and slot 1 was never touched.
+    assert_eq!((0..2).map(|i| sim.current(i)).collect::<Vec<_>>(), serving);
+    assert!(sim.io.drained.is_empty(), "nobody drained");
+    assert_eq!(sim.state(0), SlotState::Ready);
+    assert_eq!(sim.state(1), SlotState::Ready);
+    assert!(
+        incoming(&sim, 1).is_none(),
+        "the roll did not go on to slot 1"
+    );
+    // A later roll starts afresh and clears the verdict.
+    sim.core.begin_roll("SIGUSR2");
+    sim.tick();
+    assert!(sim.core.roll_abandoned().is_none());
+    assert!(incoming(&sim, 0).is_some());
+}
+
+#[test]
+fn a_roll_whose_replacement_exits_at_start_ends_after_three_attempts() {
+    let mut sim = Sim::new(1);
+    sim.ready_all();
+    let serving = sim.current(0);
+    sim.core.begin_roll("SIGUSR2");
+    sim.tick();
+    for _ in 0..START_ATTEMPTS {
+        let id = incoming(&sim, 0).expect("a replacement");
+        sim.exit(id, ExitStatus::Code(1));
+        sim.run_for(Duration::from_secs(1), &|_| true);
+    }
+    assert!(incoming(&sim, 0).is_none());
+    assert!(!sim.core.rolling());
+    assert_eq!(
+        sim.core.roll_abandoned().map(|r| r.reason.as_str()),
+        Some("exited before ready: exit code 1")
+    );
+    assert_eq!(sim.current(0), serving);
+    assert_eq!(sim.state(0), SlotState::Ready);
+}
+
+#[test]
+fn a_replacement_for_a_hung_worker_is_never_given_up() {
+    let mut sim = Sim::new(2);
+    sim.ready_all();
+    let hung = sim.current(0);
+    // Slot 0 stops answering: hung, out of steering, replaced.
+    sim.run_for(TIMEOUT * 2, &|id| id != hung);
+    assert_eq!(sim.state(0), SlotState::Hung);
+    for _ in 0..START_ATTEMPTS + 1 {
+        let id = incoming(&sim, 0).expect("a replacement keeps being tried");
+        sim.exit(id, ExitStatus::Code(1));
+        sim.run_for(Duration::from_secs(2), &|id| id != hung);
+    }
+    assert!(incoming(&sim, 0).is_some());
+    assert!(sim.core.roll_abandoned().is_none());
+}
