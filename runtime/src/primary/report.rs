@@ -124,6 +124,14 @@ impl Supervisor {
                 rss_bytes: rss_bytes(std::process::id()),
                 log_lines_dropped: crate::logging::dropped_lines(),
                 stalls: self.core.stalls(),
+                foreign_listeners: self.host.port.foreign().len() as u64,
+                foreign_listener_addresses: self
+                    .host
+                    .port
+                    .foreign()
+                    .iter()
+                    .map(|f| f.listener.address.to_string())
+                    .collect(),
             },
             workers,
             totals,

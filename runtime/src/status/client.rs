@@ -377,6 +377,8 @@ mod tests {
                 rss_bytes: None,
                 log_lines_dropped: 0,
                 stalls: 0,
+                foreign_listeners: 0,
+                foreign_listener_addresses: Vec::new(),
             },
             workers: vec![worker(0, "ready", Some(11)), worker(1, "backoff", None)],
             totals: Totals {

@@ -72,6 +72,14 @@ pub struct PrimaryStatus {
     /// heartbeat deadlines restarted then, so nobody was declared hung for it.
     #[serde(default)]
     pub stalls: u64,
+    /// Listening sockets on the cluster's port, in either address family, that are not
+    /// this cluster's (as of the last health interval): each was reported once with a
+    /// warning naming its address.
+    #[serde(default)]
+    pub foreign_listeners: u64,
+    /// Their addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub foreign_listener_addresses: Vec<String>,
 }
 
 /// One slot in `/status`.
