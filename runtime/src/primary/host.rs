@@ -325,8 +325,11 @@ impl Host {
     }
 
     /// Lists the port's listeners and reports those that are not this cluster's: not a
-    /// worker's registered socket, nor held by a worker (one that has not registered yet)
-    /// or by the primary itself (the baselines' socket, a status listener on the port).
+    /// worker's registered socket, nor held by a worker that has not registered one yet,
+    /// nor by the primary itself (the baselines' socket, a status listener on the port).
+    /// A socket that such a worker may hold, but whose fds cannot be read (it switched to
+    /// another `--user` and the primary lacks `CAP_SYS_PTRACE`), is not judged this time:
+    /// the worker registers it within its start.
     fn survey_port(&mut self) {
         let registered: Vec<u64> = self
             .procs
@@ -334,13 +337,19 @@ impl Host {
             .filter_map(|p| p.listener.map(|l| l.inode))
             .collect();
         let holders: Vec<i32> = std::iter::once(std::process::id() as i32)
-            .chain(self.procs.values().map(|p| p.pid))
+            .chain(
+                self.procs
+                    .values()
+                    .filter(|p| p.listener.is_none())
+                    .map(|p| p.pid),
+            )
             .collect();
         let ours = |inode: u64| {
             registered.contains(&inode)
-                || holders
-                    .iter()
-                    .any(|&pid| find_socket_fd(pid, inode).is_ok())
+                || holders.iter().any(|&pid| match find_socket_fd(pid, inode) {
+                    Ok(_) => true,
+                    Err(err) => err.kind() == std::io::ErrorKind::PermissionDenied,
+                })
         };
         if let Err(err) = self.port.survey(self.listen, ours) {
             tracing::debug!("cannot list the port's listeners: {err}");
