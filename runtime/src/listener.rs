@@ -34,6 +34,28 @@ pub fn bind_reuseport(addr: SocketAddr, listen: bool) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// Reserves `addr` for the cluster: a `SOCK_STREAM | SOCK_CLOEXEC` socket with
+/// `SO_REUSEPORT` alone, bound and never listening (`socket`, `setsockopt`, `bind`). It
+/// resolves port 0 and keeps the port the cluster's while no worker listens (every
+/// worker restarting, a one-worker cluster in crash backoff).
+///
+/// Not `SO_REUSEADDR`: the kernel lets a socket bind beside a bound, non-listening one
+/// when both set `SO_REUSEADDR`, whatever their users, and then listen. A process of
+/// another user could take the port while no worker listens, and the workers could not
+/// bind it again. With `SO_REUSEPORT` alone, only sockets of the same user with
+/// `SO_REUSEPORT` may share it: the cluster's own.
+///
+/// Fails like [`bind_reuseport`].
+pub fn reserve(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&SockAddr::from(addr))?;
+    Ok(socket)
+}
+
 /// A bound-and-listening socket for a worker, as a std listener (blocking).
 pub fn worker_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     bind_reuseport(addr, true).map(TcpListener::from)

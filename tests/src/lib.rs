@@ -42,7 +42,8 @@
 //!   the generic poll-with-deadline.
 //! - [`free_port`], [`TempFile`]: ports and config files for a test.
 //! - [`SynSender`]: raw SYNs that never complete (phantom load; needs root); [`rogue`]: a
-//!   same-user listener on a cluster's port, and the classic BPF filter it may attach.
+//!   same-user listener on a cluster's port, and the classic BPF filter it may attach;
+//!   [`netns`]: a network namespace of a test's own (its sysctls, its firewall).
 
 pub mod chaos;
 mod cluster;
@@ -50,6 +51,7 @@ mod command;
 mod http;
 mod load;
 mod net;
+pub mod netns;
 mod process;
 pub mod prometheus;
 pub mod rogue;

@@ -736,17 +736,19 @@ fn a_sigterm_while_the_primary_is_still_starting_is_a_clean_stop() {
 #[test]
 fn a_second_primary_on_a_served_port_warns_that_it_shares_it() {
     // An operator who starts the same cluster twice: the second one's bind succeeds (same
-    // user, SO_REUSEPORT), so it must say that the port is already served.
+    // user, SO_REUSEPORT), so it must say that the port is already served; and the first,
+    // which found the port free, says so of the second's worker once it listens.
     let first = Cluster::start(&["--workers", "1", "--balance", "kernel"]);
     let listen = first.listen_addr().to_string();
-    let second = Cluster::start(&["--workers", "1", "--balance", "kernel", "--listen", &listen]);
-    let log = second.wait_for_log("already listen on this port", Duration::from_secs(5));
-    assert!(log.contains("another steer"), "{log}");
     assert!(
-        !first.log().contains("already listen on this port"),
+        !first.log().contains("foreign listener"),
         "the first primary found the port free: {}",
         first.log()
     );
+    let second = Cluster::start(&["--workers", "1", "--balance", "kernel", "--listen", &listen]);
+    let log = second.wait_for_log("foreign listener", Duration::from_secs(5));
+    assert!(log.contains("the same cluster started twice"), "{log}");
+    first.wait_for_log("foreign listener", Duration::from_secs(5));
     second.stop_cleanly(Duration::from_secs(15));
     first.stop_cleanly(Duration::from_secs(15));
 }

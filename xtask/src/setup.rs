@@ -1,7 +1,7 @@
 //! `cargo xtask setup`: make this machine able to build and test Steer. Idempotent: each
 //! step checks first and says what it does: rustfmt and clippy; nightly, rust-src and
-//! bpf-linker for the eBPF program; cargo-fuzz for the fuzz targets; python3 and
-//! systemd-analyze for tests.
+//! bpf-linker for the eBPF program; cargo-fuzz for the fuzz targets; python3, node, nft
+//! and systemd-analyze for tests.
 
 use std::process::Command;
 
@@ -19,6 +19,11 @@ pub(crate) fn run() -> Result<(), String> {
         "node",
         "nodejs",
         "the Node worker tests (tests/tests/node.rs) run examples/node/ with real node",
+    )?;
+    ensure_command(
+        "nft",
+        "nftables",
+        "a steering test drops the probe's port with a firewall rule in a network namespace",
     )?;
     ensure_command(
         "systemd-analyze",

@@ -23,6 +23,8 @@ use crate::config::Config;
 use crate::ipc::{Channel, Framing, Message};
 use crate::logging::{ENV_LOG_FORMAT, ENV_LOG_LEVEL};
 use crate::steering::Steering;
+use crate::steering::foreign::PortSurvey;
+use crate::steering::holder::find_socket_fd;
 use crate::worker::env;
 
 /// fd number of the IPC socket in re-executed workers.
@@ -104,8 +106,10 @@ pub(crate) struct Host {
     /// ownership probe of this round is undecided.
     pub next_steering_check: Instant,
     /// When the next round of steering's per-interval checks is due (program ownership,
-    /// load records).
+    /// load records, foreign listeners).
     pub next_steering_round: Instant,
+    /// The port's listeners that are not this cluster's, as last surveyed.
+    pub port: PortSurvey,
 }
 
 impl Host {
@@ -282,15 +286,22 @@ impl Host {
     /// Once per loop turn, before the loop sleeps: publishes what this turn changed in the
     /// live set. Once per health interval: makes sure the program deciding for the group is
     /// Steer's (unless `own_group` is false: a successor primary is taking it over; a
-    /// takeover is logged and counted by steering) and settles the load records.
-    pub(crate) fn tend_steering(&mut self, now: Instant, own_group: bool) {
+    /// takeover is logged and counted by steering), settles the load records, and (when
+    /// `alone`: no other primary of this cluster runs, whose workers would look foreign)
+    /// surveys the port for foreign listeners.
+    pub(crate) fn tend_steering(&mut self, now: Instant, own_group: bool, alone: bool) {
         if now >= self.next_steering_check {
             let round = now >= self.next_steering_round;
+            if round && alone {
+                self.survey_port();
+            }
             if own_group
                 && (round || self.steering.probe_in_flight())
-                && let Err(err) = self
-                    .steering
-                    .ensure_program(self.listen, self.config.health_interval)
+                && let Err(err) = self.steering.ensure_program(
+                    self.listen,
+                    self.config.health_interval,
+                    &self.port.shadowed(),
+                )
             {
                 tracing::warn!("cannot check who decides for the port's group: {err}");
             }
@@ -310,6 +321,38 @@ impl Host {
         }
         if let Err(err) = self.steering.flush() {
             tracing::warn!("cannot publish the live set: {err}");
+        }
+    }
+
+    /// Lists the port's listeners and reports those that are not this cluster's: not a
+    /// worker's registered socket, nor held by a worker that has not registered one yet,
+    /// nor by the primary itself (the baselines' socket, a status listener on the port).
+    /// A socket that such a worker may hold, but whose fds cannot be read (it switched to
+    /// another `--user` and the primary lacks `CAP_SYS_PTRACE`), is not judged this time:
+    /// the worker registers it within its start.
+    fn survey_port(&mut self) {
+        let registered: Vec<u64> = self
+            .procs
+            .values()
+            .filter_map(|p| p.listener.map(|l| l.inode))
+            .collect();
+        let holders: Vec<i32> = std::iter::once(std::process::id() as i32)
+            .chain(
+                self.procs
+                    .values()
+                    .filter(|p| p.listener.is_none())
+                    .map(|p| p.pid),
+            )
+            .collect();
+        let ours = |inode: u64| {
+            registered.contains(&inode)
+                || holders.iter().any(|&pid| match find_socket_fd(pid, inode) {
+                    Ok(_) => true,
+                    Err(err) => err.kind() == std::io::ErrorKind::PermissionDenied,
+                })
+        };
+        if let Err(err) = self.port.survey(self.listen, ours) {
+            tracing::debug!("cannot list the port's listeners: {err}");
         }
     }
 

@@ -128,6 +128,14 @@ impl Supervisor {
                     slot: r.slot,
                     reason: r.reason.clone(),
                 }),
+                foreign_listeners: self.host.port.foreign().len() as u64,
+                foreign_listener_addresses: self
+                    .host
+                    .port
+                    .foreign()
+                    .iter()
+                    .map(|f| f.listener.address.to_string())
+                    .collect(),
             },
             workers,
             totals,

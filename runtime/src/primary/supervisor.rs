@@ -56,7 +56,8 @@ pub(crate) struct Supervisor {
     signals: Signals,
     pub(super) status: Option<StatusService>,
     /// A bound (never listening) `SO_REUSEPORT` socket on the cluster address: it resolves
-    /// port 0 and keeps the port Steer's while all workers restart. It receives nothing.
+    /// port 0 and keeps the port Steer's while all workers restart. It receives nothing
+    /// ([`crate::listener::reserve`]: no `SO_REUSEADDR`).
     _reservation: socket2::Socket,
     pub(super) started: Instant,
     /// Workers whose IPC had more queued than one wakeup reads.
@@ -98,16 +99,13 @@ impl Supervisor {
             // slot of this primary is ready.
             steering.hold();
         }
-        let reservation = crate::listener::bind_reuseport(config.listen, false)
+        let reservation = crate::listener::reserve(config.listen)
             .map_err(|err| crate::listener::explain_bind_error(config.listen, &err))?;
         let listen = reservation
             .local_addr()
             .ok()
             .and_then(|a| a.as_socket())
             .ok_or_else(|| format!("cannot read the bound address of {}", config.listen))?;
-        if inheritance.is_none() {
-            warn_if_already_served(listen);
-        }
         let baseline = Baseline::open(config.balance, listen, &program)
             .map_err(|err| format!("--balance {}: {err}", config.balance))?;
         if steering.policy() == Balance::Kernel && config.tcp_migrate_req {
@@ -200,6 +198,7 @@ impl Supervisor {
                 inherited_nofile,
                 next_steering_check: Instant::now(),
                 next_steering_round: Instant::now(),
+                port: Default::default(),
             },
             hooks,
             signals,
@@ -244,7 +243,9 @@ impl Supervisor {
             // Whatever the last events and this tick changed in the live set is published
             // once, before the loop sleeps. While a successor starts, its program is to
             // take the group over: this primary's must not take it back.
-            self.host.tend_steering(now, self.successor.is_none());
+            let alone = self.successor.is_none() && self.inheritance.is_none();
+            self.host
+                .tend_steering(now, self.successor.is_none(), alone);
             self.after_turn(now);
             if self.finished() {
                 break ExitCode::SUCCESS;
@@ -889,28 +890,4 @@ fn own_children() -> BTreeSet<i32> {
         }
     }
     children
-}
-
-/// Warns when sockets of another process already listen on `listen`'s port before any
-/// worker of this primary does: the same cluster started twice, or a leftover of an old
-/// one. They joined the port's `SO_REUSEPORT` group (the primary's own bind succeeded), so
-/// under `kernel` they take a share of the connections, and under an eBPF policy Steer's
-/// program shuts them out, and another primary's ownership check fights over the group.
-fn warn_if_already_served(listen: std::net::SocketAddr) {
-    let found = steering::queues::ListenQueues::open()
-        .and_then(|mut queues| queues.lengths(listen.is_ipv6(), listen.port()));
-    match found {
-        Ok(listeners) if !listeners.is_empty() => tracing::warn!(
-            %listen,
-            listeners = listeners.len(),
-            "{} socket(s) of another process already listen on this port (another steer \
-             started twice? a leftover worker?): under `kernel` they take a share of the \
-             connections; under an eBPF policy this primary's program shuts them out, and \
-             another primary would fight over the group every health interval. Stop the \
-             other one",
-            listeners.len()
-        ),
-        Ok(_) => {}
-        Err(err) => tracing::debug!("cannot list the port's listeners: {err}"),
-    }
 }

@@ -378,6 +378,8 @@ mod tests {
                 log_lines_dropped: 0,
                 stalls: 0,
                 roll_abandoned: None,
+                foreign_listeners: 0,
+                foreign_listener_addresses: Vec::new(),
             },
             workers: vec![worker(0, "ready", Some(11)), worker(1, "backoff", None)],
             totals: Totals {

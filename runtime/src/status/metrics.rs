@@ -125,6 +125,12 @@ pub fn render(doc: &StatusDocument) -> String {
         "Times the primary's loop ran late and restarted heartbeat deadlines instead of blaming workers.",
     )
     .sample(&[], p.stalls as f64);
+    e.family(
+        "steer_foreign_listeners",
+        "gauge",
+        "Listening sockets on the cluster's port (either address family) that are not the cluster's.",
+    )
+    .sample(&[], p.foreign_listeners as f64);
     e.family("steer_workers", "gauge", "Configured worker slots.")
         .sample(&[], doc.totals.workers as f64);
     e.family("steer_workers_ready", "gauge", "Slots in state ready.")
@@ -295,6 +301,8 @@ mod tests {
                 log_lines_dropped: 0,
                 stalls: 0,
                 roll_abandoned: None,
+                foreign_listeners: 0,
+                foreign_listener_addresses: Vec::new(),
             },
             workers: vec![worker(0, "ready"), worker(1, "backoff")],
             totals: Totals {

@@ -76,6 +76,14 @@ pub struct PrimaryStatus {
     /// otherwise, and cleared by the next rolling restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub roll_abandoned: Option<RollAbandonedStatus>,
+    /// Listening sockets on the cluster's port, in either address family, that are not
+    /// this cluster's (as of the last health interval): each was reported once with a
+    /// warning naming its address.
+    #[serde(default)]
+    pub foreign_listeners: u64,
+    /// Their addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub foreign_listener_addresses: Vec<String>,
 }
 
 /// A rolling restart that gave up, in `/status`.

@@ -34,7 +34,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
@@ -76,6 +76,30 @@ const GROWTH_WAIT: Duration = Duration::from_millis(20);
 /// there before `connect` returns, unless the host is overloaded.
 const PROBE_WAIT: Duration = Duration::from_millis(5);
 
+/// Why the ownership probe cannot tell who decides, said once per episode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProbeTrouble {
+    /// The cluster's address is not local: the probe would leave the host.
+    NotLocal,
+    /// Its source could not be reserved.
+    SetUp,
+    /// Every address it could use belongs to another group.
+    Shadowed,
+    /// It went unanswered with no full queue in the group: dropped before the group.
+    Unanswered,
+}
+
+impl ProbeTrouble {
+    fn name(self) -> &'static str {
+        match self {
+            ProbeTrouble::NotLocal => "a listen address that was not local",
+            ProbeTrouble::SetUp => "no source to probe from",
+            ProbeTrouble::Shadowed => "every probe address taken by another group",
+            ProbeTrouble::Unanswered => "probes dropped before they reached the group",
+        }
+    }
+}
+
 /// A slot in steering.
 #[derive(Debug)]
 struct Serving {
@@ -105,6 +129,8 @@ pub struct EbpfSteering {
     seen_at_send: u64,
     queues: Option<ListenQueues>,
     takeovers: u64,
+    /// Why the probe cannot tell, as last said (said once until it changes).
+    probe_trouble: Option<ProbeTrouble>,
     /// While the program is held back ([`EbpfSteering::hold`]), the last socket put into
     /// steering, to attach it through at [`EbpfSteering::release`]; `None` otherwise.
     /// Held only for the seconds a successor primary starts: a copy kept any longer would
@@ -178,6 +204,7 @@ impl EbpfSteering {
             seen_at_send: 0,
             queues: None,
             takeovers: 0,
+            probe_trouble: None,
             held: None,
         };
         if policy == Balance::LeastLoaded {
@@ -357,11 +384,15 @@ impl EbpfSteering {
 
     /// The ownership check of one health interval (see [`super::probe`]). A probe that
     /// has been on its way for `patience` (the health interval) without Steer's program
-    /// seeing it counts as a takeover.
+    /// seeing it counts as a takeover when a socket of the group has a full accept queue
+    /// (the one a foreign program picked); otherwise the SYN never reached the group (a
+    /// firewall rule dropping it), which is said once and is not a takeover. The probe
+    /// stays away from `shadowed` addresses, where another group listens.
     pub fn ensure_program(
         &mut self,
         listen: SocketAddr,
         patience: Duration,
+        shadowed: &[IpAddr],
     ) -> Result<Option<Takeover>, SteeringError> {
         if self.live.is_empty() || self.held.is_some() {
             // Nothing to probe: no socket of ours is in a group (the next activation
@@ -369,23 +400,48 @@ impl EbpfSteering {
             // the previous primary's decides.
             return Ok(None);
         }
-        if self.probe.is_none() {
-            self.set_up_probe(listen)?;
+        if !self.probe_in_flight() && !probe::is_local(listen.ip()) {
+            self.probe_trouble(
+                ProbeTrouble::NotLocal,
+                format!(
+                    "{} is not an address of this host (yet): a probe would leave the host, \
+                     so none is sent until it is",
+                    listen.ip()
+                ),
+            );
+            return Ok(None);
+        }
+        if self.probe.is_none()
+            && let Err(err) = self.set_up_probe(listen)
+        {
+            self.probe_trouble(ProbeTrouble::SetUp, err.to_string());
+            return Ok(None);
         }
         let Some(probe) = self.probe.as_mut() else {
             return Ok(None);
         };
         if !probe.in_flight() {
+            let Some(target) = probe.target(shadowed) else {
+                self.probe_trouble(
+                    ProbeTrouble::Shadowed,
+                    format!(
+                        "every local address the probe could use for {listen} is taken by \
+                         another process's group on the port ({shadowed:?})"
+                    ),
+                );
+                return Ok(None);
+            };
             // What the program had counted before this probe left: a probe still in
             // flight from an earlier tick keeps the count from when it was sent.
             self.seen_at_send = self
                 .probe_seen
                 .get(&0, 0)
                 .map_err(|e| SteeringError::map("read PROBE", e))?;
-            probe.send().map_err(|e| {
-                SteeringError::io(format!("send the ownership probe to {listen}"), e)
+            probe.send(target).map_err(|e| {
+                SteeringError::io(format!("send the ownership probe to {target}"), e)
             })?;
         }
+        let target = probe.in_flight_to().unwrap_or(listen);
         let outcome = probe
             .outcome(PROBE_WAIT)
             .map_err(|e| SteeringError::io("read the ownership probe", e))?;
@@ -396,12 +452,32 @@ impl EbpfSteering {
         if seen > self.seen_at_send {
             // Steer's program decided (and dropped it); its reset may still be on the way.
             probe.forget();
+            if let Some(trouble) = self.probe_trouble.take() {
+                tracing::info!(
+                    %target,
+                    "the ownership probe reaches Steer's program again (after: {})",
+                    trouble.name()
+                );
+            }
             return Ok(None);
         }
         let evidence = match outcome {
             Outcome::Pending if probe.waited() < patience => return Ok(None),
             Outcome::Pending => {
                 probe.forget();
+                if !self.group_has_full_queue(listen)? {
+                    self.probe_trouble(
+                        ProbeTrouble::Unanswered,
+                        format!(
+                            "the probe to {target} went unanswered for a health interval, and \
+                             no socket of the group has a full accept queue: something \
+                             drops it before it reaches the port's sockets (a firewall rule \
+                             on the port?), so a takeover that drops SYNs silently cannot be \
+                             told from it; takeovers that answer or refuse are still noticed"
+                        ),
+                    );
+                    return Ok(None);
+                }
                 "the probe went unanswered for a health interval and Steer's program never \
                  saw it (a socket whose accept queue is full was chosen instead)"
             }
@@ -414,6 +490,7 @@ impl EbpfSteering {
         let restored = self.reattach();
         tracing::warn!(
             %listen,
+            %target,
             evidence,
             takeovers = self.takeovers,
             "steering takeover: another program (or none) was deciding for the port's SO_REUSEPORT group; {}",
@@ -425,13 +502,45 @@ impl EbpfSteering {
         restored.map(|_| Some(Takeover { evidence }))
     }
 
+    /// Says once why the probe cannot tell (until it works again, or the reason changes).
+    fn probe_trouble(&mut self, trouble: ProbeTrouble, why: String) {
+        if self.probe_trouble != Some(trouble) {
+            self.probe_trouble = Some(trouble);
+            tracing::warn!(
+                "the ownership probe cannot check who decides for the port's group: {why}"
+            );
+        }
+    }
+
+    /// Whether a socket of `listen`'s group (its address and family) has an accept queue
+    /// over its bound: where a foreign program's choice drops SYNs without a word.
+    fn group_has_full_queue(&mut self, listen: SocketAddr) -> Result<bool, SteeringError> {
+        let queues = match &mut self.queues {
+            Some(queues) => queues,
+            None => self.queues.insert(
+                ListenQueues::open()
+                    .map_err(|e| SteeringError::io("open a sock_diag socket", e))?,
+            ),
+        };
+        let listeners = queues
+            .listeners(listen.is_ipv6(), listen.port())
+            .map_err(|e| {
+                SteeringError::io(format!("list the listeners on port {}", listen.port()), e)
+            })?;
+        Ok(listeners
+            .iter()
+            .any(|l| l.address.ip() == listen.ip() && l.interface == 0 && l.is_full()))
+    }
+
     /// Reserves the ownership probe's source and names it in `CONFIG`: once, before the
     /// first probe is sent (so no probe is in flight while `CONFIG` changes).
     fn set_up_probe(&mut self, listen: SocketAddr) -> Result<(), SteeringError> {
         let probe = OwnershipProbe::new(listen)
             .map_err(|e| SteeringError::io(format!("set up the ownership probe of {listen}"), e))?;
+        let (v6, address) = probe::address_in_packet(probe.source());
         self.config.probe_port = probe::port_in_packet(probe.source());
-        self.config.probe_client = probe::client_in_packet(probe.source());
+        self.config.probe_v6 = u32::from(v6);
+        self.config.probe_addr = address;
         self.write_config()?;
         self.probe = Some(probe);
         Ok(())

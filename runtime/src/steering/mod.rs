@@ -12,10 +12,16 @@
 //! - `shared`, `userspace`: the baselines of [`crate::baseline`]; one listening socket, so
 //!   nothing to steer here.
 //!
+//! Under every policy, once per health interval, the primary also lists the port's
+//! listeners in both address families and reports those that are not its workers'
+//! ([`foreign`]).
+//!
 //! [`maglev`] builds the `hash` policy's table; [`load`] holds the `least-loaded` records,
-//! [`queues`] the real accept-queue lengths they are settled against.
+//! [`queues`] the port's listeners and the real accept-queue lengths they are settled
+//! against.
 
 pub mod ebpf;
+pub mod foreign;
 pub mod holder;
 pub mod load;
 pub mod maglev;
@@ -331,15 +337,17 @@ impl Steering {
 
     /// Once per health interval: makes sure the program deciding for the group of
     /// `listen` is Steer's, and attaches it again if not (see [`probe`]). `Some` when it
-    /// was not; the takeover is logged and counted.
+    /// was not; the takeover is logged and counted. The probe stays away from the
+    /// addresses in `shadowed`, where another group listens ([`foreign`]).
     pub fn ensure_program(
         &mut self,
         listen: SocketAddr,
         patience: Duration,
+        shadowed: &[std::net::IpAddr],
     ) -> Result<Option<Takeover>, SteeringError> {
         match self {
             Steering::Kernel | Steering::Baseline(_) => Ok(None),
-            Steering::Ebpf(program) => program.ensure_program(listen, patience),
+            Steering::Ebpf(program) => program.ensure_program(listen, patience, shadowed),
         }
     }
 

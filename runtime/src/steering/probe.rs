@@ -3,10 +3,21 @@
 //! A same-user process that joins the group can replace the group's program with one
 //! `setsockopt` (`SO_ATTACH_REUSEPORT_CBPF` or `_EBPF`), or detach it
 //! (`SO_DETACH_REUSEPORT_BPF`), and nothing tells the primary. So once per health interval
-//! it connects to the cluster's own address from a fixed local source that `CONFIG`
-//! names. Steer's program recognises that SYN, counts it in `PROBE` and drops it (the
-//! kernel answers with a reset). Any other outcome means another program, or none,
-//! decided: the probe was answered by some socket, or refused without being counted.
+//! it connects to the cluster's own port from a fixed local source that `CONFIG` names
+//! (port and whole address). Steer's program recognises that SYN, counts it in `PROBE`
+//! and drops it (the kernel answers with a reset). Any other outcome means another
+//! program, or none, decided: the probe was answered by some socket, or refused without
+//! being counted, or dropped silently by a socket whose accept queue is full.
+//!
+//! Where the probe goes:
+//! - a cluster on one address probes that address, if it is local. A non-local address
+//!   (`net.ipv4.ip_nonlocal_bind`, a VIP that is on another host for now) is not probed:
+//!   the SYN would leave the host. [`is_local`] is asked again each interval;
+//! - `0.0.0.0` probes a loopback address (from `127.0.0.1`) that no other group listens
+//!   on: a socket of another process on `127.0.0.1:P` forms a group of its own, which the
+//!   kernel prefers for that address, so the probe goes to `127.0.0.2:P` then;
+//! - `[::]` probes `::1`, or, where `::1` cannot be used (IPv6 disabled on `lo`), the
+//!   IPv4-mapped loopback, which reaches the same dual-stack group as IPv4.
 //!
 //! The source is a local address and a port reserved for the cluster's life (a bound,
 //! never-connected `SO_REUSEADDR` socket), so no packet from outside can look like the
@@ -35,42 +46,77 @@ pub enum Outcome {
     Pending,
 }
 
-/// The probe's fixed source and target.
+/// The probe's fixed source, and the cluster it probes.
 #[derive(Debug)]
 pub struct OwnershipProbe {
     /// Keeps the source port ours between probes.
     _reservation: Socket,
     source: SocketAddr,
-    target: SocketAddr,
+    /// The cluster's address (a wildcard, or the one address it listens on).
+    listen: SocketAddr,
     /// The socket the next probe leaves from (bound, not connected).
     next: Option<Socket>,
-    /// The probe sent last and still undecided, and when it left.
-    in_flight: Option<(Socket, Instant)>,
+    /// The probe sent last and still undecided, where it went, and when it left.
+    in_flight: Option<(Socket, SocketAddr, Instant)>,
 }
 
 impl OwnershipProbe {
-    /// A probe of the group listening on `listen`: from the listen address itself (or
-    /// loopback for a wildcard address) to `listen`.
+    /// A probe of the group listening on `listen`, from a source of its own (see the
+    /// module docs). Fails if no source can be bound: a wildcard `[::]` with neither `::1`
+    /// nor the IPv4-mapped loopback usable, or an address that is not local.
     pub fn new(listen: SocketAddr) -> io::Result<OwnershipProbe> {
-        let ip = match listen.ip() {
-            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-            ip => ip,
+        let (reservation, source) = match listen.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => reserve(Ipv4Addr::LOCALHOST.into())?,
+            IpAddr::V6(ip) if ip.is_unspecified() => {
+                match reserve(Ipv6Addr::LOCALHOST.into()) {
+                    Ok(reserved) => reserved,
+                    // IPv6 is off on `lo`: the dual-stack group is reached over IPv4 too.
+                    Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                        reserve(Ipv4Addr::LOCALHOST.to_ipv6_mapped().into())?
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            ip => reserve(ip)?,
         };
-        let target = SocketAddr::new(ip, listen.port());
-        let reservation = source_socket(target)?;
-        reservation.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
-        let source = reservation
-            .local_addr()?
-            .as_socket()
-            .ok_or_else(|| io::Error::other("the probe's source has no IP address"))?;
         Ok(OwnershipProbe {
             _reservation: reservation,
-            next: Some(probe_socket(source, target)?),
+            next: Some(probe_socket(source)?),
             source,
-            target,
+            listen,
             in_flight: None,
         })
+    }
+
+    /// Where the next probe should go: the first address that reaches the cluster's group
+    /// and that no listener in `shadowed` takes before it (a listener of another group on
+    /// that very address, or on the wildcard of an address family that the kernel prefers:
+    /// `0.0.0.0` beside a dual-stack `[::]`). `None` if every candidate is shadowed.
+    pub fn target(&self, shadowed: &[IpAddr]) -> Option<SocketAddr> {
+        let port = self.listen.port();
+        let taken = |ip: IpAddr| {
+            let ip = ip.to_canonical();
+            shadowed.iter().any(|s| {
+                let s = s.to_canonical();
+                s == ip || (s.is_unspecified() && s.is_ipv4() == ip.is_ipv4())
+            })
+        };
+        if !self.listen.ip().is_unspecified() {
+            return Some(self.listen).filter(|t| !taken(t.ip()));
+        }
+        match self.source.ip() {
+            // `::1` is the only IPv6 loopback address.
+            IpAddr::V6(ip) if ip.to_ipv4_mapped().is_none() => {
+                Some(SocketAddr::new(ip.into(), port)).filter(|t| !taken(t.ip()))
+            }
+            source => (1..=254u8)
+                .map(|last| Ipv4Addr::new(127, 0, 0, last))
+                .find(|ip| !taken((*ip).into()))
+                .map(|ip| match source {
+                    IpAddr::V4(_) => SocketAddr::new(ip.into(), port),
+                    IpAddr::V6(_) => SocketAddr::new(ip.to_ipv6_mapped().into(), port),
+                }),
+        }
     }
 
     /// The probe's source address.
@@ -87,7 +133,12 @@ impl OwnershipProbe {
     pub fn waited(&self) -> Duration {
         self.in_flight
             .as_ref()
-            .map_or(Duration::ZERO, |(_, sent)| sent.elapsed())
+            .map_or(Duration::ZERO, |(_, _, sent)| sent.elapsed())
+    }
+
+    /// Where the probe in flight went.
+    pub fn in_flight_to(&self) -> Option<SocketAddr> {
+        self.in_flight.as_ref().map(|(_, target, _)| *target)
     }
 
     /// Closes the probe in flight, whatever becomes of it (its verdict is known).
@@ -98,24 +149,24 @@ impl OwnershipProbe {
     /// Makes the next probe's socket, then closes the one in flight.
     fn close_in_flight(&mut self) {
         if self.next.is_none() {
-            self.next = probe_socket(self.source, self.target).ok();
+            self.next = probe_socket(self.source).ok();
         }
         self.in_flight = None;
     }
 
-    /// Sends a probe (a non-blocking `connect`).
-    pub fn send(&mut self) -> io::Result<()> {
+    /// Sends a probe to `target` (a non-blocking `connect`).
+    pub fn send(&mut self, target: SocketAddr) -> io::Result<()> {
         let socket = match self.next.take() {
             Some(socket) => socket,
-            None => probe_socket(self.source, self.target)?,
+            None => probe_socket(self.source)?,
         };
-        match socket.connect(&SockAddr::from(self.target)) {
+        match socket.connect(&SockAddr::from(target)) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
             Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {}
             Err(e) => return Err(e),
         }
-        self.in_flight = Some((socket, Instant::now()));
+        self.in_flight = Some((socket, target, Instant::now()));
         Ok(())
     }
 
@@ -124,7 +175,7 @@ impl OwnershipProbe {
     /// some other way (the kernel gave up on its SYNs: `ETIMEDOUT`) is forgotten too, and
     /// the error returned, so the next check sends a new one.
     pub fn outcome(&mut self, wait: Duration) -> io::Result<Outcome> {
-        let Some((socket, _)) = self.in_flight.as_ref() else {
+        let Some((socket, _, _)) = self.in_flight.as_ref() else {
             return Ok(Outcome::Pending);
         };
         let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLOUT)];
@@ -147,23 +198,67 @@ impl OwnershipProbe {
     }
 }
 
+/// Binds the probe's source: `ip` and a port of the kernel's choosing, kept by the
+/// returned socket.
+fn reserve(ip: IpAddr) -> io::Result<(Socket, SocketAddr)> {
+    let reservation = source_socket(ip)?;
+    reservation.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
+    let source = reservation
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("the probe's source has no IP address"))?;
+    Ok((reservation, source))
+}
+
 /// A socket bound to the probe's source, closing with a reset, non-blocking.
-fn probe_socket(source: SocketAddr, target: SocketAddr) -> io::Result<Socket> {
-    let socket = source_socket(target)?;
+fn probe_socket(source: SocketAddr) -> io::Result<Socket> {
+    let socket = source_socket(source.ip())?;
     socket.bind(&SockAddr::from(source))?;
     socket.set_linger(Some(Duration::ZERO))?;
     socket.set_nonblocking(true)?;
     Ok(socket)
 }
 
-fn source_socket(target: SocketAddr) -> io::Result<Socket> {
-    let socket = Socket::new(
-        Domain::for_address(target),
-        Type::STREAM,
-        Some(Protocol::TCP),
-    )?;
+fn source_socket(ip: IpAddr) -> io::Result<Socket> {
+    let domain = if ip.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    if ip.is_ipv6() {
+        // An IPv4-mapped source needs a dual-stack socket.
+        socket.set_only_v6(false)?;
+    }
     Ok(socket)
+}
+
+/// Whether `ip` is an address of this host (in this network namespace): loopback, or one
+/// the kernel routes to itself. Asked by routing a UDP socket to it (`connect(2)` sends
+/// nothing): the kernel picks a local address as its own source. A non-local VIP bound
+/// with `ip_nonlocal_bind` routes through another interface, from another source.
+pub fn is_local(ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    if ip.is_loopback() || ip.is_unspecified() {
+        return true;
+    }
+    let domain = if ip.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let Ok(socket) = Socket::new(domain, Type::DGRAM, None) else {
+        return false;
+    };
+    socket
+        .connect(&SockAddr::from(SocketAddr::new(ip, 9)))
+        .is_ok()
+        && socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .is_some_and(|source| source.ip() == ip)
 }
 
 /// The probe's source port as the program reads it from the TCP header (two bytes in
@@ -172,17 +267,61 @@ pub fn port_in_packet(source: SocketAddr) -> u32 {
     u32::from(u16::from_ne_bytes(source.port().to_be_bytes()))
 }
 
-/// [`steer_common::hash_client`] of the probe's source address, as the program computes
-/// it from the IP header.
-pub fn client_in_packet(source: SocketAddr) -> u32 {
-    match source.ip() {
-        IpAddr::V4(ip) => {
-            steer_common::hash_client([u32::from_ne_bytes(ip.octets()), 0, 0, 0], false)
-        }
+/// The probe's source address as the program reads it from the IP header: whether the
+/// packet is IPv6, and the address bytes in network order read as native words (an
+/// IPv4 address in word 0). An IPv4-mapped source sends IPv4 packets.
+pub fn address_in_packet(source: SocketAddr) -> (bool, [u32; 4]) {
+    match source.ip().to_canonical() {
+        IpAddr::V4(ip) => (false, [u32::from_ne_bytes(ip.octets()), 0, 0, 0]),
         IpAddr::V6(ip) => {
             let o = ip.octets();
             let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            steer_common::hash_client([word(0), word(4), word(8), word(12)], true)
+            (true, [word(0), word(4), word(8), word(12)])
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().expect("address")
+    }
+
+    #[test]
+    fn a_wildcard_cluster_is_probed_where_no_other_group_listens() {
+        let probe = OwnershipProbe::new(addr("0.0.0.0:8080")).expect("probe");
+        assert_eq!(probe.target(&[]), Some(addr("127.0.0.1:8080")));
+        let shadowed = ["127.0.0.1".parse().expect("ip")];
+        assert_eq!(probe.target(&shadowed), Some(addr("127.0.0.2:8080")));
+        let everything = ["0.0.0.0".parse().expect("ip")];
+        assert_eq!(probe.target(&everything), None);
+    }
+
+    #[test]
+    fn a_cluster_on_one_address_is_probed_there_or_not_at_all() {
+        let probe = OwnershipProbe::new(addr("127.0.0.3:8080")).expect("probe");
+        assert_eq!(probe.target(&[]), Some(addr("127.0.0.3:8080")));
+        assert_eq!(probe.target(&["127.0.0.3".parse().expect("ip")]), None);
+    }
+
+    #[test]
+    fn the_probe_source_is_compared_whole() {
+        let v6 = address_in_packet(addr("[2001:db8::1]:1"));
+        let other = address_in_packet(addr("[2001:db8::2]:1"));
+        assert!(v6.0);
+        assert_ne!(v6, other);
+        assert_eq!(
+            address_in_packet(addr("[::ffff:127.0.0.1]:1")),
+            address_in_packet(addr("127.0.0.1:1")),
+            "an IPv4-mapped source sends IPv4 packets"
+        );
+    }
+
+    #[test]
+    fn loopback_is_local_and_a_documentation_address_is_not() {
+        assert!(is_local("127.0.0.2".parse().expect("ip")));
+        assert!(!is_local("192.0.2.1".parse().expect("ip")));
     }
 }

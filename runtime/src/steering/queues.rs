@@ -1,5 +1,6 @@
-//! The real accept-queue length of every listening TCP socket in this network namespace,
-//! by inode, from `sock_diag(7)` (`NETLINK_SOCK_DIAG`, the interface `ss -lt` reads).
+//! The listening TCP sockets of a port in this network namespace, from `sock_diag(7)`
+//! (`NETLINK_SOCK_DIAG`, the interface `ss -lt` reads): their addresses, inodes and
+//! real accept-queue lengths.
 //!
 //! For a listener the kernel reports `idiag_rqueue` = `sk_ack_backlog`: handshakes that
 //! completed and wait for `accept`. Half-open requests (SYNs that never complete) are not
@@ -7,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::net::SocketAddr as IpSocketAddr;
 
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
@@ -38,6 +40,15 @@ impl ListenQueues {
     /// Inode -> accept-queue length of every listening TCP socket of `family` (v4 or v6)
     /// bound to `port`.
     pub fn lengths(&mut self, ipv6: bool, port: u16) -> io::Result<HashMap<u64, u32>> {
+        Ok(self
+            .listeners(ipv6, port)?
+            .into_iter()
+            .map(|l| (l.inode, l.queued))
+            .collect())
+    }
+
+    /// Every listening TCP socket of `family` (v4 or v6) bound to `port`.
+    pub fn listeners(&mut self, ipv6: bool, port: u16) -> io::Result<Vec<Listener>> {
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | NLM_F_DUMP;
         let mut request = NetlinkMessage::new(
@@ -59,7 +70,7 @@ impl ListenQueues {
         let mut bytes = vec![0; request.buffer_len()];
         request.serialize(&mut bytes);
         self.socket.send(&bytes, 0)?;
-        let mut lengths = HashMap::new();
+        let mut listeners = Vec::new();
         loop {
             let size = self.socket.recv(&mut &mut self.buffer[..], 0)?;
             let mut offset = 0;
@@ -71,11 +82,19 @@ impl ListenQueues {
                 match message.payload {
                     NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
                         let header = &response.header;
-                        if header.socket_id.source_port == port {
-                            lengths.insert(u64::from(header.inode), header.recv_queue);
+                        let id = &header.socket_id;
+                        if id.source_port == port {
+                            listeners.push(Listener {
+                                address: IpSocketAddr::new(id.source_address, port),
+                                ipv6,
+                                interface: id.interface_id,
+                                inode: u64::from(header.inode),
+                                queued: header.recv_queue,
+                                backlog: header.send_queue,
+                            });
                         }
                     }
-                    NetlinkPayload::Done(_) => return Ok(lengths),
+                    NetlinkPayload::Done(_) => return Ok(listeners),
                     NetlinkPayload::Error(err) => {
                         return Err(err.to_io());
                     }
@@ -87,6 +106,31 @@ impl ListenQueues {
                 offset += length;
             }
         }
+    }
+}
+
+/// One listening socket, as `sock_diag` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listener {
+    /// The address it is bound to (`0.0.0.0`, `::` or one address) and the port.
+    pub address: IpSocketAddr,
+    /// An `AF_INET6` socket (whatever its address: an IPv4-mapped one stays IPv6).
+    pub ipv6: bool,
+    /// The interface it is bound to (`SO_BINDTODEVICE`), 0 for none.
+    pub interface: u32,
+    /// Its inode (`socket:[inode]` in `/proc/<pid>/fd`).
+    pub inode: u64,
+    /// Completed handshakes waiting for `accept` (`sk_ack_backlog`).
+    pub queued: u32,
+    /// The accept queue's bound (`sk_max_ack_backlog`).
+    pub backlog: u32,
+}
+
+impl Listener {
+    /// Whether the kernel drops new SYNs for it: its accept queue is over its bound
+    /// (`sk_acceptq_is_full`).
+    pub fn is_full(&self) -> bool {
+        self.queued > self.backlog
     }
 }
 

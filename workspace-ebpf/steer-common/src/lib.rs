@@ -57,8 +57,14 @@ pub struct Config {
     /// The TCP source port of the primary's ownership probe, as the two bytes of the
     /// packet read in native order (0: no probe).
     pub probe_port: u32,
-    /// [`hash_client`] of the probe's source address.
-    pub probe_client: u32,
+    /// 1 if the probe's packets are IPv6, 0 if IPv4 (a probe through an IPv4-mapped
+    /// address travels as IPv4).
+    pub probe_v6: u32,
+    /// The probe's source address as the packet carries it: the IPv4 address in word 0
+    /// (the rest 0), or the 16 bytes of the IPv6 address; network byte order, read as
+    /// native words. The whole address is compared, so no other client is taken for the
+    /// probe (a 32-bit hash of an IPv6 address is not unique).
+    pub probe_addr: [u32; 4],
     /// Padding; keeps the size a multiple of 8.
     pub _pad: u32,
 }

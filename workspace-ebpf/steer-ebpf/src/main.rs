@@ -101,7 +101,7 @@ fn is_probe(ctx: &SkReuseportContext, config: &Config) -> bool {
     }
     // SAFETY: the verifier sees the bounds check above; two bytes of packet data.
     let port = u32::from(unsafe { core::ptr::read_unaligned(data as *const u16) });
-    if port != config.probe_port || client_hash(ctx) != Some(config.probe_client) {
+    if port != config.probe_port || !from_probe_source(ctx, config) {
         return false;
     }
     if let Some(seen) = PROBE.get_ptr_mut(0) {
@@ -109,6 +109,38 @@ fn is_probe(ctx: &SkReuseportContext, config: &Config) -> bool {
         unsafe { *seen += 1 };
     }
     true
+}
+
+/// Whether the packet's source address is the probe's, compared whole.
+#[inline(always)]
+fn from_probe_source(ctx: &SkReuseportContext, config: &Config) -> bool {
+    // skb->protocol: a big-endian u16 widened to u32.
+    let protocol = u32::from(u16::from_be(ctx.eth_protocol() as u16));
+    let (offset, len, v6) = match protocol {
+        ETH_P_IP => (12, 4, 0),
+        ETH_P_IPV6 => (8, 16, 1),
+        _ => return false,
+    };
+    if v6 != config.probe_v6 || ctx.is_empty() {
+        return false;
+    }
+    let mut words = [0u32; 4];
+    // SAFETY: `words` has room for `len` (<= 16) bytes.
+    let ret = unsafe {
+        bpf_skb_load_bytes_relative(
+            ctx.as_ptr(),
+            offset,
+            words.as_mut_ptr().cast(),
+            len,
+            BPF_HDR_START_NET,
+        )
+    };
+    let want = &config.probe_addr;
+    ret == 0
+        && words[0] == want[0]
+        && words[1] == want[1]
+        && words[2] == want[2]
+        && words[3] == want[3]
 }
 
 /// Picks a slot and selects its socket; `None` if no registered socket took the
