@@ -449,6 +449,7 @@ impl Host {
             external,
             ipc_watched: true,
             budget: RelayBudget::new(now),
+            unsent_ping: None,
         };
         Ok((process, registers))
     }
@@ -569,10 +570,11 @@ impl Io for Host {
     }
 
     fn ping(&mut self, id: WorkerId, seq: u64) {
-        if let Some(process) = self.procs.get(&id) {
-            // A worker that does not read its socket cannot answer either: the verdict
-            // comes from the missing pong, not from here.
-            let _full_or_gone = process.channel.send(&Message::Ping { seq });
+        if let Some(process) = self.procs.get_mut(&id) {
+            // A full socket keeps the ping to send again first (a flooded worker that reads
+            // must hear it); a worker that reads nothing cannot answer either, and the
+            // verdict comes from the missing pong, not from here.
+            process.ping(seq);
         }
     }
 
