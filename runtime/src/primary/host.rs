@@ -425,7 +425,9 @@ impl Host {
             cpu: self
                 .config
                 .cpu_affinity
-                .then(|| slot % crate::steering::online_cpus()),
+                .then(|| crate::steering::cpu_for_slot(slot, &crate::steering::allowed_cpus()))
+                .flatten()
+                .map(|cpu| cpu as usize),
             limits: spawn::ChildLimits::for_worker(&self.config, external, self.inherited_nofile),
         })?;
         let now = Instant::now();
