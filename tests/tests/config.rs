@@ -294,7 +294,8 @@ fn the_kubernetes_probes_pass_and_status_is_not_served_outside_the_pod() {
             rlim_max: 0,
         };
         // SAFETY: getrlimit writes the struct it is given.
-        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
+        let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+        assert_eq!(rc, 0, "getrlimit: {}", std::io::Error::last_os_error());
         let nofile = limit.rlim_max.min(65536).to_string();
         let cluster = Cluster::start_as_given(
             &[&argv[2], file.as_arg(), "--worker-nofile", &nofile],

@@ -328,7 +328,7 @@ fn cpus_allowed(pid: u32) -> String {
 
 /// `GET /` 100 times from a thread pinned to `cpu` (on loopback the SYN is processed on
 /// the sending CPU): the slots that answered.
-fn slots_seen_from_cpu(addr: std::net::SocketAddr, cpu: usize) -> Vec<usize> {
+fn slots_seen_from_cpu(addr: SocketAddr, cpu: usize) -> Vec<usize> {
     std::thread::spawn(move || {
         let mut set = nix::sched::CpuSet::new();
         set.set(cpu).expect("cpu in range");
@@ -350,7 +350,10 @@ fn slots_seen_from_cpu(addr: std::net::SocketAddr, cpu: usize) -> Vec<usize> {
 fn cpu_policy_pins_inside_the_primarys_cpu_set_and_steers_by_it() {
     use std::os::unix::process::CommandExt;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    assert!(cpus >= 2, "this test needs two CPUs, to confine the primary to one");
+    assert!(
+        cpus >= 2,
+        "this test needs two CPUs, to confine the primary to one"
+    );
     let confined = cpus - 1;
     let cluster = Cluster::start_with(&["--workers", "2", "--balance", "cpu"], |cmd| {
         // SAFETY: sched_setaffinity is async-signal-safe; nothing else runs here.
