@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    Balance, ByteSize, Config, ConfigError, LogFormat, Parsed, Settings, StatusAddr,
+    Balance, ByteSize, Config, ConfigError, LogFormat, Parsed, Settings, StatusAddr, StatusPaths,
     WORKER_NOFILE_RANGE, WorkerCount, parse_duration, parse_listen, parse_status_addr,
 };
 
@@ -62,6 +62,11 @@ pub struct RunArgs {
     /// 127.0.0.1:PORT).
     #[arg(long, value_name = "ADDR", value_parser = parse_status_addr)]
     pub status: Option<SocketAddr>,
+    /// The status paths served to clients that are not on loopback, comma-separated
+    /// (e.g. /ready,/live); loopback clients get every path [default: all of /status,
+    /// /metrics, /ready and /live].
+    #[arg(long, value_name = "PATHS")]
+    pub status_public: Option<StatusPaths>,
     /// TOML file; flags override it. Keys are the long flag names.
     #[arg(short, long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -117,7 +122,8 @@ pub struct RunArgs {
     /// closing worker are then reset instead of migrated).
     #[arg(long)]
     pub no_tcp_migrate_req: bool,
-    /// Pin slot i's worker to CPU i mod the online CPU count (implied by --balance cpu).
+    /// Pin slot i's worker to the (i mod n)-th of the n CPUs the primary may run on
+    /// (implied by --balance cpu).
     #[arg(long)]
     pub cpu_affinity: bool,
     /// Replace a worker gracefully once its resident memory passes SIZE (e.g. 256MiB).
@@ -170,6 +176,7 @@ impl RunArgs {
             workers: self.workers,
             balance: self.balance.map(Parsed),
             status: self.status.map(|addr| Parsed(StatusAddr(addr))),
+            status_public: self.status_public,
             shutdown_timeout: self.shutdown_timeout.map(Parsed),
             health_interval: self.health_interval.map(Parsed),
             health_timeout: self.health_timeout.map(Parsed),

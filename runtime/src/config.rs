@@ -21,8 +21,8 @@ pub use credentials::Credentials;
 pub use settings::{Origin, Parsed, SettingValue, Settings};
 pub use values::{
     Balance, ByteSize, LogFormat, MIN_HEALTH_INTERVAL, MIN_HEALTH_TIMEOUT, MIN_MAX_MEMORY,
-    MIN_WORKER_MEMORY_LIMIT, StatusAddr, WORKER_NOFILE_RANGE, WorkerCount, format_size,
-    parse_duration, parse_listen, parse_size, parse_status_addr,
+    MIN_WORKER_MEMORY_LIMIT, StatusAddr, StatusPath, StatusPaths, WORKER_NOFILE_RANGE, WorkerCount,
+    format_size, parse_duration, parse_listen, parse_size, parse_status_addr,
 };
 
 use std::fmt;
@@ -75,6 +75,8 @@ pub struct Config {
     pub balance: Balance,
     /// Where `/status` and `/metrics` are served, if anywhere.
     pub status: Option<SocketAddr>,
+    /// The status paths served to clients not on loopback (`status-public`).
+    pub status_public: StatusPaths,
     /// Graceful drain limit before SIGKILL.
     pub shutdown_timeout: Duration,
     /// Heartbeat period.
@@ -106,7 +108,8 @@ pub struct Config {
     /// In `kernel` mode, set `net.ipv4.tcp_migrate_req=1` so a closing worker's queue
     /// migrates to the others instead of being reset.
     pub tcp_migrate_req: bool,
-    /// Pin slot i's worker to CPU i mod (online CPUs). Implied by `--balance cpu`.
+    /// Pin slot i's worker to the (i mod n)-th of the n CPUs the primary may run on.
+    /// Implied by `--balance cpu`.
     pub cpu_affinity: bool,
     /// A worker whose resident set passes this many bytes is replaced gracefully.
     pub max_memory: Option<u64>,
@@ -132,6 +135,7 @@ impl Default for Config {
             workers: WorkerCount::Auto.resolve(),
             balance: Balance::Auto,
             status: None,
+            status_public: StatusPaths::ALL,
             shutdown_timeout: Duration::from_secs(30),
             health_interval: Duration::from_secs(1),
             health_timeout: Duration::from_secs(3),
@@ -174,6 +178,12 @@ impl Config {
         ];
         if let Some(status) = self.status {
             lines.push(("status", q(&status)));
+            let public: Vec<toml::Value> = self
+                .status_public
+                .iter()
+                .map(|p| toml::Value::String(p.as_str().into()))
+                .collect();
+            lines.push(("status-public", toml::Value::Array(public).to_string()));
         }
         lines.extend([
             ("shutdown-timeout", d(self.shutdown_timeout)),
@@ -221,13 +231,21 @@ impl Config {
         for (key, value) in lines {
             let _ = writeln!(out, "{key} = {value}");
         }
+        if self.command.is_none() {
+            // What SIGHUP does with a file that lost its `command`: it agrees with this
+            // file only from the next primary on.
+            out.push_str(
+                "# no command: the demo app (a running primary keeps its command until SIGUSR1)\n",
+            );
+        }
         out
     }
 }
 
 /// The keys whose change a SIGHUP cannot apply to the running primary, each named once.
-/// (`workers` and `balance` apply live, and `cpu-affinity` with the roll that follows;
-/// see the primary's reload.)
+/// (`workers` and `balance` apply live, and `cpu-affinity` and another `command` with the
+/// roll that follows; see the primary's reload. Adding or removing `command` would switch
+/// between the demo and an external program: that waits for a new primary.)
 pub fn keys_needing_restart(running: &Config, reloaded: &Config) -> Vec<&'static str> {
     let mut keys = Vec::new();
     let mut changed = |key, differs: bool| {
@@ -237,11 +255,21 @@ pub fn keys_needing_restart(running: &Config, reloaded: &Config) -> Vec<&'static
     };
     changed("listen", running.listen != reloaded.listen);
     changed("status", running.status != reloaded.status);
+    changed(
+        "status-public",
+        running.status_public != reloaded.status_public,
+    );
     changed("pid-file", running.pid_file != reloaded.pid_file);
     changed("log-format", running.log_format != reloaded.log_format);
     changed(
         "tcp-migrate-req",
         running.tcp_migrate_req != reloaded.tcp_migrate_req,
+    );
+    // Another command applies with the roll, but a command added to a demo (or library)
+    // cluster, or removed from an external one, changes what kind of worker runs.
+    changed(
+        "command",
+        running.command.is_some() != reloaded.command.is_some(),
     );
     keys
 }
@@ -254,9 +282,13 @@ impl Config {
         self.listen = running.listen;
         self.balance = running.balance;
         self.status = running.status;
+        self.status_public = running.status_public;
         self.pid_file = running.pid_file.clone();
         self.log_format = running.log_format;
         self.tcp_migrate_req = running.tcp_migrate_req;
+        if self.command.is_some() != running.command.is_some() {
+            self.command = running.command.clone();
+        }
         self.verbosity = running.verbosity;
         self.config_file = running.config_file.clone();
         self.overrides = running.overrides.clone();
@@ -305,6 +337,33 @@ mod tests {
             ..live
         };
         assert_eq!(keys_needing_restart(&running, &moved), ["listen", "status"]);
+    }
+
+    #[test]
+    fn a_reload_cannot_remove_or_add_the_command_but_can_change_it() {
+        let external = Config {
+            command: Some(vec!["python3".into(), "app.py".into()]),
+            ..Config::default()
+        };
+        let other = Config {
+            command: Some(vec!["node".into(), "app.js".into()]),
+            ..Config::default()
+        };
+        assert_eq!(keys_needing_restart(&external, &other), Vec::<&str>::new());
+        let mut removed = Config::default();
+        assert_eq!(keys_needing_restart(&external, &removed), ["command"]);
+        removed.keep_unreloadable(&external);
+        assert_eq!(
+            removed.command, external.command,
+            "the running command stays"
+        );
+        let mut added = other.clone();
+        assert_eq!(
+            keys_needing_restart(&Config::default(), &added),
+            ["command"]
+        );
+        added.keep_unreloadable(&Config::default());
+        assert_eq!(added.command, None, "the demo stays");
     }
 
     #[test]

@@ -390,3 +390,48 @@ fn an_external_worker_that_never_answers_pings_is_supervised_for_liveness_only()
     assert!(!cluster.log().contains("hung"), "{}", cluster.log());
     cluster.stop_cleanly(Duration::from_secs(10));
 }
+
+/// A program that does not speak the protocol reports no counters, so `/status` shows them
+/// as `null` and `/metrics` leaves them out, as it does its heartbeat age: a 0 after it
+/// served requests would be a lie.
+#[test]
+fn counters_an_external_worker_never_reports_are_absent_not_zero() {
+    let script = fd3_worker();
+    let cluster = Cluster::start(&[
+        "--workers",
+        "1",
+        "--balance",
+        "kernel",
+        "--",
+        "python3",
+        &script,
+    ]);
+    for _ in 0..5 {
+        must_get(cluster.listen_addr(), "/");
+    }
+    let doc = cluster.status();
+    let worker = &doc["workers"][0];
+    for field in ["accepted", "active", "requests", "health_ms"] {
+        assert!(
+            worker[field].is_null(),
+            "{field} of a silent worker: {doc:#}"
+        );
+    }
+    let metrics = must_get(cluster.status_addr(), "/metrics").body;
+    for family in [
+        "steer_worker_accepted_total",
+        "steer_worker_active_connections",
+        "steer_worker_requests_total",
+        "steer_worker_heartbeat_age_seconds",
+    ] {
+        assert!(
+            !metrics.contains(&format!("{family}{{slot=\"0\"}}")),
+            "{family} for a silent worker:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("steer_worker_restarts_total{slot=\"0\"} 0"),
+        "what the primary knows itself stays:\n{metrics}"
+    );
+    cluster.stop_cleanly(Duration::from_secs(15));
+}

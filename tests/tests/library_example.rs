@@ -189,3 +189,70 @@ fn a_library_worker_whose_loop_stalls_is_declared_hung_and_replaced() {
     }
     cluster.stop_cleanly(STOP_TIMEOUT);
 }
+
+/// The README's hook, `control.broadcast(data)`, with one worker that floods it: what
+/// reaches the hook is paid from the flooding worker's relay budget, so the fan-out stays
+/// bounded, the drops are counted against its slot, and every worker keeps answering its
+/// heartbeats (nobody is declared hung or replaced).
+#[test]
+fn a_hook_that_broadcasts_a_flood_is_budgeted_and_every_worker_stays_healthy() {
+    let bin = example_named("relay_cluster", None);
+    let interval = Duration::from_secs(1);
+    let cluster = Cluster::start_program(
+        &bin,
+        &[
+            "--workers",
+            "3",
+            "--balance",
+            "kernel",
+            "--health-interval",
+            "1s",
+            "--health-timeout",
+            "3s",
+            "--flood-slot",
+            "0",
+        ],
+    );
+    let flood = Duration::from_secs(4);
+    let end = Instant::now() + flood;
+    let mut worst = [0u64; 3];
+    let mut requests = 0u64;
+    while Instant::now() < end {
+        let response = http_get(cluster.listen_addr(), "/").expect("GET / during the flood");
+        assert_eq!(response.status, 200, "{response}");
+        requests += 1;
+        let doc = cluster.status();
+        for (slot, worst) in worst.iter_mut().enumerate() {
+            if let Some(ms) = status::worker(&doc, slot).raw["health_ms"].as_u64() {
+                *worst = (*worst).max(ms);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let doc = cluster.status();
+    eprintln!(
+        "worst heartbeat owed during a 4 s flood through the hook: {worst:?} ms; {requests} \
+         requests; slot 0 dropped {}",
+        doc["workers"][0]["messages_dropped"]
+    );
+    for (slot, worst) in worst.iter().enumerate().skip(1) {
+        assert!(
+            u128::from(*worst) < interval.as_millis(),
+            "slot {slot} owed a ping for {worst} ms during the flood"
+        );
+    }
+    for slot in 0..3 {
+        let worker = status::worker(&doc, slot);
+        assert_eq!(
+            (worker.generation, worker.restarts),
+            (1, 0),
+            "slot {slot} was never replaced\n{doc:#}"
+        );
+    }
+    assert!(
+        doc["workers"][0]["messages_dropped"].as_u64() > Some(0),
+        "the flood's drops are counted against its slot\n{doc:#}"
+    );
+    assert!(!cluster.log().contains("hung"), "{}", cluster.log());
+    cluster.stop_cleanly(STOP_TIMEOUT);
+}

@@ -314,6 +314,80 @@ fn cpu_policy_lands_every_connection_on_the_worker_pinned_to_the_syns_cpu() {
     }
 }
 
+/// `Cpus_allowed_list` of `pid`, as the kernel prints it (`1`, `4-7`).
+fn cpus_allowed(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("proc status")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Cpus_allowed_list:")
+                .map(|v| v.trim().to_owned())
+        })
+        .expect("Cpus_allowed_list")
+}
+
+/// `GET /` 100 times from a thread pinned to `cpu` (on loopback the SYN is processed on
+/// the sending CPU): the slots that answered.
+fn slots_seen_from_cpu(addr: SocketAddr, cpu: usize) -> Vec<usize> {
+    std::thread::spawn(move || {
+        let mut set = nix::sched::CpuSet::new();
+        set.set(cpu).expect("cpu in range");
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+            .expect("pin the client thread");
+        (0..100)
+            .map(|_| http_get(addr, "/").expect("GET /").worker().expect("slot"))
+            .collect()
+    })
+    .join()
+    .expect("client thread")
+}
+
+/// A primary confined to some CPUs (a cpuset, `taskset -c 1`) pins its workers inside
+/// that set, and the `cpu` policy maps the set's CPUs back to their slots. Before, slot i
+/// went to CPU i (outside the set, or refused by a cpuset, leaving it unpinned) and the
+/// program mapped CPU numbers as if the set were 0..N-1.
+#[test]
+fn cpu_policy_pins_inside_the_primarys_cpu_set_and_steers_by_it() {
+    use std::os::unix::process::CommandExt;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        cpus >= 2,
+        "this test needs two CPUs, to confine the primary to one"
+    );
+    let confined = cpus - 1;
+    let cluster = Cluster::start_with(&["--workers", "2", "--balance", "cpu"], |cmd| {
+        // SAFETY: sched_setaffinity is async-signal-safe; nothing else runs here.
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut set = nix::sched::CpuSet::new();
+                set.set(confined).map_err(std::io::Error::from)?;
+                nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                    .map_err(std::io::Error::from)
+            });
+        }
+    });
+    assert_eq!(cpus_allowed(cluster.pid()), confined.to_string());
+    for worker in status::workers(&cluster.status()) {
+        let pid = worker.pid.expect("running");
+        assert_eq!(
+            cpus_allowed(pid),
+            confined.to_string(),
+            "slot {} is pinned inside the primary's set",
+            worker.slot
+        );
+    }
+    // Both slots run on the one allowed CPU: its SYNs go to both, in turn.
+    let inside: BTreeSet<usize> = slots_seen_from_cpu(cluster.listen_addr(), confined)
+        .into_iter()
+        .collect();
+    assert_eq!(inside, BTreeSet::from([0, 1]), "SYNs from CPU {confined}");
+    // A SYN handled outside the set (interrupts ignore cpusets) still gets a worker.
+    let outside = slots_seen_from_cpu(cluster.listen_addr(), 0);
+    assert_eq!(outside.len(), 100, "every SYN from CPU 0 was served");
+    let doc = cluster.status();
+    assert_eq!(doc["steering"]["drops"], 0, "{doc:#}");
+}
+
 #[test]
 fn a_rogue_reuseport_listener_gets_nothing_under_any_ebpf_policy() {
     // Under `kernel` the rogue is just another member of the group: it gets its share,

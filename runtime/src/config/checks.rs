@@ -2,6 +2,7 @@
 //! each value against its range and against the others (health timings, addresses, the
 //! environment the primary will run in). Every refusal names the flag, or the file and line.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -133,6 +134,7 @@ impl Settings {
             workers,
             balance: self.balance.map_or(d.balance, |p| p.0),
             status: self.status.map(|p| p.0.0),
+            status_public: self.status_public.unwrap_or_default(),
             shutdown_timeout: self.shutdown_timeout.map_or(d.shutdown_timeout, |p| p.0),
             health_interval,
             health_timeout,
@@ -221,15 +223,17 @@ impl Settings {
     /// (and crash-loop) against Steer's own status socket.
     fn check_addresses(&self, config: &Config) -> Result<(), ConfigError> {
         let Some(status) = config.status else {
+            if let Some(public) = self.status_public {
+                return Err(self.invalid(
+                    "status-public",
+                    public.to_string(),
+                    "there is no status listener to serve it: set `status` too",
+                ));
+            }
             return Ok(());
         };
         let listen = config.listen;
-        let overlaps = status.port() == listen.port()
-            && listen.port() != 0
-            && (status.ip() == listen.ip()
-                || status.ip().is_unspecified()
-                || listen.ip().is_unspecified());
-        if overlaps {
+        if addresses_clash(status, listen) {
             return Err(self.invalid(
                 "status",
                 status.to_string(),
@@ -274,5 +278,50 @@ impl Settings {
             }
         }
         Ok(())
+    }
+}
+
+/// Whether two TCP listeners on `a` and `b` would take the same connections, so the second
+/// `bind` fails (or, with `SO_REUSEPORT`, joins the first one's group): the same port and
+/// the same address, or an unspecified address of the other's family. An unspecified IPv6
+/// address is dual-stack (Steer's listeners clear `IPV6_V6ONLY`), so `[::]:P` also takes
+/// every IPv4 address; a specific IPv6 address and an IPv4 one never meet. IPv4-mapped IPv6
+/// addresses count as the IPv4 address they carry.
+fn addresses_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    use std::net::IpAddr;
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    match (a.ip().to_canonical(), b.ip().to_canonical()) {
+        (IpAddr::V4(x), IpAddr::V4(y)) => x == y || x.is_unspecified() || y.is_unspecified(),
+        (IpAddr::V6(x), IpAddr::V6(y)) => x == y || x.is_unspecified() || y.is_unspecified(),
+        (IpAddr::V6(v6), IpAddr::V4(_)) | (IpAddr::V4(_), IpAddr::V6(v6)) => v6.is_unspecified(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::addresses_clash;
+
+    #[test]
+    fn listeners_clash_only_where_the_kernel_would_share_their_connections() {
+        for (a, b, clash) in [
+            ("0.0.0.0:8000", "[::1]:8000", false),
+            ("127.0.0.1:8000", "[::1]:8000", false),
+            ("127.0.0.1:8000", "127.0.0.2:8000", false),
+            ("127.0.0.1:8000", "127.0.0.1:8001", false),
+            ("127.0.0.1:0", "127.0.0.1:0", false),
+            ("0.0.0.0:8000", "[::]:8000", true),
+            ("127.0.0.1:8000", "[::]:8000", true),
+            ("0.0.0.0:8000", "127.0.0.1:8000", true),
+            ("[::]:8000", "[::1]:8000", true),
+            ("[::1]:8000", "[::1]:8000", true),
+            ("[::ffff:127.0.0.1]:8000", "127.0.0.1:8000", true),
+            ("[::ffff:127.0.0.1]:8000", "0.0.0.0:8000", true),
+        ] {
+            let (a, b) = (a.parse().expect("a"), b.parse().expect("b"));
+            assert_eq!(addresses_clash(a, b), clash, "{a} and {b}");
+            assert_eq!(addresses_clash(b, a), clash, "{b} and {a}");
+        }
     }
 }

@@ -11,7 +11,7 @@ use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
 use toml::Value;
 
-use super::{Parsed, SettingValue, WorkerCount};
+use super::{Parsed, SettingValue, StatusPaths, WorkerCount};
 
 /// A TOML type's name for messages: "a string", "an integer", ...
 fn kind(value: &Value) -> String {
@@ -116,6 +116,37 @@ pub(super) fn account<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>,
             kind(&other)
         ))),
     }
+}
+
+/// `status-public`: an array of paths (`["/ready", "/live"]`), or one comma-separated
+/// string of them; an empty array is no path.
+pub(super) fn status_paths<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<StatusPaths>, D::Error> {
+    let expected = "expected an array of paths such as [\"/ready\", \"/live\"]";
+    let text = match Value::deserialize(d)? {
+        Value::String(s) => s,
+        Value::Array(items) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(s) => Ok(s),
+                other => Err(D::Error::custom(format!(
+                    "invalid element {}: {expected}",
+                    kind(&other)
+                ))),
+            })
+            .collect::<Result<Vec<_>, _>>()?
+            .join(","),
+        other => {
+            return Err(D::Error::custom(format!(
+                "invalid value {}: {expected}",
+                kind(&other)
+            )));
+        }
+    };
+    text.parse()
+        .map(Some)
+        .map_err(|reason| D::Error::custom(format!("invalid value {text:?}: {reason}")))
 }
 
 /// `command`: a non-empty array of strings.

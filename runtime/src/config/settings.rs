@@ -11,7 +11,8 @@ use serde::Deserialize;
 use super::ConfigError;
 use super::fields;
 use super::values::{
-    Balance, ByteSize, LogFormat, StatusAddr, WorkerCount, parse_duration, parse_listen,
+    Balance, ByteSize, LogFormat, StatusAddr, StatusPaths, WorkerCount, parse_duration,
+    parse_listen,
 };
 
 /// Where the file-given values of a [`Settings`] came from, so checks made after parsing
@@ -43,6 +44,10 @@ pub struct Settings {
     /// `status`
     #[serde(default, deserialize_with = "fields::from_str")]
     pub status: Option<Parsed<StatusAddr>>,
+    /// `status-public`: the paths other hosts may read, an array such as
+    /// `["/ready", "/live"]` (or one comma-separated string).
+    #[serde(default, deserialize_with = "fields::status_paths")]
+    pub status_public: Option<StatusPaths>,
     /// `shutdown-timeout`
     #[serde(default, deserialize_with = "fields::from_str")]
     pub shutdown_timeout: Option<Parsed<Duration>>,
@@ -169,6 +174,7 @@ impl Settings {
         "workers",
         "balance",
         "status",
+        "status-public",
         "shutdown-timeout",
         "health-interval",
         "health-timeout",
@@ -224,6 +230,7 @@ impl Settings {
             "workers" => self.workers.is_some(),
             "balance" => self.balance.is_some(),
             "status" => self.status.is_some(),
+            "status-public" => self.status_public.is_some(),
             "shutdown-timeout" => self.shutdown_timeout.is_some(),
             "health-interval" => self.health_interval.is_some(),
             "health-timeout" => self.health_timeout.is_some(),
@@ -259,6 +266,7 @@ impl Settings {
             workers: self.workers.or(base.workers),
             balance: self.balance.or(base.balance),
             status: self.status.or(base.status),
+            status_public: self.status_public.or(base.status_public),
             shutdown_timeout: self.shutdown_timeout.or(base.shutdown_timeout),
             health_interval: self.health_interval.or(base.health_interval),
             health_timeout: self.health_timeout.or(base.health_timeout),

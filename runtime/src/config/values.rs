@@ -185,6 +185,99 @@ pub fn parse_status_addr(s: &str) -> Result<SocketAddr, String> {
     })
 }
 
+/// A path the status listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusPath {
+    /// `/status`: the JSON document (pids, restarts, memory).
+    Status,
+    /// `/metrics`: Prometheus text (the same counters).
+    Metrics,
+    /// `/ready`: 200 or 503, and a count of ready workers.
+    Ready,
+    /// `/live`: 200 while the primary's loop publishes status documents, else 503.
+    Live,
+}
+
+impl StatusPath {
+    /// Every path, in the order they are listed.
+    pub const ALL: [StatusPath; 4] = [
+        StatusPath::Status,
+        StatusPath::Metrics,
+        StatusPath::Ready,
+        StatusPath::Live,
+    ];
+
+    /// The path as requested.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatusPath::Status => "/status",
+            StatusPath::Metrics => "/metrics",
+            StatusPath::Ready => "/ready",
+            StatusPath::Live => "/live",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
+
+/// The status paths served to clients that are not on loopback (`status-public`); a
+/// loopback client (`steer status`, `kubectl exec`) is served every path. By default every
+/// path is public, as a `status` address other hosts can reach says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusPaths(u8);
+
+impl Default for StatusPaths {
+    fn default() -> StatusPaths {
+        StatusPaths::ALL
+    }
+}
+
+impl StatusPaths {
+    /// Every path.
+    pub const ALL: StatusPaths = StatusPaths(0b1111);
+
+    /// Whether `path` is in the set.
+    pub fn contains(self, path: StatusPath) -> bool {
+        self.0 & path.bit() != 0
+    }
+
+    /// The paths in the set, in [`StatusPath::ALL`] order.
+    pub fn iter(self) -> impl Iterator<Item = StatusPath> {
+        StatusPath::ALL
+            .into_iter()
+            .filter(move |p| self.contains(*p))
+    }
+}
+
+impl FromStr for StatusPaths {
+    type Err = String;
+    /// A comma-separated list such as `/ready,/live,/metrics`; an empty string is no path.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut set = 0;
+        for item in s.split(',').map(str::trim).filter(|item| !item.is_empty()) {
+            let path = StatusPath::ALL
+                .into_iter()
+                .find(|p| p.as_str() == item)
+                .ok_or_else(|| {
+                    format!(
+                        "unknown path {item:?}: expected some of /status, /metrics, /ready, /live"
+                    )
+                })?;
+            set |= path.bit();
+        }
+        Ok(StatusPaths(set))
+    }
+}
+
+impl fmt::Display for StatusPaths {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let paths: Vec<&str> = self.iter().map(StatusPath::as_str).collect();
+        f.write_str(&paths.join(","))
+    }
+}
+
 /// A byte size such as `256MiB`, `1GiB`, `64M` or `1048576`.
 ///
 /// `KiB`/`MiB`/`GiB`/`TiB` and the short `K`/`M`/`G`/`T` are powers of 1024 (as in

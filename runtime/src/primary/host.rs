@@ -468,7 +468,9 @@ impl Host {
             cpu: self
                 .config
                 .cpu_affinity
-                .then(|| slot % crate::steering::online_cpus()),
+                .then(|| crate::steering::cpu_for_slot(slot, &crate::steering::allowed_cpus()))
+                .flatten()
+                .map(|cpu| cpu as usize),
             limits: spawn::ChildLimits::for_worker(&self.config, external, self.inherited_nofile),
         })?;
         let now = Instant::now();
@@ -492,6 +494,7 @@ impl Host {
             external,
             ipc_watched: true,
             budget: RelayBudget::new(now),
+            unsent_ping: None,
         };
         Ok((process, registers))
     }
@@ -612,10 +615,11 @@ impl Io for Host {
     }
 
     fn ping(&mut self, id: WorkerId, seq: u64) {
-        if let Some(process) = self.procs.get(&id) {
-            // A worker that does not read its socket cannot answer either: the verdict
-            // comes from the missing pong, not from here.
-            let _full_or_gone = process.channel.send(&Message::Ping { seq });
+        if let Some(process) = self.procs.get_mut(&id) {
+            // A full socket keeps the ping to send again first (a flooded worker that reads
+            // must hear it); a worker that reads nothing cannot answer either, and the
+            // verdict comes from the missing pong, not from here.
+            process.ping(seq);
         }
     }
 

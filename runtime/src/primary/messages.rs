@@ -22,6 +22,7 @@ impl Supervisor {
         // buffer goes out now. A peer that is gone shows on the read side below.
         if let Some(process) = self.host.process(id) {
             let _gone = process.channel.flush();
+            process.resend_ping();
         }
         for _ in 0..MAX_MESSAGES_PER_WAKEUP {
             let Some(process) = self.host.process(id).filter(|p| p.ipc_watched) else {
@@ -143,7 +144,9 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Relays a worker's user message within its budget, or hands it to the primary's hook.
+    /// Relays a worker's user message, or hands it to the primary's hook, within the
+    /// worker's budget: a message to the hook costs what a relayed one does, so a hook that
+    /// broadcasts what it gets fans out no more than a worker's own `"all"` would.
     fn route_user_message(
         &mut self,
         from: usize,
@@ -152,21 +155,22 @@ impl Supervisor {
         data: Payload,
         now: Instant,
     ) {
-        if to != Recipient::Primary {
-            let size = data.get().len();
-            let allowed = self
-                .host
-                .process(id)
-                .is_some_and(|p| p.budget.take(size, now));
-            if !allowed {
-                self.dropped_message(from, now, "over its relay budget");
-                return;
-            }
+        if to == Recipient::Primary && self.hooks.on_message.is_none() {
+            tracing::debug!(slot = from, "user message with no primary hook");
+            return;
+        }
+        let size = data.get().len();
+        let allowed = self
+            .host
+            .process(id)
+            .is_some_and(|p| p.budget.take(size, now));
+        if !allowed {
+            self.dropped_message(from, now, "over its relay budget");
+            return;
         }
         match to {
             Recipient::Primary => {
                 let Some(hook) = self.hooks.on_message.as_mut() else {
-                    tracing::debug!(slot = from, "user message with no primary hook");
                     return;
                 };
                 let mut control = Control {
@@ -175,23 +179,27 @@ impl Supervisor {
                 };
                 hook(&mut control, from, data.to_value());
                 for (target, data) in control.outbox {
-                    self.deliver(None, target, Payload::from(data), now);
+                    // From the primary, to every worker the hook names (the sender too);
+                    // what a receiver cannot take counts against the slot that caused it.
+                    self.deliver(None, target, Payload::from(data), now, Some(from));
                 }
             }
-            Recipient::All => self.deliver(Some(from), None, data, now),
-            Recipient::Slot(slot) => self.deliver(Some(from), Some(slot), data, now),
+            Recipient::All => self.deliver(Some(from), None, data, now, Some(from)),
+            Recipient::Slot(slot) => self.deliver(Some(from), Some(slot), data, now, Some(from)),
         }
     }
 
     /// Sends a user message to one slot's serving process, or to every slot's but the
     /// sender's, serialized once whatever the number of receivers. What a receiver cannot
-    /// take now (its socket is full) is dropped and counted against the sender's slot.
+    /// take now (its socket is full, or a ping waits to be sent there first) is dropped and
+    /// counted against slot `charged`.
     pub(crate) fn deliver(
         &mut self,
         from: Option<usize>,
         to: Option<usize>,
         data: Payload,
         now: Instant,
+        charged: Option<usize>,
     ) {
         let message = match Encoded::new(&Message::User {
             to: None,
@@ -218,13 +226,14 @@ impl Supervisor {
             else {
                 continue;
             };
-            if let Some(process) = self.host.procs.get(&worker.id)
-                && process.channel.send_encoded(&message).is_err()
+            // A ping that found the socket full goes first: a flood must not starve it.
+            if let Some(process) = self.host.procs.get_mut(&worker.id)
+                && (!process.resend_ping() || process.channel.send_encoded(&message).is_err())
             {
                 undelivered += 1;
             }
         }
-        if let Some(sender) = from {
+        if let Some(sender) = charged {
             for _ in 0..undelivered {
                 self.dropped_message(sender, now, "a receiver could not take it");
             }

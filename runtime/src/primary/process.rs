@@ -54,8 +54,13 @@ pub(crate) struct Process {
     pub external: bool,
     /// Its IPC is still read.
     pub ipc_watched: bool,
-    /// What it may still relay to other workers.
+    /// What it may still relay to other workers, or hand to the primary's hook.
     pub budget: RelayBudget,
+    /// A ping its socket could not take when it was sent: sent again before anything else
+    /// goes to it, so a worker flooded with user messages still hears its heartbeat (the
+    /// core keeps the time of the first attempt, so a worker that reads nothing is still
+    /// hung after `health-timeout`).
+    pub unsent_ping: Option<u64>,
 }
 
 impl Process {
@@ -68,6 +73,29 @@ impl Process {
             }
             other => other,
         }
+    }
+
+    /// Sends `ping`, or keeps it to send again ([`Process::resend_ping`]) if its socket is
+    /// full.
+    pub(crate) fn ping(&mut self, seq: u64) {
+        self.unsent_ping = Some(seq);
+        self.resend_ping();
+    }
+
+    /// Sends the ping its socket could not take, if any. Whether none waits any longer:
+    /// until it does, nothing else is sent to this worker.
+    pub(crate) fn resend_ping(&mut self) -> bool {
+        let Some(seq) = self.unsent_ping else {
+            return true;
+        };
+        if self
+            .channel
+            .send(&crate::ipc::Message::Ping { seq })
+            .is_ok()
+        {
+            self.unsent_ping = None;
+        }
+        self.unsent_ping.is_none()
     }
 
     /// The executable, for messages.

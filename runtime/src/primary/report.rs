@@ -77,6 +77,12 @@ impl Supervisor {
             .map(|slot| {
                 let worker = slot.shown();
                 let process = worker.and_then(|w| self.host.procs.get(&w.id));
+                // Only a worker that answers pings reports counters (with its pongs): for
+                // one that never does, a 0 would be a guess, so nothing is shown.
+                let reporting = worker.filter(|w| w.heartbeat.watched);
+                let counted = counters.is_some()
+                    || slot.accepted_before > 0
+                    || slot.workers().any(|w| w.heartbeat.watched);
                 WorkerStatus {
                     slot: slot.index,
                     pid: worker.map(|w| w.pid),
@@ -89,9 +95,9 @@ impl Supervisor {
                     accepted: counters
                         .as_ref()
                         .and_then(|c| c.selections.get(slot.index).copied())
-                        .unwrap_or_else(|| slot.accepted()),
-                    active: worker.map_or(0, |w| w.counters.active),
-                    requests: worker.map_or(0, |w| w.counters.requests),
+                        .or_else(|| counted.then(|| slot.accepted())),
+                    active: reporting.map(|w| w.counters.active),
+                    requests: reporting.map(|w| w.counters.requests),
                     rss_bytes: process.and_then(|p| p.memory.as_ref()?.bytes()),
                     last_exit: slot.last_exit.map(|s| s.to_string()),
                     next_restart_in_ms: slot.next_restart_in(now).map(|d| d.as_millis() as u64),
@@ -111,7 +117,7 @@ impl Supervisor {
                 .fold(0u64, |sum, w| sum.saturating_add(u64::from(w.restarts))),
             accepted: workers
                 .iter()
-                .fold(0u64, |sum, w| sum.saturating_add(w.accepted)),
+                .fold(0u64, |sum, w| sum.saturating_add(w.accepted.unwrap_or(0))),
         };
         let phase = self.readiness().phase.as_str();
         StatusDocument {

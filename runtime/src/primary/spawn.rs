@@ -338,8 +338,9 @@ impl ChildPlan {
                 }
             }
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-            // A CPU this process may not use (a cpuset) leaves the worker unpinned: there
-            // is no one to tell from here, and an unpinned worker still serves.
+            // The CPU is one the primary may use (`steering::allowed_cpus`); should the
+            // set have changed since, the worker stays unpinned: there is no one to tell
+            // from here, and an unpinned worker still serves.
             if let Some(set) = &self.cpu_set {
                 libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), set);
             }

@@ -141,8 +141,11 @@ impl Supervisor {
                 // predecessor, serving the same socket, speaks for the cluster (its
                 // `/ready` is true; this one's would not be yet).
                 let accepting = inheritance.is_none();
+                let public = config.status_public;
                 let server = listener
-                    .and_then(|l| StatusService::start(l, poll.registry(), STATUS_TOKEN, accepting))
+                    .and_then(|l| {
+                        StatusService::start(l, poll.registry(), STATUS_TOKEN, accepting, public)
+                    })
                     .map_err(|e| {
                         format!(
                             "cannot bind the status listener {addr}: {e} (choose another --status)"

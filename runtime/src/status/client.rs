@@ -277,7 +277,7 @@ pub fn render_table(doc: &StatusDocument) -> String {
             state,
             uptime,
             w.restarts,
-            w.accepted,
+            w.accepted.map_or_else(|| "-".to_owned(), |n| n.to_string()),
             rss,
             w.last_exit.as_deref().unwrap_or("-")
         );
@@ -357,9 +357,9 @@ mod tests {
             state: state.into(),
             uptime_s: pid.map(|_| 75),
             restarts: 1,
-            accepted: 100,
-            active: 0,
-            requests: 100,
+            accepted: Some(100),
+            active: Some(0),
+            requests: Some(100),
             rss_bytes: Some(3 * 1024 * 1024),
             last_exit: Some("signal 9 (SIGKILL)".into()),
             next_restart_in_ms: if pid.is_none() { Some(400) } else { None },

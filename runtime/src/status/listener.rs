@@ -1,9 +1,12 @@
 //! The status listener: a thread of its own with its own `mio` poll, so no client can delay
 //! supervision, and no supervision work can delay `/ready`.
 //!
-//! It answers `GET`/`HEAD` of `/status`, `/metrics` and `/ready`, then closes the
+//! It answers `GET`/`HEAD` of `/status`, `/metrics`, `/ready` and `/live`, then closes the
 //! connection. It exposes no action: any other method is `405`, whatever its body, so
-//! nothing reachable on this port can stop, restart or reconfigure the cluster.
+//! nothing reachable on this port can stop, restart or reconfigure the cluster. A client
+//! whose address is not a loopback address gets only the paths of `status-public` (`403`
+//! for the others): probes and scrapers from outside a pod or host can be let in without
+//! showing them pids, restarts and memory.
 //!
 //! - `/ready` (200 while at least one worker serves and the cluster is not stopping, else
 //!   503: for load balancers and Kubernetes probes) is answered at once from the readiness
@@ -13,7 +16,8 @@
 //!   changed meanwhile; every client that waits is answered from the same rendering. A
 //!   document is never older than the request. If the
 //!   primary does not publish one within [`RENDER_WAIT`] the answer is `503`: `/status`
-//!   stays a liveness check of the primary's loop.
+//!   stays a liveness check of the primary's loop. `/live` is that check without the
+//!   document: it waits for the same publication and answers a bare `200`.
 //!
 //! Hostile clients cost little. A request head must arrive within [`HEADER_TIMEOUT`], a
 //! whole exchange within [`EXCHANGE_TIMEOUT`]. At most [`MAX_CLIENTS`] are connected, and at
@@ -38,6 +42,7 @@ use super::board::{Board, Publication, Readiness};
 use super::request::{self, Endpoint, Head, MAX_REQUEST, Standing};
 use super::{StatusDocument, render_metrics};
 use crate::accept::{AcceptPause, is_exhaustion};
+use crate::config::StatusPaths;
 
 /// A request head must be complete this long after the connection was accepted.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -87,18 +92,28 @@ impl StatusService {
     /// or inherited from the primary this one replaces). It accepts clients only once
     /// `accepting` (a successor waits until it has taken over). The thread wakes the
     /// primary's poll through `registry` with `token` when a client wants a document.
+    ///
+    /// Clients not on loopback get only the paths in `public`.
     pub(crate) fn start(
         listener: std::net::TcpListener,
         registry: &Registry,
         token: Token,
         accepting: bool,
+        public: StatusPaths,
     ) -> io::Result<StatusService> {
         let addr = listener.local_addr()?;
         if !addr.ip().is_loopback() {
-            tracing::warn!(
-                "the status listener on {addr} is reachable from other hosts; it is read-only, \
-                 but it shows pids and counters (use a loopback address to keep it local)"
-            );
+            if public == StatusPaths::ALL {
+                tracing::warn!(
+                    "the status listener on {addr} is reachable from other hosts; it is read-only, \
+                     but it shows pids and counters (use a loopback address to keep it local, \
+                     or status-public to show other hosts only the probes)"
+                );
+            } else {
+                tracing::info!(
+                    "the status listener on {addr} serves other hosts only: {public} (status-public)"
+                );
+            }
         }
         listener.set_nonblocking(true)?;
         let handed = listener.try_clone()?;
@@ -113,6 +128,7 @@ impl StatusService {
             poll,
             listener,
             listening: false,
+            public,
             board: Arc::clone(&board),
             clients: Slab::new(),
             per_ip: HashMap::new(),
@@ -199,11 +215,12 @@ fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// `/status` and `/metrics` rendered from one publication.
+/// `/status`, `/metrics` and `/live` rendered from one publication.
 struct Rendered {
     serial: u64,
     status: Encoded,
     metrics: Encoded,
+    live: Encoded,
 }
 
 /// A response shared by every client it goes to; a HEAD gets only `..head_len`.
@@ -288,6 +305,8 @@ struct Server {
     listener: TcpListener,
     /// The listener is registered with `poll` (the board says whether it should be).
     listening: bool,
+    /// What clients not on loopback may read.
+    public: StatusPaths,
     board: Arc<Board>,
     clients: Slab<Client>,
     per_ip: HashMap<IpAddr, usize>,
@@ -466,10 +485,11 @@ impl Server {
     fn progress(&mut self, key: usize) {
         let readiness = self.board.readiness();
         let serial = self.rendered.as_ref().map_or(0, |r| r.serial);
+        let public = self.public;
         let Some(client) = self.clients.get_mut(key) else {
             return;
         };
-        match client.progress(readiness, serial) {
+        match client.progress(readiness, serial, public) {
             Ok(Progress::Open) => {}
             Ok(Progress::Done) => self.close(key),
             Err(err) => {
@@ -506,6 +526,7 @@ impl Server {
             {
                 let response = match endpoint {
                     Endpoint::Metrics => rendered.metrics.clone(),
+                    Endpoint::Live => rendered.live.clone(),
                     _ => rendered.status.clone(),
                 };
                 client.answer(response, head_only);
@@ -584,12 +605,17 @@ impl Server {
 
 impl Client {
     /// Reads, answers and writes what the socket allows now.
-    fn progress(&mut self, readiness: Readiness, rendered: u64) -> io::Result<Progress> {
+    fn progress(
+        &mut self,
+        readiness: Readiness,
+        rendered: u64,
+        public: StatusPaths,
+    ) -> io::Result<Progress> {
         if let Stage::Head { buf } = &mut self.stage {
             match read_head(&mut self.stream, buf)? {
                 None => return Ok(Progress::Done),
                 Some(Head::Partial) => return Ok(Progress::Open),
-                Some(head) => self.route(head, readiness, rendered),
+                Some(head) => self.route(head, readiness, rendered, public),
             }
         }
         if let Stage::Answering {
@@ -628,11 +654,25 @@ impl Client {
     }
 
     /// Decides the answer to a complete (or refused) head.
-    fn route(&mut self, head: Head, readiness: Readiness, rendered: u64) {
+    fn route(&mut self, head: Head, readiness: Readiness, rendered: u64, public: StatusPaths) {
         let (response, head_only) = match head {
             Head::Partial => return,
             Head::Read {
-                endpoint: endpoint @ (Endpoint::Status | Endpoint::Metrics),
+                endpoint,
+                head_only,
+            } if !self.ip.is_loopback()
+                && endpoint.path().is_some_and(|path| !public.contains(path)) =>
+            {
+                (
+                    Encoded::text(
+                        403,
+                        &format!("other hosts may read only {public} (status-public)\n"),
+                    ),
+                    head_only,
+                )
+            }
+            Head::Read {
+                endpoint: endpoint @ (Endpoint::Status | Endpoint::Metrics | Endpoint::Live),
                 head_only,
             } => {
                 self.stage = Stage::Waiting {
@@ -651,7 +691,7 @@ impl Client {
                 endpoint: Endpoint::NotFound,
                 head_only,
             } => (
-                Encoded::text(404, "try /status, /metrics or /ready\n"),
+                Encoded::text(404, "try /status, /metrics, /ready or /live\n"),
                 head_only,
             ),
             Head::NotAllowed => (Encoded::text(405, "read-only: only GET and HEAD\n"), false),
@@ -731,6 +771,7 @@ fn render(publication: &Publication) -> Rendered {
             "text/plain; version=0.0.4",
             render_metrics(&publication.document).as_bytes(),
         ),
+        live: Encoded::text(200, "live\n"),
     }
 }
 
@@ -773,8 +814,14 @@ mod tests {
         // document is never older than the request, so each waits for the next one).
         let listener = StatusService::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let mut primary = Poll::new().expect("poll");
-        let service =
-            StatusService::start(listener, primary.registry(), Token(0), true).expect("start");
+        let service = StatusService::start(
+            listener,
+            primary.registry(),
+            Token(0),
+            true,
+            StatusPaths::ALL,
+        )
+        .expect("start");
         let document: StatusDocument =
             serde_json::from_str(include_str!("../top/fixtures/status-after.json"))
                 .expect("fixture");

@@ -154,8 +154,8 @@ pub fn render(doc: &StatusDocument) -> String {
         doc,
         "steer_worker_accepted_total",
         "counter",
-        "Connections accepted per slot, over every generation (steered there, under eBPF).",
-        |w| Some(w.accepted as f64),
+        "Connections accepted per slot, over every generation (steered there, under eBPF; absent under kernel for programs that do not report counters).",
+        |w| w.accepted.map(|n| n as f64),
     );
     e.per_slot(
         doc,
@@ -203,15 +203,15 @@ pub fn render(doc: &StatusDocument) -> String {
         doc,
         "steer_worker_active_connections",
         "gauge",
-        "Open connections per slot at the last heartbeat.",
-        |w| Some(w.active as f64),
+        "Open connections per slot at the last heartbeat (absent for programs that do not report counters).",
+        |w| w.active.map(|n| n as f64),
     );
     e.per_slot(
         doc,
         "steer_worker_requests_total",
         "counter",
-        "Requests answered by the slot's current process (restarts from 0 with a new process).",
-        |w| Some(w.requests as f64),
+        "Requests answered by the slot's current process (restarts from 0 with a new process; absent for programs that do not report counters).",
+        |w| w.requests.map(|n| n as f64),
     );
     if let Some(steering) = &doc.steering {
         let mut selections = e.family(
@@ -280,9 +280,9 @@ mod tests {
             state: state.into(),
             uptime_s: Some(5),
             restarts: slot as u32,
-            accepted: 10 * slot as u64,
-            active: 1,
-            requests: 7,
+            accepted: Some(10 * slot as u64),
+            active: Some(1),
+            requests: Some(7),
             rss_bytes: Some(4096),
             last_exit: None,
             next_restart_in_ms: None,
@@ -346,6 +346,23 @@ mod tests {
         assert!(text.contains("steer_steering_drops_total 2\n"));
         assert!(text.contains("steer_steering_takeovers_total 4\n"));
         assert!(text.contains("steer_primary_phase{phase=\"running\"} 1\n"));
+    }
+
+    #[test]
+    fn counters_a_worker_never_reported_are_left_out_not_zero() {
+        let mut doc = doc();
+        doc.steering = None;
+        let silent = &mut doc.workers[1];
+        (silent.accepted, silent.active, silent.requests) = (None, None, None);
+        let text = render(&doc);
+        for family in [
+            "steer_worker_accepted_total",
+            "steer_worker_active_connections",
+            "steer_worker_requests_total",
+        ] {
+            assert!(text.contains(&format!("{family}{{slot=\"0\"}}")), "{text}");
+            assert!(!text.contains(&format!("{family}{{slot=\"1\"}}")), "{text}");
+        }
     }
 
     #[test]

@@ -111,12 +111,18 @@ pub struct WorkerStatus {
     pub uptime_s: Option<u64>,
     /// Crash restarts of this slot.
     pub restarts: u32,
-    /// Connections accepted by every generation of this slot.
-    pub accepted: u64,
-    /// Connections open now (last heartbeat).
-    pub active: u64,
-    /// Requests answered by the current process (last heartbeat).
-    pub requests: u64,
+    /// Connections accepted by every generation of this slot: what the eBPF program
+    /// steered there, else what its workers reported. `null` when no program counts and
+    /// none of its workers reports (an external program that does not speak the protocol).
+    #[serde(default)]
+    pub accepted: Option<u64>,
+    /// Connections open now (last heartbeat); `null` when the process does not report.
+    #[serde(default)]
+    pub active: Option<u64>,
+    /// Requests answered by the current process (last heartbeat); `null` when it does not
+    /// report.
+    #[serde(default)]
+    pub requests: Option<u64>,
     /// Resident memory of the process, from `/proc/<pid>/statm`.
     pub rss_bytes: Option<u64>,
     /// How the slot's last process ended: `exit code N` or `signal N (SIGX)`.
@@ -144,7 +150,7 @@ pub struct Totals {
     pub ready: usize,
     /// Crash restarts over all slots.
     pub restarts: u64,
-    /// Connections accepted over all slots.
+    /// Connections accepted over the slots that count them.
     pub accepted: u64,
 }
 

@@ -4,6 +4,8 @@
 
 use std::time::Instant;
 
+use crate::config::StatusPath;
+
 /// Request heads larger than this are answered 431.
 pub(crate) const MAX_REQUEST: usize = 8 * 1024;
 
@@ -16,6 +18,9 @@ pub(crate) enum Endpoint {
     Metrics,
     /// `/ready`: 200 or 503, from the readiness alone.
     Ready,
+    /// `/live`: 200 once the primary publishes a document, like `/status`, without its
+    /// contents; 503 if it does not within the render wait.
+    Live,
     /// Anything else: 404.
     NotFound,
 }
@@ -38,6 +43,19 @@ pub(crate) enum Head {
     Malformed,
     /// No complete head within [`MAX_REQUEST`] bytes: 431.
     TooLarge,
+}
+
+impl Endpoint {
+    /// The path it names; `None` for [`Endpoint::NotFound`].
+    pub(crate) fn path(self) -> Option<StatusPath> {
+        match self {
+            Endpoint::Status => Some(StatusPath::Status),
+            Endpoint::Metrics => Some(StatusPath::Metrics),
+            Endpoint::Ready => Some(StatusPath::Ready),
+            Endpoint::Live => Some(StatusPath::Live),
+            Endpoint::NotFound => None,
+        }
+    }
 }
 
 /// Reads the request head at the start of `buf`.
@@ -65,6 +83,7 @@ pub(crate) fn parse(buf: &[u8]) -> Head {
             "/status" => Endpoint::Status,
             "/metrics" => Endpoint::Metrics,
             "/ready" => Endpoint::Ready,
+            "/live" => Endpoint::Live,
             _ => Endpoint::NotFound,
         },
         head_only: method == "HEAD",
@@ -143,6 +162,19 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn live_is_an_endpoint_with_its_path() {
+        assert_eq!(
+            parse(b"GET /live HTTP/1.1\r\n\r\n"),
+            Head::Read {
+                endpoint: Endpoint::Live,
+                head_only: false
+            }
+        );
+        assert_eq!(Endpoint::Live.path(), Some(StatusPath::Live));
+        assert_eq!(Endpoint::NotFound.path(), None);
+    }
 
     #[test]
     fn get_and_head_of_the_three_endpoints() {

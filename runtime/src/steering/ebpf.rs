@@ -41,7 +41,7 @@ use std::time::Duration;
 use aya::maps::{Array, ArrayOfMaps, Map, MapData, PerCpuArray, ReusePortSockArray};
 use aya::programs::{ProgramError, SkReuseport};
 use aya::{Ebpf, EbpfError, EbpfLoader};
-use steer_common::{Config, Counters, HASH_TABLE_SIZE, LiveSet, MAX_SLOTS, policy};
+use steer_common::{Config, Counters, HASH_TABLE_SIZE, LiveSet, MAX_CPUS, MAX_SLOTS, policy};
 
 use super::holder::ListenerHolder;
 use super::load::{LoadRecord, LoadShare};
@@ -180,6 +180,8 @@ impl EbpfSteering {
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)
             .map_err(|e| SteeringError::map("use map COUNTERS", e))?;
         write_maglev(&ebpf, slots)?;
+        let allowed = super::allowed_cpus();
+        write_cpu_index(&mut ebpf, &allowed)?;
         let publisher = Publisher::start(live_map, loads)
             .map_err(|e| SteeringError::io("start the steering publisher thread", e))?;
         let mut steering = EbpfSteering {
@@ -193,7 +195,7 @@ impl EbpfSteering {
             config: Config {
                 policy: code,
                 slots,
-                cpus: super::online_cpus() as u32,
+                cpus: allowed.len() as u32,
                 ..Config::default()
             },
             live: BTreeMap::new(),
@@ -714,6 +716,19 @@ fn write_maglev(ebpf: &Ebpf, slots: u32) -> Result<(), SteeringError> {
         maglev
             .u32_at(maglev.offset_of(i))
             .store(*slot, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// `CPU_INDEX`: each CPU the workers may run on, to 1 + its place among them (the `cpu`
+/// policy's way back from the CPU that handles a SYN to the slots pinned there).
+fn write_cpu_index(ebpf: &mut Ebpf, allowed: &[u32]) -> Result<(), SteeringError> {
+    let mut index: Array<_, u32> = Array::try_from(take(ebpf, "CPU_INDEX")?)
+        .map_err(|e| SteeringError::map("use map CPU_INDEX", e))?;
+    for (place, &cpu) in allowed.iter().enumerate().filter(|(_, c)| **c < MAX_CPUS) {
+        index
+            .set(cpu, place as u32 + 1, 0)
+            .map_err(|e| SteeringError::map("write map CPU_INDEX", e))?;
     }
     Ok(())
 }

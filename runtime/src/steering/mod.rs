@@ -396,9 +396,38 @@ impl Steering {
     }
 }
 
-/// CPUs online (`/sys/devices/system/cpu/online`, e.g. `0-1`), at least 1: slot i is
-/// pinned to CPU i mod this, and the `cpu` policy maps CPU numbers back to slots the same way.
-pub fn online_cpus() -> usize {
+/// The CPUs this process may run on (`sched_getaffinity(2)`: a cpuset, `taskset`), in
+/// ascending order and never empty: slot i is pinned to the (i mod n)-th, and the `cpu`
+/// policy maps each of them back to its slots. CPU numbers are below `CPU_SETSIZE` (1024).
+/// If the affinity cannot be read, every online CPU.
+pub fn allowed_cpus() -> Vec<u32> {
+    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is this thread; the size is that of `set`, which it writes.
+    let rc = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) };
+    let allowed: Vec<u32> = if rc == 0 {
+        (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: CPU_ISSET reads inside `set` for cpu < CPU_SETSIZE.
+            .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+            .map(|cpu| cpu as u32)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if allowed.is_empty() {
+        (0..online_cpus() as u32).collect()
+    } else {
+        allowed
+    }
+}
+
+/// The CPU slot `slot` is pinned to (`--cpu-affinity`): the (slot mod n)-th of `allowed`.
+pub fn cpu_for_slot(slot: usize, allowed: &[u32]) -> Option<u32> {
+    allowed.get(slot.checked_rem(allowed.len())?).copied()
+}
+
+/// CPUs online (`/sys/devices/system/cpu/online`, e.g. `0-1`), at least 1.
+fn online_cpus() -> usize {
     let parsed = std::fs::read_to_string("/sys/devices/system/cpu/online")
         .ok()
         .and_then(|text| {
@@ -440,5 +469,21 @@ pub fn ensure_tcp_migrate_req() -> MigrateReq {
             Err(err) => MigrateReq::Unavailable(format!("cannot write {TCP_MIGRATE_REQ}: {err}")),
         },
         Err(err) => MigrateReq::Unavailable(format!("cannot read {TCP_MIGRATE_REQ}: {err}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_pinned_to_the_allowed_cpus_in_turn() {
+        let cpuset = [4, 5, 6, 7];
+        let pinned: Vec<_> = (0..6).map(|slot| cpu_for_slot(slot, &cpuset)).collect();
+        assert_eq!(pinned, [4, 5, 6, 7, 4, 5].map(Some));
+        assert_eq!(cpu_for_slot(0, &[]), None);
+        let allowed = allowed_cpus();
+        assert!(!allowed.is_empty());
+        assert!(allowed.windows(2).all(|w| w[0] < w[1]), "{allowed:?}");
     }
 }

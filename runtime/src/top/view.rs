@@ -51,7 +51,7 @@ impl View {
                 for worker in &doc.workers {
                     let before = previous.workers.iter().find(|w| w.slot == worker.slot);
                     if let Some(grown) =
-                        before.and_then(|b| worker.accepted.checked_sub(b.accepted))
+                        before.and_then(|b| worker.accepted?.checked_sub(b.accepted?))
                     {
                         self.rates.insert(worker.slot, grown as f64 / seconds);
                     }
@@ -89,7 +89,13 @@ impl View {
         };
         let p = &doc.primary;
         let t = &doc.totals;
-        let total_rate: f64 = self.rates.values().sum();
+        // No rate yet (the first document, or the first after an upgrade) is "-", as in
+        // the rows: an empty float sum is -0.0, which printed "-0.0 conn/s".
+        let total_rate = if self.rates.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("{:.1}", self.rates.values().fold(0.0, |sum, r| sum + r))
+        };
         let bold = Style::default().add_modifier(Modifier::BOLD);
         let mut lines = vec![
             Line::from(vec![
@@ -104,7 +110,7 @@ impl View {
                 Span::styled(format!("policy {}", p.balance), bold),
             ]),
             Line::from(format!(
-                "{} workers, {} ready, {} restarts, {} connections accepted, {:.1} conn/s",
+                "{} workers, {} ready, {} restarts, {} connections accepted, {} conn/s",
                 t.workers, t.ready, t.restarts, t.accepted, total_rate
             )),
         ];
@@ -179,8 +185,8 @@ impl View {
                     .get(&w.slot)
                     .map_or_else(dash, |r| format!("{r:.1}")),
             ),
-            Cell::from(w.accepted.to_string()),
-            Cell::from(w.active.to_string()),
+            Cell::from(w.accepted.map_or_else(dash, |n| n.to_string())),
+            Cell::from(w.active.map_or_else(dash, |n| n.to_string())),
             Cell::from(w.rss_bytes.map_or_else(dash, human_bytes)),
             Cell::from(w.restarts.to_string()),
             Cell::from(w.health_ms.map_or_else(dash, |ms| format!("{ms}ms"))),
@@ -285,14 +291,15 @@ mod tests {
                 .iter()
                 .find(|b| b.slot == w.slot)
                 .expect("slot");
-            let rate = (w.accepted - b.accepted) as f64 / 2.0;
+            let (now, then) = (w.accepted.expect("counted"), b.accepted.expect("counted"));
+            let rate = (now - then) as f64 / 2.0;
             assert_eq!(
                 cells[4],
                 format!("{rate:.1}"),
                 "conn/s of slot {}: {line}",
                 w.slot
             );
-            assert_eq!(cells[5], w.accepted.to_string(), "{line}");
+            assert_eq!(cells[5], now.to_string(), "{line}");
             // RSS takes two cells ("3.1 MiB").
             assert_eq!(cells[9], w.restarts.to_string(), "restarts: {line}");
             let rss = w.rss_bytes.map(human_bytes).expect("fixture has RSS");
@@ -331,5 +338,22 @@ mod tests {
         );
         let cells: Vec<&str> = row(&lines, 0).split_whitespace().collect();
         assert_eq!(cells[4], "-", "no rate from a single document: {text}");
+        assert!(text.contains("accepted, - conn/s"), "{text}");
+    }
+
+    #[test]
+    fn after_an_upgrade_the_total_rate_is_unknown_never_negative_zero() {
+        let (before, mut after) = (doc(BEFORE), doc(AFTER));
+        after.primary.pid += 1;
+        let t0 = Instant::now();
+        let mut view = View::new(
+            "127.0.0.1:8001".parse().expect("addr"),
+            Duration::from_secs(1),
+        );
+        view.update(before, t0);
+        view.update(after, t0 + Duration::from_secs(1));
+        let text = screen(&view, t0 + Duration::from_secs(1)).join("\n");
+        assert!(!text.contains("-0.0"), "{text}");
+        assert!(text.contains("accepted, - conn/s"), "{text}");
     }
 }

@@ -16,11 +16,16 @@
 //! | `PROBE` (array, 1) | 0 | `u64`: ownership probes seen | program |
 //! | `COUNTERS` (per-CPU array, 1) | 0 | [`Counters`] | program |
 //! | `CURSOR` (per-CPU array, 1) | 0 | `u32` round-robin cursor | program |
+//! | `CPU_INDEX` (array, [`MAX_CPUS`]) | CPU number | 1 + its index among the CPUs workers may run on, 0 if none | primary, once |
 #![no_std]
 
 /// Most worker slots a cluster may have. Sizes the steering maps; `--workers` above it is
 /// a configuration error.
 pub const MAX_SLOTS: u32 = 1024;
+
+/// CPU numbers the `cpu` policy knows (`CPU_SETSIZE`): a SYN handled on a higher one is
+/// treated as one on a CPU outside the workers' set.
+pub const MAX_CPUS: u32 = 1024;
 
 /// Size of one Maglev lookup table: a prime well above 64 x [`MAX_SLOTS`], so every slot owns
 /// at least 64 entries and the shares differ by at most one entry.
@@ -52,7 +57,8 @@ pub struct Config {
     /// Configured slot count (`--workers`): the Maglev table and the `cpu` policy map onto
     /// `0..slots`, live or not.
     pub slots: u32,
-    /// Online CPU count, for the `cpu` policy.
+    /// How many CPUs the workers may run on (the primary's affinity: a cpuset, `taskset`),
+    /// for the `cpu` policy: slot i is pinned to the (i mod `cpus`)-th of them.
     pub cpus: u32,
     /// The TCP source port of the primary's ownership probe, as the two bytes of the
     /// packet read in native order (0: no probe).

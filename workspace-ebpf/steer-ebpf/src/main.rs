@@ -30,7 +30,8 @@ use aya_ebpf::{
     programs::SkReuseportContext,
 };
 use steer_common::{
-    Config, Counters, FALLBACK_TRIES, HASH_TABLE_SIZE, LiveSet, MAX_SLOTS, SlotLoad, policy,
+    Config, Counters, FALLBACK_TRIES, HASH_TABLE_SIZE, LiveSet, MAX_CPUS, MAX_SLOTS, SlotLoad,
+    policy,
 };
 
 #[map]
@@ -52,6 +53,8 @@ static PROBE: Array<u64> = Array::with_max_entries(1, 0);
 static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static CPU_INDEX: Array<u32> = Array::with_max_entries(MAX_CPUS, 0);
 
 const ETH_P_IP: u32 = 0x0800;
 const ETH_P_IPV6: u32 = 0x86DD;
@@ -187,12 +190,18 @@ fn select(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters) ->
             let slots = config.slots.max(1);
             // SAFETY: a helper with no arguments.
             let cpu = unsafe { bpf_get_smp_processor_id() };
+            // The CPU's place among those the workers run on (slot i is pinned to the
+            // (i mod cpus)-th). A CPU outside that set (interrupts ignore cpusets) has
+            // none: its number spreads its SYNs instead.
+            let local = match CPU_INDEX.get(cpu) {
+                Some(&index) if index > 0 => index - 1,
+                _ => cpu,
+            };
             let slot = if slots <= cpus {
-                cpu % slots
+                local % slots
             } else {
-                // Several slots share this CPU (slot i runs on CPU i mod cpus): rotate
-                // among them.
-                let local = cpu % cpus;
+                // Several slots share this CPU: rotate among them.
+                let local = local % cpus;
                 let on_this_cpu = (slots - local).div_ceil(cpus);
                 local + cpus * (next_cursor() % on_this_cpu.max(1))
             };
