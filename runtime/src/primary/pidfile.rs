@@ -7,7 +7,7 @@
 //! takes it over.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -131,10 +131,22 @@ impl PidFile {
 
     /// Writes this process's pid into the file.
     pub fn write_pid(&mut self) -> io::Result<()> {
-        self.file.set_len(0)?;
-        self.file.rewind()?;
-        writeln!(self.file, "{}", std::process::id())?;
+        use std::os::unix::fs::FileExt;
+        // One write over the old text, then cut what is left of it: a reader never sees
+        // an empty file (pids of the same length, the usual case, are replaced in one
+        // step).
+        let text = format!("{}\n", std::process::id());
+        self.file.write_all_at(text.as_bytes(), 0)?;
+        self.file.set_len(text.len() as u64)?;
         self.file.flush()
+    }
+
+    /// Whether the file names this process now (read through the locked fd).
+    pub fn names_this_process(&self) -> bool {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 32];
+        let n = self.file.read_at(&mut buf, 0).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).trim() == std::process::id().to_string()
     }
 
     /// The file.

@@ -563,7 +563,7 @@ impl Supervisor {
             tracing::warn!("cannot put this primary's program back on the group: {err}");
         }
         // The successor may have named itself there just before it died.
-        if let Some(file) = self.pid_file.as_mut()
+        if let Some(file) = self.pid_file.as_mut().filter(|f| !f.names_this_process())
             && let Err(err) = file.write_pid()
         {
             tracing::warn!("cannot write --pid-file {}: {err}", file.path().display());
