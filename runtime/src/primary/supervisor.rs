@@ -1,9 +1,9 @@
 //! The supervisor: the primary's event loop around the [`Core`].
 //!
-//! One thread, one `mio` poll: signals (through signal-hook's pipe), worker exits (one
-//! pidfd each), worker messages (one IPC socket each) and the status thread's wakeups
-//! (it serves its clients itself; this loop stores its readiness and builds a document
-//! when it asks). Each turn reads
+//! One thread, one `mio` poll: signals (counted by handlers that wake it through a
+//! pipe), worker exits (one pidfd each), worker messages (one IPC socket each) and the
+//! status thread's wakeups (it serves its clients itself; this loop stores its readiness
+//! and builds a document when it asks). Each turn reads
 //! the events, hands them to the core, lets the core act through the [`Host`], and sleeps
 //! until the next event or the core's next deadline.
 
@@ -16,12 +16,11 @@ use std::os::fd::{AsFd, AsRawFd};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use signal_hook_mio::v1_0::Signals;
 
 use super::core::{Core, HEALTHY_RESET, Phase, START_ATTEMPTS, Settings, WorkerId};
 use super::host::{Host, WorkerFd, decode_worker_token};
 use super::pidfile::PidFile;
-use super::signals::{self, Action};
+use super::signals::{self, Action, Signals};
 use super::upgrade::{Inheritance, Progress, Successor};
 use super::{Hooks, WorkerProgram};
 use crate::baseline::Baseline;
