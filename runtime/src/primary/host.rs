@@ -15,7 +15,7 @@ use super::WorkerProgram;
 use super::core::{Io, Spawned, WorkerId};
 use super::process::{
     LEFTOVER_GRACE, Leftovers, ListenerRef, Process, RelayBudget, ResidentMemory, group_alive,
-    signal_group, socket_inode,
+    signal_group,
 };
 use super::spawn::{self, LISTEN_FD, SpawnSpec};
 use crate::baseline::Baseline;
@@ -24,7 +24,7 @@ use crate::ipc::{Channel, Framing, Message};
 use crate::logging::{ENV_LOG_FORMAT, ENV_LOG_LEVEL};
 use crate::steering::Steering;
 use crate::steering::foreign::PortSurvey;
-use crate::steering::holder::find_socket_fd;
+use crate::sys::borrow;
 use crate::worker::env;
 
 /// fd number of the IPC socket in re-executed workers.
@@ -346,10 +346,12 @@ impl Host {
             .collect();
         let ours = |inode: u64| {
             registered.contains(&inode)
-                || holders.iter().any(|&pid| match find_socket_fd(pid, inode) {
-                    Ok(_) => true,
-                    Err(err) => err.kind() == std::io::ErrorKind::PermissionDenied,
-                })
+                || holders
+                    .iter()
+                    .any(|&pid| match borrow::find_socket(pid, inode) {
+                        Ok(_) => true,
+                        Err(err) => err.is_permission_denied(),
+                    })
         };
         if let Err(err) = self.port.survey(self.listen, ours) {
             tracing::debug!("cannot list the port's listeners: {err}");
@@ -476,7 +478,7 @@ impl Host {
         let now = Instant::now();
         let listener = own_socket.as_ref().and_then(|socket| {
             Some(ListenerRef {
-                inode: socket_inode(socket)?,
+                inode: crate::sys::fd::inode(socket.as_fd()).ok()?,
                 fd: LISTEN_FD,
             })
         });

@@ -87,7 +87,8 @@ impl Supervisor {
                     .core
                     .worker(index, id)
                     .map_or(0, |w| w.generation as u32);
-                let listener = super::process::socket_inode(&socket)
+                let listener = crate::sys::fd::inode(socket.as_fd())
+                    .ok()
                     .zip(number)
                     .map(|(inode, fd)| ListenerRef { inode, fd });
                 let share = self.host.steering.load_record(index, generation);

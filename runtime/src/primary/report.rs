@@ -7,8 +7,9 @@ use super::core::{Phase as CorePhase, SlotState};
 use super::supervisor::Supervisor;
 use crate::status::{
     Phase, PrimaryStatus, Readiness, RollAbandonedStatus, StatusDocument, SteeringStatus, Totals,
-    WorkerStatus, rss_bytes,
+    WorkerStatus,
 };
+use crate::sys::memory::rss_bytes;
 
 impl Supervisor {
     /// Keeps the status listener thread current: the readiness and a stamp of the slots'
