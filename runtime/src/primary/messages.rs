@@ -102,7 +102,11 @@ impl Supervisor {
                         .channel
                         .send_with_fd(&Message::Registered { load: Some(load) }, record.as_fd()),
                     Some(Err(err)) => {
-                        tracing::warn!(slot = index, "worker will not publish its load: {err}");
+                        tracing::warn!(
+                            slot = index,
+                            "worker will not publish its load: {}",
+                            crate::error_chain(&err)
+                        );
                         process.channel.send(&Message::Registered { load: None })
                     }
                     None => process.channel.send(&Message::Registered { load: None }),

@@ -12,7 +12,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use super::core::{ExitStatus, WorkerId};
+use super::core::{ExitStatus, ListenerError, WorkerId};
 use crate::ipc::Channel;
 use crate::sys::borrow;
 pub(crate) use crate::sys::memory::ResidentMemory;
@@ -127,21 +127,24 @@ impl Process {
     /// A copy of its listening socket, taken from it at the fd it is known to hold it at
     /// ([`borrow::socket_at`]). Close it soon: while the primary holds it, the socket
     /// outlives its worker.
-    pub(crate) fn borrow_listener(&self) -> io::Result<OwnedFd> {
-        let listener = self
-            .listener
-            .ok_or_else(|| io::Error::other("its listening socket was never recorded"))?;
-        borrow::socket_at(self.pidfd.as_fd(), listener.fd, listener.inode)
-            .map_err(|err| io::Error::other(crate::error_chain(&err)))
+    pub(crate) fn borrow_listener(&self) -> Result<OwnedFd, ListenerError> {
+        let listener = self.listener.ok_or(ListenerError::Unrecorded)?;
+        Ok(borrow::socket_at(
+            self.pidfd.as_fd(),
+            listener.fd,
+            listener.inode,
+        )?)
     }
 
     /// Takes its listening socket from it ([`Process::borrow_listener`]) and shuts it
     /// down, so its queue migrates to the live workers and it receives nothing more. Looks
     /// only at the fd it is known to hold the socket at: a worker that moved it is not
     /// searched for.
-    pub(crate) fn shut_down_listener(&self) -> io::Result<()> {
+    pub(crate) fn shut_down_listener(&self) -> Result<(), ListenerError> {
         let socket = self.borrow_listener()?;
-        socket2::SockRef::from(&socket).shutdown(std::net::Shutdown::Read)
+        socket2::SockRef::from(&socket)
+            .shutdown(std::net::Shutdown::Read)
+            .map_err(ListenerError::ShutDown)
     }
 }
 

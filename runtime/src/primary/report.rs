@@ -68,7 +68,10 @@ impl Supervisor {
         let counters = match self.host.steering.counters(slots.len()) {
             Some(Ok(counters)) => Some(counters),
             Some(Err(err)) => {
-                tracing::warn!("cannot read the steering counters: {err}");
+                tracing::warn!(
+                    "cannot read the steering counters: {}",
+                    crate::error_chain(&err)
+                );
                 None
             }
             None => None,

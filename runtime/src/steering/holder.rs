@@ -3,12 +3,12 @@
 //! The primary closes its copy of a worker's socket as soon as the socket is in steering,
 //! so that the socket leaves the group by itself when the worker dies. When steering
 //! needs a socket of the group again (to attach its program once more after a takeover),
-//! it borrows the worker's own fd for a moment ([`crate::sys::borrow`]).
+//! it borrows the worker's own fd for a moment (`pidfd_getfd(2)`, checked by inode).
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 
-use crate::sys::borrow;
+use crate::sys::borrow::{self, BorrowError};
 
 /// The process holding a worker's listener, and which socket it is.
 #[derive(Debug)]
@@ -44,20 +44,19 @@ impl ListenerHolder {
     }
 
     /// A copy of the listener, taken from the holding process: at the fd it said, else
-    /// wherever `/proc/<pid>/fd` shows it.
-    pub fn borrow(&self) -> io::Result<OwnedFd> {
+    /// wherever `/proc/<pid>/fd` shows it. The error is that of the search, when the fd
+    /// it said no longer holds it.
+    pub fn borrow(&self) -> Result<OwnedFd, BorrowError> {
         let borrowed = match self.fd {
             Some(fd) => borrow::socket_at(self.pidfd.as_fd(), fd, self.inode),
-            None => Err(borrow::BorrowError::NotHeld {
+            None => Err(BorrowError::NotHeld {
                 pid: self.pid,
                 inode: self.inode,
             }),
         };
-        borrowed
-            .or_else(|_| {
-                let fd = borrow::find_socket(self.pid, self.inode)?;
-                borrow::socket_at(self.pidfd.as_fd(), fd, self.inode)
-            })
-            .map_err(|err| io::Error::other(crate::error_chain(&err)))
+        borrowed.or_else(|_| {
+            let fd = borrow::find_socket(self.pid, self.inode)?;
+            borrow::socket_at(self.pidfd.as_fd(), fd, self.inode)
+        })
     }
 }
