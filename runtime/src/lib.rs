@@ -78,6 +78,7 @@ pub mod primary;
 pub mod privileges;
 pub mod status;
 pub mod steering;
+mod sys;
 pub mod systemd;
 pub mod top;
 pub mod worker;

@@ -12,7 +12,7 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
@@ -179,7 +179,7 @@ pub(crate) fn spawn(spec: SpawnSpec) -> io::Result<Child> {
     let exec_err_write = dup_above(&exec_err_low, FIRST_SAFE_FD)?;
     // Only one write end may stay open here, or the read end never sees end-of-file.
     drop(exec_err_low);
-    set_nonblocking(&exec_err_read)?;
+    crate::sys::fd::set_nonblocking(exec_err_read.as_fd(), true)?;
 
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
@@ -575,20 +575,6 @@ fn dup_above(fd: &OwnedFd, min: RawFd) -> io::Result<OwnedFd> {
     }
     // SAFETY: `new` is a fresh fd owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
-}
-
-/// Sets `O_NONBLOCK` on `fd`.
-fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
-    // SAFETY: F_GETFL on a valid fd only reads its flags.
-    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: F_SETFL on a valid fd we own.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// `pipe2(O_CLOEXEC)`.

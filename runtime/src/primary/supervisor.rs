@@ -92,7 +92,7 @@ impl Supervisor {
         mut signals: Signals,
     ) -> Result<Supervisor, StartError> {
         let mut steering = Steering::new(config.balance, config.workers as u32)
-            .map_err(|err| format!("--balance {}: {err}", config.balance))?;
+            .map_err(|err| format!("--balance {}: {}", config.balance, crate::error_chain(&err)))?;
         if inheritance.is_some() {
             // The group switches from the old program to this one in one step, once every
             // slot of this primary is ready.
@@ -113,8 +113,9 @@ impl Supervisor {
                 MigrateReq::TurnedOn => tracing::info!(
                     "set net.ipv4.tcp_migrate_req=1 in this network namespace, so connections queued on a closing worker move to another one instead of being reset"
                 ),
-                MigrateReq::Unavailable(reason) => tracing::warn!(
-                    "{reason}: connections queued on a worker that exits will be reset (run as root, or set the sysctl yourself)"
+                MigrateReq::Unavailable(err) => tracing::warn!(
+                    "{}: connections queued on a worker that exits will be reset (run as root, or set the sysctl yourself)",
+                    crate::error_chain(&err)
                 ),
             }
         }
@@ -559,7 +560,10 @@ impl Supervisor {
             .filter_map(|s| s.current.as_ref().filter(|w| w.serving()).map(|w| w.id))
             .collect();
         if let Err(err) = self.host.reassert_steering(&serving) {
-            tracing::warn!("cannot put this primary's program back on the group: {err}");
+            tracing::warn!(
+                "cannot put this primary's program back on the group: {}",
+                crate::error_chain(&err)
+            );
         }
         // The successor may have named itself there just before it died.
         if let Some(file) = self.pid_file.as_mut().filter(|f| !f.names_this_process())
@@ -619,7 +623,10 @@ impl Supervisor {
         }
         self.taken_over = true;
         if let Err(err) = self.host.steering.release() {
-            tracing::error!("cannot attach the steering program: {err}");
+            tracing::error!(
+                "cannot attach the steering program: {}",
+                crate::error_chain(&err)
+            );
         }
         self.start_answering_status();
         if let Some(file) = self.pid_file.as_mut()
@@ -700,7 +707,10 @@ impl Supervisor {
                 "the previous primary is gone before this one took over; taking over now"
             );
             if let Err(err) = self.host.steering.release() {
-                tracing::error!("cannot attach the steering program: {err}");
+                tracing::error!(
+                    "cannot attach the steering program: {}",
+                    crate::error_chain(&err)
+                );
             }
             self.start_answering_status();
         }
@@ -858,7 +868,8 @@ impl Supervisor {
                 self.host.config.balance = wanted;
             }
             Err(why) => tracing::warn!(
-                "SIGHUP: `balance` changed from {running} to {wanted}, which cannot apply live ({why}); it keeps its running value: a new primary applies it (SIGUSR1, an upgrade)"
+                "SIGHUP: `balance` changed from {running} to {wanted}, which cannot apply live ({}); it keeps its running value: a new primary applies it (SIGUSR1, an upgrade)",
+                crate::error_chain(&why)
             ),
         }
     }
