@@ -61,9 +61,10 @@ pub(crate) fn timeouts_env(config: &crate::config::Config) -> (&'static str, Str
 /// sends over `channel`.
 ///
 /// Sends `ready` once the event loop is set up, and returns `Ok(())` after a `drain` once
-/// every connection is closed. Exits the process with status 0 when the primary closes the
-/// channel, and with status 1 when the channel fails otherwise. Errors are those of setting
-/// up or polling the event loop (`epoll_create1`, `epoll_ctl`, `epoll_wait`, `fcntl`).
+/// every connection is closed, or when the primary closes the channel (nobody is left to
+/// drain or supervise it). Errors are those of setting up or polling the event loop
+/// (`epoll_create1`, `epoll_ctl`, `epoll_wait`, `fcntl`), and a channel that failed
+/// otherwise. It never exits the process: a test may run it on a thread.
 ///
 /// With `load` (under `least-loaded`), the worker publishes its accepted and open
 /// connection counts there on every accept and close.
@@ -88,8 +89,8 @@ mod tests {
 
     const PATIENCE: Duration = Duration::from_secs(5);
 
-    /// A worker under test: `serve` on a thread, and the primary's end of its channel (kept
-    /// open, or the worker would exit the whole test process).
+    /// A worker under test: `serve` on a thread, and the primary's end of its channel (when
+    /// it closes, the worker's loop ends, as it does when its primary is gone).
     struct Worker {
         addr: SocketAddr,
         primary: Channel,
