@@ -168,7 +168,9 @@ impl SettingValue for LogFormat {
 }
 
 impl Settings {
-    /// Every key a file may hold, as written in it (the long flag names).
+    /// Every key a file may hold, as written in it (the long flag names). The tests hold
+    /// the flags, the file reader and [`Settings::has`] to it.
+    #[cfg(test)]
     pub const KEYS: &'static [&'static str] = &[
         "listen",
         "workers",

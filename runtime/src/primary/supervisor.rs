@@ -828,7 +828,7 @@ impl Supervisor {
                 Err(err) => {
                     tracing::error!(
                         "SIGHUP: keeping the running configuration: {}",
-                        crate::error_chain(&err)
+                        crate::errors::error_chain(&err)
                     );
                     return;
                 }

@@ -365,6 +365,7 @@ impl EbpfSteering {
     }
 
     /// Waits until what [`EbpfSteering::flush`] handed over is published.
+    #[cfg(test)]
     pub fn wait_published(&self) {
         self.publisher.wait();
     }
@@ -776,7 +777,7 @@ fn classify(what: &'static str, err: &(dyn std::error::Error + 'static)) -> Stee
     }
     SteeringError::Load {
         what,
-        detail: crate::error_chain(err),
+        detail: crate::errors::error_chain(err),
     }
 }
 

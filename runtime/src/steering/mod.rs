@@ -107,18 +107,6 @@ impl SteeringError {
             source,
         }
     }
-
-    /// The errno of the failed system call, if one failed.
-    pub fn raw_os_error(&self) -> Option<i32> {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(self);
-        while let Some(err) = source {
-            if let Some(io) = err.downcast_ref::<io::Error>() {
-                return io.raw_os_error();
-            }
-            source = err.source();
-        }
-        None
-    }
 }
 
 /// Another program, or none, was deciding for the group; Steer's was attached again.
@@ -226,11 +214,6 @@ impl Steering {
             }
             _ => Err("switching between kernel and an eBPF policy needs a new primary".into()),
         }
-    }
-
-    /// Steering with no program: the kernel's own reuseport hash.
-    pub fn kernel() -> Steering {
-        Steering::Kernel
     }
 
     /// The policy actually in force (never `auto`).
