@@ -221,7 +221,7 @@ impl RunArgs {
 
 /// Entry point of the `steer` binary.
 pub fn main() -> ExitCode {
-    if let Some(code) = crate::worker::run_builtin_worker_if_requested() {
+    if let Some(code) = crate::demo::run_worker_if_requested() {
         return code;
     }
     let cli = Cli::parse();

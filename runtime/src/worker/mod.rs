@@ -225,35 +225,6 @@ impl Worker {
     }
 }
 
-/// Runs the demo app if this process was started as a demo worker. Called first thing in
-/// `steer`'s `main`.
-pub fn run_builtin_worker_if_requested() -> Option<ExitCode> {
-    if std::env::var(env::ROLE).ok()? != env::ROLE_DEMO {
-        return None;
-    }
-    crate::logging::init_from_env();
-    let (env, listener, channel, load) = match bootstrap() {
-        Ok(parts) => parts,
-        Err(message) => {
-            tracing::error!("worker bootstrap failed: {message}");
-            return Some(ExitCode::FAILURE);
-        }
-    };
-    let options = crate::demo::DemoOptions {
-        slot: env.slot,
-        generation: env.generation,
-        faults: env.demo_faults,
-        timeouts: crate::demo::Timeouts::from_process_env(),
-    };
-    Some(match crate::demo::serve(listener, channel, options, load) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            tracing::error!(slot = env.slot, "demo worker failed: {err}");
-            ExitCode::FAILURE
-        }
-    })
-}
-
 /// The worker half of [`crate::ClusterBuilder::run`]: bootstrap, then the user's closure.
 pub(crate) fn run_library<F>(serve: F) -> ExitCode
 where
