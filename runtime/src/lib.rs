@@ -117,3 +117,81 @@ pub mod internals {
     pub use crate::baseline::{HandOff, Target};
     pub use crate::ipc::{Channel, Counters, Encoded, Message, Payload};
 }
+
+/// Doctests that hold the surface to what the crate docs say: every public item above is
+/// there, and each block below fails to compile (`E0603`, private), because the module it
+/// names is the `steer` program's own.
+///
+/// ```
+/// use steer::config::{Balance, LogFormat, parse_duration};
+/// use steer::{
+///     Cluster, ClusterBuilder, Control, DrainSignal, Heartbeat, INBOX_CAPACITY, IpcError,
+///     MAX_MESSAGE_BYTES, Recipient, UserMessage, Worker, WorkerStats,
+/// };
+/// ```
+///
+/// The configuration a primary runs with, and the helper every error message goes through,
+/// are not part of it either:
+///
+/// ```compile_fail,E0603
+/// use steer::config::Config;
+/// ```
+///
+/// ```compile_fail,E0425
+/// let _ = steer::error_chain;
+/// ```
+///
+/// ```compile_fail,E0603
+/// use steer::accept;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::baseline;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::cli;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::demo;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::exit;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::ipc;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::listener;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::logging;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::primary;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::privileges;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::status;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::steering;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::systemd;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::top;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::worker;
+/// ```
+#[cfg(doctest)]
+pub struct CuratedSurface;
+
+/// The README's Rust example, compiled by `cargo test --doc` so that it stays true to the
+/// API. (`docs/workers.md`'s complete example is the crate's own, above; its second block is
+/// a fragment.)
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeExample;
