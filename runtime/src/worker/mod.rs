@@ -344,3 +344,21 @@ fn wait_readable(listener: &TcpListener, timeout: Duration) -> io::Result<()> {
 fn fd_is_open(fd: std::os::fd::RawFd) -> bool {
     std::path::Path::new(&format!("/proc/self/fd/{fd}")).exists()
 }
+
+#[cfg(test)]
+mod tests {
+    /// The worker side is the library users build on; the demo is an app on it that the
+    /// command line picks. (`env.rs` only lists the demo's variables among those the
+    /// primary strips.)
+    #[test]
+    fn the_worker_side_does_not_reach_into_the_demo() {
+        let demo = concat!("crate::", "demo");
+        for (file, text) in [
+            ("worker/mod.rs", include_str!("mod.rs")),
+            ("worker/link.rs", include_str!("link.rs")),
+            ("worker/intake.rs", include_str!("intake.rs")),
+        ] {
+            assert!(!text.contains(demo), "{file} reaches into the demo");
+        }
+    }
+}
