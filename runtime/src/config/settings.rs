@@ -225,7 +225,7 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Whether `key` (as in [`Settings::KEYS`]) has a value here.
+    /// Whether `key` (a file key, as in `Settings::KEYS`) has a value here.
     pub(super) fn has(&self, key: &str) -> bool {
         match key {
             "listen" => self.listen.is_some(),

@@ -40,8 +40,8 @@ use serde::Serialize;
 use crate::config::Balance;
 pub use load::{LoadReporter, LoadShare};
 
-/// What went wrong in steering. Each variant keeps the system error behind it, so the
-/// errno survives ([`SteeringError::raw_os_error`]).
+/// What went wrong in steering. Each variant keeps the system error behind it as its
+/// `source`, so the errno survives.
 #[derive(Debug, thiserror::Error)]
 pub enum SteeringError {
     /// The kernel refused the program or its maps for lack of privilege.
