@@ -35,6 +35,8 @@ pub(crate) use server::SEND_BUFFER;
 pub(crate) use timeouts::ENV as TIMEOUTS_ENV;
 pub use timeouts::Timeouts;
 
+use std::process::ExitCode;
+
 use crate::ipc::Channel;
 
 /// Identity and options of the demo worker.
@@ -75,6 +77,36 @@ pub fn serve(
     load: Option<crate::steering::LoadReporter>,
 ) -> std::io::Result<()> {
     server::Server::new(listener, channel, options, load)?.run()
+}
+
+/// Runs the demo app if this process was started as a demo worker. Called first thing in
+/// `steer`'s `main` (the command line picks the demo; the worker side knows nothing of it).
+pub(crate) fn run_worker_if_requested() -> Option<ExitCode> {
+    use crate::worker::env::{DEMO_FAULTS, ROLE, ROLE_DEMO};
+    if std::env::var(ROLE).ok()? != ROLE_DEMO {
+        return None;
+    }
+    crate::logging::init_from_env();
+    let (env, listener, channel, load) = match crate::worker::bootstrap() {
+        Ok(parts) => parts,
+        Err(message) => {
+            tracing::error!("worker bootstrap failed: {message}");
+            return Some(ExitCode::FAILURE);
+        }
+    };
+    let options = DemoOptions {
+        slot: env.slot,
+        generation: env.generation,
+        faults: std::env::var(DEMO_FAULTS).as_deref() == Ok("1"),
+        timeouts: Timeouts::from_process_env(),
+    };
+    Some(match serve(listener, channel, options, load) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(slot = env.slot, "demo worker failed: {err}");
+            ExitCode::FAILURE
+        }
+    })
 }
 
 #[cfg(test)]

@@ -317,7 +317,7 @@ impl Host {
             {
                 tracing::warn!(
                     "cannot check who decides for the port's group: {}",
-                    crate::error_chain(&err)
+                    crate::errors::error_chain(&err)
                 );
             }
             if round {
@@ -325,7 +325,7 @@ impl Host {
                 if let Err(err) = self.steering.reconcile_load(self.listen) {
                     tracing::warn!(
                         "cannot settle the load records: {}",
-                        crate::error_chain(&err)
+                        crate::errors::error_chain(&err)
                     );
                 }
             }
@@ -338,7 +338,10 @@ impl Host {
             };
         }
         if let Err(err) = self.steering.flush() {
-            tracing::warn!("cannot publish the live set: {}", crate::error_chain(&err));
+            tracing::warn!(
+                "cannot publish the live set: {}",
+                crate::errors::error_chain(&err)
+            );
         }
     }
 
@@ -439,7 +442,7 @@ impl Host {
                         tracing::warn!(
                             slot,
                             "worker will not publish its load: {}",
-                            crate::error_chain(&err)
+                            crate::errors::error_chain(&err)
                         );
                     }
                     None => {}
@@ -601,7 +604,7 @@ impl Io for Host {
             tracing::warn!(
                 slot,
                 "cannot take the slot out of steering: {}",
-                crate::error_chain(&err)
+                crate::errors::error_chain(&err)
             );
         }
     }
@@ -663,7 +666,7 @@ impl Io for Host {
             tracing::warn!(
                 slots,
                 "cannot rebuild steering for {slots} slots: {}",
-                crate::error_chain(&err)
+                crate::errors::error_chain(&err)
             );
         }
     }

@@ -105,7 +105,7 @@ impl Supervisor {
                         tracing::warn!(
                             slot = index,
                             "worker will not publish its load: {}",
-                            crate::error_chain(&err)
+                            crate::errors::error_chain(&err)
                         );
                         process.channel.send(&Message::Registered { load: None })
                     }

@@ -70,7 +70,7 @@ impl Supervisor {
             Some(Err(err)) => {
                 tracing::warn!(
                     "cannot read the steering counters: {}",
-                    crate::error_chain(&err)
+                    crate::errors::error_chain(&err)
                 );
                 None
             }

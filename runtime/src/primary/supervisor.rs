@@ -91,8 +91,13 @@ impl Supervisor {
         mut inheritance: Option<Inheritance>,
         mut signals: Signals,
     ) -> Result<Supervisor, StartError> {
-        let mut steering = Steering::new(config.balance, config.workers as u32)
-            .map_err(|err| format!("--balance {}: {}", config.balance, crate::error_chain(&err)))?;
+        let mut steering = Steering::new(config.balance, config.workers as u32).map_err(|err| {
+            format!(
+                "--balance {}: {}",
+                config.balance,
+                crate::errors::error_chain(&err)
+            )
+        })?;
         if inheritance.is_some() {
             // The group switches from the old program to this one in one step, once every
             // slot of this primary is ready.
@@ -115,7 +120,7 @@ impl Supervisor {
                 ),
                 MigrateReq::Unavailable(err) => tracing::warn!(
                     "{}: connections queued on a worker that exits will be reset (run as root, or set the sysctl yourself)",
-                    crate::error_chain(&err)
+                    crate::errors::error_chain(&err)
                 ),
             }
         }
@@ -562,7 +567,7 @@ impl Supervisor {
         if let Err(err) = self.host.reassert_steering(&serving) {
             tracing::warn!(
                 "cannot put this primary's program back on the group: {}",
-                crate::error_chain(&err)
+                crate::errors::error_chain(&err)
             );
         }
         // The successor may have named itself there just before it died.
@@ -625,7 +630,7 @@ impl Supervisor {
         if let Err(err) = self.host.steering.release() {
             tracing::error!(
                 "cannot attach the steering program: {}",
-                crate::error_chain(&err)
+                crate::errors::error_chain(&err)
             );
         }
         self.start_answering_status();
@@ -709,7 +714,7 @@ impl Supervisor {
             if let Err(err) = self.host.steering.release() {
                 tracing::error!(
                     "cannot attach the steering program: {}",
-                    crate::error_chain(&err)
+                    crate::errors::error_chain(&err)
                 );
             }
             self.start_answering_status();
@@ -837,7 +842,7 @@ impl Supervisor {
                 Err(err) => {
                     tracing::error!(
                         "SIGHUP: keeping the running configuration: {}",
-                        crate::error_chain(&err)
+                        crate::errors::error_chain(&err)
                     );
                     return;
                 }
@@ -869,7 +874,7 @@ impl Supervisor {
             }
             Err(why) => tracing::warn!(
                 "SIGHUP: `balance` changed from {running} to {wanted}, which cannot apply live ({}); it keeps its running value: a new primary applies it (SIGUSR1, an upgrade)",
-                crate::error_chain(&why)
+                crate::errors::error_chain(&why)
             ),
         }
     }

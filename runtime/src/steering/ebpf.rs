@@ -310,7 +310,7 @@ impl EbpfSteering {
         {
             tracing::warn!(
                 "cannot set up the ownership probe yet: {}",
-                crate::error_chain(&err)
+                crate::errors::error_chain(&err)
             );
         }
         if self
@@ -368,6 +368,7 @@ impl EbpfSteering {
     }
 
     /// Waits until what [`EbpfSteering::flush`] handed over is published.
+    #[cfg(test)]
     pub fn wait_published(&self) {
         self.publisher.wait();
     }
@@ -419,7 +420,7 @@ impl EbpfSteering {
         if self.probe.is_none()
             && let Err(err) = self.set_up_probe(listen)
         {
-            self.probe_trouble(ProbeTrouble::SetUp, crate::error_chain(&err));
+            self.probe_trouble(ProbeTrouble::SetUp, crate::errors::error_chain(&err));
             return Ok(None);
         }
         let Some(probe) = self.probe.as_mut() else {
@@ -503,7 +504,7 @@ impl EbpfSteering {
                 Ok(slot) => format!("Steer's program is attached again (through slot {slot}'s socket)"),
                 Err(err) => format!(
                     "Steer's program could not be attached again: {}",
-                    crate::error_chain(err)
+                    crate::errors::error_chain(err)
                 ),
             }
         );
@@ -777,7 +778,7 @@ fn classify(what: &'static str, err: &(dyn std::error::Error + 'static)) -> Stee
     }
     SteeringError::Load {
         what,
-        detail: crate::error_chain(err),
+        detail: crate::errors::error_chain(err),
     }
 }
 

@@ -41,8 +41,8 @@ use crate::config::Balance;
 pub use load::{LoadReporter, LoadShare};
 
 /// What went wrong in steering. A variant caused by a failed call keeps that error as its
-/// source, so the errno survives ([`SteeringError::raw_os_error`]); print it with
-/// [`crate::error_chain`] to show the causes.
+/// source, so the errno survives; print it with `crate::errors::error_chain` to show the
+/// causes.
 #[derive(Debug, thiserror::Error)]
 pub enum SteeringError {
     /// The kernel refused the program or its maps for lack of privilege.
@@ -138,18 +138,6 @@ impl SteeringError {
             source,
         }
     }
-
-    /// The errno of the failed system call, if one failed.
-    pub fn raw_os_error(&self) -> Option<i32> {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(self);
-        while let Some(err) = source {
-            if let Some(io) = err.downcast_ref::<io::Error>() {
-                return io.raw_os_error();
-            }
-            source = err.source();
-        }
-        None
-    }
 }
 
 /// Another program, or none, was deciding for the group; Steer's was attached again.
@@ -227,7 +215,7 @@ impl Steering {
                 Err(err) => {
                     tracing::warn!(
                         "eBPF steering unavailable ({}); balancing with the kernel's SO_REUSEPORT hash (--balance kernel)",
-                        crate::error_chain(&err)
+                        crate::errors::error_chain(&err)
                     );
                     Ok(Steering::Kernel)
                 }
@@ -256,11 +244,6 @@ impl Steering {
             }
             _ => Err(SwitchError::KernelAndProgram),
         }
-    }
-
-    /// Steering with no program: the kernel's own reuseport hash.
-    pub fn kernel() -> Steering {
-        Steering::Kernel
     }
 
     /// The policy actually in force (never `auto`).

@@ -140,7 +140,7 @@ fn publish_until_closed(
                 Err(err) => tracing::warn!(
                     slot,
                     "cannot place the worker's load record: {}",
-                    crate::error_chain(&err)
+                    crate::errors::error_chain(&err)
                 ),
             }
         }
@@ -149,7 +149,10 @@ fn publish_until_closed(
                 // The set it replaces is let go here, after the update returned.
                 Ok(inner) => drop(live_set.replace(inner)),
                 Err(err) => {
-                    tracing::warn!("cannot publish the live set: {}", crate::error_chain(&err))
+                    tracing::warn!(
+                        "cannot publish the live set: {}",
+                        crate::errors::error_chain(&err)
+                    )
                 }
             }
         }

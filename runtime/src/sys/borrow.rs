@@ -200,7 +200,7 @@ mod tests {
             Err(err @ BorrowError::Take { .. }) => {
                 let errno = err.io_source().and_then(io::Error::raw_os_error);
                 assert_eq!(errno, Some(libc::EBADF), "{err:?}");
-                let chain = crate::error_chain(&err);
+                let chain = crate::errors::error_chain(&err);
                 assert!(
                     chain.contains(&format!("pidfd_getfd of fd {fd}: ")),
                     "{chain}"

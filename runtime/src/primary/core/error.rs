@@ -1,5 +1,5 @@
 //! What the host can fail at when the core asks it to act ([`super::Io`]), as typed
-//! errors: the core logs them whole (with [`crate::error_chain`]) and decides on the
+//! errors: the core logs them whole (with [`crate::errors::error_chain`]) and decides on the
 //! variant where that matters, and the errno of a failed system call survives to the log.
 
 use std::io;

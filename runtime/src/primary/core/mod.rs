@@ -100,7 +100,9 @@ impl Crash {
             ),
             Crash::Exited { status, .. } => format!("exited before ready: {status}"),
             Crash::Violation { .. } => "broke the IPC protocol before ready".to_owned(),
-            Crash::NotSpawned(err) => format!("cannot be started: {}", crate::error_chain(err)),
+            Crash::NotSpawned(err) => {
+                format!("cannot be started: {}", crate::errors::error_chain(err))
+            }
         }
     }
 }
@@ -504,7 +506,7 @@ impl Core {
                     slot = index,
                     generation,
                     "cannot start worker: {}",
-                    crate::error_chain(&err)
+                    crate::errors::error_chain(&err)
                 );
                 self.slots[index].last_exit = None;
                 self.crash_verdict(io, index, role, Crash::NotSpawned(err), now);
@@ -529,7 +531,7 @@ impl Core {
                     generation,
                     pid,
                     "cannot put the worker into steering: {}",
-                    crate::error_chain(&err)
+                    crate::errors::error_chain(&err)
                 );
                 if let Some((_, worker)) = slot.find_mut(id) {
                     worker.killed = true;
@@ -573,7 +575,7 @@ impl Core {
                             slot = index,
                             pid = old.pid,
                             "cannot shut the silent worker's listener down: {}",
-                            crate::error_chain(&err)
+                            crate::errors::error_chain(&err)
                         ),
                     }
                 }
@@ -1064,7 +1066,7 @@ impl Core {
                 pid,
                 "cannot shut the hung worker's listener down ({}); its queued \
                  connections wait for it to wake or die",
-                crate::error_chain(&err)
+                crate::errors::error_chain(&err)
             ),
         }
         // A replacement for memory or a roll is now one for a hang (it starts at once).
