@@ -22,7 +22,7 @@ pub use settings::{Origin, Parsed, SettingValue, Settings};
 pub use values::{
     Balance, ByteSize, LogFormat, MIN_HEALTH_INTERVAL, MIN_HEALTH_TIMEOUT, MIN_MAX_MEMORY,
     MIN_WORKER_MEMORY_LIMIT, StatusAddr, StatusPath, StatusPaths, WORKER_NOFILE_RANGE, WorkerCount,
-    format_size, parse_duration, parse_listen, parse_size, parse_status_addr,
+    WorkerOutput, format_size, parse_duration, parse_listen, parse_size, parse_status_addr,
 };
 
 use std::fmt;
@@ -93,6 +93,8 @@ pub struct Config {
     pub pid_file: Option<PathBuf>,
     /// Log line format.
     pub log_format: LogFormat,
+    /// Where workers' stdout and stderr go.
+    pub worker_output: WorkerOutput,
     /// -2 (errors only) ..= 2 (trace); 0 is info.
     pub verbosity: i8,
     /// Enable the demo's fault routes.
@@ -144,6 +146,7 @@ impl Default for Config {
             restart_window: Duration::from_secs(60),
             pid_file: None,
             log_format: LogFormat::Text,
+            worker_output: WorkerOutput::Auto,
             verbosity: 0,
             demo_faults: false,
             demo_header_timeout: Duration::from_secs(10),
@@ -202,6 +205,10 @@ impl Config {
         };
         lines.extend([
             ("log-format", format.to_string()),
+            (
+                "worker-output",
+                format!("\"{}\"", self.worker_output.as_str()),
+            ),
             ("demo-faults", self.demo_faults.to_string()),
             ("demo-header-timeout", d(self.demo_header_timeout)),
             ("demo-idle-timeout", d(self.demo_idle_timeout)),
@@ -262,6 +269,10 @@ pub fn keys_needing_restart(running: &Config, reloaded: &Config) -> Vec<&'static
     changed("pid-file", running.pid_file != reloaded.pid_file);
     changed("log-format", running.log_format != reloaded.log_format);
     changed(
+        "worker-output",
+        running.worker_output != reloaded.worker_output,
+    );
+    changed(
         "tcp-migrate-req",
         running.tcp_migrate_req != reloaded.tcp_migrate_req,
     );
@@ -285,6 +296,7 @@ impl Config {
         self.status_public = running.status_public;
         self.pid_file = running.pid_file.clone();
         self.log_format = running.log_format;
+        self.worker_output = running.worker_output;
         self.tcp_migrate_req = running.tcp_migrate_req;
         if self.command.is_some() != running.command.is_some() {
             self.command = running.command.clone();
