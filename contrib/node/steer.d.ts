@@ -29,6 +29,11 @@ export declare class Worker extends EventEmitter {
   readonly counters: Counters;
   readonly draining: boolean;
   readonly server: Server;
+  /**
+   * Sends `data` through the primary. Returns false, and sends nothing, when there is no
+   * channel or the message is over `MAX_MESSAGE_BYTES` as a JSON line; also false when
+   * Node's channel is backed up (the message is still sent, later).
+   */
   send(to: Recipient, data: unknown): boolean;
   drain(why?: string): void;
   on(event: "message", listener: (data: unknown, from: number | null) => void): this;
@@ -40,3 +45,5 @@ export declare class Worker extends EventEmitter {
 export declare function serve(server: Server, options?: ServeOptions): Worker;
 export declare function activated(): boolean;
 export declare const PROTOCOL_VERSION: 1;
+/** The most bytes one message may have on the channel, as a JSON line (65,536). */
+export declare const MAX_MESSAGE_BYTES: 65536;

@@ -14,7 +14,13 @@
 // - drains on SIGTERM, on the primary's `drain` message, or when the primary is gone:
 //   stops accepting (the queue moves to the other workers), answers keep-alive requests
 //   with `Connection: close`, closes idle connections after a short grace, and exits 0
-//   once every connection is done.
+//   once every connection is done;
+// - under Steer, ignores the primary's control signals (SIGHUP, SIGUSR1, SIGUSR2,
+//   SIGTTIN, SIGTTOU, SIGWINCH) that have no listener of the application's, so that a
+//   signal sent to every process of the service (`systemctl kill` without
+//   `--kill-whom=main`) reaches only the primary's meaning. Their defaults would end the
+//   worker (SIGHUP, SIGUSR2), stop it (SIGTTIN, SIGTTOU) or open Node's inspector
+//   (SIGUSR1).
 //
 // Node's own `server.close()` (since Node 19) closes idle keep-alive connections at once,
 // without a word to the client. A client that was sending its next request on one right
@@ -28,6 +34,12 @@ const net = require('node:net');
 const PROTOCOL_VERSION = 1;
 const LISTEN_FD = 3;
 const DEFAULT_GRACE_MS = 2000;
+// The most bytes one message may have on the channel: the JSON line Node writes, without
+// its newline (docs/ipc.md). The primary treats a longer one as a protocol violation and
+// replaces the worker, so `send` refuses it instead.
+const MAX_MESSAGE_BYTES = 64 * 1024;
+// What the primary does on these, a worker must not do too (see the top of this file).
+const CONTROL_SIGNALS = ['SIGHUP', 'SIGUSR1', 'SIGUSR2', 'SIGTTIN', 'SIGTTOU', 'SIGWINCH'];
 
 // One worker process's link to Steer. Make it with `serve()`.
 class Worker extends EventEmitter {
@@ -56,12 +68,16 @@ class Worker extends EventEmitter {
       process.on('disconnect', () => this.drain('the primary is gone'));
     }
     process.on('SIGTERM', () => this.drain('SIGTERM'));
+    if (activated() || env.STEER_IPC_FD !== undefined) ignoreControlSignals();
   }
 
   /**
    * Sends `data` (any JSON value) through the primary: `to` is 'all' (every other
    * worker), a slot number, or 'primary' (the primary's message hook, and its debug log).
-   * Returns false when Node's channel is backed up or there is no channel.
+   * Returns false, and sends nothing, when there is no channel or the message is over
+   * Steer's limit (65,536 bytes as a JSON line, `data` and the envelope together); also
+   * false when Node's channel is backed up (the message is sent later, as with
+   * `process.send`).
    */
   send(to, data) {
     let recipient;
@@ -157,11 +173,25 @@ class Worker extends EventEmitter {
   _send(message) {
     if (!this.supervised || !process.connected) return false;
     message.v = PROTOCOL_VERSION;
+    // The same line Node writes (`JSON.stringify`, then a newline), measured before
+    // anything is written: a part of it would be no better.
+    if (Buffer.byteLength(JSON.stringify(message)) > MAX_MESSAGE_BYTES) return false;
     // The callback takes write errors (the primary gone), which would otherwise be
     // thrown as an 'error' event on `process`.
     return process.send(message, undefined, {}, () => {});
   }
 }
+
+// A listener that does nothing, on each control signal the application does not listen
+// to itself: the signal is then handled (and does nothing) instead of taking its default.
+// Node's signal listeners do not keep the process alive.
+function ignoreControlSignals() {
+  for (const signal of CONTROL_SIGNALS) {
+    if (process.listenerCount(signal) === 0) process.on(signal, ignoreSignal);
+  }
+}
+
+function ignoreSignal() {}
 
 // Asks the client to close the connection after this response, unless it is too late.
 function closeAfter(res) {
@@ -199,4 +229,4 @@ function serve(server, options = {}) {
   return worker;
 }
 
-module.exports = { serve, activated, Worker, PROTOCOL_VERSION };
+module.exports = { serve, activated, Worker, PROTOCOL_VERSION, MAX_MESSAGE_BYTES };

@@ -20,6 +20,11 @@ Unix stream socket carrying one JSON object a line (docs/ipc.md). This module sp
   stop accepting (queued connections move to the other workers), answer keep-alive
   requests with ``Connection: close``, close connections still idle after a grace, and
   return from ``serve()`` once the last connection is done.
+
+Under Steer, ``Worker()`` ignores the primary's control signals (SIGHUP, SIGUSR1, SIGUSR2,
+SIGTTIN, SIGTTOU, SIGWINCH) that the application has not taken itself, so that a signal
+sent to every process of the service (``systemctl kill`` without ``--kill-whom=main``)
+reaches only the primary's meaning. SIGTERM still drains.
 """
 
 import errno
@@ -43,6 +48,8 @@ LISTEN_FD = 3
 DEFAULT_GRACE = 2.0
 # Migrated connections raise no event on the listener: look at its queue this often.
 ACCEPT_POLL = 0.05
+# What the primary does on these, a worker must not do too (see the module's doc).
+CONTROL_SIGNALS = ("SIGHUP", "SIGUSR1", "SIGUSR2", "SIGTTIN", "SIGTTOU", "SIGWINCH")
 
 
 class PrimaryGone(Exception):
@@ -71,11 +78,13 @@ class Channel:
         return self.sock.fileno()
 
     def send(self, message):
-        """Sends one message (``v`` is added); False if it was dropped."""
+        """Sends one message (``v`` is added); False if it was refused, being over
+        ``MAX_MESSAGE_BYTES`` as a line (the primary would replace a worker that wrote
+        it), or dropped."""
         message = dict(message, v=PROTOCOL_VERSION)
         line = json.dumps(message, separators=(",", ":")).encode()
         if len(line) > MAX_MESSAGE_BYTES:
-            raise ValueError(f"IPC message of {len(line)} bytes, limit {MAX_MESSAGE_BYTES}")
+            return False
         with self._out_lock:
             if len(self._out) + len(line) + 1 > OUTBOX_LIMIT:
                 self.flush()
@@ -175,6 +184,8 @@ class Worker:
         self._message_callbacks = []
         self._drain_callbacks = []
         self._lock = threading.Lock()
+        if self.listener is not None or self.channel is not None:
+            _ignore_control_signals()
 
     def on_message(self, callback):
         """``callback(data, from_slot)`` for each message from another worker (or the
@@ -189,7 +200,8 @@ class Worker:
 
     def send(self, to, data):
         """Sends ``data`` (anything JSON can hold) to ``"all"`` other workers, one slot
-        (an int), or ``"primary"``. False if there is no channel or it was dropped."""
+        (an int), or ``"primary"``. False, and nothing sent, if there is no channel, the
+        message is over 65,536 bytes as a JSON line, or the outbox is full."""
         if to in ("all", "primary"):
             recipient = to
         elif isinstance(to, int) and to >= 0:
@@ -265,12 +277,27 @@ class Worker:
             return False
 
 
+def _ignore_control_signals():
+    """SIG_IGN for each control signal still at its default (one the application took
+    is left alone). Only the main thread may set handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for name in CONTROL_SIGNALS:
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) == signal.SIG_DFL:
+            signal.signal(number, signal.SIG_IGN)
+
+
 class DrainingHandler(http.server.BaseHTTPRequestHandler):
     """An ``http.server`` handler for ``HTTPServer``: HTTP/1.1 keep-alive, and
     ``Connection: close`` on every response once the worker drains. Subclass it and write
     ``do_GET`` and friends as usual."""
 
     protocol_version = "HTTP/1.1"
+    # http.server writes the headers and the body separately. With Nagle's algorithm the
+    # body then waits for the client's delayed ACK of the headers, about 40 ms on Linux:
+    # each keep-alive request would cost that. (A closing connection flushes at once.)
+    disable_nagle_algorithm = True
 
     def setup(self):
         super().setup()

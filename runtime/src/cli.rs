@@ -16,7 +16,7 @@ use crate::config::{
     parse_status_addr,
 };
 
-pub use crate::exit::{EXIT_FAILURE, EXIT_USAGE};
+use crate::exit::EXIT_USAGE;
 
 /// Top-level command line.
 #[derive(Debug, Parser)]
@@ -227,7 +227,7 @@ impl RunArgs {
 
 /// Entry point of the `steer` binary.
 pub fn main() -> ExitCode {
-    if let Some(code) = crate::worker::run_builtin_worker_if_requested() {
+    if let Some(code) = crate::demo::run_worker_if_requested() {
         return code;
     }
     let cli = Cli::parse();
@@ -236,7 +236,7 @@ pub fn main() -> ExitCode {
             let config = match args.config() {
                 Ok(config) => config,
                 Err(err) => {
-                    eprintln!("steer: {}", crate::error_chain(&err));
+                    eprintln!("steer: {}", crate::errors::error_chain(&err));
                     return ExitCode::from(EXIT_USAGE);
                 }
             };
@@ -260,7 +260,7 @@ fn check(args: &RunArgs) -> ExitCode {
             if let Some(path) = &config.pid_file
                 && let Err(err) = crate::primary::pidfile::PidFile::probe(path)
             {
-                eprintln!("steer: --pid-file: {}", crate::error_chain(&err));
+                eprintln!("steer: --pid-file: {}", crate::errors::error_chain(&err));
                 return ExitCode::from(EXIT_USAGE);
             }
             let source = config
@@ -272,7 +272,7 @@ fn check(args: &RunArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(err) => {
-            eprintln!("steer: {}", crate::error_chain(&err));
+            eprintln!("steer: {}", crate::errors::error_chain(&err));
             ExitCode::from(EXIT_USAGE)
         }
     }

@@ -147,7 +147,7 @@ impl ClusterBuilder {
         let config = match config {
             Ok(config) => config,
             Err(err) => {
-                eprintln!("steer: {}", crate::error_chain(&err));
+                eprintln!("steer: {}", crate::errors::error_chain(&err));
                 return ExitCode::from(crate::exit::EXIT_USAGE);
             }
         };

@@ -5,24 +5,28 @@
 //! Each value is parsed by one `FromStr` shared by both sources, so `--workers x` and
 //! `workers = "x"` fail with the same words.
 //!
-//! Where things are: this file holds the validated [`Config`] and what a reload may
+//! A library user sees the values [`crate::ClusterBuilder`] takes ([`Balance`],
+//! [`LogFormat`]) and [`parse_duration`]; the rest is the `steer` program's.
+//!
+//! Where things are: this file holds the validated `Config` and what a reload may
 //! change; `values` the value types and their parsers; `settings` the values as given and
 //! the file reader; `checks` their validation into a `Config`; `credentials` the
-//! `--user`/`--group` lookup; [`program`] the check that the COMMAND can run.
+//! `--user`/`--group` lookup; `program` the check that the COMMAND can run.
 
 mod checks;
 mod credentials;
 mod fields;
-pub mod program;
+pub(crate) mod program;
 mod settings;
 mod values;
 
-pub use credentials::Credentials;
-pub use settings::{Origin, Parsed, SettingValue, Settings};
-pub use values::{
-    Balance, ByteSize, LogFormat, MIN_HEALTH_INTERVAL, MIN_HEALTH_TIMEOUT, MIN_MAX_MEMORY,
-    MIN_WORKER_MEMORY_LIMIT, StatusAddr, StatusPath, StatusPaths, WORKER_NOFILE_RANGE, WorkerCount,
-    WorkerOutput, format_size, parse_duration, parse_listen, parse_size, parse_status_addr,
+pub use values::{Balance, LogFormat, parse_duration};
+
+pub(crate) use credentials::Credentials;
+pub(crate) use settings::{Parsed, SettingValue, Settings};
+pub(crate) use values::{
+    ByteSize, StatusAddr, StatusPath, StatusPaths, WORKER_NOFILE_RANGE, WorkerCount, WorkerOutput,
+    format_size, parse_listen, parse_status_addr,
 };
 
 use std::fmt;
@@ -34,7 +38,7 @@ use thiserror::Error;
 
 /// Why a configuration was refused. Every variant names the flag or key at fault.
 #[derive(Debug, Error)]
-pub enum ConfigError {
+pub(crate) enum ConfigError {
     /// A value that does not parse or is out of range.
     #[error("invalid value {value:?} for {key}: {reason}")]
     Invalid {
@@ -66,7 +70,7 @@ pub enum ConfigError {
 
 /// The validated configuration a primary runs with.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Config {
+pub(crate) struct Config {
     /// Address every worker's socket binds.
     pub listen: SocketAddr,
     /// How many worker slots.
@@ -253,7 +257,7 @@ impl Config {
 /// (`workers` and `balance` apply live, and `cpu-affinity` and another `command` with the
 /// roll that follows; see the primary's reload. Adding or removing `command` would switch
 /// between the demo and an external program: that waits for a new primary.)
-pub fn keys_needing_restart(running: &Config, reloaded: &Config) -> Vec<&'static str> {
+pub(crate) fn keys_needing_restart(running: &Config, reloaded: &Config) -> Vec<&'static str> {
     let mut keys = Vec::new();
     let mut changed = |key, differs: bool| {
         if differs {
@@ -309,6 +313,7 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    use super::values::parse_size;
     use super::*;
 
     #[test]

@@ -18,7 +18,7 @@
 //!
 //! An external program gets its own listening socket as fd 3, the systemd way
 //! (`LISTEN_FDS=1`, `LISTEN_PID`, `LISTEN_FDNAMES=steer`), plus `STEER_WORKER_SLOT`,
-//! `STEER_WORKER_ID` and `STEER_IPC_FD` (see [`worker::env`]).
+//! `STEER_WORKER_ID` and `STEER_IPC_FD` (see `docs/workers.md`).
 //!
 //! ## As a library
 //!
@@ -53,48 +53,146 @@
 //! answers or broadcasts from [`ClusterBuilder::on_message`] (Node's `worker.send` and
 //! `process.on('message')`).
 //!
-//! ## Modules
+//! ## What the crate offers
 //!
-//! [`config`] and [`cli`] turn flags and a TOML file into a validated [`config::Config`];
-//! [`primary`] supervises; [`steering`] decides who gets the next connection ([`baseline`] holds
-//! the userspace balancers it is measured against); [`ipc`] is
-//! the primary/worker protocol; [`worker`] is the worker side; [`status`] serves and reads
-//! `/status`; [`demo`] is the built-in HTTP app; [`listener`] creates and checks sockets;
-//! [`exit`] holds the exit statuses every command shares.
+//! The surface is small, and all of it is at the root: [`Cluster`] and [`ClusterBuilder`]
+//! start the primary; [`Worker`] (with [`WorkerStats`], [`Heartbeat`], [`DrainSignal`]) is
+//! what a worker process gets; [`Control`], [`UserMessage`], [`Recipient`] and
+//! [`IpcError`] carry messages between workers and the primary's hook. [`config`] holds
+//! the values [`ClusterBuilder`] takes ([`config::Balance`], [`config::LogFormat`]) and
+//! [`config::parse_duration`], which reads durations the way the command line does.
+//!
+//! Everything else is the `steer` program's own, and private. `/status` is read as JSON
+//! over HTTP, like any other client reads it (`steer status --json` prints one document;
+//! the README and `docs/operations.md` name its fields): the types that build it change
+//! with the primary, and are not a Rust interface.
+//!
+//! ## Inside
+//!
+//! For whoever works on Steer (`cargo doc --document-private-items`): `config` and `cli`
+//! turn flags and a TOML file into a validated `Config`; `primary` supervises; `steering`
+//! decides who gets the next connection (`baseline` holds the userspace balancers it is
+//! measured against); `ipc` is the primary/worker protocol; `worker` is the worker side;
+//! `status` serves and reads `/status`, and `top` shows it live; `demo` is the built-in
+//! HTTP app, which the command line picks like any other program on the library;
+//! `listener` creates and checks sockets; `exit` and `errors` hold the exit statuses and
+//! the error text every command shares.
 
-pub mod accept;
-pub mod baseline;
-pub mod cli;
+mod accept;
+mod baseline;
+mod cli;
 mod cluster;
 pub mod config;
-pub mod demo;
-pub mod exit;
+mod demo;
+mod errors;
+mod exit;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod ipc;
-pub mod listener;
-pub mod logging;
-pub mod primary;
-pub mod privileges;
-pub mod status;
-pub mod steering;
-pub mod systemd;
-pub mod top;
-pub mod worker;
+mod ipc;
+mod listener;
+mod logging;
+mod primary;
+mod privileges;
+mod status;
+mod steering;
+mod sys;
+mod systemd;
+mod top;
+mod worker;
 
 pub use cluster::{Cluster, ClusterBuilder};
-pub use ipc::Recipient;
+pub use ipc::{IpcError, MAX_MESSAGE_BYTES, Recipient};
 pub use primary::Control;
-pub use worker::{DrainSignal, Heartbeat, UserMessage, Worker, WorkerStats};
+pub use worker::{DrainSignal, Heartbeat, INBOX_CAPACITY, UserMessage, Worker, WorkerStats};
 
-/// Formats an error with its chain of causes: `outer: inner: innermost`.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+/// The `steer` binary's entry point (`runtime/src/main.rs`): not for library users.
+#[doc(hidden)]
+pub fn cli_main() -> std::process::ExitCode {
+    cli::main()
 }
+
+/// What the integration tests in `runtime/tests/` drive directly: each needs a test binary
+/// of its own (a counting allocator, a lowered open-file limit). Not for library users.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::baseline::{HandOff, Target};
+    pub use crate::ipc::{Channel, Counters, Encoded, Message, Payload};
+}
+
+/// Doctests that hold the surface to what the crate docs say: every public item above is
+/// there, and each block below fails to compile (`E0603`, private), because the module it
+/// names is the `steer` program's own.
+///
+/// ```
+/// use steer::config::{Balance, LogFormat, parse_duration};
+/// use steer::{
+///     Cluster, ClusterBuilder, Control, DrainSignal, Heartbeat, INBOX_CAPACITY, IpcError,
+///     MAX_MESSAGE_BYTES, Recipient, UserMessage, Worker, WorkerStats,
+/// };
+/// ```
+///
+/// The configuration a primary runs with, and the helper every error message goes through,
+/// are not part of it either:
+///
+/// ```compile_fail,E0603
+/// use steer::config::Config;
+/// ```
+///
+/// ```compile_fail,E0425
+/// let _ = steer::error_chain;
+/// ```
+///
+/// ```compile_fail,E0603
+/// use steer::accept;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::baseline;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::cli;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::demo;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::exit;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::ipc;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::listener;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::logging;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::primary;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::privileges;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::status;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::steering;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::systemd;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::top;
+/// ```
+/// ```compile_fail,E0603
+/// use steer::worker;
+/// ```
+#[cfg(doctest)]
+pub struct CuratedSurface;
+
+/// The README's Rust example, compiled by `cargo test --doc` so that it stays true to the
+/// API. (`docs/workers.md`'s complete example is the crate's own, above; its second block is
+/// a fragment.)
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeExample;

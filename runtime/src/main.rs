@@ -1,5 +1,5 @@
 //! The `steer` binary: see the library's documentation and `steer --help`.
 
 fn main() -> std::process::ExitCode {
-    steer::cli::main()
+    steer::cli_main()
 }

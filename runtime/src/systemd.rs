@@ -94,6 +94,7 @@ impl Notifier {
     }
 
     /// A notifier that sends nothing.
+    #[cfg(test)]
     pub fn disabled() -> Notifier {
         Notifier {
             target: None,
@@ -135,6 +136,7 @@ impl Notifier {
 
     /// How many times the service manager's socket was full and a message waited for a
     /// later turn.
+    #[cfg(test)]
     pub fn deferred(&self) -> u64 {
         self.deferred
     }

@@ -8,7 +8,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use steer::ipc::{Channel, Counters, Encoded, Message, Payload};
+use steer::internals::{Channel, Counters, Encoded, Message, Payload};
 
 struct Counting;
 
@@ -146,7 +146,7 @@ fn handing_a_connection_over_allocates_nothing() {
     // The `userspace` baseline's hot path: accept, then `sendmsg` with `SCM_RIGHTS` to a
     // worker, once per connection. (nix's `sendmsg` allocated its control buffer each call.)
     use std::net::{TcpListener, TcpStream};
-    use steer::baseline::{HandOff, Target};
+    use steer::internals::{HandOff, Target};
 
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");

@@ -10,7 +10,8 @@ use std::net::TcpListener;
 use std::os::fd::AsFd;
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
-use steer::ipc::{Channel, IpcError, Message};
+use steer::IpcError;
+use steer::internals::{Channel, Message};
 
 #[test]
 fn running_out_of_fds_while_receiving_is_not_a_protocol_violation() {

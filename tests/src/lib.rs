@@ -73,7 +73,8 @@ pub use crate::http::{
 pub use crate::load::{LOAD_LIMIT, Load, LoadReport};
 pub use crate::net::{free_local_addr, free_port};
 pub use crate::process::{
-    POLL_INTERVAL, children_of, descendants_of, pid_alive, process_state, rss_bytes, wait_for,
+    POLL_INTERVAL, children_of, descendants_of, pid_alive, process_state, rss_bytes,
+    signal_pending, wait_for,
 };
 pub use crate::status::{SlotState, WorkerStatus, all_ready};
 pub use crate::syn::SynSender;

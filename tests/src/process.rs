@@ -58,6 +58,25 @@ pub fn process_state(pid: u32) -> Option<char> {
     read_stat(pid).map(|stat| stat.state)
 }
 
+/// Whether `signal` is pending for process `pid`: sent, and not yet handled, ignored or
+/// acted on (the `ShdPnd` and `SigPnd` masks of `/proc/<pid>/status`). `false` once the
+/// process is gone. While it is pending, the kernel folds another one of the same signal
+/// into it: a test that means to deliver a signal twice waits for this to turn false.
+pub fn signal_pending(pid: u32, signal: Signal) -> bool {
+    let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    let bit = 1u64 << (signal as i32 - 1);
+    status
+        .lines()
+        .filter_map(|line| {
+            line.strip_prefix("ShdPnd:\t")
+                .or_else(|| line.strip_prefix("SigPnd:\t"))
+        })
+        .filter_map(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .any(|mask| mask & bit != 0)
+}
+
 /// Resident memory of `pid` in bytes, from the `VmRSS` line of `/proc/<pid>/status`.
 ///
 /// # Panics

@@ -489,3 +489,63 @@ fn a_node_worker_over_the_memory_threshold_is_replaced_gracefully() {
     assert!(http_get(cluster.listen_addr(), "/").is_ok());
     cluster.stop_cleanly(Duration::from_secs(10));
 }
+
+/// A worker on the helper sends a message over the IPC limit (200 KiB): the helper
+/// refuses it (`send` returns false, as its docs say) and writes nothing, so the primary
+/// sees no protocol violation and the worker is not replaced. The next message goes
+/// through, which shows the primary read on past where the big one would have been.
+#[test]
+fn the_node_helper_refuses_a_message_over_the_limit_and_the_worker_lives_on() {
+    let version = Command::new("node").arg("--version").output();
+    assert!(
+        version.as_ref().is_ok_and(|o| o.status.success()),
+        "this test needs node on PATH (cargo xtask setup installs it): {version:?}"
+    );
+    let script = format!("{}/fixtures/node_messages.mjs", env!("CARGO_MANIFEST_DIR"));
+    let cluster = Cluster::start(&[
+        "--workers",
+        "2",
+        "--balance",
+        "round-robin",
+        "--health-interval",
+        "200ms",
+        "--",
+        "node",
+        &script,
+    ]);
+    every_slot_answers(&cluster, 2);
+    let before = cluster.worker_pids();
+    let mut conn = KeepAlive::connect(cluster.listen_addr()).expect("connect");
+    let big = conn
+        .get("/send?bytes=204800&tag=big")
+        .expect("GET /send, 200 KiB");
+    assert_eq!(big.body.trim(), "false", "an over-limit send is refused");
+    let small = conn
+        .get("/send?bytes=16&tag=after")
+        .expect("GET /send, 16 bytes");
+    assert_eq!(small.body.trim(), "true");
+    let sender = small.worker().expect("X-Steer-Worker");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let response = must_get(cluster.listen_addr(), "/inbox");
+        if response.worker() != Some(sender) {
+            let inbox: Vec<Value> = serde_json::from_str(&response.body).expect("json");
+            assert!(
+                inbox.iter().all(|m| m["tag"] != "big"),
+                "the big one never went: {inbox:?}"
+            );
+            if inbox.iter().any(|m| m["tag"] == "after") {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the message after the refused one did not arrive in 20 s\n{}",
+            cluster.log()
+        );
+    }
+    let doc = cluster.status();
+    assert_eq!(status::total(&doc, "restarts"), 0, "{doc:#}");
+    assert_eq!(status::worker_pids(&doc), before, "the same workers");
+    cluster.stop_cleanly(Duration::from_secs(10));
+}

@@ -71,7 +71,7 @@ impl HandOff {
     /// `targets` (in slot order), `sendmsg` with `SCM_RIGHTS` each, then closes the
     /// primary's copy. A worker whose IPC socket is full is skipped; when none can take a
     /// connection it waits here, and accepting stops until [`HandOff::retry_at`]. Out of
-    /// descriptors, accepting pauses ([`crate::accept`]) instead of failing again at once.
+    /// descriptors, accepting pauses (`crate::accept`) instead of failing again at once.
     pub fn hand_off(&mut self, targets: &[Target<'_>]) {
         self.more = false;
         let now = Instant::now();

@@ -177,7 +177,9 @@ impl SettingValue for WorkerOutput {
 }
 
 impl Settings {
-    /// Every key a file may hold, as written in it (the long flag names).
+    /// Every key a file may hold, as written in it (the long flag names). The tests hold
+    /// the flags, the file reader and [`Settings::has`] to it.
+    #[cfg(test)]
     pub const KEYS: &'static [&'static str] = &[
         "listen",
         "workers",
@@ -233,7 +235,7 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Whether `key` (as in [`Settings::KEYS`]) has a value here.
+    /// Whether `key` (a file key, as in `Settings::KEYS`) has a value here.
     pub(super) fn has(&self, key: &str) -> bool {
         match key {
             "listen" => self.listen.is_some(),

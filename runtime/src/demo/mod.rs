@@ -35,6 +35,8 @@ pub(crate) use server::SEND_BUFFER;
 pub(crate) use timeouts::ENV as TIMEOUTS_ENV;
 pub use timeouts::Timeouts;
 
+use std::process::ExitCode;
+
 use crate::ipc::Channel;
 
 /// Identity and options of the demo worker.
@@ -61,9 +63,10 @@ pub(crate) fn timeouts_env(config: &crate::config::Config) -> (&'static str, Str
 /// sends over `channel`.
 ///
 /// Sends `ready` once the event loop is set up, and returns `Ok(())` after a `drain` once
-/// every connection is closed. Exits the process with status 0 when the primary closes the
-/// channel, and with status 1 when the channel fails otherwise. Errors are those of setting
-/// up or polling the event loop (`epoll_create1`, `epoll_ctl`, `epoll_wait`, `fcntl`).
+/// every connection is closed, or when the primary closes the channel (nobody is left to
+/// drain or supervise it). Errors are those of setting up or polling the event loop
+/// (`epoll_create1`, `epoll_ctl`, `epoll_wait`, `fcntl`), and a channel that failed
+/// otherwise. It never exits the process: a test may run it on a thread.
 ///
 /// With `load` (under `least-loaded`), the worker publishes its accepted and open
 /// connection counts there on every accept and close.
@@ -74,6 +77,36 @@ pub fn serve(
     load: Option<crate::steering::LoadReporter>,
 ) -> std::io::Result<()> {
     server::Server::new(listener, channel, options, load)?.run()
+}
+
+/// Runs the demo app if this process was started as a demo worker. Called first thing in
+/// `steer`'s `main` (the command line picks the demo; the worker side knows nothing of it).
+pub(crate) fn run_worker_if_requested() -> Option<ExitCode> {
+    use crate::worker::env::{DEMO_FAULTS, ROLE, ROLE_DEMO};
+    if std::env::var(ROLE).ok()? != ROLE_DEMO {
+        return None;
+    }
+    crate::logging::init_from_env();
+    let (env, listener, channel, load) = match crate::worker::bootstrap() {
+        Ok(parts) => parts,
+        Err(message) => {
+            tracing::error!("worker bootstrap failed: {message}");
+            return Some(ExitCode::FAILURE);
+        }
+    };
+    let options = DemoOptions {
+        slot: env.slot,
+        generation: env.generation,
+        faults: std::env::var(DEMO_FAULTS).as_deref() == Ok("1"),
+        timeouts: Timeouts::from_process_env(),
+    };
+    Some(match serve(listener, channel, options, load) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(slot = env.slot, "demo worker failed: {err}");
+            ExitCode::FAILURE
+        }
+    })
 }
 
 #[cfg(test)]
@@ -88,8 +121,8 @@ mod tests {
 
     const PATIENCE: Duration = Duration::from_secs(5);
 
-    /// A worker under test: `serve` on a thread, and the primary's end of its channel (kept
-    /// open, or the worker would exit the whole test process).
+    /// A worker under test: `serve` on a thread, and the primary's end of its channel (when
+    /// it closes, the worker's loop ends, as it does when its primary is gone).
     struct Worker {
         addr: SocketAddr,
         primary: Channel,

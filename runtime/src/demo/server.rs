@@ -77,6 +77,17 @@ pub struct Server {
     next_sweep: Instant,
     /// The listener has `TCP_NODELAY` and `SO_SNDBUF`, which the sockets it accepts inherit.
     listener_nodelay: bool,
+    /// The channel to the primary closed or failed: the loop ends at its next turn.
+    gone: std::cell::Cell<Option<Gone>>,
+}
+
+/// Why the channel to the primary is no longer usable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gone {
+    /// The primary closed its end: nobody is left to drain or supervise this worker.
+    Primary,
+    /// The channel failed otherwise; the primary will see the exit and replace us.
+    Failed,
 }
 
 impl Server {
@@ -128,11 +139,14 @@ impl Server {
             full_until: None,
             next_sweep: Instant::now(),
             listener_nodelay,
+            gone: std::cell::Cell::new(None),
         })
     }
 
-    /// Tells the primary the loop is up, then runs it until drained (or exits the process
-    /// when the primary is gone).
+    /// Tells the primary the loop is up, then runs it until drained, or until the channel
+    /// to the primary is gone: `Ok` when the primary closed it (nobody is left to drain or
+    /// supervise this worker), an error when it failed otherwise. It never exits the
+    /// process itself: its caller decides (the demo's entry exits 0 or 1).
     pub fn run(mut self) -> io::Result<()> {
         self.send(&Message::Ready { heartbeats: true });
         let DemoOptions {
@@ -150,6 +164,16 @@ impl Server {
         );
         let mut events = Events::with_capacity(256);
         loop {
+            match self.gone.get() {
+                None => {}
+                Some(Gone::Primary) => {
+                    info!("the primary is gone; exiting");
+                    return Ok(());
+                }
+                Some(Gone::Failed) => {
+                    return Err(io::Error::other("the IPC channel to the primary failed"));
+                }
+            }
             match self
                 .poll
                 .poll(&mut events, self.poll_timeout(Instant::now()))
@@ -213,8 +237,8 @@ impl Server {
                     fd: Some(fd),
                 })) => self.admit_handed(fd),
                 Ok(Some(received)) => self.obey(received.message),
-                Err(IpcError::Closed) => primary_gone(),
-                Err(error) => ipc_failed(&error),
+                Err(IpcError::Closed) => return self.lost(Gone::Primary, None),
+                Err(error) => return self.lost(Gone::Failed, Some(&error)),
             }
         }
     }
@@ -240,10 +264,20 @@ impl Server {
     fn send(&self, message: &Message) {
         match self.channel.send(message) {
             Ok(()) => {}
-            Err(IpcError::Closed) => primary_gone(),
+            Err(IpcError::Closed) => self.lost(Gone::Primary, None),
             // The primary is not reading; a lost pong reads as a slow worker, not a dead one.
             Err(IpcError::Full) => warn!(?message, "IPC socket full, message dropped"),
-            Err(error) => ipc_failed(&error),
+            Err(error) => self.lost(Gone::Failed, Some(&error)),
+        }
+    }
+
+    /// The channel is gone; the loop ends at its next turn (the first reason wins).
+    fn lost(&self, why: Gone, error: Option<&IpcError>) {
+        if let Some(error) = error {
+            error!(?error, "IPC channel failed; exiting");
+        }
+        if self.gone.get().is_none() {
+            self.gone.set(Some(why));
         }
     }
 
@@ -572,18 +606,6 @@ impl Server {
 /// The poll token of connection `index`.
 fn token_of(index: usize) -> Token {
     Token(FIRST_CONNECTION + index)
-}
-
-/// The primary closed its end of the channel: nobody is left to drain or supervise us.
-fn primary_gone() -> ! {
-    info!("the primary is gone; exiting");
-    std::process::exit(0)
-}
-
-/// The channel is unusable; the primary will see the exit and replace this worker.
-fn ipc_failed(error: &IpcError) -> ! {
-    error!(?error, "IPC channel failed; exiting");
-    std::process::exit(1)
 }
 
 #[cfg(test)]

@@ -185,7 +185,7 @@ impl Channel {
 
     /// Sets or clears `O_NONBLOCK` (`fcntl(F_SETFL)`).
     pub fn set_nonblocking(&self, nonblocking: bool) -> std::io::Result<()> {
-        set_nonblocking(self.fd.as_fd(), nonblocking)
+        crate::sys::fd::set_nonblocking(self.fd.as_fd(), nonblocking)
     }
 
     /// Sends one message (`sendmsg` with `MSG_NOSIGNAL`).
@@ -314,17 +314,4 @@ pub(super) fn send_some(
             }
         }
     }
-}
-
-/// `fcntl(F_SETFL)` toggling `O_NONBLOCK`.
-pub(super) fn set_nonblocking(fd: BorrowedFd<'_>, nonblocking: bool) -> std::io::Result<()> {
-    use nix::fcntl::{FcntlArg, OFlag, fcntl};
-    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
-    let flags = if nonblocking {
-        flags | OFlag::O_NONBLOCK
-    } else {
-        flags - OFlag::O_NONBLOCK
-    };
-    fcntl(fd, FcntlArg::F_SETFL(flags))?;
-    Ok(())
 }

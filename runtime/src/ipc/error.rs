@@ -32,7 +32,7 @@ pub enum IpcError {
     FdsExhausted,
     /// Nothing could be sent now: the socket's buffer (and, on a stream channel, the
     /// channel's own bounded output buffer) is full. The message was dropped whole, and
-    /// counted in [`super::Channel::dropped`].
+    /// counted in the channel's drops.
     #[error("IPC socket full; message dropped")]
     Full,
     /// An fd was to be sent on a stream channel, which carries JSON lines only.

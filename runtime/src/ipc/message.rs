@@ -88,7 +88,7 @@ impl Message {
     }
 }
 
-/// Where a worker's [`Message::User`] goes.
+/// Where a worker's user message goes ([`crate::Worker::send_to`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Recipient {

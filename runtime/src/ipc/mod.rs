@@ -16,7 +16,6 @@ mod wire;
 
 pub use channel::{Channel, Encoded, Framing, Received};
 pub use error::IpcError;
-pub use message::{Counters, MAX_MESSAGE_BYTES, Message, PROTOCOL_VERSION, Payload, Recipient};
-pub use stream::OUTBOX_LIMIT;
+pub use message::{Counters, MAX_MESSAGE_BYTES, Message, Payload, Recipient};
 /// The pure decoder both framings use, for the fuzz target (`crate::fuzzing`).
 pub(crate) use wire::decode;

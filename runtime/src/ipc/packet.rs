@@ -296,7 +296,7 @@ mod tests {
         ));
         // If any received copy of the write end were still open here, this read would block
         // instead of seeing end-of-file.
-        super::super::channel::set_nonblocking(read_end.as_fd(), true).expect("nonblocking");
+        crate::sys::fd::set_nonblocking(read_end.as_fd(), true).expect("nonblocking");
         let mut buf = [0u8; 1];
         assert_eq!(
             nix::unistd::read(&read_end, &mut buf),

@@ -13,19 +13,19 @@ use mio::unix::SourceFd;
 use mio::{Interest, Poll, Token};
 
 use super::WorkerProgram;
-use super::core::{Io, Spawned, WorkerId};
+use super::core::{EnterError, Io, ListenerError, SpawnError, Spawned, WorkerId};
 use super::process::{
     LEFTOVER_GRACE, Leftovers, ListenerRef, Process, RelayBudget, ResidentMemory, group_alive,
-    signal_group, socket_inode,
+    signal_group,
 };
 use super::spawn::{self, LISTEN_FD, SpawnSpec};
 use crate::baseline::Baseline;
 use crate::config::Config;
 use crate::ipc::{Channel, Framing, Message};
 use crate::logging::{ENV_LOG_FORMAT, ENV_LOG_LEVEL};
-use crate::steering::Steering;
 use crate::steering::foreign::PortSurvey;
-use crate::steering::holder::find_socket_fd;
+use crate::steering::{Steering, SteeringError, SwitchError};
+use crate::sys::borrow;
 use crate::worker::env;
 
 /// fd number of the IPC socket in re-executed workers.
@@ -76,6 +76,21 @@ pub(crate) fn decode_worker_token(token: Token) -> Option<(WorkerId, WorkerFd)> 
         _ => WorkerFd::Exec,
     };
     Some((WorkerId((n / 3) as u64), kind))
+}
+
+/// Why this primary's program could not be put back on the port's group
+/// ([`Host::reassert_steering`]).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReassertError {
+    /// No serving worker was left to attach the program through.
+    #[error("no serving worker")]
+    NoServingWorker,
+    /// The listener of the last serving worker tried could not be borrowed.
+    #[error(transparent)]
+    Borrow(ListenerError),
+    /// Attaching the program (or, under `kernel`, detaching the successor's) failed.
+    #[error(transparent)]
+    Steering(#[from] SteeringError),
 }
 
 /// Processes, steering and what spawning needs.
@@ -216,30 +231,27 @@ impl Host {
 
     /// Switches the steering policy of the running cluster, if the program allows it
     /// without restarting workers.
-    pub(crate) fn switch_policy(&mut self, wanted: crate::config::Balance) -> Result<(), String> {
+    pub(crate) fn switch_policy(
+        &mut self,
+        wanted: crate::config::Balance,
+    ) -> Result<(), SwitchError> {
         self.steering.switch_policy(wanted)
     }
 
     /// Attaches this primary's program to the group again, through the listener of one of
     /// `serving` (a successor that failed may have attached its own).
-    pub(crate) fn reassert_steering(&mut self, serving: &[WorkerId]) -> Result<(), String> {
+    pub(crate) fn reassert_steering(&mut self, serving: &[WorkerId]) -> Result<(), ReassertError> {
         if matches!(self.steering, Steering::Baseline(_)) {
             return Ok(());
         }
-        let mut last = String::from("no serving worker");
+        let mut last = ReassertError::NoServingWorker;
         for id in serving {
             let Some(process) = self.procs.get(id) else {
                 continue;
             };
             match process.borrow_listener() {
-                Ok(socket) => {
-                    use std::os::fd::AsFd;
-                    return self
-                        .steering
-                        .reattach_through(socket.as_fd())
-                        .map_err(|err| err.to_string());
-                }
-                Err(err) => last = err.to_string(),
+                Ok(socket) => return Ok(self.steering.reattach_through(socket.as_fd())?),
+                Err(err) => last = ReassertError::Borrow(err),
             }
         }
         Err(last)
@@ -306,12 +318,18 @@ impl Host {
                     &self.port.shadowed(),
                 )
             {
-                tracing::warn!("cannot check who decides for the port's group: {err}");
+                tracing::warn!(
+                    "cannot check who decides for the port's group: {}",
+                    crate::errors::error_chain(&err)
+                );
             }
             if round {
                 self.next_steering_round = now + self.config.health_interval;
                 if let Err(err) = self.steering.reconcile_load(self.listen) {
-                    tracing::warn!("cannot settle the load records: {err}");
+                    tracing::warn!(
+                        "cannot settle the load records: {}",
+                        crate::errors::error_chain(&err)
+                    );
                 }
             }
             // An undecided probe (a busy host) is looked at again soon, not a whole
@@ -323,7 +341,10 @@ impl Host {
             };
         }
         if let Err(err) = self.steering.flush() {
-            tracing::warn!("cannot publish the live set: {err}");
+            tracing::warn!(
+                "cannot publish the live set: {}",
+                crate::errors::error_chain(&err)
+            );
         }
     }
 
@@ -349,10 +370,12 @@ impl Host {
             .collect();
         let ours = |inode: u64| {
             registered.contains(&inode)
-                || holders.iter().any(|&pid| match find_socket_fd(pid, inode) {
-                    Ok(_) => true,
-                    Err(err) => err.kind() == std::io::ErrorKind::PermissionDenied,
-                })
+                || holders
+                    .iter()
+                    .any(|&pid| match borrow::find_socket(pid, inode) {
+                        Ok(_) => true,
+                        Err(err) => err.is_permission_denied(),
+                    })
         };
         if let Err(err) = self.port.survey(self.listen, ours) {
             tracing::debug!("cannot list the port's listeners: {err}");
@@ -421,7 +444,11 @@ impl Host {
                         fds.push((record, LOAD_FD_EXTERNAL));
                     }
                     Some(Err(err)) => {
-                        tracing::warn!(slot, "worker will not publish its load: {err}");
+                        tracing::warn!(
+                            slot,
+                            "worker will not publish its load: {}",
+                            crate::errors::error_chain(&err)
+                        );
                     }
                     None => {}
                 }
@@ -501,7 +528,7 @@ impl Host {
         let now = Instant::now();
         let listener = own_socket.as_ref().and_then(|socket| {
             Some(ListenerRef {
-                inode: socket_inode(socket)?,
+                inode: crate::sys::fd::inode(socket.as_fd()).ok()?,
                 fd: LISTEN_FD,
             })
         });
@@ -526,10 +553,10 @@ impl Host {
 }
 
 impl Io for Host {
-    fn spawn(&mut self, slot: usize, generation: u64, id: WorkerId) -> Result<Spawned, String> {
+    fn spawn(&mut self, slot: usize, generation: u64, id: WorkerId) -> Result<Spawned, SpawnError> {
         let (process, registers) = self
             .spawn_process(slot, generation, id)
-            .map_err(|err| err.to_string())?;
+            .map_err(SpawnError::Start)?;
         let registry = self.poll.registry();
         let watch = registry
             .register(
@@ -564,7 +591,7 @@ impl Io for Host {
             let _ = registry.deregister(&mut SourceFd(&process.pidfd.as_raw_fd()));
             let _ = registry.deregister(&mut SourceFd(&process.channel.as_raw_fd()));
             spawn::kill_and_reap(process.pid);
-            return Err(format!("cannot watch the new worker: {err}"));
+            return Err(SpawnError::Watch(err));
         }
         let spawned = Spawned {
             pid: process.pid,
@@ -575,29 +602,35 @@ impl Io for Host {
         Ok(spawned)
     }
 
-    fn enter_steering(&mut self, slot: usize, id: WorkerId, generation: u64) -> Result<(), String> {
-        let process = self.procs.get_mut(&id).ok_or("the worker is gone")?;
+    fn enter_steering(
+        &mut self,
+        slot: usize,
+        id: WorkerId,
+        generation: u64,
+    ) -> Result<(), EnterError> {
+        let process = self.procs.get_mut(&id).ok_or(EnterError::Gone)?;
         match process.registered_fd.take() {
-            Some(fd) => self
-                .steering
-                .activate(
-                    slot,
-                    generation as u32,
-                    fd,
-                    process.pid,
-                    process.pidfd.as_fd(),
-                    process.listener.map(|listener| listener.fd),
-                )
-                .map_err(|err| err.to_string()),
+            Some(fd) => Ok(self.steering.activate(
+                slot,
+                generation as u32,
+                fd,
+                process.pid,
+                process.pidfd.as_fd(),
+                process.listener.map(|listener| listener.fd),
+            )?),
             // The baselines' workers have no socket of their own to steer to.
             None if self.baseline.is_some() => Ok(()),
-            None => Err("it registered no socket".into()),
+            None => Err(EnterError::NoSocket),
         }
     }
 
     fn leave_steering(&mut self, slot: usize) {
         if let Err(err) = self.steering.deactivate(slot) {
-            tracing::warn!(slot, "cannot take the slot out of steering: {err}");
+            tracing::warn!(
+                slot,
+                "cannot take the slot out of steering: {}",
+                crate::errors::error_chain(&err)
+            );
         }
     }
 
@@ -648,14 +681,18 @@ impl Io for Host {
         }
     }
 
-    fn shut_down_listener(&mut self, id: WorkerId) -> Result<(), String> {
-        let process = self.procs.get(&id).ok_or("the worker is gone")?;
-        process.shut_down_listener().map_err(|err| err.to_string())
+    fn shut_down_listener(&mut self, id: WorkerId) -> Result<(), ListenerError> {
+        let process = self.procs.get(&id).ok_or(ListenerError::Gone)?;
+        process.shut_down_listener()
     }
 
     fn resize_steering(&mut self, slots: usize) {
         if let Err(err) = self.steering.resize(slots as u32) {
-            tracing::warn!(slots, "cannot rebuild steering for {slots} slots: {err}");
+            tracing::warn!(
+                slots,
+                "cannot rebuild steering for {slots} slots: {}",
+                crate::errors::error_chain(&err)
+            );
         }
     }
 

@@ -87,7 +87,8 @@ impl Supervisor {
                     .core
                     .worker(index, id)
                     .map_or(0, |w| w.generation as u32);
-                let listener = super::process::socket_inode(&socket)
+                let listener = crate::sys::fd::inode(socket.as_fd())
+                    .ok()
                     .zip(number)
                     .map(|(inode, fd)| ListenerRef { inode, fd });
                 let share = self.host.steering.load_record(index, generation);
@@ -101,7 +102,11 @@ impl Supervisor {
                         .channel
                         .send_with_fd(&Message::Registered { load: Some(load) }, record.as_fd()),
                     Some(Err(err)) => {
-                        tracing::warn!(slot = index, "worker will not publish its load: {err}");
+                        tracing::warn!(
+                            slot = index,
+                            "worker will not publish its load: {}",
+                            crate::errors::error_chain(&err)
+                        );
                         process.channel.send(&Message::Registered { load: None })
                     }
                     None => process.channel.send(&Message::Registered { load: None }),

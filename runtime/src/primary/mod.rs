@@ -29,7 +29,6 @@ pub(crate) mod upgrade;
 
 use std::process::ExitCode;
 
-pub use self::core::SlotState;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -123,7 +122,7 @@ fn start_and_run(config: Config, program: WorkerProgram, hooks: Hooks) -> ExitCo
             Err(_) => match pidfile::PidFile::acquire(path) {
                 Ok(file) => Some(file),
                 Err(err) => {
-                    tracing::error!("--pid-file: {}", crate::error_chain(&err));
+                    tracing::error!("--pid-file: {}", crate::errors::error_chain(&err));
                     return ExitCode::from(crate::exit::EXIT_USAGE);
                 }
             },
@@ -131,7 +130,7 @@ fn start_and_run(config: Config, program: WorkerProgram, hooks: Hooks) -> ExitCo
         (Some(path), None) => match pidfile::PidFile::acquire(path) {
             Ok(file) => Some(file),
             Err(err) => {
-                tracing::error!("--pid-file: {}", crate::error_chain(&err));
+                tracing::error!("--pid-file: {}", crate::errors::error_chain(&err));
                 return ExitCode::from(crate::exit::EXIT_USAGE);
             }
         },

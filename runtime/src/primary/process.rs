@@ -10,11 +10,12 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd, RawFd};
-use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use super::core::{ExitStatus, WorkerId};
+use super::core::{ExitStatus, ListenerError, WorkerId};
 use crate::ipc::Channel;
+use crate::sys::borrow;
+pub(crate) use crate::sys::memory::ResidentMemory;
 
 /// The worker's listening socket, as the primary can find it again in the worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,56 +124,27 @@ impl Process {
         }
     }
 
-    /// A copy of its listening socket, taken from it with `pidfd_getfd(2)` at the fd it is
-    /// known to hold it at. Close it soon: while the primary holds it, the socket outlives
-    /// its worker.
-    pub(crate) fn borrow_listener(&self) -> io::Result<OwnedFd> {
-        let listener = self
-            .listener
-            .ok_or_else(|| io::Error::other("its listening socket was never recorded"))?;
-        let socket = pidfd_getfd(&self.pidfd, listener.fd)?;
-        if socket_inode(&socket) != Some(listener.inode) {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!(
-                    "fd {} of the worker is no longer its listening socket",
-                    listener.fd
-                ),
-            ));
-        }
-        Ok(socket)
+    /// A copy of its listening socket, taken from it at the fd it is known to hold it at
+    /// ([`borrow::socket_at`]). Close it soon: while the primary holds it, the socket
+    /// outlives its worker.
+    pub(crate) fn borrow_listener(&self) -> Result<OwnedFd, ListenerError> {
+        let listener = self.listener.ok_or(ListenerError::Unrecorded)?;
+        Ok(borrow::socket_at(
+            self.pidfd.as_fd(),
+            listener.fd,
+            listener.inode,
+        )?)
     }
 
-    /// Takes its listening socket from it (`pidfd_getfd(2)`) and shuts it down, so its
-    /// queue migrates to the live workers and it receives nothing more. Looks only at the
-    /// fd it is known to hold the socket at: a worker that moved it is not searched for.
-    pub(crate) fn shut_down_listener(&self) -> io::Result<()> {
-        let listener = self
-            .listener
-            .ok_or_else(|| io::Error::other("its listening socket was never recorded"))?;
-        let socket =
-            pidfd_getfd(&self.pidfd, listener.fd).map_err(|err| match err.raw_os_error() {
-                Some(libc::EPERM) => io::Error::new(
-                    err.kind(),
-                    format!(
-                        "pidfd_getfd: {err} (the primary needs CAP_SYS_PTRACE over the worker)"
-                    ),
-                ),
-                _ => io::Error::new(
-                    err.kind(),
-                    format!("pidfd_getfd of fd {}: {err}", listener.fd),
-                ),
-            })?;
-        if socket_inode(&socket) != Some(listener.inode) {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!(
-                    "fd {} of the worker is no longer its listening socket",
-                    listener.fd
-                ),
-            ));
-        }
-        socket2::SockRef::from(&socket).shutdown(std::net::Shutdown::Read)
+    /// Takes its listening socket from it ([`Process::borrow_listener`]) and shuts it
+    /// down, so its queue migrates to the live workers and it receives nothing more. Looks
+    /// only at the fd it is known to hold the socket at: a worker that moved it is not
+    /// searched for.
+    pub(crate) fn shut_down_listener(&self) -> Result<(), ListenerError> {
+        let socket = self.borrow_listener()?;
+        socket2::SockRef::from(&socket)
+            .shutdown(std::net::Shutdown::Read)
+            .map_err(ListenerError::ShutDown)
     }
 }
 
@@ -203,15 +175,6 @@ pub(crate) struct Leftovers {
     /// SIGKILL sent.
     pub killed: bool,
 }
-
-/// The inode of a socket.
-pub(crate) fn socket_inode(fd: &impl AsFd) -> Option<u64> {
-    nix::sys::stat::fstat(fd).ok().map(|stat| stat.st_ino)
-}
-
-/// Duplicates fd `target` of the process behind `pidfd` into this one (`pidfd_getfd(2)`;
-/// steering borrows listeners the same way).
-pub(crate) use crate::steering::holder::pidfd_getfd;
 
 /// A token bucket: what a worker may relay to other workers. Broadcasts cost one token
 /// per message and their size in bytes; what exceeds the budget is dropped and counted
@@ -255,98 +218,13 @@ impl RelayBudget {
     }
 }
 
-/// A process's `/proc/<pid>/statm`, opened once and re-read from offset 0 (the kernel
-/// regenerates it on each read), so each check is one `pread(2)` into a stack buffer.
-#[derive(Debug)]
-pub(crate) struct ResidentMemory {
-    statm: File,
-    page_size: u64,
-}
-
-impl ResidentMemory {
-    /// Opens `/proc/<pid>/statm`; `None` if the process is already gone.
-    pub(crate) fn open(pid: i32) -> Option<ResidentMemory> {
-        let statm = File::open(format!("/proc/{pid}/statm")).ok()?;
-        // SAFETY: sysconf has no preconditions.
-        let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        Some(ResidentMemory {
-            statm,
-            page_size: u64::try_from(page_size).unwrap_or(4096),
-        })
-    }
-
-    /// Resident memory in bytes now; `None` once the process has exited.
-    pub(crate) fn bytes(&self) -> Option<u64> {
-        let mut buf = [0u8; 128];
-        let n = self.statm.read_at(&mut buf, 0).ok()?;
-        resident_pages(&buf[..n]).map(|pages| pages.saturating_mul(self.page_size))
-    }
-}
-
-/// The second field of a `statm` line (resident pages), parsed without allocating.
-fn resident_pages(statm: &[u8]) -> Option<u64> {
-    let field = statm
-        .split(|&b| b == b' ')
-        .filter(|f| !f.is_empty())
-        .nth(1)?;
-    let mut pages: u64 = 0;
-    for &b in field.iter().take_while(|b| b.is_ascii_digit()) {
-        pages = pages.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
-    }
-    Some(pages)
-}
-
 /// How long a group left behind by a crashed worker gets after SIGKILL before the primary
 /// stops waiting for it (SIGKILL cannot be refused; this only bounds a zombie's reaping).
 pub(crate) const LEFTOVER_GRACE: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {
-    use std::os::fd::AsRawFd;
-
     use super::*;
-
-    #[test]
-    fn statm_resident_field_is_the_second() {
-        assert_eq!(resident_pages(b"6613 1460 1054 205 0 621 0\n"), Some(1460));
-        assert_eq!(resident_pages(b"1 2\n"), Some(2));
-        assert_eq!(resident_pages(b"1"), None);
-    }
-
-    #[test]
-    fn own_resident_memory_is_read_and_tracks_growth() {
-        let memory = ResidentMemory::open(std::process::id() as i32).expect("own statm");
-        let before = memory.bytes().expect("rss");
-        assert!(before > 0);
-        let block = vec![1u8; 64 << 20];
-        let after = memory.bytes().expect("rss");
-        assert!(
-            after >= before + (60 << 20),
-            "64 MiB touched, rss {before} -> {after}"
-        );
-        drop(block);
-    }
-
-    #[test]
-    fn a_listener_taken_with_pidfd_getfd_and_shut_down_stops_listening() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let pid = std::process::id() as i32;
-        let pidfd = super::super::spawn::pidfd_open(pid).expect("pidfd_open");
-        let socket = pidfd_getfd(&pidfd, listener.as_raw_fd()).expect("pidfd_getfd");
-        assert_eq!(socket_inode(&socket), socket_inode(&listener));
-        socket2::SockRef::from(&socket)
-            .shutdown(std::net::Shutdown::Read)
-            .expect("shutdown");
-        assert!(
-            std::net::TcpStream::connect(addr).is_err(),
-            "a shut-down listener must refuse"
-        );
-        let err = listener
-            .accept()
-            .expect_err("accept on a shut-down listener");
-        assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
-    }
 
     #[test]
     fn the_relay_budget_refills_with_time_and_refuses_past_it() {

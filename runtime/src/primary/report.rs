@@ -7,8 +7,9 @@ use super::core::{Phase as CorePhase, SlotState};
 use super::supervisor::Supervisor;
 use crate::status::{
     Phase, PrimaryStatus, Readiness, RollAbandonedStatus, StatusDocument, SteeringStatus, Totals,
-    WorkerStatus, rss_bytes,
+    WorkerStatus,
 };
+use crate::sys::memory::rss_bytes;
 
 impl Supervisor {
     /// Keeps the status listener thread current: the readiness and a stamp of the slots'
@@ -67,7 +68,10 @@ impl Supervisor {
         let counters = match self.host.steering.counters(slots.len()) {
             Some(Ok(counters)) => Some(counters),
             Some(Err(err)) => {
-                tracing::warn!("cannot read the steering counters: {err}");
+                tracing::warn!(
+                    "cannot read the steering counters: {}",
+                    crate::errors::error_chain(&err)
+                );
                 None
             }
             None => None,

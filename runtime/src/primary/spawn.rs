@@ -12,7 +12,7 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
@@ -60,6 +60,9 @@ pub(crate) struct ChildLimits {
     pub nofile: Option<(u64, u64)>,
     /// `RLIMIT_AS` in bytes, soft and hard.
     pub address_space: Option<u64>,
+    /// Start with the primary's control signals ignored (see
+    /// [`super::signals::CONTROL`]): only for this executable re-executed as a worker.
+    pub ignore_control_signals: bool,
 }
 
 impl ChildLimits {
@@ -67,6 +70,13 @@ impl ChildLimits {
     /// `execve` (its socket is already bound); a re-executed worker switches itself after
     /// registering (see [`crate::privileges`]). Without `worker-nofile` a worker gets the
     /// open-file limit the primary started with, not the one it raised for itself.
+    ///
+    /// A re-executed worker starts with the primary's control signals ignored, so that
+    /// a signal sent to every process of the service (`systemctl kill` without
+    /// `--kill-whom=main`) means only what it means to the primary. An external program
+    /// starts from every default instead: an ignored signal survives `execve`, and a
+    /// program may rely on its default (a shell cannot even trap a signal it found
+    /// ignored). The Node and Python helpers ignore them themselves.
     pub(crate) fn for_worker(
         config: &crate::config::Config,
         external: bool,
@@ -81,6 +91,7 @@ impl ChildLimits {
                 .map(|c| (c.uid, c.gid)),
             nofile: config.worker_nofile.map(|n| (n, n)).or(inherited_nofile),
             address_space: config.worker_memory_limit,
+            ignore_control_signals: !external,
         }
     }
 }
@@ -168,7 +179,7 @@ pub(crate) fn spawn(spec: SpawnSpec) -> io::Result<Child> {
     let exec_err_write = dup_above(&exec_err_low, FIRST_SAFE_FD)?;
     // Only one write end may stay open here, or the read end never sees end-of-file.
     drop(exec_err_low);
-    set_nonblocking(&exec_err_read)?;
+    crate::sys::fd::set_nonblocking(exec_err_read.as_fd(), true)?;
 
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
@@ -326,6 +337,9 @@ impl ChildPlan {
             // the primary's own parent ignored) survive execve. Signals are still blocked
             // (see `SignalsBlocked`), so none arrives before its default is back.
             reset_signal_dispositions();
+            if self.limits.ignore_control_signals {
+                ignore_signals(&super::signals::CONTROL);
+            }
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
             if self.limits.successor {
@@ -429,28 +443,48 @@ struct KernelSigaction {
 /// # Safety
 /// Only in the forked child, with every signal blocked.
 unsafe fn reset_signal_dispositions() {
-    let default = KernelSigaction {
-        handler: libc::SIG_DFL,
-        flags: 0,
-        restorer: 0,
-        mask: 0,
-    };
     for signal in 1..=64 {
         if signal == libc::SIGKILL || signal == libc::SIGSTOP {
             continue;
         }
-        // SAFETY: installs SIG_DFL for one signal; the struct matches the kernel's and
-        // the size argument is that of its 64-bit mask.
-        unsafe {
-            libc::syscall(
-                libc::SYS_rt_sigaction,
-                signal,
-                &default as *const KernelSigaction,
-                std::ptr::null_mut::<KernelSigaction>(),
-                8usize,
-            )
-        };
+        // SAFETY: as this function's.
+        unsafe { set_disposition(signal, libc::SIG_DFL) };
     }
+}
+
+/// `signals` ignored (`SIG_IGN` survives `execve`). Async-signal-safe.
+///
+/// # Safety
+/// Only in the forked child, with every signal blocked.
+unsafe fn ignore_signals(signals: &[libc::c_int]) {
+    for &signal in signals {
+        // SAFETY: as this function's.
+        unsafe { set_disposition(signal, libc::SIG_IGN) };
+    }
+}
+
+/// One `rt_sigaction(2)`, without glibc.
+///
+/// # Safety
+/// Only in the forked child, with every signal blocked.
+unsafe fn set_disposition(signal: libc::c_int, handler: libc::sighandler_t) {
+    let action = KernelSigaction {
+        handler,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    // SAFETY: installs SIG_DFL or SIG_IGN for one signal; the struct matches the kernel's
+    // and the size argument is that of its 64-bit mask.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            signal,
+            &action as *const KernelSigaction,
+            std::ptr::null_mut::<KernelSigaction>(),
+            8usize,
+        )
+    };
 }
 
 /// Closes fds `first..=last` in the child: `close_range(2)`, or one `close` at a time up
@@ -541,20 +575,6 @@ fn dup_above(fd: &OwnedFd, min: RawFd) -> io::Result<OwnedFd> {
     }
     // SAFETY: `new` is a fresh fd owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
-}
-
-/// Sets `O_NONBLOCK` on `fd`.
-fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
-    // SAFETY: F_GETFL on a valid fd only reads its flags.
-    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: F_SETFL on a valid fd we own.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// `pipe2(O_CLOEXEC)`.
@@ -809,6 +829,38 @@ mod tests {
             .expect("read");
         assert!(out.contains("SigIgn:\t0000000000000000"), "{out}");
         assert!(out.contains("SigBlk:\t0000000000000000"), "{out}");
+    }
+
+    #[test]
+    fn a_worker_of_this_executable_starts_with_the_control_signals_ignored() {
+        let (read, write) = pipe_cloexec().expect("pipe");
+        let child = spawn(SpawnSpec {
+            program: "/bin/sh".into(),
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "grep -E '^SigIgn' /proc/self/status >&3".into(),
+            ],
+            env: vec![],
+            env_remove: &[],
+            fds: vec![(write, 3)],
+            listen_pid: false,
+            cpu: None,
+            limits: ChildLimits {
+                ignore_control_signals: true,
+                ..ChildLimits::default()
+            },
+        })
+        .expect("spawn");
+        assert_eq!(wait(&child), ExitStatus::Code(0));
+        let mut out = String::new();
+        std::fs::File::from(read)
+            .read_to_string(&mut out)
+            .expect("read");
+        let mask = super::super::signals::CONTROL
+            .iter()
+            .fold(0u64, |mask, &signal| mask | 1 << (signal - 1));
+        assert_eq!(out.trim(), format!("SigIgn:\t{mask:016x}"), "{out}");
     }
 
     #[test]

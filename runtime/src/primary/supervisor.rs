@@ -1,9 +1,9 @@
 //! The supervisor: the primary's event loop around the [`Core`].
 //!
-//! One thread, one `mio` poll: signals (through signal-hook's pipe), worker exits (one
-//! pidfd each), worker messages (one IPC socket each) and the status thread's wakeups
-//! (it serves its clients itself; this loop stores its readiness and builds a document
-//! when it asks). Each turn reads
+//! One thread, one `mio` poll: signals (counted by handlers that wake it through a
+//! pipe), worker exits (one pidfd each), worker messages (one IPC socket each) and the
+//! status thread's wakeups (it serves its clients itself; this loop stores its readiness
+//! and builds a document when it asks). Each turn reads
 //! the events, hands them to the core, lets the core act through the [`Host`], and sleeps
 //! until the next event or the core's next deadline.
 
@@ -16,12 +16,11 @@ use std::os::fd::{AsFd, AsRawFd};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use signal_hook_mio::v1_0::Signals;
 
 use super::core::{Core, HEALTHY_RESET, Phase, START_ATTEMPTS, Settings, WorkerId};
 use super::host::{Host, WorkerFd, decode_worker_token};
 use super::pidfile::PidFile;
-use super::signals::{self, Action};
+use super::signals::{self, Action, Signals};
 use super::upgrade::{Inheritance, Progress, Successor};
 use super::{Hooks, WorkerProgram};
 use crate::baseline::Baseline;
@@ -92,8 +91,13 @@ impl Supervisor {
         mut inheritance: Option<Inheritance>,
         mut signals: Signals,
     ) -> Result<Supervisor, StartError> {
-        let mut steering = Steering::new(config.balance, config.workers as u32)
-            .map_err(|err| format!("--balance {}: {err}", config.balance))?;
+        let mut steering = Steering::new(config.balance, config.workers as u32).map_err(|err| {
+            format!(
+                "--balance {}: {}",
+                config.balance,
+                crate::errors::error_chain(&err)
+            )
+        })?;
         if inheritance.is_some() {
             // The group switches from the old program to this one in one step, once every
             // slot of this primary is ready.
@@ -114,8 +118,9 @@ impl Supervisor {
                 MigrateReq::TurnedOn => tracing::info!(
                     "set net.ipv4.tcp_migrate_req=1 in this network namespace, so connections queued on a closing worker move to another one instead of being reset"
                 ),
-                MigrateReq::Unavailable(reason) => tracing::warn!(
-                    "{reason}: connections queued on a worker that exits will be reset (run as root, or set the sysctl yourself)"
+                MigrateReq::Unavailable(err) => tracing::warn!(
+                    "{}: connections queued on a worker that exits will be reset (run as root, or set the sysctl yourself)",
+                    crate::errors::error_chain(&err)
                 ),
             }
         }
@@ -575,7 +580,10 @@ impl Supervisor {
             .filter_map(|s| s.current.as_ref().filter(|w| w.serving()).map(|w| w.id))
             .collect();
         if let Err(err) = self.host.reassert_steering(&serving) {
-            tracing::warn!("cannot put this primary's program back on the group: {err}");
+            tracing::warn!(
+                "cannot put this primary's program back on the group: {}",
+                crate::errors::error_chain(&err)
+            );
         }
         // The successor may have named itself there just before it died.
         if let Some(file) = self.pid_file.as_mut().filter(|f| !f.names_this_process())
@@ -635,7 +643,10 @@ impl Supervisor {
         }
         self.taken_over = true;
         if let Err(err) = self.host.steering.release() {
-            tracing::error!("cannot attach the steering program: {err}");
+            tracing::error!(
+                "cannot attach the steering program: {}",
+                crate::errors::error_chain(&err)
+            );
         }
         self.start_answering_status();
         if let Some(file) = self.pid_file.as_mut()
@@ -716,7 +727,10 @@ impl Supervisor {
                 "the previous primary is gone before this one took over; taking over now"
             );
             if let Err(err) = self.host.steering.release() {
-                tracing::error!("cannot attach the steering program: {err}");
+                tracing::error!(
+                    "cannot attach the steering program: {}",
+                    crate::errors::error_chain(&err)
+                );
             }
             self.start_answering_status();
         }
@@ -843,7 +857,7 @@ impl Supervisor {
                 Err(err) => {
                     tracing::error!(
                         "SIGHUP: keeping the running configuration: {}",
-                        crate::error_chain(&err)
+                        crate::errors::error_chain(&err)
                     );
                     return;
                 }
@@ -874,7 +888,8 @@ impl Supervisor {
                 self.host.config.balance = wanted;
             }
             Err(why) => tracing::warn!(
-                "SIGHUP: `balance` changed from {running} to {wanted}, which cannot apply live ({why}); it keeps its running value: a new primary applies it (SIGUSR1, an upgrade)"
+                "SIGHUP: `balance` changed from {running} to {wanted}, which cannot apply live ({}); it keeps its running value: a new primary applies it (SIGUSR1, an upgrade)",
+                crate::errors::error_chain(&why)
             ),
         }
     }

@@ -145,7 +145,7 @@ impl Successor {
             },
         })?;
         let ready = File::from(read);
-        set_nonblocking(ready.as_fd())?;
+        crate::sys::fd::set_nonblocking(ready.as_fd(), true)?;
         // Its exec report is not needed: a failed exec closes the ready pipe unsaid.
         drop(child.exec_report);
         Ok(Successor {
@@ -314,13 +314,6 @@ pub(crate) fn is_successor_primary(pid: i32) -> bool {
     environ
         .split(|&b| b == 0)
         .any(|entry| entry.starts_with(marker.as_bytes()))
-}
-
-fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
-    use nix::fcntl::{FcntlArg, OFlag, fcntl};
-    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
-    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
-    Ok(())
 }
 
 fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {

@@ -239,7 +239,7 @@ pub fn explain(addr: SocketAddr, err: &FetchError) -> String {
     };
     format!(
         "steer: cannot read the status of a cluster at {addr}: {}\n({hint})",
-        crate::error_chain(err)
+        crate::errors::error_chain(err)
     )
 }
 

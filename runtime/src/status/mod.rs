@@ -157,16 +157,3 @@ pub struct Totals {
     /// Connections accepted over the slots that count them.
     pub accepted: u64,
 }
-
-/// Resident set size of `pid` from `/proc/<pid>/statm` (pages times page size).
-pub fn rss_bytes(pid: u32) -> Option<u64> {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * page_size())
-}
-
-fn page_size() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(size).unwrap_or(4096)
-}

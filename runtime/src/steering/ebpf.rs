@@ -308,7 +308,10 @@ impl EbpfSteering {
                 .map(|a| a.as_socket())
             && let Err(err) = self.set_up_probe(listen)
         {
-            tracing::warn!("cannot set up the ownership probe yet: {err}");
+            tracing::warn!(
+                "cannot set up the ownership probe yet: {}",
+                crate::errors::error_chain(&err)
+            );
         }
         if self
             .live
@@ -365,6 +368,7 @@ impl EbpfSteering {
     }
 
     /// Waits until what [`EbpfSteering::flush`] handed over is published.
+    #[cfg(test)]
     pub fn wait_published(&self) {
         self.publisher.wait();
     }
@@ -416,7 +420,7 @@ impl EbpfSteering {
         if self.probe.is_none()
             && let Err(err) = self.set_up_probe(listen)
         {
-            self.probe_trouble(ProbeTrouble::SetUp, err.to_string());
+            self.probe_trouble(ProbeTrouble::SetUp, crate::errors::error_chain(&err));
             return Ok(None);
         }
         let Some(probe) = self.probe.as_mut() else {
@@ -498,7 +502,10 @@ impl EbpfSteering {
             "steering takeover: another program (or none) was deciding for the port's SO_REUSEPORT group; {}",
             match &restored {
                 Ok(slot) => format!("Steer's program is attached again (through slot {slot}'s socket)"),
-                Err(err) => format!("Steer's program could not be attached again: {err}"),
+                Err(err) => format!(
+                    "Steer's program could not be attached again: {}",
+                    crate::errors::error_chain(err)
+                ),
             }
         );
         restored.map(|_| Some(Takeover { evidence }))
@@ -562,20 +569,15 @@ impl EbpfSteering {
                     self.attach_through(socket.as_fd(), Some(*slot))?;
                     return Ok(*slot);
                 }
-                Err(err) => {
-                    last = Some(SteeringError::io(
-                        format!("borrow slot {slot}'s socket"),
-                        err,
-                    ))
+                Err(source) => {
+                    last = Some(SteeringError::Borrow {
+                        slot: *slot,
+                        source,
+                    })
                 }
             }
         }
-        Err(last.unwrap_or_else(|| {
-            SteeringError::io(
-                "find a socket of the group",
-                io::Error::from(io::ErrorKind::NotFound),
-            )
-        }))
+        Err(last.unwrap_or(SteeringError::NoServingSocket))
     }
 
     /// Settles each serving worker's record against its listener's accept queue.
@@ -776,7 +778,7 @@ fn classify(what: &'static str, err: &(dyn std::error::Error + 'static)) -> Stee
     }
     SteeringError::Load {
         what,
-        detail: crate::error_chain(err),
+        detail: crate::errors::error_chain(err),
     }
 }
 

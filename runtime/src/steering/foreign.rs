@@ -206,7 +206,7 @@ mod tests {
     fn a_listener_nobody_claims_is_foreign_and_reported_once() {
         let mine = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = mine.local_addr().expect("addr");
-        let inode = nix::sys::stat::fstat(mine.as_fd()).expect("fstat").st_ino;
+        let inode = crate::sys::fd::inode(mine.as_fd()).expect("fstat");
         let cluster = SocketAddr::new("0.0.0.0".parse().expect("ip"), addr.port());
         let mut survey = PortSurvey::default();
         let found = survey.survey(cluster, |_| true).expect("survey").len();

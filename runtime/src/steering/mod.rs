@@ -40,8 +40,9 @@ use serde::Serialize;
 use crate::config::Balance;
 pub use load::{LoadReporter, LoadShare};
 
-/// What went wrong in steering. Each variant keeps the system error behind it, so the
-/// errno survives ([`SteeringError::raw_os_error`]).
+/// What went wrong in steering. A variant caused by a failed call keeps that error as its
+/// source, so the errno survives; print it with `crate::errors::error_chain` to show the
+/// causes.
 #[derive(Debug, thiserror::Error)]
 pub enum SteeringError {
     /// The kernel refused the program or its maps for lack of privilege.
@@ -65,7 +66,7 @@ pub enum SteeringError {
         detail: String,
     },
     /// A map operation failed.
-    #[error("cannot {what}: {source}")]
+    #[error("cannot {what}")]
     Map {
         /// The operation, naming the map.
         what: String,
@@ -74,7 +75,7 @@ pub enum SteeringError {
         source: aya::maps::MapError,
     },
     /// Attaching or detaching the program through a socket failed.
-    #[error("cannot {what}: {source}")]
+    #[error("cannot {what}")]
     Attach {
         /// The operation, naming the slot.
         what: String,
@@ -83,7 +84,7 @@ pub enum SteeringError {
         source: aya::programs::ProgramError,
     },
     /// Any other system call.
-    #[error("cannot {what}: {source}")]
+    #[error("cannot {what}")]
     Io {
         /// What was being done.
         what: String,
@@ -91,6 +92,36 @@ pub enum SteeringError {
         #[source]
         source: io::Error,
     },
+    /// A serving worker's socket could not be taken from it to attach the program through.
+    #[error("cannot borrow slot {slot}'s socket")]
+    Borrow {
+        /// The worker's slot.
+        slot: u32,
+        /// Why, with the errno of `pidfd_getfd` or of reading `/proc/<pid>/fd`.
+        #[source]
+        source: crate::sys::borrow::BorrowError,
+    },
+    /// No worker serves, so no socket of the group is at hand to attach the program
+    /// through.
+    #[error("no serving worker's socket to attach the program through")]
+    NoServingSocket,
+}
+
+/// Why [`Steering::switch_policy`] cannot switch the running cluster's policy live.
+#[derive(Debug, thiserror::Error)]
+pub enum SwitchError {
+    /// The program refused the new policy (a write of its `CONFIG`, a table or a mapping).
+    #[error(transparent)]
+    Program(#[from] SteeringError),
+    /// The running policy is a baseline, whose single socket has no group to steer.
+    #[error("a baseline's single socket cannot be re-steered")]
+    FromBaseline,
+    /// The wanted policy is a baseline, which needs a single socket of its own.
+    #[error("a baseline needs its own single socket")]
+    ToBaseline,
+    /// Between `kernel` and an eBPF policy: only a new primary loads or drops the program.
+    #[error("switching between kernel and an eBPF policy needs a new primary")]
+    KernelAndProgram,
 }
 
 impl SteeringError {
@@ -106,18 +137,6 @@ impl SteeringError {
             what: what.into(),
             source,
         }
-    }
-
-    /// The errno of the failed system call, if one failed.
-    pub fn raw_os_error(&self) -> Option<i32> {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(self);
-        while let Some(err) = source {
-            if let Some(io) = err.downcast_ref::<io::Error>() {
-                return io.raw_os_error();
-            }
-            source = err.source();
-        }
-        None
     }
 }
 
@@ -195,7 +214,8 @@ impl Steering {
                 Ok(program) => Ok(Steering::Ebpf(Box::new(program))),
                 Err(err) => {
                     tracing::warn!(
-                        "eBPF steering unavailable ({err}); balancing with the kernel's SO_REUSEPORT hash (--balance kernel)"
+                        "eBPF steering unavailable ({}); balancing with the kernel's SO_REUSEPORT hash (--balance kernel)",
+                        crate::errors::error_chain(&err)
                     );
                     Ok(Steering::Kernel)
                 }
@@ -215,22 +235,15 @@ impl Steering {
     /// one write of the program's `CONFIG`. Refused (with the reason) where it cannot be
     /// done live: to or from the baselines, whose socket layout differs, and between
     /// `kernel` and the eBPF policies.
-    pub fn switch_policy(&mut self, wanted: Balance) -> Result<(), String> {
+    pub fn switch_policy(&mut self, wanted: Balance) -> Result<(), SwitchError> {
         match self {
-            Steering::Ebpf(program) if wanted.is_ebpf() => {
-                program.set_policy(wanted).map_err(|err| err.to_string())
-            }
-            Steering::Baseline(_) => Err("a baseline's single socket cannot be re-steered".into()),
+            Steering::Ebpf(program) if wanted.is_ebpf() => Ok(program.set_policy(wanted)?),
+            Steering::Baseline(_) => Err(SwitchError::FromBaseline),
             _ if matches!(wanted, Balance::Shared | Balance::Userspace) => {
-                Err("a baseline needs its own single socket".into())
+                Err(SwitchError::ToBaseline)
             }
-            _ => Err("switching between kernel and an eBPF policy needs a new primary".into()),
+            _ => Err(SwitchError::KernelAndProgram),
         }
-    }
-
-    /// Steering with no program: the kernel's own reuseport hash.
-    pub fn kernel() -> Steering {
-        Steering::Kernel
     }
 
     /// The policy actually in force (never `auto`).
@@ -445,14 +458,25 @@ fn online_cpus() -> usize {
 const TCP_MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
 
 /// What [`ensure_tcp_migrate_req`] found and did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum MigrateReq {
     /// Already 1: nothing changed.
     AlreadyOn,
     /// Was 0, now 1.
     TurnedOn,
-    /// Could not be read or written; the reason.
-    Unavailable(String),
+    /// Could not be read or written.
+    Unavailable(MigrateReqError),
+}
+
+/// Why `net.ipv4.tcp_migrate_req` could not be checked or set.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateReqError {
+    /// Reading it failed (no such sysctl: a kernel older than 5.14).
+    #[error("cannot read {TCP_MIGRATE_REQ}")]
+    Read(#[source] io::Error),
+    /// Writing it failed (`EACCES`, `EROFS`: not root in this network namespace).
+    #[error("cannot write {TCP_MIGRATE_REQ}")]
+    Write(#[source] io::Error),
 }
 
 /// Sets `net.ipv4.tcp_migrate_req=1` in this network namespace if it is 0.
@@ -466,9 +490,9 @@ pub fn ensure_tcp_migrate_req() -> MigrateReq {
         Ok(value) if value.trim() == "1" => MigrateReq::AlreadyOn,
         Ok(_) => match std::fs::write(TCP_MIGRATE_REQ, "1") {
             Ok(()) => MigrateReq::TurnedOn,
-            Err(err) => MigrateReq::Unavailable(format!("cannot write {TCP_MIGRATE_REQ}: {err}")),
+            Err(err) => MigrateReq::Unavailable(MigrateReqError::Write(err)),
         },
-        Err(err) => MigrateReq::Unavailable(format!("cannot read {TCP_MIGRATE_REQ}: {err}")),
+        Err(err) => MigrateReq::Unavailable(MigrateReqError::Read(err)),
     }
 }
 

@@ -137,14 +137,23 @@ fn publish_until_closed(
         for (slot, map) in records {
             match place(&mut loads, slot, map) {
                 Ok(map) => drop(placed.insert(slot, map)),
-                Err(err) => tracing::warn!(slot, "cannot place the worker's load record: {err}"),
+                Err(err) => tracing::warn!(
+                    slot,
+                    "cannot place the worker's load record: {}",
+                    crate::errors::error_chain(&err)
+                ),
             }
         }
         if let Some(set) = newest {
             match replace_live_set(&mut live, &set) {
                 // The set it replaces is let go here, after the update returned.
                 Ok(inner) => drop(live_set.replace(inner)),
-                Err(err) => tracing::warn!("cannot publish the live set: {err}"),
+                Err(err) => {
+                    tracing::warn!(
+                        "cannot publish the live set: {}",
+                        crate::errors::error_chain(&err)
+                    )
+                }
             }
         }
         for done in waiting {

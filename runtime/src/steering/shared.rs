@@ -53,16 +53,6 @@ impl SharedArray {
         index * self.stride
     }
 
-    /// Bytes mapped.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether nothing is mapped (never, for a successful [`SharedArray::map`]).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// The u64 at byte `offset` (8-byte aligned, inside the mapping).
     pub fn u64_at(&self, offset: usize) -> &AtomicU64 {
         assert!(

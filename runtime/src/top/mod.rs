@@ -95,8 +95,12 @@ fn is_quit(code: KeyCode, modifiers: KeyModifiers) -> bool {
 }
 
 fn read_status(addr: SocketAddr) -> Result<StatusDocument, String> {
-    let body = fetch(addr, "/status")
-        .map_err(|e| format!("cannot read {addr}/status: {}", crate::error_chain(&e)))?;
+    let body = fetch(addr, "/status").map_err(|e| {
+        format!(
+            "cannot read {addr}/status: {}",
+            crate::errors::error_chain(&e)
+        )
+    })?;
     parse(addr, &body)
 }
 

@@ -95,8 +95,6 @@ pub struct WorkerEnv {
     pub ipc_fd: RawFd,
     /// Address to bind.
     pub listen: SocketAddr,
-    /// Demo fault routes on.
-    pub demo_faults: bool,
     /// Where connections come from.
     pub intake: Intake,
 }
@@ -131,7 +129,6 @@ impl WorkerEnv {
             id: field(&get, ID)?,
             ipc_fd: field(&get, IPC_FD)?,
             listen: field(&get, LISTEN)?,
-            demo_faults: get(DEMO_FAULTS).as_deref() == Some("1"),
             intake: if get(HANDOFF).as_deref() == Some("1") {
                 Intake::HandOff
             } else if get(LISTEN_FD).is_some() {
@@ -162,14 +159,12 @@ mod tests {
             (ID, "11"),
             (IPC_FD, "3"),
             (LISTEN, "127.0.0.1:8000"),
-            (DEMO_FAULTS, "1"),
         ]);
         let env = WorkerEnv::read(|k| vars.get(k).map(|v| v.to_string())).expect("complete");
         assert_eq!(
             (env.slot, env.generation, env.id, env.ipc_fd),
             (2, 5, 11, 3)
         );
-        assert!(env.demo_faults);
         assert_eq!(env.intake, Intake::OwnSocket);
         vars.insert(LISTEN_FD, "4");
         let shared = WorkerEnv::read(|k| vars.get(k).map(|v| v.to_string())).expect("complete");

@@ -49,7 +49,7 @@ impl WorkerStats {
     }
 
     /// The counters as the protocol carries them.
-    pub fn snapshot(&self) -> Counters {
+    pub(crate) fn snapshot(&self) -> Counters {
         let accepted = self.accepted.load(Ordering::Relaxed);
         let closed = self.closed.load(Ordering::Relaxed);
         Counters {

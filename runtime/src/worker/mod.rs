@@ -225,35 +225,6 @@ impl Worker {
     }
 }
 
-/// Runs the demo app if this process was started as a demo worker. Called first thing in
-/// `steer`'s `main`.
-pub fn run_builtin_worker_if_requested() -> Option<ExitCode> {
-    if std::env::var(env::ROLE).ok()? != env::ROLE_DEMO {
-        return None;
-    }
-    crate::logging::init_from_env();
-    let (env, listener, channel, load) = match bootstrap() {
-        Ok(parts) => parts,
-        Err(message) => {
-            tracing::error!("worker bootstrap failed: {message}");
-            return Some(ExitCode::FAILURE);
-        }
-    };
-    let options = crate::demo::DemoOptions {
-        slot: env.slot,
-        generation: env.generation,
-        faults: env.demo_faults,
-        timeouts: crate::demo::Timeouts::from_process_env(),
-    };
-    Some(match crate::demo::serve(listener, channel, options, load) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            tracing::error!(slot = env.slot, "demo worker failed: {err}");
-            ExitCode::FAILURE
-        }
-    })
-}
-
 /// The worker half of [`crate::ClusterBuilder::run`]: bootstrap, then the user's closure.
 pub(crate) fn run_library<F>(serve: F) -> ExitCode
 where
@@ -372,4 +343,22 @@ fn wait_readable(listener: &TcpListener, timeout: Duration) -> io::Result<()> {
 
 fn fd_is_open(fd: std::os::fd::RawFd) -> bool {
     std::path::Path::new(&format!("/proc/self/fd/{fd}")).exists()
+}
+
+#[cfg(test)]
+mod tests {
+    /// The worker side is the library users build on; the demo is an app on it that the
+    /// command line picks. (`env.rs` only lists the demo's variables among those the
+    /// primary strips.)
+    #[test]
+    fn the_worker_side_does_not_reach_into_the_demo() {
+        let demo = concat!("crate::", "demo");
+        for (file, text) in [
+            ("worker/mod.rs", include_str!("mod.rs")),
+            ("worker/link.rs", include_str!("link.rs")),
+            ("worker/intake.rs", include_str!("intake.rs")),
+        ] {
+            assert!(!text.contains(demo), "{file} reaches into the demo");
+        }
+    }
 }

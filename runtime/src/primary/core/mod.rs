@@ -11,6 +11,7 @@
 //! The invariant "a slot is `ready` exactly when its socket is in the steering maps" is
 //! owned by [`slot`]: see [`Slot::seat`].
 
+mod error;
 mod heartbeat;
 mod restart;
 mod roll;
@@ -20,6 +21,7 @@ mod tests;
 
 use std::time::{Duration, Instant};
 
+pub(crate) use error::{EnterError, ListenerError, SpawnError};
 pub(crate) use restart::HEALTHY_RESET;
 use restart::Verdict;
 use roll::Roll;
@@ -59,7 +61,7 @@ pub(crate) struct Spawned {
 pub(crate) const START_ATTEMPTS: u32 = 3;
 
 /// A process that ended, or never started, without being asked to.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum Crash {
     /// It exited (or was killed by the primary while starting: `start_timed_out`).
     Exited {
@@ -73,7 +75,7 @@ enum Crash {
         ready_since: Option<Instant>,
     },
     /// It could not be spawned.
-    NotSpawned(String),
+    NotSpawned(SpawnError),
 }
 
 impl Crash {
@@ -98,7 +100,9 @@ impl Crash {
             ),
             Crash::Exited { status, .. } => format!("exited before ready: {status}"),
             Crash::Violation { .. } => "broke the IPC protocol before ready".to_owned(),
-            Crash::NotSpawned(err) => format!("cannot be started: {err}"),
+            Crash::NotSpawned(err) => {
+                format!("cannot be started: {}", crate::errors::error_chain(err))
+            }
         }
     }
 }
@@ -113,12 +117,18 @@ pub(crate) struct RollAbandoned {
 }
 
 /// What the core asks of the host. Every method is one action on one process or on the
-/// steering maps; none blocks.
+/// steering maps; none blocks. What can fail says why with a typed error ([`SpawnError`],
+/// [`EnterError`], [`ListenerError`]), which the core logs whole.
 pub(crate) trait Io {
     /// Starts a process for `slot` as `generation`, known as `id` from now on.
-    fn spawn(&mut self, slot: usize, generation: u64, id: WorkerId) -> Result<Spawned, String>;
+    fn spawn(&mut self, slot: usize, generation: u64, id: WorkerId) -> Result<Spawned, SpawnError>;
     /// Puts the worker's socket into steering at `slot`, replacing whatever was there.
-    fn enter_steering(&mut self, slot: usize, id: WorkerId, generation: u64) -> Result<(), String>;
+    fn enter_steering(
+        &mut self,
+        slot: usize,
+        id: WorkerId,
+        generation: u64,
+    ) -> Result<(), EnterError>;
     /// Takes `slot` out of steering.
     fn leave_steering(&mut self, slot: usize);
     /// Asks the worker to stop accepting, finish and exit: the `drain` message, and
@@ -131,7 +141,7 @@ pub(crate) trait Io {
     /// Sends `ping` with `seq`.
     fn ping(&mut self, id: WorkerId, seq: u64);
     /// Shuts the worker's listening socket down from outside, so its queue migrates.
-    fn shut_down_listener(&mut self, id: WorkerId) -> Result<(), String>;
+    fn shut_down_listener(&mut self, id: WorkerId) -> Result<(), ListenerError>;
     /// The steering maps are built over `slots` configured slots from now on (the `hash`
     /// table, the `cpu` mapping).
     fn resize_steering(&mut self, slots: usize);
@@ -492,7 +502,12 @@ impl Core {
                 self.slots[index].place(role, worker);
             }
             Err(err) => {
-                tracing::error!(slot = index, generation, "cannot start worker: {err}");
+                tracing::error!(
+                    slot = index,
+                    generation,
+                    "cannot start worker: {}",
+                    crate::errors::error_chain(&err)
+                );
                 self.slots[index].last_exit = None;
                 self.crash_verdict(io, index, role, Crash::NotSpawned(err), now);
             }
@@ -515,7 +530,8 @@ impl Core {
                     slot = index,
                     generation,
                     pid,
-                    "cannot put the worker into steering: {err}"
+                    "cannot put the worker into steering: {}",
+                    crate::errors::error_chain(&err)
                 );
                 if let Some((_, worker)) = slot.find_mut(id) {
                     worker.killed = true;
@@ -558,7 +574,8 @@ impl Core {
                         Err(err) => tracing::warn!(
                             slot = index,
                             pid = old.pid,
-                            "cannot shut the silent worker's listener down: {err}"
+                            "cannot shut the silent worker's listener down: {}",
+                            crate::errors::error_chain(&err)
                         ),
                     }
                 }
@@ -1047,8 +1064,9 @@ impl Core {
             Err(err) => tracing::warn!(
                 slot = index,
                 pid,
-                "cannot shut the hung worker's listener down ({err}); its queued \
-                 connections wait for it to wake or die"
+                "cannot shut the hung worker's listener down ({}); its queued \
+                 connections wait for it to wake or die",
+                crate::errors::error_chain(&err)
             ),
         }
         // A replacement for memory or a roll is now one for a hang (it starts at once).

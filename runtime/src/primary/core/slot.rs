@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::heartbeat::Heartbeat;
 use super::restart::CrashHistory;
-use super::{Io, Spawned, WorkerId};
+use super::{EnterError, Io, Spawned, WorkerId};
 use crate::ipc::Counters;
 
 /// Where one worker process is in its life.
@@ -262,6 +262,17 @@ pub(crate) enum Registration {
     Ignored,
 }
 
+/// Why [`Slot::seat`] left everything as it was.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SeatError {
+    /// The worker is not this slot's starting current worker or replacement.
+    #[error("not a starting worker of this slot")]
+    NotStarting,
+    /// The host could not put its socket into steering.
+    #[error(transparent)]
+    Enter(#[from] EnterError),
+}
+
 /// One steering index and its processes.
 #[derive(Debug)]
 pub(crate) struct Slot {
@@ -455,12 +466,12 @@ impl Slot {
         id: WorkerId,
         now: Instant,
         drain_timeout: Duration,
-    ) -> Result<Option<WorkerId>, String> {
+    ) -> Result<Option<WorkerId>, SeatError> {
         let (role, generation) = match self.find(id) {
             Some((role @ (Role::Current | Role::Incoming), w)) if w.may_become_ready() => {
                 (role, w.generation)
             }
-            _ => return Err("not a starting worker of this slot".into()),
+            _ => return Err(SeatError::NotStarting),
         };
         io.enter_steering(self.index, id, generation)?;
         if role == Role::Current {

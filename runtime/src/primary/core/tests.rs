@@ -3,6 +3,7 @@
 //! `ready` exactly when its current worker's socket is in the (simulated) steering map.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io;
 use std::time::{Duration, Instant};
 
 use super::*;
@@ -24,14 +25,19 @@ struct Recorder {
     shut_down: Vec<WorkerId>,
     rss: BTreeMap<WorkerId, u64>,
     fail_spawns: bool,
+    /// Steering refuses every socket (a map update fails with `ENOMEM`).
+    refuse_steering: bool,
     /// Every slot count steering was rebuilt for.
     resizes: Vec<usize>,
 }
 
 impl Io for Recorder {
-    fn spawn(&mut self, slot: usize, generation: u64, id: WorkerId) -> Result<Spawned, String> {
+    fn spawn(&mut self, slot: usize, generation: u64, id: WorkerId) -> Result<Spawned, SpawnError> {
         if self.fail_spawns {
-            return Err("no such program".into());
+            return Err(SpawnError::Start(io::Error::new(
+                io::ErrorKind::NotFound,
+                "no such program",
+            )));
         }
         self.next_pid += 1;
         self.spawns.push((slot, generation, id));
@@ -43,7 +49,13 @@ impl Io for Recorder {
         })
     }
 
-    fn enter_steering(&mut self, slot: usize, id: WorkerId, _: u64) -> Result<(), String> {
+    fn enter_steering(&mut self, slot: usize, id: WorkerId, _: u64) -> Result<(), EnterError> {
+        if self.refuse_steering {
+            return Err(EnterError::Steering(crate::steering::SteeringError::Io {
+                what: format!("put the socket into SOCKETS[{slot}]"),
+                source: io::Error::from_raw_os_error(libc::ENOMEM),
+            }));
+        }
         self.steering.insert(slot, id);
         Ok(())
     }
@@ -66,7 +78,7 @@ impl Io for Recorder {
         self.pings.push((id, seq));
     }
 
-    fn shut_down_listener(&mut self, id: WorkerId) -> Result<(), String> {
+    fn shut_down_listener(&mut self, id: WorkerId) -> Result<(), ListenerError> {
         self.shut_down.push(id);
         Ok(())
     }
@@ -524,6 +536,30 @@ fn a_spawn_that_fails_is_backed_off_like_a_crash() {
         "the spawn failed; try again later"
     );
     assert_eq!(sim.core.slots()[0].restarts, 2);
+    assert_eq!(
+        sim.core.slots()[0].last_start_failure.as_deref(),
+        Some("cannot be started: no such program"),
+        "the host's error is described once, whole"
+    );
+}
+
+#[test]
+fn a_worker_whose_socket_steering_refuses_is_killed_and_never_ready() {
+    let mut sim = Sim::new(1);
+    sim.io.refuse_steering = true;
+    let refused = sim.current(0);
+    sim.ready_all();
+    assert_ne!(sim.state(0), SlotState::Ready, "ready means in steering");
+    assert!(sim.io.steering.is_empty());
+    assert!(
+        sim.io.killed.contains(&refused),
+        "serving nothing, it is replaced"
+    );
+    sim.io.refuse_steering = false;
+    sim.exit(refused, ExitStatus::Signal(libc::SIGKILL));
+    sim.advance(BACKOFF);
+    sim.ready_all();
+    assert_eq!(sim.state(0), SlotState::Ready, "a fresh worker gets in");
 }
 
 #[test]
