@@ -631,23 +631,7 @@ impl Core {
                 slot.failed = true;
                 slot.next_start = None;
                 slot.replacement = None;
-                let mut leaving: Vec<Worker> = slot
-                    .current
-                    .take()
-                    .into_iter()
-                    .chain(slot.incoming.take())
-                    .collect();
-                for worker in leaving.iter_mut().filter(|w| !w.killed) {
-                    if matches!(worker.stage(), Stage::Starting { .. }) {
-                        // Not serving yet: it has no queue worth keeping.
-                        worker.killed = true;
-                        worker.account();
-                        io.kill(worker.id);
-                    } else {
-                        Slot::drain(index, worker, io, now, timeout);
-                    }
-                }
-                slot.retiring.extend(leaving);
+                slot.let_go(io, now, timeout);
             }
             Verdict::RestartAfter(delay) => {
                 slot.restarts = slot.restarts.saturating_add(1);
@@ -1217,25 +1201,7 @@ impl Core {
             slot.retired = true;
             slot.next_start = None;
             slot.replacement = None;
-            let mut leaving: Vec<Worker> = slot
-                .current
-                .take()
-                .into_iter()
-                .chain(slot.incoming.take())
-                .collect();
-            for worker in &mut leaving {
-                if worker.killed {
-                    continue;
-                }
-                if matches!(worker.stage(), Stage::Starting { .. }) {
-                    worker.killed = true;
-                    worker.account();
-                    io.kill(worker.id);
-                } else {
-                    Slot::drain(index, worker, io, now, timeout);
-                }
-            }
-            slot.retiring.extend(leaving);
+            slot.let_go(io, now, timeout);
         }
         self.configured = slots;
         self.growing = false;
