@@ -696,7 +696,7 @@ impl Supervisor {
         let configured = self.core.configured();
         self.core.slots()[..configured]
             .iter()
-            .find(|s| s.failed_starts >= START_ATTEMPTS)
+            .find(|s| s.failed || s.failed_starts >= START_ATTEMPTS)
             .map(|s| {
                 format!(
                     "slot {}'s worker failed to start {} times in a row (last: {})",
