@@ -12,7 +12,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
     Balance, ByteSize, Config, ConfigError, LogFormat, Parsed, Settings, StatusAddr, StatusPaths,
-    WORKER_NOFILE_RANGE, WorkerCount, parse_duration, parse_listen, parse_status_addr,
+    WORKER_NOFILE_RANGE, WorkerCount, WorkerOutput, parse_duration, parse_listen,
+    parse_status_addr,
 };
 
 use crate::exit::EXIT_USAGE;
@@ -94,6 +95,10 @@ pub struct RunArgs {
     /// Log format: text or json [default: text].
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Workers' stdout and stderr: auto, tagged, journal or inherit [default: auto:
+    /// journal when stderr is the journal, else tagged].
+    #[arg(long, value_name = "WHERE")]
+    pub worker_output: Option<WorkerOutput>,
     /// More logging (-v debug, -vv trace).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -185,6 +190,7 @@ impl RunArgs {
             restart_window: self.restart_window.map(Parsed),
             pid_file: self.pid_file.clone(),
             log_format: self.log_format.map(Parsed),
+            worker_output: self.worker_output.map(Parsed),
             demo_faults: self.demo_faults.then_some(true),
             demo_header_timeout: self.demo_header_timeout.map(Parsed),
             demo_idle_timeout: self.demo_idle_timeout.map(Parsed),

@@ -25,8 +25,8 @@ pub use values::{Balance, LogFormat, parse_duration};
 pub(crate) use credentials::Credentials;
 pub(crate) use settings::{Parsed, SettingValue, Settings};
 pub(crate) use values::{
-    ByteSize, StatusAddr, StatusPath, StatusPaths, WORKER_NOFILE_RANGE, WorkerCount, format_size,
-    parse_listen, parse_status_addr,
+    ByteSize, StatusAddr, StatusPath, StatusPaths, WORKER_NOFILE_RANGE, WorkerCount, WorkerOutput,
+    format_size, parse_listen, parse_status_addr,
 };
 
 use std::fmt;
@@ -97,6 +97,8 @@ pub(crate) struct Config {
     pub pid_file: Option<PathBuf>,
     /// Log line format.
     pub log_format: LogFormat,
+    /// Where workers' stdout and stderr go.
+    pub worker_output: WorkerOutput,
     /// -2 (errors only) ..= 2 (trace); 0 is info.
     pub verbosity: i8,
     /// Enable the demo's fault routes.
@@ -148,6 +150,7 @@ impl Default for Config {
             restart_window: Duration::from_secs(60),
             pid_file: None,
             log_format: LogFormat::Text,
+            worker_output: WorkerOutput::Auto,
             verbosity: 0,
             demo_faults: false,
             demo_header_timeout: Duration::from_secs(10),
@@ -206,6 +209,10 @@ impl Config {
         };
         lines.extend([
             ("log-format", format.to_string()),
+            (
+                "worker-output",
+                format!("\"{}\"", self.worker_output.as_str()),
+            ),
             ("demo-faults", self.demo_faults.to_string()),
             ("demo-header-timeout", d(self.demo_header_timeout)),
             ("demo-idle-timeout", d(self.demo_idle_timeout)),
@@ -266,6 +273,10 @@ pub(crate) fn keys_needing_restart(running: &Config, reloaded: &Config) -> Vec<&
     changed("pid-file", running.pid_file != reloaded.pid_file);
     changed("log-format", running.log_format != reloaded.log_format);
     changed(
+        "worker-output",
+        running.worker_output != reloaded.worker_output,
+    );
+    changed(
         "tcp-migrate-req",
         running.tcp_migrate_req != reloaded.tcp_migrate_req,
     );
@@ -289,6 +300,7 @@ impl Config {
         self.status_public = running.status_public;
         self.pid_file = running.pid_file.clone();
         self.log_format = running.log_format;
+        self.worker_output = running.worker_output;
         self.tcp_migrate_req = running.tcp_migrate_req;
         if self.command.is_some() != running.command.is_some() {
             self.command = running.command.clone();

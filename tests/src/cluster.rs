@@ -138,12 +138,42 @@ impl Cluster {
         cluster
     }
 
+    /// [`start`](Cluster::start) with the primary's stderr going to `stderr` (a pipe the
+    /// test reads at its own pace, or never) instead of the log file, which then holds its
+    /// stdout only.
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Cluster::start).
+    pub fn start_with_stderr(args: &[&str], stderr: std::os::fd::OwnedFd) -> Cluster {
+        let run = RunArgs::complete(args);
+        let mut cmd = Command::new(steer_bin());
+        cmd.arg("run").args(&run.args);
+        let cluster = Self::launch_with(cmd, run.listen, run.status, Some(Stdio::from(stderr)));
+        cluster.wait_ready(READY_TIMEOUT);
+        cluster
+    }
+
     /// Spawns `cmd` with its output going to a fresh log file.
-    fn launch(mut cmd: Command, listen: SocketAddr, status: SocketAddr) -> Cluster {
+    fn launch(cmd: Command, listen: SocketAddr, status: SocketAddr) -> Cluster {
+        Self::launch_with(cmd, listen, status, None)
+    }
+
+    /// Spawns `cmd` with its stdout going to a fresh log file, and its stderr there too
+    /// unless `stderr` says where.
+    fn launch_with(
+        mut cmd: Command,
+        listen: SocketAddr,
+        status: SocketAddr,
+        stderr: Option<Stdio>,
+    ) -> Cluster {
         let (log, stdout) = LogFile::create();
-        let stderr = stdout
-            .try_clone()
-            .unwrap_or_else(|e| panic!("duplicating the handle of {}: {e}", log.path().display()));
+        let stderr = match stderr {
+            Some(stderr) => stderr,
+            None => Stdio::from(stdout.try_clone().unwrap_or_else(|e| {
+                panic!("duplicating the handle of {}: {e}", log.path().display())
+            })),
+        };
         cmd.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
         let child = cmd
             .spawn()

@@ -614,6 +614,15 @@ fn upgrade_without_waiting_for_the_old(cluster: &Cluster, pid_file: &Path) -> (u
 fn app_file(kind: &str) -> TempFile {
     let dir = env!("CARGO_MANIFEST_DIR");
     match kind {
+        "fd3" => {
+            let real = format!("{dir}/fixtures/fd3_worker.py");
+            TempFile::new(
+                "py",
+                format!(
+                    "import runpy, sys\nsys.argv[0] = {real:?}\nrunpy.run_path({real:?}, run_name='__main__')\n"
+                ),
+            )
+        }
         "python" => {
             let real = format!("{dir}/fixtures/python_app.py");
             TempFile::new(
@@ -646,7 +655,7 @@ fn an_upgrade_to_a_release_that_exits_at_start(kind: &str) {
     let (_dir, pid_file) = pid_file();
     let pid_arg = pid_file.to_string_lossy().into_owned();
     let app = app_file(kind);
-    let interpreter = if kind == "python" { "python3" } else { "node" };
+    let interpreter = if kind == "node" { "node" } else { "python3" };
     let cluster = Cluster::start(&[
         "--workers",
         "2",
@@ -660,10 +669,13 @@ fn an_upgrade_to_a_release_that_exits_at_start(kind: &str) {
         interpreter,
         app.as_arg(),
     ]);
-    cluster.wait_until("both workers said ready", Duration::from_secs(30), |s| {
-        status::workers(s)
-            .iter()
-            .all(|w| w.raw["health_ms"].is_u64())
+    cluster.wait_until("both workers serving", Duration::from_secs(30), |s| {
+        // A helper's workers say `ready` (and answer pings); a program that knows nothing
+        // of Steer is ready when it runs.
+        (kind == "fd3"
+            || status::workers(s)
+                .iter()
+                .all(|w| w.raw["health_ms"].is_u64()))
             && status::all_ready(s)
     });
     let old = cluster.pid();
@@ -672,18 +684,27 @@ fn an_upgrade_to_a_release_that_exits_at_start(kind: &str) {
     load.wait_for_ok(100, Duration::from_secs(10));
     replace_app(
         &app,
-        if kind == "python" {
-            "import sys\nsys.exit(1)\n"
-        } else {
+        if kind == "node" {
             "process.exit(1);\n"
+        } else {
+            "import sys\nsys.exit(1)\n"
         },
     );
+    let sent = Instant::now();
     send(old, Signal::SIGUSR1);
     let log = cluster.wait_for_log("upgrade failed", Duration::from_secs(30));
-    assert!(
-        log.contains("failed to start 3 times in a row (last: exited before ready: exit code 1)"),
-        "the old primary says why: {log}"
+    let why = if kind == "fd3" {
+        "failed to start 3 times in a row (last: exited right after it started: exit code 1)"
+    } else {
+        "failed to start 3 times in a row (last: exited before ready: exit code 1)"
+    };
+    assert!(log.contains(why), "the old primary says why: {log}");
+    // Well before the successor's deadline (start-timeout + 5 s): it gave up by itself.
+    eprintln!(
+        "the upgrade was abandoned {:?} after SIGUSR1",
+        sent.elapsed()
     );
+    assert!(sent.elapsed() < Duration::from_secs(8));
     load.wait_for_ok(load.ok() + 200, Duration::from_secs(10));
     let report = load.stop();
     eprintln!("an upgrade to a {kind} release that exits at start: {report}");
@@ -706,6 +727,14 @@ fn an_upgrade_to_a_python_release_that_exits_at_start_leaves_the_old_primary_ser
 #[test]
 fn an_upgrade_to_a_node_release_that_exits_at_start_leaves_the_old_primary_serving() {
     an_upgrade_to_a_release_that_exits_at_start("node");
+}
+
+/// The same with a program that knows nothing of Steer (counted ready when it runs): it
+/// must stay up a second before the new primary takes over, and one that exits at once
+/// is a failed start.
+#[test]
+fn an_upgrade_to_a_plain_fd3_release_that_exits_at_start_leaves_the_old_primary_serving() {
+    an_upgrade_to_a_release_that_exits_at_start("fd3");
 }
 
 /// Issue 21, point 8: an upgrade from `kernel` to an eBPF policy whose successor dies

@@ -143,6 +143,7 @@ impl Settings {
             restart_window: self.restart_window.map_or(d.restart_window, |p| p.0),
             pid_file: self.pid_file.clone(),
             log_format: self.log_format.map_or(d.log_format, |p| p.0),
+            worker_output: self.worker_output.map_or(d.worker_output, |p| p.0),
             verbosity: 0,
             demo_faults: self.demo_faults.unwrap_or(false),
             demo_header_timeout: self

@@ -11,8 +11,8 @@ use serde::Deserialize;
 use super::ConfigError;
 use super::fields;
 use super::values::{
-    Balance, ByteSize, LogFormat, StatusAddr, StatusPaths, WorkerCount, parse_duration,
-    parse_listen,
+    Balance, ByteSize, LogFormat, StatusAddr, StatusPaths, WorkerCount, WorkerOutput,
+    parse_duration, parse_listen,
 };
 
 /// Where the file-given values of a [`Settings`] came from, so checks made after parsing
@@ -72,6 +72,9 @@ pub struct Settings {
     /// `log-format`
     #[serde(default, deserialize_with = "fields::from_str")]
     pub log_format: Option<Parsed<LogFormat>>,
+    /// `worker-output`
+    #[serde(default, deserialize_with = "fields::from_str")]
+    pub worker_output: Option<Parsed<WorkerOutput>>,
     /// `demo-faults`
     #[serde(default, deserialize_with = "fields::boolean")]
     pub demo_faults: Option<bool>,
@@ -166,6 +169,12 @@ impl SettingValue for LogFormat {
         s.parse()
     }
 }
+impl SettingValue for WorkerOutput {
+    const EXPECTED: &'static str = "\"auto\", \"tagged\", \"journal\" or \"inherit\"";
+    fn parse_setting(s: &str) -> Result<Self, String> {
+        s.parse()
+    }
+}
 
 impl Settings {
     /// Every key a file may hold, as written in it (the long flag names). The tests hold
@@ -185,6 +194,7 @@ impl Settings {
         "restart-window",
         "pid-file",
         "log-format",
+        "worker-output",
         "demo-faults",
         "demo-header-timeout",
         "demo-idle-timeout",
@@ -241,6 +251,7 @@ impl Settings {
             "restart-window" => self.restart_window.is_some(),
             "pid-file" => self.pid_file.is_some(),
             "log-format" => self.log_format.is_some(),
+            "worker-output" => self.worker_output.is_some(),
             "demo-faults" => self.demo_faults.is_some(),
             "demo-header-timeout" => self.demo_header_timeout.is_some(),
             "demo-idle-timeout" => self.demo_idle_timeout.is_some(),
@@ -277,6 +288,7 @@ impl Settings {
             restart_window: self.restart_window.or(base.restart_window),
             pid_file: self.pid_file.or(base.pid_file),
             log_format: self.log_format.or(base.log_format),
+            worker_output: self.worker_output.or(base.worker_output),
             demo_faults: self.demo_faults.or(base.demo_faults),
             demo_header_timeout: self.demo_header_timeout.or(base.demo_header_timeout),
             demo_idle_timeout: self.demo_idle_timeout.or(base.demo_idle_timeout),

@@ -144,6 +144,48 @@ impl FromStr for LogFormat {
     }
 }
 
+/// `--worker-output`: where the lines workers write to stdout and stderr go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WorkerOutput {
+    /// `journal` when the primary's stderr is the journal (`JOURNAL_STREAM` names it),
+    /// `tagged` otherwise.
+    #[default]
+    Auto,
+    /// Each line on the primary's stderr, tagged with the worker's slot and pid (one JSON
+    /// object with `--log-format json`).
+    Tagged,
+    /// Each line to systemd-journald's native socket, with `STEER_SLOT`, `STEER_PID` and
+    /// `STEER_GENERATION` fields.
+    Journal,
+    /// Workers write straight into the primary's stdout and stderr, untagged.
+    Inherit,
+}
+
+impl WorkerOutput {
+    /// The name as written in a flag or the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerOutput::Auto => "auto",
+            WorkerOutput::Tagged => "tagged",
+            WorkerOutput::Journal => "journal",
+            WorkerOutput::Inherit => "inherit",
+        }
+    }
+}
+
+impl FromStr for WorkerOutput {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(WorkerOutput::Auto),
+            "tagged" => Ok(WorkerOutput::Tagged),
+            "journal" => Ok(WorkerOutput::Journal),
+            "inherit" => Ok(WorkerOutput::Inherit),
+            _ => Err("expected auto, tagged, journal or inherit".into()),
+        }
+    }
+}
+
 /// A TCP listen address: `IP:PORT` or `HOST:PORT` (resolved once, first address wins).
 pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = s.parse::<SocketAddr>() {

@@ -1,6 +1,7 @@
 //! The host side of the primary: the real processes, their IPC, and the steering maps,
 //! behind the [`Io`] the core decides through.
 
+use super::output::{OutputReader, Tag};
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -125,6 +126,8 @@ pub(crate) struct Host {
     pub next_steering_round: Instant,
     /// The port's listeners that are not this cluster's, as last surveyed.
     pub port: PortSurvey,
+    /// Reads and tags workers' stdout and stderr (none with `--worker-output inherit`).
+    pub output: Option<OutputReader>,
 }
 
 impl Host {
@@ -395,6 +398,8 @@ impl Host {
         primary_end.set_nonblocking(true)?;
         let mut vars: Vec<(OsString, OsString)> = vec![
             (env::SLOT.into(), slot.to_string().into()),
+            // PM2's name for the slot, which Node apps written for PM2 read.
+            (env::NODE_APP_INSTANCE.into(), slot.to_string().into()),
             (env::GENERATION.into(), generation.to_string().into()),
             (env::ID.into(), id.0.to_string().into()),
             (
@@ -485,6 +490,16 @@ impl Host {
             }
         };
         let listen_pid = own_socket.is_some();
+        let mut fds = fds;
+        let pipes = match &self.output {
+            Some(_) => {
+                let pipes = OutputReader::pipes()?;
+                fds.push((pipes.stdout.try_clone()?, 1));
+                fds.push((pipes.stderr.try_clone()?, 2));
+                Some(pipes)
+            }
+            None => None,
+        };
         let child = spawn::spawn(SpawnSpec {
             program,
             argv,
@@ -500,6 +515,16 @@ impl Host {
                 .map(|cpu| cpu as usize),
             limits: spawn::ChildLimits::for_worker(&self.config, external, self.inherited_nofile),
         })?;
+        if let (Some(output), Some(pipes)) = (&self.output, pipes) {
+            output.watch(
+                pipes,
+                Tag {
+                    slot,
+                    pid: child.pid,
+                    generation,
+                },
+            );
+        }
         let now = Instant::now();
         let listener = own_socket.as_ref().and_then(|socket| {
             Some(ListenerRef {

@@ -18,6 +18,7 @@ mod host;
 mod limits;
 mod messages;
 mod notify;
+mod output;
 pub mod pidfile;
 mod process;
 mod report;

@@ -110,6 +110,11 @@ impl Supervisor {
                         .map(|age| age.as_millis() as u64),
                     draining: slot.retiring.len(),
                     messages_dropped: slot.messages_dropped,
+                    output_dropped: self
+                        .host
+                        .output
+                        .as_ref()
+                        .map_or(0, |o| o.dropped(slot.index)),
                 }
             })
             .collect();

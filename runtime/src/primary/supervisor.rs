@@ -184,6 +184,20 @@ impl Supervisor {
             }
         }
         become_subreaper();
+        let identifier = match &program {
+            WorkerProgram::External(command) => command
+                .first()
+                .and_then(|c| std::path::Path::new(c).file_name())
+                .map_or_else(|| "steer".to_owned(), |n| n.to_string_lossy().into_owned()),
+            _ => "steer".to_owned(),
+        };
+        let output = super::output::OutputReader::start(
+            config.worker_output,
+            config.log_format,
+            identifier,
+            config.health_interval,
+        )
+        .map_err(|e| format!("cannot start the worker output reader: {e}"))?;
         let now = Instant::now();
         let slots = config.workers;
         let mut core = Core::new(Settings::of(&config), slots, now);
@@ -207,6 +221,7 @@ impl Supervisor {
                 next_steering_check: Instant::now(),
                 next_steering_round: Instant::now(),
                 port: Default::default(),
+                output,
             },
             hooks,
             signals,
@@ -681,7 +696,7 @@ impl Supervisor {
         let configured = self.core.configured();
         self.core.slots()[..configured]
             .iter()
-            .find(|s| s.failed_starts >= START_ATTEMPTS)
+            .find(|s| s.failed || s.failed_starts >= START_ATTEMPTS)
             .map(|s| {
                 format!(
                     "slot {}'s worker failed to start {} times in a row (last: {})",

@@ -366,6 +366,7 @@ mod tests {
             health_ms: Some(10),
             draining: 0,
             messages_dropped: 0,
+            output_dropped: 0,
         };
         let doc = StatusDocument {
             primary: PrimaryStatus {

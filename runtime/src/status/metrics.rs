@@ -173,6 +173,13 @@ pub fn render(doc: &StatusDocument) -> String {
     );
     e.per_slot(
         doc,
+        "steer_worker_output_dropped_lines_total",
+        "counter",
+        "Lines the slot's workers wrote to stdout or stderr that the primary dropped because its output could not keep up.",
+        |w| Some(w.output_dropped as f64),
+    );
+    e.per_slot(
+        doc,
         "steer_worker_generation",
         "gauge",
         "Generation of the slot's process; grows with each replacement.",
@@ -289,6 +296,7 @@ mod tests {
             health_ms: Some(250),
             draining: 0,
             messages_dropped: 0,
+            output_dropped: 0,
         };
         StatusDocument {
             primary: PrimaryStatus {

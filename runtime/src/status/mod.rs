@@ -139,6 +139,10 @@ pub struct WorkerStatus {
     /// receiver could not take them.
     #[serde(default)]
     pub messages_dropped: u64,
+    /// Lines this slot's workers wrote to stdout or stderr that were dropped because the
+    /// primary's output (its stderr, or the journal) could not keep up.
+    #[serde(default)]
+    pub output_dropped: u64,
 }
 
 /// Sums in `/status`.

@@ -24,6 +24,8 @@ use std::os::fd::RawFd;
 pub(crate) const ROLE: &str = "STEER_ROLE";
 /// Slot index.
 pub(crate) const SLOT: &str = "STEER_WORKER_SLOT";
+/// The slot again, under PM2's name, for Node apps written for PM2.
+pub(crate) const NODE_APP_INSTANCE: &str = "NODE_APP_INSTANCE";
 /// Generation of the slot.
 pub(crate) const GENERATION: &str = "STEER_WORKER_GENERATION";
 /// Unique worker id.
@@ -54,6 +56,7 @@ pub(crate) const ROLE_LIBRARY: &str = "library";
 pub(crate) const ALL: &[&str] = &[
     ROLE,
     SLOT,
+    NODE_APP_INSTANCE,
     GENERATION,
     ID,
     IPC_FD,

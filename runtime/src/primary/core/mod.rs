@@ -64,10 +64,12 @@ pub(crate) const START_ATTEMPTS: u32 = 3;
 #[derive(Debug)]
 enum Crash {
     /// It exited (or was killed by the primary while starting: `start_timed_out`).
+    /// `ready_at_exec`: it was counted ready when it ran, without a word of its own.
     Exited {
         status: ExitStatus,
         ready_since: Option<Instant>,
         start_timed_out: bool,
+        ready_at_exec: bool,
     },
     /// It broke the IPC protocol.
     Violation {
@@ -98,6 +100,11 @@ impl Crash {
                 "not ready within {}",
                 humantime::format_duration(start_timeout)
             ),
+            Crash::Exited {
+                status,
+                ready_since: Some(_),
+                ..
+            } => format!("exited right after it started: {status}"),
             Crash::Exited { status, .. } => format!("exited before ready: {status}"),
             Crash::Violation { .. } => "broke the IPC protocol before ready".to_owned(),
             Crash::NotSpawned(err) => {
@@ -539,7 +546,15 @@ impl Core {
                 }
             }
             Ok(old) => {
-                slot.failed_starts = 0;
+                // Ready by its own word: the start worked. One counted ready when it ran
+                // proves it only by staying up (see `crash_verdict`).
+                let said_it = slot
+                    .current
+                    .as_ref()
+                    .is_some_and(|w| w.id == id && (!w.ready_at_exec() || slot.says_ready));
+                if said_it {
+                    slot.failed_starts = 0;
+                }
                 tracing::info!(
                     slot = index,
                     generation,
@@ -598,7 +613,21 @@ impl Core {
         let timeout = self.settings.shutdown_timeout;
         let slot = &mut self.slots[index];
         let ready_since = crash.ready_since();
-        if ready_since.is_none() {
+        // A process counted ready when it ran, without saying so, that is gone within a
+        // second never showed it could serve: as much a failed start as one that was
+        // never ready.
+        let never_served = ready_since.is_none()
+            || matches!(
+                crash,
+                Crash::Exited {
+                    ready_at_exec: true,
+                    ..
+                }
+            ) && ready_since
+                .is_some_and(|since| now.saturating_duration_since(since) < HEALTHY_RESET);
+        if !never_served {
+            slot.failed_starts = 0;
+        } else {
             slot.failed_starts = slot.failed_starts.saturating_add(1);
             slot.last_start_failure = Some(crash.describe(self.settings.start_timeout));
         }
@@ -631,23 +660,7 @@ impl Core {
                 slot.failed = true;
                 slot.next_start = None;
                 slot.replacement = None;
-                let mut leaving: Vec<Worker> = slot
-                    .current
-                    .take()
-                    .into_iter()
-                    .chain(slot.incoming.take())
-                    .collect();
-                for worker in leaving.iter_mut().filter(|w| !w.killed) {
-                    if matches!(worker.stage(), Stage::Starting { .. }) {
-                        // Not serving yet: it has no queue worth keeping.
-                        worker.killed = true;
-                        worker.account();
-                        io.kill(worker.id);
-                    } else {
-                        Slot::drain(index, worker, io, now, timeout);
-                    }
-                }
-                slot.retiring.extend(leaving);
+                slot.let_go(io, now, timeout);
             }
             Verdict::RestartAfter(delay) => {
                 slot.restarts = slot.restarts.saturating_add(1);
@@ -928,7 +941,8 @@ impl Core {
         let crash = Crash::Exited {
             status,
             ready_since: worker.ready_since,
-            start_timed_out: worker.killed,
+            start_timed_out: worker.killed && worker.ready_since.is_none(),
+            ready_at_exec: worker.ready_at_exec() && !slot.says_ready,
         };
         self.crash_verdict(io, index, role, crash, now);
     }
@@ -1217,25 +1231,7 @@ impl Core {
             slot.retired = true;
             slot.next_start = None;
             slot.replacement = None;
-            let mut leaving: Vec<Worker> = slot
-                .current
-                .take()
-                .into_iter()
-                .chain(slot.incoming.take())
-                .collect();
-            for worker in &mut leaving {
-                if worker.killed {
-                    continue;
-                }
-                if matches!(worker.stage(), Stage::Starting { .. }) {
-                    worker.killed = true;
-                    worker.account();
-                    io.kill(worker.id);
-                } else {
-                    Slot::drain(index, worker, io, now, timeout);
-                }
-            }
-            slot.retiring.extend(leaving);
+            slot.let_go(io, now, timeout);
         }
         self.configured = slots;
         self.growing = false;

@@ -533,6 +533,29 @@ impl Slot {
         true
     }
 
+    /// Lets the slot's current and incoming processes go (it failed, or a resize removes
+    /// it): one still starting is killed (it has no queue worth keeping, and its exit is
+    /// no crash), the others drain (SIGKILL after `timeout`). They wait in `retiring`.
+    pub(crate) fn let_go(&mut self, io: &mut impl Io, now: Instant, timeout: Duration) {
+        let index = self.index;
+        let mut leaving: Vec<Worker> = self
+            .current
+            .take()
+            .into_iter()
+            .chain(self.incoming.take())
+            .collect();
+        for worker in leaving.iter_mut().filter(|w| !w.killed) {
+            if matches!(worker.stage, Stage::Starting { .. }) {
+                worker.killed = true;
+                worker.account();
+                io.kill(worker.id);
+            } else {
+                Self::drain(index, worker, io, now, timeout);
+            }
+        }
+        self.retiring.extend(leaving);
+    }
+
     /// Removes an exited process; a serving one leaves steering first.
     pub(crate) fn remove(&mut self, io: &mut impl Io, id: WorkerId) -> Option<(Role, Worker)> {
         let (role, _) = self.find(id)?;

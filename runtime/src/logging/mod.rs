@@ -1,33 +1,43 @@
 //! Log setup: one line per lifecycle event, as text or JSON, on stderr.
 //!
 //! The primary never waits for its log: its lines go through a bounded queue to a writer
-//! thread (tracing-appender's non-blocking writer, lossy), so a stalled stderr (a full
-//! journald pipe, a terminal on hold) cannot stop supervision. What the queue cannot take
-//! is dropped and counted ([`dropped_lines`], shown in `/status` and `/metrics`).
+//! thread ([`sink`]), so a stalled stderr (a full journald pipe, a terminal on hold)
+//! cannot stop supervision. What the queue cannot take is dropped and counted
+//! ([`dropped_lines`], shown in `/status` and `/metrics`). Workers' output, tagged by the
+//! primary's output reader, goes through the same queue, each worker with a queue of its
+//! own, so a flooding worker cannot crowd out the primary's lines.
 //!
 //! Workers inherit the primary's choice through `STEER_LOG_FORMAT` and `STEER_LOG_LEVEL`
-//! so their lines match the primary's; they write directly (a worker stuck on its own
-//! stderr is stuck, and its heartbeats say so).
+//! so their lines match the primary's; they write to their stderr, which the primary
+//! reads and tags (or, with `--worker-output inherit`, is the primary's own).
 
-use std::sync::{Mutex, OnceLock};
+pub(crate) mod sink;
+
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use tracing::level_filters::LevelFilter;
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 
 use crate::config::LogFormat;
+use sink::{Origin, Sink};
 
 /// Environment variable carrying the log format to workers.
 pub(crate) const ENV_LOG_FORMAT: &str = "STEER_LOG_FORMAT";
 /// Environment variable carrying the verbosity to workers.
 pub(crate) const ENV_LOG_LEVEL: &str = "STEER_LOG_LEVEL";
 
-/// Lines the non-blocking writer holds before it drops new ones.
-const QUEUED_LINES: usize = 16_384;
+/// How long the primary waits, at exit, for its queued lines to be written.
+const EXIT_PATIENCE: Duration = Duration::from_secs(2);
 
-/// The writer thread's guard (dropping it flushes) and its drop counter.
-static WRITER: OnceLock<(Mutex<Option<WorkerGuard>>, ErrorCounter)> = OnceLock::new();
+/// The primary's writer to stderr, once [`init`] ran.
+static SINK: OnceLock<Sink> = OnceLock::new();
+
+/// The primary's queue to stderr, if [`init`] set one up (workers have none).
+pub(crate) fn sink() -> Option<&'static Sink> {
+    SINK.get()
+}
 
 /// Maps `-q`/`-v` counts to a level: -2 error, -1 warn, 0 info, 1 debug, 2+ trace.
 pub fn level(verbosity: i8) -> LevelFilter {
@@ -44,32 +54,67 @@ pub fn level(verbosity: i8) -> LevelFilter {
 /// `RUST_LOG`, when set, overrides the verbosity. Safe to call twice (the second call is
 /// ignored). Call [`flush`] before the process exits.
 pub fn init(format: LogFormat, verbosity: i8) {
-    if WRITER.get().is_some() {
+    if SINK.get().is_some() {
         return;
     }
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(QUEUED_LINES)
-        .thread_name("steer-log")
-        .finish(std::io::stderr());
-    let counter = writer.error_counter();
-    let _ = WRITER.set((Mutex::new(Some(guard)), counter));
-    install(format, verbosity, writer);
+    let Ok(sink) = Sink::start(std::io::stderr()) else {
+        // No thread for the writer: write straight to stderr, as a worker does.
+        install(format, verbosity, std::io::stderr);
+        return;
+    };
+    let sink = SINK.get_or_init(|| sink);
+    install(format, verbosity, PrimaryLog(sink));
 }
 
 /// Lines dropped so far because stderr could not keep up.
 pub fn dropped_lines() -> u64 {
-    WRITER
-        .get()
-        .map_or(0, |(_, counter)| counter.dropped_lines() as u64)
+    SINK.get().map_or(0, Sink::primary_dropped)
 }
 
-/// Writes out what is queued and stops the writer thread (waits for stderr, once, at exit).
+/// Writes out what is queued, waiting for stderr at most a moment: a sink nobody reads
+/// must not keep the primary from exiting.
 pub fn flush() {
-    if let Some((guard, _)) = WRITER.get()
-        && let Ok(mut guard) = guard.lock()
-    {
-        drop(guard.take());
+    if let Some(sink) = SINK.get() {
+        sink.flush(EXIT_PATIENCE);
+    }
+}
+
+/// The primary's own lines, as tracing's writer: one event is one line on the queue.
+#[derive(Clone, Copy)]
+struct PrimaryLog(&'static Sink);
+
+/// One event's bytes, queued whole when tracing is done writing them.
+struct PrimaryLine {
+    sink: &'static Sink,
+    line: Vec<u8>,
+}
+
+impl<'a> MakeWriter<'a> for PrimaryLog {
+    type Writer = PrimaryLine;
+    fn make_writer(&'a self) -> PrimaryLine {
+        PrimaryLine {
+            sink: self.0,
+            line: Vec::with_capacity(256),
+        }
+    }
+}
+
+impl std::io::Write for PrimaryLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.line.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for PrimaryLine {
+    fn drop(&mut self) {
+        if !self.line.is_empty() {
+            self.sink
+                .push(Origin::Primary, std::mem::take(&mut self.line));
+        }
     }
 }
 
