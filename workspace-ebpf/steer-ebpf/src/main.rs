@@ -174,16 +174,16 @@ fn admit(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters) -> 
     let tolerance = config.client_tolerance_ns;
     // SAFETY: a helper with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let state = match CLIENTS.get_ptr_mut(&key) {
+    let state = match CLIENTS.get_ptr_mut(key) {
         Some(state) => state,
         None => {
             // A new client: this SYN is its first connection.
-            if CLIENTS.insert(&key, &(now + interval), BPF_NOEXIST).is_ok() {
+            if CLIENTS.insert(key, now + interval, BPF_NOEXIST).is_ok() {
                 counters.client_inserts += 1;
                 return true;
             }
             // Another CPU entered it first, or the map is full of entries being updated.
-            match CLIENTS.get_ptr_mut(&key) {
+            match CLIENTS.get_ptr_mut(key) {
                 Some(state) => state,
                 None => return true,
             }
@@ -222,7 +222,7 @@ fn count_refusal(key: &ClientKey) {
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, 1);
         },
         None => {
-            let _ = REFUSED.insert(key, &1, BPF_NOEXIST);
+            let _ = REFUSED.insert(key, 1, BPF_NOEXIST);
         }
     }
 }
