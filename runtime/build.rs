@@ -43,6 +43,9 @@ fn main() {
         format!("--cfg=bpf_target_arch=\"{arch}\""),
         "-Cdebuginfo=2".into(),
         "-Clink-arg=--btf".into(),
+        // BPF ISA v3 (Linux 5.1+; atomics with fetch and compare-and-exchange from 5.12):
+        // the per-client limit advances a client's state with compare-and-exchange.
+        "-Ctarget-cpu=v3".into(),
     ]
     .join("\x1f");
     let output = Command::new("rustup")

@@ -16,6 +16,8 @@ use crate::config::{
     parse_status_addr,
 };
 
+use crate::config::limits::{BURST_RANGE, PREFIX_V4_RANGE, PREFIX_V6_RANGE, TABLE_SIZE_RANGE};
+use crate::config::{Cidr, ConnRate};
 use crate::exit::EXIT_USAGE;
 
 /// Top-level command line.
@@ -146,6 +148,28 @@ pub struct RunArgs {
     /// Limit each worker's address space (RLIMIT_AS), e.g. 2GiB.
     #[arg(long, value_name = "SIZE")]
     pub worker_memory_limit: Option<ByteSize>,
+    /// Refuse a client's new connections over RATE, per client prefix, in the kernel
+    /// before any worker wakes (e.g. 50/s, 600/m; eBPF policies only).
+    #[arg(long, value_name = "RATE")]
+    pub client_conn_rate: Option<ConnRate>,
+    /// Connections a client may open at once on top of its rate [default: one second's
+    /// worth of --client-conn-rate].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(*BURST_RANGE.start()..=*BURST_RANGE.end()))]
+    pub client_conn_burst: Option<u64>,
+    /// IPv4 clients sharing this prefix length share one limit [default: 32].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(*PREFIX_V4_RANGE.start()..=*PREFIX_V4_RANGE.end()))]
+    pub client_prefix_v4: Option<u64>,
+    /// IPv6 clients sharing this prefix length share one limit [default: 64].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(*PREFIX_V6_RANGE.start()..=*PREFIX_V6_RANGE.end()))]
+    pub client_prefix_v6: Option<u64>,
+    /// Never limit clients in this prefix (e.g. your load balancer, health checkers);
+    /// repeat for more.
+    #[arg(long, value_name = "CIDR")]
+    pub client_exempt: Vec<Cidr>,
+    /// Clients the kernel tracks at most; the least recently seen are evicted first
+    /// [default: 65536].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(*TABLE_SIZE_RANGE.start()..=*TABLE_SIZE_RANGE.end()))]
+    pub client_table_size: Option<u64>,
     /// External worker program; gets its listening socket as fd 3 (LISTEN_FDS=1).
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -204,6 +228,12 @@ impl RunArgs {
             worker_nofile: self.worker_nofile,
             worker_memory_limit: self.worker_memory_limit.map(Parsed),
             command: (!self.command.is_empty()).then(|| self.command.clone()),
+            client_conn_rate: self.client_conn_rate.map(Parsed),
+            client_conn_burst: self.client_conn_burst,
+            client_prefix_v4: self.client_prefix_v4,
+            client_prefix_v6: self.client_prefix_v6,
+            client_exempt: (!self.client_exempt.is_empty()).then(|| self.client_exempt.clone()),
+            client_table_size: self.client_table_size,
             origin: Default::default(),
         }
     }

@@ -16,11 +16,14 @@
 mod checks;
 mod credentials;
 mod fields;
+pub(crate) mod limits;
 pub(crate) mod program;
 mod settings;
 mod values;
 
 pub use values::{Balance, LogFormat, parse_duration};
+
+pub(crate) use limits::{Cidr, ClientLimits, ConnRate};
 
 pub(crate) use credentials::Credentials;
 pub(crate) use settings::{Parsed, SettingValue, Settings};
@@ -127,6 +130,8 @@ pub(crate) struct Config {
     pub worker_memory_limit: Option<u64>,
     /// External worker program and arguments; `None` runs the built-in demo.
     pub command: Option<Vec<String>>,
+    /// The per-client connection limit (`client-*`).
+    pub client_limits: ClientLimits,
     /// The file this came from, for SIGHUP reloads.
     pub config_file: Option<PathBuf>,
     /// What the command line (or the library builder) set. A SIGHUP reload lays these
@@ -164,6 +169,7 @@ impl Default for Config {
             worker_nofile: None,
             worker_memory_limit: None,
             command: None,
+            client_limits: ClientLimits::default(),
             config_file: None,
             overrides: Settings::default(),
         }
@@ -238,6 +244,22 @@ impl Config {
             let argv = command.iter().cloned().map(toml::Value::String).collect();
             lines.push(("command", toml::Value::Array(argv).to_string()));
         }
+        let limits = &self.client_limits;
+        if let Some(rate) = limits.rate {
+            let exempt = limits
+                .exempt
+                .iter()
+                .map(|c| toml::Value::String(c.to_string()))
+                .collect();
+            lines.extend([
+                ("client-conn-rate", q(&rate)),
+                ("client-conn-burst", limits.burst.to_string()),
+                ("client-prefix-v4", limits.prefix_v4.to_string()),
+                ("client-prefix-v6", limits.prefix_v6.to_string()),
+                ("client-exempt", toml::Value::Array(exempt).to_string()),
+                ("client-table-size", limits.table_size.to_string()),
+            ]);
+        }
         let mut out = String::new();
         for (key, value) in lines {
             let _ = writeln!(out, "{key} = {value}");
@@ -286,6 +308,12 @@ pub(crate) fn keys_needing_restart(running: &Config, reloaded: &Config) -> Vec<&
         "command",
         running.command.is_some() != reloaded.command.is_some(),
     );
+    // The kernel fixes a map's size when it creates it; the other `client-*` keys apply
+    // live (one write of the program's CONFIG and EXEMPT).
+    changed(
+        "client-table-size",
+        running.client_limits.table_size != reloaded.client_limits.table_size,
+    );
     keys
 }
 
@@ -305,6 +333,7 @@ impl Config {
         if self.command.is_some() != running.command.is_some() {
             self.command = running.command.clone();
         }
+        self.client_limits.table_size = running.client_limits.table_size;
         self.verbosity = running.verbosity;
         self.config_file = running.config_file.clone();
         self.overrides = running.overrides.clone();

@@ -21,6 +21,7 @@ const EXAMPLES: &[&str] = &[
     "health-check.mjs",
     "hello.mjs",
     "memory-threshold.mjs",
+    "rate-limit.mjs",
     "sticky-sessions.mjs",
     "zero-downtime.mjs",
 ];
@@ -407,6 +408,57 @@ fn graceful_shutdown_finishes_the_requests_in_flight() {
         "no worker needed SIGKILL: {log}"
     );
     eprintln!("stopped {:?} after SIGTERM", stopped_at.elapsed());
+}
+
+/// For each of `clients` sources, `requests` requests on new connections: how many got
+/// 200, and the workers that answered.
+fn rate_limited_run(cluster: &Cluster, clients: u8, requests: u32) -> Vec<(u32, BTreeSet<usize>)> {
+    (0..clients)
+        .map(|c| {
+            // Not 127.0.1.x: `every_slot_answers` asked from there.
+            let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 2, 10 + c));
+            let mut ok = 0;
+            let mut workers = BTreeSet::new();
+            for _ in 0..requests {
+                let response = http_get_from(ip, cluster.listen_addr(), "/").expect("GET");
+                assert!(
+                    matches!(response.status, 200 | 429),
+                    "{ip}: {}",
+                    response.status
+                );
+                ok += u32::from(response.status == 200);
+                workers.insert(response.worker().expect("slot"));
+            }
+            (ok, workers)
+        })
+        .collect()
+}
+
+/// The guide's Redis rate limiter, in one worker's memory: under `--balance hash` every
+/// connection of a client reaches one worker, so each of 16 clients making 25 requests
+/// (a new connection each) gets exactly the limit of 10. Under round-robin the same
+/// limiter lets a client through up to once per worker per limit: that is what the hash
+/// buys.
+#[test]
+fn an_in_memory_rate_limit_is_exact_per_client_under_hash() {
+    const LIMIT: u32 = 10;
+    for (balance, exact) in [("hash", true), ("round-robin", false)] {
+        let cluster = node_cluster(&["--workers", "4", "--balance", balance], "rate-limit.mjs");
+        let runs = rate_limited_run(&cluster, 16, 25);
+        eprintln!("{balance}: (200s, workers) per client: {runs:?}");
+        if exact {
+            for (client, (ok, workers)) in runs.iter().enumerate() {
+                assert_eq!(*ok, LIMIT, "client {client} under hash: {runs:?}");
+                assert_eq!(workers.len(), 1, "client {client} moved: {runs:?}");
+            }
+        } else {
+            assert!(
+                runs.iter().all(|(ok, _)| *ok > LIMIT),
+                "under round-robin each worker counts a share: {runs:?}"
+            );
+        }
+        cluster.stop_cleanly(Duration::from_secs(10));
+    }
 }
 
 #[test]

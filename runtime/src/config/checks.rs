@@ -10,7 +10,7 @@ use super::values::{
     Balance, ByteSize, MIN_HEALTH_INTERVAL, MIN_HEALTH_TIMEOUT, MIN_MAX_MEMORY,
     MIN_WORKER_MEMORY_LIMIT, WORKER_NOFILE_RANGE, format_size,
 };
-use super::{Config, ConfigError, Credentials, Parsed, Settings, program};
+use super::{ClientLimits, Config, ConfigError, Credentials, Parsed, Settings, program};
 
 impl Settings {
     /// The error for a value that parsed but does not fit: it names the file and line
@@ -129,6 +129,7 @@ impl Settings {
                 },
             )?),
         };
+        let client_limits = self.client_limits()?;
         let config = Config {
             listen: self.listen.map_or(d.listen, |p| p.0),
             workers,
@@ -160,12 +161,101 @@ impl Settings {
             worker_nofile: self.worker_nofile,
             worker_memory_limit: self.worker_memory_limit.map(|p| p.0.0),
             command: self.command.clone().filter(|c| !c.is_empty()),
+            client_limits,
             config_file: None,
             overrides: Settings::default(),
         };
         self.check_addresses(&config)?;
         self.check_environment(&config)?;
         Ok(config)
+    }
+
+    /// The per-client limit, with its defaults. A `client-*` key under a policy without
+    /// Steer's program (`kernel`, `shared`, `userspace`) is an error naming the key: there
+    /// is nothing to enforce it.
+    fn client_limits(&self) -> Result<ClientLimits, ConfigError> {
+        let d = ClientLimits::default();
+        let given = [
+            (
+                "client-conn-rate",
+                self.client_conn_rate.map(|r| r.0.to_string()),
+            ),
+            (
+                "client-conn-burst",
+                self.client_conn_burst.map(|n| n.to_string()),
+            ),
+            (
+                "client-prefix-v4",
+                self.client_prefix_v4.map(|n| n.to_string()),
+            ),
+            (
+                "client-prefix-v6",
+                self.client_prefix_v6.map(|n| n.to_string()),
+            ),
+            (
+                "client-exempt",
+                self.client_exempt.as_ref().map(|list| {
+                    list.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                }),
+            ),
+            (
+                "client-table-size",
+                self.client_table_size.map(|n| n.to_string()),
+            ),
+        ];
+        if let Some(Parsed(balance)) = self.balance
+            && matches!(
+                balance,
+                Balance::Kernel | Balance::Shared | Balance::Userspace
+            )
+            && let Some((key, value)) = given.iter().find_map(|(k, v)| Some((*k, v.clone()?)))
+        {
+            return Err(self.invalid(
+                key,
+                value,
+                format!(
+                    "a per-client limit needs Steer's eBPF program, which --balance {balance} \
+                     does not run: choose round-robin, hash, least-loaded or cpu (or auto), \
+                     or remove the client-* settings"
+                ),
+            ));
+        }
+        if self.client_conn_rate.is_none()
+            && let Some(burst) = self.client_conn_burst
+        {
+            return Err(self.invalid(
+                "client-conn-burst",
+                burst.to_string(),
+                "a burst needs a rate: set client-conn-rate too",
+            ));
+        }
+        let rate = self.client_conn_rate.map(|r| r.0);
+        let mut exempt = self.client_exempt.clone().unwrap_or_default();
+        exempt.sort();
+        exempt.dedup();
+        if exempt.len() > steer_common::MAX_EXEMPT as usize {
+            return Err(self.invalid(
+                "client-exempt",
+                format!("{} prefixes", exempt.len()),
+                format!("at most {} prefixes", steer_common::MAX_EXEMPT),
+            ));
+        }
+        // The ranges were checked by the parsers (flag and file alike).
+        Ok(ClientLimits {
+            rate,
+            burst: match (self.client_conn_burst, rate) {
+                (Some(n), _) => n as u32,
+                (None, Some(rate)) => rate.default_burst(),
+                (None, None) => d.burst,
+            },
+            prefix_v4: self.client_prefix_v4.map_or(d.prefix_v4, |n| n as u8),
+            prefix_v6: self.client_prefix_v6.map_or(d.prefix_v6, |n| n as u8),
+            exempt,
+            table_size: self.client_table_size.map_or(d.table_size, |n| n as u32),
+        })
     }
 
     /// Heartbeat timings that can work: an interval the loop can keep, and a timeout that

@@ -84,6 +84,66 @@ pub(super) fn worker_nofile<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u6
     whole_number(d, *range.start(), *range.end()).map(Some)
 }
 
+/// `client-conn-burst`: see [`super::limits::BURST_RANGE`].
+pub(super) fn client_conn_burst<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let range = super::limits::BURST_RANGE;
+    whole_number(d, *range.start(), *range.end()).map(Some)
+}
+
+/// `client-prefix-v4`: see [`super::limits::PREFIX_V4_RANGE`].
+pub(super) fn client_prefix_v4<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let range = super::limits::PREFIX_V4_RANGE;
+    whole_number(d, *range.start(), *range.end()).map(Some)
+}
+
+/// `client-prefix-v6`: see [`super::limits::PREFIX_V6_RANGE`].
+pub(super) fn client_prefix_v6<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let range = super::limits::PREFIX_V6_RANGE;
+    whole_number(d, *range.start(), *range.end()).map(Some)
+}
+
+/// `client-table-size`: see [`super::limits::TABLE_SIZE_RANGE`].
+pub(super) fn client_table_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let range = super::limits::TABLE_SIZE_RANGE;
+    whole_number(d, *range.start(), *range.end()).map(Some)
+}
+
+/// `client-exempt`: an array of prefixes (`["10.0.0.0/8", "::1"]`), or one string of them
+/// separated by commas; an empty array is none.
+pub(super) fn client_exempt<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<super::Cidr>>, D::Error> {
+    let expected = "expected an array of prefixes such as [\"10.0.0.0/8\", \"::1\"]";
+    let items: Vec<String> = match Value::deserialize(d)? {
+        Value::String(s) => s.split(',').map(str::to_owned).collect(),
+        Value::Array(items) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(s) => Ok(s),
+                other => Err(D::Error::custom(format!(
+                    "invalid element {}: {expected}",
+                    kind(&other)
+                ))),
+            })
+            .collect::<Result<_, _>>()?,
+        other => {
+            return Err(D::Error::custom(format!(
+                "invalid value {}: {expected}",
+                kind(&other)
+            )));
+        }
+    };
+    items
+        .iter()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            s.parse()
+                .map_err(|reason| D::Error::custom(format!("invalid element {s:?}: {reason}")))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
 /// `true` or `false`.
 pub(super) fn boolean<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
     match Value::deserialize(d)? {

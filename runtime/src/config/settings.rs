@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::ConfigError;
 use super::fields;
+use super::limits::{Cidr, ConnRate};
 use super::values::{
     Balance, ByteSize, LogFormat, StatusAddr, StatusPaths, WorkerCount, WorkerOutput,
     parse_duration, parse_listen,
@@ -114,6 +115,24 @@ pub struct Settings {
     /// `command`: argv of an external worker program.
     #[serde(default, deserialize_with = "fields::command")]
     pub command: Option<Vec<String>>,
+    /// `client-conn-rate`: a rate such as "50/s".
+    #[serde(default, deserialize_with = "fields::from_str")]
+    pub client_conn_rate: Option<Parsed<ConnRate>>,
+    /// `client-conn-burst`: a number of connections.
+    #[serde(default, deserialize_with = "fields::client_conn_burst")]
+    pub client_conn_burst: Option<u64>,
+    /// `client-prefix-v4`: a prefix length.
+    #[serde(default, deserialize_with = "fields::client_prefix_v4")]
+    pub client_prefix_v4: Option<u64>,
+    /// `client-prefix-v6`: a prefix length.
+    #[serde(default, deserialize_with = "fields::client_prefix_v6")]
+    pub client_prefix_v6: Option<u64>,
+    /// `client-exempt`: an array of prefixes such as `["10.0.0.0/8"]`.
+    #[serde(default, deserialize_with = "fields::client_exempt")]
+    pub client_exempt: Option<Vec<Cidr>>,
+    /// `client-table-size`: entries of the client table.
+    #[serde(default, deserialize_with = "fields::client_table_size")]
+    pub client_table_size: Option<u64>,
     /// Where the file-given values came from (not a key).
     #[serde(skip)]
     pub origin: Origin,
@@ -208,6 +227,12 @@ impl Settings {
         "worker-nofile",
         "worker-memory-limit",
         "command",
+        "client-conn-rate",
+        "client-conn-burst",
+        "client-prefix-v4",
+        "client-prefix-v6",
+        "client-exempt",
+        "client-table-size",
     ];
 
     /// Reads and parses a TOML file. Unknown keys and bad values are errors that name the
@@ -265,6 +290,12 @@ impl Settings {
             "worker-nofile" => self.worker_nofile.is_some(),
             "worker-memory-limit" => self.worker_memory_limit.is_some(),
             "command" => self.command.is_some(),
+            "client-conn-rate" => self.client_conn_rate.is_some(),
+            "client-conn-burst" => self.client_conn_burst.is_some(),
+            "client-prefix-v4" => self.client_prefix_v4.is_some(),
+            "client-prefix-v6" => self.client_prefix_v6.is_some(),
+            "client-exempt" => self.client_exempt.is_some(),
+            "client-table-size" => self.client_table_size.is_some(),
             _ => false,
         }
     }
@@ -302,6 +333,12 @@ impl Settings {
             worker_nofile: self.worker_nofile.or(base.worker_nofile),
             worker_memory_limit: self.worker_memory_limit.or(base.worker_memory_limit),
             command: self.command.or(base.command),
+            client_conn_rate: self.client_conn_rate.or(base.client_conn_rate),
+            client_conn_burst: self.client_conn_burst.or(base.client_conn_burst),
+            client_prefix_v4: self.client_prefix_v4.or(base.client_prefix_v4),
+            client_prefix_v6: self.client_prefix_v6.or(base.client_prefix_v6),
+            client_exempt: self.client_exempt.or(base.client_exempt),
+            client_table_size: self.client_table_size.or(base.client_table_size),
             origin,
         }
     }

@@ -331,6 +331,12 @@ impl Host {
                         crate::errors::error_chain(&err)
                     );
                 }
+                if let Err(err) = self.steering.survey_clients() {
+                    tracing::warn!(
+                        "cannot read the per-client limit's tables: {}",
+                        crate::errors::error_chain(&err)
+                    );
+                }
             }
             // An undecided probe (a busy host) is looked at again soon, not a whole
             // interval later.

@@ -6,8 +6,8 @@ use std::time::Instant;
 use super::core::{Phase as CorePhase, SlotState};
 use super::supervisor::Supervisor;
 use crate::status::{
-    Phase, PrimaryStatus, Readiness, RollAbandonedStatus, StatusDocument, SteeringStatus, Totals,
-    WorkerStatus,
+    ClientLimitsStatus, ListenerRefusals, Phase, PrimaryStatus, Readiness, RefusedPrefix,
+    RollAbandonedStatus, StatusDocument, SteeringStatus, Totals, WorkerStatus,
 };
 use crate::sys::memory::rss_bytes;
 
@@ -154,6 +154,7 @@ impl Supervisor {
             },
             workers,
             totals,
+            client_limits: self.client_limits_status(counters.as_ref()),
             steering: counters.map(|c| SteeringStatus {
                 policy: c.policy.to_string(),
                 selections: c.selections,
@@ -163,5 +164,36 @@ impl Supervisor {
                 takeovers: c.takeovers,
             }),
         }
+    }
+
+    /// The per-client limit's part of `/status`; `None` without a limit.
+    fn client_limits_status(
+        &self,
+        counters: Option<&crate::steering::SteeringCounters>,
+    ) -> Option<ClientLimitsStatus> {
+        let limits = &self.host.config.client_limits;
+        let rate = limits.rate?;
+        let view = self.host.steering.client_view()?;
+        let (refused, inserts) = counters.map_or((0, 0), |c| (c.client_refusals, c.client_inserts));
+        Some(ClientLimitsStatus {
+            rate: rate.to_string(),
+            burst: limits.burst,
+            refused: vec![ListenerRefusals {
+                listener: self.host.listen.to_string(),
+                refused,
+            }],
+            clients_tracked: view.tracked,
+            table_size: u64::from(limits.table_size),
+            inserts,
+            evictions: inserts.saturating_sub(view.tracked),
+            top_refused: view
+                .top
+                .iter()
+                .map(|(prefix, refused)| RefusedPrefix {
+                    prefix: prefix.clone(),
+                    refused: *refused,
+                })
+                .collect(),
+        })
     }
 }

@@ -91,13 +91,20 @@ impl Supervisor {
         mut inheritance: Option<Inheritance>,
         mut signals: Signals,
     ) -> Result<Supervisor, StartError> {
-        let mut steering = Steering::new(config.balance, config.workers as u32).map_err(|err| {
-            format!(
-                "--balance {}: {}",
-                config.balance,
-                crate::errors::error_chain(&err)
-            )
-        })?;
+        let mut steering =
+            Steering::new(config.balance, config.workers as u32, &config.client_limits).map_err(
+                |err| {
+                    format!(
+                        "--balance {}{}: {}",
+                        config.balance,
+                        match config.client_limits.rate {
+                            Some(rate) => format!(" with --client-conn-rate {rate}"),
+                            None => String::new(),
+                        },
+                        crate::errors::error_chain(&err)
+                    )
+                },
+            )?;
         if inheritance.is_some() {
             // The group switches from the old program to this one in one step, once every
             // slot of this primary is ready.
@@ -849,8 +856,12 @@ impl Supervisor {
                     {
                         self.host.program = WorkerProgram::External(command.clone());
                     }
+                    let limits_changed = self.host.config.client_limits != new.client_limits;
                     self.host.config = new;
                     tracing::info!("SIGHUP: reloaded {}", path.display());
+                    if limits_changed {
+                        self.apply_client_limits();
+                    }
                     self.switch_policy(balance);
                     self.core.resize(&mut self.host, workers, now, "SIGHUP");
                 }
@@ -868,6 +879,25 @@ impl Supervisor {
 }
 
 impl Supervisor {
+    /// SIGHUP with another per-client limit: one write of the program's maps; the state of
+    /// every client stays.
+    fn apply_client_limits(&mut self) {
+        let limits = &self.host.config.client_limits;
+        match self.host.steering.set_client_limits(limits) {
+            Ok(()) => tracing::info!(
+                "SIGHUP: per-client limit now {}",
+                match limits.rate {
+                    Some(rate) => format!("{rate}, burst {}", limits.burst),
+                    None => "off".into(),
+                }
+            ),
+            Err(err) => tracing::error!(
+                "SIGHUP: cannot apply the per-client limit: {}",
+                crate::errors::error_chain(&err)
+            ),
+        }
+    }
+
     /// SIGHUP with another `balance`: switches the policy without restarting anyone
     /// where the program allows it; otherwise warns, naming the key, and keeps it.
     fn switch_policy(&mut self, wanted: Balance) {

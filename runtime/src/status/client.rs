@@ -295,6 +295,17 @@ pub fn render_table(doc: &StatusDocument) -> String {
             steering.policy, steering.migrations, steering.fallbacks, steering.drops
         );
     }
+    if let Some(limits) = &doc.client_limits {
+        let refused: u64 = limits.refused.iter().map(|l| l.refused).sum();
+        let _ = writeln!(
+            out,
+            "client limit {} (burst {}): {refused} refused, {} of {} clients tracked, {} evicted",
+            limits.rate, limits.burst, limits.clients_tracked, limits.table_size, limits.evictions
+        );
+        for prefix in &limits.top_refused {
+            let _ = writeln!(out, "  refused {:>8}  {}", prefix.refused, prefix.prefix);
+        }
+    }
     out
 }
 
@@ -397,6 +408,7 @@ mod tests {
                 migrations: 7,
                 takeovers: 0,
             }),
+            client_limits: None,
         };
         let table = render_table(&doc);
         assert!(

@@ -254,6 +254,52 @@ pub fn render(doc: &StatusDocument) -> String {
             e.family(name, "counter", help).sample(&[], value as f64);
         }
     }
+    if let Some(limits) = &doc.client_limits {
+        let mut refused = e.family(
+            "steer_client_refusals_total",
+            "counter",
+            "New connections (SYNs) refused by the per-client limit, per listening address.",
+        );
+        for listener in &limits.refused {
+            refused.sample(&[("listener", &listener.listener)], listener.refused as f64);
+        }
+        for (name, kind, help, value) in [
+            (
+                "steer_client_table_entries",
+                "gauge",
+                "Client prefixes in the per-client limit's table (as of the last health interval).",
+                limits.clients_tracked,
+            ),
+            (
+                "steer_client_table_size",
+                "gauge",
+                "The per-client limit table's bound (client-table-size).",
+                limits.table_size,
+            ),
+            (
+                "steer_client_inserts_total",
+                "counter",
+                "Client prefixes entered into the per-client limit's table.",
+                limits.inserts,
+            ),
+            (
+                "steer_client_evictions_total",
+                "counter",
+                "Client prefixes evicted from the per-client limit's table (inserts minus entries).",
+                limits.evictions,
+            ),
+        ] {
+            e.family(name, kind, help).sample(&[], value as f64);
+        }
+        let mut top = e.family(
+            "steer_client_prefix_refusals_total",
+            "counter",
+            "SYNs refused per client prefix, for the ten most-refused prefixes.",
+        );
+        for prefix in &limits.top_refused {
+            top.sample(&[("prefix", &prefix.prefix)], prefix.refused as f64);
+        }
+    }
     e.out
 }
 
@@ -277,7 +323,9 @@ fn format_value(value: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{PrimaryStatus, SteeringStatus, Totals};
+    use crate::status::{
+        ClientLimitsStatus, ListenerRefusals, PrimaryStatus, RefusedPrefix, SteeringStatus, Totals,
+    };
 
     fn doc() -> StatusDocument {
         let worker = |slot: usize, state: &str| WorkerStatus {
@@ -327,6 +375,22 @@ mod tests {
                 migrations: 3,
                 takeovers: 4,
             }),
+            client_limits: Some(ClientLimitsStatus {
+                rate: "50/s".into(),
+                burst: 10,
+                refused: vec![ListenerRefusals {
+                    listener: "127.0.0.1:8000".into(),
+                    refused: 7,
+                }],
+                clients_tracked: 3,
+                table_size: 1024,
+                inserts: 5,
+                evictions: 2,
+                top_refused: vec![RefusedPrefix {
+                    prefix: "127.0.0.9/32".into(),
+                    refused: 7,
+                }],
+            }),
         }
     }
 
@@ -354,6 +418,9 @@ mod tests {
         assert!(text.contains("steer_steering_drops_total 2\n"));
         assert!(text.contains("steer_steering_takeovers_total 4\n"));
         assert!(text.contains("steer_primary_phase{phase=\"running\"} 1\n"));
+        assert!(text.contains("steer_client_refusals_total{listener=\"127.0.0.1:8000\"} 7\n"));
+        assert!(text.contains("steer_client_evictions_total 2\n"));
+        assert!(text.contains("steer_client_prefix_refusals_total{prefix=\"127.0.0.9/32\"} 7\n"));
     }
 
     #[test]

@@ -26,6 +26,52 @@ pub struct StatusDocument {
     /// The eBPF program's counters; absent in `kernel` mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steering: Option<SteeringStatus>,
+    /// The per-client connection limit; absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_limits: Option<ClientLimitsStatus>,
+}
+
+/// The per-client connection limit in `/status` (`client-conn-rate`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientLimitsStatus {
+    /// The limit in force, as configured (`50/s`).
+    pub rate: String,
+    /// Connections a client may open at once on top of the rate.
+    pub burst: u32,
+    /// SYNs refused, per listening address (one today).
+    #[serde(default)]
+    pub refused: Vec<ListenerRefusals>,
+    /// Client prefixes in the program's table (as of the last health interval).
+    pub clients_tracked: u64,
+    /// The table's bound (`client-table-size`).
+    pub table_size: u64,
+    /// Clients the program entered into the table since it loaded.
+    pub inserts: u64,
+    /// Clients evicted from the table (least recently seen first), as inserts minus
+    /// the entries it holds: nothing else removes one.
+    pub evictions: u64,
+    /// The most-refused prefixes, most first (at most ten; refusals since the prefix's
+    /// entry in the program's refusal table was made).
+    #[serde(default)]
+    pub top_refused: Vec<RefusedPrefix>,
+}
+
+/// Refusals at one listening address.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerRefusals {
+    /// The listening address.
+    pub listener: String,
+    /// SYNs refused there.
+    pub refused: u64,
+}
+
+/// A client prefix and its refused SYNs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedPrefix {
+    /// The prefix (`203.0.113.7/32`).
+    pub prefix: String,
+    /// SYNs refused from it.
+    pub refused: u64,
 }
 
 /// The eBPF program's view in `/status`.

@@ -43,6 +43,7 @@ use aya::programs::{ProgramError, SkReuseport};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use steer_common::{Config, Counters, HASH_TABLE_SIZE, LiveSet, MAX_CPUS, MAX_SLOTS, policy};
 
+use super::clients::{self, ClientTables, ClientView};
 use super::holder::ListenerHolder;
 use super::load::{LoadRecord, LoadShare};
 use super::probe::{self, Outcome, OwnershipProbe};
@@ -50,7 +51,7 @@ use super::publisher::Publisher;
 use super::queues::ListenQueues;
 use super::shared::SharedArray;
 use super::{SteeringCounters, SteeringError, Takeover};
-use crate::config::Balance;
+use crate::config::{Balance, ClientLimits};
 
 /// The program's `CONFIG.policy` code for `policy`.
 fn policy_code(policy: Balance) -> Result<u32, SteeringError> {
@@ -136,6 +137,8 @@ pub struct EbpfSteering {
     /// Held only for the seconds a successor primary starts: a copy kept any longer would
     /// keep a dead worker's socket (and its queue) in the group.
     held: Option<Option<OwnedFd>>,
+    /// The per-client limit's maps.
+    clients: ClientTables,
 }
 
 impl std::fmt::Debug for EbpfSteering {
@@ -149,8 +152,20 @@ impl std::fmt::Debug for EbpfSteering {
 }
 
 impl EbpfSteering {
-    /// Loads the program for `policy` over `slots` configured slots.
+    /// Loads the program for `policy` over `slots` configured slots, with no per-client
+    /// limit.
+    #[cfg(test)]
     pub fn load(policy: Balance, slots: u32) -> Result<EbpfSteering, SteeringError> {
+        EbpfSteering::load_limited(policy, slots, &ClientLimits::default())
+    }
+
+    /// Loads the program for `policy` over `slots` configured slots, enforcing `limits`
+    /// (whose table size is fixed from now on).
+    pub fn load_limited(
+        policy: Balance,
+        slots: u32,
+        limits: &ClientLimits,
+    ) -> Result<EbpfSteering, SteeringError> {
         let code = policy_code(policy)?;
         if slots == 0 || slots > MAX_SLOTS {
             return Err(SteeringError::SlotCount(slots));
@@ -162,6 +177,7 @@ impl EbpfSteering {
         // was 21 MiB, 7 MiB now). `new()` still parses it once; `btf(None)` drops it first.
         let mut ebpf = EbpfLoader::new()
             .btf(None)
+            .map_max_entries("CLIENTS", limits.table_size)
             .load(OBJECT)
             .map_err(|e| classify("load the eBPF maps", &e))?;
         program_mut(&mut ebpf)?
@@ -179,6 +195,11 @@ impl EbpfSteering {
             .map_err(|e| SteeringError::map("use map PROBE", e))?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)
             .map_err(|e| SteeringError::map("use map COUNTERS", e))?;
+        let clients = ClientTables::new(
+            take(&mut ebpf, "CLIENTS")?,
+            take(&mut ebpf, "REFUSED")?,
+            take(&mut ebpf, "EXEMPT")?,
+        )?;
         write_maglev(&ebpf, slots)?;
         let allowed = super::allowed_cpus();
         write_cpu_index(&mut ebpf, &allowed)?;
@@ -208,7 +229,9 @@ impl EbpfSteering {
             takeovers: 0,
             probe_trouble: None,
             held: None,
+            clients,
         };
+        steering.set_client_limits(limits)?;
         if policy == Balance::LeastLoaded {
             steering.queues = Some(
                 ListenQueues::open()
@@ -235,6 +258,29 @@ impl EbpfSteering {
         self.write_config()?;
         self.policy = policy;
         Ok(())
+    }
+
+    /// Applies a per-client limit (all but its table size, fixed at load): the exempt
+    /// prefixes, then one write of `CONFIG`. Clients' state stays: a client under the new
+    /// limit goes on from where it was.
+    pub fn set_client_limits(&mut self, limits: &ClientLimits) -> Result<(), SteeringError> {
+        self.clients.apply(limits)?;
+        clients::apply_to_config(limits, &mut self.config);
+        self.write_config()
+    }
+
+    /// Once per health interval: counts the tracked clients, reads the refusals per
+    /// prefix, and logs the prefixes that started being refused.
+    pub fn survey_clients(&mut self) -> Result<(), SteeringError> {
+        if self.config.client_interval_ns == 0 {
+            return Ok(());
+        }
+        self.clients.survey()
+    }
+
+    /// What [`EbpfSteering::survey_clients`] found last; `None` with no limit.
+    pub fn client_view(&self) -> Option<&ClientView> {
+        (self.config.client_interval_ns != 0).then(|| self.clients.view())
     }
 
     /// See [`super::Steering::hold`].
@@ -621,6 +667,8 @@ impl EbpfSteering {
             drops: 0,
             migrations: 0,
             takeovers: self.takeovers,
+            client_refusals: 0,
+            client_inserts: 0,
         };
         for cpu in per_cpu.iter() {
             for (sum, value) in total.selections.iter_mut().zip(cpu.selections.iter()) {
@@ -629,6 +677,8 @@ impl EbpfSteering {
             total.fallbacks += cpu.fallbacks;
             total.drops += cpu.drops;
             total.migrations += cpu.migrations;
+            total.client_refusals += cpu.client_refusals;
+            total.client_inserts += cpu.client_inserts;
         }
         Ok(total)
     }

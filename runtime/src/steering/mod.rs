@@ -20,6 +20,7 @@
 //! [`queues`] the port's listeners and the real accept-queue lengths they are settled
 //! against.
 
+pub mod clients;
 pub mod ebpf;
 pub mod foreign;
 pub mod holder;
@@ -184,6 +185,11 @@ pub struct SteeringCounters {
     /// Times the primary found another program (or none) deciding for the group and
     /// attached its own again.
     pub takeovers: u64,
+    /// SYNs the per-client limit refused.
+    pub client_refusals: u64,
+    /// Clients entered into the program's client table (inserts; evictions are this minus
+    /// the entries it holds).
+    pub client_inserts: u64,
 }
 
 fn serialize_display<S: serde::Serializer>(policy: &Balance, s: S) -> Result<S::Ok, S::Error> {
@@ -203,26 +209,62 @@ pub enum Steering {
 }
 
 impl Steering {
-    /// Sets up steering for `balance` over `slots` slots. `auto` loads the program for
-    /// `round-robin` and falls back to `kernel` with one warning if it cannot; an explicit
-    /// eBPF policy that cannot load is an error.
-    pub fn new(balance: Balance, slots: u32) -> Result<Steering, SteeringError> {
+    /// Sets up steering for `balance` over `slots` slots, with the per-client `limits`.
+    /// `auto` loads the program for `round-robin` and falls back to `kernel` with one
+    /// warning if it cannot (unless a per-client limit is set: only the program enforces
+    /// one); an explicit eBPF policy that cannot load is an error.
+    pub fn new(
+        balance: Balance,
+        slots: u32,
+        limits: &crate::config::ClientLimits,
+    ) -> Result<Steering, SteeringError> {
         match balance {
             Balance::Kernel => Ok(Steering::Kernel),
             Balance::Shared | Balance::Userspace => Ok(Steering::Baseline(balance)),
-            Balance::Auto => match ebpf::EbpfSteering::load(Balance::RoundRobin, slots) {
-                Ok(program) => Ok(Steering::Ebpf(Box::new(program))),
-                Err(err) => {
-                    tracing::warn!(
-                        "eBPF steering unavailable ({}); balancing with the kernel's SO_REUSEPORT hash (--balance kernel)",
-                        crate::errors::error_chain(&err)
-                    );
-                    Ok(Steering::Kernel)
+            Balance::Auto => {
+                match ebpf::EbpfSteering::load_limited(Balance::RoundRobin, slots, limits) {
+                    Ok(program) => Ok(Steering::Ebpf(Box::new(program))),
+                    Err(err) if limits.rate.is_some() => Err(err),
+                    Err(err) => {
+                        tracing::warn!(
+                            "eBPF steering unavailable ({}); balancing with the kernel's SO_REUSEPORT hash (--balance kernel)",
+                            crate::errors::error_chain(&err)
+                        );
+                        Ok(Steering::Kernel)
+                    }
                 }
-            },
-            other => Ok(Steering::Ebpf(Box::new(ebpf::EbpfSteering::load(
-                other, slots,
+            }
+            other => Ok(Steering::Ebpf(Box::new(ebpf::EbpfSteering::load_limited(
+                other, slots, limits,
             )?))),
+        }
+    }
+
+    /// Applies a changed per-client limit (SIGHUP). Without the program there is none to
+    /// apply (the configuration check refuses one).
+    pub fn set_client_limits(
+        &mut self,
+        limits: &crate::config::ClientLimits,
+    ) -> Result<(), SteeringError> {
+        match self {
+            Steering::Ebpf(program) => program.set_client_limits(limits),
+            _ => Ok(()),
+        }
+    }
+
+    /// Once per health interval: see [`ebpf::EbpfSteering::survey_clients`].
+    pub fn survey_clients(&mut self) -> Result<(), SteeringError> {
+        match self {
+            Steering::Ebpf(program) => program.survey_clients(),
+            _ => Ok(()),
+        }
+    }
+
+    /// What the per-client limit's last survey found; `None` without a limit.
+    pub fn client_view(&self) -> Option<&clients::ClientView> {
+        match self {
+            Steering::Ebpf(program) => program.client_view(),
+            _ => None,
         }
     }
 

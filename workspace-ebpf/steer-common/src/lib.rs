@@ -17,6 +17,9 @@
 //! | `COUNTERS` (per-CPU array, 1) | 0 | [`Counters`] | program |
 //! | `CURSOR` (per-CPU array, 1) | 0 | `u32` round-robin cursor | program |
 //! | `CPU_INDEX` (array, [`MAX_CPUS`]) | CPU number | 1 + its index among the CPUs workers may run on, 0 if none | primary, once |
+//! | `CLIENTS` (LRU hash, `--client-table-size`) | [`ClientKey`] | `u64`: the client's GCRA theoretical arrival time (ns, `bpf_ktime_get_ns`) | program |
+//! | `REFUSED` (LRU hash, [`REFUSED_TABLE_SIZE`]) | [`ClientKey`] | `u64`: SYNs refused from that prefix | program; read by the primary each health interval |
+//! | `EXEMPT` (LPM trie, [`MAX_EXEMPT`]) | `prefix length + 16 address bytes` (IPv4 as IPv4-mapped IPv6) | `u8` 1 | primary, at start and on SIGHUP |
 #![no_std]
 
 /// Most worker slots a cluster may have. Sizes the steering maps; `--workers` above it is
@@ -35,6 +38,42 @@ pub const HASH_TABLE_SIZE: u32 = 65_537;
 /// worker died a moment ago and the primary has not yet updated the live set). After that it
 /// drops the connection rather than let the kernel pick any socket in the group.
 pub const FALLBACK_TRIES: u32 = 4;
+
+/// Entries of `REFUSED`: the prefixes whose SYNs the program refused, most recent first
+/// to stay. Small on purpose: the primary reads the whole map once per health interval.
+pub const REFUSED_TABLE_SIZE: u32 = 1024;
+
+/// Most `--client-exempt` prefixes.
+pub const MAX_EXEMPT: u32 = 1024;
+
+/// Default size of `CLIENTS` (`--client-table-size`).
+pub const DEFAULT_CLIENT_TABLE_SIZE: u32 = 65_536;
+
+/// The [`ClientKey::family`] of an IPv4 client (an IPv4-mapped IPv6 address included).
+pub const FAMILY_V4: u8 = 4;
+/// The [`ClientKey::family`] of an IPv6 client.
+pub const FAMILY_V6: u8 = 6;
+
+/// A client prefix: the key of the per-client limit's state (`CLIENTS`) and of the refusal
+/// counts (`REFUSED`).
+///
+/// It names an address family and the client's address masked to the configured prefix,
+/// nothing of the transport: a TCP SYN and (once the program sees UDP and QUIC) the first
+/// datagram of a new flow from the same prefix look up the same entry, so one budget
+/// covers a client's new connections and new flows alike.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientKey {
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// The prefix length the address was masked to.
+    pub prefix: u8,
+    /// Zero. Room for a class of traffic, should one ever need a budget of its own.
+    pub _reserved: [u8; 2],
+    /// The masked address in network byte order, read as native words: an IPv4 address
+    /// in word 0 (the rest 0), or the 16 bytes of an IPv6 address.
+    pub addr: [u32; 4],
+}
 
 /// The `policy` values of [`Config`].
 pub mod policy {
@@ -73,6 +112,22 @@ pub struct Config {
     pub probe_addr: [u32; 4],
     /// Padding; keeps the size a multiple of 8.
     pub _pad: u32,
+    /// The per-client limit's emission interval in ns (one connection per this, GCRA's
+    /// `T`); 0: no per-client limit.
+    pub client_interval_ns: u64,
+    /// GCRA's tolerance in ns: `(burst - 1) x T`, how far ahead of now a client's
+    /// theoretical arrival time may run before its SYNs are refused.
+    pub client_tolerance_ns: u64,
+    /// The IPv4 prefix mask (`--client-prefix-v4`), network order read as a native word.
+    pub client_mask_v4: u32,
+    /// The IPv6 prefix mask (`--client-prefix-v6`), network order read as native words.
+    pub client_mask_v6: [u32; 4],
+    /// `--client-prefix-v4`, stored in keys.
+    pub client_prefix_v4: u8,
+    /// `--client-prefix-v6`, stored in keys.
+    pub client_prefix_v6: u8,
+    /// Padding; keeps the size a multiple of 8.
+    pub _pad2: [u8; 2],
 }
 
 /// The slots in steering, in slot order: the one value of the inner map at `LIVE[0]`.
@@ -164,6 +219,11 @@ pub struct Counters {
     /// Connections migrated out of a closing listener to a live slot (by the `migrate`
     /// path; a migration that ends in a drop is counted in `drops` only).
     pub migrations: u64,
+    /// SYNs refused by the per-client limit (not counted in `drops`).
+    pub client_refusals: u64,
+    /// Clients entered into `CLIENTS`. With nothing ever deleted from it, this minus the
+    /// entries it holds is how many the LRU evicted.
+    pub client_inserts: u64,
 }
 
 impl Counters {
@@ -173,6 +233,8 @@ impl Counters {
         fallbacks: 0,
         drops: 0,
         migrations: 0,
+        client_refusals: 0,
+        client_inserts: 0,
     };
 }
 
@@ -225,11 +287,49 @@ mod user {
     unsafe impl aya::Pod for super::SlotLoad {}
     #[allow(clippy::undocumented_unsafe_blocks)]
     unsafe impl aya::Pod for super::Counters {}
+    #[allow(clippy::undocumented_unsafe_blocks)]
+    unsafe impl aya::Pod for super::ClientKey {}
+}
+
+/// GCRA's decision for one new connection of a client whose theoretical arrival time is
+/// `tat` (0 for a new client) at time `now`: `Some(new tat)` to admit it, `None` to refuse
+/// it. `interval` is the emission interval `T`, `tolerance` is `(burst - 1) x T`: a fresh
+/// client gets `burst` connections at once, then one per `T`.
+#[inline(always)]
+pub fn gcra(tat: u64, now: u64, interval: u64, tolerance: u64) -> Option<u64> {
+    let start = if tat > now { tat } else { now };
+    if start - now > tolerance {
+        return None;
+    }
+    Some(start + interval)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gcra_gives_a_burst_then_the_rate() {
+        let t = 20_000_000; // 50/s
+        let tolerance = 9 * t; // burst 10
+        let mut tat = 0;
+        let mut admitted = 0;
+        // 2 s of attempts every 1 ms.
+        for ms in 0..2000u64 {
+            if let Some(next) = gcra(tat, 1_000_000_000 + ms * 1_000_000, t, tolerance) {
+                tat = next;
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 10 + 100 - 1, "the burst, then one per 20 ms");
+        assert_eq!(gcra(0, 5, t, 0), Some(5 + t), "a new client is admitted");
+    }
+
+    #[test]
+    fn client_key_layout_is_fixed() {
+        assert_eq!(size_of::<ClientKey>(), 20);
+        assert_eq!(size_of::<Config>() % 8, 0);
+    }
 
     #[test]
     fn ipv4_mapped_ipv6_hashes_like_ipv4() {

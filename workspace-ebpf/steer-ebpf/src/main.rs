@@ -11,6 +11,13 @@
 //! the primary connects from the source in `CONFIG.probe_*`; the program counts it in
 //! `PROBE` and drops it. A probe that is answered, or refused without being counted, was
 //! decided by a program other than this one, and the primary attaches this one again.
+//!
+//! With a per-client limit (`CONFIG.client_interval_ns` not 0), a client SYN is first
+//! checked against its prefix's state in `CLIENTS` (GCRA: one theoretical arrival time per
+//! prefix, advanced by compare-and-exchange so concurrent SYNs on several CPUs are counted
+//! exactly). Over the limit it is dropped before any policy runs: the listener lookup
+//! fails and the client gets a reset at once. Only SYNs count (under syncookies the
+//! final ACK of a handshake runs the program too), and prefixes in `EXEMPT` never do.
 #![no_std]
 #![no_main]
 // The BPF target has no atomic types, but LLVM lowers this intrinsic to BPF's
@@ -18,19 +25,26 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_F_MMAPABLE, bpf_hdr_start_off::BPF_HDR_START_NET, sk_action},
     btf_maps::{Array as BtfArray, ArrayOfMaps},
-    helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_skb_load_bytes_relative},
+    helpers::{
+        bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_skb_load_bytes_relative,
+    },
     macros::{btf_map, map, sk_reuseport},
-    maps::{Array, PerCpuArray, ReusePortSockArray},
+    maps::{
+        Array, LruHashMap, PerCpuArray, ReusePortSockArray,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
     programs::SkReuseportContext,
 };
 use steer_common::{
-    Config, Counters, FALLBACK_TRIES, HASH_TABLE_SIZE, LiveSet, MAX_CPUS, MAX_SLOTS, SlotLoad,
+    ClientKey, Config, Counters, DEFAULT_CLIENT_TABLE_SIZE, FALLBACK_TRIES, FAMILY_V4, FAMILY_V6,
+    HASH_TABLE_SIZE, LiveSet, MAX_CPUS, MAX_EXEMPT, MAX_SLOTS, REFUSED_TABLE_SIZE, SlotLoad,
     policy,
 };
 
@@ -55,6 +69,24 @@ static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
 static CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static CPU_INDEX: Array<u32> = Array::with_max_entries(MAX_CPUS, 0);
+/// Sized by the primary at load (`--client-table-size`).
+#[map]
+static CLIENTS: LruHashMap<ClientKey, u64> =
+    LruHashMap::with_max_entries(DEFAULT_CLIENT_TABLE_SIZE, 0);
+#[map]
+static REFUSED: LruHashMap<ClientKey, u64> = LruHashMap::with_max_entries(REFUSED_TABLE_SIZE, 0);
+#[map]
+static EXEMPT: LpmTrie<[u32; 4], u8> = LpmTrie::with_max_entries(MAX_EXEMPT, 0);
+
+/// Compare-and-exchange attempts on one client's state before its SYN is refused. Each
+/// failed attempt means another SYN of the same prefix was admitted in between, so a
+/// prefix that loses this many races in a row is sending as fast as several CPUs can
+/// take its SYNs.
+const CAS_TRIES: u32 = 4;
+const BPF_NOEXIST: u64 = 1;
+/// TCP's SYN and ACK flags, in the 14th byte of the header.
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 const ETH_P_IP: u32 = 0x0800;
 const ETH_P_IPV6: u32 = 0x86DD;
@@ -74,6 +106,10 @@ pub fn steer_select(ctx: SkReuseportContext) -> u32 {
     };
     let migrating = ctx.migrating_sk().is_some();
     if !migrating && is_probe(&ctx, config) {
+        return sk_action::SK_DROP;
+    }
+    if !migrating && config.client_interval_ns != 0 && !admit(&ctx, config, counters) {
+        counters.client_refusals += 1;
         return sk_action::SK_DROP;
     }
     match select(&ctx, config, counters) {
@@ -112,6 +148,146 @@ fn is_probe(ctx: &SkReuseportContext, config: &Config) -> bool {
         unsafe { *seen += 1 };
     }
     true
+}
+
+/// The per-client limit: whether this packet may go on to a worker. Anything but a TCP
+/// SYN from a client outside `EXEMPT` goes on uncounted.
+#[inline(always)]
+fn admit(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters) -> bool {
+    if ctx.ip_protocol() != IPPROTO_TCP {
+        return true;
+    }
+    // The packet data starts at the TCP header; byte 13 holds the flags.
+    let data = ctx.data();
+    if data + 14 > ctx.data_end() {
+        return true;
+    }
+    // SAFETY: the verifier sees the bounds check above; one byte of packet data.
+    let flags = unsafe { *((data + 13) as *const u8) };
+    if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return true;
+    }
+    let Some(key) = limited_client(ctx, config) else {
+        return true;
+    };
+    let interval = config.client_interval_ns;
+    let tolerance = config.client_tolerance_ns;
+    // SAFETY: a helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let state = match CLIENTS.get_ptr_mut(key) {
+        Some(state) => state,
+        None => {
+            // A new client: this SYN is its first connection.
+            if CLIENTS.insert(key, now + interval, BPF_NOEXIST).is_ok() {
+                counters.client_inserts += 1;
+                return true;
+            }
+            // Another CPU entered it first, or the map is full of entries being updated.
+            match CLIENTS.get_ptr_mut(key) {
+                Some(state) => state,
+                None => return true,
+            }
+        }
+    };
+    let mut i = 0;
+    while i < CAS_TRIES {
+        // SAFETY: a valid, 8-byte aligned u64 in a hash map value; every write to it is
+        // the compare-and-exchange below.
+        let tat = unsafe { core::ptr::read_volatile(state) };
+        let Some(next) = steer_common::gcra(tat, now, interval, tolerance) else {
+            break;
+        };
+        // SAFETY: as above.
+        let (_, swapped) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                state, tat, next,
+            )
+        };
+        if swapped {
+            return true;
+        }
+        i += 1;
+    }
+    count_refusal(&key);
+    false
+}
+
+/// Counts a refused SYN against its prefix in `REFUSED`.
+#[inline(always)]
+fn count_refusal(key: &ClientKey) {
+    match REFUSED.get_ptr_mut(key) {
+        // SAFETY: a valid, 8-byte aligned u64 in a hash map value; only atomic adds
+        // write it once it exists.
+        Some(count) => unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, 1);
+        },
+        None => {
+            let _ = REFUSED.insert(key, 1, BPF_NOEXIST);
+        }
+    }
+}
+
+/// The client's prefix, from the packet's network header; `None` for a client in an
+/// `--client-exempt` prefix (or a packet without a readable source address). The trie
+/// holds IPv6 prefixes, and IPv4 ones as IPv4-mapped IPv6 (`::ffff:a.b.c.d/(96 + n)`).
+#[inline(always)]
+fn limited_client(ctx: &SkReuseportContext, config: &Config) -> Option<ClientKey> {
+    let protocol = u32::from(u16::from_be(ctx.eth_protocol() as u16));
+    let (offset, len) = match protocol {
+        ETH_P_IP => (12, 4),
+        ETH_P_IPV6 => (8, 16),
+        _ => return None,
+    };
+    if ctx.is_empty() {
+        return None;
+    }
+    let mut words = [0u32; 4];
+    // SAFETY: `words` has room for `len` (<= 16) bytes.
+    let ret = unsafe {
+        bpf_skb_load_bytes_relative(
+            ctx.as_ptr(),
+            offset,
+            words.as_mut_ptr().cast(),
+            len,
+            BPF_HDR_START_NET,
+        )
+    };
+    if ret != 0 {
+        return None;
+    }
+    let mapped =
+        protocol == ETH_P_IPV6 && words[0] == 0 && words[1] == 0 && words[2] == u32::to_be(0xffff);
+    // The exemption trie is keyed by the whole address, IPv4 as IPv4-mapped IPv6.
+    let whole = if protocol == ETH_P_IP {
+        [0, 0, u32::to_be(0xffff), words[0]]
+    } else {
+        words
+    };
+    if EXEMPT.get(LpmKey::new(128, whole)).is_some() {
+        return None;
+    }
+    let key = if protocol == ETH_P_IP || mapped {
+        ClientKey {
+            family: FAMILY_V4,
+            prefix: config.client_prefix_v4,
+            _reserved: [0; 2],
+            addr: [whole[3] & config.client_mask_v4, 0, 0, 0],
+        }
+    } else {
+        let m = &config.client_mask_v6;
+        ClientKey {
+            family: FAMILY_V6,
+            prefix: config.client_prefix_v6,
+            _reserved: [0; 2],
+            addr: [
+                words[0] & m[0],
+                words[1] & m[1],
+                words[2] & m[2],
+                words[3] & m[3],
+            ],
+        }
+    };
+    Some(key)
 }
 
 /// Whether the packet's source address is the probe's, compared whole.
