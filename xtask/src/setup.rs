@@ -1,7 +1,8 @@
 //! `cargo xtask setup`: make this machine able to build and test Steer. Idempotent: each
 //! step checks first and says what it does: rustfmt and clippy; nightly, rust-src and
-//! bpf-linker for the eBPF program; cargo-fuzz for the fuzz targets; python3, node, nft
-//! and systemd-analyze for tests.
+//! bpf-linker for the eBPF program; cargo-fuzz for the fuzz targets; cargo-deb for the
+//! package (`test` builds it: a test installs it); python3, node, nft and systemd-analyze
+//! for tests.
 
 use std::process::Command;
 
@@ -10,6 +11,7 @@ pub(crate) fn run() -> Result<(), String> {
     ensure_rustup_components(&["rustfmt", "clippy"])?;
     ensure_ebpf_toolchain()?;
     ensure_cargo_fuzz()?;
+    ensure_cargo_deb()?;
     ensure_command(
         "python3",
         "python3",
@@ -48,7 +50,7 @@ fn ensure_rustup_components(components: &[&str]) -> Result<(), String> {
 /// The eBPF program (`workspace-ebpf/steer-ebpf`) builds with nightly, `-Z build-std=core`
 /// (which needs the nightly `rust-src`) and bpf-linker 0.10, which loads rustc's own LLVM
 /// (newer releases need a system LLVM 21+ that Debian 12 does not ship).
-fn ensure_ebpf_toolchain() -> Result<(), String> {
+pub(crate) fn ensure_ebpf_toolchain() -> Result<(), String> {
     let toolchains = output("rustup", &["toolchain", "list"]).unwrap_or_default();
     if !toolchains.lines().any(|line| line.starts_with("nightly")) {
         eprintln!("xtask setup: installing the nightly toolchain (the eBPF program needs it)");
@@ -111,6 +113,28 @@ fn ensure_cargo_fuzz() -> Result<(), String> {
 }
 
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// `cargo xtask dist` builds the Debian package with cargo-deb, and `test` runs `dist`
+/// because `tests/tests/dist.rs` installs that package.
+pub(crate) fn ensure_cargo_deb() -> Result<(), String> {
+    let version = output("cargo", &["deb", "--version"]).unwrap_or_default();
+    if version.contains(CARGO_DEB_VERSION) {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask setup: installing cargo-deb {CARGO_DEB_VERSION} (builds the .deb of `cargo xtask dist`; about two minutes)"
+    );
+    crate::step(
+        "cargo",
+        &[
+            "install",
+            "--locked",
+            &format!("cargo-deb@{CARGO_DEB_VERSION}"),
+        ],
+    )
+}
+
+const CARGO_DEB_VERSION: &str = "3.8.0";
 
 fn ensure_command(command: &str, debian_package: &str, why: &str) -> Result<(), String> {
     if Command::new(command)
