@@ -3,7 +3,8 @@
 //! - `setup`: install what building and testing need, idempotently (rustfmt, clippy,
 //!   nightly + rust-src and bpf-linker for the eBPF program, python3 and nodejs for the
 //!   external-worker tests, systemd-analyze for the unit-file test, cargo-deb for the
-//!   package test).
+//!   package test; hadolint, buildah and a debootstrapped Debian base image for the
+//!   Dockerfile test).
 //! - `run [-- ARGS]`: build `steer` (release) and start the demo cluster on 127.0.0.1:8000
 //!   with status on 127.0.0.1:8001; ARGS are added to `steer run`.
 //! - `test`: formatting, clippy, `dist`, then every unit and integration test. What CI runs.

