@@ -122,6 +122,21 @@ impl Cluster {
         cluster
     }
 
+    /// Runs `cmd`, which starts a primary some other way (a container runtime's `run`,
+    /// with `steer run --listen <listen> --status <status>` inside), and waits until every
+    /// worker is ready. [`pid`](Cluster::pid) and [`signal`](Cluster::signal) then concern
+    /// `cmd`'s process, not necessarily the primary: the status says which that is.
+    /// Dropping the cluster kills `cmd` and everything below it.
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Cluster::start).
+    pub fn start_command(cmd: Command, listen: SocketAddr, status: SocketAddr) -> Cluster {
+        let cluster = Self::launch(cmd, listen, status);
+        cluster.wait_ready(READY_TIMEOUT);
+        cluster
+    }
+
     /// Runs another primary than `steer run`, such as a program built on the `steer`
     /// library, with `args` completed by `--listen`/`--status` as in
     /// [`start`](Cluster::start), and waits until every worker is ready.

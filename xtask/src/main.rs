@@ -2,10 +2,14 @@
 //!
 //! - `setup`: install what building and testing need, idempotently (rustfmt, clippy,
 //!   nightly + rust-src and bpf-linker for the eBPF program, python3 and nodejs for the
-//!   external-worker tests, systemd-analyze for the unit-file test).
+//!   external-worker tests, systemd-analyze for the unit-file test, cargo-deb for the
+//!   package test; hadolint, buildah and a debootstrapped Debian base image for the
+//!   Dockerfile test).
 //! - `run [-- ARGS]`: build `steer` (release) and start the demo cluster on 127.0.0.1:8000
 //!   with status on 127.0.0.1:8001; ARGS are added to `steer run`.
-//! - `test`: formatting, clippy, then every unit and integration test. What CI runs.
+//! - `test`: formatting, clippy, `dist`, then every unit and integration test. What CI runs.
+//! - `dist`: the release build packaged in `target/dist/`: `steer_<version>_<arch>.deb`
+//!   and a `.tar.gz` for other distributions (see `dist.rs`).
 //! - `bench [--quick] [--peers] [--perf [--policy P]]`: every balancing policy against the
 //!   userspace baselines and peers, or a `perf` profile of one policy's new-connection
 //!   path; reports in `target/bench/` (see `bench.rs`).
@@ -18,6 +22,7 @@
 use std::process::{Command, ExitCode};
 
 mod bench;
+mod dist;
 mod setup;
 
 fn main() -> ExitCode {
@@ -27,12 +32,13 @@ fn main() -> ExitCode {
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
+        Some("dist") => dist::run(&args[1..]),
         Some("soak") => soak(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             println!(
                 "usage: cargo xtask <setup | run [-- STEER_RUN_ARGS] | test [-- CARGO_TEST_ARGS] | \
-                 bench [--quick] [--peers] [--perf [--policy P]] | soak [--seconds N] | \
+                 dist | bench [--quick] [--peers] [--perf [--policy P]] | soak [--seconds N] | \
                  fuzz [--seconds N] [TARGET]...>"
             );
             return ExitCode::SUCCESS;
@@ -160,11 +166,9 @@ fn test(args: &[String]) -> Result<(), String> {
     // Plain cargo commands act on the workspace's default members: everything but the
     // eBPF crate, which runtime/build.rs builds for its own target.
     step("cargo", &["build", "--bins", "--examples"])?;
-    // And the release primary, whose memory a test holds to the budget users see.
-    step(
-        "cargo",
-        &["build", "--release", "--package", "steer", "--bin", "steer"],
-    )?;
+    // And the release primary, whose memory a test holds to the budget users see,
+    // packaged: tests/tests/dist.rs installs the .deb.
+    dist::build()?;
     let mut test_args = vec!["test"];
     let extra = passthrough(args);
     if !extra.is_empty() {
