@@ -94,6 +94,7 @@ pub fn run(config: &ProfileConfig) -> Result<PathBuf, String> {
         .map_err(|e| format!("creating {}: {e}", config.programs.scratch.display()))?;
     let subject = Subject::Steer {
         policy: config.policy.clone(),
+        client_limit: false,
     };
     let server = Server::start(&subject, config.workers, &config.programs)?;
     let spec = |length: Duration| {

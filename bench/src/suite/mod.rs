@@ -80,8 +80,14 @@ impl SuiteConfig {
             .iter()
             .map(|policy| Subject::Steer {
                 policy: (*policy).into(),
+                client_limit: false,
             })
             .collect();
+        // What a per-client limit costs: round-robin again, with one no client reaches.
+        subjects.push(Subject::Steer {
+            policy: "round-robin".into(),
+            client_limit: true,
+        });
         if self.programs.node.is_some() {
             subjects.push(Subject::Node { sched: "rr".into() });
             subjects.push(Subject::Node {

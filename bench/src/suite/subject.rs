@@ -24,6 +24,9 @@ pub const STEER_POLICIES: [&str; 7] = [
     "userspace",
 ];
 
+/// The suffix of a subject with a per-client limit no client reaches.
+pub const LIMITED: &str = "+limit";
+
 /// The policies that run Steer's eBPF program.
 pub const EBPF_POLICIES: [&str; 4] = ["round-robin", "hash", "least-loaded", "cpu"];
 
@@ -35,6 +38,11 @@ pub enum Subject {
     Steer {
         /// The `--balance` value.
         policy: String,
+        /// With a per-client connection limit that no client reaches
+        /// (`--client-conn-rate 1000000000/s`): every SYN takes the limit's path in the
+        /// program, so the subject shows what the limit costs.
+        #[serde(default)]
+        client_limit: bool,
     },
     /// Node's cluster module (`bench/peers/node_cluster.js`).
     Node {
@@ -49,7 +57,14 @@ impl Subject {
     /// The name in tables and charts.
     pub fn name(&self) -> String {
         match self {
-            Subject::Steer { policy } => policy.clone(),
+            Subject::Steer {
+                policy,
+                client_limit: false,
+            } => policy.clone(),
+            Subject::Steer {
+                policy,
+                client_limit: true,
+            } => format!("{policy}{LIMITED}"),
             Subject::Node { sched } => format!("node-{sched}"),
             Subject::Nginx => "nginx-reuseport".into(),
         }
@@ -112,7 +127,10 @@ impl Server {
             .to_string_lossy()
             .into_owned();
         let mut command = match subject {
-            Subject::Steer { policy } => {
+            Subject::Steer {
+                policy,
+                client_limit,
+            } => {
                 let status_addr = free_addr()?;
                 status = Some(status_addr);
                 let mut command = Command::new(&programs.steer);
@@ -131,6 +149,14 @@ impl Server {
                     "5s",
                     "-q",
                 ]);
+                if *client_limit {
+                    command.args([
+                        "--client-conn-rate",
+                        "1000000000/s",
+                        "--client-conn-burst",
+                        "1000000",
+                    ]);
+                }
                 command
             }
             Subject::Node { sched } => {

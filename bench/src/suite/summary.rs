@@ -394,6 +394,14 @@ fn targets(subjects: &[SubjectSummary], workers: usize) -> Vec<Target> {
         met: rr.map(|r| r >= 0.97),
     });
 
+    let limited = format!("round-robin{}", super::subject::LIMITED);
+    let limit_cost = ratio(cpu(&limited), cpu("round-robin"));
+    targets.push(Target {
+        goal: "server CPU per new connection with a per-client limit <= 1.05x without".into(),
+        measured: limit_cost.map_or_else(|| "not measured".into(), |r| format!("{r:.3}x")),
+        met: limit_cost.map(|r| r <= 1.05),
+    });
+
     let userspace_cpu = get(USERSPACE)
         .and_then(|s| s.connect.primary_cpu_pct)
         .map_or(f64::NAN, |s| s.median);
