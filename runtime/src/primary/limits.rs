@@ -5,9 +5,10 @@
 use std::io;
 
 /// File descriptors the primary holds per worker process: its pidfd, its IPC socket, its
-/// `/proc/<pid>/statm`, its exec-report pipe and, until it is in steering, its listening
-/// socket.
-pub(crate) const FDS_PER_WORKER: u64 = 5;
+/// `/proc/<pid>/statm`, its exec-report pipe, until it is in steering its listening
+/// socket, and the read ends of its stdout and stderr (`worker-output`; kept until every
+/// process of its tree has closed them).
+pub(crate) const FDS_PER_WORKER: u64 = 7;
 
 /// File descriptors the primary needs besides its workers': the event loop, signals, the
 /// eBPF program and maps, the status listener and its clients, logging, and headroom.
