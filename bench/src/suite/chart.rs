@@ -447,6 +447,7 @@ mod tests {
                 share_on_stalled: stat(0.4),
             }),
             roll: None,
+            reload: None,
             memory: MemoryFigures::default(),
         }
     }
