@@ -495,6 +495,7 @@ impl Server {
     }
 
     fn kill_group(&mut self) {
+        self.end_pm2_leftovers();
         if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
             // SAFETY: the process group this child leads (process_group(0)); its members
             // are what we started.
@@ -502,6 +503,34 @@ impl Server {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// PM2 only: a daemon that a `pm2` command started in the private `PM2_HOME` (it does
+    /// when it finds no daemon there) is killed, and the subject's directory removed.
+    fn end_pm2_leftovers(&mut self) {
+        let Some((_, _, home)) = self.pm2.take() else {
+            return;
+        };
+        let daemon = std::fs::read_to_string(home.join("pm2.pid"))
+            .ok()
+            .and_then(|text| text.trim().parse::<u32>().ok())
+            .filter(|&pid| pid != self.child.id());
+        if let Some(pid) = daemon {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let home_text = home.to_string_lossy();
+            if String::from_utf8_lossy(&cmdline).contains(home_text.as_ref())
+                && let Ok(pid) = libc::pid_t::try_from(pid)
+            {
+                // SAFETY: kill on the PM2 daemon of this subject's own PM2_HOME (its
+                // command line names it).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        if let Some(dir) = home.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

@@ -1190,6 +1190,93 @@ mod tests {
     }
 
     #[test]
+    fn the_node_targets_hold_steer_to_the_cluster_module_its_reloads_and_the_stall() {
+        let stat = |median: f64| {
+            Some(Stat {
+                median,
+                min: median,
+                max: median,
+            })
+        };
+        let node = |name: &str, rate: f64, max_over_min: f64| SubjectSummary {
+            name: name.into(),
+            keepalive: LoadFigures::default(),
+            connect: LoadFigures {
+                rate: stat(rate),
+                max_over_min: stat(max_over_min),
+                ..LoadFigures::default()
+            },
+            stall: None,
+            roll: None,
+            reload: None,
+            memory: MemoryFigures::default(),
+        };
+        let reload = |keepalive_resets: u64| ReloadFigures {
+            asked: 5,
+            unfinished: 0,
+            reload_s: stat(0.5),
+            ok: 1000,
+            errors: Errors::default(),
+            keepalive_ok: 1000,
+            keepalive_errors: Errors {
+                reset: keepalive_resets,
+                ..Errors::default()
+            },
+        };
+        let mut steer = node(STEER_NODE, 12_000.0, 1.05);
+        steer.reload = Some(reload(0));
+        let mut least_loaded = node("steer-node-least-loaded", 0.0, 0.0);
+        least_loaded.stall = Some(StallFigures {
+            tails: Tails::default(),
+            rate: None,
+            p99_ratio: None,
+            share_on_stalled: stat(0.52),
+        });
+        let mut pm2 = node("pm2", 3_000.0, 1.3);
+        pm2.reload = Some(reload(124));
+        let subjects = vec![
+            steer,
+            least_loaded,
+            node("node-rr", 7_000.0, 1.0),
+            node("node-none", 12_500.0, 1.6),
+            pm2,
+        ];
+        let targets = node_targets(&subjects);
+        let met: Vec<(String, Option<bool>)> =
+            targets.iter().map(|t| (t.goal.clone(), t.met)).collect();
+        assert_eq!(
+            met,
+            vec![
+                (
+                    "steer-node new-connection rate >= 1.5x node-rr, at max/min < 1.10".into(),
+                    Some(true)
+                ),
+                (
+                    "steer-node new-connection rate >= 1.0x node-none, at max/min < 1.10".into(),
+                    Some(false)
+                ),
+                (
+                    "steer-node: 0 failed requests across the reloads (SIGUSR2)".into(),
+                    Some(true)
+                ),
+                (
+                    "steer-node-least-loaded: a stalled Node worker gets < 5% of new connections"
+                        .into(),
+                    Some(false)
+                ),
+            ]
+        );
+        assert_eq!(targets[1].measured, "0.96x at max/min 1.05");
+        assert_eq!(targets[3].measured, "52%");
+        // PM2's failures are reported, not held to a target.
+        assert!(targets.iter().all(|t| !t.goal.contains("pm2")));
+        assert!(
+            node_targets(&[]).iter().all(|t| t.met.is_none()),
+            "without --peers nothing is met or missed"
+        );
+    }
+
+    #[test]
     fn median_and_range() {
         let s = Stat::of(vec![3.0, 1.0, 2.0, 10.0, 4.0]).expect("values");
         assert_eq!((s.median, s.min, s.max), (3.0, 1.0, 10.0));
