@@ -11,8 +11,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
+    Listener,
     Balance, ByteSize, Config, ConfigError, LogFormat, Parsed, Settings, StatusAddr, StatusPaths,
-    WORKER_NOFILE_RANGE, WorkerCount, WorkerOutput, parse_duration, parse_listen,
+    WORKER_NOFILE_RANGE, WorkerCount, WorkerOutput, parse_duration,
     parse_status_addr,
 };
 
@@ -47,13 +48,19 @@ pub enum Command {
     Top(TopArgs),
 }
 
+/// `--listen`'s parser (clap wants a function).
+fn parse_listener(s: &str) -> Result<Listener, String> {
+    s.parse()
+}
+
 /// `steer run` flags. Every flag left out falls back to the `--config` file, then to
 /// its default.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// TCP address every worker listens on [default: 127.0.0.1:8000].
-    #[arg(short, long, value_name = "ADDR", value_parser = parse_listen)]
-    pub listen: Option<SocketAddr>,
+    /// An address every worker serves: [NAME=][tcp|udp://]HOST:PORT, no scheme meaning TCP;
+    /// repeat for several listeners [default: 127.0.0.1:8000].
+    #[arg(short, long, value_name = "LISTENER", value_parser = parse_listener)]
+    pub listen: Vec<Listener>,
     /// Worker count, or `auto` for one per available CPU [default: auto].
     #[arg(short, long, value_name = "N|auto")]
     pub workers: Option<WorkerCount>,
@@ -201,7 +208,7 @@ impl RunArgs {
     /// The flags as [`Settings`], to overlay on the file's.
     fn settings(&self) -> Settings {
         Settings {
-            listen: self.listen.map(Parsed),
+            listen: (!self.listen.is_empty()).then(|| self.listen.clone()),
             workers: self.workers,
             balance: self.balance.map(Parsed),
             status: self.status.map(|addr| Parsed(StatusAddr(addr))),

@@ -17,10 +17,12 @@ mod checks;
 mod credentials;
 mod fields;
 pub(crate) mod limits;
+mod listeners;
 pub(crate) mod program;
 mod settings;
 mod values;
 
+pub use listeners::{Listener, Protocol};
 pub use values::{Balance, LogFormat, parse_duration};
 
 pub(crate) use limits::{Cidr, ClientLimits, ConnRate};
@@ -29,7 +31,7 @@ pub(crate) use credentials::Credentials;
 pub(crate) use settings::{Parsed, SettingValue, Settings};
 pub(crate) use values::{
     ByteSize, StatusAddr, StatusPath, StatusPaths, WORKER_NOFILE_RANGE, WorkerCount, WorkerOutput,
-    format_size, parse_listen, parse_status_addr,
+    format_size, parse_status_addr,
 };
 
 use std::fmt;
@@ -74,8 +76,8 @@ pub(crate) enum ConfigError {
 /// The validated configuration a primary runs with.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Config {
-    /// Address every worker's socket binds.
-    pub listen: SocketAddr,
+    /// The addresses every worker serves, one socket each, in this order (never empty).
+    pub listeners: Vec<Listener>,
     /// How many worker slots.
     pub workers: usize,
     /// Steering policy.
@@ -142,7 +144,7 @@ pub(crate) struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            listeners: vec![Listener::tcp(SocketAddr::from(([127, 0, 0, 1], 8000)))],
             workers: WorkerCount::Auto.resolve(),
             balance: Balance::Auto,
             status: None,
@@ -184,8 +186,13 @@ impl Config {
         let d = |v: Duration| format!("\"{}\"", humantime::format_duration(v));
         // TOML's own quoting: Rust's `{:?}` writes `\u{1}`, which TOML cannot read back.
         let q = |v: &dyn fmt::Display| toml::Value::String(v.to_string()).to_string();
+        let listen: Vec<toml::Value> = self
+            .listeners
+            .iter()
+            .map(|l| toml::Value::String(l.to_string()))
+            .collect();
         let mut lines: Vec<(&str, String)> = vec![
-            ("listen", q(&self.listen)),
+            ("listen", toml::Value::Array(listen).to_string()),
             ("workers", self.workers.to_string()),
             ("balance", q(&self.balance)),
         ];
@@ -275,6 +282,31 @@ impl Config {
     }
 }
 
+/// What a reload would change in the listener set, by name: `added "dns" (udp://...)`,
+/// `removed "web"`, `changed "api"`; empty if it stays the same.
+pub(crate) fn listener_changes(running: &[Listener], reloaded: &[Listener]) -> Vec<String> {
+    let mut changes = Vec::new();
+    for l in reloaded {
+        match running.iter().find(|r| r.name == l.name) {
+            None => changes.push(format!("added {:?} ({}://{})", l.name, l.protocol, l.addr)),
+            Some(r) if r != l => changes.push(format!(
+                "changed {:?} ({}://{} -> {}://{})",
+                l.name, r.protocol, r.addr, l.protocol, l.addr
+            )),
+            Some(_) => {}
+        }
+    }
+    for r in running {
+        if !reloaded.iter().any(|l| l.name == r.name) {
+            changes.push(format!("removed {:?}", r.name));
+        }
+    }
+    if changes.is_empty() && running != reloaded {
+        changes.push("reordered".into());
+    }
+    changes
+}
+
 /// The keys whose change a SIGHUP cannot apply to the running primary, each named once.
 /// (`workers` and `balance` apply live, and `cpu-affinity` and another `command` with the
 /// roll that follows; see the primary's reload. Adding or removing `command` would switch
@@ -286,7 +318,7 @@ pub(crate) fn keys_needing_restart(running: &Config, reloaded: &Config) -> Vec<&
             keys.push(key);
         }
     };
-    changed("listen", running.listen != reloaded.listen);
+    changed("listen", running.listeners != reloaded.listeners);
     changed("status", running.status != reloaded.status);
     changed(
         "status-public",
@@ -322,7 +354,7 @@ impl Config {
     /// ([`keys_needing_restart`]), and what never comes from the file. `balance` stays
     /// too: the primary switches it, and records it, only if the switch succeeds.
     pub fn keep_unreloadable(&mut self, running: &Config) {
-        self.listen = running.listen;
+        self.listeners = running.listeners.clone();
         self.balance = running.balance;
         self.status = running.status;
         self.status_public = running.status_public;
@@ -342,7 +374,7 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
-    use super::values::parse_size;
+    use super::values::{parse_listen, parse_size};
     use super::*;
 
     #[test]
@@ -357,7 +389,10 @@ mod tests {
         };
         let config = flags.overlay(file).into_config().expect("valid");
         assert_eq!(config.workers, 7, "flag overrides file");
-        assert_eq!(config.listen, SocketAddr::from(([127, 0, 0, 1], 9000)));
+        assert_eq!(
+            config.listeners,
+            [Listener::tcp(SocketAddr::from(([127, 0, 0, 1], 9000)))]
+        );
         assert_eq!(config.shutdown_timeout, Duration::from_secs(5));
         assert_eq!(config.balance, Balance::Kernel);
     }
@@ -378,11 +413,87 @@ mod tests {
             "workers, balance and cpu-affinity apply with SIGHUP"
         );
         let moved = Config {
-            listen: SocketAddr::from(([127, 0, 0, 1], 9999)),
+            listeners: vec![Listener::tcp(SocketAddr::from(([127, 0, 0, 1], 9999)))],
             status: Some(SocketAddr::from(([127, 0, 0, 1], 9998))),
             ..live
         };
         assert_eq!(keys_needing_restart(&running, &moved), ["listen", "status"]);
+    }
+
+    #[test]
+    fn a_reload_names_the_listeners_it_adds_removes_or_moves() {
+        let parse = |items: &[&str]| -> Vec<Listener> {
+            items.iter().map(|s| s.parse().expect("listener")).collect()
+        };
+        let running = parse(&["web=127.0.0.1:80", "api=127.0.0.1:81"]);
+        let reloaded = parse(&["web=127.0.0.1:8080", "dns=udp://127.0.0.1:53"]);
+        assert_eq!(
+            listener_changes(&running, &reloaded),
+            [
+                "changed \"web\" (tcp://127.0.0.1:80 -> tcp://127.0.0.1:8080)",
+                "added \"dns\" (udp://127.0.0.1:53)",
+                "removed \"api\"",
+            ]
+        );
+        assert!(listener_changes(&running, &running).is_empty());
+    }
+
+    #[test]
+    fn listen_takes_a_string_or_a_list() {
+        let one = Settings::from_toml("listen = \"127.0.0.1:9000\"").expect("string");
+        assert_eq!(one.listen.expect("set")[0].name, "tcp-9000");
+        let two = Settings::from_toml(
+            "listen = [\"web=127.0.0.1:9000\", \"dns=udp://127.0.0.1:9053\"]",
+        )
+        .expect("list")
+        .into_config()
+        .expect("valid");
+        let shown: Vec<String> = two.listeners.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["web=tcp://127.0.0.1:9000", "dns=udp://127.0.0.1:9053"]);
+        assert!(
+            two.summary()
+                .contains("listen = [\"web=tcp://127.0.0.1:9000\", \"dns=udp://127.0.0.1:9053\"]"),
+            "{}",
+            two.summary()
+        );
+        for (text, needle) in [
+            ("listen = []", "an array of them"),
+            ("listen = [5]", "invalid element"),
+            ("listen = [\"x=ftp://a:1\"]", "unknown scheme"),
+        ] {
+            let err = Settings::from_toml(text).expect_err(text);
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn conflicting_quic_and_baseline_listeners_are_refused_by_name() {
+        for (text, needle) in [
+            (
+                "listen = [\"a=127.0.0.1:9000\", \"a=udp://127.0.0.1:9001\"]",
+                "two listeners are named \"a\"",
+            ),
+            (
+                "listen = [\"a=0.0.0.0:9000\", \"b=127.0.0.1:9000\"]",
+                "wildcard",
+            ),
+            ("listen = \"quic://127.0.0.1:443\"", "QUIC listeners are not supported yet"),
+            (
+                "balance = \"shared\"\nlisten = \"udp://127.0.0.1:9000\"",
+                "exactly one TCP listener",
+            ),
+            (
+                "balance = \"userspace\"\nlisten = [\"127.0.0.1:9000\", \"127.0.0.1:9001\"]",
+                "exactly one TCP listener",
+            ),
+        ] {
+            let err = Settings::from_toml(text)
+                .expect("parses")
+                .into_config()
+                .expect_err(text)
+                .to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
     }
 
     #[test]

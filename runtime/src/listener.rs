@@ -56,7 +56,71 @@ pub fn reserve(addr: SocketAddr) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// Creates a `SOCK_DGRAM | SOCK_CLOEXEC` socket with `SO_REUSEPORT` and binds it to `addr`
+/// (`socket`, `setsockopt`, `bind`): a UDP listener's socket. Not `SO_REUSEADDR`: on UDP it
+/// lets a socket of any user bind the same address beside it.
+pub fn bind_udp_reuseport(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&SockAddr::from(addr))?;
+    Ok(socket)
+}
+
+/// A worker's socket for `listener`: listening TCP ([`bind_reuseport`]) or bound UDP
+/// ([`bind_udp_reuseport`]).
+pub fn bind_for(listener: &crate::config::Listener) -> io::Result<Socket> {
+    if listener.protocol.is_datagram() {
+        bind_udp_reuseport(listener.addr)
+    } else {
+        bind_reuseport(listener.addr, true)
+    }
+}
+
+/// Reserves `listener`'s address ([`reserve`] for TCP; for UDP a bound socket with
+/// `SO_REUSEPORT` alone, which is in the group: see the primary's use of it).
+pub fn reserve_for(listener: &crate::config::Listener) -> io::Result<Socket> {
+    if listener.protocol.is_datagram() {
+        bind_udp_reuseport(listener.addr)
+    } else {
+        reserve(listener.addr)
+    }
+}
+
+/// Checks that `fd` is a worker's socket for `listener`: [`verify_listener`] for TCP; for
+/// UDP a datagram socket with `SO_REUSEPORT` bound to its address.
+pub fn verify_for(
+    fd: BorrowedFd<'_>,
+    listener: &crate::config::Listener,
+) -> Result<(), RegistrationError> {
+    if !listener.protocol.is_datagram() {
+        return verify_listener(fd, listener.addr);
+    }
+    let socket = socket2::SockRef::from(&fd);
+    let ty = socket.r#type().map_err(RegistrationError::Inspect)?;
+    if ty != Type::DGRAM {
+        return Err(RegistrationError::NotDatagram);
+    }
+    if !socket.reuse_port().map_err(RegistrationError::Inspect)? {
+        return Err(RegistrationError::NoReusePort);
+    }
+    let actual = socket.local_addr().map_err(RegistrationError::Inspect)?;
+    if actual.as_socket() != Some(listener.addr) {
+        let actual = actual
+            .as_socket()
+            .map_or_else(|| "a non-IP address".to_owned(), |a| a.to_string());
+        return Err(RegistrationError::WrongAddress {
+            expected: listener.addr,
+            actual,
+        });
+    }
+    Ok(())
+}
+
 /// A bound-and-listening socket for a worker, as a std listener (blocking).
+#[cfg(test)]
 pub fn worker_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     bind_reuseport(addr, true).map(TcpListener::from)
 }
@@ -88,6 +152,9 @@ pub enum RegistrationError {
     /// Not a TCP stream socket.
     #[error("the registered fd is not a TCP stream socket")]
     NotStream,
+    /// Not a UDP datagram socket (for a UDP listener).
+    #[error("the registered fd is not a UDP datagram socket")]
+    NotDatagram,
     /// `SO_REUSEPORT` is off, so it cannot share the port with the other workers.
     #[error("the registered socket does not have SO_REUSEPORT set")]
     NoReusePort,

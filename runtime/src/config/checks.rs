@@ -10,7 +10,9 @@ use super::values::{
     Balance, ByteSize, MIN_HEALTH_INTERVAL, MIN_HEALTH_TIMEOUT, MIN_MAX_MEMORY,
     MIN_WORKER_MEMORY_LIMIT, WORKER_NOFILE_RANGE, format_size,
 };
-use super::{ClientLimits, Config, ConfigError, Credentials, Parsed, Settings, program};
+use super::{
+    ClientLimits, Config, ConfigError, Credentials, Parsed, Protocol, Settings, program,
+};
 
 impl Settings {
     /// The error for a value that parsed but does not fit: it names the file and line
@@ -131,7 +133,7 @@ impl Settings {
         };
         let client_limits = self.client_limits()?;
         let config = Config {
-            listen: self.listen.map_or(d.listen, |p| p.0),
+            listeners: self.listen.clone().unwrap_or(d.listeners),
             workers,
             balance: self.balance.map_or(d.balance, |p| p.0),
             status: self.status.map(|p| p.0.0),
@@ -165,6 +167,7 @@ impl Settings {
             config_file: None,
             overrides: Settings::default(),
         };
+        self.check_listeners(&config)?;
         self.check_addresses(&config)?;
         self.check_environment(&config)?;
         Ok(config)
@@ -310,6 +313,42 @@ impl Settings {
         Ok(())
     }
 
+    /// Listeners that can run together: no QUIC yet, no two in conflict
+    /// ([`super::listeners::conflict`]), and the baselines' single TCP socket.
+    fn check_listeners(&self, config: &Config) -> Result<(), ConfigError> {
+        let shown = || {
+            config
+                .listeners
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if let Some(quic) = config.listeners.iter().find(|l| l.protocol == Protocol::Quic) {
+            return Err(self.invalid(
+                "listen",
+                quic.to_string(),
+                "QUIC listeners are not supported yet: use udp:// for plain UDP",
+            ));
+        }
+        if let Some(conflict) = super::listeners::conflict(&config.listeners) {
+            return Err(self.invalid("listen", shown(), conflict));
+        }
+        if matches!(config.balance, Balance::Shared | Balance::Userspace)
+            && !matches!(&config.listeners[..], [one] if one.protocol == Protocol::Tcp)
+        {
+            return Err(self.invalid(
+                "listen",
+                shown(),
+                format!(
+                    "--balance {} serves exactly one TCP listener (its single socket is                      balanced in userspace); choose round-robin, hash, least-loaded, cpu or                      kernel for several listeners or UDP",
+                    config.balance
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The status listener cannot share the workers' address: the workers would bind
     /// (and crash-loop) against Steer's own status socket.
     fn check_addresses(&self, config: &Config) -> Result<(), ConfigError> {
@@ -323,15 +362,18 @@ impl Settings {
             }
             return Ok(());
         };
-        let listen = config.listen;
-        if addresses_clash(status, listen) {
-            return Err(self.invalid(
-                "status",
-                status.to_string(),
-                format!(
-                    "the status listener cannot share the workers' address (listen = {listen}); choose another port"
-                ),
-            ));
+        for listener in config.listeners.iter().filter(|l| l.protocol == Protocol::Tcp) {
+            let listen = listener.addr;
+            if addresses_clash(status, listen) {
+                return Err(self.invalid(
+                    "status",
+                    status.to_string(),
+                    format!(
+                        "the status listener cannot share the workers' address (listener {:?} = {listen}); choose another port",
+                        listener.name
+                    ),
+                ));
+            }
         }
         Ok(())
     }

@@ -2,7 +2,6 @@
 //! file reader, the overlay that lets flags win, and the checks of one key against another.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -13,8 +12,9 @@ use super::fields;
 use super::limits::{Cidr, ConnRate};
 use super::values::{
     Balance, ByteSize, LogFormat, StatusAddr, StatusPaths, WorkerCount, WorkerOutput,
-    parse_duration, parse_listen,
+    parse_duration,
 };
+use super::listeners::Listener;
 
 /// Where the file-given values of a [`Settings`] came from, so checks made after parsing
 /// (one value against another) can still name the file and the line.
@@ -33,9 +33,9 @@ pub struct Origin {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Settings {
-    /// `listen`
-    #[serde(default, deserialize_with = "fields::from_str")]
-    pub listen: Option<Parsed<SocketAddr>>,
+    /// `listen`: one listener string, or an array of them.
+    #[serde(default, deserialize_with = "fields::listeners")]
+    pub listen: Option<Vec<Listener>>,
     /// `workers`: a number or "auto".
     #[serde(default, deserialize_with = "fields::workers")]
     pub workers: Option<WorkerCount>,
@@ -150,12 +150,6 @@ pub trait SettingValue: Sized {
     fn parse_setting(s: &str) -> Result<Self, String>;
 }
 
-impl SettingValue for SocketAddr {
-    const EXPECTED: &'static str = "an address string such as \"127.0.0.1:8000\"";
-    fn parse_setting(s: &str) -> Result<Self, String> {
-        parse_listen(s)
-    }
-}
 impl SettingValue for StatusAddr {
     const EXPECTED: &'static str =
         "an address string such as \"127.0.0.1:8001\", or a port number string (\"8001\")";

@@ -71,12 +71,12 @@ pub(crate) fn timeouts_env(config: &crate::config::Config) -> (&'static str, Str
 /// With `load` (under `least-loaded`), the worker publishes its accepted and open
 /// connection counts there on every accept and close.
 pub fn serve(
-    listener: Option<std::net::TcpListener>,
+    sockets: Vec<crate::worker::ListenerSocket>,
     channel: Channel,
     options: DemoOptions,
     load: Option<crate::steering::LoadReporter>,
 ) -> std::io::Result<()> {
-    server::Server::new(listener, channel, options, load)?.run()
+    server::Server::new(sockets, channel, options, load)?.run()
 }
 
 /// Runs the demo app if this process was started as a demo worker. Called first thing in
@@ -87,7 +87,7 @@ pub(crate) fn run_worker_if_requested() -> Option<ExitCode> {
         return None;
     }
     crate::logging::init_from_env();
-    let (env, listener, channel, load) = match crate::worker::bootstrap() {
+    let (env, sockets, channel, load) = match crate::worker::bootstrap() {
         Ok(parts) => parts,
         Err(message) => {
             tracing::error!("worker bootstrap failed: {message}");
@@ -100,7 +100,7 @@ pub(crate) fn run_worker_if_requested() -> Option<ExitCode> {
         faults: std::env::var(DEMO_FAULTS).as_deref() == Ok("1"),
         timeouts: Timeouts::from_process_env(),
     };
-    Some(match serve(listener, channel, options, load) {
+    Some(match serve(sockets, channel, options, load) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(slot = env.slot, "demo worker failed: {err}");
@@ -141,7 +141,14 @@ mod tests {
                 faults,
                 timeouts: Timeouts::default(),
             };
-            let thread = thread::spawn(move || serve(Some(listener), worker_end, options, None));
+            let thread = thread::spawn(move || {
+                serve(
+                    vec![crate::worker::ListenerSocket::Tcp(listener)],
+                    worker_end,
+                    options,
+                    None,
+                )
+            });
             let worker = Worker {
                 addr,
                 primary,
@@ -325,7 +332,12 @@ mod tests {
             faults: false,
             timeouts: Timeouts::default(),
         };
-        let server = server::Server::new(Some(listener), worker_end, options, None)
+        let server = server::Server::new(
+            vec![crate::worker::ListenerSocket::Tcp(listener)],
+            worker_end,
+            options,
+            None,
+        )
             .expect("a server over the listener");
         assert!(
             socket2::SockRef::from(&watch)

@@ -25,7 +25,10 @@ use crate::accept::{AcceptPause, is_exhaustion};
 use crate::ipc::{Channel, Counters, IpcError, Message, Received};
 use crate::steering::LoadReporter;
 
+/// Every TCP listener (the queues are emptied on every wake, whichever one woke it).
 const LISTENER: Token = Token(0);
+/// Every UDP socket (each is read until empty on every wake).
+const DATAGRAMS: Token = Token(usize::MAX);
 const CHANNEL: Token = Token(1);
 /// Connection `i` is registered as `Token(FIRST_CONNECTION + i)`.
 const FIRST_CONNECTION: usize = 2;
@@ -52,8 +55,12 @@ pub(crate) const IDLE_GRACE: Duration = Duration::from_secs(2);
 /// The event loop and everything it owns.
 pub struct Server {
     poll: Poll,
-    /// `None` once draining.
-    listener: Option<TcpListener>,
+    /// The TCP listeners, in the listeners' order; empty once draining.
+    listeners: Vec<TcpListener>,
+    /// The UDP listeners' sockets: every datagram is answered with one datagram.
+    datagrams: Vec<mio::net::UdpSocket>,
+    /// What each answer starts with: `<slot> <pid> <generation> `.
+    datagram_prefix: Vec<u8>,
     channel: Channel,
     connections: Connections,
     responder: Responder,
@@ -91,9 +98,10 @@ enum Gone {
 }
 
 impl Server {
-    /// Registers the listener and the (now non-blocking) channel with a new poll.
+    /// Registers the listeners, the UDP sockets and the (now non-blocking) channel with a
+    /// new poll.
     pub fn new(
-        listener: Option<std::net::TcpListener>,
+        sockets: Vec<crate::worker::ListenerSocket>,
         channel: Channel,
         options: DemoOptions,
         load: Option<LoadReporter>,
@@ -103,20 +111,38 @@ impl Server {
         // Accepted sockets inherit TCP_NODELAY and a locked SO_SNDBUF from their listener:
         // two setsockopts here instead of two for each connection (each one in ten of a
         // new connection's calls).
-        let listener_nodelay = listener.as_ref().is_some_and(|l| {
-            let socket = socket2::SockRef::from(l);
-            socket.set_tcp_nodelay(true).is_ok() && socket.set_send_buffer_size(SEND_BUFFER).is_ok()
-        });
-        let listener = match listener {
-            Some(listener) => {
-                listener.set_nonblocking(true)?;
-                let mut listener = TcpListener::from_std(listener);
-                poll.registry()
-                    .register(&mut listener, LISTENER, Interest::READABLE)?;
-                Some(listener)
+        let mut listeners = Vec::new();
+        let mut datagrams = Vec::new();
+        let mut listener_nodelay = true;
+        for socket in sockets {
+            match socket {
+                crate::worker::ListenerSocket::Tcp(listener) => {
+                    let options = socket2::SockRef::from(&listener);
+                    listener_nodelay &= options.set_tcp_nodelay(true).is_ok()
+                        && options.set_send_buffer_size(SEND_BUFFER).is_ok();
+                    listener.set_nonblocking(true)?;
+                    let mut listener = TcpListener::from_std(listener);
+                    poll.registry()
+                        .register(&mut listener, LISTENER, Interest::READABLE)?;
+                    listeners.push(listener);
+                }
+                crate::worker::ListenerSocket::Udp(socket) => {
+                    socket.set_nonblocking(true)?;
+                    let mut socket = mio::net::UdpSocket::from_std(socket);
+                    poll.registry()
+                        .register(&mut socket, DATAGRAMS, Interest::READABLE)?;
+                    datagrams.push(socket);
+                }
             }
-            None => None,
-        };
+        }
+        let listener_nodelay = listener_nodelay && !listeners.is_empty();
+        let datagram_prefix = format!(
+            "{} {} {} ",
+            options.slot,
+            std::process::id(),
+            options.generation
+        )
+        .into_bytes();
         poll.registry().register(
             &mut SourceFd(&channel.as_raw_fd()),
             CHANNEL,
@@ -124,7 +150,9 @@ impl Server {
         )?;
         Ok(Server {
             poll,
-            listener,
+            listeners,
+            datagrams,
+            datagram_prefix,
             channel,
             connections: Connections::default(),
             responder: Responder::new(options),
@@ -186,6 +214,7 @@ impl Server {
                 match event.token() {
                     // The queue is emptied below on every wake.
                     LISTENER => {}
+                    DATAGRAMS => self.answer_datagrams(),
                     CHANNEL => self.receive_messages(),
                     Token(token) => {
                         if let Some(index) = token.checked_sub(FIRST_CONNECTION) {
@@ -210,7 +239,7 @@ impl Server {
     /// The poll timeout: none while work is left from this turn, else the next timer, and
     /// at most [`ACCEPT_INTERVAL`] while accepting.
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        let accepting = self.listener.is_some();
+        let accepting = !self.listeners.is_empty();
         if !self.again.is_empty() || (accepting && self.backlog && !self.pause.is_paused(now)) {
             return Some(Duration::ZERO);
         }
@@ -290,11 +319,41 @@ impl Server {
             return;
         }
         self.full_until = None;
-        if let Some(mut listener) = self.listener.take() {
+        let mut backlog = false;
+        for mut listener in std::mem::take(&mut self.listeners) {
             if self.accept_from(&listener, ACCEPT_BUDGET) {
-                self.listener = Some(listener);
+                self.listeners.push(listener);
             } else if let Err(error) = self.poll.registry().deregister(&mut listener) {
                 debug!(%error, "could not stop watching the shut-down listener");
+            }
+            backlog |= self.backlog;
+        }
+        self.backlog = backlog;
+    }
+
+    /// Answers every datagram queued on the UDP sockets with one datagram: the prefix
+    /// `<slot> <pid> <generation> ` and the bytes received. A datagram longer than the
+    /// buffer is answered with what fits of it.
+    fn answer_datagrams(&mut self) {
+        if self.datagrams.is_empty() {
+            return;
+        }
+        let prefix = self.datagram_prefix.len();
+        let mut buffer = vec![0u8; prefix + 65_536];
+        buffer[..prefix].copy_from_slice(&self.datagram_prefix);
+        for socket in &self.datagrams {
+            // Bounded per wake, so one flooded socket cannot starve the rest of the loop;
+            // what is left raises no new edge, so the loop looks again at once.
+            for _ in 0..ACCEPT_BUDGET * 4 {
+                match socket.recv_from(&mut buffer[prefix..]) {
+                    Ok((len, peer)) => {
+                        let _lost_if_full = socket.send_to(&buffer[..prefix + len], peer);
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                    // An ICMP error of an earlier answer, reported here: nothing to do.
+                    Err(_) => {}
+                }
             }
         }
     }
@@ -433,13 +492,16 @@ impl Server {
         self.responder.start_draining();
         // Before the last accepts: what they take gets the same grace as everyone else.
         self.idle_deadline = Some(Instant::now() + IDLE_GRACE);
-        if let Some(mut listener) = self.listener.take() {
+        for mut listener in std::mem::take(&mut self.listeners) {
             if let Err(error) = self.poll.registry().deregister(&mut listener) {
                 warn!(%error, "could not stop watching the listener");
             }
             // All of it, whatever the budget: what stays queued leaves with the listener.
             let _still_listening = self.accept_from(&listener, usize::MAX);
         }
+        // Out of steering already: answer what is queued. (Datagrams still on their way
+        // keep being answered until the worker exits.)
+        self.answer_datagrams();
         for index in 0..self.connections.span() {
             self.drive(index, false);
         }
@@ -625,7 +687,12 @@ mod tests {
             faults: false,
             timeouts: Timeouts::default(),
         };
-        let server = Server::new(Some(listener), worker, options, None).expect("server");
+        let server = Server::new(
+            vec![crate::worker::ListenerSocket::Tcp(listener)],
+            worker,
+            options,
+            None,
+        ).expect("server");
         (server, primary)
     }
 

@@ -13,6 +13,7 @@
 //! ([`process`](self::process)).
 
 mod core;
+mod group;
 mod handoff;
 mod host;
 mod limits;

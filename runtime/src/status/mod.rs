@@ -29,6 +29,33 @@ pub struct StatusDocument {
     /// The per-client connection limit; absent without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_limits: Option<ClientLimitsStatus>,
+    /// Every listener, in the listeners' order (each is its own `SO_REUSEPORT` group).
+    #[serde(default)]
+    pub listeners: Vec<ListenerStatus>,
+}
+
+/// One listener in `/status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    /// Its name (`LISTEN_FDNAMES`).
+    pub name: String,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// The address its sockets are bound to.
+    pub address: String,
+    /// Connections (TCP) or datagrams (UDP) the program handed to a worker of this group;
+    /// absent without the program.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steered: Option<u64>,
+    /// Connections or datagrams the program dropped because no live slot took them.
+    #[serde(default)]
+    pub drops: u64,
+    /// SYNs the per-client limit refused on this listener.
+    #[serde(default)]
+    pub refusals: u64,
+    /// Times another program (or none) was found deciding for this group.
+    #[serde(default)]
+    pub takeovers: u64,
 }
 
 /// The per-client connection limit in `/status` (`client-conn-rate`).

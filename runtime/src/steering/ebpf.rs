@@ -45,7 +45,7 @@ use steer_common::{Config, Counters, HASH_TABLE_SIZE, LiveSet, MAX_CPUS, MAX_SLO
 
 use super::clients::{self, ClientTables, ClientView};
 use super::holder::ListenerHolder;
-use super::load::{LoadRecord, LoadShare};
+use super::load::{LoadRecord, LoadShare, SharedRecord};
 use super::probe::{self, Outcome, OwnershipProbe};
 use super::publisher::Publisher;
 use super::queues::ListenQueues;
@@ -124,7 +124,7 @@ pub struct EbpfSteering {
     /// A slot entered the live set since the last flush.
     grew: bool,
     /// Load records by (slot, generation): handed out, serving, or waiting to serve.
-    records: BTreeMap<(u32, u32), LoadRecord>,
+    records: BTreeMap<(u32, u32), SharedRecord>,
     probe: Option<OwnershipProbe>,
     /// `PROBE` as it was when the probe in flight was sent.
     seen_at_send: u64,
@@ -348,11 +348,13 @@ impl EbpfSteering {
             .map_err(|e| SteeringError::map(format!("put the socket into SOCKETS[{slot}]"), e))?;
         // The probe's fds are taken with the first socket, not at the first check: the
         // primary holds the same fds from the moment a worker is ready.
+        let socket = socket2::SockRef::from(fd);
         if self.probe.is_none()
-            && let Ok(Some(listen)) = socket2::SockRef::from(fd)
-                .local_addr()
-                .map(|a| a.as_socket())
-            && let Err(err) = self.set_up_probe(listen)
+            && let Ok(Some(listen)) = socket.local_addr().map(|a| a.as_socket())
+            && let Err(err) = self.set_up_probe(
+                listen,
+                socket.r#type().is_ok_and(|t| t == socket2::Type::DGRAM),
+            )
         {
             tracing::warn!(
                 "cannot set up the ownership probe yet: {}",
@@ -419,19 +421,28 @@ impl EbpfSteering {
         self.publisher.wait();
     }
 
-    /// A fresh record for the worker of `slot`/`generation`, and a copy of its fd.
+    /// A fresh record for the worker of `slot`/`generation`, a copy of its fd, and the
+    /// record for the cluster's other groups.
     pub fn load_record(
         &mut self,
         slot: u32,
         generation: u32,
-    ) -> Result<(OwnedFd, LoadShare), SteeringError> {
-        let record = LoadRecord::create()
-            .map_err(|e| SteeringError::map(format!("create the load record of slot {slot}"), e))?;
+    ) -> Result<(OwnedFd, LoadShare, SharedRecord), SteeringError> {
+        let record = SharedRecord::new(
+            LoadRecord::create().map_err(|e| {
+                SteeringError::map(format!("create the load record of slot {slot}"), e)
+            })?,
+        );
         let fd = record
             .share()
             .map_err(|e| SteeringError::io("copy the load record's fd", e))?;
+        self.records.insert((slot, generation), record.clone());
+        Ok((fd, LoadShare::RECORD, record))
+    }
+
+    /// Holds `record` (another group's) as the record of the worker of `slot`/`generation`.
+    pub fn adopt_record(&mut self, slot: u32, generation: u32, record: SharedRecord) {
         self.records.insert((slot, generation), record);
-        Ok((fd, LoadShare::RECORD))
     }
 
     /// The ownership check of one health interval (see [`super::probe`]). A probe that
@@ -442,10 +453,12 @@ impl EbpfSteering {
     /// stays away from `shadowed` addresses, where another group listens.
     pub fn ensure_program(
         &mut self,
-        listen: SocketAddr,
+        listener: &crate::config::Listener,
         patience: Duration,
         shadowed: &[IpAddr],
     ) -> Result<Option<Takeover>, SteeringError> {
+        let listen = listener.addr;
+        let udp = listener.protocol.is_datagram();
         if self.live.is_empty() || self.held.is_some() {
             // Nothing to probe: no socket of ours is in a group (the next activation
             // attaches the program through its socket), or the program is held back while
@@ -464,7 +477,7 @@ impl EbpfSteering {
             return Ok(None);
         }
         if self.probe.is_none()
-            && let Err(err) = self.set_up_probe(listen)
+            && let Err(err) = self.set_up_probe(listen, udp)
         {
             self.probe_trouble(ProbeTrouble::SetUp, crate::errors::error_chain(&err));
             return Ok(None);
@@ -515,6 +528,12 @@ impl EbpfSteering {
         }
         let evidence = match outcome {
             Outcome::Pending if probe.waited() < patience => return Ok(None),
+            Outcome::Pending if probe.is_udp() => {
+                probe.forget();
+                "the probe datagram was not counted by Steer's program within a health \
+                 interval (another program, or none, delivered it to a socket that does not \
+                 answer it)"
+            }
             Outcome::Pending => {
                 probe.forget();
                 if !self.group_has_full_queue(listen)? {
@@ -589,8 +608,8 @@ impl EbpfSteering {
 
     /// Reserves the ownership probe's source and names it in `CONFIG`: once, before the
     /// first probe is sent (so no probe is in flight while `CONFIG` changes).
-    fn set_up_probe(&mut self, listen: SocketAddr) -> Result<(), SteeringError> {
-        let probe = OwnershipProbe::new(listen)
+    fn set_up_probe(&mut self, listen: SocketAddr, udp: bool) -> Result<(), SteeringError> {
+        let probe = OwnershipProbe::new(listen, udp)
             .map_err(|e| SteeringError::io(format!("set up the ownership probe of {listen}"), e))?;
         let (v6, address) = probe::address_in_packet(probe.source());
         self.config.probe_port = probe::port_in_packet(probe.source());
@@ -626,8 +645,11 @@ impl EbpfSteering {
         Err(last.unwrap_or(SteeringError::NoServingSocket))
     }
 
-    /// Settles each serving worker's record against its listener's accept queue.
-    pub fn reconcile_load(&mut self, listen: SocketAddr) -> Result<(), SteeringError> {
+    /// The accept queue of each serving slot's socket in this group (on `listen`).
+    pub fn queued_per_slot(
+        &mut self,
+        listen: SocketAddr,
+    ) -> Result<BTreeMap<u32, u64>, SteeringError> {
         let queues = match &mut self.queues {
             Some(queues) => queues,
             None => self.queues.insert(
@@ -643,15 +665,24 @@ impl EbpfSteering {
                     e,
                 )
             })?;
+        Ok(self
+            .live
+            .iter()
+            .filter_map(|(slot, serving)| {
+                let queued = lengths.get(&serving.holder.inode())?;
+                Some((*slot, u64::from(*queued)))
+            })
+            .collect())
+    }
+
+    /// Settles each serving worker's record against `queued`, its real accept queues
+    /// summed over the cluster's TCP listeners (a slot missing from it has none queued).
+    pub fn settle_load(&self, queued: &BTreeMap<u32, u64>) {
         for (slot, serving) in &self.live {
-            if let (Some(record), Some(&queued)) = (
-                self.records.get(&(*slot, serving.generation)),
-                lengths.get(&serving.holder.inode()),
-            ) {
-                record.settle(u64::from(queued));
+            if let Some(record) = self.records.get(&(*slot, serving.generation)) {
+                record.settle(queued.get(slot).copied().unwrap_or(0));
             }
         }
-        Ok(())
     }
 
     /// The program's counters, summed over CPUs, for the first `slots` slots.

@@ -72,6 +72,10 @@ impl LoadReporter {
     }
 }
 
+/// A worker's record as every group of the cluster holds it: one map, placed in each
+/// listener's `LOADS` at the worker's slot.
+pub type SharedRecord = std::sync::Arc<LoadRecord>;
+
 /// The primary's handle on one worker's record.
 #[derive(Debug)]
 pub struct LoadRecord {

@@ -192,6 +192,22 @@ pub struct SteeringCounters {
     pub client_inserts: u64,
 }
 
+impl SteeringCounters {
+    /// The sum of two groups' counters (the policy is the same in every group).
+    pub fn plus(mut self, other: &SteeringCounters) -> SteeringCounters {
+        for (sum, value) in self.selections.iter_mut().zip(&other.selections) {
+            *sum += value;
+        }
+        self.fallbacks += other.fallbacks;
+        self.drops += other.drops;
+        self.migrations += other.migrations;
+        self.takeovers += other.takeovers;
+        self.client_refusals += other.client_refusals;
+        self.client_inserts += other.client_inserts;
+        self
+    }
+}
+
 fn serialize_display<S: serde::Serializer>(policy: &Balance, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(policy)
 }
@@ -391,12 +407,12 @@ impl Steering {
     }
 
     /// Once per health interval: makes sure the program deciding for the group of
-    /// `listen` is Steer's, and attaches it again if not (see [`probe`]). `Some` when it
+    /// `listener` is Steer's, and attaches it again if not (see [`probe`]). `Some` when it
     /// was not; the takeover is logged and counted. The probe stays away from the
     /// addresses in `shadowed`, where another group listens ([`foreign`]).
     pub fn ensure_program(
         &mut self,
-        listen: SocketAddr,
+        listen: &crate::config::Listener,
         patience: Duration,
         shadowed: &[std::net::IpAddr],
     ) -> Result<Option<Takeover>, SteeringError> {
@@ -415,30 +431,54 @@ impl Steering {
         }
     }
 
-    /// Once per health interval (`least-loaded`): settles every serving worker's load
-    /// record against its listener's real accept queue.
-    pub fn reconcile_load(&mut self, listen: SocketAddr) -> Result<(), SteeringError> {
+    /// Once per health interval (`least-loaded`): the real accept queue of each serving
+    /// slot's socket in this group (a TCP group on `listen`); empty under other policies.
+    pub fn queued_per_slot(
+        &mut self,
+        listen: SocketAddr,
+    ) -> Result<std::collections::BTreeMap<u32, u64>, SteeringError> {
         match self {
             Steering::Ebpf(program) if program.policy() == Balance::LeastLoaded => {
-                program.reconcile_load(listen)
+                program.queued_per_slot(listen)
             }
-            _ => Ok(()),
+            _ => Ok(Default::default()),
+        }
+    }
+
+    /// Settles every serving worker's load record against `queued`, its real accept
+    /// queues summed over the TCP listeners ([`Steering::queued_per_slot`]).
+    pub fn settle_load(&self, queued: &std::collections::BTreeMap<u32, u64>) {
+        if let Steering::Ebpf(program) = self
+            && program.policy() == Balance::LeastLoaded
+        {
+            program.settle_load(queued);
         }
     }
 
     /// A fresh load record for the worker of `slot`/`generation` (`least-loaded` only): an
-    /// fd of a map that holds only that worker's record, for the worker to map. Call once
+    /// fd of a map that holds only that worker's record, for the worker to map, and the
+    /// record, for the other groups of the cluster to [`Steering::adopt_record`]. Call once
     /// per worker process, when it registers or (external programs) when it is spawned.
     pub fn load_record(
         &mut self,
         slot: usize,
         generation: u32,
-    ) -> Option<Result<(OwnedFd, LoadShare), SteeringError>> {
+    ) -> Option<Result<(OwnedFd, LoadShare, load::SharedRecord), SteeringError>> {
         match self {
             Steering::Ebpf(program) if program.policy() == Balance::LeastLoaded => {
                 Some(program.load_record(slot as u32, generation))
             }
             _ => None,
+        }
+    }
+
+    /// Places `record`, made by another group's [`Steering::load_record`], as this group's
+    /// record of the worker of `slot`/`generation`: one record per worker, in every group.
+    pub fn adopt_record(&mut self, slot: usize, generation: u32, record: &load::SharedRecord) {
+        if let Steering::Ebpf(program) = self
+            && program.policy() == Balance::LeastLoaded
+        {
+            program.adopt_record(slot as u32, generation, record.clone());
         }
     }
 

@@ -7,9 +7,14 @@
 //! hash over every socket in the group, including other processes' sockets. If the chosen
 //! slot is empty it tries the next live slots; if none takes the connection it drops it.
 //!
+//! The same program steers a UDP listener's group: there every datagram runs it (the data
+//! starts at the UDP header), and a selected socket receives it; a dropped datagram gets
+//! an ICMP port-unreachable. Policies read the same fields (the client's address, the
+//! CPU), so they work alike; the per-client limit counts TCP SYNs only.
+//!
 //! One SYN is not a connection: the primary's ownership probe. Once per health interval
-//! the primary connects from the source in `CONFIG.probe_*`; the program counts it in
-//! `PROBE` and drops it. A probe that is answered, or refused without being counted, was
+//! the primary connects from the source in `CONFIG.probe_*` (in a UDP group: sends one
+//! datagram from it); the program counts it in `PROBE` and drops it. A probe that is answered, or refused without being counted, was
 //! decided by a program other than this one, and the primary attaches this one again.
 //!
 //! With a per-client limit (`CONFIG.client_interval_ns` not 0), a client SYN is first
@@ -92,6 +97,7 @@ const ETH_P_IP: u32 = 0x0800;
 const ETH_P_IPV6: u32 = 0x86DD;
 const AF_INET6: u32 = 10;
 const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
 
 #[sk_reuseport(migrate)]
 pub fn steer_select(ctx: SkReuseportContext) -> u32 {
@@ -126,14 +132,16 @@ pub fn steer_select(ctx: SkReuseportContext) -> u32 {
     }
 }
 
-/// Whether this SYN is the primary's ownership probe (then it is counted in `PROBE`).
-/// The probe's source is a local address, which no packet from outside may carry.
+/// Whether this SYN (or, in a UDP group, this datagram) is the primary's ownership probe
+/// (then it is counted in `PROBE`). The probe's source is a local address, which no packet
+/// from outside may carry.
 #[inline(always)]
 fn is_probe(ctx: &SkReuseportContext, config: &Config) -> bool {
-    if config.probe_port == 0 || ctx.ip_protocol() != IPPROTO_TCP {
+    let protocol = ctx.ip_protocol();
+    if config.probe_port == 0 || (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP) {
         return false;
     }
-    // The packet data starts at the TCP header; its first two bytes are the source port.
+    // The packet data starts at the TCP or UDP header; both begin with the source port.
     let data = ctx.data();
     if data + 2 > ctx.data_end() {
         return false;
