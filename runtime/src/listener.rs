@@ -5,7 +5,7 @@
 //! lets a socket into a group whose sockets all set it (and belong to the same user).
 
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -121,8 +121,8 @@ pub fn verify_for(
 
 /// A bound-and-listening socket for a worker, as a std listener (blocking).
 #[cfg(test)]
-pub fn worker_listener(addr: SocketAddr) -> io::Result<TcpListener> {
-    bind_reuseport(addr, true).map(TcpListener::from)
+pub fn worker_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    bind_reuseport(addr, true).map(std::net::TcpListener::from)
 }
 
 /// Turns a bind failure into a message that says what to do.
@@ -202,6 +202,8 @@ pub fn verify(fd: &impl AsFd, expected: SocketAddr) -> Result<(), RegistrationEr
 
 #[cfg(test)]
 mod tests {
+    use std::net::TcpListener;
+
     use super::*;
 
     #[test]

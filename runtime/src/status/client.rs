@@ -295,6 +295,19 @@ pub fn render_table(doc: &StatusDocument) -> String {
             steering.policy, steering.migrations, steering.fallbacks, steering.drops
         );
     }
+    if doc.listeners.len() > 1 || doc.listeners.iter().any(|l| l.protocol != "tcp") {
+        for l in &doc.listeners {
+            let _ = write!(out, "listener {} {}://{}", l.name, l.protocol, l.address);
+            if let Some(steered) = l.steered {
+                let _ = write!(
+                    out,
+                    ": {steered} steered, {} dropped, {} refused",
+                    l.drops, l.refusals
+                );
+            }
+            out.push('\n');
+        }
+    }
     if let Some(limits) = &doc.client_limits {
         let refused: u64 = limits.refused.iter().map(|l| l.refused).sum();
         let _ = writeln!(
@@ -380,6 +393,7 @@ mod tests {
             output_dropped: 0,
         };
         let doc = StatusDocument {
+            listeners: Vec::new(),
             primary: PrimaryStatus {
                 pid: 10,
                 uptime_s: 3700,

@@ -9,7 +9,7 @@
 
 use std::fmt::Write;
 
-use super::{StatusDocument, WorkerStatus};
+use super::{ListenerStatus, StatusDocument, WorkerStatus};
 
 /// Every value of the `state` label, as `/status` spells the states.
 pub const STATES: &[&str] = &[
@@ -254,6 +254,37 @@ pub fn render(doc: &StatusDocument) -> String {
             e.family(name, "counter", help).sample(&[], value as f64);
         }
     }
+    for (name, help, value) in [
+        (
+            "steer_listener_steered_total",
+            "Connections (TCP) or datagrams (UDP) the eBPF program handed to a worker, per listener.",
+            (|l: &ListenerStatus| l.steered) as fn(&ListenerStatus) -> Option<u64>,
+        ),
+        (
+            "steer_listener_drops_total",
+            "Connections or datagrams dropped because no live slot could take them, per listener.",
+            |l: &ListenerStatus| l.steered.map(|_| l.drops),
+        ),
+        (
+            "steer_listener_refusals_total",
+            "SYNs the per-client limit refused, per listener.",
+            |l: &ListenerStatus| l.steered.map(|_| l.refusals),
+        ),
+    ] {
+        let mut family = e.family(name, "counter", help);
+        for listener in &doc.listeners {
+            if let Some(n) = value(listener) {
+                family.sample(
+                    &[
+                        ("listener", &listener.name),
+                        ("protocol", &listener.protocol),
+                        ("address", &listener.address),
+                    ],
+                    n as f64,
+                );
+            }
+        }
+    }
     if let Some(limits) = &doc.client_limits {
         let mut refused = e.family(
             "steer_client_refusals_total",
@@ -347,6 +378,15 @@ mod tests {
             output_dropped: 0,
         };
         StatusDocument {
+            listeners: vec![ListenerStatus {
+                name: "web".into(),
+                protocol: "tcp".into(),
+                address: "127.0.0.1:8000".into(),
+                steered: Some(12),
+                drops: 1,
+                refusals: 0,
+                takeovers: 0,
+            }],
             primary: PrimaryStatus {
                 pid: 1,
                 uptime_s: 9,
