@@ -11,10 +11,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    Listener,
-    Balance, ByteSize, Config, ConfigError, LogFormat, Parsed, Settings, StatusAddr, StatusPaths,
-    WORKER_NOFILE_RANGE, WorkerCount, WorkerOutput, parse_duration,
-    parse_status_addr,
+    Balance, ByteSize, Config, ConfigError, Listener, LogFormat, Parsed, Settings, StatusAddr,
+    StatusPaths, WORKER_NOFILE_RANGE, WorkerCount, WorkerOutput, parse_duration, parse_status_addr,
 };
 
 use crate::config::limits::{BURST_RANGE, PREFIX_V4_RANGE, PREFIX_V6_RANGE, TABLE_SIZE_RANGE};

@@ -49,7 +49,10 @@ impl ClusterBuilder {
     /// first call replaces the default `127.0.0.1:8000`). Workers find its socket by its
     /// name ([`crate::Worker::tcp_listener`], [`crate::Worker::udp_socket`]).
     pub fn listener(mut self, listener: crate::config::Listener) -> Self {
-        self.settings.listen.get_or_insert_with(Vec::new).push(listener);
+        self.settings
+            .listen
+            .get_or_insert_with(Vec::new)
+            .push(listener);
         self
     }
 

@@ -442,14 +442,16 @@ mod tests {
     fn listen_takes_a_string_or_a_list() {
         let one = Settings::from_toml("listen = \"127.0.0.1:9000\"").expect("string");
         assert_eq!(one.listen.expect("set")[0].name, "tcp-9000");
-        let two = Settings::from_toml(
-            "listen = [\"web=127.0.0.1:9000\", \"dns=udp://127.0.0.1:9053\"]",
-        )
-        .expect("list")
-        .into_config()
-        .expect("valid");
+        let two =
+            Settings::from_toml("listen = [\"web=127.0.0.1:9000\", \"dns=udp://127.0.0.1:9053\"]")
+                .expect("list")
+                .into_config()
+                .expect("valid");
         let shown: Vec<String> = two.listeners.iter().map(ToString::to_string).collect();
-        assert_eq!(shown, ["web=tcp://127.0.0.1:9000", "dns=udp://127.0.0.1:9053"]);
+        assert_eq!(
+            shown,
+            ["web=tcp://127.0.0.1:9000", "dns=udp://127.0.0.1:9053"]
+        );
         assert!(
             two.summary()
                 .contains("listen = [\"web=tcp://127.0.0.1:9000\", \"dns=udp://127.0.0.1:9053\"]"),
@@ -477,7 +479,10 @@ mod tests {
                 "listen = [\"a=0.0.0.0:9000\", \"b=127.0.0.1:9000\"]",
                 "wildcard",
             ),
-            ("listen = \"quic://127.0.0.1:443\"", "QUIC listeners are not supported yet"),
+            (
+                "listen = \"quic://127.0.0.1:443\"",
+                "QUIC listeners are not supported yet",
+            ),
             (
                 "balance = \"shared\"\nlisten = \"udp://127.0.0.1:9000\"",
                 "exactly one TCP listener",

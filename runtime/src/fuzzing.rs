@@ -163,12 +163,13 @@ mod tests {
             any::<usize>().prop_map(Recipient::Slot),
         ];
         prop_oneof![
-            (any::<u32>(), prop::option::of(any::<i32>()))
-                .prop_map(|(pid, fd)| Message::Register {
+            (any::<u32>(), prop::option::of(any::<i32>())).prop_map(|(pid, fd)| {
+                Message::Register {
                     pid,
                     fd,
                     listener: None,
-                }),
+                }
+            }),
             Just(Message::Registered { load: None }),
             any::<bool>().prop_map(|heartbeats| Message::Ready { heartbeats }),
             any::<u64>().prop_map(|seq| Message::Ping { seq }),

@@ -10,9 +10,7 @@ use super::values::{
     Balance, ByteSize, MIN_HEALTH_INTERVAL, MIN_HEALTH_TIMEOUT, MIN_MAX_MEMORY,
     MIN_WORKER_MEMORY_LIMIT, WORKER_NOFILE_RANGE, format_size,
 };
-use super::{
-    ClientLimits, Config, ConfigError, Credentials, Parsed, Protocol, Settings, program,
-};
+use super::{ClientLimits, Config, ConfigError, Credentials, Parsed, Protocol, Settings, program};
 
 impl Settings {
     /// The error for a value that parsed but does not fit: it names the file and line
@@ -324,7 +322,11 @@ impl Settings {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        if let Some(quic) = config.listeners.iter().find(|l| l.protocol == Protocol::Quic) {
+        if let Some(quic) = config
+            .listeners
+            .iter()
+            .find(|l| l.protocol == Protocol::Quic)
+        {
             return Err(self.invalid(
                 "listen",
                 quic.to_string(),
@@ -362,7 +364,11 @@ impl Settings {
             }
             return Ok(());
         };
-        for listener in config.listeners.iter().filter(|l| l.protocol == Protocol::Tcp) {
+        for listener in config
+            .listeners
+            .iter()
+            .filter(|l| l.protocol == Protocol::Tcp)
+        {
             let listen = listener.addr;
             if addresses_clash(status, listen) {
                 return Err(self.invalid(

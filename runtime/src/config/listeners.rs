@@ -158,10 +158,7 @@ pub fn conflict(listeners: &[Listener]) -> Option<String> {
             if x == y {
                 return Some(format!(
                     "listeners {:?} and {:?} both take {} {}",
-                    a.name,
-                    b.name,
-                    a.protocol,
-                    a.addr
+                    a.name, b.name, a.protocol, a.addr
                 ));
             }
             let wildcard_meets = |w: std::net::IpAddr, other: std::net::IpAddr| {
@@ -241,11 +238,26 @@ mod tests {
             "TCP and UDP on one port are two groups that never meet"
         );
         for (items, needles) in [
-            (&["a=127.0.0.1:1", "a=127.0.0.1:2"][..], &["\"a\"", "unique"][..]),
-            (&["a=udp://127.0.0.1:1", "b=udp://127.0.0.1:1"], &["\"a\"", "\"b\"", "both take"]),
-            (&["a=0.0.0.0:1", "b=127.0.0.1:1"], &["\"a\"", "\"b\"", "wildcard"]),
-            (&["a=udp://127.0.0.1:1", "b=udp://[::]:1"], &["\"a\"", "\"b\"", "wildcard"]),
-            (&["a=quic://127.0.0.1:1", "b=udp://127.0.0.1:1"], &["both take"]),
+            (
+                &["a=127.0.0.1:1", "a=127.0.0.1:2"][..],
+                &["\"a\"", "unique"][..],
+            ),
+            (
+                &["a=udp://127.0.0.1:1", "b=udp://127.0.0.1:1"],
+                &["\"a\"", "\"b\"", "both take"],
+            ),
+            (
+                &["a=0.0.0.0:1", "b=127.0.0.1:1"],
+                &["\"a\"", "\"b\"", "wildcard"],
+            ),
+            (
+                &["a=udp://127.0.0.1:1", "b=udp://[::]:1"],
+                &["\"a\"", "\"b\"", "wildcard"],
+            ),
+            (
+                &["a=quic://127.0.0.1:1", "b=udp://127.0.0.1:1"],
+                &["both take"],
+            ),
         ] {
             let found = conflict(&list(items)).unwrap_or_else(|| panic!("{items:?}"));
             for needle in needles {

@@ -10,11 +10,11 @@ use serde::Deserialize;
 use super::ConfigError;
 use super::fields;
 use super::limits::{Cidr, ConnRate};
+use super::listeners::Listener;
 use super::values::{
     Balance, ByteSize, LogFormat, StatusAddr, StatusPaths, WorkerCount, WorkerOutput,
     parse_duration,
 };
-use super::listeners::Listener;
 
 /// Where the file-given values of a [`Settings`] came from, so checks made after parsing
 /// (one value against another) can still name the file and the line.

@@ -338,7 +338,7 @@ mod tests {
             options,
             None,
         )
-            .expect("a server over the listener");
+        .expect("a server over the listener");
         assert!(
             socket2::SockRef::from(&watch)
                 .tcp_nodelay()

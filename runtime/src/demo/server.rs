@@ -692,7 +692,8 @@ mod tests {
             worker,
             options,
             None,
-        ).expect("server");
+        )
+        .expect("server");
         (server, primary)
     }
 

@@ -265,7 +265,11 @@ mod tests {
     #[test]
     fn every_message_survives_a_round_trip() {
         let messages = [
-            Message::Register { pid: 9, fd: None, listener: None },
+            Message::Register {
+                pid: 9,
+                fd: None,
+                listener: None,
+            },
             Message::Register {
                 pid: 9,
                 fd: Some(5),

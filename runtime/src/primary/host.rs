@@ -13,11 +13,11 @@ use mio::{Interest, Poll, Token};
 
 use super::WorkerProgram;
 use super::core::{EnterError, Io, ListenerError, SpawnError, Spawned, WorkerId};
+use super::group::{self, Group};
 use super::process::{
     LEFTOVER_GRACE, Leftovers, ListenerRef, Process, RelayBudget, ResidentMemory, group_alive,
     signal_group,
 };
-use super::group::{self, Group};
 use super::spawn::{self, LISTEN_FD, SpawnSpec};
 use crate::baseline::Baseline;
 use crate::config::Config;
@@ -386,8 +386,7 @@ impl Host {
             }
             // An undecided probe (a busy host) is looked at again soon, not a whole
             // interval later.
-            self.next_steering_check = if self.groups.iter().any(|g| g.steering.probe_in_flight())
-            {
+            self.next_steering_check = if self.groups.iter().any(|g| g.steering.probe_in_flight()) {
                 now + PROBE_RECHECK
             } else {
                 self.next_steering_round

@@ -6,8 +6,8 @@ use std::time::Instant;
 use super::core::{Phase as CorePhase, SlotState};
 use super::supervisor::Supervisor;
 use crate::status::{
-    ClientLimitsStatus, ListenerRefusals, ListenerStatus, Phase, PrimaryStatus, Readiness, RefusedPrefix,
-    RollAbandonedStatus, StatusDocument, SteeringStatus, Totals, WorkerStatus,
+    ClientLimitsStatus, ListenerRefusals, ListenerStatus, Phase, PrimaryStatus, Readiness,
+    RefusedPrefix, RollAbandonedStatus, StatusDocument, SteeringStatus, Totals, WorkerStatus,
 };
 use crate::sys::memory::rss_bytes;
 

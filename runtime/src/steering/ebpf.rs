@@ -428,11 +428,9 @@ impl EbpfSteering {
         slot: u32,
         generation: u32,
     ) -> Result<(OwnedFd, LoadShare, SharedRecord), SteeringError> {
-        let record = SharedRecord::new(
-            LoadRecord::create().map_err(|e| {
-                SteeringError::map(format!("create the load record of slot {slot}"), e)
-            })?,
-        );
+        let record = SharedRecord::new(LoadRecord::create().map_err(|e| {
+            SteeringError::map(format!("create the load record of slot {slot}"), e)
+        })?);
         let fd = record
             .share()
             .map_err(|e| SteeringError::io("copy the load record's fd", e))?;

@@ -172,7 +172,10 @@ mod tests {
             (GENERATION, "5"),
             (ID, "11"),
             (IPC_FD, "3"),
-            (LISTENERS, "web=tcp://127.0.0.1:8000\ndns=udp://127.0.0.1:5353"),
+            (
+                LISTENERS,
+                "web=tcp://127.0.0.1:8000\ndns=udp://127.0.0.1:5353",
+            ),
         ]);
         let env = WorkerEnv::read(|k| vars.get(k).map(|v| v.to_string())).expect("complete");
         assert_eq!(
