@@ -57,7 +57,7 @@ impl Group {
             .ok()
             .and_then(|a| a.as_socket())
             .ok_or_else(|| format!("cannot read the bound address of {}", listener.addr))?;
-        let keep = !(listener.protocol.is_datagram() && !steering.is_ebpf());
+        let keep = !listener.protocol.is_datagram() || steering.is_ebpf();
         Ok(Group {
             listener,
             steering,

@@ -266,11 +266,11 @@ impl Host {
     ) -> Option<Result<(OwnedFd, LoadShare), SteeringError>> {
         let (first, rest) = self.groups.split_first_mut()?;
         let made = first.steering.load_record(slot, generation)?;
-        Some(made.and_then(|(fd, share, record)| {
+        Some(made.map(|(fd, share, record)| {
             for group in rest {
                 group.steering.adopt_record(slot, generation, &record);
             }
-            Ok((fd, share))
+            (fd, share)
         }))
     }
 
