@@ -141,7 +141,7 @@ fn start_and_run(config: Config, program: WorkerProgram, hooks: Hooks) -> ExitCo
             }
         },
     };
-    let inherited_nofile = match limits::raise_for(config.workers) {
+    let inherited_nofile = match limits::raise_for(config.workers, config.listeners.len()) {
         Ok(limits) => Some(limits),
         Err(message) => {
             tracing::error!("{message}");
