@@ -448,6 +448,10 @@ fn sighup_refuses_a_changed_listen_address_naming_it() {
         log.contains("SIGUSR1"),
         "the warning says how to apply it: {log}"
     );
+    assert!(
+        log.contains("added \"tcp-") && log.contains("removed \"tcp-"),
+        "the warning names the listeners added and removed: {log}"
+    );
     cluster.wait_until("the roll after the reload", Duration::from_secs(20), |s| {
         status::all_ready(s) && s["primary"]["phase"] == "running"
     });

@@ -102,7 +102,15 @@ mod tests {
     #[test]
     fn the_budget_grows_with_workers_and_a_roll() {
         assert_eq!(needed(0, 1), FDS_BASE);
-        assert_eq!(needed(16, 1) - needed(15, 1), 2 * 7, "7 per worker with one listener");
-        assert_eq!(needed(1, 3) - needed(1, 1), 2 * 2, "one more per extra listener");
+        assert_eq!(
+            needed(16, 1) - needed(15, 1),
+            2 * 7,
+            "7 per worker with one listener"
+        );
+        assert_eq!(
+            needed(1, 3) - needed(1, 1),
+            2 * 2,
+            "one more per extra listener"
+        );
     }
 }

@@ -844,7 +844,7 @@ impl Supervisor {
                     for key in crate::config::keys_needing_restart(config, &new) {
                         let what = if key == "listen" {
                             format!(
-                                "the listeners changed in {} ({})",
+                                "`listen` changed in {}: {}",
                                 path.display(),
                                 crate::config::listener_changes(&config.listeners, &new.listeners)
                                     .join(", ")
