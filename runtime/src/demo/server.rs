@@ -27,7 +27,7 @@ use crate::steering::LoadReporter;
 
 /// Every TCP listener (the queues are emptied on every wake, whichever one woke it).
 const LISTENER: Token = Token(0);
-/// Every UDP socket (each is read until empty on every wake).
+/// Every UDP socket (each is read on every wake, [`DATAGRAM_BUDGET`] at a time).
 const DATAGRAMS: Token = Token(usize::MAX);
 const CHANNEL: Token = Token(1);
 /// Connection `i` is registered as `Token(FIRST_CONNECTION + i)`.
@@ -43,6 +43,9 @@ const READ_CHUNK: usize = 8 * 1024;
 /// Connections accepted per turn of the loop; the rest wait for the next turn.
 const ACCEPT_BUDGET: usize = 64;
 
+/// Datagrams answered per UDP socket per turn of the loop; the rest on the next turn.
+const DATAGRAM_BUDGET: usize = ACCEPT_BUDGET * 4;
+
 /// `SO_SNDBUF` of every connection (the kernel doubles it for its bookkeeping).
 pub(crate) const SEND_BUFFER: usize = 32 * 1024;
 
@@ -57,8 +60,12 @@ pub struct Server {
     poll: Poll,
     /// The TCP listeners, in the listeners' order; empty once draining.
     listeners: Vec<TcpListener>,
-    /// The UDP listeners' sockets: every datagram is answered with one datagram.
+    /// The UDP listeners' sockets: every datagram is answered with one datagram. Empty
+    /// once draining: each was read until empty, then closed.
     datagrams: Vec<mio::net::UdpSocket>,
+    /// A UDP socket's budget ran out on the last turn: datagrams are still queued, and the
+    /// edge-triggered poll will not say so again.
+    datagrams_left: bool,
     /// What each answer starts with: `<slot> <pid> <generation> `.
     datagram_prefix: Vec<u8>,
     channel: Channel,
@@ -152,6 +159,7 @@ impl Server {
             poll,
             listeners,
             datagrams,
+            datagrams_left: false,
             datagram_prefix,
             channel,
             connections: Connections::default(),
@@ -210,11 +218,12 @@ impl Server {
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
                 Err(error) => return Err(error),
             }
+            let mut datagrams_ready = self.datagrams_left;
             for event in &events {
                 match event.token() {
                     // The queue is emptied below on every wake.
                     LISTENER => {}
-                    DATAGRAMS => self.answer_datagrams(),
+                    DATAGRAMS => datagrams_ready = true,
                     CHANNEL => self.receive_messages(),
                     Token(token) => {
                         if let Some(index) = token.checked_sub(FIRST_CONNECTION) {
@@ -222,6 +231,9 @@ impl Server {
                         }
                     }
                 }
+            }
+            if datagrams_ready {
+                self.answer_datagrams();
             }
             self.drive_again();
             self.accept_queued();
@@ -240,7 +252,10 @@ impl Server {
     /// at most [`ACCEPT_INTERVAL`] while accepting.
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
         let accepting = !self.listeners.is_empty();
-        if !self.again.is_empty() || (accepting && self.backlog && !self.pause.is_paused(now)) {
+        if !self.again.is_empty()
+            || self.datagrams_left
+            || (accepting && self.backlog && !self.pause.is_paused(now))
+        {
             return Some(Duration::ZERO);
         }
         let accept = accepting.then_some(ACCEPT_INTERVAL);
@@ -331,31 +346,16 @@ impl Server {
         self.backlog = backlog;
     }
 
-    /// Answers every datagram queued on the UDP sockets with one datagram: the prefix
-    /// `<slot> <pid> <generation> ` and the bytes received. A datagram longer than the
-    /// buffer is answered with what fits of it.
+    /// Answers what is queued on the UDP sockets, at most [`DATAGRAM_BUDGET`] datagrams
+    /// each, so one flooded socket cannot starve the rest of the loop. What is left raises
+    /// no new edge: `datagrams_left` has the loop look again at once.
     fn answer_datagrams(&mut self) {
-        if self.datagrams.is_empty() {
-            return;
-        }
-        let prefix = self.datagram_prefix.len();
-        let mut buffer = vec![0u8; prefix + 65_536];
-        buffer[..prefix].copy_from_slice(&self.datagram_prefix);
+        let mut buffer = DatagramBuffer::new(&self.datagram_prefix);
+        let mut left = false;
         for socket in &self.datagrams {
-            // Bounded per wake, so one flooded socket cannot starve the rest of the loop;
-            // what is left raises no new edge, so the loop looks again at once.
-            for _ in 0..ACCEPT_BUDGET * 4 {
-                match socket.recv_from(&mut buffer[prefix..]) {
-                    Ok((len, peer)) => {
-                        let _lost_if_full = socket.send_to(&buffer[..prefix + len], peer);
-                    }
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                    // An ICMP error of an earlier answer, reported here: nothing to do.
-                    Err(_) => {}
-                }
-            }
+            left |= !buffer.answer_queued(socket, DATAGRAM_BUDGET);
         }
+        self.datagrams_left = left;
     }
 
     /// Accepts until the queue is empty or `budget` connections are taken (then
@@ -481,9 +481,9 @@ impl Server {
         }
     }
 
-    /// Stops accepting (after taking what is queued). Each connection's next request is
-    /// answered with `Connection: close`; connections still idle after [`IDLE_GRACE`] are
-    /// closed.
+    /// Stops accepting (after taking what is queued), and answers every datagram queued
+    /// on the UDP sockets before closing them. Each connection's next request is answered
+    /// with `Connection: close`; connections still idle after [`IDLE_GRACE`] are closed.
     fn start_drain(&mut self) {
         if self.responder.is_draining() {
             return;
@@ -499,9 +499,17 @@ impl Server {
             // All of it, whatever the budget: what stays queued leaves with the listener.
             let _still_listening = self.accept_from(&listener, usize::MAX);
         }
-        // Out of steering already: answer what is queued. (Datagrams still on their way
-        // keep being answered until the worker exits.)
-        self.answer_datagrams();
+        // The primary took the UDP sockets out of steering before asking for the drain:
+        // nothing new reaches them. Answer all that is queued, whatever the budget, then
+        // close them; a datagram left in a socket would be freed with it.
+        let mut buffer = DatagramBuffer::new(&self.datagram_prefix);
+        for mut socket in std::mem::take(&mut self.datagrams) {
+            if let Err(error) = self.poll.registry().deregister(&mut socket) {
+                warn!(%error, "could not stop watching a UDP socket");
+            }
+            let _emptied = buffer.answer_queued(&socket, usize::MAX);
+        }
+        self.datagrams_left = false;
         for index in 0..self.connections.span() {
             self.drive(index, false);
         }
@@ -665,6 +673,44 @@ impl Server {
     }
 }
 
+/// Room for one answer: the prefix `<slot> <pid> <generation> `, then the datagram read
+/// right behind it, so the answer goes out with no copy.
+struct DatagramBuffer {
+    bytes: Vec<u8>,
+    prefix: usize,
+}
+
+impl DatagramBuffer {
+    fn new(prefix: &[u8]) -> DatagramBuffer {
+        let mut bytes = vec![0u8; prefix.len() + 65_536];
+        bytes[..prefix.len()].copy_from_slice(prefix);
+        DatagramBuffer {
+            bytes,
+            prefix: prefix.len(),
+        }
+    }
+
+    /// Answers up to `budget` datagrams queued on `socket` (`recvfrom`, then `sendto` to
+    /// the sender). Returns whether the socket is empty (`EAGAIN`). A datagram longer than
+    /// 64 KiB is answered with what fits of it; an answer the socket cannot take now is
+    /// lost, as a datagram may be.
+    fn answer_queued(&mut self, socket: &mio::net::UdpSocket, budget: usize) -> bool {
+        let prefix = self.prefix;
+        for _ in 0..budget {
+            match socket.recv_from(&mut self.bytes[prefix..]) {
+                Ok((len, peer)) => {
+                    let _lost_if_full = socket.send_to(&self.bytes[..prefix + len], peer);
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                // An ICMP error of an earlier answer, reported here: nothing to do.
+                Err(_) => {}
+            }
+        }
+        false
+    }
+}
+
 /// The poll token of connection `index`.
 fn token_of(index: usize) -> Token {
     Token(FIRST_CONNECTION + index)
@@ -815,5 +861,90 @@ mod tests {
             .collect();
         server.start_drain();
         assert_eq!(server.connections.len(), clients.len());
+    }
+
+    /// A server on a TCP listener and a UDP socket with `queued` datagrams waiting on the
+    /// UDP socket (both receive buffers big enough for all of them), and the client that
+    /// sent them.
+    fn server_with_queued_datagrams(queued: usize) -> (Server, Channel, std::net::UdpSocket) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("client");
+        for socket in [&udp, &client] {
+            socket2::SockRef::from(socket)
+                .set_recv_buffer_size(4 << 20)
+                .expect("SO_RCVBUF");
+        }
+        client.set_nonblocking(true).expect("nonblocking");
+        let to = udp.local_addr().expect("addr");
+        let (primary, worker) = Channel::pair().expect("socketpair");
+        let options = DemoOptions {
+            slot: 3,
+            generation: 7,
+            faults: false,
+            timeouts: Timeouts::default(),
+        };
+        let server = Server::new(
+            vec![
+                crate::worker::ListenerSocket::Tcp(listener),
+                crate::worker::ListenerSocket::Udp(udp),
+            ],
+            worker,
+            options,
+            None,
+        )
+        .expect("server");
+        for i in 0..queued {
+            client
+                .send_to(format!("n{i}").as_bytes(), to)
+                .expect("send");
+        }
+        (server, primary, client)
+    }
+
+    /// The payloads of the demo's answers waiting on `client` (each checked for the
+    /// prefix of slot 3, generation 7).
+    fn answers(client: &std::net::UdpSocket) -> Vec<String> {
+        let prefix = format!("3 {} 7 ", std::process::id());
+        let mut answers = Vec::new();
+        let mut buffer = [0u8; 256];
+        while let Ok(len) = client.recv(&mut buffer) {
+            let text = std::str::from_utf8(&buffer[..len]).expect("ASCII");
+            let payload = text.strip_prefix(&prefix).expect("the demo's answer");
+            answers.push(payload.to_owned());
+        }
+        answers
+    }
+
+    /// Datagrams queued on a UDP socket when the drain begins, more than a turn's budget,
+    /// are each answered before the socket is closed: none is freed with it.
+    #[test]
+    fn a_drain_answers_every_queued_datagram_then_closes_the_udp_socket() {
+        let queued = DATAGRAM_BUDGET * 3;
+        let (mut server, _primary, client) = server_with_queued_datagrams(queued);
+        server.start_drain();
+        assert!(server.datagrams.is_empty(), "closed once read until empty");
+        let answered: std::collections::BTreeSet<String> = answers(&client).into_iter().collect();
+        let expected: std::collections::BTreeSet<String> =
+            (0..queued).map(|i| format!("n{i}")).collect();
+        assert_eq!(answered.len(), queued, "every datagram answered once");
+        assert_eq!(answered, expected);
+    }
+
+    /// Past a turn's budget, the datagrams left on a socket get the next turn at once:
+    /// the edge-triggered poll would not wake the loop for them again.
+    #[test]
+    fn datagrams_past_the_budget_are_answered_on_the_next_turn() {
+        let (mut server, _primary, client) = server_with_queued_datagrams(DATAGRAM_BUDGET + 5);
+        server.answer_datagrams();
+        assert_eq!(answers(&client).len(), DATAGRAM_BUDGET);
+        assert_eq!(
+            server.poll_timeout(Instant::now()),
+            Some(Duration::ZERO),
+            "the loop goes on at once"
+        );
+        server.answer_datagrams();
+        assert_eq!(answers(&client).len(), 5);
+        assert!(!server.datagrams_left);
     }
 }
