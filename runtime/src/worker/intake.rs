@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use super::env::{Intake, WorkerEnv};
 use crate::config::Listener;
 
-/// One of a worker's sockets, for the listener of the same place.
+/// One listener's socket in a worker: a listening TCP socket, or a bound UDP socket.
 #[derive(Debug)]
 pub enum ListenerSocket {
     /// A listening TCP socket.

@@ -3,9 +3,12 @@
 //!
 //! Built-in workers (the demo app) and library workers (a closure given to
 //! [`crate::Cluster`]) are the same executable as their primary, re-executed with the
-//! variables of [`env`]. External workers (`steer run -- COMMAND`) get a socket on fd 3
-//! instead and never come through here.
+//! variables of [`env`]. External workers (`steer run -- COMMAND`) get their sockets as
+//! fds 3, 4, ... instead; an external Rust program takes them by name with
+//! [`InheritedSockets`]. Either drains its UDP sockets with [`drain_datagrams`].
 
+mod activation;
+mod datagrams;
 pub mod env;
 mod intake;
 mod link;
@@ -29,6 +32,8 @@ pub enum WorkerProgram {
     External(Vec<String>),
 }
 
+pub use activation::{ActivationError, InheritedSockets};
+pub use datagrams::drain_datagrams;
 pub use intake::ListenerSocket;
 pub use link::{DrainSignal, Heartbeat, INBOX_CAPACITY, UserMessage, WorkerStats};
 use serde::Serialize;
