@@ -83,6 +83,9 @@ static EXEMPT: LpmTrie<[u32; 4], u8> = LpmTrie::with_max_entries(MAX_EXEMPT, 0);
 /// prefix that loses this many races in a row is sending as fast as several CPUs can
 /// take its SYNs.
 const CAS_TRIES: u32 = 4;
+/// Live slots a policy looks at for an available one before it takes its first choice
+/// as if none were stalled. Every slot, in a cluster of up to this many.
+const STALL_TRIES: u32 = 16;
 const BPF_NOEXIST: u64 = 1;
 /// TCP's SYN and ACK flags, in the 14th byte of the header.
 const TCP_SYN: u8 = 0x02;
@@ -335,17 +338,19 @@ fn select(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters) ->
         counters.fallbacks += 1;
         return any_registered(ctx, config, counters);
     }
-    // `first` is the slot the policy wants; `spill` is where in the live list to start
-    // if that slot holds no socket.
+    // SAFETY: a helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // `first` is the slot the policy wants, among the available ones when it can; `spill`
+    // is where in the live list to start if that slot holds no socket.
     let (first, spill) = match config.policy {
-        policy::ROUND_ROBIN => {
-            let position = next_cursor() % count;
-            (live_slot(live, position)?, position + 1)
-        }
+        policy::ROUND_ROBIN => round_robin(live, count, now, counters)?,
         policy::HASH => {
             let h = client_hash(ctx)?;
             let slot = *MAGLEV.get(h % HASH_TABLE_SIZE)?;
-            (slot, steer_common::rehash(h) % count)
+            // A stalled slot's clients go to their second choice, the one they would take
+            // if the slot were empty; every other client stays where it is.
+            let spill = steer_common::rehash(h) % count;
+            (avoid_stall(live, count, slot, spill, now, counters), spill)
         }
         policy::LEAST_LOADED => {
             let a = random() % count;
@@ -355,11 +360,12 @@ fn select(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters) ->
             }
             let slot_a = live_slot(live, a)?;
             let slot_b = live_slot(live, b)?;
-            if load(slot_b) < load(slot_a) {
-                (slot_b, b + 1)
+            let (slot, other) = if load(slot_b) < load(slot_a) {
+                ((slot_b, b), a)
             } else {
-                (slot_a, a + 1)
-            }
+                ((slot_a, a), b)
+            };
+            (avoid_stall(live, count, slot.0, other, now, counters), slot.1 + 1)
         }
         policy::CPU => {
             let cpus = config.cpus.max(1);
@@ -381,7 +387,9 @@ fn select(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters) ->
                 let on_this_cpu = (slots - local).div_ceil(cpus);
                 local + cpus * (next_cursor() % on_this_cpu.max(1))
             };
-            (slot, slot)
+            // A stalled slot's SYNs go to the next available slot after it: the worker
+            // pinned to the next CPU.
+            (avoid_stall(live, count, slot, slot, now, counters), slot)
         }
         _ => return None,
     };
@@ -398,6 +406,109 @@ fn select(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters) ->
         i += 1;
     }
     any_registered(ctx, config, counters)
+}
+
+/// Round-robin over the available live slots: the next position whose slot is not
+/// stalled, and the cursor moves past every position it looked at, so the rest stay in
+/// exact turn. If every slot it looks at is stalled, the next position as if none were.
+/// Returns the slot and where to spill if it holds no socket.
+#[inline(always)]
+fn round_robin(
+    live: &LiveSet,
+    count: u32,
+    now: u64,
+    counters: &mut Counters,
+) -> Option<(u32, u32)> {
+    let Some(cursor) = CURSOR.get_ptr_mut(0) else {
+        return Some((live_slot(live, 0)?, 1));
+    };
+    // SAFETY: per-CPU value, exclusively ours for this run.
+    let cursor = unsafe { &mut *cursor };
+    let start = *cursor;
+    let tries = if count < STALL_TRIES { count } else { STALL_TRIES };
+    let mut i = 0;
+    while i < tries {
+        let position = start.wrapping_add(i) % count;
+        let slot = live_slot(live, position)?;
+        if available(slot, now, counters) {
+            *cursor = start.wrapping_add(i + 1);
+            return Some((slot, position + 1));
+        }
+        i += 1;
+    }
+    *cursor = start.wrapping_add(1);
+    let position = start % count;
+    Some((live_slot(live, position)?, position + 1))
+}
+
+/// `wanted` if it is available; else the first available slot in the live list from
+/// position `from` on (at most [`STALL_TRIES`] looked at); else, with every slot it
+/// looked at stalled, `wanted` anyway: the host is more likely overloaded than every
+/// worker stalled.
+#[inline(always)]
+fn avoid_stall(
+    live: &LiveSet,
+    count: u32,
+    wanted: u32,
+    from: u32,
+    now: u64,
+    counters: &mut Counters,
+) -> u32 {
+    if available(wanted, now, counters) {
+        return wanted;
+    }
+    let tries = if count < STALL_TRIES { count } else { STALL_TRIES };
+    let mut i = 0;
+    while i < tries {
+        let Some(slot) = live_slot(live, (from + i) % count) else {
+            return wanted;
+        };
+        if slot != wanted && available(slot, now, counters) {
+            return slot;
+        }
+        i += 1;
+    }
+    wanted
+}
+
+/// Whether `slot` may take a new connection: not stalled (see `SlotLoad::is_stalled`).
+/// Keeps the slot's stall watch on the way: an accept seen restarts the wait, and the
+/// `stalled` flag follows the verdict, each 0 -> 1 counted in `COUNTERS.stalls`. A slot
+/// whose worker has no record (none placed yet) is available.
+#[inline(always)]
+fn available(slot: u32, now: u64, counters: &mut Counters) -> bool {
+    let Some(record) = LOADS.get_value_ptr_mut(slot, &0) else {
+        return true;
+    };
+    // SAFETY: a valid, 8-byte aligned record in an array map shared by all CPUs and the
+    // worker's mapping. Each field is read once; a torn view across fields is at worst one
+    // connection's wrong guess, put right by the next look.
+    let mut seen = unsafe { core::ptr::read_volatile(record) };
+    if seen.accepted != seen.progress {
+        // SAFETY: as above; program-only fields, plain stores (a race between CPUs
+        // writes the same values, or one a moment newer).
+        unsafe {
+            (*record).progress = seen.accepted;
+            (*record).waiting_since = now;
+        }
+        seen.progress = seen.accepted;
+        seen.waiting_since = now;
+    }
+    let stalled = seen.is_stalled(now);
+    if stalled != (seen.stalled != 0) {
+        // SAFETY: as above; the compare-and-exchange makes one CPU the one that counts.
+        let (_, swapped) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+                &raw mut (*record).stalled,
+                seen.stalled,
+                u64::from(stalled),
+            )
+        };
+        if swapped && stalled {
+            counters.stalls[bounded(slot)] += 1;
+        }
+    }
+    !stalled
 }
 
 /// The first slot whose registered socket takes the connection. `SOCKETS` holds exactly
@@ -433,9 +544,17 @@ fn try_slot(ctx: &SkReuseportContext, slot: u32, counters: &mut Counters) -> boo
     if let Some(record) = LOADS.get_value_ptr_mut(slot as u32, &0) {
         // SAFETY: a valid, 8-byte aligned u64 in an array map shared by all CPUs and the
         // worker's mapping; the atomic add is the only write anyone makes to it.
-        unsafe {
+        let before = unsafe {
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*record).steered, 1)
         };
+        // SAFETY: as above; plain reads of the other writers' fields.
+        let (accepted, settled) = unsafe { ((*record).accepted, (*record).settled) };
+        if before.wrapping_sub(accepted).wrapping_sub(settled) as i64 <= 0 {
+            // The queue was empty: the wait for an accept starts now, not at the last
+            // accept, however long ago that was.
+            // SAFETY: as above; a program-only field.
+            unsafe { (*record).waiting_since = bpf_ktime_get_ns() };
+        }
     }
     true
 }
