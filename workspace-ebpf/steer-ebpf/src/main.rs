@@ -419,6 +419,8 @@ fn round_robin(
     now: u64,
     counters: &mut Counters,
 ) -> Option<(u32, u32)> {
+    // `select` checked it; LLVM loses that across the loop and would keep a panic path.
+    let count = count.max(1);
     let Some(cursor) = CURSOR.get_ptr_mut(0) else {
         return Some((live_slot(live, 0)?, 1));
     };
@@ -457,6 +459,8 @@ fn avoid_stall(
     if available(wanted, now, counters) {
         return wanted;
     }
+    // `select` checked it; LLVM loses that across the loop and would keep a panic path.
+    let count = count.max(1);
     let tries = if count < STALL_TRIES { count } else { STALL_TRIES };
     let mut i = 0;
     while i < tries {
