@@ -668,8 +668,16 @@ impl EbpfSteering {
 
     /// Whether a worker that does not publish is suspect or stalled: call
     /// [`EbpfSteering::reconcile_load`] again in [`super::stalls::QUICK_LOOK`].
+    /// Also while the program judges a worker stalled: a settlement that finds its real
+    /// queue empty ends a "stall" made of SYNs that never became connections within
+    /// [`super::stalls::QUICK_LOOK`], not a health interval.
     pub fn wants_quick_look(&self) -> bool {
         self.silent.wants_quick_look()
+            || self.live.iter().any(|(slot, serving)| {
+                self.records
+                    .get(&(*slot, serving.generation))
+                    .is_some_and(|r| r.view().stalled != 0)
+            })
     }
 
     /// Which of the first `slots` slots are stalled now, as their serving workers' records
@@ -758,8 +766,9 @@ impl EbpfSteering {
 /// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`, which the program stamps
 /// the load records with.
 fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map_or(0, |t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    })
 }
 
 /// `kernel` mode: detaches whatever program is attached to the group of `socket`

@@ -121,8 +121,9 @@ impl LoadRecord {
             settled: field(record::SETTLED),
             progress: field(record::PROGRESS),
             waiting_since: field(record::WAITING_SINCE),
-            stalled: field(record::STALLED),
-            verdict: field(record::VERDICT),
+            steered_at_progress: field(record::STEERED_AT_PROGRESS),
+            stalled: self.memory.u32_at(record::STALLED).load(Ordering::Relaxed),
+            verdict: self.memory.u32_at(record::VERDICT).load(Ordering::Relaxed),
         }
     }
 
@@ -133,7 +134,9 @@ impl LoadRecord {
         } else {
             0
         };
-        self.memory.store_u64(record::VERDICT, verdict);
+        self.memory
+            .u32_at(record::VERDICT)
+            .store(verdict, Ordering::Relaxed);
     }
 
     /// Settles the estimate against the listener's real accept queue: what was steered

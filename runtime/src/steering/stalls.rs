@@ -88,13 +88,19 @@ mod tests {
         let t0 = Instant::now();
         assert!(!watch.judge(3, 1, t0), "one queued connection is nothing");
         assert!(!watch.wants_quick_look());
-        assert!(!watch.judge(3, 5, t0), "a first deep reading is suspect only");
+        assert!(
+            !watch.judge(3, 5, t0),
+            "a first deep reading is suspect only"
+        );
         assert!(watch.wants_quick_look());
         assert!(
             watch.judge(3, 5, t0 + QUICK_LOOK),
             "no accept between two quick looks"
         );
-        assert!(watch.judge(3, 5, t0 + 40 * QUICK_LOOK), "still nothing accepted");
+        assert!(
+            watch.judge(3, 5, t0 + 40 * QUICK_LOOK),
+            "still nothing accepted"
+        );
         assert!(!watch.judge(3, 4, t0 + 41 * QUICK_LOOK), "it accepted one");
         assert!(!watch.judge(3, 0, t0 + 42 * QUICK_LOOK));
         assert!(!watch.wants_quick_look(), "an empty queue is not watched");

@@ -196,12 +196,16 @@ pub struct SlotLoad {
     /// connection to an empty queue: the start of the current wait for an accept.
     /// Program only.
     pub waiting_since: u64,
+    /// `steered` when the program last saw `accepted` advance: what was steered since is
+    /// what the worker has not caught up with, whatever the estimate's drift. Program
+    /// only.
+    pub steered_at_progress: u64,
     /// 1 while the program judges the slot stalled (it counts each 0 -> 1 in
     /// `COUNTERS.stalls`). Program only.
-    pub stalled: u64,
+    pub stalled: u32,
     /// The primary's judgement of a worker that has never published an accept:
     /// [`VERDICT_STALLED`] or 0. Primary only.
-    pub verdict: u64,
+    pub verdict: u32,
 }
 
 /// Steered connections that must wait, unaccepted, before a slot can be stalled. Two, not
@@ -209,12 +213,14 @@ pub struct SlotLoad {
 pub const STALL_QUEUE: u64 = 2;
 
 /// How long a slot with [`STALL_QUEUE`] connections waiting may go without an accept before
-/// it is stalled: 2 ms, several times what a worker that is running takes to accept a
-/// completed handshake, and far below what a stall (a pause, a blocking call) lasts.
-pub const STALL_AFTER_NS: u64 = 2_000_000;
+/// it is stalled: 0.5 ms, several times what a running worker takes to accept a completed
+/// handshake on a local network, and far below what a stall (a pause, a blocking call)
+/// lasts. A worker that was only slow (descheduled for a moment) is available again on
+/// its next accept.
+pub const STALL_AFTER_NS: u64 = 500_000;
 
 /// [`SlotLoad::verdict`] of a worker the primary found stalled.
-pub const VERDICT_STALLED: u64 = 1;
+pub const VERDICT_STALLED: u32 = 1;
 
 impl SlotLoad {
     /// The estimated accept queue: steered, neither accepted nor settled (never negative).
@@ -233,18 +239,30 @@ impl SlotLoad {
         self.queued().saturating_add(self.active)
     }
 
-    /// Whether the slot is stalled at `now` (`bpf_ktime_get_ns`, `CLOCK_MONOTONIC`): a
-    /// queue of at least [`STALL_QUEUE`] and no accept since `waiting_since`, at least
-    /// [`STALL_AFTER_NS`] ago. An accept the program has not seen yet (`accepted` is not
-    /// `progress`) is progress. A worker that has never published an accept has the
-    /// primary's `verdict`.
+    /// The connections waiting for the worker, as far as the program can tell: steered
+    /// since its last accept, and no more than the settled estimate ([`SlotLoad::queued`]),
+    /// so that neither SYNs that never became connections nor an accept the program
+    /// missed keep a slot stalled past the primary's next settlement.
+    #[inline(always)]
+    pub fn waiting(&self) -> u64 {
+        let since = self.steered.wrapping_sub(self.steered_at_progress) as i64;
+        let since = since.max(0) as u64;
+        let queued = self.queued();
+        if since < queued { since } else { queued }
+    }
+
+    /// Whether the slot is stalled at `now` (`bpf_ktime_get_ns`, `CLOCK_MONOTONIC`): at
+    /// least [`STALL_QUEUE`] connections waiting ([`SlotLoad::waiting`]) and no accept
+    /// since `waiting_since`, at least [`STALL_AFTER_NS`] ago. An accept the program has
+    /// not seen yet (`accepted` is not `progress`) is progress. A worker that has never
+    /// published an accept has the primary's `verdict`.
     #[inline(always)]
     pub fn is_stalled(&self, now: u64) -> bool {
         if self.accepted == 0 {
             return self.verdict == VERDICT_STALLED;
         }
         self.accepted == self.progress
-            && self.queued() >= STALL_QUEUE
+            && self.waiting() >= STALL_QUEUE
             && now.saturating_sub(self.waiting_since) >= STALL_AFTER_NS
     }
 }
@@ -263,10 +281,12 @@ pub mod record {
     pub const PROGRESS: usize = 32;
     /// `waiting_since`.
     pub const WAITING_SINCE: usize = 40;
-    /// `stalled`.
-    pub const STALLED: usize = 48;
-    /// `verdict`.
-    pub const VERDICT: usize = 56;
+    /// `steered_at_progress`.
+    pub const STEERED_AT_PROGRESS: usize = 48;
+    /// `stalled` (`u32`).
+    pub const STALLED: usize = 56;
+    /// `verdict` (`u32`).
+    pub const VERDICT: usize = 60;
 }
 
 /// The program's counters (`COUNTERS[0]`, one copy per CPU; the user side sums them).
@@ -420,6 +440,10 @@ mod tests {
             core::mem::offset_of!(SlotLoad, waiting_since),
             record::WAITING_SINCE
         );
+        assert_eq!(
+            core::mem::offset_of!(SlotLoad, steered_at_progress),
+            record::STEERED_AT_PROGRESS
+        );
         assert_eq!(core::mem::offset_of!(SlotLoad, stalled), record::STALLED);
         assert_eq!(core::mem::offset_of!(SlotLoad, verdict), record::VERDICT);
     }
@@ -431,16 +455,35 @@ mod tests {
             steered: 12,
             accepted: 10,
             progress: 10,
+            steered_at_progress: 10,
             waiting_since: 100 * ms,
             ..SlotLoad::default()
         };
-        assert!(!record.is_stalled(101 * ms), "1 ms without an accept is no stall");
-        assert!(record.is_stalled(102 * ms), "2 queued, 2 ms without an accept");
+        assert!(
+            !record.is_stalled(100 * ms + STALL_AFTER_NS - 1),
+            "not yet: the threshold has not passed"
+        );
+        assert!(
+            record.is_stalled(100 * ms + STALL_AFTER_NS),
+            "2 waiting, no accept for the threshold"
+        );
+        let caught_up = SlotLoad {
+            steered_at_progress: 11,
+            settled: 0,
+            ..record
+        };
+        assert!(
+            !caught_up.is_stalled(500 * ms),
+            "one steered since the last accept: drift before it does not count"
+        );
         let one_queued = SlotLoad {
             steered: 11,
             ..record
         };
-        assert!(!one_queued.is_stalled(500 * ms), "one waiting connection is no stall");
+        assert!(
+            !one_queued.is_stalled(500 * ms),
+            "one waiting connection is no stall"
+        );
         let unseen_accept = SlotLoad {
             accepted: 11,
             ..record
@@ -461,7 +504,10 @@ mod tests {
             steered: 50,
             ..SlotLoad::default()
         };
-        assert!(!silent.is_stalled(500 * ms), "a silent worker is the primary's to judge");
+        assert!(
+            !silent.is_stalled(500 * ms),
+            "a silent worker is the primary's to judge"
+        );
         let judged = SlotLoad {
             verdict: VERDICT_STALLED,
             ..silent

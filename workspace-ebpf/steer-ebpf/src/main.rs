@@ -365,7 +365,10 @@ fn select(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters) ->
             } else {
                 ((slot_a, a), b)
             };
-            (avoid_stall(live, count, slot.0, other, now, counters), slot.1 + 1)
+            (
+                avoid_stall(live, count, slot.0, other, now, counters),
+                slot.1 + 1,
+            )
         }
         policy::CPU => {
             let cpus = config.cpus.max(1);
@@ -427,7 +430,11 @@ fn round_robin(
     // SAFETY: per-CPU value, exclusively ours for this run.
     let cursor = unsafe { &mut *cursor };
     let start = *cursor;
-    let tries = if count < STALL_TRIES { count } else { STALL_TRIES };
+    let tries = if count < STALL_TRIES {
+        count
+    } else {
+        STALL_TRIES
+    };
     let mut i = 0;
     while i < tries {
         let position = start.wrapping_add(i) % count;
@@ -461,7 +468,11 @@ fn avoid_stall(
     }
     // `select` checked it; LLVM loses that across the loop and would keep a panic path.
     let count = count.max(1);
-    let tries = if count < STALL_TRIES { count } else { STALL_TRIES };
+    let tries = if count < STALL_TRIES {
+        count
+    } else {
+        STALL_TRIES
+    };
     let mut i = 0;
     while i < tries {
         let Some(slot) = live_slot(live, (from + i) % count) else {
@@ -494,18 +505,20 @@ fn available(slot: u32, now: u64, counters: &mut Counters) -> bool {
         unsafe {
             (*record).progress = seen.accepted;
             (*record).waiting_since = now;
+            (*record).steered_at_progress = seen.steered;
         }
         seen.progress = seen.accepted;
         seen.waiting_since = now;
+        seen.steered_at_progress = seen.steered;
     }
     let stalled = seen.is_stalled(now);
     if stalled != (seen.stalled != 0) {
         // SAFETY: as above; the compare-and-exchange makes one CPU the one that counts.
         let (_, swapped) = unsafe {
-            atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+            atomic_cxchg::<u32, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
                 &raw mut (*record).stalled,
                 seen.stalled,
-                u64::from(stalled),
+                u32::from(stalled),
             )
         };
         if swapped && stalled {
@@ -548,12 +561,24 @@ fn try_slot(ctx: &SkReuseportContext, slot: u32, counters: &mut Counters) -> boo
     if let Some(record) = LOADS.get_value_ptr_mut(slot as u32, &0) {
         // SAFETY: a valid, 8-byte aligned u64 in an array map shared by all CPUs and the
         // worker's mapping; the atomic add is the only write anyone makes to it.
-        let before = unsafe {
+        unsafe {
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*record).steered, 1)
         };
-        // SAFETY: as above; plain reads of the other writers' fields.
-        let (accepted, settled) = unsafe { ((*record).accepted, (*record).settled) };
-        if before.wrapping_sub(accepted).wrapping_sub(settled) as i64 <= 0 {
+        // The count before this connection, read after the add: LLVM lowers a relaxed
+        // add whose result is used to BPF's `lock xadd` without `BPF_FETCH`, and hands
+        // back the operand, not the old value.
+        // SAFETY: as above; plain reads of the fields.
+        let (before, accepted, settled, mark) = unsafe {
+            (
+                (*record).steered.wrapping_sub(1),
+                (*record).accepted,
+                (*record).settled,
+                (*record).steered_at_progress,
+            )
+        };
+        if before.wrapping_sub(accepted).wrapping_sub(settled) as i64 <= 0
+            || before.wrapping_sub(mark) as i64 <= 0
+        {
             // The queue was empty: the wait for an accept starts now, not at the last
             // accept, however long ago that was.
             // SAFETY: as above; a program-only field.
