@@ -16,8 +16,8 @@
 //! listeners in both address families and reports those that are not its workers'
 //! ([`foreign`]).
 //!
-//! [`maglev`] builds the `hash` policy's table; [`load`] holds the load records (every eBPF policy),
-//! [`queues`] the port's listeners and the real accept-queue lengths they are settled
+//! [`maglev`] builds the `hash` policy's table; [`load`] holds the load records (every eBPF
+//! policy), [`queues`] the port's listeners and the real accept-queue lengths they are settled
 //! against.
 
 pub mod clients;
