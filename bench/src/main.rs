@@ -62,6 +62,13 @@ struct SuiteArgs {
     /// One short round (under two minutes on two cores) instead of the full run.
     #[arg(long)]
     quick: bool,
+    /// Add the Node comparison: the Node app (app.js beside --node-script) under Steer,
+    /// the cluster module and PM2 (installed with npm into <out>/pm2 when missing).
+    #[arg(long)]
+    peers: bool,
+    /// Run only these subjects (comma-separated names, e.g. steer-node,pm2).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 /// `steer-bench load`.
@@ -134,14 +141,30 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Suite(args) => {
+            let node = subject::find_program("node");
+            let pm2 = if args.peers && node.is_some() {
+                match subject::install_pm2(&args.out.join("pm2")) {
+                    Ok(package) => Some(package),
+                    Err(err) => {
+                        eprintln!("steer-bench: {err}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                None
+            };
             let programs = subject::Programs {
                 steer: args.steer,
-                node: subject::find_program("node"),
+                node,
                 node_script: args.node_script,
+                pm2,
                 nginx: subject::find_program("nginx"),
                 scratch: args.out.join("scratch"),
             };
-            let config = SuiteConfig::new(programs, args.out, args.quick);
+            let mut config = SuiteConfig::new(programs, args.out, args.quick, args.peers);
+            if !args.only.is_empty() {
+                config.subjects.retain(|s| args.only.contains(&s.name()));
+            }
             print_report(suite::run(&config))
         }
         Command::Profile(args) => {
@@ -150,6 +173,7 @@ fn main() -> ExitCode {
                     steer: args.steer,
                     node: None,
                     node_script: PathBuf::new(),
+                    pm2: None,
                     nginx: None,
                     scratch: args.out.join("scratch"),
                 },

@@ -260,6 +260,14 @@ pub fn main() -> ExitCode {
     if let Some(code) = crate::demo::run_worker_if_requested() {
         return code;
     }
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|command| command == "run")
+    {
+        // Before anything that takes time (parsing, reading the config, starting the log
+        // writer): a SIGTERM from here on waits for the primary's loop.
+        crate::primary::hold_signals();
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {

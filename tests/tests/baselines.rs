@@ -100,7 +100,18 @@ fn survive_a_crash(cluster: &Cluster) {
         let w = status::worker(s, 0);
         w.state == status::SlotState::Ready && w.pid.is_some_and(|p| p != pid) && w.restarts == 1
     });
-    let served = answers_per_slot(cluster, 200);
+    // A shared socket has no policy: which worker the kernel wakes is up to it, and on a
+    // busy host one worker can take a few hundred in a row. The restarted one must take
+    // some within a bounded number.
+    let mut served = BTreeMap::new();
+    for _ in 0..10 {
+        for (slot, n) in answers_per_slot(cluster, 200) {
+            *served.entry(slot).or_insert(0) += n;
+        }
+        if served.contains_key(&0) {
+            break;
+        }
+    }
     assert!(
         served.contains_key(&0),
         "the restarted slot serves: {served:?}"

@@ -196,8 +196,14 @@ fn assert_slot_1_hung_within(
     took
 }
 
-/// Seconds since midnight of a line that starts with an RFC 3339 UTC time.
+/// Seconds since midnight of a line that starts with an RFC 3339 UTC time (after the
+/// primary's tag, for a worker's line).
 fn seconds_of_day(line: &str) -> Option<f64> {
+    // A worker's line reaches the log behind the primary's tag: `[slot 1 pid 4242] 2026-...`.
+    let line = match line.strip_prefix("[slot ") {
+        Some(tagged) => tagged.split_once("] ")?.1,
+        None => line,
+    };
     let time = line.split_whitespace().next()?.split('T').nth(1)?;
     let time = time.trim_end_matches('Z');
     let mut parts = time.split(':');

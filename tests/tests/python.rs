@@ -170,8 +170,10 @@ fn the_python_helpers_keep_alive_is_at_least_half_as_fast_as_connection_close() 
     let cluster = Cluster::start(&["--workers", "1", "--", "python3", &script]);
     every_slot_answers(&cluster, 1);
     let addr = cluster.listen_addr();
-    let mut keep_alive = Duration::ZERO;
-    let mut close = Duration::ZERO;
+    // Each kind's fastest round: a round that the machine's load stalled (other test
+    // binaries run beside this one) says nothing about the helper.
+    let mut keep_alive = Duration::MAX;
+    let mut close = Duration::MAX;
     let mut conn = KeepAlive::connect(addr).expect("connect");
     for _ in 0..ROUNDS {
         let at = Instant::now();
@@ -179,19 +181,19 @@ fn the_python_helpers_keep_alive_is_at_least_half_as_fast_as_connection_close() 
             let response = conn.get("/").expect("keep-alive GET /");
             assert_eq!(response.status, 200);
         }
-        keep_alive += at.elapsed();
+        keep_alive = keep_alive.min(at.elapsed());
         let at = Instant::now();
         for _ in 0..PER_ROUND {
             assert_eq!(must_get(addr, "/").status, 200);
         }
-        close += at.elapsed();
+        close = close.min(at.elapsed());
     }
-    let requests = (ROUNDS * PER_ROUND) as f64;
+    let requests = PER_ROUND as f64;
     let keep_alive_rate = requests / keep_alive.as_secs_f64();
     let close_rate = requests / close.as_secs_f64();
     eprintln!(
-        "python helper, one connection: keep-alive {keep_alive_rate:.0} req/s, \
-         Connection: close {close_rate:.0} req/s"
+        "python helper, one connection, best of {ROUNDS} rounds: keep-alive \
+         {keep_alive_rate:.0} req/s, Connection: close {close_rate:.0} req/s"
     );
     assert!(
         keep_alive_rate >= close_rate / 2.0,

@@ -8,7 +8,9 @@
 //! built in debug mode).
 //!
 //! - `--quick`: one short round, under two minutes on two cores.
-//! - `--peers`: install nginx (and Node) with apt when missing, so the peers are measured.
+//! - `--peers`: install nginx (and Node, npm) with apt when missing, so the peers are
+//!   measured, and run the Node comparison: one Node app under Steer, Node's cluster
+//!   module and PM2 (which `steer-bench` installs, pinned, with npm into `target/bench/pm2`).
 //! - `--perf`: instead of the suite, profile one policy's new-connection path with `perf`
 //!   (installed with apt when missing) into `target/bench/perf.md`: where the server's and
 //!   the client's microseconds go, and the steering program's own cost. `--policy`
@@ -46,6 +48,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     if peers {
         ensure_peer("nginx", "nginx", "-v")?;
         ensure_peer("node", "nodejs", "--version")?;
+        ensure_peer("npm", "npm", "--version")?;
     }
     if perf {
         ensure_peer("perf", "linux-perf", "--version")?;
@@ -91,6 +94,9 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     ];
     if quick {
         suite.push("--quick".into());
+    }
+    if peers {
+        suite.push("--peers".into());
     }
     let args: Vec<&str> = suite.iter().map(String::as_str).collect();
     crate::step(&runner.display().to_string(), &args)

@@ -169,7 +169,8 @@ fn test(args: &[String]) -> Result<(), String> {
     // And the release primary, whose memory a test holds to the budget users see,
     // packaged: tests/tests/dist.rs installs the .deb.
     dist::build()?;
-    let mut test_args = vec!["test"];
+    // Every test binary runs even after one fails: a CI log shows every failure at once.
+    let mut test_args = vec!["test", "--no-fail-fast"];
     let extra = passthrough(args);
     if !extra.is_empty() {
         test_args.push("--");

@@ -2,7 +2,7 @@
 //! step checks first and says what it does: rustfmt and clippy; nightly, rust-src and
 //! bpf-linker for the eBPF program; cargo-fuzz for the fuzz targets; cargo-deb for the
 //! package (`test` builds it: a test installs it); hadolint, buildah and a Debian base
-//! image for the Dockerfile; python3, node, nft and systemd-analyze for tests.
+//! image for the Dockerfile; python3, node, npm, nft and systemd-analyze for tests.
 
 use std::process::Command;
 
@@ -23,6 +23,11 @@ pub(crate) fn run() -> Result<(), String> {
         "node",
         "nodejs",
         "the Node worker tests (tests/tests/node.rs) run examples/node/ with real node",
+    )?;
+    ensure_command(
+        "npm",
+        "npm",
+        "the bench's Node comparison test (tests/tests/bench_node.rs) installs PM2 with npm",
     )?;
     ensure_command(
         "nft",

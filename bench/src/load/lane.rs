@@ -4,7 +4,7 @@
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
@@ -42,6 +42,8 @@ pub(crate) struct Driver {
     pub shared: Arc<Shared>,
     /// The run's phase counter, read when each request starts.
     pub phase: Option<Arc<AtomicU64>>,
+    /// Ends the run early when set.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 /// Where a lane's current request stands.
@@ -107,7 +109,7 @@ impl Driver {
         }
         loop {
             let now = Instant::now();
-            if self.limit.is_none() && now >= self.end {
+            if self.limit.is_none() && (now >= self.end || self.cancelled()) {
                 self.shared.stop.store(true, Ordering::Relaxed);
                 return Ok(report);
             }
@@ -235,7 +237,14 @@ impl Driver {
 
     /// Whether results still count (a duration-bound run past its end does not).
     fn shared_live(&self) -> bool {
-        self.limit.is_some() || Instant::now() < self.end
+        self.limit.is_some() || (Instant::now() < self.end && !self.cancelled())
+    }
+
+    /// Whether another thread ended the run early ([`LoadSpec::cancel`](super::LoadSpec)).
+    fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|cancel| cancel.load(Ordering::Relaxed))
     }
 
     /// Runs the lane's state machine on a non-blocking socket. `Ok(Some)` when a response

@@ -87,6 +87,9 @@ pub struct LoadSpec {
     /// a worker is stalled): successful requests are also counted per worker under the
     /// value it had when they started, in [`LoadReport::per_phase`].
     pub phase: Option<Arc<AtomicU64>>,
+    /// Set by another thread to end a duration-bound run early, as if its duration were
+    /// over then (requests still in flight are not counted).
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl LoadSpec {
@@ -102,6 +105,7 @@ impl LoadSpec {
             timeout: Duration::from_secs(5),
             sources: 1,
             phase: None,
+            cancel: None,
         }
     }
 
@@ -188,6 +192,7 @@ pub fn run(spec: &LoadSpec) -> std::io::Result<LoadReport> {
                 limit,
                 shared: Arc::clone(&shared),
                 phase: spec.phase.clone(),
+                cancel: spec.cancel.clone(),
             };
             std::thread::Builder::new()
                 .name(format!("load-{t}"))

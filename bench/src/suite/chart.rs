@@ -15,7 +15,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::scenario::{STALL_EVERY, STALL_MS};
-use super::summary::{Stat, SubjectSummary, Summary};
+use super::summary::{NODE_SUBJECTS, ReloadFigures, Stat, SubjectSummary, Summary};
 
 const WIDTH: u32 = 1500;
 const HEIGHT: u32 = 1200;
@@ -57,10 +57,24 @@ struct Panel<'a> {
 
 /// Draws the chart to `path`.
 pub fn draw(summary: &Summary, path: &Path) -> Result<(), String> {
-    let names: Vec<String> = summary.subjects.iter().map(|s| s.name.clone()).collect();
-    let values = |f: &dyn Fn(&SubjectSummary) -> Option<Stat>, scale: f64| -> Vec<Option<Stat>> {
-        summary
-            .subjects
+    // Each panel shows the subjects that ran its scenarios: a stall-only subject is left
+    // out of the first three, a subject without a stall out of the fourth.
+    let main: Vec<&SubjectSummary> = summary
+        .subjects
+        .iter()
+        .filter(|s| s.keepalive.rate.is_some() || s.connect.rate.is_some())
+        .collect();
+    let stalled: Vec<&SubjectSummary> = summary
+        .subjects
+        .iter()
+        .filter(|s| s.stall.is_some())
+        .collect();
+    let names: Vec<String> = main.iter().map(|s| s.name.clone()).collect();
+    let of = |subjects: &[&SubjectSummary],
+              f: &dyn Fn(&SubjectSummary) -> Option<Stat>,
+              scale: f64|
+     -> Vec<Option<Stat>> {
+        subjects
             .iter()
             .map(|s| {
                 f(s).map(|stat| Stat {
@@ -71,6 +85,8 @@ pub fn draw(summary: &Summary, path: &Path) -> Result<(), String> {
             })
             .collect()
     };
+    let values = |f: &dyn Fn(&SubjectSummary) -> Option<Stat>, scale: f64| of(&main, f, scale);
+    let stall_values = |f: &dyn Fn(&SubjectSummary) -> Option<Stat>| of(&stalled, f, 1.0);
     // The cost targets, against the references measured in the same run.
     let reference = |name: &str| {
         summary
@@ -94,8 +110,7 @@ pub fn draw(summary: &Summary, path: &Path) -> Result<(), String> {
     })
     .collect();
     // Under the stall, each subject's label says how much the stalled worker still got.
-    let stall_names = summary
-        .subjects
+    let stall_names = stalled
         .iter()
         .map(|s| {
             match s
@@ -177,7 +192,7 @@ pub fn draw(summary: &Summary, path: &Path) -> Result<(), String> {
         },
         Panel {
             title: format!(
-                "New-connection latency, one worker stalled {STALL_MS} ms every {} s (Steer only)",
+                "New-connection latency, one worker stalled {STALL_MS} ms every {} s",
                 STALL_EVERY.as_secs_f64()
             ),
             unit: "ms, log scale (median over rounds, min-max)",
@@ -187,30 +202,147 @@ pub fn draw(summary: &Summary, path: &Path) -> Result<(), String> {
                 Series {
                     label: "p99",
                     color: BLUE,
-                    values: values(&|s| s.stall.and_then(|x| x.tails.p99_ms), 1.0),
+                    values: stall_values(&|s| s.stall.and_then(|x| x.tails.p99_ms)),
                 },
                 Series {
                     label: "p99.9",
                     color: ORANGE,
-                    values: values(&|s| s.stall.and_then(|x| x.tails.p999_ms), 1.0),
+                    values: stall_values(&|s| s.stall.and_then(|x| x.tails.p999_ms)),
                 },
                 Series {
                     label: "max",
                     color: GREEN,
-                    values: values(&|s| s.stall.and_then(|x| x.tails.max_ms), 1.0),
+                    values: stall_values(&|s| s.stall.and_then(|x| x.tails.max_ms)),
                 },
             ],
             marks: Vec::new(),
             names: Some(stall_names),
         },
     ];
-    let root = SVGBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
+    let mut panels = Vec::from(panels);
+    panels.extend(node_panels(summary));
+    let rows = panels.len().div_ceil(2);
+    let height = HEIGHT / 2 * u32::try_from(rows).unwrap_or(2);
+    let root = SVGBackend::new(path, (WIDTH, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
-    for (area, panel) in root.split_evenly((2, 2)).iter().zip(&panels) {
+    for (area, panel) in root.split_evenly((rows, 2)).iter().zip(&panels) {
         draw_panel(area, panel, &names)?;
     }
     root.present()
         .map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+/// The Node comparison's row: the same app's throughput under each system (labelled with
+/// its fairness), and the failed requests across the reloads (labelled with the count).
+/// Empty when none of its subjects ran.
+fn node_panels(summary: &Summary) -> Vec<Panel<'static>> {
+    let node: Vec<&SubjectSummary> = NODE_SUBJECTS
+        .iter()
+        .filter_map(|name| summary.subject(name))
+        .collect();
+    let throughput: Vec<&SubjectSummary> = node
+        .iter()
+        .copied()
+        .filter(|s| s.connect.rate.is_some())
+        .collect();
+    let reloads: Vec<&SubjectSummary> = node
+        .iter()
+        .copied()
+        .filter(|s| s.reload.is_some())
+        .collect();
+    if throughput.is_empty() && reloads.is_empty() {
+        return Vec::new();
+    }
+    let thousands = |f: &dyn Fn(&SubjectSummary) -> Option<Stat>| -> Vec<Option<Stat>> {
+        throughput
+            .iter()
+            .map(|s| {
+                f(s).map(|v| Stat {
+                    median: v.median / 1e3,
+                    min: v.min / 1e3,
+                    max: v.max / 1e3,
+                })
+            })
+            .collect()
+    };
+    let failed = |f: &dyn Fn(&ReloadFigures) -> u64| -> Vec<Option<Stat>> {
+        reloads
+            .iter()
+            .map(|s| {
+                s.reload.as_ref().map(|r| {
+                    let n = f(r) as f64;
+                    Stat {
+                        median: n,
+                        min: n,
+                        max: n,
+                    }
+                })
+            })
+            .collect()
+    };
+    let asked = reloads
+        .iter()
+        .filter_map(|s| s.reload.as_ref().map(|r| r.asked))
+        .max()
+        .unwrap_or(0);
+    vec![
+        Panel {
+            title: "The same Node app: throughput (label: max/min per worker, new conn)".to_owned(),
+            unit: "thousand per second (median, min-max)",
+            digits: 1,
+            log: false,
+            series: vec![
+                Series {
+                    label: "keep-alive requests",
+                    color: BLUE,
+                    values: thousands(&|s| s.keepalive.rate),
+                },
+                Series {
+                    label: "new connections",
+                    color: ORANGE,
+                    values: thousands(&|s| s.connect.rate),
+                },
+            ],
+            marks: Vec::new(),
+            names: Some(
+                throughput
+                    .iter()
+                    .map(|s| match s.connect.max_over_min {
+                        Some(f) => format!("{} ({:.2})", s.name, f.median),
+                        None => s.name.clone(),
+                    })
+                    .collect(),
+            ),
+        },
+        Panel {
+            title: format!("The same Node app: failed requests across {asked} reloads under load"),
+            unit: "failed requests, summed over the rounds (label: all failures)",
+            digits: 0,
+            log: false,
+            series: vec![
+                Series {
+                    label: "new connections",
+                    color: ORANGE,
+                    values: failed(&|r| r.errors.total()),
+                },
+                Series {
+                    label: "keep-alive requests",
+                    color: BLUE,
+                    values: failed(&|r| r.keepalive_errors.total()),
+                },
+            ],
+            marks: Vec::new(),
+            names: Some(
+                reloads
+                    .iter()
+                    .map(|s| {
+                        let failed = s.reload.as_ref().map_or(0, ReloadFigures::failed);
+                        format!("{} ({failed} failed)", s.name)
+                    })
+                    .collect(),
+            ),
+        },
+    ]
 }
 
 /// Height of a panel's heading: its title, and under it the legend (a second row for the
@@ -237,7 +369,8 @@ fn draw_panel<DB: DrawingBackend>(
         .map(|v| v.max)
         .chain(panel.marks.iter().map(|m| m.value))
         .fold(0.0f64, f64::max)
-        .max(1e-3);
+        // Counts (no decimals) keep an axis of at least one even when all are zero.
+        .max(if panel.digits == 0 { 1.0 } else { 1e-3 });
     let n = names.len().max(1) as f64;
     let mut builder = ChartBuilder::on(&plot);
     builder
@@ -245,7 +378,15 @@ fn draw_panel<DB: DrawingBackend>(
         .margin_top(4)
         .margin_right(24)
         .x_label_area_size(48)
-        .y_label_area_size(130);
+        // Room for the longest name (about 8 px a character at this size).
+        .y_label_area_size(
+            names
+                .iter()
+                .map(|name| 16 + 8 * u32::try_from(name.len()).unwrap_or(0))
+                .max()
+                .unwrap_or(0)
+                .max(130),
+        );
     if panel.log {
         let bottom = measured()
             .map(|v| v.min)
@@ -448,6 +589,7 @@ mod tests {
                 share_on_stalled: stat(0.4),
             }),
             roll: None,
+            reload: None,
             memory: MemoryFigures::default(),
         }
     }
@@ -493,5 +635,64 @@ mod tests {
         }
         // 2 + 2 + 3 + 3 series over 2 subjects, plus the legends' swatches.
         assert!(svg.matches("<rect").count() >= 20, "every bar is drawn");
+    }
+
+    #[test]
+    fn the_node_row_shows_the_same_apps_throughput_and_its_reload_failures() {
+        use crate::load::Errors;
+        let reload = |new_conn: u64, keepalive: u64| ReloadFigures {
+            asked: 5,
+            unfinished: 0,
+            reload_s: stat(0.5),
+            ok: 10_000,
+            errors: Errors {
+                timeout: new_conn,
+                ..Errors::default()
+            },
+            keepalive_ok: 50_000,
+            keepalive_errors: Errors {
+                reset: keepalive,
+                ..Errors::default()
+            },
+        };
+        let mut steer = subject("steer-node", 11_000.0);
+        steer.connect.max_over_min = Some(Stat {
+            median: 1.01,
+            min: 1.0,
+            max: 1.02,
+        });
+        steer.reload = Some(reload(0, 0));
+        // Stall only: in the stall panel, in none of the others.
+        let mut least_loaded = subject("steer-node-least-loaded", 0.0);
+        least_loaded.keepalive = LoadFigures::default();
+        least_loaded.connect = LoadFigures::default();
+        let mut pm2 = subject("pm2", 3_300.0);
+        pm2.reload = Some(reload(2, 124));
+        let summary = Summary {
+            subjects: vec![subject("round-robin", 40_000.0), steer, least_loaded, pm2],
+            targets: Vec::new(),
+        };
+        let path =
+            std::env::temp_dir().join(format!("steer-bench-chart-node-{}.svg", std::process::id()));
+        draw(&summary, &path).expect("draws");
+        let svg = std::fs::read_to_string(&path).expect("written");
+        let _ = std::fs::remove_file(&path);
+        let texts: Vec<&str> = svg.lines().map(str::trim).collect();
+        for text in [
+            "The same Node app: throughput (label: max/min per worker, new conn)",
+            "The same Node app: failed requests across 5 reloads under load",
+            "steer-node (1.01)",
+            "steer-node (0 failed)",
+            "pm2 (126 failed)",
+            "steer-node-least-loaded (40% on stalled)",
+            "124",
+        ] {
+            assert!(texts.contains(&text), "{text} missing");
+        }
+        assert!(
+            !texts.contains(&"steer-node-least-loaded"),
+            "a stall-only subject has no band in the throughput panels"
+        );
+        assert!(svg.contains("height=\"1800\""), "a third row of panels");
     }
 }

@@ -9,6 +9,14 @@
 //! the CPU time and memory of every process of the server. [`summary`] reduces the rounds
 //! to medians with min-max (ratios round by round) and checks the targets; the report lands
 //! in `report.md`, `report.json` and `report.svg`.
+//!
+//! With `--peers` the suite also runs the Node comparison: one Node app
+//! (`bench/peers/app.js`) under Steer (`steer-node`, round-robin; and
+//! `steer-node-least-loaded` for the stalled-worker row), under the cluster module
+//! (`node-rr`, `node-none`) and under PM2 (`pm2`), with the same worker count, through the
+//! throughput, stalled-worker and reload scenarios. (The UDP and QUIC subjects of issue 24
+//! come once Steer serves UDP and QUIC: they are to be subjects and sections of their own
+//! beside this one.)
 
 mod chart;
 pub mod footprint;
@@ -21,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use scenario::{Measurement, Scenario};
+use scenario::{Measurement, Reloads, Scenario};
 use subject::{Programs, STEER_POLICIES, Server, Subject};
 
 /// How the suite runs.
@@ -41,20 +49,27 @@ pub struct SuiteConfig {
     pub stall_length: Duration,
     /// Length of the rolling-restart run (the roll starts a quarter in).
     pub roll_length: Duration,
+    /// The reloads of the Node comparison.
+    pub reloads: Reloads,
+    /// Whether the Node comparison runs (`--peers`).
+    pub node_comparison: bool,
     /// `quick` or `full`, for the report.
     pub mode: String,
+    /// The subjects, in the order each round runs them ([`Self::default_subjects`]).
+    pub subjects: Vec<Subject>,
 }
 
 impl SuiteConfig {
-    /// The settings of `--quick` (under two minutes on two cores) or the full run.
-    pub fn new(programs: Programs, out_dir: PathBuf, quick: bool) -> SuiteConfig {
+    /// The settings of `--quick` (under two minutes on two cores without `--peers`) or the
+    /// full run; `peers` adds the Node comparison.
+    pub fn new(programs: Programs, out_dir: PathBuf, quick: bool, peers: bool) -> SuiteConfig {
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         let (rounds, throughput, stall, roll) = if quick {
             (1, 1.5, 2.0, 3.0)
         } else {
             (5, 3.0, 4.0, 5.0)
         };
-        SuiteConfig {
+        let mut config = SuiteConfig {
             programs,
             out_dir,
             workers,
@@ -62,8 +77,16 @@ impl SuiteConfig {
             throughput_length: Duration::from_secs_f64(throughput),
             stall_length: Duration::from_secs_f64(stall),
             roll_length: Duration::from_secs_f64(roll),
+            reloads: Reloads {
+                count: 5,
+                pause: Duration::from_millis(if quick { 300 } else { 500 }),
+            },
+            node_comparison: peers,
             mode: if quick { "quick" } else { "full" }.into(),
-        }
+            subjects: Vec::new(),
+        };
+        config.subjects = config.default_subjects();
+        config
     }
 
     fn length(&self, scenario: Scenario) -> Duration {
@@ -71,11 +94,13 @@ impl SuiteConfig {
             Scenario::KeepAlive | Scenario::Connect => self.throughput_length,
             Scenario::Stall => self.stall_length,
             Scenario::Roll => self.roll_length,
+            Scenario::Reload => self.reloads.pause,
         }
     }
 
-    /// The subjects, in the order each round runs them.
-    pub fn subjects(&self) -> Vec<Subject> {
+    /// Every subject this machine can run, in round order: Steer's policies, the per-client
+    /// limit, the Node comparison (with `--peers`) or the plain cluster-module peers, nginx.
+    pub fn default_subjects(&self) -> Vec<Subject> {
         let mut subjects: Vec<Subject> = STEER_POLICIES
             .iter()
             .map(|policy| Subject::Steer {
@@ -89,10 +114,21 @@ impl SuiteConfig {
             client_limit: true,
         });
         if self.programs.node.is_some() {
+            if self.node_comparison {
+                subjects.push(Subject::SteerNode {
+                    policy: "round-robin".into(),
+                });
+                subjects.push(Subject::SteerNode {
+                    policy: "least-loaded".into(),
+                });
+            }
             subjects.push(Subject::Node { sched: "rr".into() });
             subjects.push(Subject::Node {
                 sched: "none".into(),
             });
+            if self.node_comparison && self.programs.pm2.is_some() {
+                subjects.push(Subject::Pm2);
+            }
         }
         if self.programs.nginx.is_some() {
             subjects.push(Subject::Nginx);
@@ -129,7 +165,7 @@ pub fn run(config: &SuiteConfig) -> Result<PathBuf, String> {
         .map_err(|e| format!("creating {}: {e}", config.out_dir.display()))?;
     std::fs::create_dir_all(&config.programs.scratch)
         .map_err(|e| format!("creating {}: {e}", config.programs.scratch.display()))?;
-    let subjects = config.subjects();
+    let subjects = &config.subjects;
     let names: Vec<String> = subjects.iter().map(Subject::name).collect();
     eprintln!(
         "bench: {} mode, {} rounds, {} workers, subjects: {}",
@@ -141,7 +177,7 @@ pub fn run(config: &SuiteConfig) -> Result<PathBuf, String> {
     let started = Instant::now();
     let mut samples = Vec::new();
     for round in 1..=config.rounds {
-        for subject in &subjects {
+        for subject in subjects {
             eprint!(
                 "[{:>4.0}s] round {round}/{} {:<16}",
                 started.elapsed().as_secs_f64(),
@@ -188,11 +224,8 @@ fn run_subject(config: &SuiteConfig, subject: &Subject, round: usize) -> Result<
     warm.threads = 1;
     let _ = crate::load::run(&warm);
     let mut measurements = Vec::new();
-    for scenario in Scenario::ALL {
-        if !subject.is_steer() && !scenario.for_peers() {
-            continue;
-        }
-        let measurement = scenario::run(scenario, &server, config.length(scenario))
+    for scenario in subject.scenarios(config.node_comparison) {
+        let measurement = scenario::run(scenario, &server, config.length(scenario), config.reloads)
             .map_err(|e| format!("{} {}: {e}", subject.name(), scenario.name()))?;
         eprint!(" {}", progress(&measurement));
         measurements.push(measurement);
@@ -229,6 +262,13 @@ fn progress(m: &Measurement) -> String {
             l.errors.total(),
             m.roll_s
                 .map_or_else(|| "did not finish".into(), |s| format!("{s:.1}s"))
+        ),
+        Scenario::Reload => format!(
+            "reloads {}/{} failed {}+{}",
+            m.reloads_s.as_ref().map_or(0, Vec::len),
+            m.reloads_s.as_ref().map_or(0, Vec::len) + m.reloads_unfinished.unwrap_or(0),
+            l.errors.total(),
+            m.keepalive_side.map_or(0, |side| side.errors.total())
         ),
     }
 }

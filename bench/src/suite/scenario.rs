@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::footprint::{self, TreeSample};
 use super::subject::Server;
-use crate::load::{self, LoadReport, LoadSpec, Mode, Stop};
+use crate::load::{self, Errors, LoadReport, LoadSpec, Mode, Stop};
 
 /// Keep-alive connections in the throughput scenario.
 const KEEPALIVE_CONNECTIONS: usize = 64;
@@ -21,6 +21,12 @@ const CONNECT_LANES: usize = 32;
 const CLIENT_THREADS: usize = 2;
 /// Loopback source addresses, so `hash` sees many clients.
 const SOURCES: u8 = 64;
+/// Keep-alive connections beside the new-connection lanes during the reloads: where
+/// closing a worker's idle connections shows, as resets.
+const RELOAD_KEEPALIVE_CONNECTIONS: usize = 16;
+/// The reload run ends this long after its last reload at the latest (a safety bound; it
+/// is cancelled once the reloads are over).
+const RELOAD_RUN_BOUND: Duration = Duration::from_secs(300);
 
 /// The stalled worker blocks its loop this long ...
 pub const STALL_MS: u64 = 200;
@@ -39,21 +45,21 @@ pub enum Scenario {
     Stall,
     /// New connections while the primary rolls every worker (SIGUSR2).
     Roll,
+    /// The Node comparison: new connections and keep-alive requests while the subject
+    /// reloads its workers several times by its own zero-downtime method (Steer's
+    /// `SIGUSR2`, `pm2 reload`, node_cluster.js' rolling restart).
+    Reload,
 }
 
 impl Scenario {
     /// Every scenario, in the order they run against a server.
-    pub const ALL: [Scenario; 4] = [
+    pub const ALL: [Scenario; 5] = [
         Scenario::KeepAlive,
         Scenario::Connect,
         Scenario::Stall,
         Scenario::Roll,
+        Scenario::Reload,
     ];
-
-    /// Whether it applies to peers (the last two need Steer's demo and signals).
-    pub fn for_peers(self) -> bool {
-        matches!(self, Scenario::KeepAlive | Scenario::Connect)
-    }
 
     /// Short name.
     pub fn name(self) -> &'static str {
@@ -62,6 +68,7 @@ impl Scenario {
             Scenario::Connect => "connect",
             Scenario::Stall => "stall",
             Scenario::Roll => "roll",
+            Scenario::Reload => "reload",
         }
     }
 }
@@ -97,10 +104,46 @@ pub struct Measurement {
     /// the run).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub roll_s: Option<f64>,
+    /// Reload: seconds from each reload's start until every worker was a new process,
+    /// for the reloads that finished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reloads_s: Option<Vec<f64>>,
+    /// Reload: reloads asked for that did not finish within
+    /// [`RELOAD_TIMEOUT`](super::subject::RELOAD_TIMEOUT) (the run stops at the first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reloads_unfinished: Option<usize>,
+    /// Reload: the keep-alive connections beside the new-connection load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keepalive_side: Option<SideLoad>,
 }
 
-/// Runs `scenario` against `server` for `length`.
-pub fn run(scenario: Scenario, server: &Server, length: Duration) -> Result<Measurement, String> {
+/// What a second load, run beside the main one, saw.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct SideLoad {
+    /// Requests answered 200.
+    pub ok: u64,
+    /// Failed requests by kind.
+    pub errors: Errors,
+}
+
+/// How many reloads the reload scenario asks for, and the pause before the first and
+/// after each.
+#[derive(Debug, Clone, Copy)]
+pub struct Reloads {
+    /// Reloads.
+    pub count: usize,
+    /// Pause before the first and after each.
+    pub pause: Duration,
+}
+
+/// Runs `scenario` against `server` for `length` (the reload scenario: for as long as
+/// `reloads` take).
+pub fn run(
+    scenario: Scenario,
+    server: &Server,
+    length: Duration,
+    reloads: Reloads,
+) -> Result<Measurement, String> {
     let spec = |mode: Mode, connections: usize| {
         let mut spec = LoadSpec::new(server.addr, mode, connections, Stop::After(length));
         spec.threads = CLIENT_THREADS;
@@ -112,6 +155,9 @@ pub fn run(scenario: Scenario, server: &Server, length: Duration) -> Result<Meas
     let mut stalls = None;
     let mut stalled_share = None;
     let mut roll_s = None;
+    let mut reloads_s = None;
+    let mut reloads_unfinished = None;
+    let mut keepalive_side = None;
     let load = match scenario {
         Scenario::KeepAlive => run_load(&spec(Mode::KeepAlive, KEEPALIVE_CONNECTIONS))?,
         Scenario::Connect => run_load(&spec(Mode::Connect, CONNECT_LANES))?,
@@ -158,13 +204,45 @@ pub fn run(scenario: Scenario, server: &Server, length: Duration) -> Result<Meas
                 .map_err(|_| "the load thread panicked")?
                 .map_err(|e| format!("load: {e}"))?
         }
+        Scenario::Reload => {
+            let cancel = Arc::new(AtomicBool::new(false));
+            let mut connect = LoadSpec::new(
+                server.addr,
+                Mode::Connect,
+                CONNECT_LANES,
+                Stop::After(RELOAD_RUN_BOUND),
+            );
+            connect.threads = CLIENT_THREADS;
+            connect.sources = SOURCES;
+            connect.cancel = Some(Arc::clone(&cancel));
+            let mut keepalive = connect.clone();
+            keepalive.mode = Mode::KeepAlive;
+            keepalive.connections = RELOAD_KEEPALIVE_CONNECTIONS;
+            keepalive.threads = 1;
+            let connect = std::thread::spawn(move || load::run(&connect));
+            let keepalive = std::thread::spawn(move || load::run(&keepalive));
+            let outcome = reload_repeatedly(server, reloads);
+            cancel.store(true, Ordering::Relaxed);
+            let connect = connect.join().map_err(|_| "the load thread panicked")?;
+            let keepalive = keepalive.join().map_err(|_| "the load thread panicked")?;
+            let (done, unfinished) = outcome?;
+            let keepalive = keepalive.map_err(|e| format!("load: {e}"))?;
+            reloads_s = Some(done);
+            reloads_unfinished = Some(unfinished);
+            keepalive_side = Some(SideLoad {
+                ok: keepalive.ok,
+                errors: keepalive.errors,
+            });
+            connect.map_err(|e| format!("load: {e}"))?
+        }
     };
     let after = footprint::sample(pid).ok_or("the server's primary exited during the run")?;
     let (server_cpu, primary_cpu) = cpu_between(&before, &after);
+    let answered = load.ok + keepalive_side.map_or(0, |side| side.ok);
     Ok(Measurement {
         scenario,
         server_cpu_s: server_cpu,
-        cpu_us_per_request: 1e6 * server_cpu / (load.ok.max(1) as f64),
+        cpu_us_per_request: 1e6 * server_cpu / (answered.max(1) as f64),
         primary_cpu_pct: 100.0 * primary_cpu / load.elapsed_s.max(1e-9),
         primary_cpu_s: primary_cpu,
         primary_rss_bytes: after.root_rss(),
@@ -173,7 +251,52 @@ pub fn run(scenario: Scenario, server: &Server, length: Duration) -> Result<Meas
         stalls,
         stalled_share,
         roll_s,
+        reloads_s,
+        reloads_unfinished,
+        keepalive_side,
     })
+}
+
+/// Asks `server` for `reloads.count` reloads, one after the other, with a pause before the
+/// first and after each: each starts once every worker is up, and is over once every
+/// worker is a process that was not there before it. Returns each finished reload's
+/// seconds and how many did not finish (the first that does not ends the run).
+fn reload_repeatedly(server: &Server, reloads: Reloads) -> Result<(Vec<f64>, usize), String> {
+    let mut done = Vec::new();
+    std::thread::sleep(reloads.pause);
+    for asked in 0..reloads.count {
+        let before = wait_for(|| server.worker_pids())
+            .ok_or("the workers are not all up before a reload")?;
+        let started = Instant::now();
+        server.reload()?;
+        let replaced = wait_for(|| {
+            server
+                .worker_pids()
+                .filter(|pids| pids.iter().all(|pid| !before.contains(pid)))
+        });
+        if replaced.is_none() {
+            return Ok((done, reloads.count - asked));
+        }
+        done.push(started.elapsed().as_secs_f64());
+        std::thread::sleep(reloads.pause);
+    }
+    Ok((done, 0))
+}
+
+/// Polls `check` every 20 ms until it gives something, for [`RELOAD_TIMEOUT`] at most.
+///
+/// [`RELOAD_TIMEOUT`]: super::subject::RELOAD_TIMEOUT
+fn wait_for<T>(check: impl Fn() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + super::subject::RELOAD_TIMEOUT;
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// CPU seconds of the whole server and of its primary between two samples.

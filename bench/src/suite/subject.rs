@@ -1,5 +1,8 @@
 //! What is benchmarked: Steer under each policy, and the peers (Node's cluster module,
-//! nginx with `reuseport`), each started as a child process on a fresh port.
+//! nginx with `reuseport`), each started as a child process on a fresh port; and the Node
+//! comparison: one Node app (`bench/peers/app.js`) under Steer, under the cluster module
+//! and under PM2 (installed from npm, pinned, into a directory of the bench's own, and run
+//! with a private `PM2_HOME`).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -51,6 +54,45 @@ pub enum Subject {
     },
     /// nginx, one `listen ... reuseport` socket per worker.
     Nginx,
+    /// `steer run --balance <policy> -- node app.js`: the Node app on the Node helper.
+    SteerNode {
+        /// The `--balance` value.
+        policy: String,
+    },
+    /// The Node app under PM2 in cluster mode (`pm2-runtime`, which forks through Node's
+    /// cluster module, `SCHED_RR`).
+    Pm2,
+}
+
+/// The PM2 release the bench installs from npm.
+pub const PM2_VERSION: &str = "7.0.4";
+
+/// The Steer subject of the Node comparison, round-robin.
+pub const STEER_NODE: &str = "steer-node";
+
+/// The Node scenarios, and what each runs.
+impl Subject {
+    /// The scenarios that apply to this subject. `node_comparison`: the Node app's
+    /// subjects run the stall and the reloads too (`--peers`).
+    pub fn scenarios(&self, node_comparison: bool) -> Vec<super::scenario::Scenario> {
+        use super::scenario::Scenario::{Connect, KeepAlive, Reload, Roll, Stall};
+        match self {
+            Subject::Steer { .. } => vec![KeepAlive, Connect, Stall, Roll],
+            // Only the stalled-worker row: what the policy does for a blocked Node worker.
+            Subject::SteerNode { policy } if policy != "round-robin" => vec![Stall],
+            Subject::SteerNode { .. } | Subject::Pm2 => vec![KeepAlive, Connect, Stall, Reload],
+            Subject::Node { .. } if node_comparison => vec![KeepAlive, Connect, Stall, Reload],
+            Subject::Node { .. } | Subject::Nginx => vec![KeepAlive, Connect],
+        }
+    }
+
+    /// Whether this subject runs the Node app (`bench/peers/app.js`).
+    pub fn is_node_app(&self) -> bool {
+        matches!(
+            self,
+            Subject::SteerNode { .. } | Subject::Node { .. } | Subject::Pm2
+        )
+    }
 }
 
 impl Subject {
@@ -67,13 +109,15 @@ impl Subject {
             } => format!("{policy}{LIMITED}"),
             Subject::Node { sched } => format!("node-{sched}"),
             Subject::Nginx => "nginx-reuseport".into(),
+            Subject::SteerNode { policy } if policy == "round-robin" => STEER_NODE.into(),
+            Subject::SteerNode { policy } => format!("{STEER_NODE}-{policy}"),
+            Subject::Pm2 => "pm2".into(),
         }
     }
 
-    /// Whether this is Steer (the stalled-worker and rolling-restart scenarios need the
-    /// demo's fault routes and Steer's `SIGUSR2`).
+    /// Whether Steer runs it (its `/status` tells when every worker is ready).
     pub fn is_steer(&self) -> bool {
-        matches!(self, Subject::Steer { .. })
+        matches!(self, Subject::Steer { .. } | Subject::SteerNode { .. })
     }
 }
 
@@ -84,12 +128,61 @@ pub struct Programs {
     pub steer: PathBuf,
     /// `node`, if found.
     pub node: Option<PathBuf>,
-    /// The Node cluster script.
+    /// The Node cluster script; the Node app, `app.js`, is beside it.
     pub node_script: PathBuf,
+    /// The installed `pm2` package (`.../node_modules/pm2`), for the PM2 subject.
+    pub pm2: Option<PathBuf>,
     /// `nginx`, if found.
     pub nginx: Option<PathBuf>,
     /// Scratch directory (nginx prefix, logs).
     pub scratch: PathBuf,
+}
+
+impl Programs {
+    /// The Node app, `app.js` beside the cluster script, as an absolute path (PM2 runs it
+    /// from a directory of its own).
+    pub fn node_app(&self) -> PathBuf {
+        let app = self.node_script.with_file_name("app.js");
+        std::path::absolute(&app).unwrap_or(app)
+    }
+}
+
+/// Installs PM2 [`PM2_VERSION`] with `npm` under `dir` unless it is there already, and
+/// returns the package's directory (`dir/node_modules/pm2`). Nothing outside `dir` is
+/// written: the subject runs it with a `PM2_HOME` of its own.
+pub fn install_pm2(dir: &Path) -> Result<PathBuf, String> {
+    let package = dir.join("node_modules/pm2");
+    let installed = std::fs::read_to_string(package.join("package.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .is_some_and(|doc| doc["version"] == PM2_VERSION);
+    if installed {
+        return Ok(package);
+    }
+    let npm = find_program("npm").ok_or("npm is not installed (apt-get install npm)")?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    eprintln!(
+        "bench: installing pm2@{PM2_VERSION} with npm into {}",
+        dir.display()
+    );
+    let status = Command::new(npm)
+        .arg("install")
+        .arg("--prefix")
+        .arg(dir)
+        .args([
+            "--no-audit",
+            "--no-fund",
+            "--no-save",
+            "--loglevel=error",
+            &format!("pm2@{PM2_VERSION}"),
+        ])
+        .stdin(Stdio::null())
+        .status()
+        .map_err(|e| format!("running npm: {e}"))?;
+    if !status.success() || !package.join("bin/pm2-runtime").is_file() {
+        return Err(format!("npm install pm2@{PM2_VERSION}: {status}"));
+    }
+    Ok(package)
 }
 
 /// Finds `name` on `PATH` (and in `/usr/sbin`, where Debian puts nginx).
@@ -112,7 +205,12 @@ pub struct Server {
     pub status: Option<SocketAddr>,
     child: Child,
     workers: usize,
+    /// PM2: `node`, the package, and the private `PM2_HOME`, for `pm2 reload`.
+    pm2: Option<(PathBuf, PathBuf, PathBuf)>,
 }
+
+/// How long one reload may take before the scenario gives up on it.
+pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Server {
     /// Starts `subject` with `workers` workers on a free loopback port and waits until it
@@ -121,6 +219,7 @@ impl Server {
     pub fn start(subject: &Subject, workers: usize, programs: &Programs) -> Result<Server, String> {
         let addr = free_addr()?;
         let mut status = None;
+        let mut pm2 = None;
         let log = programs
             .scratch
             .join(format!("{}.log", subject.name()))
@@ -160,6 +259,7 @@ impl Server {
                 command
             }
             Subject::Node { sched } => {
+                // node_cluster.js forks app.js.
                 let node = programs.node.as_ref().ok_or("node is not installed")?;
                 let mut command = Command::new(node);
                 command
@@ -167,6 +267,65 @@ impl Server {
                     .env("PORT", addr.port().to_string())
                     .env("WORKERS", workers.to_string())
                     .env("SCHED", sched);
+                command
+            }
+            Subject::SteerNode { policy } => {
+                let node = programs.node.as_ref().ok_or("node is not installed")?;
+                let status_addr = free_addr()?;
+                status = Some(status_addr);
+                let mut command = Command::new(&programs.steer);
+                command
+                    .args([
+                        "run",
+                        "--workers",
+                        &workers.to_string(),
+                        "--balance",
+                        policy,
+                        "--listen",
+                        &addr.to_string(),
+                        "--status",
+                        &status_addr.to_string(),
+                        "--shutdown-timeout",
+                        "5s",
+                        "-q",
+                        "--",
+                    ])
+                    .arg(node)
+                    .arg(programs.node_app());
+                command
+            }
+            Subject::Pm2 => {
+                let node = programs.node.as_ref().ok_or("node is not installed")?;
+                let package = programs.pm2.as_ref().ok_or("pm2 is not installed")?;
+                let dir = programs.scratch.join(format!("pm2-{}", addr.port()));
+                let home = dir.join("home");
+                std::fs::create_dir_all(&home)
+                    .map_err(|e| format!("creating {}: {e}", home.display()))?;
+                let ecosystem = dir.join("ecosystem.json");
+                let config = serde_json::json!({
+                    "apps": [{
+                        "name": "app",
+                        "script": programs.node_app(),
+                        "instances": workers,
+                        "exec_mode": "cluster",
+                        "env": { "PORT": addr.port().to_string() },
+                        // PM2's graceful reload: a new instance counts once it says
+                        // `ready` (app.js does when it listens); the old one gets SIGINT
+                        // and this long to finish.
+                        "wait_ready": true,
+                        "listen_timeout": 10000,
+                        "kill_timeout": 5000,
+                    }]
+                });
+                std::fs::write(&ecosystem, config.to_string())
+                    .map_err(|e| format!("writing {}: {e}", ecosystem.display()))?;
+                pm2 = Some((node.clone(), package.clone(), home.clone()));
+                let mut command = Command::new(node);
+                command
+                    .arg(package.join("bin/pm2-runtime"))
+                    .arg(&ecosystem)
+                    .env("PM2_HOME", &home)
+                    .current_dir(&dir);
                 command
             }
             Subject::Nginx => {
@@ -202,6 +361,7 @@ impl Server {
             status,
             child,
             workers,
+            pm2,
         };
         server.wait_serving().map_err(|e| {
             let tail = std::fs::read_to_string(&log).unwrap_or_default();
@@ -222,7 +382,10 @@ impl Server {
             }
             let up = match self.status {
                 Some(_) => self.steer_worker_pids().is_some(),
-                None => http_get(self.addr, "/").is_ok_and(|(status, _)| status == 200),
+                None => {
+                    http_get(self.addr, "/").is_ok_and(|(status, _)| status == 200)
+                        && (!self.subject.is_node_app() || self.worker_pids().is_some())
+                }
             };
             if up {
                 return Ok(());
@@ -253,6 +416,57 @@ impl Server {
         ready.then(|| workers.iter().filter_map(|w| w["pid"].as_u64()).collect())
     }
 
+    /// Every worker's pid once there are as many as configured: Steer's ready slots, else
+    /// the primary's children (Node's cluster workers, PM2's instances).
+    pub fn worker_pids(&self) -> Option<Vec<u64>> {
+        if self.status.is_some() {
+            return self.steer_worker_pids();
+        }
+        let tree = super::footprint::sample(self.child.id())?;
+        let root = self.child.id();
+        let children: Vec<u64> = tree
+            .processes
+            .iter()
+            .filter(|p| p.ppid == root)
+            .map(|p| u64::from(p.pid))
+            .collect();
+        (children.len() == self.workers).then_some(children)
+    }
+
+    /// Starts a zero-downtime reload by the subject's own method: `SIGUSR2` to Steer's
+    /// primary and to node_cluster.js (its rolling restart), `pm2 reload` for PM2 (which
+    /// returns when PM2 says it is done). The caller watches [`Self::worker_pids`] for
+    /// the end.
+    pub fn reload(&self) -> Result<(), String> {
+        let Some((node, package, home)) = &self.pm2 else {
+            return self.signal(libc::SIGUSR2);
+        };
+        let mut cli = Command::new(node)
+            .arg(package.join("bin/pm2"))
+            .args(["reload", "app"])
+            .env("PM2_HOME", home)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting pm2 reload: {e}"))?;
+        let deadline = Instant::now() + RELOAD_TIMEOUT;
+        loop {
+            match cli.try_wait() {
+                Ok(Some(status)) if status.success() => return Ok(()),
+                Ok(Some(status)) => return Err(format!("pm2 reload: {status}")),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Ok(None) | Err(_) => {
+                    let _ = cli.kill();
+                    let _ = cli.wait();
+                    return Err(format!("pm2 reload: not done after {RELOAD_TIMEOUT:?}"));
+                }
+            }
+        }
+    }
+
     /// Sends `signal` to the primary.
     pub fn signal(&self, signal: i32) -> Result<(), String> {
         let pid = libc::pid_t::try_from(self.child.id()).map_err(|e| e.to_string())?;
@@ -281,6 +495,7 @@ impl Server {
     }
 
     fn kill_group(&mut self) {
+        self.end_pm2_leftovers();
         if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
             // SAFETY: the process group this child leads (process_group(0)); its members
             // are what we started.
@@ -288,6 +503,34 @@ impl Server {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// PM2 only: a daemon that a `pm2` command started in the private `PM2_HOME` (it does
+    /// when it finds no daemon there) is killed, and the subject's directory removed.
+    fn end_pm2_leftovers(&mut self) {
+        let Some((_, _, home)) = self.pm2.take() else {
+            return;
+        };
+        let daemon = std::fs::read_to_string(home.join("pm2.pid"))
+            .ok()
+            .and_then(|text| text.trim().parse::<u32>().ok())
+            .filter(|&pid| pid != self.child.id());
+        if let Some(pid) = daemon {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let home_text = home.to_string_lossy();
+            if String::from_utf8_lossy(&cmdline).contains(home_text.as_ref())
+                && let Ok(pid) = libc::pid_t::try_from(pid)
+            {
+                // SAFETY: kill on the PM2 daemon of this subject's own PM2_HOME (its
+                // command line names it).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        if let Some(dir) = home.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

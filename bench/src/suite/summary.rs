@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::scenario::{Measurement, STALL_EVERY, STALL_MS, Scenario};
-use super::subject::EBPF_POLICIES;
+use super::subject::{EBPF_POLICIES, PM2_VERSION, STEER_NODE};
 use super::{Run, Sample, SuiteConfig};
 use crate::load::Errors;
 
@@ -180,6 +180,37 @@ pub struct RollFigures {
     pub roll_s: Option<Stat>,
 }
 
+/// The reload runs of the Node comparison, summed over the rounds.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadFigures {
+    /// Reloads asked for.
+    pub asked: usize,
+    /// Reloads that did not finish.
+    pub unfinished: usize,
+    /// Seconds per reload.
+    pub reload_s: Option<Stat>,
+    /// New connections answered.
+    pub ok: u64,
+    /// Failed new connections by kind.
+    pub errors: Errors,
+    /// Keep-alive requests answered.
+    pub keepalive_ok: u64,
+    /// Failed keep-alive requests by kind.
+    pub keepalive_errors: Errors,
+}
+
+impl ReloadFigures {
+    /// Every failed request, both loads.
+    pub fn failed(&self) -> u64 {
+        self.errors.total() + self.keepalive_errors.total()
+    }
+
+    /// Connection resets, both loads.
+    pub fn resets(&self) -> u64 {
+        self.errors.reset + self.keepalive_errors.reset
+    }
+}
+
 /// Resident memory after the new-connection run, MiB.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct MemoryFigures {
@@ -202,6 +233,8 @@ pub struct SubjectSummary {
     pub stall: Option<StallFigures>,
     /// Rolling restart (Steer only).
     pub roll: Option<RollFigures>,
+    /// Reloads under load (the Node comparison).
+    pub reload: Option<ReloadFigures>,
     /// Memory.
     pub memory: MemoryFigures,
 }
@@ -234,6 +267,11 @@ const NGINX: &str = "nginx-reuseport";
 const PRIMARY_RSS_MIB: f64 = 10.0;
 /// A demo worker's RSS must stay under this, MiB.
 const WORKER_RSS_MIB: f64 = 5.0;
+/// `steer-node`'s busiest worker over its idlest, new connections, must stay under this.
+const NODE_FAIRNESS: f64 = 1.10;
+/// Under least-loaded a stalled Node worker must get less than this share of the new
+/// connections started during its stall.
+const NODE_STALLED_SHARE: f64 = 0.05;
 
 impl Summary {
     /// Reduces `samples` (over `names`, with `workers` workers each).
@@ -356,6 +394,36 @@ fn summarize(name: &str, samples: &[Sample], workers: usize) -> SubjectSummary {
             roll_s: Stat::of(rolls.values().filter_map(|m| m.roll_s).collect()),
         }
     });
+    let reloads = by_round(samples, name, Scenario::Reload);
+    let reload = (!reloads.is_empty()).then(|| {
+        let mut errors = Errors::default();
+        let mut keepalive_errors = Errors::default();
+        for m in reloads.values() {
+            add_errors(&mut errors, &m.load.errors);
+            if let Some(side) = m.keepalive_side {
+                add_errors(&mut keepalive_errors, &side.errors);
+            }
+        }
+        let done = || {
+            reloads
+                .values()
+                .filter_map(|m| m.reloads_s.as_ref())
+                .flatten()
+        };
+        let unfinished: usize = reloads.values().filter_map(|m| m.reloads_unfinished).sum();
+        ReloadFigures {
+            asked: done().count() + unfinished,
+            unfinished,
+            reload_s: Stat::of(done().copied().collect()),
+            ok: reloads.values().map(|m| m.load.ok).sum(),
+            errors,
+            keepalive_ok: reloads
+                .values()
+                .filter_map(|m| m.keepalive_side.map(|side| side.ok))
+                .sum(),
+            keepalive_errors,
+        }
+    });
     let connects = by_round(samples, name, Scenario::Connect);
     let memory = MemoryFigures {
         primary_rss_mib: Stat::of(
@@ -377,8 +445,17 @@ fn summarize(name: &str, samples: &[Sample], workers: usize) -> SubjectSummary {
         connect,
         stall,
         roll,
+        reload,
         memory,
     }
+}
+
+fn add_errors(sum: &mut Errors, e: &Errors) {
+    sum.refused += e.refused;
+    sum.reset += e.reset;
+    sum.timeout += e.timeout;
+    sum.bad_status += e.bad_status;
+    sum.other += e.other;
 }
 
 /// A ratio of two medians, if both were measured.
@@ -553,6 +630,74 @@ fn targets(subjects: &[SubjectSummary], workers: usize) -> Vec<Target> {
             |(name, m)| format!("{m:.1} MiB (largest: {name})"),
         ),
         met: worker.map(|(_, m)| m < WORKER_RSS_MIB),
+    });
+    targets.extend(node_targets(subjects));
+    targets
+}
+
+/// The Node comparison's subjects, in the order of its tables.
+pub const NODE_SUBJECTS: [&str; 5] = [
+    STEER_NODE,
+    "steer-node-least-loaded",
+    "node-rr",
+    "node-none",
+    "pm2",
+];
+
+/// Where the targets of the Node comparison stand (`--peers`).
+const NOT_RUN: &str = "not measured (cargo xtask bench --peers)";
+
+/// The Node comparison's targets: Steer's new-connection rate against the cluster module
+/// at a fair spread, no failed request across the reloads, and least-loaded keeping new
+/// connections off a stalled Node worker.
+fn node_targets(subjects: &[SubjectSummary]) -> Vec<Target> {
+    let get = |name: &str| subjects.iter().find(|s| s.name == name);
+    let connect = |name: &str| get(name).and_then(|s| s.connect.rate);
+    let fairness = get(STEER_NODE)
+        .and_then(|s| s.connect.max_over_min)
+        .map(|s| s.median);
+    let mut targets = Vec::new();
+    for (peer, bound) in [("node-rr", 1.5), ("node-none", 1.0)] {
+        let r = ratio(connect(STEER_NODE), connect(peer));
+        targets.push(Target {
+            goal: format!(
+                "{STEER_NODE} new-connection rate >= {bound:.1}x {peer}, at max/min < {NODE_FAIRNESS:.2}"
+            ),
+            measured: match (r, fairness) {
+                (Some(r), Some(f)) => format!("{r:.2}x at max/min {f:.2}"),
+                _ => NOT_RUN.into(),
+            },
+            met: r.zip(fairness).map(|(r, f)| r >= bound && f < NODE_FAIRNESS),
+        });
+    }
+    let reload = get(STEER_NODE).and_then(|s| s.reload.clone());
+    targets.push(Target {
+        goal: format!("{STEER_NODE}: 0 failed requests across the reloads (SIGUSR2)"),
+        measured: reload.as_ref().map_or_else(
+            || NOT_RUN.into(),
+            |r| {
+                format!(
+                    "{} failed in {} requests, {} of {} reloads finished",
+                    r.failed(),
+                    r.ok + r.keepalive_ok + r.failed(),
+                    r.asked - r.unfinished,
+                    r.asked
+                )
+            },
+        ),
+        met: reload.map(|r| r.failed() == 0 && r.unfinished == 0),
+    });
+    let least_loaded = format!("{STEER_NODE}-least-loaded");
+    let share = get(&least_loaded)
+        .and_then(|s| s.stall)
+        .and_then(|s| s.share_on_stalled);
+    targets.push(Target {
+        goal: format!(
+            "{least_loaded}: a stalled Node worker gets < {:.0}% of new connections",
+            NODE_STALLED_SHARE * 100.0
+        ),
+        measured: share.map_or_else(|| NOT_RUN.into(), |s| s.show_percent()),
+        met: share.map(|s| s.median < NODE_STALLED_SHARE),
     });
     targets
 }
@@ -761,6 +906,7 @@ pub fn markdown(run: &Run) -> String {
             ]
         }),
     );
+    node_section(&mut out, run);
     let _ = writeln!(out, "## Targets\n");
     table(
         &mut out,
@@ -776,6 +922,154 @@ pub fn markdown(run: &Run) -> String {
     );
     out
 }
+
+/// The Node comparison's section: the same app under Steer, the cluster module and PM2.
+/// Nothing when none of its subjects ran.
+fn node_section(out: &mut String, run: &Run) {
+    let node: Vec<&SubjectSummary> = NODE_SUBJECTS
+        .iter()
+        .filter_map(|name| run.summary.subject(name))
+        .collect();
+    if node.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "## Node comparison\n\nOne Node app (`bench/peers/app.js`: `/` and \
+         `/block?ms=N`), {} workers each way: `{STEER_NODE}` is `steer run --balance \
+         round-robin -- node app.js` on the Node helper (`steer-node-least-loaded`: the same \
+         with `--balance least-loaded`, stalled-worker row only); `node-rr` and `node-none` \
+         are Node's cluster module (`bench/peers/node_cluster.js`) in `SCHED_RR` and \
+         `SCHED_NONE` mode; `pm2` is PM2 {PM2_VERSION} in cluster mode under `pm2-runtime` \
+         (its daemon is the primary). Server CPU is every process of each, the primary (PM2's \
+         daemon) included.\n",
+        run.setup.workers
+    );
+    table(
+        out,
+        &[
+            "subject",
+            "keep-alive req/s",
+            "new conn/s",
+            "max/min (conn)",
+            "us CPU per new conn",
+            "us CPU per keep-alive req",
+            "conn p50 ms",
+            "p99",
+            "p99.9",
+            "primary CPU %",
+            "RSS primary / worker MiB",
+        ],
+        node.iter().filter(|x| x.connect.rate.is_some()).map(|x| {
+            let c = &x.connect.tails;
+            vec![
+                x.name.clone(),
+                show(x.keepalive.rate, 0),
+                show(x.connect.rate, 0),
+                show(x.connect.max_over_min, 2),
+                show(x.connect.cpu_us, 1),
+                show(x.keepalive.cpu_us, 1),
+                show(c.p50_ms, 2),
+                show(c.p99_ms, 2),
+                show(c.p999_ms, 2),
+                show(x.connect.primary_cpu_pct, 1),
+                format!(
+                    "{} / {}",
+                    show(x.memory.primary_rss_mib, 1),
+                    show(x.memory.worker_rss_mib, 1)
+                ),
+            ]
+        }),
+    );
+    let _ = writeln!(
+        out,
+        "A stalled worker: one worker blocks its event loop {STALL_MS} ms every {} s, under \
+         new-connection load. \"On stalled\": of the new connections started during a \
+         stall, the share the stalled worker took (and made wait).\n",
+        STALL_EVERY.as_secs()
+    );
+    table(
+        out,
+        &[
+            "subject",
+            "on stalled",
+            "p99 ms",
+            "p99.9 ms",
+            "max ms",
+            "new conn/s",
+        ],
+        node.iter().filter_map(|x| {
+            let st = x.stall?;
+            Some(vec![
+                x.name.clone(),
+                st.share_on_stalled
+                    .map_or_else(|| "-".into(), |s| s.show_percent()),
+                show(st.tails.p99_ms, 2),
+                show(st.tails.p999_ms, 1),
+                show(st.tails.max_ms, 1),
+                show(st.rate, 0),
+            ])
+        }),
+    );
+    let _ = writeln!(
+        out,
+        "Reloads under load: {} reloads a round by each system's own zero-downtime method \
+         (Steer: `SIGUSR2`; PM2: `pm2 reload`, `wait_ready`; cluster: node_cluster.js on \
+         `SIGUSR2` forks the new worker, waits for `listening`, disconnects the old one), \
+         each once the previous one is over, while {CONNECT_LANES_TEXT} new-connection lanes \
+         and 16 keep-alive connections run. Every request counted, summed over the rounds. \
+         app.js, outside Steer, shuts down as Node's `server.close()` does: idle keep-alive \
+         connections are closed at once.\n",
+        run.samples
+            .iter()
+            .flat_map(|s| &s.measurements)
+            .find_map(|m| {
+                m.reloads_s
+                    .as_ref()
+                    .map(|d| d.len() + m.reloads_unfinished.unwrap_or(0))
+            })
+            .unwrap_or(0)
+    );
+    table(
+        out,
+        &[
+            "subject",
+            "reloads done",
+            "s per reload",
+            "new conn ok",
+            "failed",
+            "reset",
+            "refused",
+            "timeout",
+            "keep-alive ok",
+            "failed",
+            "reset",
+        ],
+        node.iter().filter_map(|x| {
+            let r = x.reload.as_ref()?;
+            Some(vec![
+                x.name.clone(),
+                format!("{}/{}", r.asked - r.unfinished, r.asked),
+                show(r.reload_s, 2),
+                r.ok.to_string(),
+                r.errors.total().to_string(),
+                r.errors.reset.to_string(),
+                r.errors.refused.to_string(),
+                r.errors.timeout.to_string(),
+                r.keepalive_ok.to_string(),
+                r.keepalive_errors.total().to_string(),
+                r.keepalive_errors.reset.to_string(),
+            ])
+        }),
+    );
+    let _ = writeln!(
+        out,
+        "UDP and QUIC (issue 24) get sections of their own here once Steer serves them.\n"
+    );
+}
+
+/// The new-connection lanes of the load, as the report writes them.
+const CONNECT_LANES_TEXT: &str = "32";
 
 #[cfg(test)]
 mod tests {
@@ -806,6 +1100,9 @@ mod tests {
             stalls: (scenario == Scenario::Stall).then_some(2),
             stalled_share: (scenario == Scenario::Stall).then_some(0.5),
             roll_s: None,
+            reloads_s: None,
+            reloads_unfinished: None,
+            keepalive_side: None,
         }
     }
 
@@ -878,10 +1175,11 @@ mod tests {
             steer: "steer".into(),
             node: None,
             node_script: "node_cluster.js".into(),
+            pm2: None,
             nginx: None,
             scratch: std::env::temp_dir(),
         };
-        let config = SuiteConfig::new(programs, std::env::temp_dir(), true);
+        let config = SuiteConfig::new(programs, std::env::temp_dir(), true, false);
         let run = Run {
             setup: Setup::describe(&config, &names),
             samples,
@@ -911,6 +1209,93 @@ mod tests {
         ] {
             assert!(json.contains(key), "{key} missing from report.json");
         }
+    }
+
+    #[test]
+    fn the_node_targets_hold_steer_to_the_cluster_module_its_reloads_and_the_stall() {
+        let stat = |median: f64| {
+            Some(Stat {
+                median,
+                min: median,
+                max: median,
+            })
+        };
+        let node = |name: &str, rate: f64, max_over_min: f64| SubjectSummary {
+            name: name.into(),
+            keepalive: LoadFigures::default(),
+            connect: LoadFigures {
+                rate: stat(rate),
+                max_over_min: stat(max_over_min),
+                ..LoadFigures::default()
+            },
+            stall: None,
+            roll: None,
+            reload: None,
+            memory: MemoryFigures::default(),
+        };
+        let reload = |keepalive_resets: u64| ReloadFigures {
+            asked: 5,
+            unfinished: 0,
+            reload_s: stat(0.5),
+            ok: 1000,
+            errors: Errors::default(),
+            keepalive_ok: 1000,
+            keepalive_errors: Errors {
+                reset: keepalive_resets,
+                ..Errors::default()
+            },
+        };
+        let mut steer = node(STEER_NODE, 12_000.0, 1.05);
+        steer.reload = Some(reload(0));
+        let mut least_loaded = node("steer-node-least-loaded", 0.0, 0.0);
+        least_loaded.stall = Some(StallFigures {
+            tails: Tails::default(),
+            rate: None,
+            p99_ratio: None,
+            share_on_stalled: stat(0.52),
+        });
+        let mut pm2 = node("pm2", 3_000.0, 1.3);
+        pm2.reload = Some(reload(124));
+        let subjects = vec![
+            steer,
+            least_loaded,
+            node("node-rr", 7_000.0, 1.0),
+            node("node-none", 12_500.0, 1.6),
+            pm2,
+        ];
+        let targets = node_targets(&subjects);
+        let met: Vec<(String, Option<bool>)> =
+            targets.iter().map(|t| (t.goal.clone(), t.met)).collect();
+        assert_eq!(
+            met,
+            vec![
+                (
+                    "steer-node new-connection rate >= 1.5x node-rr, at max/min < 1.10".into(),
+                    Some(true)
+                ),
+                (
+                    "steer-node new-connection rate >= 1.0x node-none, at max/min < 1.10".into(),
+                    Some(false)
+                ),
+                (
+                    "steer-node: 0 failed requests across the reloads (SIGUSR2)".into(),
+                    Some(true)
+                ),
+                (
+                    "steer-node-least-loaded: a stalled Node worker gets < 5% of new connections"
+                        .into(),
+                    Some(false)
+                ),
+            ]
+        );
+        assert_eq!(targets[1].measured, "0.96x at max/min 1.05");
+        assert_eq!(targets[3].measured, "52%");
+        // PM2's failures are reported, not held to a target.
+        assert!(targets.iter().all(|t| !t.goal.contains("pm2")));
+        assert!(
+            node_targets(&[]).iter().all(|t| t.met.is_none()),
+            "without --peers nothing is met or missed"
+        );
     }
 
     #[test]

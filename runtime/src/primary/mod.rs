@@ -82,6 +82,11 @@ impl Control {
     }
 }
 
+/// Holds the primary's signals back until its handlers are in (see `signals::hold`).
+pub(crate) fn hold_signals() {
+    signals::hold();
+}
+
 /// Runs a primary until it is stopped. Returns the process exit status: 0 after a clean
 /// stop; 2 if the pid file is held by a running primary; 1 if it could not start or its
 /// loop failed (the reason is logged).

@@ -63,6 +63,21 @@ pub(crate) const HANDLED: [i32; 8] = [
 /// every process too.
 pub(crate) const CONTROL: [i32; 6] = [SIGHUP, SIGUSR1, SIGUSR2, SIGTTIN, SIGTTOU, SIGWINCH];
 
+/// Blocks the primary's signals in the calling thread (and the threads it starts from now
+/// on) until [`open`] has installed their handlers: `steer run` calls it first thing, so a
+/// SIGTERM while it parses its configuration or sets up its log waits for the loop instead
+/// of killing it with the default action.
+pub(crate) fn hold() {
+    let mut set = nix::sys::signal::SigSet::empty();
+    for signal in HANDLED {
+        if let Ok(signal) = nix::sys::signal::Signal::try_from(signal) {
+            set.add(signal);
+        }
+    }
+    // Nothing to do if it fails: the handlers are installed a moment later anyway.
+    let _ = set.thread_block();
+}
+
 /// Installs the handlers, then unblocks the signals (a successor primary starts with
 /// them blocked, so that one sent before its handlers were in waited instead of killing
 /// it); the returned source is registered with the event loop.

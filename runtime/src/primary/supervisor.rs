@@ -17,7 +17,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
-use super::core::{Core, HEALTHY_RESET, Phase, START_ATTEMPTS, Settings, WorkerId};
+use super::core::{Core, Phase, SETTLE, START_ATTEMPTS, Settings, WorkerId};
 use super::host::{Host, WorkerFd, decode_worker_token};
 use super::pidfile::PidFile;
 use super::signals::{self, Action, Signals};
@@ -680,7 +680,7 @@ impl Supervisor {
     /// In a successor: when every configured slot is ready and has settled, if they all
     /// are ready. A worker counted ready when it ran (an external program that has not
     /// said `ready`, on a slot whose workers never did) settles once it has stayed up for
-    /// [`HEALTHY_RESET`]: one that exits at start is not taken for a working release.
+    /// [`SETTLE`]: one that exits at start is not taken for a working release.
     fn settled_at(&self, now: Instant) -> Option<Instant> {
         let configured = self.core.configured();
         let mut at = now;
@@ -691,7 +691,7 @@ impl Supervisor {
             let worker = slot.current.as_ref()?;
             if worker.ready_at_exec() && !slot.says_ready {
                 let since = worker.ready_since.unwrap_or(now);
-                at = at.max(since + HEALTHY_RESET);
+                at = at.max(since + SETTLE);
             }
         }
         Some(at)
@@ -744,8 +744,11 @@ impl Supervisor {
         self.notifier.set_quiet(false);
     }
 
-    /// A successor takes over the status listener it inherited.
+    /// A successor takes over the status listener it inherited. The status thread gets
+    /// this turn's state first: the one it holds is from before the last slot became
+    /// ready, and a client waiting on the socket would be told `503`.
     fn start_answering_status(&mut self) {
+        self.publish_status();
         if let Some(status) = &self.status {
             status.start_accepting();
         }

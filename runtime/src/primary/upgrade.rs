@@ -17,7 +17,8 @@
 //! A successor is no less careful than a rolling restart. It learns which slots' workers
 //! say `ready` (a helper, or any worker that speaks the protocol), and counts its own as
 //! ready only once they say it too; a worker counted ready when it runs (an external
-//! program that never speaks) must also have stayed up for a second. A successor whose
+//! program that never speaks) must also have stayed up for
+//! [`SETTLE`](super::core::SETTLE) (3 s). A successor whose
 //! slot fails to start [`START_ATTEMPTS`](super::core::START_ATTEMPTS) times in a row says
 //! so, with the reason, on the same pipe.
 //!

@@ -22,7 +22,11 @@ mod tests;
 use std::time::{Duration, Instant};
 
 pub(crate) use error::{EnterError, ListenerError, SpawnError};
-pub(crate) use restart::HEALTHY_RESET;
+/// How long a process counted ready when it ran (an external program that never says
+/// `ready`) must stay up before its start counts as working: a new primary takes over only
+/// then, and one that exits sooner is a failed start. Long enough for an interpreter that
+/// exits at start on a loaded host (1.4 s was seen in CI).
+pub(crate) const SETTLE: Duration = Duration::from_secs(3);
 use restart::Verdict;
 use roll::Roll;
 pub use slot::SlotState;
@@ -623,8 +627,7 @@ impl Core {
                     ready_at_exec: true,
                     ..
                 }
-            ) && ready_since
-                .is_some_and(|since| now.saturating_duration_since(since) < HEALTHY_RESET);
+            ) && ready_since.is_some_and(|since| now.saturating_duration_since(since) < SETTLE);
         if !never_served {
             slot.failed_starts = 0;
         } else {
