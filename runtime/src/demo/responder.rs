@@ -163,6 +163,10 @@ impl Responder {
             requests: REQUESTS_PER_TURN,
             reads: READS_PER_TURN,
         };
+        // Set once a read finds the socket empty. No readable event comes for what is
+        // already buffered, so the loop goes round once more to answer it (a pipelining
+        // client that has sent everything waits for exactly that), and only then waits.
+        let mut drained = false;
         loop {
             self.answer_buffered(connection, index, &mut budget, now);
             if let Err(error) = connection.flush(now) {
@@ -181,6 +185,9 @@ impl Responder {
             if budget.requests == 0 || budget.reads == 0 {
                 return Verdict::Again;
             }
+            if drained {
+                return Verdict::Keep;
+            }
             if connection.peer_closed {
                 // Every complete request is answered; what is left can never complete.
                 connection.stage = Stage::Closing;
@@ -190,7 +197,7 @@ impl Responder {
             match connection.fill(scratch, now) {
                 Ok(Fill::Data) => {}
                 Ok(Fill::Eof) => connection.peer_closed = true,
-                Ok(Fill::Drained) => return Verdict::Keep,
+                Ok(Fill::Drained) => drained = true,
                 Err(error) => {
                     debug!(%error, "connection read failed");
                     return Verdict::Drop;

@@ -610,8 +610,9 @@ fn token_of(index: usize) -> Token {
 
 #[cfg(test)]
 mod tests {
-    use std::io::{Read, Write};
+    use std::io::{ErrorKind, Read, Write};
     use std::net::TcpStream;
+    use std::os::fd::AsRawFd;
 
     use super::*;
     use crate::demo::Timeouts;
@@ -655,6 +656,83 @@ mod tests {
         client.read_to_string(&mut reply).expect("the answer");
         assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
         assert!(reply.contains("Connection: close"), "{reply}");
+    }
+
+    /// A pipelining client that has sent everything and now only reads gets every answer.
+    /// Events are simulated as edge-triggered epoll delivers them: the server is driven
+    /// only when the client read from a connection that had output waiting (a writable
+    /// edge) or when it asked to go again. A turn that ends with requests buffered but no
+    /// output waiting would never be woken again; that was a lost wakeup.
+    #[test]
+    fn a_client_that_sent_everything_gets_every_answer() {
+        // Whether the socket is empty while answers are held back depends on where reads
+        // and the send buffer's edge fall, so several request counts are tried.
+        for requests in (300..4000).step_by(170) {
+            every_answer_without_a_lost_wakeup(requests);
+        }
+    }
+
+    fn every_answer_without_a_lost_wakeup(requests: usize) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (mut server, _primary) = server(listener);
+        let mut client = TcpStream::connect(addr).expect("connect");
+        client
+            .write_all("GET / HTTP/1.1\r\n\r\n".repeat(requests).as_bytes())
+            .expect("every request fits in the socket buffers");
+        client.set_nonblocking(true).expect("nonblocking");
+        server.accept_queued();
+        assert_eq!(server.connections.len(), 1);
+        let mut answers = 0;
+        let mut chunk = vec![0u8; 1 << 16];
+        for _ in 0..100_000 {
+            while !server.again.is_empty() {
+                server.drive_again();
+            }
+            let waiting = server
+                .connections
+                .get_mut(0)
+                .expect("open")
+                .pending_output()
+                > 0;
+            let mut read = 0;
+            loop {
+                match client.read(&mut chunk) {
+                    Ok(0) => panic!("closed after {answers} answers"),
+                    Ok(len) => {
+                        read += len;
+                        answers += chunk[..len].windows(8).filter(|w| w == b"HTTP/1.1").count();
+                    }
+                    Err(error) if error.kind() == ErrorKind::WouldBlock => break,
+                    Err(error) => panic!("read: {error}"),
+                }
+            }
+            if answers == requests {
+                return;
+            }
+            // Request bytes that reached the server's socket after its last read (the
+            // client's send buffer drains as the server reads): a readable edge.
+            let arrived = unread(&server.connections.get_mut(0).expect("open").stream) > 0;
+            assert!(
+                waiting || read > 0 || arrived,
+                "stuck after {answers} of {requests} answers: no output waiting, so no event \
+                 will come, with {} request bytes buffered",
+                server.connections.get_mut(0).expect("open").input().len()
+            );
+            if (waiting && read > 0) || arrived {
+                server.drive(0, false);
+            }
+        }
+        panic!("only {answers} of {requests} answers");
+    }
+
+    /// Bytes waiting in a socket's receive queue (`FIONREAD`).
+    fn unread(stream: &impl AsRawFd) -> usize {
+        let mut len: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int through the pointer, which is valid.
+        let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut len) };
+        assert_eq!(rc, 0, "FIONREAD: {}", io::Error::last_os_error());
+        usize::try_from(len).expect("a length")
     }
 
     /// A drain takes everything queued, past the per-turn accept budget: what stayed in
