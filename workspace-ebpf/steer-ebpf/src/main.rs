@@ -67,6 +67,12 @@ static PROBE: Array<u64> = Array::with_max_entries(1, 0);
 static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+/// Per CPU, the turns round-robin skipped each slot for while it was stalled, at most
+/// [`OWED_CAP`]: given back at the slot's next turns, so that a worker the scheduler kept
+/// off the CPU for a moment (a stall as far as the program can tell) ends with its exact
+/// share, and one that stalled for seconds gets only a few extra connections back.
+#[map]
+static OWED: PerCpuArray<[u8; MAX_SLOTS as usize]> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static CPU_INDEX: Array<u32> = Array::with_max_entries(MAX_CPUS, 0);
 /// Sized by the primary at load (`--client-table-size`).
@@ -78,6 +84,8 @@ static REFUSED: LruHashMap<ClientKey, u64> = LruHashMap::with_max_entries(REFUSE
 #[map]
 static EXEMPT: LpmTrie<[u32; 4], u8> = LpmTrie::with_max_entries(MAX_EXEMPT, 0);
 
+/// The most turns round-robin owes one slot on one CPU (see `OWED`).
+const OWED_CAP: u8 = 8;
 /// Compare-and-exchange attempts on one client's state before its SYN is refused. Each
 /// failed attempt means another SYN of the same prefix was admitted in between, so a
 /// prefix that loses this many races in a row is sending as fast as several CPUs can
@@ -390,9 +398,12 @@ fn select(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters) ->
                 let on_this_cpu = (slots - local).div_ceil(cpus);
                 local + cpus * (next_cursor() % on_this_cpu.max(1))
             };
-            // A stalled slot's SYNs go to the next available slot after it: the worker
-            // pinned to the next CPU.
-            (avoid_stall(live, count, slot, slot, now, counters), slot)
+            // A stalled slot's SYNs go to the nearest available worker: first another
+            // one pinned to this CPU (slot + cpus, ...), then the one on the next CPU.
+            // Spilling to the next CPU while this one has an idle worker would leave this
+            // CPU's share of the work to the other CPU's workers.
+            let nearest = if slots > cpus { slot + cpus } else { slot };
+            (avoid_stall(live, count, slot, nearest, now, counters), slot)
         }
         _ => return None,
     };
@@ -413,8 +424,10 @@ fn select(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters) ->
 
 /// Round-robin over the available live slots: the next position whose slot is not
 /// stalled, and the cursor moves past every position it looked at, so the rest stay in
-/// exact turn. If every slot it looks at is stalled, the next position as if none were.
-/// Returns the slot and where to spill if it holds no socket.
+/// exact turn. A slot skipped while stalled is owed the turn (`OWED`, capped): when its
+/// turn comes and it is available, it takes the turns it is owed one after another
+/// before the cursor moves on. If every slot it looks at is stalled, the next position
+/// as if none were. Returns the slot and where to spill if it holds no socket.
 #[inline(always)]
 fn round_robin(
     live: &LiveSet,
@@ -435,13 +448,28 @@ fn round_robin(
     } else {
         STALL_TRIES
     };
+    // SAFETY: per-CPU value, exclusively ours for this run.
+    let mut owed = OWED.get_ptr_mut(0).map(|owed| unsafe { &mut *owed });
     let mut i = 0;
     while i < tries {
         let position = start.wrapping_add(i) % count;
         let slot = live_slot(live, position)?;
         if available(slot, now, counters) {
-            *cursor = start.wrapping_add(i + 1);
+            let repaying = match owed.as_deref_mut() {
+                Some(owed) if owed[bounded(slot)] > 0 => {
+                    owed[bounded(slot)] -= 1;
+                    true
+                }
+                _ => false,
+            };
+            // Repaying a turn, the cursor stays on this slot for the next connection.
+            *cursor = start.wrapping_add(if repaying { i } else { i + 1 });
             return Some((slot, position + 1));
+        }
+        if let Some(owed) = owed.as_deref_mut()
+            && owed[bounded(slot)] < OWED_CAP
+        {
+            owed[bounded(slot)] += 1;
         }
         i += 1;
     }
