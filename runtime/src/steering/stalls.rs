@@ -1,7 +1,7 @@
 //! The primary's stall judgement of workers that do not publish their accepts.
 //!
 //! The program judges a stall from a worker's load record: connections steered to it and
-//! not accepted, and no accept for 2 ms ([`steer_common::SlotLoad::is_stalled`]). A worker
+//! not accepted, and no accept for 0.5 ms ([`steer_common::SlotLoad::is_stalled`]). A worker
 //! that has never published an accept (an external program without a helper) gives it
 //! nothing to judge by, so the primary judges it from its listener's real accept queue
 //! (`sock_diag`, completed handshakes waiting for `accept`) and writes the verdict into
