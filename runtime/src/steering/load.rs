@@ -19,7 +19,7 @@
 //! its real queue plus what was steered to it since the last interval.
 //!
 //! The same records say when a worker is stalled (queued connections, no accept for
-//! 2 ms; [`steer_common::SlotLoad::is_stalled`]). The program judges that on every SYN;
+//! 0.5 ms; [`steer_common::SlotLoad::is_stalled`]). The program judges that on every SYN;
 //! the settlement also ends a "stall" made of phantom SYNs within one interval. A worker
 //! that has never published an accept is judged by the primary ([`super::stalls`]).
 
