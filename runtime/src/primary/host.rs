@@ -323,14 +323,16 @@ impl Host {
                     crate::errors::error_chain(&err)
                 );
             }
+            if (round || self.steering.wants_quick_look())
+                && let Err(err) = self.steering.reconcile_load(self.listen)
+            {
+                tracing::warn!(
+                    "cannot settle the load records: {}",
+                    crate::errors::error_chain(&err)
+                );
+            }
             if round {
                 self.next_steering_round = now + self.config.health_interval;
-                if let Err(err) = self.steering.reconcile_load(self.listen) {
-                    tracing::warn!(
-                        "cannot settle the load records: {}",
-                        crate::errors::error_chain(&err)
-                    );
-                }
                 if let Err(err) = self.steering.survey_clients() {
                     tracing::warn!(
                         "cannot read the per-client limit's tables: {}",
@@ -345,6 +347,13 @@ impl Host {
             } else {
                 self.next_steering_round
             };
+            // A suspect or stalled worker that does not publish its accepts is judged from
+            // its accept queue, read again soon.
+            if self.steering.wants_quick_look() {
+                self.next_steering_check = self
+                    .next_steering_check
+                    .min(now + crate::steering::stalls::QUICK_LOOK);
+            }
         }
         if let Err(err) = self.steering.flush() {
             tracing::warn!(

@@ -16,8 +16,8 @@
 //! listeners in both address families and reports those that are not its workers'
 //! ([`foreign`]).
 //!
-//! [`maglev`] builds the `hash` policy's table; [`load`] holds the `least-loaded` records,
-//! [`queues`] the port's listeners and the real accept-queue lengths they are settled
+//! [`maglev`] builds the `hash` policy's table; [`load`] holds the load records (every eBPF
+//! policy), [`queues`] the port's listeners and the real accept-queue lengths they are settled
 //! against.
 
 pub mod clients;
@@ -30,6 +30,7 @@ pub mod probe;
 pub mod publisher;
 pub mod queues;
 pub mod shared;
+pub mod stalls;
 
 use std::io;
 use std::net::SocketAddr;
@@ -190,6 +191,12 @@ pub struct SteeringCounters {
     /// Clients entered into the program's client table (inserts; evictions are this minus
     /// the entries it holds).
     pub client_inserts: u64,
+    /// Times each slot became stalled (queued connections, no accept), by slot index.
+    #[serde(skip)]
+    pub stalls: Vec<u64>,
+    /// Whether each slot is stalled now, by slot index.
+    #[serde(skip)]
+    pub stalled: Vec<bool>,
 }
 
 fn serialize_display<S: serde::Serializer>(policy: &Balance, s: S) -> Result<S::Ok, S::Error> {
@@ -415,18 +422,27 @@ impl Steering {
         }
     }
 
-    /// Once per health interval (`least-loaded`): settles every serving worker's load
-    /// record against its listener's real accept queue.
+    /// Once per health interval (and every [`stalls::QUICK_LOOK`] while
+    /// [`Steering::wants_quick_look`]): settles every serving worker's load record against
+    /// its listener's real accept queue, and judges the workers that do not publish their
+    /// accepts for stalls.
     pub fn reconcile_load(&mut self, listen: SocketAddr) -> Result<(), SteeringError> {
         match self {
-            Steering::Ebpf(program) if program.policy() == Balance::LeastLoaded => {
-                program.reconcile_load(listen)
-            }
+            Steering::Ebpf(program) => program.reconcile_load(listen),
             _ => Ok(()),
         }
     }
 
-    /// A fresh load record for the worker of `slot`/`generation` (`least-loaded` only): an
+    /// Whether a worker that does not publish its accepts is suspect or stalled: its queue
+    /// is read again in [`stalls::QUICK_LOOK`].
+    pub fn wants_quick_look(&self) -> bool {
+        match self {
+            Steering::Ebpf(program) => program.wants_quick_look(),
+            _ => false,
+        }
+    }
+
+    /// A fresh load record for the worker of `slot`/`generation` (every eBPF policy): an
     /// fd of a map that holds only that worker's record, for the worker to map. Call once
     /// per worker process, when it registers or (external programs) when it is spawned.
     pub fn load_record(
@@ -435,9 +451,7 @@ impl Steering {
         generation: u32,
     ) -> Option<Result<(OwnedFd, LoadShare), SteeringError>> {
         match self {
-            Steering::Ebpf(program) if program.policy() == Balance::LeastLoaded => {
-                Some(program.load_record(slot as u32, generation))
-            }
+            Steering::Ebpf(program) => Some(program.load_record(slot as u32, generation)),
             _ => None,
         }
     }
