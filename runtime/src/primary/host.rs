@@ -374,9 +374,12 @@ impl Host {
                     );
                 }
             }
+            let quick_look = self.groups.iter().any(|g| g.steering.wants_quick_look());
+            if round || quick_look {
+                self.reconcile_load();
+            }
             if round {
                 self.next_steering_round = now + self.config.health_interval;
-                self.reconcile_load();
                 if let Err(err) = group::each(&mut self.groups, Steering::survey_clients) {
                     tracing::warn!(
                         "cannot read the per-client limit's tables: {}",
@@ -391,6 +394,13 @@ impl Host {
             } else {
                 self.next_steering_round
             };
+            // A suspect or stalled worker that does not publish its accepts is judged from
+            // its accept queue, read again soon.
+            if self.groups.iter().any(|g| g.steering.wants_quick_look()) {
+                self.next_steering_check = self
+                    .next_steering_check
+                    .min(now + crate::steering::stalls::QUICK_LOOK);
+            }
         }
         if let Err(err) = group::each(&mut self.groups, Steering::flush) {
             tracing::warn!(
@@ -421,7 +431,7 @@ impl Host {
                 }
             }
         }
-        if let Some(first) = self.groups.first() {
+        if let Some(first) = self.groups.first_mut() {
             first.steering.settle_load(&queued);
         }
     }

@@ -141,6 +141,14 @@ impl Supervisor {
                         .output
                         .as_ref()
                         .map_or(0, |o| o.dropped(slot.index)),
+                    stalled: counters
+                        .as_ref()
+                        .and_then(|c| c.stalled.get(slot.index).copied())
+                        .unwrap_or(false),
+                    stalls: counters
+                        .as_ref()
+                        .and_then(|c| c.stalls.get(slot.index).copied())
+                        .unwrap_or(0),
                 }
             })
             .collect();

@@ -268,6 +268,9 @@ pub fn render_table(doc: &StatusDocument) -> String {
         if let Some(ms) = w.next_restart_in_ms {
             state = format!("{state} {ms}ms");
         }
+        if w.stalled {
+            state.push_str(" stalled");
+        }
         let _ = writeln!(
             out,
             "{:>4}  {:>8}  {:>4}  {:<9} {:>8}  {:>8}  {:>10}  {:>9}  {}",
@@ -391,6 +394,8 @@ mod tests {
             draining: 0,
             messages_dropped: 0,
             output_dropped: 0,
+            stalled: false,
+            stalls: 0,
         };
         let doc = StatusDocument {
             listeners: Vec::new(),

@@ -220,6 +220,22 @@ pub fn render(doc: &StatusDocument) -> String {
         "Requests answered by the slot's current process (restarts from 0 with a new process; absent for programs that do not report counters).",
         |w| w.requests.map(|n| n as f64),
     );
+    if doc.steering.is_some() {
+        e.per_slot(
+            doc,
+            "steer_worker_stalled",
+            "gauge",
+            "1 while the slot's worker is stalled (connections queued, none accepted for 2 ms) and the eBPF policy steers new connections around it; it stays ready and is not replaced.",
+            |w| Some(if w.stalled { 1.0 } else { 0.0 }),
+        );
+        e.per_slot(
+            doc,
+            "steer_worker_stalls_total",
+            "counter",
+            "Times the slot's worker became stalled.",
+            |w| Some(w.stalls as f64),
+        );
+    }
     if let Some(steering) = &doc.steering {
         let mut selections = e.family(
             "steer_steering_selections_total",
@@ -376,6 +392,8 @@ mod tests {
             draining: 0,
             messages_dropped: 0,
             output_dropped: 0,
+            stalled: slot == 1,
+            stalls: slot as u64,
         };
         StatusDocument {
             listeners: vec![ListenerStatus {

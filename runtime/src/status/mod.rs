@@ -216,6 +216,16 @@ pub struct WorkerStatus {
     /// primary's output (its stderr, or the journal) could not keep up.
     #[serde(default)]
     pub output_dropped: u64,
+    /// The worker is stalled: connections wait in its queue and it has accepted none for a
+    /// moment (2 ms), so the eBPF policy steers new connections around it until it accepts
+    /// again. Not a state: a stalled worker stays `ready` and in steering, and is not
+    /// replaced (only the heartbeat's `health-timeout` does that). Always false without an
+    /// eBPF policy.
+    #[serde(default)]
+    pub stalled: bool,
+    /// Times the slot became stalled, since the program loaded.
+    #[serde(default)]
+    pub stalls: u64,
 }
 
 /// Sums in `/status`.

@@ -11,8 +11,10 @@
 //!   same instant;
 //! - the live set follows once per turn of the loop ([`EbpfSteering::flush`]);
 //! - once per health interval, the ownership probe checks that the program deciding is
-//!   this one ([`super::probe`]), and `least-loaded` records are settled against the real
-//!   accept queues ([`super::queues`]).
+//!   this one ([`super::probe`]), and the load records are settled against the real
+//!   accept queues ([`super::queues`]); workers that do not publish their accepts are
+//!   judged for stalls from those queues ([`super::stalls`]), every 10 ms while one is
+//!   suspect.
 //!
 //! # What is guaranteed about the live set
 //!
@@ -50,6 +52,7 @@ use super::probe::{self, Outcome, OwnershipProbe};
 use super::publisher::Publisher;
 use super::queues::ListenQueues;
 use super::shared::SharedArray;
+use super::stalls::SilentWatch;
 use super::{SteeringCounters, SteeringError, Takeover};
 use crate::config::{Balance, ClientLimits};
 
@@ -139,6 +142,8 @@ pub struct EbpfSteering {
     held: Option<Option<OwnedFd>>,
     /// The per-client limit's maps.
     clients: ClientTables,
+    /// Workers that do not publish, suspect or stalled.
+    silent: SilentWatch,
 }
 
 impl std::fmt::Debug for EbpfSteering {
@@ -230,14 +235,12 @@ impl EbpfSteering {
             probe_trouble: None,
             held: None,
             clients,
+            silent: SilentWatch::default(),
         };
         steering.set_client_limits(limits)?;
-        if policy == Balance::LeastLoaded {
-            steering.queues = Some(
-                ListenQueues::open()
-                    .map_err(|e| SteeringError::io("open a sock_diag socket", e))?,
-            );
-        }
+        steering.queues = Some(
+            ListenQueues::open().map_err(|e| SteeringError::io("open a sock_diag socket", e))?,
+        );
         steering.write_config()?;
         steering.flush()?;
         steering.publisher.wait();
@@ -250,9 +253,7 @@ impl EbpfSteering {
     }
 
     /// Switches the policy the program runs: one write of `CONFIG`, read by the very next
-    /// program run. Workers and the live set stay as they are. Workers that started under
-    /// another policy have no load record, so after a switch to `least-loaded` they weigh
-    /// nothing until they are replaced.
+    /// program run. Workers, their load records and the live set stay as they are.
     pub fn set_policy(&mut self, policy: Balance) -> Result<(), SteeringError> {
         self.config.policy = policy_code(policy)?;
         self.write_config()?;
@@ -376,6 +377,7 @@ impl EbpfSteering {
     pub fn deactivate(&mut self, slot: u32) -> Result<(), SteeringError> {
         if let Some(serving) = self.live.remove(&slot) {
             self.records.remove(&(slot, serving.generation));
+            self.silent.forget(slot);
             self.dirty = true;
         }
         match self.sockets.clear_index(&slot) {
@@ -674,13 +676,56 @@ impl EbpfSteering {
     }
 
     /// Settles each serving worker's record against `queued`, its real accept queues
-    /// summed over the cluster's TCP listeners (a slot missing from it has none queued).
-    pub fn settle_load(&self, queued: &BTreeMap<u32, u64>) {
+    /// summed over the cluster's TCP listeners (a slot missing from it has none queued),
+    /// and judges the workers that have never published an accept from it (see
+    /// [`super::stalls`]).
+    pub fn settle_load(&mut self, queued: &BTreeMap<u32, u64>) {
+        let now = std::time::Instant::now();
         for (slot, serving) in &self.live {
-            if let Some(record) = self.records.get(&(*slot, serving.generation)) {
-                record.settle(queued.get(slot).copied().unwrap_or(0));
+            let Some(record) = self.records.get(&(*slot, serving.generation)) else {
+                continue;
+            };
+            let queued = queued.get(slot).copied().unwrap_or(0);
+            record.settle(queued);
+            if record.view().accepted == 0 {
+                let stalled = self.silent.judge(*slot, queued, now);
+                record.set_verdict(stalled);
+            } else {
+                self.silent.forget(*slot);
             }
         }
+    }
+
+    /// Whether a worker that does not publish is suspect or stalled: call
+    /// [`EbpfSteering::settle_load`] again in [`super::stalls::QUICK_LOOK`].
+    /// Also while the program judges a worker stalled: a settlement that finds its real
+    /// queue empty ends a "stall" made of SYNs that never became connections within
+    /// [`super::stalls::QUICK_LOOK`], not a health interval.
+    pub fn wants_quick_look(&self) -> bool {
+        self.silent.wants_quick_look()
+            || self.live.iter().any(|(slot, serving)| {
+                self.records
+                    .get(&(*slot, serving.generation))
+                    .is_some_and(|r| r.view().stalled != 0)
+            })
+    }
+
+    /// Which of the first `slots` slots are stalled now, as their serving workers' records
+    /// say (judged again with the current time: a worker that accepted since the program
+    /// last looked is not stalled).
+    pub fn stalled(&self, slots: usize) -> Vec<bool> {
+        let now = monotonic_ns();
+        let mut stalled = vec![false; slots];
+        for (slot, serving) in &self.live {
+            if let (Some(flag), Some(record)) = (
+                stalled.get_mut(*slot as usize),
+                self.records.get(&(*slot, serving.generation)),
+            ) {
+                let view = record.view();
+                *flag = view.stalled != 0 && view.is_stalled(now);
+            }
+        }
+        stalled
     }
 
     /// The program's counters, summed over CPUs, for the first `slots` slots.
@@ -698,8 +743,13 @@ impl EbpfSteering {
             takeovers: self.takeovers,
             client_refusals: 0,
             client_inserts: 0,
+            stalls: vec![0; slots],
+            stalled: self.stalled(slots),
         };
         for cpu in per_cpu.iter() {
+            for (sum, value) in total.stalls.iter_mut().zip(cpu.stalls.iter()) {
+                *sum += value;
+            }
             for (sum, value) in total.selections.iter_mut().zip(cpu.selections.iter()) {
                 *sum += value;
             }
@@ -741,6 +791,14 @@ impl EbpfSteering {
             .set(0, self.config, 0)
             .map_err(|e| SteeringError::map("write CONFIG", e))
     }
+}
+
+/// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`, which the program stamps
+/// the load records with.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    })
 }
 
 /// `kernel` mode: detaches whatever program is attached to the group of `socket`

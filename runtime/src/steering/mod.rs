@@ -16,8 +16,8 @@
 //! listeners in both address families and reports those that are not its workers'
 //! ([`foreign`]).
 //!
-//! [`maglev`] builds the `hash` policy's table; [`load`] holds the `least-loaded` records,
-//! [`queues`] the port's listeners and the real accept-queue lengths they are settled
+//! [`maglev`] builds the `hash` policy's table; [`load`] holds the load records (every eBPF
+//! policy), [`queues`] the port's listeners and the real accept-queue lengths they are settled
 //! against.
 
 pub mod clients;
@@ -30,6 +30,7 @@ pub mod probe;
 pub mod publisher;
 pub mod queues;
 pub mod shared;
+pub mod stalls;
 
 use std::io;
 use std::net::SocketAddr;
@@ -190,6 +191,12 @@ pub struct SteeringCounters {
     /// Clients entered into the program's client table (inserts; evictions are this minus
     /// the entries it holds).
     pub client_inserts: u64,
+    /// Times each slot became stalled (queued connections, no accept), by slot index.
+    #[serde(skip)]
+    pub stalls: Vec<u64>,
+    /// Whether each slot is stalled now, by slot index.
+    #[serde(skip)]
+    pub stalled: Vec<bool>,
 }
 
 impl SteeringCounters {
@@ -431,31 +438,38 @@ impl Steering {
         }
     }
 
-    /// Once per health interval (`least-loaded`): the real accept queue of each serving
-    /// slot's socket in this group (a TCP group on `listen`); empty under other policies.
+    /// Once per health interval (and every [`stalls::QUICK_LOOK`] while
+    /// [`Steering::wants_quick_look`]): the real accept queue of each serving slot's
+    /// socket in this group (a TCP group on `listen`); empty under the other policies.
     pub fn queued_per_slot(
         &mut self,
         listen: SocketAddr,
     ) -> Result<std::collections::BTreeMap<u32, u64>, SteeringError> {
         match self {
-            Steering::Ebpf(program) if program.policy() == Balance::LeastLoaded => {
-                program.queued_per_slot(listen)
-            }
+            Steering::Ebpf(program) => program.queued_per_slot(listen),
             _ => Ok(Default::default()),
         }
     }
 
     /// Settles every serving worker's load record against `queued`, its real accept
-    /// queues summed over the TCP listeners ([`Steering::queued_per_slot`]).
-    pub fn settle_load(&self, queued: &std::collections::BTreeMap<u32, u64>) {
-        if let Steering::Ebpf(program) = self
-            && program.policy() == Balance::LeastLoaded
-        {
+    /// queues summed over the TCP listeners ([`Steering::queued_per_slot`]), and judges
+    /// the workers that do not publish their accepts for stalls.
+    pub fn settle_load(&mut self, queued: &std::collections::BTreeMap<u32, u64>) {
+        if let Steering::Ebpf(program) = self {
             program.settle_load(queued);
         }
     }
 
-    /// A fresh load record for the worker of `slot`/`generation` (`least-loaded` only): an
+    /// Whether a worker that does not publish its accepts is suspect or stalled: its queue
+    /// is read again in [`stalls::QUICK_LOOK`].
+    pub fn wants_quick_look(&self) -> bool {
+        match self {
+            Steering::Ebpf(program) => program.wants_quick_look(),
+            _ => false,
+        }
+    }
+
+    /// A fresh load record for the worker of `slot`/`generation` (every eBPF policy): an
     /// fd of a map that holds only that worker's record, for the worker to map, and the
     /// record, for the other groups of the cluster to [`Steering::adopt_record`]. Call once
     /// per worker process, when it registers or (external programs) when it is spawned.
@@ -465,9 +479,7 @@ impl Steering {
         generation: u32,
     ) -> Option<Result<(OwnedFd, LoadShare, load::SharedRecord), SteeringError>> {
         match self {
-            Steering::Ebpf(program) if program.policy() == Balance::LeastLoaded => {
-                Some(program.load_record(slot as u32, generation))
-            }
+            Steering::Ebpf(program) => Some(program.load_record(slot as u32, generation)),
             _ => None,
         }
     }
@@ -475,9 +487,7 @@ impl Steering {
     /// Places `record`, made by another group's [`Steering::load_record`], as this group's
     /// record of the worker of `slot`/`generation`: one record per worker, in every group.
     pub fn adopt_record(&mut self, slot: usize, generation: u32, record: &load::SharedRecord) {
-        if let Steering::Ebpf(program) = self
-            && program.policy() == Balance::LeastLoaded
-        {
+        if let Steering::Ebpf(program) = self {
             program.adopt_record(slot as u32, generation, record.clone());
         }
     }

@@ -181,7 +181,11 @@ impl View {
         if let Some(ms) = w.next_restart_in_ms {
             state = format!("{state} {ms}ms");
         }
+        if w.stalled {
+            state.push_str(" stalled");
+        }
         let color = match w.state.as_str() {
+            "ready" if w.stalled => Color::Yellow,
             "ready" => Color::Green,
             "starting" | "draining" | "backoff" => Color::Yellow,
             _ => Color::Red,

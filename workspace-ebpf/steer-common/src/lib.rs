@@ -160,11 +160,23 @@ impl LiveSet {
 /// for that worker process alone, and placed at `LOADS[slot]` while it serves.
 ///
 /// Each field has one writer. The worker maps its record (and nothing else: its fd is of
-/// this map only) and stores `accepted` and `active`; the program adds to `steered`; the
-/// primary writes `settled` once per health interval from the listener's real accept
-/// queue. The load the program compares is
+/// this map only) and stores `accepted` and `active`; the program adds to `steered` and
+/// keeps the stall watch (`progress`, `waiting_since`, `stalled`); the primary writes
+/// `settled` once per health interval from the listener's real accept queue, and `verdict`
+/// for a worker that has never published an accept. The load the program compares is
 /// `max(0, steered - accepted - settled) + active`: what waits in the queue plus what is
-/// open. One cache line, so the three writers never share a line with another record.
+/// open. One cache line, so the writers never share a line with another record.
+///
+/// # Stalls
+///
+/// A slot is *stalled* ([`SlotLoad::is_stalled`]) when at least [`STALL_QUEUE`] steered
+/// connections wait for it and it has accepted none for [`STALL_AFTER_NS`]: the program
+/// sees that on the next SYN that considers the slot, and every policy then steers new
+/// connections around it. It is available again on the first accept the program sees, or
+/// when the primary's settlement (once per health interval) shows the queue was phantom.
+/// A worker that has never published an accept (`accepted` 0: an external program that
+/// does not publish) is judged by the primary from its real accept queue instead
+/// (`verdict`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SlotLoad {
@@ -178,19 +190,80 @@ pub struct SlotLoad {
     /// a handshake, retransmits, SYNs dropped on a full queue. Primary only, as
     /// `steered - accepted - queue length` (wrapping), so the estimate corrects itself.
     pub settled: u64,
-    /// Pads the record to 64 bytes.
-    pub _pad: [u64; 4],
+    /// `accepted` as the program last saw it. Program only.
+    pub progress: u64,
+    /// When (`bpf_ktime_get_ns`) the program last saw `accepted` advance, or steered a
+    /// connection to an empty queue: the start of the current wait for an accept.
+    /// Program only.
+    pub waiting_since: u64,
+    /// `steered` when the program last saw `accepted` advance: what was steered since is
+    /// what the worker has not caught up with, whatever the estimate's drift. Program
+    /// only.
+    pub steered_at_progress: u64,
+    /// 1 while the program judges the slot stalled (it counts each 0 -> 1 in
+    /// `COUNTERS.stalls`). Program only.
+    pub stalled: u32,
+    /// The primary's judgement of a worker that has never published an accept:
+    /// [`VERDICT_STALLED`] or 0. Primary only.
+    pub verdict: u32,
 }
 
+/// Steered connections that must wait, unaccepted, before a slot can be stalled. Two, not
+/// one: a single connection waiting for a busy worker is the normal case.
+pub const STALL_QUEUE: u64 = 2;
+
+/// How long a slot with [`STALL_QUEUE`] connections waiting may go without an accept before
+/// it is stalled: 0.5 ms, several times what a running worker takes to accept a completed
+/// handshake on a local network, and far below what a stall (a pause, a blocking call)
+/// lasts. A worker that was only slow (descheduled for a moment) is available again on
+/// its next accept.
+pub const STALL_AFTER_NS: u64 = 500_000;
+
+/// [`SlotLoad::verdict`] of a worker the primary found stalled.
+pub const VERDICT_STALLED: u32 = 1;
+
 impl SlotLoad {
-    /// What the program weighs: the estimated queue (never negative) plus open connections.
+    /// The estimated accept queue: steered, neither accepted nor settled (never negative).
     #[inline(always)]
-    pub fn load(&self) -> u64 {
+    pub fn queued(&self) -> u64 {
         let queued = self
             .steered
             .wrapping_sub(self.accepted)
             .wrapping_sub(self.settled) as i64;
-        (queued.max(0) as u64).saturating_add(self.active)
+        queued.max(0) as u64
+    }
+
+    /// What the program weighs: the estimated queue plus open connections.
+    #[inline(always)]
+    pub fn load(&self) -> u64 {
+        self.queued().saturating_add(self.active)
+    }
+
+    /// The connections waiting for the worker, as far as the program can tell: steered
+    /// since its last accept, and no more than the settled estimate ([`SlotLoad::queued`]),
+    /// so that neither SYNs that never became connections nor an accept the program
+    /// missed keep a slot stalled past the primary's next settlement.
+    #[inline(always)]
+    pub fn waiting(&self) -> u64 {
+        let since = self.steered.wrapping_sub(self.steered_at_progress) as i64;
+        let since = since.max(0) as u64;
+        let queued = self.queued();
+        if since < queued { since } else { queued }
+    }
+
+    /// Whether the slot is stalled at `now` (`bpf_ktime_get_ns`, `CLOCK_MONOTONIC`): at
+    /// least [`STALL_QUEUE`] connections waiting ([`SlotLoad::waiting`]) and no accept
+    /// since `waiting_since`, at least [`STALL_AFTER_NS`] ago. An accept the program has
+    /// not seen yet (`accepted` is not `progress`) is progress. A worker that has never
+    /// published an accept has the primary's `verdict`.
+    #[inline(always)]
+    pub fn is_stalled(&self, now: u64) -> bool {
+        if self.accepted == 0 {
+            return self.verdict == VERDICT_STALLED;
+        }
+        self.accepted == self.progress
+            && self.waiting() >= STALL_QUEUE
+            && now.saturating_sub(self.waiting_since) >= STALL_AFTER_NS
     }
 }
 
@@ -204,6 +277,16 @@ pub mod record {
     pub const ACTIVE: usize = 16;
     /// `settled`.
     pub const SETTLED: usize = 24;
+    /// `progress`.
+    pub const PROGRESS: usize = 32;
+    /// `waiting_since`.
+    pub const WAITING_SINCE: usize = 40;
+    /// `steered_at_progress`.
+    pub const STEERED_AT_PROGRESS: usize = 48;
+    /// `stalled` (`u32`).
+    pub const STALLED: usize = 56;
+    /// `verdict` (`u32`).
+    pub const VERDICT: usize = 60;
 }
 
 /// The program's counters (`COUNTERS[0]`, one copy per CPU; the user side sums them).
@@ -224,6 +307,8 @@ pub struct Counters {
     /// Clients entered into `CLIENTS`. With nothing ever deleted from it, this minus the
     /// entries it holds is how many the LRU evicted.
     pub client_inserts: u64,
+    /// Times each slot became stalled (see [`SlotLoad`]).
+    pub stalls: [u64; MAX_SLOTS as usize],
 }
 
 impl Counters {
@@ -235,6 +320,7 @@ impl Counters {
         migrations: 0,
         client_refusals: 0,
         client_inserts: 0,
+        stalls: [0; MAX_SLOTS as usize],
     };
 }
 
@@ -349,6 +435,84 @@ mod tests {
         assert_eq!(core::mem::offset_of!(SlotLoad, accepted), record::ACCEPTED);
         assert_eq!(core::mem::offset_of!(SlotLoad, active), record::ACTIVE);
         assert_eq!(core::mem::offset_of!(SlotLoad, settled), record::SETTLED);
+        assert_eq!(core::mem::offset_of!(SlotLoad, progress), record::PROGRESS);
+        assert_eq!(
+            core::mem::offset_of!(SlotLoad, waiting_since),
+            record::WAITING_SINCE
+        );
+        assert_eq!(
+            core::mem::offset_of!(SlotLoad, steered_at_progress),
+            record::STEERED_AT_PROGRESS
+        );
+        assert_eq!(core::mem::offset_of!(SlotLoad, stalled), record::STALLED);
+        assert_eq!(core::mem::offset_of!(SlotLoad, verdict), record::VERDICT);
+    }
+
+    #[test]
+    fn a_queue_without_an_accept_for_the_threshold_is_a_stall() {
+        let ms = 1_000_000;
+        let record = SlotLoad {
+            steered: 12,
+            accepted: 10,
+            progress: 10,
+            steered_at_progress: 10,
+            waiting_since: 100 * ms,
+            ..SlotLoad::default()
+        };
+        assert!(
+            !record.is_stalled(100 * ms + STALL_AFTER_NS - 1),
+            "not yet: the threshold has not passed"
+        );
+        assert!(
+            record.is_stalled(100 * ms + STALL_AFTER_NS),
+            "2 waiting, no accept for the threshold"
+        );
+        let caught_up = SlotLoad {
+            steered_at_progress: 11,
+            settled: 0,
+            ..record
+        };
+        assert!(
+            !caught_up.is_stalled(500 * ms),
+            "one steered since the last accept: drift before it does not count"
+        );
+        let one_queued = SlotLoad {
+            steered: 11,
+            ..record
+        };
+        assert!(
+            !one_queued.is_stalled(500 * ms),
+            "one waiting connection is no stall"
+        );
+        let unseen_accept = SlotLoad {
+            accepted: 11,
+            ..record
+        };
+        assert!(
+            !unseen_accept.is_stalled(500 * ms),
+            "an accept the program has not seen yet is progress"
+        );
+        let settled = SlotLoad {
+            settled: 2,
+            ..record
+        };
+        assert!(
+            !settled.is_stalled(500 * ms),
+            "the primary settled the queue as phantom"
+        );
+        let silent = SlotLoad {
+            steered: 50,
+            ..SlotLoad::default()
+        };
+        assert!(
+            !silent.is_stalled(500 * ms),
+            "a silent worker is the primary's to judge"
+        );
+        let judged = SlotLoad {
+            verdict: VERDICT_STALLED,
+            ..silent
+        };
+        assert!(judged.is_stalled(0));
     }
 
     #[test]
@@ -359,7 +523,7 @@ mod tests {
                 accepted,
                 active,
                 settled,
-                _pad: [0; 4],
+                ..SlotLoad::default()
             }
             .load()
         };

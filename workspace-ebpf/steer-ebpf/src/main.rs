@@ -72,6 +72,12 @@ static PROBE: Array<u64> = Array::with_max_entries(1, 0);
 static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+/// Per CPU, the turns round-robin skipped each slot for while it was stalled, at most
+/// [`OWED_CAP`]: given back at the slot's next turns, so that a worker the scheduler kept
+/// off the CPU for a moment (a stall as far as the program can tell) ends with its exact
+/// share, and one that stalled for seconds gets only a few extra connections back.
+#[map]
+static OWED: PerCpuArray<[u8; MAX_SLOTS as usize]> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static CPU_INDEX: Array<u32> = Array::with_max_entries(MAX_CPUS, 0);
 /// Sized by the primary at load (`--client-table-size`).
@@ -83,11 +89,16 @@ static REFUSED: LruHashMap<ClientKey, u64> = LruHashMap::with_max_entries(REFUSE
 #[map]
 static EXEMPT: LpmTrie<[u32; 4], u8> = LpmTrie::with_max_entries(MAX_EXEMPT, 0);
 
+/// The most turns round-robin owes one slot on one CPU (see `OWED`).
+const OWED_CAP: u8 = 8;
 /// Compare-and-exchange attempts on one client's state before its SYN is refused. Each
 /// failed attempt means another SYN of the same prefix was admitted in between, so a
 /// prefix that loses this many races in a row is sending as fast as several CPUs can
 /// take its SYNs.
 const CAS_TRIES: u32 = 4;
+/// Live slots a policy looks at for an available one before it takes its first choice
+/// as if none were stalled. Every slot, in a cluster of up to this many.
+const STALL_TRIES: u32 = 16;
 const BPF_NOEXIST: u64 = 1;
 /// TCP's SYN and ACK flags, in the 14th byte of the header.
 const TCP_SYN: u8 = 0x02;
@@ -343,17 +354,19 @@ fn select(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters) ->
         counters.fallbacks += 1;
         return any_registered(ctx, config, counters);
     }
-    // `first` is the slot the policy wants; `spill` is where in the live list to start
-    // if that slot holds no socket.
+    // SAFETY: a helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // `first` is the slot the policy wants, among the available ones when it can; `spill`
+    // is where in the live list to start if that slot holds no socket.
     let (first, spill) = match config.policy {
-        policy::ROUND_ROBIN => {
-            let position = next_cursor() % count;
-            (live_slot(live, position)?, position + 1)
-        }
+        policy::ROUND_ROBIN => round_robin(live, count, now, counters)?,
         policy::HASH => {
             let h = client_hash(ctx)?;
             let slot = *MAGLEV.get(h % HASH_TABLE_SIZE)?;
-            (slot, steer_common::rehash(h) % count)
+            // A stalled slot's clients go to their second choice, the one they would take
+            // if the slot were empty; every other client stays where it is.
+            let spill = steer_common::rehash(h) % count;
+            (avoid_stall(live, count, slot, spill, now, counters), spill)
         }
         policy::LEAST_LOADED => {
             let a = random() % count;
@@ -363,11 +376,15 @@ fn select(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters) ->
             }
             let slot_a = live_slot(live, a)?;
             let slot_b = live_slot(live, b)?;
-            if load(slot_b) < load(slot_a) {
-                (slot_b, b + 1)
+            let (slot, other) = if load(slot_b) < load(slot_a) {
+                ((slot_b, b), a)
             } else {
-                (slot_a, a + 1)
-            }
+                ((slot_a, a), b)
+            };
+            (
+                avoid_stall(live, count, slot.0, other, now, counters),
+                slot.1 + 1,
+            )
         }
         policy::CPU => {
             let cpus = config.cpus.max(1);
@@ -389,7 +406,12 @@ fn select(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters) ->
                 let on_this_cpu = (slots - local).div_ceil(cpus);
                 local + cpus * (next_cursor() % on_this_cpu.max(1))
             };
-            (slot, slot)
+            // A stalled slot's SYNs go to the nearest available worker: first another
+            // one pinned to this CPU (slot + cpus, ...), then the one on the next CPU.
+            // Spilling to the next CPU while this one has an idle worker would leave this
+            // CPU's share of the work to the other CPU's workers.
+            let nearest = if slots > cpus { slot + cpus } else { slot };
+            (avoid_stall(live, count, slot, nearest, now, counters), slot)
         }
         _ => return None,
     };
@@ -406,6 +428,140 @@ fn select(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters) ->
         i += 1;
     }
     any_registered(ctx, config, counters)
+}
+
+/// Round-robin over the available live slots: the next position whose slot is not
+/// stalled, and the cursor moves past every position it looked at, so the rest stay in
+/// exact turn. A slot skipped while stalled is owed the turn (`OWED`, capped): when its
+/// turn comes and it is available, it takes the turns it is owed one after another
+/// before the cursor moves on. If every slot it looks at is stalled, the next position
+/// as if none were. Returns the slot and where to spill if it holds no socket.
+#[inline(always)]
+fn round_robin(
+    live: &LiveSet,
+    count: u32,
+    now: u64,
+    counters: &mut Counters,
+) -> Option<(u32, u32)> {
+    // `select` checked it; LLVM loses that across the loop and would keep a panic path.
+    let count = count.max(1);
+    let Some(cursor) = CURSOR.get_ptr_mut(0) else {
+        return Some((live_slot(live, 0)?, 1));
+    };
+    // SAFETY: per-CPU value, exclusively ours for this run.
+    let cursor = unsafe { &mut *cursor };
+    let start = *cursor;
+    let tries = if count < STALL_TRIES {
+        count
+    } else {
+        STALL_TRIES
+    };
+    // SAFETY: per-CPU value, exclusively ours for this run.
+    let mut owed = OWED.get_ptr_mut(0).map(|owed| unsafe { &mut *owed });
+    let mut i = 0;
+    while i < tries {
+        let position = start.wrapping_add(i) % count;
+        let slot = live_slot(live, position)?;
+        if available(slot, now, counters) {
+            let repaying = match owed.as_deref_mut() {
+                Some(owed) if owed[bounded(slot)] > 0 => {
+                    owed[bounded(slot)] -= 1;
+                    true
+                }
+                _ => false,
+            };
+            // Repaying a turn, the cursor stays on this slot for the next connection.
+            *cursor = start.wrapping_add(if repaying { i } else { i + 1 });
+            return Some((slot, position + 1));
+        }
+        if let Some(owed) = owed.as_deref_mut()
+            && owed[bounded(slot)] < OWED_CAP
+        {
+            owed[bounded(slot)] += 1;
+        }
+        i += 1;
+    }
+    *cursor = start.wrapping_add(1);
+    let position = start % count;
+    Some((live_slot(live, position)?, position + 1))
+}
+
+/// `wanted` if it is available; else the first available slot in the live list from
+/// position `from` on (at most [`STALL_TRIES`] looked at); else, with every slot it
+/// looked at stalled, `wanted` anyway: the host is more likely overloaded than every
+/// worker stalled.
+#[inline(always)]
+fn avoid_stall(
+    live: &LiveSet,
+    count: u32,
+    wanted: u32,
+    from: u32,
+    now: u64,
+    counters: &mut Counters,
+) -> u32 {
+    if available(wanted, now, counters) {
+        return wanted;
+    }
+    // `select` checked it; LLVM loses that across the loop and would keep a panic path.
+    let count = count.max(1);
+    let tries = if count < STALL_TRIES {
+        count
+    } else {
+        STALL_TRIES
+    };
+    let mut i = 0;
+    while i < tries {
+        let Some(slot) = live_slot(live, (from + i) % count) else {
+            return wanted;
+        };
+        if slot != wanted && available(slot, now, counters) {
+            return slot;
+        }
+        i += 1;
+    }
+    wanted
+}
+
+/// Whether `slot` may take a new connection: not stalled (see `SlotLoad::is_stalled`).
+/// Keeps the slot's stall watch on the way: an accept seen restarts the wait, and the
+/// `stalled` flag follows the verdict, each 0 -> 1 counted in `COUNTERS.stalls`. A slot
+/// whose worker has no record (none placed yet) is available.
+#[inline(always)]
+fn available(slot: u32, now: u64, counters: &mut Counters) -> bool {
+    let Some(record) = LOADS.get_value_ptr_mut(slot, &0) else {
+        return true;
+    };
+    // SAFETY: a valid, 8-byte aligned record in an array map shared by all CPUs and the
+    // worker's mapping. Each field is read once; a torn view across fields is at worst one
+    // connection's wrong guess, put right by the next look.
+    let mut seen = unsafe { core::ptr::read_volatile(record) };
+    if seen.accepted != seen.progress {
+        // SAFETY: as above; program-only fields, plain stores (a race between CPUs
+        // writes the same values, or one a moment newer).
+        unsafe {
+            (*record).progress = seen.accepted;
+            (*record).waiting_since = now;
+            (*record).steered_at_progress = seen.steered;
+        }
+        seen.progress = seen.accepted;
+        seen.waiting_since = now;
+        seen.steered_at_progress = seen.steered;
+    }
+    let stalled = seen.is_stalled(now);
+    if stalled != (seen.stalled != 0) {
+        // SAFETY: as above; the compare-and-exchange makes one CPU the one that counts.
+        let (_, swapped) = unsafe {
+            atomic_cxchg::<u32, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+                &raw mut (*record).stalled,
+                seen.stalled,
+                u32::from(stalled),
+            )
+        };
+        if swapped && stalled {
+            counters.stalls[bounded(slot)] += 1;
+        }
+    }
+    !stalled
 }
 
 /// The first slot whose registered socket takes the connection. `SOCKETS` holds exactly
@@ -444,6 +600,26 @@ fn try_slot(ctx: &SkReuseportContext, slot: u32, counters: &mut Counters) -> boo
         unsafe {
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*record).steered, 1)
         };
+        // The count before this connection, read after the add: LLVM lowers a relaxed
+        // add whose result is used to BPF's `lock xadd` without `BPF_FETCH`, and hands
+        // back the operand, not the old value.
+        // SAFETY: as above; plain reads of the fields.
+        let (before, accepted, settled, mark) = unsafe {
+            (
+                (*record).steered.wrapping_sub(1),
+                (*record).accepted,
+                (*record).settled,
+                (*record).steered_at_progress,
+            )
+        };
+        if before.wrapping_sub(accepted).wrapping_sub(settled) as i64 <= 0
+            || before.wrapping_sub(mark) as i64 <= 0
+        {
+            // The queue was empty: the wait for an accept starts now, not at the last
+            // accept, however long ago that was.
+            // SAFETY: as above; a program-only field.
+            unsafe { (*record).waiting_since = bpf_ktime_get_ns() };
+        }
     }
     true
 }
