@@ -9,7 +9,7 @@
 //! its own address. What is per worker, not per listener, is shared: a worker's load
 //! record (`least-loaded`) sits in every group's `LOADS`.
 
-use crate::config::{Balance, ClientLimits, Listener, Protocol};
+use crate::config::{Balance, ClientLimits, Listener, Protocol, UdpFlows};
 use crate::steering::foreign::PortSurvey;
 use crate::steering::{Steering, SteeringError};
 
@@ -39,8 +39,12 @@ impl Group {
         balance: Balance,
         slots: u32,
         limits: &ClientLimits,
+        flows: UdpFlows,
     ) -> Result<Group, String> {
-        let steering = Steering::new(balance, slots, limits).map_err(|err| {
+        // A UDP group keeps flows on their process (`FLOWS`); a QUIC one, until its
+        // connection IDs are steered, too.
+        let flows = listener.protocol.is_datagram().then_some(flows);
+        let steering = Steering::new(balance, slots, limits, flows).map_err(|err| {
             format!(
                 "--balance {balance}{}: {}",
                 match limits.rate {

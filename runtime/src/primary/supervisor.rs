@@ -95,6 +95,7 @@ impl Supervisor {
                 config.balance,
                 config.workers as u32,
                 &config.client_limits,
+                config.udp_flows,
             )?;
             if inheritance.is_some() {
                 // Each group switches from the old program to this one in one step, once
@@ -215,6 +216,7 @@ impl Supervisor {
                 baseline,
                 procs: Default::default(),
                 leftovers: Vec::new(),
+                holds: std::collections::BTreeMap::new(),
                 inherited_nofile,
                 next_steering_check: Instant::now(),
                 next_steering_round: Instant::now(),
@@ -864,10 +866,16 @@ impl Supervisor {
                         self.host.program = WorkerProgram::External(command.clone());
                     }
                     let limits_changed = self.host.config.client_limits != new.client_limits;
+                    let flow_timeout = (self.host.config.udp_flows.timeout
+                        != new.udp_flows.timeout)
+                        .then_some(new.udp_flows.timeout);
                     self.host.config = new;
                     tracing::info!("SIGHUP: reloaded {}", path.display());
                     if limits_changed {
                         self.apply_client_limits();
+                    }
+                    if let Some(timeout) = flow_timeout {
+                        self.apply_udp_flow_timeout(timeout);
                     }
                     self.switch_policy(balance);
                     self.core.resize(&mut self.host, workers, now, "SIGHUP");
@@ -900,6 +908,20 @@ impl Supervisor {
             ),
             Err(err) => tracing::error!(
                 "SIGHUP: cannot apply the per-client limit: {}",
+                crate::errors::error_chain(&err)
+            ),
+        }
+    }
+
+    /// SIGHUP with another `udp-flow-timeout`: one write of each UDP group's `CONFIG`.
+    fn apply_udp_flow_timeout(&mut self, timeout: Duration) {
+        match super::group::each(&mut self.host.groups, |s| s.set_udp_flow_timeout(timeout)) {
+            Ok(()) => tracing::info!(
+                "SIGHUP: udp-flow-timeout now {}",
+                humantime::format_duration(timeout)
+            ),
+            Err(err) => tracing::error!(
+                "SIGHUP: cannot apply udp-flow-timeout: {}",
                 crate::errors::error_chain(&err)
             ),
         }

@@ -240,12 +240,13 @@ impl Steering {
         balance: Balance,
         slots: u32,
         limits: &crate::config::ClientLimits,
+        flows: Option<crate::config::UdpFlows>,
     ) -> Result<Steering, SteeringError> {
         match balance {
             Balance::Kernel => Ok(Steering::Kernel),
             Balance::Shared | Balance::Userspace => Ok(Steering::Baseline(balance)),
             Balance::Auto => {
-                match ebpf::EbpfSteering::load_limited(Balance::RoundRobin, slots, limits) {
+                match ebpf::EbpfSteering::load_limited(Balance::RoundRobin, slots, limits, flows) {
                     Ok(program) => Ok(Steering::Ebpf(Box::new(program))),
                     Err(err) if limits.rate.is_some() => Err(err),
                     Err(err) => {
@@ -258,7 +259,7 @@ impl Steering {
                 }
             }
             other => Ok(Steering::Ebpf(Box::new(ebpf::EbpfSteering::load_limited(
-                other, slots, limits,
+                other, slots, limits, flows,
             )?))),
         }
     }
@@ -489,6 +490,48 @@ impl Steering {
     pub fn adopt_record(&mut self, slot: usize, generation: u32, record: &load::SharedRecord) {
         if let Steering::Ebpf(program) = self {
             program.adopt_record(slot as u32, generation, record.clone());
+        }
+    }
+
+    /// Whether this group keeps UDP flows on their socket (a UDP group under an eBPF
+    /// policy, with `udp-flow-timeout` not 0): a worker that drains keeps its flows until
+    /// they are idle, then [`Steering::release_flows`] takes its socket out.
+    pub fn tracks_flows(&self) -> bool {
+        matches!(self, Steering::Ebpf(program) if program.tracks_flows())
+    }
+
+    /// How many slots are in steering under the program (0 without one).
+    pub fn serving(&self) -> usize {
+        match self {
+            Steering::Ebpf(program) => program.serving(),
+            _ => 0,
+        }
+    }
+
+    /// Takes the socket of `slot`'s `generation` out of steering for good (its flows go to
+    /// the slot's serving generation from their next datagram). See
+    /// [`ebpf::EbpfSteering::release_flows`].
+    pub fn release_flows(&mut self, slot: usize, generation: u64) -> Result<(), SteeringError> {
+        match self {
+            Steering::Ebpf(program) => program.release_flows(slot as u32, generation as u32),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether every flow on the socket of `slot`'s `generation` is idle past the flow
+    /// timeout (always, in a group that keeps no flows).
+    pub fn flows_idle(&self, slot: usize, generation: u64) -> bool {
+        match self {
+            Steering::Ebpf(program) => program.flows_idle(slot as u32, generation as u32),
+            _ => true,
+        }
+    }
+
+    /// Applies a changed `udp-flow-timeout` (SIGHUP).
+    pub fn set_udp_flow_timeout(&mut self, timeout: Duration) -> Result<(), SteeringError> {
+        match self {
+            Steering::Ebpf(program) => program.set_udp_flow_timeout(timeout),
+            _ => Ok(()),
         }
     }
 
