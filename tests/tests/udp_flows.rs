@@ -354,3 +354,94 @@ fn a_resize_and_a_policy_change_move_no_active_flow_and_lose_nothing() {
     );
     assert_eq!(hashed.len(), 1, "new flows of one client IP share a slot under hash");
 }
+
+#[test]
+fn a_spoofed_source_flood_moves_no_real_flow_and_loses_nothing() {
+    // A table of 4,096 flows and 30,000 spoofed sources, 15 new ones per millisecond:
+    // the table is full for most of the flood and evicts the least recently used flows.
+    // A real flow sends every 20 ms, so 300 new flows arrive between two of its
+    // datagrams, far fewer than the table holds: it is never the least recently used.
+    let (cluster, udp) = start(
+        4,
+        &["--balance", "round-robin", "--udp-flow-table", "4096"],
+    );
+    let SocketAddr::V4(target) = udp else {
+        panic!("the UDP listener is IPv4");
+    };
+    let flows = Flows::start(udp, 16);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut spoofed = steer_tests::SpoofedDatagrams::open().expect("a raw socket (root)");
+    let flood_started = Instant::now();
+    for _ in 0..200 {
+        spoofed.send(target, 150).expect("send spoofed datagrams");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let flood = flood_started.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let records = flows.stop();
+    let doc = cluster.status();
+    for (flow, record) in records.iter().enumerate() {
+        assert_eq!(record.lost(), Vec::<u64>::new(), "flow {flow} lost datagrams");
+        let runs = record.processes();
+        assert_eq!(runs.len(), 1, "flow {flow} changed process in the flood: {runs:?}");
+    }
+    let listener = doc["listeners"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["name"] == "flows"))
+        .cloned()
+        .unwrap_or_default();
+    println!(
+        "{} spoofed sources in {flood:?} with a 4,096-flow table: 16 real flows, {} \
+         datagrams, 0 lost, none moved; listener {listener}",
+        spoofed.sent(),
+        records.iter().map(|r| r.sent).sum::<u64>()
+    );
+}
+
+#[test]
+fn a_primary_upgrade_moves_no_active_flow_and_loses_nothing() {
+    let (cluster, udp) = start(
+        4,
+        &["--balance", "round-robin", "--shutdown-timeout", "30s"],
+    );
+    let old = cluster.pid();
+    let flows = Flows::start(udp, 32);
+    std::thread::sleep(Duration::from_secs(1));
+    cluster.signal(Signal::SIGUSR1);
+    // Not `Cluster::wait_until`: the primary the harness started hands over and drains.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let doc = loop {
+        if let Ok(doc) = cluster.try_status()
+            && status::primary_pid(&doc).is_some_and(|p| p != old)
+            && status::all_ready(&doc)
+        {
+            break doc;
+        }
+        assert!(Instant::now() < deadline, "no successor took over");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let serving: BTreeMap<usize, u64> = status::workers(&doc)
+        .iter()
+        .map(|w| (w.slot, w.generation))
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let fresh: Vec<Answered> = (0..8).map(|_| new_flow(udp)).collect();
+    let records = flows.stop();
+    for (flow, record) in records.iter().enumerate() {
+        assert_eq!(record.lost(), Vec::<u64>::new(), "flow {flow} lost datagrams");
+        let runs = record.processes();
+        assert_eq!(runs.len(), 1, "flow {flow} changed process in the upgrade: {runs:?}");
+        assert_eq!(runs[0].2, 1, "flow {flow} stayed on the old primary's worker");
+    }
+    for a in &fresh {
+        assert_eq!(
+            a.generation, serving[&a.slot],
+            "a new flow goes to the new primary's worker: {a:?}"
+        );
+    }
+    println!(
+        "upgrade under 32 flows: {} datagrams, 0 lost, none moved; the new primary's \
+         workers {serving:?} took the new flows {fresh:?}",
+        records.iter().map(|r| r.sent).sum::<u64>()
+    );
+}

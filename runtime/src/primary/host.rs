@@ -135,6 +135,9 @@ pub(crate) struct Host {
     /// (or their share of the shutdown timeout is up) and their sockets have left
     /// steering ([`Host::tend_holds`]).
     pub holds: std::collections::BTreeMap<WorkerId, FlowHold>,
+    /// This primary handed over to a successor: its workers drain as in a rolling restart
+    /// (their UDP flows held), not as in a stop.
+    pub handed_over: bool,
 }
 
 /// A draining worker whose UDP sockets keep their flows for now.
@@ -412,11 +415,12 @@ impl Host {
         if self.holds.is_empty() {
             return;
         }
-        let stopping = self
-            .groups
-            .iter()
-            .filter(|g| g.steering.tracks_flows())
-            .all(|g| g.steering.serving() == 0);
+        let stopping = !self.handed_over
+            && self
+                .groups
+                .iter()
+                .filter(|g| g.steering.tracks_flows())
+                .all(|g| g.steering.serving() == 0);
         let mut drain = Vec::new();
         for (&id, hold) in &mut self.holds {
             let Some(process) = self.procs.get(&id) else {

@@ -96,6 +96,7 @@ impl Supervisor {
                 config.workers as u32,
                 &config.client_limits,
                 config.udp_flows,
+                inheritance.is_some(),
             )?;
             if inheritance.is_some() {
                 // Each group switches from the old program to this one in one step, once
@@ -204,6 +205,9 @@ impl Supervisor {
         for &index in inheritance.iter().flat_map(|i| &i.says_ready) {
             core.expect_ready_word(index);
         }
+        for &(index, generation) in inheritance.iter().flat_map(|i| &i.generations) {
+            core.continue_from(index, generation);
+        }
         Ok(Supervisor {
             core,
             host: Host {
@@ -217,6 +221,7 @@ impl Supervisor {
                 procs: Default::default(),
                 leftovers: Vec::new(),
                 holds: std::collections::BTreeMap::new(),
+                handed_over: false,
                 inherited_nofile,
                 next_steering_check: Instant::now(),
                 next_steering_round: Instant::now(),
@@ -481,6 +486,12 @@ impl Supervisor {
             self.status.as_ref().map(StatusService::listener_fd),
             self.pid_file.as_ref().map(|f| f.file().as_fd()),
             &says_ready,
+            &self
+                .core
+                .slots()
+                .iter()
+                .map(|s| (s.index, s.generation))
+                .collect::<Vec<_>>(),
             self.host.inherited_nofile,
             deadline,
         );
@@ -610,6 +621,13 @@ impl Supervisor {
             return;
         }
         self.handed_over = true;
+        // The successor shares the UDP groups' pinned maps (flows, sockets): they outlive
+        // this primary, and its draining workers keep their flows until they are idle, as
+        // in a rolling restart.
+        self.host.handed_over = true;
+        for group in &mut self.host.groups {
+            group.steering.set_unpin(false);
+        }
         tracing::info!(
             successor = pid,
             "upgrade: the new primary has taken over; draining this primary's workers"
@@ -646,6 +664,10 @@ impl Supervisor {
             return;
         }
         self.taken_over = true;
+        // The UDP groups' pinned maps are this primary's now: removed when it ends for good.
+        for group in &mut self.host.groups {
+            group.steering.set_unpin(true);
+        }
         if let Err(err) = super::group::each(&mut self.host.groups, Steering::release) {
             tracing::error!(
                 "cannot attach the steering program: {}",

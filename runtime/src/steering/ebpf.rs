@@ -73,6 +73,31 @@ fn policy_code(policy: Balance) -> Result<u32, SteeringError> {
 /// The program object, built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer-ebpf"));
 
+/// The maps a UDP group shares with its successor primary through bpffs pins: the flows,
+/// and the sockets they are kept on, so that an upgrade moves no active flow.
+const SHARED_MAPS: [&str; 4] = ["FLOWS", "SOCKETS", "CURRENT", "LAST_HIT"];
+
+/// Where a UDP group's shared maps are pinned, and whether to use what is there.
+#[derive(Debug, Clone)]
+pub struct Pins {
+    /// A directory on a bpf filesystem, one per listener address.
+    pub dir: std::path::PathBuf,
+    /// A successor primary takes the maps its predecessor pinned; a fresh cluster removes
+    /// whatever a cluster before it left there and starts empty.
+    pub reuse: bool,
+}
+
+impl Pins {
+    /// Unpins the shared maps and removes the directory (what is missing is skipped). The
+    /// maps live on while a program or a primary holds them.
+    pub fn remove(&self) {
+        for name in SHARED_MAPS {
+            let _ = std::fs::remove_file(self.dir.join(name));
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
 /// The program of a TCP group.
 const PROGRAM: &str = "steer_select";
 /// The program of a UDP group (the flow table's path too).
@@ -134,6 +159,11 @@ pub struct EbpfSteering {
     flows: Option<UdpFlows>,
     /// Which generation's socket each `SOCKETS` index holds.
     occupants: BTreeMap<u32, u32>,
+    /// Where the UDP group's shared maps are pinned, if they are.
+    pins: Option<Pins>,
+    /// Whether to remove the pins when this steering ends: not while a successor takes
+    /// them over, nor in a successor before it has taken over.
+    unpin: bool,
     config_map: Array<MapData, Config>,
     publisher: Publisher,
     probe_seen: Array<MapData, u64>,
@@ -164,6 +194,14 @@ pub struct EbpfSteering {
     silent: SilentWatch,
 }
 
+impl Drop for EbpfSteering {
+    fn drop(&mut self) {
+        if let Some(pins) = self.pins.as_ref().filter(|_| self.unpin) {
+            pins.remove();
+        }
+    }
+}
+
 impl std::fmt::Debug for EbpfSteering {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EbpfSteering")
@@ -179,7 +217,7 @@ impl EbpfSteering {
     /// limit.
     #[cfg(test)]
     pub fn load(policy: Balance, slots: u32) -> Result<EbpfSteering, SteeringError> {
-        EbpfSteering::load_limited(policy, slots, &ClientLimits::default(), None)
+        EbpfSteering::load_limited(policy, slots, &ClientLimits::default(), None, None)
     }
 
     /// Loads the program for `policy` over `slots` configured slots, enforcing `limits`
@@ -190,6 +228,7 @@ impl EbpfSteering {
         slots: u32,
         limits: &ClientLimits,
         flows: Option<UdpFlows>,
+        pins: Option<Pins>,
     ) -> Result<EbpfSteering, SteeringError> {
         let code = policy_code(policy)?;
         if slots == 0 || slots > MAX_SLOTS {
@@ -200,7 +239,8 @@ impl EbpfSteering {
         // object is loaded (32 MiB of heap at peak); the maps and program allocated in
         // between pin that heap, and glibc keeps it resident once freed (the primary's RSS
         // was 21 MiB, 7 MiB now). `new()` still parses it once; `btf(None)` drops it first.
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .btf(None)
             .map_max_entries("CLIENTS", limits.table_size)
             // A TCP group's program never enters a flow: the smallest table the kernel's
@@ -210,7 +250,28 @@ impl EbpfSteering {
                 flows.map_or(*crate::config::FLOW_TABLE_RANGE.start() as u32, |f| {
                     f.table_size
                 }),
-            )
+            );
+        let pins = pins.filter(|pins| {
+            if !pins.reuse {
+                pins.remove();
+            }
+            match std::fs::create_dir_all(&pins.dir) {
+                Ok(()) => true,
+                Err(err) => {
+                    tracing::warn!(
+                        dir = %pins.dir.display(),
+                        "cannot pin the UDP flow maps ({err}): flows will move on a primary upgrade"
+                    );
+                    false
+                }
+            }
+        });
+        if let Some(pins) = &pins {
+            for name in SHARED_MAPS {
+                loader.map_pin_path(name, pins.dir.join(name));
+            }
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| classify("load the eBPF maps", &e))?;
         let program = if flows.is_some() { PROGRAM_UDP } else { PROGRAM };
@@ -252,6 +313,8 @@ impl EbpfSteering {
             last_hit,
             flows: flows.filter(|f| !f.timeout.is_zero()),
             occupants: BTreeMap::new(),
+            unpin: pins.as_ref().is_some_and(|p| !p.reuse),
+            pins,
             config_map,
             publisher,
             probe_seen,
@@ -446,6 +509,25 @@ impl EbpfSteering {
             return Ok(());
         }
         self.clear_socket(socket_index(slot, serving.generation))
+    }
+
+    /// Whether the pins go with this steering (see [`EbpfSteering::unpin`]): a primary that
+    /// hands over keeps them for its successor (`false`); a successor that has taken over
+    /// owns them (`true`).
+    pub fn set_unpin(&mut self, unpin: bool) {
+        self.unpin = unpin;
+    }
+
+    /// Writes `CURRENT` again for every slot in steering: after a failed upgrade, the
+    /// successor's workers may have named their generation there (in a UDP group's
+    /// shared map), and they are gone.
+    pub fn reassert_current(&mut self) -> Result<(), SteeringError> {
+        for (slot, serving) in &self.live {
+            self.current
+                .set(*slot, serving.generation % GENERATIONS, 0)
+                .map_err(|e| SteeringError::map(format!("write CURRENT[{slot}]"), e))?;
+        }
+        Ok(())
     }
 
     /// How many slots are in steering.
@@ -866,6 +948,9 @@ impl EbpfSteering {
             takeovers: self.takeovers,
             client_refusals: 0,
             client_inserts: 0,
+            flow_hits: 0,
+            flow_inserts: 0,
+            flow_moves: 0,
             stalls: vec![0; slots],
             stalled: self.stalled(slots),
         };
@@ -881,6 +966,9 @@ impl EbpfSteering {
             total.migrations += cpu.migrations;
             total.client_refusals += cpu.client_refusals;
             total.client_inserts += cpu.client_inserts;
+            total.flow_hits += cpu.flow_hits;
+            total.flow_inserts += cpu.flow_inserts;
+            total.flow_moves += cpu.flow_moves;
         }
         Ok(total)
     }

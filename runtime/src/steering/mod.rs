@@ -191,6 +191,12 @@ pub struct SteeringCounters {
     /// Clients entered into the program's client table (inserts; evictions are this minus
     /// the entries it holds).
     pub client_inserts: u64,
+    /// UDP datagrams that went to the socket their flow is kept on.
+    pub flow_hits: u64,
+    /// UDP flows entered into the flow table (new, idle past the timeout, or moved).
+    pub flow_inserts: u64,
+    /// Datagrams of a known UDP flow whose socket had left, steered again.
+    pub flow_moves: u64,
     /// Times each slot became stalled (queued connections, no accept), by slot index.
     #[serde(skip)]
     pub stalls: Vec<u64>,
@@ -211,6 +217,9 @@ impl SteeringCounters {
         self.takeovers += other.takeovers;
         self.client_refusals += other.client_refusals;
         self.client_inserts += other.client_inserts;
+        self.flow_hits += other.flow_hits;
+        self.flow_inserts += other.flow_inserts;
+        self.flow_moves += other.flow_moves;
         self
     }
 }
@@ -241,12 +250,19 @@ impl Steering {
         slots: u32,
         limits: &crate::config::ClientLimits,
         flows: Option<crate::config::UdpFlows>,
+        pins: Option<ebpf::Pins>,
     ) -> Result<Steering, SteeringError> {
         match balance {
             Balance::Kernel => Ok(Steering::Kernel),
             Balance::Shared | Balance::Userspace => Ok(Steering::Baseline(balance)),
             Balance::Auto => {
-                match ebpf::EbpfSteering::load_limited(Balance::RoundRobin, slots, limits, flows) {
+                match ebpf::EbpfSteering::load_limited(
+                    Balance::RoundRobin,
+                    slots,
+                    limits,
+                    flows,
+                    pins,
+                ) {
                     Ok(program) => Ok(Steering::Ebpf(Box::new(program))),
                     Err(err) if limits.rate.is_some() => Err(err),
                     Err(err) => {
@@ -259,7 +275,7 @@ impl Steering {
                 }
             }
             other => Ok(Steering::Ebpf(Box::new(ebpf::EbpfSteering::load_limited(
-                other, slots, limits, flows,
+                other, slots, limits, flows, pins,
             )?))),
         }
     }
@@ -391,7 +407,18 @@ impl Steering {
                 Ok(())
             }
             Steering::Baseline(_) => Ok(()),
-            Steering::Ebpf(program) => program.attach_through(socket, None),
+            Steering::Ebpf(program) => {
+                program.reassert_current()?;
+                program.attach_through(socket, None)
+            }
+        }
+    }
+
+    /// Whether this group's shared maps (a UDP group's pins) are removed when it ends; see
+    /// [`ebpf::EbpfSteering::set_unpin`].
+    pub fn set_unpin(&mut self, unpin: bool) {
+        if let Steering::Ebpf(program) = self {
+            program.set_unpin(unpin);
         }
     }
 
