@@ -184,6 +184,10 @@ pub struct RunArgs {
     /// evicted first [default: 65536].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(*FLOW_TABLE_RANGE.start()..=*FLOW_TABLE_RANGE.end()))]
     pub udp_flow_table: Option<u64>,
+    /// Every eBPF policy steers new connections and new UDP flows around a stalled worker
+    /// (queued connections, no accept for 0.5 ms). Experimental: off by default.
+    #[arg(long)]
+    pub avoid_stalls: bool,
     /// External worker program; gets its listening socket as fd 3 (LISTEN_FDS=1).
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -250,6 +254,7 @@ impl RunArgs {
             client_table_size: self.client_table_size,
             udp_flow_timeout: self.udp_flow_timeout.map(Parsed),
             udp_flow_table: self.udp_flow_table,
+            avoid_stalls: self.avoid_stalls.then_some(true),
             origin: Default::default(),
         }
     }

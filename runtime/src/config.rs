@@ -137,6 +137,8 @@ pub(crate) struct Config {
     pub client_limits: ClientLimits,
     /// The UDP flow table (`udp-flow-timeout`, `udp-flow-table`).
     pub udp_flows: UdpFlows,
+    /// Every eBPF policy steers around stalled workers (`avoid-stalls`).
+    pub avoid_stalls: bool,
     /// The file this came from, for SIGHUP reloads.
     pub config_file: Option<PathBuf>,
     /// What the command line (or the library builder) set. A SIGHUP reload lays these
@@ -176,6 +178,7 @@ impl Default for Config {
             command: None,
             client_limits: ClientLimits::default(),
             udp_flows: UdpFlows::default(),
+            avoid_stalls: false,
             config_file: None,
             overrides: Settings::default(),
         }
@@ -231,6 +234,7 @@ impl Config {
                 format!("\"{}\"", self.worker_output.as_str()),
             ),
             ("demo-faults", self.demo_faults.to_string()),
+            ("avoid-stalls", self.avoid_stalls.to_string()),
             ("demo-header-timeout", d(self.demo_header_timeout)),
             ("demo-idle-timeout", d(self.demo_idle_timeout)),
             ("demo-body-timeout", d(self.demo_body_timeout)),

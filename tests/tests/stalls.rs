@@ -57,6 +57,7 @@ fn start(policy: &str, workers: usize, extra: &[&str]) -> Cluster {
         "--demo-faults",
         "--health-timeout",
         HEALTH_TIMEOUT,
+        "--avoid-stalls",
     ];
     args.extend_from_slice(extra);
     let cluster = Cluster::start(&args);

@@ -162,6 +162,7 @@ impl Settings {
             worker_memory_limit: self.worker_memory_limit.map(|p| p.0.0),
             command: self.command.clone().filter(|c| !c.is_empty()),
             client_limits,
+            avoid_stalls: self.avoid_stalls.unwrap_or(false),
             udp_flows: crate::config::UdpFlows {
                 timeout: self.udp_flow_timeout.map_or(d.udp_flows.timeout, |p| p.0),
                 table_size: self

@@ -139,6 +139,9 @@ pub struct Settings {
     /// `udp-flow-table`: entries of each UDP listener's flow table.
     #[serde(default, deserialize_with = "fields::udp_flow_table")]
     pub udp_flow_table: Option<u64>,
+    /// `avoid-stalls`
+    #[serde(default, deserialize_with = "fields::boolean")]
+    pub avoid_stalls: Option<bool>,
     /// Where the file-given values came from (not a key).
     #[serde(skip)]
     pub origin: Origin,
@@ -235,6 +238,7 @@ impl Settings {
         "client-table-size",
         "udp-flow-timeout",
         "udp-flow-table",
+        "avoid-stalls",
     ];
 
     /// Reads and parses a TOML file. Unknown keys and bad values are errors that name the
@@ -300,6 +304,7 @@ impl Settings {
             "client-table-size" => self.client_table_size.is_some(),
             "udp-flow-timeout" => self.udp_flow_timeout.is_some(),
             "udp-flow-table" => self.udp_flow_table.is_some(),
+            "avoid-stalls" => self.avoid_stalls.is_some(),
             _ => false,
         }
     }
@@ -345,6 +350,7 @@ impl Settings {
             client_table_size: self.client_table_size.or(base.client_table_size),
             udp_flow_timeout: self.udp_flow_timeout.or(base.udp_flow_timeout),
             udp_flow_table: self.udp_flow_table.or(base.udp_flow_table),
+            avoid_stalls: self.avoid_stalls.or(base.avoid_stalls),
             origin,
         }
     }

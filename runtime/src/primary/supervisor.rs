@@ -98,6 +98,15 @@ impl Supervisor {
                 config.udp_flows,
                 inheritance.is_some(),
             )?;
+            group
+                .steering
+                .set_avoid_stalls(config.avoid_stalls)
+                .map_err(|err| {
+                    format!(
+                        "cannot write the program's configuration: {}",
+                        crate::errors::error_chain(&err)
+                    )
+                })?;
             if inheritance.is_some() {
                 // Each group switches from the old program to this one in one step, once
                 // every slot of this primary is ready.
@@ -888,6 +897,7 @@ impl Supervisor {
                         self.host.program = WorkerProgram::External(command.clone());
                     }
                     let limits_changed = self.host.config.client_limits != new.client_limits;
+                    let avoid_stalls_changed = self.host.config.avoid_stalls != new.avoid_stalls;
                     let flow_timeout = (self.host.config.udp_flows.timeout
                         != new.udp_flows.timeout)
                         .then_some(new.udp_flows.timeout);
@@ -898,6 +908,18 @@ impl Supervisor {
                     }
                     if let Some(timeout) = flow_timeout {
                         self.apply_udp_flow_timeout(timeout);
+                    }
+                    if avoid_stalls_changed {
+                        let on = self.host.config.avoid_stalls;
+                        match super::group::each(&mut self.host.groups, |s| {
+                            s.set_avoid_stalls(on)
+                        }) {
+                            Ok(()) => tracing::info!("SIGHUP: avoid-stalls now {on}"),
+                            Err(err) => tracing::error!(
+                                "SIGHUP: cannot apply avoid-stalls: {}",
+                                crate::errors::error_chain(&err)
+                            ),
+                        }
                     }
                     self.switch_policy(balance);
                     self.core.resize(&mut self.host, workers, now, "SIGHUP");

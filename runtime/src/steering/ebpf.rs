@@ -511,6 +511,12 @@ impl EbpfSteering {
         self.clear_socket(socket_index(slot, serving.generation))
     }
 
+    /// Turns stall avoidance on or off (one write of `CONFIG`, read by the next run).
+    pub fn set_avoid_stalls(&mut self, on: bool) -> Result<(), SteeringError> {
+        self.config.avoid_stalls = u32::from(on);
+        self.write_config()
+    }
+
     /// Whether the pins go with this steering (see [`EbpfSteering::unpin`]): a primary that
     /// hands over keeps them for its successor (`false`); a successor that has taken over
     /// owns them (`true`).

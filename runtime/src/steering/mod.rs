@@ -414,6 +414,14 @@ impl Steering {
         }
     }
 
+    /// Turns stall avoidance (`avoid-stalls`) on or off; nothing to do without the program.
+    pub fn set_avoid_stalls(&mut self, on: bool) -> Result<(), SteeringError> {
+        match self {
+            Steering::Ebpf(program) => program.set_avoid_stalls(on),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether this group's shared maps (a UDP group's pins) are removed when it ends; see
     /// [`ebpf::EbpfSteering::set_unpin`].
     pub fn set_unpin(&mut self, unpin: bool) {

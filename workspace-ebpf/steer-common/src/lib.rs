@@ -157,8 +157,9 @@ pub struct Config {
     /// native words. The whole address is compared, so no other client is taken for the
     /// probe (a 32-bit hash of an IPv6 address is not unique).
     pub probe_addr: [u32; 4],
-    /// Padding; keeps the size a multiple of 8.
-    pub _pad: u32,
+    /// 1: every policy steers new connections around a stalled slot (`--avoid-stalls`);
+    /// 0: no slot is skipped for a stall (nor counted stalled).
+    pub avoid_stalls: u32,
     /// The per-client limit's emission interval in ns (one connection per this, GCRA's
     /// `T`); 0: no per-client limit.
     pub client_interval_ns: u64,

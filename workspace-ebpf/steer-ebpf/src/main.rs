@@ -540,8 +540,13 @@ fn select(
         counters.fallbacks += 1;
         return any_registered(ctx, config, counters, tcp);
     }
-    // SAFETY: a helper with no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // With stall avoidance off, `now` 0: `available` says yes to every slot.
+    let now = if config.avoid_stalls != 0 {
+        // SAFETY: a helper with no arguments.
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        0
+    };
     // `first` is the slot the policy wants, among the available ones when it can; `spill`
     // is where in the live list to start if that slot holds no socket.
     let (first, spill) = match config.policy {
@@ -716,6 +721,9 @@ fn avoid_stall(
 /// whose worker has no record (none placed yet) is available.
 #[inline(always)]
 fn available(slot: u32, now: u64, counters: &mut Counters) -> bool {
+    if now == 0 {
+        return true;
+    }
     let Some(record) = LOADS.get_value_ptr_mut(slot, &0) else {
         return true;
     };
