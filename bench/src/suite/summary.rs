@@ -1252,6 +1252,7 @@ mod tests {
             tails: Tails::default(),
             rate: None,
             p99_ratio: None,
+            p999_ratio: None,
             share_on_stalled: stat(0.52),
         });
         let mut pm2 = node("pm2", 3_000.0, 1.3);
