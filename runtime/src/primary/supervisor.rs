@@ -911,9 +911,8 @@ impl Supervisor {
                     }
                     if avoid_stalls_changed {
                         let on = self.host.config.avoid_stalls;
-                        match super::group::each(&mut self.host.groups, |s| {
-                            s.set_avoid_stalls(on)
-                        }) {
+                        match super::group::each(&mut self.host.groups, |s| s.set_avoid_stalls(on))
+                        {
                             Ok(()) => tracing::info!("SIGHUP: avoid-stalls now {on}"),
                             Err(err) => tracing::error!(
                                 "SIGHUP: cannot apply avoid-stalls: {}",
