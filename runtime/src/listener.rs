@@ -106,6 +106,14 @@ pub fn verify_for(
     if !socket.reuse_port().map_err(RegistrationError::Inspect)? {
         return Err(RegistrationError::NoReusePort);
     }
+    // A connected UDP socket takes its peer's datagrams before any `SO_REUSEPORT`
+    // selection: the program never sees them, and its flows cannot be kept or moved.
+    if let Ok(peer) = socket.peer_addr() {
+        return Err(RegistrationError::Connected(
+            peer.as_socket()
+                .map_or_else(|| "a non-IP peer".to_owned(), |a| a.to_string()),
+        ));
+    }
     let actual = socket.local_addr().map_err(RegistrationError::Inspect)?;
     if actual.as_socket() != Some(listener.addr) {
         let actual = actual
@@ -158,6 +166,10 @@ pub enum RegistrationError {
     /// `SO_REUSEPORT` is off, so it cannot share the port with the other workers.
     #[error("the registered socket does not have SO_REUSEPORT set")]
     NoReusePort,
+    /// A UDP socket connected to a peer (`connect()`), which the kernel's reuseport
+    /// selection, and so Steer's program, never sees datagrams for.
+    #[error("the registered UDP socket is connected to {0}: it must stay unconnected")]
+    Connected(String),
     /// `listen()` was never called.
     #[error("the registered socket is not listening")]
     NotListening,
@@ -213,6 +225,21 @@ mod tests {
         let second = worker_listener(addr).expect("second socket joins the group");
         verify(&first, addr).expect("valid");
         verify(&second, addr).expect("valid");
+    }
+
+    #[test]
+    fn a_connected_udp_socket_is_refused() {
+        let socket = bind_udp_reuseport("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = socket.local_addr().expect("addr").as_socket().expect("ip");
+        let listener: crate::config::Listener =
+            format!("dns=udp://{addr}").parse().expect("listener");
+        verify_for(socket.as_fd(), &listener).expect("an unconnected UDP socket is valid");
+        let peer: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        socket.connect(&peer.into()).expect("connect");
+        assert!(matches!(
+            verify_for(socket.as_fd(), &listener),
+            Err(RegistrationError::Connected(p)) if p == "127.0.0.1:9"
+        ));
     }
 
     #[test]

@@ -93,9 +93,8 @@ impl Group {
 fn pin_dir(listener: &Listener, successor: bool) -> Option<std::path::PathBuf> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let root = std::path::Path::new("/sys/fs/bpf");
-    let is_bpffs = || {
-        nix::sys::statfs::statfs(root).is_ok_and(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
-    };
+    let is_bpffs =
+        || nix::sys::statfs::statfs(root).is_ok_and(|fs| fs.filesystem_type().0 == BPF_FS_MAGIC);
     // Mounted where systemd (and bpftool, when it pins) mounts it, if nobody did: a
     // container or a minimal host. Needs CAP_SYS_ADMIN; without it, no pins.
     let mounted = is_bpffs()

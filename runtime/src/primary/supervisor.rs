@@ -482,25 +482,18 @@ impl Supervisor {
             return;
         }
         let deadline = now + self.host.config.start_timeout + SUCCESSOR_GRACE;
-        let says_ready: Vec<usize> = self
+        let slots: Vec<(usize, u64, bool)> = self
             .core
             .slots()
             .iter()
-            .filter(|s| s.says_ready)
-            .map(|s| s.index)
+            .map(|s| (s.index, s.generation, s.says_ready))
             .collect();
         let started = Successor::start(
             self.host.exe.clone(),
             self.host.args.clone(),
             self.status.as_ref().map(StatusService::listener_fd),
             self.pid_file.as_ref().map(|f| f.file().as_fd()),
-            &says_ready,
-            &self
-                .core
-                .slots()
-                .iter()
-                .map(|s| (s.index, s.generation))
-                .collect::<Vec<_>>(),
+            &slots,
             self.host.inherited_nofile,
             deadline,
         );

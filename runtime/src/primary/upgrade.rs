@@ -107,29 +107,33 @@ pub(crate) enum Progress {
 
 impl Successor {
     /// Starts `exe` with `args` as a successor, handing it the status listener and the pid
-    /// file, the slots whose workers say `ready`, and giving its workers the open-file
-    /// limit this primary started with.
+    /// file, each slot's generation and whether its workers say `ready` (`slots`: slot,
+    /// generation, says ready), and giving its workers the open-file limit this primary
+    /// started with.
     pub(crate) fn start(
         exe: PathBuf,
         args: Vec<OsString>,
         status: Option<BorrowedFd<'_>>,
         pid_file: Option<BorrowedFd<'_>>,
-        says_ready: &[usize],
-        generations: &[(usize, u64)],
+        slots: &[(usize, u64, bool)],
         nofile: Option<(u64, u64)>,
         deadline: Instant,
     ) -> io::Result<Successor> {
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let says_ready: Vec<String> = says_ready.iter().map(usize::to_string).collect();
+        let says_ready: Vec<String> = slots
+            .iter()
+            .filter(|s| s.2)
+            .map(|s| s.0.to_string())
+            .collect();
         let mut env: Vec<(OsString, OsString)> = vec![
             (ENV_FROM.into(), std::process::id().to_string().into()),
             (ENV_READY_FD.into(), READY_FD.to_string().into()),
             (ENV_SAYS_READY.into(), says_ready.join(",").into()),
             (
                 ENV_GENERATIONS.into(),
-                generations
+                slots
                     .iter()
-                    .map(|(slot, generation)| format!("{slot}:{generation}"))
+                    .map(|(slot, generation, _)| format!("{slot}:{generation}"))
                     .collect::<Vec<_>>()
                     .join(",")
                     .into(),
