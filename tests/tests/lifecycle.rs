@@ -338,7 +338,14 @@ fn the_release_primary_with_a_tcp_and_a_udp_listener_stays_under_10_mib_and_work
 fn release_footprint(udp: Option<std::net::SocketAddr>) {
     let tcp = steer_tests::free_local_addr().to_string();
     let udp_arg = udp.map(|a| format!("dns=udp://{a}"));
-    let mut args = vec!["--workers", "4", "--balance", "round-robin", "--listen", &tcp];
+    let mut args = vec![
+        "--workers",
+        "4",
+        "--balance",
+        "round-robin",
+        "--listen",
+        &tcp,
+    ];
     if let Some(udp) = &udp_arg {
         args.extend(["--listen", udp]);
     }
