@@ -117,7 +117,12 @@ fn ask(from: &UdpSocket, to: SocketAddr, payload: &str, timeout: Duration) -> Op
     from.send_to(payload.as_bytes(), to).expect("send");
     let mut buffer = [0u8; 2048];
     let (len, peer) = from.recv_from(&mut buffer).ok()?;
-    assert_eq!(peer, to, "the answer comes from the listener's address");
+    // A socket bound to a wildcard answers from the route's source address.
+    assert_eq!(
+        peer.port(),
+        to.port(),
+        "the answer comes from the listener's port"
+    );
     let answer = parse(std::str::from_utf8(&buffer[..len]).expect("ASCII answer"));
     assert_eq!(answer.echoed, payload, "the answer to this datagram");
     Some(answer)
@@ -257,15 +262,29 @@ enum Attack {
 /// attack works, the primary notices it within two health intervals, counts it once for
 /// the UDP group (and none for the TCP one), attaches Steer's program again, and the
 /// rogue, still in the group, then gets 0 of 200 new flows.
-fn takeover_of_the_udp_group_is_repaired(attack: Attack) {
+///
+/// On a wildcard address (`wildcard`), a failed probe is confirmed through a second
+/// loopback address before it counts (another group may hold the first): one probe more,
+/// so up to three intervals.
+fn takeover_of_the_udp_group_is_repaired(attack: Attack, wildcard: bool) {
     let interval = Duration::from_secs(1);
     let workers = 4;
-    let (cluster, udp) = start(workers, "round-robin", &["--health-interval", "1s"]);
+    let port = steer_tests::free_port();
+    let listen = SocketAddr::from(([0, 0, 0, 0], port));
+    let udp = SocketAddr::from(([127, 0, 0, 1], port));
+    let (cluster, bound) = if wildcard {
+        let extra = ["--health-interval", "1s"];
+        (start_on(listen, workers, "round-robin", &extra), listen)
+    } else {
+        let extra = ["--health-interval", "1s"];
+        (start_on(udp, workers, "round-robin", &extra), udp)
+    };
+    let probes_to_a_verdict = if wildcard { 3 } else { 2 };
     assert_eq!(takeovers(&cluster.status()), (0, 0));
-    let rogue = rogue_udp_socket(udp);
+    let rogue = rogue_udp_socket(bound);
     // The group: the primary's reservation of the address, the workers, then the rogue,
     // each at the end of the group's socket array as it joined.
-    let members = udp_sockets_bound_to(udp);
+    let members = udp_sockets_bound_to(bound);
     assert_eq!(
         members,
         workers + 2,
@@ -298,7 +317,7 @@ fn takeover_of_the_udp_group_is_repaired(attack: Attack) {
         answered_before < 20,
         "{attack:?}: the attack works at all ({answered_before} of 20 answered)"
     );
-    let doc = cluster.wait_until("the takeover is noticed", interval * 5, |s| {
+    let doc = cluster.wait_until("the takeover is noticed", interval * 6, |s| {
         takeovers(s).0 >= 1
     });
     let noticed = attacked.elapsed();
@@ -306,7 +325,7 @@ fn takeover_of_the_udp_group_is_repaired(attack: Attack) {
     let log = cluster.wait_for_log("steering takeover", Duration::from_secs(5));
     let rogue_got = queued(&rogue);
     println!(
-        "{attack:?}: {answered_before} of 20 flows sent right after the attack were answered; \
+        "{attack:?} on {bound}: {answered_before} of 20 flows sent right after the attack were answered; \
          the primary noticed and repaired it {} ms after the attack (health interval {} ms); \
          the rogue had received {:?}",
         noticed.as_millis(),
@@ -314,7 +333,7 @@ fn takeover_of_the_udp_group_is_repaired(attack: Attack) {
         rogue_got
     );
     assert!(
-        noticed <= interval * 2 + Duration::from_secs(1),
+        noticed <= interval * probes_to_a_verdict + Duration::from_secs(1),
         "{attack:?}: noticed {noticed:?} after the attack: at most the interval until the \
          next probe, then one interval for its verdict"
     );
@@ -377,12 +396,17 @@ fn takeover_of_the_udp_group_is_repaired(attack: Attack) {
 
 #[test]
 fn a_rogue_classic_bpf_program_on_a_udp_group_is_noticed_counted_and_replaced() {
-    takeover_of_the_udp_group_is_repaired(Attack::ClassicPickingItself);
+    takeover_of_the_udp_group_is_repaired(Attack::ClassicPickingItself, false);
+}
+
+#[test]
+fn a_rogue_classic_bpf_program_on_a_wildcard_udp_group_is_counted_once_after_confirmation() {
+    takeover_of_the_udp_group_is_repaired(Attack::ClassicPickingItself, true);
 }
 
 #[test]
 fn a_rogue_ebpf_program_dropping_a_udp_groups_datagrams_is_noticed_counted_and_replaced() {
-    takeover_of_the_udp_group_is_repaired(Attack::EbpfDroppingEverything);
+    takeover_of_the_udp_group_is_repaired(Attack::EbpfDroppingEverything, false);
 }
 
 #[test]
@@ -846,4 +870,49 @@ fn the_udp_probe_never_reaches_a_worker_and_counts_no_takeover_in_a_healthy_clus
         "the program steered the clients' datagrams and nothing else"
     );
     assert_eq!(listener["drops"], 0, "{listener}");
+}
+
+#[test]
+fn a_wildcard_udp_cluster_beside_another_group_on_loopback_counts_no_takeover() {
+    // A same-user socket on 127.0.0.1:P forms a group of its own beside the cluster's
+    // 0.0.0.0:P, and the kernel prefers it for every datagram to 127.0.0.1: the probe must
+    // go where the cluster's group is reached, not count that group as a takeover.
+    let interval = Duration::from_secs(1);
+    let port = steer_tests::free_port();
+    let wildcard = SocketAddr::from(([0, 0, 0, 0], port));
+    let cluster = start_on(wildcard, 2, "round-robin", &["--health-interval", "1s"]);
+    let other_group = rogue_udp_socket(SocketAddr::from(([127, 0, 0, 1], port)));
+    let beside = Instant::now();
+    let reached = SocketAddr::from(([127, 0, 0, 2], port));
+    let mut served = 0;
+    // Four health intervals, with the cluster served through another loopback address.
+    while beside.elapsed() < interval * 4 {
+        let answer = ask(&client(), reached, "hello", Duration::from_secs(2))
+            .expect("the cluster answers on 127.0.0.2");
+        assert_ne!(answer.slot, 99);
+        served += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let doc = cluster.status();
+    let taken = queued(&other_group);
+    println!(
+        "wildcard UDP cluster beside a group on 127.0.0.1:{port}: {served} datagrams answered \
+         through 127.0.0.2, the other group got {taken:?}; takeovers {:?}",
+        takeovers(&doc)
+    );
+    assert_eq!(
+        takeovers(&doc),
+        (0, 0),
+        "another group on a more specific address is no takeover: {}",
+        cluster.log()
+    );
+    assert!(
+        taken.len() <= 1,
+        "one probe at most went to the other group before the probe moved: {taken:?}"
+    );
+    assert!(
+        cluster.log().contains("was taken by another group"),
+        "the move is said: {}",
+        cluster.log()
+    );
 }

@@ -274,7 +274,11 @@ impl EbpfSteering {
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| classify("load the eBPF maps", &e))?;
-        let program = if flows.is_some() { PROGRAM_UDP } else { PROGRAM };
+        let program = if flows.is_some() {
+            PROGRAM_UDP
+        } else {
+            PROGRAM
+        };
         program_mut(&mut ebpf, program)?
             .load()
             .map_err(|e| classify("load the eBPF program", &e))?;
@@ -448,10 +452,7 @@ impl EbpfSteering {
             .retain(|&(s, g), _| s != slot || g == generation);
         let index = socket_index(slot, generation);
         self.sockets.set(index, &fd.as_raw_fd(), 0).map_err(|e| {
-            SteeringError::map(
-                format!("put slot {slot}'s socket into SOCKETS[{index}]"),
-                e,
-            )
+            SteeringError::map(format!("put slot {slot}'s socket into SOCKETS[{index}]"), e)
         })?;
         // No flow has reached this socket yet (the index's last occupant's time is not its).
         let _ = self.last_hit.set(index, 0, 0);
@@ -545,7 +546,10 @@ impl EbpfSteering {
     /// again from their next datagram (to the slot's serving generation first).
     pub fn release_flows(&mut self, slot: u32, generation: u32) -> Result<(), SteeringError> {
         let index = socket_index(slot, generation);
-        if self.live.get(&slot).is_some_and(|s| s.generation == generation)
+        if self
+            .live
+            .get(&slot)
+            .is_some_and(|s| s.generation == generation)
             || self.occupants.get(&index) != Some(&generation)
         {
             return Ok(());
@@ -570,10 +574,7 @@ impl EbpfSteering {
 
     /// Changes the UDP flow timeout live (one write of `CONFIG`). Flows already in the
     /// table are judged by the new timeout from their next datagram.
-    pub fn set_udp_flow_timeout(
-        &mut self,
-        timeout: Duration,
-    ) -> Result<(), SteeringError> {
+    pub fn set_udp_flow_timeout(&mut self, timeout: Duration) -> Result<(), SteeringError> {
         let Some(flows) = self.flows.as_mut() else {
             return Ok(());
         };
@@ -722,6 +723,14 @@ impl EbpfSteering {
         if seen > self.seen_at_send {
             // Steer's program decided (and dropped it); its reset may still be on the way.
             probe.forget();
+            if let Some(other) = probe.confirmed() {
+                tracing::warn!(
+                    %listen,
+                    %target,
+                    "the ownership probe to {other} was taken by another group: a socket of                      another process bound to {other}:{} (which the kernel prefers to the                      wildcard for that address) gets every datagram sent there; the probe goes                      to {target} from now on",
+                    listen.port()
+                );
+            }
             if let Some(trouble) = self.probe_trouble.take() {
                 tracing::info!(
                     %target,
@@ -762,6 +771,21 @@ impl EbpfSteering {
             }
             Outcome::Refused => "the probe was refused without Steer's program seeing it",
         };
+        // A UDP group on a wildcard has no port survey to say that another group took the
+        // probe's address: confirm through another address before counting a takeover.
+        if let Some(probe) = self.probe.as_mut()
+            && let Some(next) = probe.confirm_elsewhere(target, shadowed)
+        {
+            self.seen_at_send = self
+                .probe_seen
+                .get(&0, 0)
+                .map_err(|e| SteeringError::map("read PROBE", e))?;
+            tracing::debug!(%listen, %target, %next, evidence, "confirming a failed probe elsewhere");
+            probe
+                .send(next)
+                .map_err(|e| SteeringError::io(format!("send the ownership probe to {next}"), e))?;
+            return Ok(None);
+        }
         self.takeovers += 1;
         let restored = self.reattach();
         tracing::warn!(
@@ -1047,10 +1071,7 @@ pub(crate) fn detach_any_program(
     }
 }
 
-fn program_mut<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &str,
-) -> Result<&'a mut SkReuseport, SteeringError> {
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SkReuseport, SteeringError> {
     let load_error = |detail: String| SteeringError::Load {
         what: "find the program in the object",
         detail,

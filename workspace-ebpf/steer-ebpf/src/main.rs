@@ -178,11 +178,7 @@ fn steer(ctx: &SkReuseportContext, tcp: bool) -> u32 {
     } else {
         flow.is_some() && home.is_none()
     };
-    if !migrating
-        && new_client
-        && config.client_interval_ns != 0
-        && !admit(ctx, config, counters)
-    {
+    if !migrating && new_client && config.client_interval_ns != 0 && !admit(ctx, config, counters) {
         counters.client_refusals += 1;
         return sk_action::SK_DROP;
     }
@@ -268,8 +264,7 @@ fn known_flow(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters
     if now.saturating_sub(seen.last_ns) > config.flow_timeout_ns {
         return Known::New(key);
     }
-    if seen.index >= MAX_SLOTS * GENERATIONS || SOCKETS.select_reuseport(ctx, seen.index).is_err()
-    {
+    if seen.index >= MAX_SLOTS * GENERATIONS || SOCKETS.select_reuseport(ctx, seen.index).is_err() {
         counters.flow_moves += 1;
         return Known::Moved(key, seen.slot);
     }
