@@ -729,6 +729,14 @@ impl EbpfSteering {
         if seen > self.seen_at_send {
             // Steer's program decided (and dropped it); its reset may still be on the way.
             probe.forget();
+            if let Some(other) = probe.confirmed() {
+                tracing::warn!(
+                    %listen,
+                    %target,
+                    "the ownership probe to {other} was taken by another group: a socket of                      another process bound to {other}:{} (which the kernel prefers to the                      wildcard for that address) gets every datagram sent there; the probe goes                      to {target} from now on",
+                    listen.port()
+                );
+            }
             if let Some(trouble) = self.probe_trouble.take() {
                 tracing::info!(
                     %target,
@@ -769,6 +777,21 @@ impl EbpfSteering {
             }
             Outcome::Refused => "the probe was refused without Steer's program seeing it",
         };
+        // A UDP group on a wildcard has no port survey to say that another group took the
+        // probe's address: confirm through another address before counting a takeover.
+        if let Some(probe) = self.probe.as_mut()
+            && let Some(next) = probe.confirm_elsewhere(target, shadowed)
+        {
+            self.seen_at_send = self
+                .probe_seen
+                .get(&0, 0)
+                .map_err(|e| SteeringError::map("read PROBE", e))?;
+            tracing::debug!(%listen, %target, %next, evidence, "confirming a failed probe elsewhere");
+            probe
+                .send(next)
+                .map_err(|e| SteeringError::io(format!("send the ownership probe to {next}"), e))?;
+            return Ok(None);
+        }
         self.takeovers += 1;
         let restored = self.reattach();
         tracing::warn!(

@@ -31,6 +31,14 @@
 //! probe, so a probe dropped before the group reads as a takeover (attaching again is
 //! harmless; the takeover count says it happened).
 //!
+//! A UDP group on a wildcard address has no port survey (`sock_diag` lists TCP listeners
+//! only), so a socket of another process bound to the probe's loopback address (a group
+//! of its own, which the kernel prefers for that address) would take every probe: a
+//! failed UDP probe of a wildcard group is therefore confirmed through the next loopback
+//! address before it counts ([`OwnershipProbe::confirm_elsewhere`]). Counted there, the
+//! first address was another group's, and is left alone from then on
+//! ([`OwnershipProbe::confirmed`]); failed there too, it is a takeover.
+//!
 //! The source is a local address and a port reserved for the cluster's life (a bound,
 //! never-connected `SO_REUSEADDR` socket), so no packet from outside can look like the
 //! probe, and `CONFIG` is written once. Each probe closes with a reset (`SO_LINGER` 0), so
@@ -72,6 +80,11 @@ pub struct OwnershipProbe {
     in_flight: Option<(Socket, SocketAddr, Instant)>,
     /// A UDP group's probe: one datagram from the reservation itself.
     udp: bool,
+    /// Loopback addresses where another group took a UDP probe: never probed again.
+    taken_by_others: Vec<IpAddr>,
+    /// The address whose UDP probe failed, while the probe in flight confirms it through
+    /// another one.
+    confirming: Option<IpAddr>,
 }
 
 /// What a UDP probe carries (the program does not read it; a worker that answers it
@@ -110,6 +123,8 @@ impl OwnershipProbe {
             listen,
             in_flight: None,
             udp,
+            taken_by_others: Vec::new(),
+            confirming: None,
         })
     }
 
@@ -121,10 +136,12 @@ impl OwnershipProbe {
         let port = self.listen.port();
         let taken = |ip: IpAddr| {
             let ip = ip.to_canonical();
-            shadowed.iter().any(|s| {
-                let s = s.to_canonical();
-                s == ip || (s.is_unspecified() && s.is_ipv4() == ip.is_ipv4())
-            })
+            self.taken_by_others.contains(&ip)
+                || self.confirming == Some(ip)
+                || shadowed.iter().any(|s| {
+                    let s = s.to_canonical();
+                    s == ip || (s.is_unspecified() && s.is_ipv4() == ip.is_ipv4())
+                })
         };
         if !self.listen.ip().is_unspecified() {
             return Some(self.listen).filter(|t| !taken(t.ip()));
@@ -142,6 +159,35 @@ impl OwnershipProbe {
                     IpAddr::V6(_) => SocketAddr::new(ip.to_ipv6_mapped().into(), port),
                 }),
         }
+    }
+
+    /// After a failed UDP probe to `failed` of a group on a wildcard address: where to
+    /// confirm it (the next address that reaches the group), remembering `failed` as
+    /// suspect meanwhile. `None` when there is nothing to confirm it through: a TCP probe
+    /// (the port survey names other groups' addresses), a group on one address, a
+    /// confirmation that failed too, or no other candidate.
+    pub fn confirm_elsewhere(
+        &mut self,
+        failed: SocketAddr,
+        shadowed: &[IpAddr],
+    ) -> Option<SocketAddr> {
+        if !self.udp || !self.listen.ip().is_unspecified() || self.confirming.take().is_some() {
+            return None;
+        }
+        self.confirming = Some(failed.ip().to_canonical());
+        let next = self.target(shadowed);
+        if next.is_none() {
+            self.confirming = None;
+        }
+        next
+    }
+
+    /// A probe reached Steer's program: if it was confirming a failed one, the failed
+    /// address is another group's, returned once, and never probed again.
+    pub fn confirmed(&mut self) -> Option<IpAddr> {
+        let taken = self.confirming.take()?;
+        self.taken_by_others.push(taken);
+        Some(taken)
     }
 
     /// The probe's source address.
@@ -409,6 +455,41 @@ mod tests {
         let probe = OwnershipProbe::new(addr("127.0.0.3:8080"), true).expect("probe");
         assert_eq!(probe.target(&[]), Some(addr("127.0.0.3:8080")));
         assert_eq!(probe.target(&["127.0.0.3".parse().expect("ip")]), None);
+    }
+
+    #[test]
+    fn a_failed_udp_probe_of_a_wildcard_is_confirmed_once_through_another_address() {
+        let mut probe = OwnershipProbe::new(addr("0.0.0.0:8080"), true).expect("probe");
+        let first = probe.target(&[]).expect("a target");
+        assert_eq!(first, addr("127.0.0.1:8080"));
+        let second = probe.confirm_elsewhere(first, &[]);
+        assert_eq!(second, Some(addr("127.0.0.2:8080")));
+        assert_eq!(
+            probe.confirm_elsewhere(addr("127.0.0.2:8080"), &[]),
+            None,
+            "a failed confirmation is a takeover"
+        );
+        assert_eq!(
+            probe.target(&[]),
+            Some(first),
+            "and the first address is kept"
+        );
+        assert_eq!(probe.confirmed(), None, "nothing was being confirmed");
+        let second = probe.confirm_elsewhere(first, &[]).expect("confirm");
+        assert_eq!(
+            probe.confirmed(),
+            Some(first.ip()),
+            "another group's address"
+        );
+        assert_eq!(probe.target(&[]), Some(second), "never probed again");
+        let mut one = OwnershipProbe::new(addr("127.0.0.3:8080"), true).expect("probe");
+        assert_eq!(one.confirm_elsewhere(addr("127.0.0.3:8080"), &[]), None);
+        let mut tcp = OwnershipProbe::new(addr("0.0.0.0:8080"), false).expect("probe");
+        assert_eq!(
+            tcp.confirm_elsewhere(first, &[]),
+            None,
+            "TCP has the port survey"
+        );
     }
 
     #[test]
