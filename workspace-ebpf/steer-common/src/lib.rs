@@ -22,6 +22,8 @@
 //! | `EXEMPT` (LPM trie, [`MAX_EXEMPT`]) | `prefix length + 16 address bytes` (IPv4 as IPv4-mapped IPv6) | `u8` 1 | primary, at start and on SIGHUP |
 #![no_std]
 
+pub mod quic;
+
 /// Most worker slots a cluster may have. Sizes the steering maps; `--workers` above it is
 /// a configuration error.
 pub const MAX_SLOTS: u32 = 1024;
