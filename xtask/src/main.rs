@@ -182,7 +182,7 @@ fn test(args: &[String]) -> Result<(), String> {
 }
 
 /// The fuzz targets: the binaries of `fuzz/` and the directories of `fuzz/corpus/`.
-const FUZZ_TARGETS: [&str; 3] = ["ipc_message", "http_head", "config_toml"];
+const FUZZ_TARGETS: [&str; 4] = ["ipc_message", "http_head", "config_toml", "quic_header"];
 
 /// Seconds each fuzz target runs in `cargo xtask test`.
 const FUZZ_SECONDS_IN_TEST: u32 = 10;

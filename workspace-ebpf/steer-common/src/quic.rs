@@ -232,7 +232,10 @@ mod tests {
     fn entropy(seed: u8) -> [u8; ENTROPY_LEN] {
         let mut e = [0u8; ENTROPY_LEN];
         for (i, b) in e.iter_mut().enumerate() {
-            *b = seed.wrapping_mul(31).wrapping_add(i as u8).wrapping_mul(167);
+            *b = seed
+                .wrapping_mul(31)
+                .wrapping_add(i as u8)
+                .wrapping_mul(167);
         }
         e
     }
@@ -278,7 +281,10 @@ mod tests {
             };
             let cid = encode_server_id(server, &entropy(seed));
             assert_eq!(decode_server_id(&cid), Some(server));
-            assert_ne!(cid, encode_server_id(server, &entropy(seed.wrapping_add(1))));
+            assert_ne!(
+                cid,
+                encode_server_id(server, &entropy(seed.wrapping_add(1)))
+            );
         }
     }
 
@@ -287,10 +293,23 @@ mod tests {
         assert_eq!(&SERVER.to_hex(), b"0102a0b0");
         assert_eq!(ServerId::from_hex(b"0102a0b0"), Some(SERVER));
         assert_eq!(ServerId::from_hex(b"0102A0B0"), Some(SERVER));
-        for bad in [&b""[..], b"0102a0b", b"0102a0b00", b"0102a0bg", b"+102a0b0", b" 102a0b0"] {
+        for bad in [
+            &b""[..],
+            b"0102a0b",
+            b"0102a0b00",
+            b"0102a0bg",
+            b"+102a0b0",
+            b" 102a0b0",
+        ] {
             assert_eq!(ServerId::from_hex(bad), None, "{bad:?}");
         }
-        assert_eq!(ServerId::of(3, 65_537), Some(ServerId { slot: 3, generation: 1 }));
+        assert_eq!(
+            ServerId::of(3, 65_537),
+            Some(ServerId {
+                slot: 3,
+                generation: 1
+            })
+        );
         assert_eq!(ServerId::of(65_536, 0), None);
     }
 
@@ -312,7 +331,11 @@ mod tests {
             for version in [1u32, 0x6b33_43cf, 0x1a2a_3a4a] {
                 let d = long(first, version, &cid, 64);
                 assert_eq!(parse(&d), Route::Steer(SERVER));
-                assert_eq!(parse(&d[..MAX_READ]), Route::Steer(SERVER), "prefix is enough");
+                assert_eq!(
+                    parse(&d[..MAX_READ]),
+                    Route::Steer(SERVER),
+                    "prefix is enough"
+                );
             }
         }
     }
@@ -325,7 +348,11 @@ mod tests {
             let dcid = [0u8; 20];
             let d = long(0xc0, 1, &dcid[..len], 64);
             assert_eq!(parse(&d), Route::Flow, "length {len}");
-            assert_eq!(parse(&d[..6]), Route::Flow, "only the invariant prefix: {len}");
+            assert_eq!(
+                parse(&d[..6]),
+                Route::Flow,
+                "only the invariant prefix: {len}"
+            );
         }
         // 16 bytes whose config rotation is not Steer's.
         let mut other = cid;
@@ -345,7 +372,11 @@ mod tests {
         let cid = encode_server_id(SERVER, &entropy(4));
         let d = short(&cid);
         assert_eq!(parse(&d), Route::Steer(SERVER));
-        assert_eq!(parse(&d[..17]), Route::Steer(SERVER), "the DCID and nothing more");
+        assert_eq!(
+            parse(&d[..17]),
+            Route::Steer(SERVER),
+            "the DCID and nothing more"
+        );
         // Key phase and spin bits do not matter.
         let mut flipped = d;
         flipped[0] |= 0x3f;
