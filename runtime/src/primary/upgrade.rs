@@ -60,6 +60,7 @@ pub(crate) const ENV: &[&str] = &[
     ENV_STATUS_FD,
     ENV_PID_FILE_FD,
     ENV_SAYS_READY,
+    crate::quic::ENV_RESET_KEY,
 ];
 
 const READY_FD: RawFd = 3;
@@ -121,6 +122,9 @@ impl Successor {
             (ENV_READY_FD.into(), READY_FD.to_string().into()),
             (ENV_SAYS_READY.into(), says_ready.join(",").into()),
         ];
+        if let Some(key) = crate::quic::cluster_reset_key() {
+            env.push((crate::quic::ENV_RESET_KEY.into(), key.to_hex().into()));
+        }
         let mut fds = vec![(write, READY_FD)];
         if let Some(status) = status {
             env.push((ENV_STATUS_FD.into(), STATUS_FD.to_string().into()));
@@ -232,6 +236,13 @@ pub(crate) struct Inheritance {
     pub pid_file: Option<File>,
     /// Slots whose workers say `ready` under the predecessor.
     pub says_ready: Vec<usize>,
+}
+
+/// The QUIC stateless-reset key a predecessor handed down (`STEER_QUIC_RESET_KEY`), if
+/// this process is a successor and the value is one.
+pub(crate) fn inherited_reset_key() -> Option<crate::quic::ResetKey> {
+    std::env::var(ENV_FROM).ok()?;
+    crate::quic::ResetKey::from_hex(&std::env::var(crate::quic::ENV_RESET_KEY).ok()?)
 }
 
 impl Inheritance {
