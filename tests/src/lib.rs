@@ -48,6 +48,7 @@
 pub mod chaos;
 mod cluster;
 mod command;
+pub mod h3;
 mod http;
 mod load;
 mod net;
