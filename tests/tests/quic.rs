@@ -145,3 +145,83 @@ fn steer_check_refuses_half_a_tls_pair() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(out.stderr.contains("tls-cert"), "{}", out.stderr);
 }
+
+/// The report `tests/fixtures/listeners_worker.py` writes for the worker `pid` in `dir`.
+fn worker_report(dir: &std::path::Path, pid: u32) -> serde_json::Value {
+    let report = dir.join(format!("{pid}.json"));
+    let deadline = Instant::now() + PATIENCE;
+    while !report.exists() {
+        assert!(Instant::now() < deadline, "worker {pid} wrote no report");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("json")
+}
+
+#[test]
+fn every_worker_gets_its_server_id_and_the_clusters_reset_key() {
+    let dir = std::env::temp_dir().join(format!("steer-quic-env-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let script = format!(
+        "{}/fixtures/listeners_worker.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let listen = format!("h3=quic://{}", free_local_addr());
+    let cluster = Cluster::start(&[
+        "--workers",
+        "2",
+        "--listen",
+        &free_local_addr().to_string(),
+        "--listen",
+        &listen,
+        "--",
+        "python3",
+        &script,
+        dir.to_str().expect("utf-8 path"),
+    ]);
+    let quic_env = |pid: u32| {
+        let env = worker_report(&dir, pid)["env"].clone();
+        let var = |name: &str| env[name].as_str().unwrap_or_default().to_owned();
+        (
+            var("STEER_WORKER_SLOT"),
+            var("STEER_WORKER_GENERATION"),
+            var("STEER_QUIC_CID_LEN"),
+            var("STEER_QUIC_SERVER_ID"),
+            var("STEER_QUIC_RESET_KEY"),
+        )
+    };
+    let mut keys = Vec::new();
+    for (slot, pid) in cluster.worker_pids() {
+        let (s, generation, len, server, key) = quic_env(pid);
+        assert_eq!(s, slot.to_string());
+        assert_eq!(len, "16");
+        let generation: u16 = generation.parse().expect("a generation");
+        assert_eq!(
+            server,
+            format!("{slot:04x}{generation:04x}"),
+            "slot then generation"
+        );
+        assert!(
+            key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{key:?}"
+        );
+        keys.push(key);
+    }
+    let killed = cluster.kill_worker(0);
+    let replaced = cluster.wait_until("slot 0 is replaced", PATIENCE, |doc| {
+        doc["workers"][0]["pid"]
+            .as_u64()
+            .is_some_and(|pid| pid != u64::from(killed))
+    });
+    let pid = replaced["workers"][0]["pid"].as_u64().expect("pid") as u32;
+    let (_, generation, _, server, key) = quic_env(pid);
+    assert_eq!(
+        server,
+        format!("0000{:04x}", generation.parse::<u16>().expect("generation"))
+    );
+    assert_ne!(generation, "1", "a new generation");
+    keys.push(key);
+    keys.dedup();
+    assert_eq!(keys.len(), 1, "one reset key for the cluster: {keys:?}");
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
+}
