@@ -225,3 +225,50 @@ fn every_worker_gets_its_server_id_and_the_clusters_reset_key() {
     drop(cluster);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `target/<profile>/examples/quic_worker` (`cargo build -p steer --examples` builds it).
+fn quic_example() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the running test executable");
+    let deps = exe.parent().expect("its directory");
+    let profile = if deps.file_name().is_some_and(|n| n == "deps") {
+        deps.parent().unwrap_or(deps)
+    } else {
+        deps
+    };
+    let bin = profile.join("examples/quic_worker");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build -p steer --examples` first",
+        bin.display()
+    );
+    bin
+}
+
+#[test]
+fn the_quinn_example_serves_http3_on_the_library() {
+    let quic = free_local_addr();
+    let cluster = Cluster::start_program(
+        &quic_example(),
+        &[
+            "--workers",
+            "2",
+            "--balance",
+            "hash",
+            "--quic",
+            &quic.to_string(),
+        ],
+    );
+    let workers = cluster.worker_pid_list();
+    let mut connection = H3Connection::connect(quic, None, PATIENCE).expect("connects");
+    for _ in 0..5 {
+        let answer = connection.get("/", PATIENCE).expect("answered");
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert!(
+            answer.body.starts_with("hello from quinn worker"),
+            "{answer:?}"
+        );
+        let pid = answer.pid().expect("a pid");
+        assert!(workers.contains(&pid), "{pid} is not one of {workers:?}");
+    }
+    connection.close();
+}
