@@ -15,6 +15,7 @@ use crate::config::{
     StatusPaths, WORKER_NOFILE_RANGE, WorkerCount, WorkerOutput, parse_duration, parse_status_addr,
 };
 
+use crate::config::FLOW_TABLE_RANGE;
 use crate::config::limits::{BURST_RANGE, PREFIX_V4_RANGE, PREFIX_V6_RANGE, TABLE_SIZE_RANGE};
 use crate::config::{Cidr, ConnRate};
 use crate::exit::EXIT_USAGE;
@@ -182,6 +183,14 @@ pub struct RunArgs {
     /// [default: 65536].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(*TABLE_SIZE_RANGE.start()..=*TABLE_SIZE_RANGE.end()))]
     pub client_table_size: Option<u64>,
+    /// A UDP flow idle this long leaves the flow table: its next datagram is a new flow;
+    /// 0 turns flow tracking off (every datagram steered on its own) [default: 30s].
+    #[arg(long, value_name = "D", value_parser = parse_duration)]
+    pub udp_flow_timeout: Option<Duration>,
+    /// UDP flows the kernel tracks at most, per UDP listener; the least recently seen are
+    /// evicted first [default: 65536].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(*FLOW_TABLE_RANGE.start()..=*FLOW_TABLE_RANGE.end()))]
+    pub udp_flow_table: Option<u64>,
     /// External worker program; gets its listening socket as fd 3 (LISTEN_FDS=1).
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -248,6 +257,8 @@ impl RunArgs {
             client_prefix_v6: self.client_prefix_v6,
             client_exempt: (!self.client_exempt.is_empty()).then(|| self.client_exempt.clone()),
             client_table_size: self.client_table_size,
+            udp_flow_timeout: self.udp_flow_timeout.map(Parsed),
+            udp_flow_table: self.udp_flow_table,
             origin: Default::default(),
         }
     }

@@ -23,6 +23,7 @@ mod settings;
 mod values;
 
 pub use listeners::{Listener, Protocol};
+pub(crate) use listeners::{FLOW_TABLE_RANGE, UdpFlows};
 pub use values::{Balance, LogFormat, parse_duration};
 
 pub(crate) use limits::{Cidr, ClientLimits, ConnRate};
@@ -139,6 +140,8 @@ pub(crate) struct Config {
     pub command: Option<Vec<String>>,
     /// The per-client connection limit (`client-*`).
     pub client_limits: ClientLimits,
+    /// The UDP flow table (`udp-flow-timeout`, `udp-flow-table`).
+    pub udp_flows: UdpFlows,
     /// The file this came from, for SIGHUP reloads.
     pub config_file: Option<PathBuf>,
     /// What the command line (or the library builder) set. A SIGHUP reload lays these
@@ -179,6 +182,7 @@ impl Default for Config {
             worker_memory_limit: None,
             command: None,
             client_limits: ClientLimits::default(),
+            udp_flows: UdpFlows::default(),
             config_file: None,
             overrides: Settings::default(),
         }
@@ -278,6 +282,12 @@ impl Config {
                 ("client-table-size", limits.table_size.to_string()),
             ]);
         }
+        if self.listeners.iter().any(|l| l.protocol.is_datagram()) {
+            lines.extend([
+                ("udp-flow-timeout", d(self.udp_flows.timeout)),
+                ("udp-flow-table", self.udp_flows.table_size.to_string()),
+            ]);
+        }
         let mut out = String::new();
         for (key, value) in lines {
             let _ = writeln!(out, "{key} = {value}");
@@ -357,6 +367,10 @@ pub(crate) fn keys_needing_restart(running: &Config, reloaded: &Config) -> Vec<&
         "client-table-size",
         running.client_limits.table_size != reloaded.client_limits.table_size,
     );
+    changed(
+        "udp-flow-table",
+        running.udp_flows.table_size != reloaded.udp_flows.table_size,
+    );
     keys
 }
 
@@ -377,6 +391,7 @@ impl Config {
             self.command = running.command.clone();
         }
         self.client_limits.table_size = running.client_limits.table_size;
+        self.udp_flows.table_size = running.udp_flows.table_size;
         self.verbosity = running.verbosity;
         self.config_file = running.config_file.clone();
         self.overrides = running.overrides.clone();

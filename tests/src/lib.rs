@@ -41,7 +41,7 @@
 //! - [`pid_alive`], [`rss_bytes`], [`children_of`], [`wait_for`]: process inspection and
 //!   the generic poll-with-deadline.
 //! - [`free_port`], [`TempFile`]: ports and config files for a test.
-//! - [`SynSender`]: raw SYNs that never complete (phantom load; needs root); [`rogue`]: a
+//! - [`SynSender`]: raw SYNs that never complete (phantom load; needs root); [`SpoofedDatagrams`]: UDP from spoofed sources; [`rogue`]: a
 //!   same-user listener on a cluster's port, and the classic BPF filter it may attach;
 //!   [`netns`]: a network namespace of a test's own (its sysctls, its firewall).
 
@@ -78,5 +78,5 @@ pub use crate::process::{
     signal_pending, wait_for,
 };
 pub use crate::status::{SlotState, WorkerStatus, all_ready};
-pub use crate::syn::SynSender;
+pub use crate::syn::{SpoofedDatagrams, SynSender};
 pub use crate::temp::TempFile;

@@ -164,6 +164,12 @@ impl Settings {
             worker_memory_limit: self.worker_memory_limit.map(|p| p.0.0),
             command: self.command.clone().filter(|c| !c.is_empty()),
             client_limits,
+            udp_flows: crate::config::UdpFlows {
+                timeout: self.udp_flow_timeout.map_or(d.udp_flows.timeout, |p| p.0),
+                table_size: self
+                    .udp_flow_table
+                    .map_or(d.udp_flows.table_size, |n| n as u32),
+            },
             config_file: None,
             overrides: Settings::default(),
         };

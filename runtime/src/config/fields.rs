@@ -142,6 +142,12 @@ pub(super) fn client_table_size<'de, D: Deserializer<'de>>(d: D) -> Result<Optio
     whole_number(d, *range.start(), *range.end()).map(Some)
 }
 
+/// `udp-flow-table`: see [`super::listeners::FLOW_TABLE_RANGE`].
+pub(super) fn udp_flow_table<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let range = super::listeners::FLOW_TABLE_RANGE;
+    whole_number(d, *range.start(), *range.end()).map(Some)
+}
+
 /// `client-exempt`: an array of prefixes (`["10.0.0.0/8", "::1"]`), or one string of them
 /// separated by commas; an empty array is none.
 pub(super) fn client_exempt<'de, D: Deserializer<'de>>(

@@ -11,6 +11,28 @@ use std::str::FromStr;
 
 use super::values::parse_listen;
 
+/// Allowed `udp-flow-table` values, as for `client-table-size`: below 1024 the kernel's LRU
+/// (which keeps free entries per CPU) would evict flows long before the table is full.
+pub const FLOW_TABLE_RANGE: std::ops::RangeInclusive<u64> = 1024..=16_777_216;
+
+/// The UDP flow table's settings (`udp-flow-timeout`, `udp-flow-table`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpFlows {
+    /// A flow idle this long is forgotten; zero: no flow table.
+    pub timeout: std::time::Duration,
+    /// Entries of each UDP listener's flow table.
+    pub table_size: u32,
+}
+
+impl Default for UdpFlows {
+    fn default() -> Self {
+        UdpFlows {
+            timeout: std::time::Duration::from_secs(30),
+            table_size: steer_common::DEFAULT_FLOW_TABLE_SIZE,
+        }
+    }
+}
+
 /// The transport a listener's sockets speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {

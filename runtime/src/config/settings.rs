@@ -139,6 +139,12 @@ pub struct Settings {
     /// `client-table-size`: entries of the client table.
     #[serde(default, deserialize_with = "fields::client_table_size")]
     pub client_table_size: Option<u64>,
+    /// `udp-flow-timeout`
+    #[serde(default, deserialize_with = "fields::from_str")]
+    pub udp_flow_timeout: Option<Parsed<Duration>>,
+    /// `udp-flow-table`: entries of each UDP listener's flow table.
+    #[serde(default, deserialize_with = "fields::udp_flow_table")]
+    pub udp_flow_table: Option<u64>,
     /// Where the file-given values came from (not a key).
     #[serde(skip)]
     pub origin: Origin,
@@ -235,6 +241,8 @@ impl Settings {
         "client-prefix-v6",
         "client-exempt",
         "client-table-size",
+        "udp-flow-timeout",
+        "udp-flow-table",
     ];
 
     /// Reads and parses a TOML file. Unknown keys and bad values are errors that name the
@@ -300,6 +308,8 @@ impl Settings {
             "client-prefix-v6" => self.client_prefix_v6.is_some(),
             "client-exempt" => self.client_exempt.is_some(),
             "client-table-size" => self.client_table_size.is_some(),
+            "udp-flow-timeout" => self.udp_flow_timeout.is_some(),
+            "udp-flow-table" => self.udp_flow_table.is_some(),
             _ => false,
         }
     }
@@ -345,6 +355,8 @@ impl Settings {
             client_prefix_v6: self.client_prefix_v6.or(base.client_prefix_v6),
             client_exempt: self.client_exempt.or(base.client_exempt),
             client_table_size: self.client_table_size.or(base.client_table_size),
+            udp_flow_timeout: self.udp_flow_timeout.or(base.udp_flow_timeout),
+            udp_flow_table: self.udp_flow_table.or(base.udp_flow_table),
             origin,
         }
     }

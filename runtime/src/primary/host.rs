@@ -131,6 +131,36 @@ pub(crate) struct Host {
     pub next_steering_round: Instant,
     /// Reads and tags workers' stdout and stderr (none with `--worker-output inherit`).
     pub output: Option<OutputReader>,
+    /// Draining workers that still keep UDP flows: told to drain once their flows are idle
+    /// (or their share of the shutdown timeout is up) and their sockets have left
+    /// steering ([`Host::tend_holds`]).
+    pub holds: std::collections::BTreeMap<WorkerId, FlowHold>,
+    /// This primary handed over to a successor: its workers drain as in a rolling restart
+    /// (their UDP flows held), not as in a stop.
+    pub handed_over: bool,
+}
+
+/// A draining worker whose UDP sockets keep their flows for now.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FlowHold {
+    /// Its sockets leave steering by then at the latest.
+    release_by: Instant,
+    /// When they left: it is told to drain [`RELEASE_GRACE`] later.
+    released_at: Option<Instant>,
+}
+
+/// Between taking a worker's UDP sockets out of `SOCKETS` and telling it to drain: a
+/// program run that picked one of them just before has queued its datagram long before
+/// this, so the worker's last read finds it.
+const RELEASE_GRACE: Duration = Duration::from_millis(20);
+
+/// How often held flows are looked at.
+const HOLD_POLL: Duration = Duration::from_millis(50);
+
+/// The part of the shutdown timeout a draining worker keeps its UDP flows: all but a
+/// fifth of it (at most 5 s), which is left for its last read and its TCP connections.
+fn hold_share(shutdown_timeout: Duration) -> Duration {
+    shutdown_timeout.saturating_sub((shutdown_timeout / 5).min(Duration::from_secs(5)))
 }
 
 impl Host {
@@ -160,6 +190,7 @@ impl Host {
         now: Instant,
     ) -> Option<(usize, super::core::ExitStatus)> {
         let mut process = self.procs.remove(&id)?;
+        self.holds.remove(&id);
         let pgid = process.pid;
         if drain_deadline.is_none() {
             // While the leader is unreaped its number names only its group.
@@ -334,16 +365,97 @@ impl Host {
         });
     }
 
-    /// When leftovers, or steering's checks, need looking at again.
+    /// When leftovers, held flows, or steering's checks, need looking at again.
     pub(crate) fn next_wake(&self, now: Instant) -> Option<Instant> {
         let leftovers = self
             .leftovers
             .iter()
-            .map(|left| left.deadline.min(now + LEFTOVER_POLL))
-            .min();
-        Some(leftovers.map_or(self.next_steering_check, |at| {
-            at.min(self.next_steering_check)
-        }))
+            .map(|left| left.deadline.min(now + LEFTOVER_POLL));
+        let holds = self.holds.values().map(|hold| match hold.released_at {
+            Some(at) => at + RELEASE_GRACE,
+            None => hold.release_by.min(now + HOLD_POLL),
+        });
+        Some(
+            leftovers
+                .chain(holds)
+                .fold(self.next_steering_check, Instant::min),
+        )
+    }
+
+    /// Tells the worker to drain: the `drain` message, and SIGTERM to an external
+    /// worker's process group.
+    fn send_drain(&mut self, id: WorkerId) {
+        let Some(process) = self.procs.get_mut(&id) else {
+            return;
+        };
+        let _not_listening = process.channel.send(&Message::Drain);
+        if process.external
+            && let Err(err) = process.signal_group(libc::SIGTERM)
+        {
+            // Without it the worker drains only at the SIGKILL deadline (a worker of
+            // another user needs CAP_KILL).
+            tracing::warn!(
+                slot = process.slot,
+                pid = process.pid,
+                "SIGTERM failed: {err}{}",
+                if err.raw_os_error() == Some(libc::EPERM) {
+                    " (the primary needs CAP_KILL to signal a worker of another user)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+
+    /// Once per loop turn: each held worker whose flows are idle (or whose share of the
+    /// shutdown timeout is up, or whose cluster is stopping: no slot serves any more)
+    /// has its UDP sockets taken out of steering; [`RELEASE_GRACE`] later it is told to
+    /// drain, and reads what is queued on them before it exits.
+    pub(crate) fn tend_holds(&mut self, now: Instant) {
+        if self.holds.is_empty() {
+            return;
+        }
+        let stopping = !self.handed_over
+            && self
+                .groups
+                .iter()
+                .filter(|g| g.steering.tracks_flows())
+                .all(|g| g.steering.serving() == 0);
+        let mut drain = Vec::new();
+        for (&id, hold) in &mut self.holds {
+            let Some(process) = self.procs.get(&id) else {
+                continue;
+            };
+            let (slot, generation) = (process.slot, process.generation);
+            if hold.released_at.is_none() {
+                let idle = self
+                    .groups
+                    .iter()
+                    .all(|g| g.steering.flows_idle(slot, generation));
+                if !(idle || stopping || now >= hold.release_by) {
+                    continue;
+                }
+                for group in &mut self.groups {
+                    if let Err(err) = group.steering.release_flows(slot, generation) {
+                        tracing::warn!(
+                            slot,
+                            listener = %group.listener.name,
+                            "cannot take a draining worker's socket out of steering: {}",
+                            crate::errors::error_chain(&err)
+                        );
+                    }
+                }
+                tracing::debug!(slot, generation, idle, "UDP flows released");
+                hold.released_at = Some(now);
+            }
+            if hold.released_at.is_some_and(|at| now >= at + RELEASE_GRACE) {
+                drain.push(id);
+            }
+        }
+        for id in drain {
+            self.holds.remove(&id);
+            self.send_drain(id);
+        }
     }
 
     /// Once per loop turn, before the loop sleeps: publishes what this turn changed in the
@@ -353,6 +465,7 @@ impl Host {
     /// `alone`: no other primary of this cluster runs, whose workers would look foreign)
     /// surveys the port for foreign listeners.
     pub(crate) fn tend_steering(&mut self, now: Instant, own_group: bool, alone: bool) {
+        self.tend_holds(now);
         if now >= self.next_steering_check {
             let round = now >= self.next_steering_round;
             if round && alone {
@@ -663,6 +776,7 @@ impl Host {
         let process = Process {
             id,
             slot,
+            generation,
             pid: child.pid,
             pidfd: child.pidfd,
             channel: primary_end,
@@ -782,30 +896,31 @@ impl Io for Host {
             return;
         };
         process.sockets.iter_mut().for_each(|s| *s = None);
-        let _not_listening = process.channel.send(&Message::Drain);
-        if process.external
-            && let Err(err) = process.signal_group(libc::SIGTERM)
-        {
-            // Without it the worker drains only at the SIGKILL deadline (a worker of
-            // another user needs CAP_KILL).
-            tracing::warn!(
-                slot = process.slot,
-                pid = process.pid,
-                "SIGTERM failed: {err}{}",
-                if err.raw_os_error() == Some(libc::EPERM) {
-                    " (the primary needs CAP_KILL to signal a worker of another user)"
-                } else {
-                    ""
-                }
+        // A worker with UDP flows keeps them (and is not told yet): see `tend_holds`.
+        if self.groups.iter().any(|g| g.steering.tracks_flows()) {
+            let now = Instant::now();
+            self.holds.insert(
+                id,
+                FlowHold {
+                    release_by: now + hold_share(self.config.shutdown_timeout),
+                    released_at: None,
+                },
             );
+            self.tend_holds(now);
+            return;
         }
+        self.send_drain(id);
     }
 
     fn repeat_drain(&mut self, id: WorkerId) {
+        if self.holds.contains_key(&id) {
+            return;
+        }
         if let Some(process) = self.procs.get(&id) {
             let _full_or_gone = process.channel.send(&Message::Drain);
         }
     }
+
 
     fn kill(&mut self, id: WorkerId) {
         if let Some(process) = self.procs.get(&id)

@@ -34,6 +34,8 @@ pub(crate) struct Process {
     pub id: WorkerId,
     /// Its slot.
     pub slot: usize,
+    /// Its generation.
+    pub generation: u64,
     /// Its pid, which is also its process group id.
     pub pid: i32,
     /// `pidfd_open(pid)`: readable when it exits; signals through it never hit a reused pid.

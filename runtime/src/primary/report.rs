@@ -100,6 +100,14 @@ impl Supervisor {
                 drops: counted.as_ref().map_or(0, |c| c.drops),
                 refusals: counted.as_ref().map_or(0, |c| c.client_refusals),
                 takeovers: counted.as_ref().map_or(0, |c| c.takeovers),
+                flows: counted
+                    .as_ref()
+                    .filter(|_| group.steering.tracks_flows())
+                    .map(|c| crate::status::FlowCounts {
+                        hits: c.flow_hits,
+                        inserts: c.flow_inserts,
+                        moves: c.flow_moves,
+                    }),
             })
             .collect();
         let workers: Vec<WorkerStatus> = slots

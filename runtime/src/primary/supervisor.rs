@@ -95,6 +95,8 @@ impl Supervisor {
                 config.balance,
                 config.workers as u32,
                 &config.client_limits,
+                config.udp_flows,
+                inheritance.is_some(),
             )?;
             if inheritance.is_some() {
                 // Each group switches from the old program to this one in one step, once
@@ -203,6 +205,9 @@ impl Supervisor {
         for &index in inheritance.iter().flat_map(|i| &i.says_ready) {
             core.expect_ready_word(index);
         }
+        for &(index, generation) in inheritance.iter().flat_map(|i| &i.generations) {
+            core.continue_from(index, generation);
+        }
         Ok(Supervisor {
             core,
             host: Host {
@@ -215,6 +220,8 @@ impl Supervisor {
                 baseline,
                 procs: Default::default(),
                 leftovers: Vec::new(),
+                holds: std::collections::BTreeMap::new(),
+                handed_over: false,
                 inherited_nofile,
                 next_steering_check: Instant::now(),
                 next_steering_round: Instant::now(),
@@ -479,6 +486,12 @@ impl Supervisor {
             self.status.as_ref().map(StatusService::listener_fd),
             self.pid_file.as_ref().map(|f| f.file().as_fd()),
             &says_ready,
+            &self
+                .core
+                .slots()
+                .iter()
+                .map(|s| (s.index, s.generation))
+                .collect::<Vec<_>>(),
             self.host.inherited_nofile,
             deadline,
         );
@@ -608,6 +621,13 @@ impl Supervisor {
             return;
         }
         self.handed_over = true;
+        // The successor shares the UDP groups' pinned maps (flows, sockets): they outlive
+        // this primary, and its draining workers keep their flows until they are idle, as
+        // in a rolling restart.
+        self.host.handed_over = true;
+        for group in &mut self.host.groups {
+            group.steering.set_unpin(false);
+        }
         tracing::info!(
             successor = pid,
             "upgrade: the new primary has taken over; draining this primary's workers"
@@ -644,6 +664,10 @@ impl Supervisor {
             return;
         }
         self.taken_over = true;
+        // The UDP groups' pinned maps are this primary's now: removed when it ends for good.
+        for group in &mut self.host.groups {
+            group.steering.set_unpin(true);
+        }
         if let Err(err) = super::group::each(&mut self.host.groups, Steering::release) {
             tracing::error!(
                 "cannot attach the steering program: {}",
@@ -864,10 +888,16 @@ impl Supervisor {
                         self.host.program = WorkerProgram::External(command.clone());
                     }
                     let limits_changed = self.host.config.client_limits != new.client_limits;
+                    let flow_timeout = (self.host.config.udp_flows.timeout
+                        != new.udp_flows.timeout)
+                        .then_some(new.udp_flows.timeout);
                     self.host.config = new;
                     tracing::info!("SIGHUP: reloaded {}", path.display());
                     if limits_changed {
                         self.apply_client_limits();
+                    }
+                    if let Some(timeout) = flow_timeout {
+                        self.apply_udp_flow_timeout(timeout);
                     }
                     self.switch_policy(balance);
                     self.core.resize(&mut self.host, workers, now, "SIGHUP");
@@ -900,6 +930,20 @@ impl Supervisor {
             ),
             Err(err) => tracing::error!(
                 "SIGHUP: cannot apply the per-client limit: {}",
+                crate::errors::error_chain(&err)
+            ),
+        }
+    }
+
+    /// SIGHUP with another `udp-flow-timeout`: one write of each UDP group's `CONFIG`.
+    fn apply_udp_flow_timeout(&mut self, timeout: Duration) {
+        match super::group::each(&mut self.host.groups, |s| s.set_udp_flow_timeout(timeout)) {
+            Ok(()) => tracing::info!(
+                "SIGHUP: udp-flow-timeout now {}",
+                humantime::format_duration(timeout)
+            ),
+            Err(err) => tracing::error!(
+                "SIGHUP: cannot apply udp-flow-timeout: {}",
                 crate::errors::error_chain(&err)
             ),
         }

@@ -53,6 +53,9 @@ pub(crate) const ENV_PID_FILE_FD: &str = "STEER_UPGRADE_PID_FILE_FD";
 /// The slots whose workers say `ready` (comma-separated indices): the successor's count
 /// as ready only once they say it too.
 pub(crate) const ENV_SAYS_READY: &str = "STEER_UPGRADE_SAYS_READY";
+/// Each slot's generation under the predecessor, `slot:generation,...`: the successor's
+/// workers go on from there.
+pub(crate) const ENV_GENERATIONS: &str = "STEER_UPGRADE_GENERATIONS";
 /// Every variable of the hand-over: never passed on to workers.
 pub(crate) const ENV: &[&str] = &[
     ENV_FROM,
@@ -60,6 +63,7 @@ pub(crate) const ENV: &[&str] = &[
     ENV_STATUS_FD,
     ENV_PID_FILE_FD,
     ENV_SAYS_READY,
+    ENV_GENERATIONS,
     crate::quic::ENV_RESET_KEY,
 ];
 
@@ -112,6 +116,7 @@ impl Successor {
         status: Option<BorrowedFd<'_>>,
         pid_file: Option<BorrowedFd<'_>>,
         says_ready: &[usize],
+        generations: &[(usize, u64)],
         nofile: Option<(u64, u64)>,
         deadline: Instant,
     ) -> io::Result<Successor> {
@@ -121,6 +126,15 @@ impl Successor {
             (ENV_FROM.into(), std::process::id().to_string().into()),
             (ENV_READY_FD.into(), READY_FD.to_string().into()),
             (ENV_SAYS_READY.into(), says_ready.join(",").into()),
+            (
+                ENV_GENERATIONS.into(),
+                generations
+                    .iter()
+                    .map(|(slot, generation)| format!("{slot}:{generation}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+                    .into(),
+            ),
         ];
         if let Some(key) = crate::quic::cluster_reset_key() {
             env.push((crate::quic::ENV_RESET_KEY.into(), key.to_hex().into()));
@@ -236,6 +250,8 @@ pub(crate) struct Inheritance {
     pub pid_file: Option<File>,
     /// Slots whose workers say `ready` under the predecessor.
     pub says_ready: Vec<usize>,
+    /// Each slot's generation under the predecessor.
+    pub generations: Vec<(usize, u64)>,
 }
 
 /// The QUIC stateless-reset key a predecessor handed down (`STEER_QUIC_RESET_KEY`), if
@@ -280,6 +296,14 @@ impl Inheritance {
             .split(',')
             .filter_map(|index| index.parse().ok())
             .collect();
+        let generations = std::env::var(ENV_GENERATIONS)
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|pair| {
+                let (slot, generation) = pair.split_once(':')?;
+                Some((slot.parse().ok()?, generation.parse().ok()?))
+            })
+            .collect();
         Some(Inheritance {
             from,
             predecessor: spawn::pidfd_open(from).ok(),
@@ -287,6 +311,7 @@ impl Inheritance {
             status,
             pid_file,
             says_ready,
+            generations,
         })
     }
 

@@ -283,8 +283,18 @@ pub fn render(doc: &StatusDocument) -> String {
         ),
         (
             "steer_listener_refusals_total",
-            "SYNs the per-client limit refused, per listener.",
+            "SYNs and new UDP flows the per-client limit refused, per listener.",
             |l: &ListenerStatus| l.steered.map(|_| l.refusals),
+        ),
+        (
+            "steer_listener_flow_inserts_total",
+            "UDP flows entered into the listener's flow table (new, idle past the timeout, or moved).",
+            |l: &ListenerStatus| l.flows.map(|f| f.inserts),
+        ),
+        (
+            "steer_listener_flow_moves_total",
+            "Datagrams of a known UDP flow whose socket had left (its process exited or drained), steered again.",
+            |l: &ListenerStatus| l.flows.map(|f| f.moves),
         ),
     ] {
         let mut family = e.family(name, "counter", help);
@@ -404,6 +414,7 @@ mod tests {
                 drops: 1,
                 refusals: 0,
                 takeovers: 0,
+                flows: None,
             }],
             primary: PrimaryStatus {
                 pid: 1,

@@ -56,6 +56,24 @@ pub struct ListenerStatus {
     /// Times another program (or none) was found deciding for this group.
     #[serde(default)]
     pub takeovers: u64,
+    /// A UDP group's flow table: datagrams that went to their flow's socket, flows
+    /// entered, and datagrams of a flow whose socket had left; absent for TCP and
+    /// without the table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows: Option<FlowCounts>,
+}
+
+/// A UDP listener's flow table, as counted by the program.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowCounts {
+    /// Datagrams that went to the socket their flow is kept on.
+    pub hits: u64,
+    /// Flows entered (new clients, flows idle past the timeout, moved flows). With
+    /// nothing deleted from the table, this minus its size is at least what it evicted.
+    pub inserts: u64,
+    /// Datagrams of a known flow whose socket had left (its process exited or drained):
+    /// steered again, to the slot's serving generation first.
+    pub moves: u64,
 }
 
 /// The per-client connection limit in `/status` (`client-conn-rate`).

@@ -43,7 +43,10 @@ use std::time::Duration;
 use aya::maps::{Array, ArrayOfMaps, Map, MapData, PerCpuArray, ReusePortSockArray};
 use aya::programs::{ProgramError, SkReuseport};
 use aya::{Ebpf, EbpfError, EbpfLoader};
-use steer_common::{Config, Counters, HASH_TABLE_SIZE, LiveSet, MAX_CPUS, MAX_SLOTS, policy};
+use steer_common::{
+    Config, Counters, GENERATIONS, HASH_TABLE_SIZE, LiveSet, MAX_CPUS, MAX_SLOTS, policy,
+    socket_index,
+};
 
 use super::clients::{self, ClientTables, ClientView};
 use super::holder::ListenerHolder;
@@ -54,7 +57,7 @@ use super::queues::ListenQueues;
 use super::shared::SharedArray;
 use super::stalls::SilentWatch;
 use super::{SteeringCounters, SteeringError, Takeover};
-use crate::config::{Balance, ClientLimits};
+use crate::config::{Balance, ClientLimits, UdpFlows};
 
 /// The program's `CONFIG.policy` code for `policy`.
 fn policy_code(policy: Balance) -> Result<u32, SteeringError> {
@@ -70,7 +73,35 @@ fn policy_code(policy: Balance) -> Result<u32, SteeringError> {
 /// The program object, built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer-ebpf"));
 
+/// The maps a UDP group shares with its successor primary through bpffs pins: the flows,
+/// and the sockets they are kept on, so that an upgrade moves no active flow.
+const SHARED_MAPS: [&str; 4] = ["FLOWS", "SOCKETS", "CURRENT", "LAST_HIT"];
+
+/// Where a UDP group's shared maps are pinned, and whether to use what is there.
+#[derive(Debug, Clone)]
+pub struct Pins {
+    /// A directory on a bpf filesystem, one per listener address.
+    pub dir: std::path::PathBuf,
+    /// A successor primary takes the maps its predecessor pinned; a fresh cluster removes
+    /// whatever a cluster before it left there and starts empty.
+    pub reuse: bool,
+}
+
+impl Pins {
+    /// Unpins the shared maps and removes the directory (what is missing is skipped). The
+    /// maps live on while a program or a primary holds them.
+    pub fn remove(&self) {
+        for name in SHARED_MAPS {
+            let _ = std::fs::remove_file(self.dir.join(name));
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// The program of a TCP group.
 const PROGRAM: &str = "steer_select";
+/// The program of a UDP group (the flow table's path too).
+const PROGRAM_UDP: &str = "steer_select_udp";
 
 /// How long a flush that adds a slot waits for the set to be published.
 const GROWTH_WAIT: Duration = Duration::from_millis(20);
@@ -115,7 +146,24 @@ struct Serving {
 pub struct EbpfSteering {
     ebpf: Ebpf,
     policy: Balance,
+    /// The entry point loaded: [`PROGRAM`] or [`PROGRAM_UDP`].
+    program: &'static str,
     sockets: ReusePortSockArray<MapData>,
+    /// `CURRENT`: each slot's serving generation (mod [`GENERATIONS`]).
+    current: Array<MapData, u32>,
+    /// `LAST_HIT`: when a UDP flow last reached each socket index.
+    last_hit: Array<MapData, u64>,
+    /// The group's UDP flows, if it is a UDP group with flow tracking on: a socket whose
+    /// slot gets a new generation (or leaves) stays in `SOCKETS` for its flows until
+    /// [`EbpfSteering::release_flows`].
+    flows: Option<UdpFlows>,
+    /// Which generation's socket each `SOCKETS` index holds.
+    occupants: BTreeMap<u32, u32>,
+    /// Where the UDP group's shared maps are pinned, if they are.
+    pins: Option<Pins>,
+    /// Whether to remove the pins when this steering ends: not while a successor takes
+    /// them over, nor in a successor before it has taken over.
+    unpin: bool,
     config_map: Array<MapData, Config>,
     publisher: Publisher,
     probe_seen: Array<MapData, u64>,
@@ -146,6 +194,14 @@ pub struct EbpfSteering {
     silent: SilentWatch,
 }
 
+impl Drop for EbpfSteering {
+    fn drop(&mut self) {
+        if let Some(pins) = self.pins.as_ref().filter(|_| self.unpin) {
+            pins.remove();
+        }
+    }
+}
+
 impl std::fmt::Debug for EbpfSteering {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EbpfSteering")
@@ -161,15 +217,18 @@ impl EbpfSteering {
     /// limit.
     #[cfg(test)]
     pub fn load(policy: Balance, slots: u32) -> Result<EbpfSteering, SteeringError> {
-        EbpfSteering::load_limited(policy, slots, &ClientLimits::default())
+        EbpfSteering::load_limited(policy, slots, &ClientLimits::default(), None, None)
     }
 
     /// Loads the program for `policy` over `slots` configured slots, enforcing `limits`
-    /// (whose table size is fixed from now on).
+    /// (whose table size is fixed from now on). `flows`: a UDP group's flow table (its
+    /// size is fixed from now on); `None` for a TCP group.
     pub fn load_limited(
         policy: Balance,
         slots: u32,
         limits: &ClientLimits,
+        flows: Option<UdpFlows>,
+        pins: Option<Pins>,
     ) -> Result<EbpfSteering, SteeringError> {
         let code = policy_code(policy)?;
         if slots == 0 || slots > MAX_SLOTS {
@@ -180,18 +239,53 @@ impl EbpfSteering {
         // object is loaded (32 MiB of heap at peak); the maps and program allocated in
         // between pin that heap, and glibc keeps it resident once freed (the primary's RSS
         // was 21 MiB, 7 MiB now). `new()` still parses it once; `btf(None)` drops it first.
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .btf(None)
             .map_max_entries("CLIENTS", limits.table_size)
+            // A TCP group's program never enters a flow: the smallest table the kernel's
+            // LRU takes.
+            .map_max_entries(
+                "FLOWS",
+                flows.map_or(*crate::config::FLOW_TABLE_RANGE.start() as u32, |f| {
+                    f.table_size
+                }),
+            );
+        let pins = pins.filter(|pins| {
+            if !pins.reuse {
+                pins.remove();
+            }
+            match std::fs::create_dir_all(&pins.dir) {
+                Ok(()) => true,
+                Err(err) => {
+                    tracing::warn!(
+                        dir = %pins.dir.display(),
+                        "cannot pin the UDP flow maps ({err}): flows will move on a primary upgrade"
+                    );
+                    false
+                }
+            }
+        });
+        if let Some(pins) = &pins {
+            for name in SHARED_MAPS {
+                loader.map_pin_path(name, pins.dir.join(name));
+            }
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| classify("load the eBPF maps", &e))?;
-        program_mut(&mut ebpf)?
+        let program = if flows.is_some() { PROGRAM_UDP } else { PROGRAM };
+        program_mut(&mut ebpf, program)?
             .load()
             .map_err(|e| classify("load the eBPF program", &e))?;
         let sockets = ReusePortSockArray::try_from(take(&mut ebpf, "SOCKETS")?)
             .map_err(|e| SteeringError::map("use map SOCKETS", e))?;
         let config_map = Array::try_from(take(&mut ebpf, "CONFIG")?)
             .map_err(|e| SteeringError::map("use map CONFIG", e))?;
+        let current = Array::try_from(take(&mut ebpf, "CURRENT")?)
+            .map_err(|e| SteeringError::map("use map CURRENT", e))?;
+        let last_hit = Array::try_from(take(&mut ebpf, "LAST_HIT")?)
+            .map_err(|e| SteeringError::map("use map LAST_HIT", e))?;
         let live_map = ArrayOfMaps::try_from(take(&mut ebpf, "LIVE")?)
             .map_err(|e| SteeringError::map("use map LIVE", e))?;
         let loads = ArrayOfMaps::try_from(take(&mut ebpf, "LOADS")?)
@@ -213,7 +307,14 @@ impl EbpfSteering {
         let mut steering = EbpfSteering {
             ebpf,
             policy,
+            program,
             sockets,
+            current,
+            last_hit,
+            flows: flows.filter(|f| !f.timeout.is_zero()),
+            occupants: BTreeMap::new(),
+            unpin: pins.as_ref().is_some_and(|p| !p.reuse),
+            pins,
             config_map,
             publisher,
             probe_seen,
@@ -222,6 +323,7 @@ impl EbpfSteering {
                 policy: code,
                 slots,
                 cpus: allowed.len() as u32,
+                flow_timeout_ns: flows.map_or(0, |f| duration_ns(f.timeout)),
                 ..Config::default()
             },
             live: BTreeMap::new(),
@@ -344,9 +446,29 @@ impl EbpfSteering {
         // served) are read by nobody from now on.
         self.records
             .retain(|&(s, g), _| s != slot || g == generation);
-        self.sockets
-            .set(slot, &fd.as_raw_fd(), 0)
-            .map_err(|e| SteeringError::map(format!("put the socket into SOCKETS[{slot}]"), e))?;
+        let index = socket_index(slot, generation);
+        self.sockets.set(index, &fd.as_raw_fd(), 0).map_err(|e| {
+            SteeringError::map(
+                format!("put slot {slot}'s socket into SOCKETS[{index}]"),
+                e,
+            )
+        })?;
+        // No flow has reached this socket yet (the index's last occupant's time is not its).
+        let _ = self.last_hit.set(index, 0, 0);
+        self.occupants.insert(index, generation);
+        // New connections and new flows go to this generation from the next program run.
+        self.current
+            .set(slot, generation % GENERATIONS, 0)
+            .map_err(|e| SteeringError::map(format!("write CURRENT[{slot}]"), e))?;
+        // Every other generation of the slot: a TCP socket leaves now (its queue migrates
+        // when its worker closes it); a UDP one keeps its flows until it is released.
+        if !self.tracks_flows() {
+            for other in (0..GENERATIONS).map(|g| socket_index(slot, g)) {
+                if other != index {
+                    self.clear_socket(other)?;
+                }
+            }
+        }
         // The probe's fds are taken with the first socket, not at the first check: the
         // primary holds the same fds from the moment a worker is ready.
         let socket = socket2::SockRef::from(fd);
@@ -373,22 +495,105 @@ impl EbpfSteering {
         Ok(())
     }
 
-    /// Takes `slot` out of steering: no new connection reaches its socket from now on.
+    /// Takes `slot` out of steering: no new connection or new flow reaches its socket from
+    /// now on. A UDP socket with flow tracking keeps its flows until
+    /// [`EbpfSteering::release_flows`] (or until it closes).
     pub fn deactivate(&mut self, slot: u32) -> Result<(), SteeringError> {
-        if let Some(serving) = self.live.remove(&slot) {
-            self.records.remove(&(slot, serving.generation));
-            self.silent.forget(slot);
-            self.dirty = true;
+        let Some(serving) = self.live.remove(&slot) else {
+            return Ok(());
+        };
+        self.records.remove(&(slot, serving.generation));
+        self.silent.forget(slot);
+        self.dirty = true;
+        if self.tracks_flows() {
+            return Ok(());
         }
-        match self.sockets.clear_index(&slot) {
+        self.clear_socket(socket_index(slot, serving.generation))
+    }
+
+    /// Whether the pins go with this steering (see [`EbpfSteering::unpin`]): a primary that
+    /// hands over keeps them for its successor (`false`); a successor that has taken over
+    /// owns them (`true`).
+    pub fn set_unpin(&mut self, unpin: bool) {
+        self.unpin = unpin;
+    }
+
+    /// Writes `CURRENT` again for every slot in steering: after a failed upgrade, the
+    /// successor's workers may have named their generation there (in a UDP group's
+    /// shared map), and they are gone.
+    pub fn reassert_current(&mut self) -> Result<(), SteeringError> {
+        for (slot, serving) in &self.live {
+            self.current
+                .set(*slot, serving.generation % GENERATIONS, 0)
+                .map_err(|e| SteeringError::map(format!("write CURRENT[{slot}]"), e))?;
+        }
+        Ok(())
+    }
+
+    /// How many slots are in steering.
+    pub fn serving(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Whether this is a UDP group that keeps flows on their socket.
+    pub fn tracks_flows(&self) -> bool {
+        self.flows.is_some_and(|f| !f.timeout.is_zero())
+    }
+
+    /// Takes the socket of `slot`'s `generation` out of `SOCKETS`, unless it is the slot's
+    /// serving one or its index holds a newer generation already: its flows are steered
+    /// again from their next datagram (to the slot's serving generation first).
+    pub fn release_flows(&mut self, slot: u32, generation: u32) -> Result<(), SteeringError> {
+        let index = socket_index(slot, generation);
+        if self.live.get(&slot).is_some_and(|s| s.generation == generation)
+            || self.occupants.get(&index) != Some(&generation)
+        {
+            return Ok(());
+        }
+        self.clear_socket(index)
+    }
+
+    /// Whether every flow on the socket of `slot`'s `generation` has been idle for the
+    /// flow timeout (true when the group keeps no flows, or the index holds another
+    /// generation now).
+    pub fn flows_idle(&self, slot: u32, generation: u32) -> bool {
+        let Some(flows) = self.flows.filter(|f| !f.timeout.is_zero()) else {
+            return true;
+        };
+        let index = socket_index(slot, generation);
+        if self.occupants.get(&index) != Some(&generation) {
+            return true;
+        }
+        let last = self.last_hit.get(&index, 0).unwrap_or(0);
+        last == 0 || monotonic_ns().saturating_sub(last) > duration_ns(flows.timeout)
+    }
+
+    /// Changes the UDP flow timeout live (one write of `CONFIG`). Flows already in the
+    /// table are judged by the new timeout from their next datagram.
+    pub fn set_udp_flow_timeout(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<(), SteeringError> {
+        let Some(flows) = self.flows.as_mut() else {
+            return Ok(());
+        };
+        flows.timeout = timeout;
+        self.config.flow_timeout_ns = duration_ns(timeout);
+        self.write_config()
+    }
+
+    /// Clears `SOCKETS[index]` (already empty is fine: the kernel removes a socket from
+    /// the map when it closes).
+    fn clear_socket(&mut self, index: u32) -> Result<(), SteeringError> {
+        self.occupants.remove(&index);
+        match self.sockets.clear_index(&index) {
             Ok(()) => Ok(()),
-            // Already gone: the kernel removes a socket from the map when it closes.
             Err(aya::maps::MapError::SyscallError(err))
                 if err.io_error.raw_os_error() == Some(libc::ENOENT) =>
             {
                 Ok(())
             }
-            Err(err) => Err(SteeringError::map(format!("clear SOCKETS[{slot}]"), err)),
+            Err(err) => Err(SteeringError::map(format!("clear SOCKETS[{index}]"), err)),
         }
     }
 
@@ -743,6 +948,9 @@ impl EbpfSteering {
             takeovers: self.takeovers,
             client_refusals: 0,
             client_inserts: 0,
+            flow_hits: 0,
+            flow_inserts: 0,
+            flow_moves: 0,
             stalls: vec![0; slots],
             stalled: self.stalled(slots),
         };
@@ -758,6 +966,9 @@ impl EbpfSteering {
             total.migrations += cpu.migrations;
             total.client_refusals += cpu.client_refusals;
             total.client_inserts += cpu.client_inserts;
+            total.flow_hits += cpu.flow_hits;
+            total.flow_inserts += cpu.flow_inserts;
+            total.flow_moves += cpu.flow_moves;
         }
         Ok(total)
     }
@@ -778,7 +989,7 @@ impl EbpfSteering {
         };
         let program: &SkReuseport = self
             .ebpf
-            .program(PROGRAM)
+            .program(self.program)
             .ok_or(ProgramError::NotLoaded)
             .map_err(attach_error)?
             .try_into()
@@ -791,6 +1002,11 @@ impl EbpfSteering {
             .set(0, self.config, 0)
             .map_err(|e| SteeringError::map("write CONFIG", e))
     }
+}
+
+/// `d` in ns, saturating.
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`, which the program stamps
@@ -831,15 +1047,18 @@ pub(crate) fn detach_any_program(
     }
 }
 
-fn program_mut(ebpf: &mut Ebpf) -> Result<&mut SkReuseport, SteeringError> {
+fn program_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<&'a mut SkReuseport, SteeringError> {
     let load_error = |detail: String| SteeringError::Load {
         what: "find the program in the object",
         detail,
     };
-    ebpf.program_mut(PROGRAM)
-        .ok_or_else(|| load_error(format!("program {PROGRAM} missing")))?
+    ebpf.program_mut(name)
+        .ok_or_else(|| load_error(format!("program {name} missing")))?
         .try_into()
-        .map_err(|e| load_error(format!("program {PROGRAM}: {e}")))
+        .map_err(|e| load_error(format!("program {name}: {e}")))
 }
 
 /// The Maglev table depends only on the slot count, so it is written once, before any

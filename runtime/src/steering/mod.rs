@@ -191,6 +191,12 @@ pub struct SteeringCounters {
     /// Clients entered into the program's client table (inserts; evictions are this minus
     /// the entries it holds).
     pub client_inserts: u64,
+    /// UDP datagrams that went to the socket their flow is kept on.
+    pub flow_hits: u64,
+    /// UDP flows entered into the flow table (new, idle past the timeout, or moved).
+    pub flow_inserts: u64,
+    /// Datagrams of a known UDP flow whose socket had left, steered again.
+    pub flow_moves: u64,
     /// Times each slot became stalled (queued connections, no accept), by slot index.
     #[serde(skip)]
     pub stalls: Vec<u64>,
@@ -211,6 +217,9 @@ impl SteeringCounters {
         self.takeovers += other.takeovers;
         self.client_refusals += other.client_refusals;
         self.client_inserts += other.client_inserts;
+        self.flow_hits += other.flow_hits;
+        self.flow_inserts += other.flow_inserts;
+        self.flow_moves += other.flow_moves;
         self
     }
 }
@@ -240,12 +249,20 @@ impl Steering {
         balance: Balance,
         slots: u32,
         limits: &crate::config::ClientLimits,
+        flows: Option<crate::config::UdpFlows>,
+        pins: Option<ebpf::Pins>,
     ) -> Result<Steering, SteeringError> {
         match balance {
             Balance::Kernel => Ok(Steering::Kernel),
             Balance::Shared | Balance::Userspace => Ok(Steering::Baseline(balance)),
             Balance::Auto => {
-                match ebpf::EbpfSteering::load_limited(Balance::RoundRobin, slots, limits) {
+                match ebpf::EbpfSteering::load_limited(
+                    Balance::RoundRobin,
+                    slots,
+                    limits,
+                    flows,
+                    pins,
+                ) {
                     Ok(program) => Ok(Steering::Ebpf(Box::new(program))),
                     Err(err) if limits.rate.is_some() => Err(err),
                     Err(err) => {
@@ -258,7 +275,7 @@ impl Steering {
                 }
             }
             other => Ok(Steering::Ebpf(Box::new(ebpf::EbpfSteering::load_limited(
-                other, slots, limits,
+                other, slots, limits, flows, pins,
             )?))),
         }
     }
@@ -390,7 +407,18 @@ impl Steering {
                 Ok(())
             }
             Steering::Baseline(_) => Ok(()),
-            Steering::Ebpf(program) => program.attach_through(socket, None),
+            Steering::Ebpf(program) => {
+                program.reassert_current()?;
+                program.attach_through(socket, None)
+            }
+        }
+    }
+
+    /// Whether this group's shared maps (a UDP group's pins) are removed when it ends; see
+    /// [`ebpf::EbpfSteering::set_unpin`].
+    pub fn set_unpin(&mut self, unpin: bool) {
+        if let Steering::Ebpf(program) = self {
+            program.set_unpin(unpin);
         }
     }
 
@@ -489,6 +517,48 @@ impl Steering {
     pub fn adopt_record(&mut self, slot: usize, generation: u32, record: &load::SharedRecord) {
         if let Steering::Ebpf(program) = self {
             program.adopt_record(slot as u32, generation, record.clone());
+        }
+    }
+
+    /// Whether this group keeps UDP flows on their socket (a UDP group under an eBPF
+    /// policy, with `udp-flow-timeout` not 0): a worker that drains keeps its flows until
+    /// they are idle, then [`Steering::release_flows`] takes its socket out.
+    pub fn tracks_flows(&self) -> bool {
+        matches!(self, Steering::Ebpf(program) if program.tracks_flows())
+    }
+
+    /// How many slots are in steering under the program (0 without one).
+    pub fn serving(&self) -> usize {
+        match self {
+            Steering::Ebpf(program) => program.serving(),
+            _ => 0,
+        }
+    }
+
+    /// Takes the socket of `slot`'s `generation` out of steering for good (its flows go to
+    /// the slot's serving generation from their next datagram). See
+    /// [`ebpf::EbpfSteering::release_flows`].
+    pub fn release_flows(&mut self, slot: usize, generation: u64) -> Result<(), SteeringError> {
+        match self {
+            Steering::Ebpf(program) => program.release_flows(slot as u32, generation as u32),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether every flow on the socket of `slot`'s `generation` is idle past the flow
+    /// timeout (always, in a group that keeps no flows).
+    pub fn flows_idle(&self, slot: usize, generation: u64) -> bool {
+        match self {
+            Steering::Ebpf(program) => program.flows_idle(slot as u32, generation as u32),
+            _ => true,
+        }
+    }
+
+    /// Applies a changed `udp-flow-timeout` (SIGHUP).
+    pub fn set_udp_flow_timeout(&mut self, timeout: Duration) -> Result<(), SteeringError> {
+        match self {
+            Steering::Ebpf(program) => program.set_udp_flow_timeout(timeout),
+            _ => Ok(()),
         }
     }
 

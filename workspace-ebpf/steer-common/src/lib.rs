@@ -8,7 +8,10 @@
 //!
 //! | map | key | value | written by |
 //! |---|---|---|---|
-//! | `SOCKETS` (`REUSEPORT_SOCKARRAY`) | slot | a registered worker's listener | primary |
+//! | `SOCKETS` (`REUSEPORT_SOCKARRAY`, [`MAX_SLOTS`] x [`GENERATIONS`]) | [`socket_index`]`(slot, generation)` | a registered worker's socket | primary |
+//! | `CURRENT` (array, [`MAX_SLOTS`]) | slot | `generation % GENERATIONS` of the slot's serving socket | primary |
+//! | `FLOWS` (LRU hash, `--udp-flow-table`) | [`FlowKey`] | [`Flow`]: the socket a UDP flow is kept on | program |
+//! | `LAST_HIT` (array, [`MAX_SLOTS`] x [`GENERATIONS`]) | socket index | `u64`: when a flow last reached that socket (ns) | program; read by the primary while a worker drains |
 //! | `CONFIG` (array, 1) | 0 | [`Config`] | primary, once |
 //! | `LIVE` (array of maps, 1) | 0 | a one-entry array holding the [`LiveSet`] | primary: a new inner map per change |
 //! | `MAGLEV` (mmapable array, [`HASH_TABLE_SIZE`]) | `hash % M` | slot | primary, once |
@@ -50,6 +53,50 @@ pub const MAX_EXEMPT: u32 = 1024;
 
 /// Default size of `CLIENTS` (`--client-table-size`).
 pub const DEFAULT_CLIENT_TABLE_SIZE: u32 = 65_536;
+
+/// Generations of one slot whose sockets `SOCKETS` holds at once: the serving one and up
+/// to three older ones that keep their UDP flows while they drain. A fourth replacement
+/// within one drain takes the oldest one's index (its flows move forward to the slot's
+/// serving generation).
+pub const GENERATIONS: u32 = 4;
+
+/// The `SOCKETS` index of `slot`'s socket of `generation`.
+#[inline(always)]
+pub const fn socket_index(slot: u32, generation: u32) -> u32 {
+    slot + MAX_SLOTS * (generation % GENERATIONS)
+}
+
+/// Default size of `FLOWS` (`--udp-flow-table`).
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 65_536;
+
+/// A UDP flow: the client's address and port, as the datagram carries them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// The client's address in network byte order, read as native words: an IPv4 address
+    /// in word 0 (the rest 0), or the 16 bytes of an IPv6 address.
+    pub addr: [u32; 4],
+    /// The client's port as the two bytes of the packet read in native order.
+    pub port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Zero.
+    pub _pad: u8,
+}
+
+/// Where a UDP flow is kept: the value of `FLOWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// The `SOCKETS` index ([`socket_index`]) of the socket that took its first datagram.
+    pub index: u32,
+    /// That socket's slot: where the flow goes if that socket has left (the slot's serving
+    /// generation).
+    pub slot: u32,
+    /// When its last datagram arrived (ns, `bpf_ktime_get_ns`). A flow idle for
+    /// `Config::flow_timeout_ns` is a new flow.
+    pub last_ns: u64,
+}
 
 /// The [`ClientKey::family`] of an IPv4 client (an IPv4-mapped IPv6 address included).
 pub const FAMILY_V4: u8 = 4;
@@ -130,6 +177,9 @@ pub struct Config {
     pub client_prefix_v6: u8,
     /// Padding; keeps the size a multiple of 8.
     pub _pad2: [u8; 2],
+    /// A UDP flow idle this long (ns) is a new flow (`--udp-flow-timeout`); 0: no flow
+    /// table, every datagram is steered by the policy on its own.
+    pub flow_timeout_ns: u64,
 }
 
 /// The slots in steering, in slot order: the one value of the inner map at `LIVE[0]`.
@@ -309,6 +359,14 @@ pub struct Counters {
     /// Clients entered into `CLIENTS`. With nothing ever deleted from it, this minus the
     /// entries it holds is how many the LRU evicted.
     pub client_inserts: u64,
+    /// UDP datagrams that went to the socket their flow is kept on.
+    pub flow_hits: u64,
+    /// UDP flows entered into `FLOWS` (a new client, one idle past the timeout, one whose
+    /// socket had left).
+    pub flow_inserts: u64,
+    /// UDP datagrams of a known flow whose socket had left (its process exited or
+    /// drained), steered again.
+    pub flow_moves: u64,
     /// Times each slot became stalled (see [`SlotLoad`]).
     pub stalls: [u64; MAX_SLOTS as usize],
 }
@@ -322,6 +380,9 @@ impl Counters {
         migrations: 0,
         client_refusals: 0,
         client_inserts: 0,
+        flow_hits: 0,
+        flow_inserts: 0,
+        flow_moves: 0,
         stalls: [0; MAX_SLOTS as usize],
     };
 }
@@ -365,7 +426,7 @@ pub const fn fmix32(mut h: u32) -> u32 {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY (all four): #[repr(C)] structs of plain integers and integer arrays, with no
+    // SAFETY (all of them): #[repr(C)] structs of plain integers and integer arrays, with no
     // padding the kernel could leak and no invalid bit patterns.
     #[allow(clippy::undocumented_unsafe_blocks)]
     unsafe impl aya::Pod for super::Config {}
@@ -377,6 +438,10 @@ mod user {
     unsafe impl aya::Pod for super::Counters {}
     #[allow(clippy::undocumented_unsafe_blocks)]
     unsafe impl aya::Pod for super::ClientKey {}
+    #[allow(clippy::undocumented_unsafe_blocks)]
+    unsafe impl aya::Pod for super::FlowKey {}
+    #[allow(clippy::undocumented_unsafe_blocks)]
+    unsafe impl aya::Pod for super::Flow {}
 }
 
 /// GCRA's decision for one new connection of a client whose theoretical arrival time is

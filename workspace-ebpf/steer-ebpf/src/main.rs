@@ -48,13 +48,26 @@ use aya_ebpf::{
     programs::SkReuseportContext,
 };
 use steer_common::{
-    ClientKey, Config, Counters, DEFAULT_CLIENT_TABLE_SIZE, FALLBACK_TRIES, FAMILY_V4, FAMILY_V6,
-    HASH_TABLE_SIZE, LiveSet, MAX_CPUS, MAX_EXEMPT, MAX_SLOTS, REFUSED_TABLE_SIZE, SlotLoad,
-    policy,
+    ClientKey, Config, Counters, DEFAULT_CLIENT_TABLE_SIZE, DEFAULT_FLOW_TABLE_SIZE,
+    FALLBACK_TRIES, FAMILY_V4, FAMILY_V6, Flow, FlowKey, GENERATIONS, HASH_TABLE_SIZE, LiveSet,
+    MAX_CPUS, MAX_EXEMPT, MAX_SLOTS, REFUSED_TABLE_SIZE, SlotLoad, policy, socket_index,
 };
 
 #[map]
-static SOCKETS: ReusePortSockArray = ReusePortSockArray::with_max_entries(MAX_SLOTS, 0);
+static SOCKETS: ReusePortSockArray =
+    ReusePortSockArray::with_max_entries(MAX_SLOTS * GENERATIONS, 0);
+/// Per slot, `generation % GENERATIONS` of its serving socket: new connections and new
+/// flows go to `SOCKETS[socket_index(slot, CURRENT[slot])]`.
+#[map]
+static CURRENT: Array<u32> = Array::with_max_entries(MAX_SLOTS, 0);
+/// UDP flows, by client address and port: the socket each is kept on. Sized by the primary
+/// at load (`--udp-flow-table`).
+#[map]
+static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+/// Per socket index, when a UDP flow last reached it (ns): the primary lets a draining
+/// worker's socket leave once its flows are idle.
+#[map]
+static LAST_HIT: Array<u64> = Array::with_max_entries(MAX_SLOTS * GENERATIONS, 0);
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[btf_map]
@@ -100,6 +113,9 @@ const CAS_TRIES: u32 = 4;
 /// as if none were stalled. Every slot, in a cluster of up to this many.
 const STALL_TRIES: u32 = 16;
 const BPF_NOEXIST: u64 = 1;
+/// How stale a flow's time and a socket's `LAST_HIT` may get before the program writes
+/// them again: 1 ms, far below any flow timeout.
+const REFRESH_NS: u64 = 1_000_000;
 /// TCP's SYN and ACK flags, in the 14th byte of the header.
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
@@ -110,8 +126,23 @@ const AF_INET6: u32 = 10;
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
 
+/// The program of a TCP listener's group.
 #[sk_reuseport(migrate)]
 pub fn steer_select(ctx: SkReuseportContext) -> u32 {
+    steer(&ctx, true)
+}
+
+/// The program of a UDP listener's group: the same policies, plus the flow table. A program
+/// of its own, so that the verifier explores each transport's paths alone (with both in one
+/// program the paths multiply past its limit).
+#[sk_reuseport(migrate)]
+pub fn steer_select_udp(ctx: SkReuseportContext) -> u32 {
+    steer(&ctx, false)
+}
+
+/// Steers one TCP connection (`tcp`) or UDP datagram.
+#[inline(always)]
+fn steer(ctx: &SkReuseportContext, tcp: bool) -> u32 {
     let Some(counters) = COUNTERS.get_ptr_mut(0) else {
         return sk_action::SK_DROP;
     };
@@ -122,17 +153,53 @@ pub fn steer_select(ctx: SkReuseportContext) -> u32 {
         return sk_action::SK_DROP;
     };
     let migrating = ctx.migrating_sk().is_some();
-    if !migrating && is_probe(&ctx, config) {
+    if !migrating && is_probe(ctx, config) {
         return sk_action::SK_DROP;
     }
-    if !migrating && config.client_interval_ns != 0 && !admit(&ctx, config, counters) {
+    // A UDP datagram of a flow the table knows goes to the socket that took the flow.
+    // Otherwise it starts a flow: steered by the policy (to the slot it was on, if its
+    // socket has left), then entered in the table.
+    let mut flow = None;
+    let mut home = None;
+    if !tcp && !migrating && config.flow_timeout_ns != 0 {
+        match known_flow(ctx, config, counters) {
+            Known::Passed => return sk_action::SK_PASS,
+            Known::New(key) => flow = Some(key),
+            Known::Moved(key, slot) => {
+                flow = Some(key);
+                home = Some(slot);
+            }
+            Known::Unreadable => {}
+        }
+    }
+    // The per-client limit counts new connections (TCP SYNs) and new flows.
+    let new_client = if tcp {
+        is_syn(ctx)
+    } else {
+        flow.is_some() && home.is_none()
+    };
+    if !migrating
+        && new_client
+        && config.client_interval_ns != 0
+        && !admit(ctx, config, counters)
+    {
         counters.client_refusals += 1;
         return sk_action::SK_DROP;
     }
-    match select(&ctx, config, counters) {
-        Some(()) => {
+    let mut chosen = None;
+    if let Some(slot) = home {
+        chosen = try_slot(ctx, slot, counters, false);
+    }
+    if chosen.is_none() {
+        chosen = select(ctx, config, counters, tcp);
+    }
+    match chosen {
+        Some(index) => {
             if migrating {
                 counters.migrations += 1;
+            }
+            if let Some(key) = flow {
+                enter_flow(&key, index, counters);
             }
             sk_action::SK_PASS
         }
@@ -169,23 +236,136 @@ fn is_probe(ctx: &SkReuseportContext, config: &Config) -> bool {
     true
 }
 
-/// The per-client limit: whether this packet may go on to a worker. Anything but a TCP
-/// SYN from a client outside `EXEMPT` goes on uncounted.
+/// What the flow table says of a UDP datagram.
+enum Known {
+    /// Its flow's socket took it.
+    Passed,
+    /// A new flow (or one idle past the timeout): steer it and enter it.
+    New(FlowKey),
+    /// A known flow whose socket has left: steer it, to this slot's serving socket first.
+    Moved(FlowKey, u32),
+    /// No client address to key it by: steer it on its own.
+    Unreadable,
+}
+
+/// Looks the datagram's flow up in `FLOWS`; a live flow's datagram is selected to its
+/// socket here, and the flow's time and its socket's `LAST_HIT` are brought up to date
+/// (at most once a millisecond each, so that a busy flow does not write a shared cache
+/// line per datagram).
 #[inline(always)]
-fn admit(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters) -> bool {
-    if ctx.ip_protocol() != IPPROTO_TCP {
-        return true;
+fn known_flow(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters) -> Known {
+    let Some(key) = flow_key(ctx) else {
+        return Known::Unreadable;
+    };
+    let Some(entry) = FLOWS.get_ptr_mut(&key) else {
+        return Known::New(key);
+    };
+    // SAFETY: a valid `Flow` in an LRU hash value; fields are read once each. Another CPU
+    // may write `last_ns` meanwhile: a time a moment older or newer.
+    let seen = unsafe { core::ptr::read_volatile(entry) };
+    // SAFETY: a helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(seen.last_ns) > config.flow_timeout_ns {
+        return Known::New(key);
     }
+    if seen.index >= MAX_SLOTS * GENERATIONS || SOCKETS.select_reuseport(ctx, seen.index).is_err()
+    {
+        counters.flow_moves += 1;
+        return Known::Moved(key, seen.slot);
+    }
+    counters.flow_hits += 1;
+    counters.selections[bounded(seen.slot)] += 1;
+    if now.saturating_sub(seen.last_ns) > REFRESH_NS {
+        // SAFETY: as above; a plain store of the flow's own time.
+        unsafe { (*entry).last_ns = now };
+    }
+    touch(seen.index, now);
+    Known::Passed
+}
+
+/// Enters a new flow, kept on the socket at `index` from now on.
+#[inline(always)]
+fn enter_flow(key: &FlowKey, index: u32, counters: &mut Counters) {
+    // SAFETY: a helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let flow = Flow {
+        index,
+        slot: index % MAX_SLOTS,
+        last_ns: now,
+    };
+    if FLOWS.insert(key, &flow, 0).is_ok() {
+        counters.flow_inserts += 1;
+    }
+    touch(index, now);
+}
+
+/// Records in `LAST_HIT` that a flow reached the socket at `index` at `now`.
+#[inline(always)]
+fn touch(index: u32, now: u64) {
+    if let Some(last) = LAST_HIT.get_ptr_mut(index) {
+        // SAFETY: a valid u64 in an array map; stale by a millisecond at most is fine, and
+        // racing CPUs store times a moment apart.
+        unsafe {
+            if now.saturating_sub(core::ptr::read_volatile(last)) > REFRESH_NS {
+                *last = now;
+            }
+        }
+    }
+}
+
+/// The datagram's client address and port; `None` if they cannot be read.
+#[inline(always)]
+fn flow_key(ctx: &SkReuseportContext) -> Option<FlowKey> {
+    let protocol = u32::from(u16::from_be(ctx.eth_protocol() as u16));
+    let (offset, len, family) = match protocol {
+        ETH_P_IP => (12, 4, FAMILY_V4),
+        ETH_P_IPV6 => (8, 16, FAMILY_V6),
+        _ => return None,
+    };
+    // The packet data starts at the UDP header: the source port first.
+    let data = ctx.data();
+    if data + 2 > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: the verifier sees the bounds check above; two bytes of packet data.
+    let port = unsafe { core::ptr::read_unaligned(data as *const u16) };
+    let mut key = FlowKey {
+        addr: [0; 4],
+        port,
+        family,
+        _pad: 0,
+    };
+    // SAFETY: `key.addr` has room for `len` (<= 16) bytes.
+    let ret = unsafe {
+        bpf_skb_load_bytes_relative(
+            ctx.as_ptr(),
+            offset,
+            key.addr.as_mut_ptr().cast(),
+            len,
+            BPF_HDR_START_NET,
+        )
+    };
+    (ret == 0).then_some(key)
+}
+
+/// Whether this TCP segment is a SYN (not a SYN-ACK, not the final ACK that syncookies
+/// also run the program for).
+#[inline(always)]
+fn is_syn(ctx: &SkReuseportContext) -> bool {
     // The packet data starts at the TCP header; byte 13 holds the flags.
     let data = ctx.data();
     if data + 14 > ctx.data_end() {
-        return true;
+        return false;
     }
     // SAFETY: the verifier sees the bounds check above; one byte of packet data.
     let flags = unsafe { *((data + 13) as *const u8) };
-    if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-        return true;
-    }
+    flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// The per-client limit: whether this new connection (a TCP SYN) or new UDP flow may go on
+/// to a worker. A client in `EXEMPT` goes on uncounted.
+#[inline(always)]
+fn admit(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters) -> bool {
     let Some(key) = limited_client(ctx, config) else {
         return true;
     };
@@ -341,18 +521,24 @@ fn from_probe_source(ctx: &SkReuseportContext, config: &Config) -> bool {
         && words[3] == want[3]
 }
 
-/// Picks a slot and selects its socket; `None` if no registered socket took the
-/// connection.
+/// Picks a slot and selects its serving socket; the socket's index, or `None` if no
+/// registered socket took the connection. `tcp`: a TCP connection, which the slot's load
+/// record counts (a UDP datagram is not an accept the worker will publish).
 #[inline(always)]
-fn select(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters) -> Option<()> {
+fn select(
+    ctx: &SkReuseportContext,
+    config: &Config,
+    counters: &mut Counters,
+    tcp: bool,
+) -> Option<u32> {
     let Some(live) = LIVE.get_value(0, &0) else {
         counters.fallbacks += 1;
-        return any_registered(ctx, config, counters);
+        return any_registered(ctx, config, counters, tcp);
     };
     let count = live.count;
     if count == 0 || count > MAX_SLOTS {
         counters.fallbacks += 1;
-        return any_registered(ctx, config, counters);
+        return any_registered(ctx, config, counters, tcp);
     }
     // SAFETY: a helper with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -415,19 +601,21 @@ fn select(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters) ->
         }
         _ => return None,
     };
-    if try_slot(ctx, first, counters) {
-        return Some(());
+    if let Some(index) = try_slot(ctx, first, counters, tcp) {
+        return Some(index);
     }
     counters.fallbacks += 1;
     let mut i = 0;
     while i < FALLBACK_TRIES {
         let slot = live_slot(live, (spill + i) % count)?;
-        if slot != first && try_slot(ctx, slot, counters) {
-            return Some(());
+        if slot != first
+            && let Some(index) = try_slot(ctx, slot, counters, tcp)
+        {
+            return Some(index);
         }
         i += 1;
     }
-    any_registered(ctx, config, counters)
+    any_registered(ctx, config, counters, tcp)
 }
 
 /// Round-robin over the available live slots: the next position whose slot is not
@@ -574,26 +762,42 @@ fn any_registered(
     ctx: &SkReuseportContext,
     config: &Config,
     counters: &mut Counters,
-) -> Option<()> {
+    tcp: bool,
+) -> Option<u32> {
     let slots = config.slots.min(MAX_SLOTS);
     let mut slot = 0;
     while slot < slots {
-        if try_slot(ctx, slot, counters) {
-            return Some(());
+        if let Some(index) = try_slot(ctx, slot, counters, tcp) {
+            return Some(index);
         }
         slot += 1;
     }
     None
 }
 
-/// Selects `slot`'s socket; counts the selection on success.
+/// Selects `slot`'s serving socket (the generation in `CURRENT`); counts the selection on
+/// success and returns the socket's index. `tcp`: count the connection in the slot's load
+/// record too.
 #[inline(always)]
-fn try_slot(ctx: &SkReuseportContext, slot: u32, counters: &mut Counters) -> bool {
-    if slot >= MAX_SLOTS || SOCKETS.select_reuseport(ctx, slot).is_err() {
-        return false;
+fn try_slot(
+    ctx: &SkReuseportContext,
+    slot: u32,
+    counters: &mut Counters,
+    tcp: bool,
+) -> Option<u32> {
+    if slot >= MAX_SLOTS {
+        return None;
+    }
+    let generation = CURRENT.get(slot).copied().unwrap_or(0);
+    let index = socket_index(slot, generation);
+    if SOCKETS.select_reuseport(ctx, index).is_err() {
+        return None;
     }
     let slot = bounded(slot);
     counters.selections[slot] += 1;
+    if !tcp {
+        return Some(index);
+    }
     if let Some(record) = LOADS.get_value_ptr_mut(slot as u32, &0) {
         // SAFETY: a valid, 8-byte aligned u64 in an array map shared by all CPUs and the
         // worker's mapping; the atomic add is the only write anyone makes to it.
@@ -621,7 +825,7 @@ fn try_slot(ctx: &SkReuseportContext, slot: u32, counters: &mut Counters) -> boo
             unsafe { (*record).waiting_since = bpf_ktime_get_ns() };
         }
     }
-    true
+    Some(index)
 }
 
 /// The `position`-th live slot.
