@@ -169,6 +169,7 @@ impl Settings {
                 table_size: self
                     .udp_flow_table
                     .map_or(d.udp_flows.table_size, |n| n as u32),
+                quic: false,
             },
             config_file: None,
             overrides: Settings::default(),

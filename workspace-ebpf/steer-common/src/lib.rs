@@ -367,6 +367,10 @@ pub struct Counters {
     /// UDP datagrams of a known flow whose socket had left (its process exited or
     /// drained), steered again.
     pub flow_moves: u64,
+    /// QUIC datagrams that went to the worker their connection ID names.
+    pub quic_steered: u64,
+    /// QUIC datagrams dropped as malformed: garbage or truncated (see `quic::parse`).
+    pub quic_malformed: u64,
     /// Times each slot became stalled (see [`SlotLoad`]).
     pub stalls: [u64; MAX_SLOTS as usize],
 }
@@ -383,6 +387,8 @@ impl Counters {
         flow_hits: 0,
         flow_inserts: 0,
         flow_moves: 0,
+        quic_steered: 0,
+        quic_malformed: 0,
         stalls: [0; MAX_SLOTS as usize],
     };
 }

@@ -220,6 +220,24 @@ pub fn parse(datagram_prefix: &[u8]) -> Route {
     }
 }
 
+/// The bytes of a datagram of `len` payload bytes that the eBPF program reads before it
+/// calls [`parse`]: [`MAX_READ`], 17 (a short header's first byte and DCID), 6 (a long
+/// header's invariant prefix) or 0, the most of these that the datagram holds. Reading
+/// one of four constant lengths keeps every load's size known to the verifier, and
+/// [`parse`] of that prefix routes exactly as [`parse`] of the whole datagram (a property
+/// the tests check over every length).
+pub const fn read_len(len: usize) -> usize {
+    if len >= MAX_READ {
+        MAX_READ
+    } else if len >= SHORT_DCID_AT + CID_LEN {
+        SHORT_DCID_AT + CID_LEN
+    } else if len >= LONG_DCID_AT {
+        LONG_DCID_AT
+    } else {
+        0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,6 +439,43 @@ mod tests {
                 d[2] = 0x33;
                 d[7] = 0x44;
                 check_consistent(&d);
+            }
+        }
+    }
+
+    #[test]
+    fn the_programs_bounded_prefix_routes_as_the_whole_datagram() {
+        // Every length up to past MAX_READ, with headers of every kind: the program reads
+        // `read_len(len)` bytes and must decide what `parse` of the whole datagram decides.
+        let cid = encode_server_id(SERVER, &entropy(9));
+        let mut other = cid;
+        other[0] |= 0xe0;
+        let mut corpus: [[u8; 64]; 8] = [[0u8; 64]; 8];
+        corpus[0] = long(0xc0, 1, &cid, 64);
+        corpus[1] = long(0xc0, 1, &[3; 20], 64);
+        corpus[2] = long(0x80, 0, &[7; 8], 64);
+        corpus[3] = long(0xe0, 1, &other, 64);
+        corpus[4][..40].copy_from_slice(&short(&cid));
+        corpus[5][..40].copy_from_slice(&short(&other));
+        corpus[6] = [0xff; 64];
+        corpus[7][0] = 0x40;
+        for d in &corpus {
+            for len in 0..=d.len() {
+                let whole = parse(&d[..len]);
+                let n = read_len(len);
+                assert!(n <= len && n <= MAX_READ);
+                assert_eq!(parse(&d[..n]), whole, "length {len}, read {n}: {d:02x?}");
+            }
+        }
+        // And over every first byte and DCID length byte, at each length.
+        for first in 0..=255u8 {
+            for dcid_len in [0u8, 8, 15, 16, 17, 20, 255] {
+                let mut d = [0x21u8; 40];
+                d[0] = first;
+                d[5] = dcid_len;
+                for len in 0..=d.len() {
+                    assert_eq!(parse(&d[..read_len(len)]), parse(&d[..len]));
+                }
             }
         }
     }
