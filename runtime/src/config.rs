@@ -22,8 +22,8 @@ pub(crate) mod program;
 mod settings;
 mod values;
 
-pub use listeners::{Listener, Protocol};
 pub(crate) use listeners::{FLOW_TABLE_RANGE, UdpFlows};
+pub use listeners::{Listener, Protocol};
 pub use values::{Balance, LogFormat, parse_duration};
 
 pub(crate) use limits::{Cidr, ClientLimits, ConnRate};

@@ -40,6 +40,31 @@ pub struct H3Connection {
     pub endpoint: quinn::Endpoint,
 }
 
+/// How [`H3Connection::connect_with`] connects.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// The certificate the server must present; any if `None`.
+    pub expect: Option<CertificateDer<'static>>,
+    /// ALPN names offered after `h3`, 40 bytes each: 40 of them make a ClientHello that
+    /// needs two Initial datagrams.
+    pub extra_alpn: usize,
+    /// The client's address; an ephemeral port on loopback if `None`. Bound with
+    /// `SO_REUSEADDR`, so a test can come back from the same port.
+    pub local: Option<SocketAddr>,
+}
+
+/// A UDP socket on `addr` with `SO_REUSEADDR`.
+fn bind_reusable(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// Whatever went wrong, as text (the tests print it).
 pub type H3Error = String;
 
@@ -51,6 +76,22 @@ impl H3Connection {
         expect: Option<CertificateDer<'static>>,
         timeout: Duration,
     ) -> Result<H3Connection, H3Error> {
+        H3Connection::connect_with(
+            addr,
+            &ConnectOptions {
+                expect,
+                ..ConnectOptions::default()
+            },
+            timeout,
+        )
+    }
+
+    /// [`H3Connection::connect`] with `options`.
+    pub fn connect_with(
+        addr: SocketAddr,
+        options: &ConnectOptions,
+        timeout: Duration,
+    ) -> Result<H3Connection, H3Error> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -60,18 +101,36 @@ impl H3Connection {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| format!("TLS: {e}"))?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Verifier { expect, provider }))
+            .with_custom_certificate_verifier(Arc::new(Verifier {
+                expect: options.expect.clone(),
+                provider,
+            }))
             .with_no_client_auth();
         tls.alpn_protocols = vec![b"h3".to_vec()];
+        // Protocols no server speaks, offered after h3: they only make the ClientHello
+        // longer (a 40-byte name each).
+        for i in 0..options.extra_alpn {
+            tls.alpn_protocols
+                .push(format!("x-padding-{i:030}").into_bytes());
+        }
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| format!("QUIC TLS: {e}"))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(Duration::from_secs(1)));
         config.transport_config(Arc::new(transport));
+        let local = options
+            .local
+            .unwrap_or_else(|| (std::net::Ipv4Addr::LOCALHOST, 0).into());
         let (send, connection, endpoint) = runtime.block_on(async {
-            let mut endpoint = quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into())
-                .map_err(|e| format!("client endpoint: {e}"))?;
+            let socket = bind_reusable(local).map_err(|e| format!("bind {local}: {e}"))?;
+            let mut endpoint = quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                None,
+                socket,
+                Arc::new(quinn::TokioRuntime),
+            )
+            .map_err(|e| format!("client endpoint: {e}"))?;
             endpoint.set_default_client_config(config);
             let connecting = endpoint
                 .connect(addr, "localhost")
@@ -93,6 +152,34 @@ impl H3Connection {
             send,
             connection,
             endpoint,
+        })
+    }
+
+    /// The client's address (its UDP socket's).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    /// Moves the connection to a new UDP socket on a fresh port (a client whose NAT
+    /// binding changed): its next packets come from there.
+    pub fn rebind(&self) -> Result<SocketAddr, H3Error> {
+        let _entered = self.runtime.enter();
+        let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+            .map_err(|e| format!("bind: {e}"))?;
+        let addr = socket.local_addr().map_err(|e| format!("address: {e}"))?;
+        self.endpoint
+            .rebind(socket)
+            .map_err(|e| format!("rebind: {e}"))?;
+        Ok(addr)
+    }
+
+    /// Waits up to `timeout` for the connection to close; why it did, if it did.
+    pub fn wait_closed(&self, timeout: Duration) -> Option<quinn::ConnectionError> {
+        let connection = self.connection.clone();
+        self.runtime.block_on(async {
+            tokio::time::timeout(timeout, connection.closed())
+                .await
+                .ok()
         })
     }
 

@@ -160,7 +160,9 @@ fn new_flow(to: SocketAddr) -> Answered {
         .expect("timeout");
     socket.send_to(b"new/0", to).expect("send");
     let mut buffer = [0u8; 512];
-    let (len, _) = socket.recv_from(&mut buffer).expect("a new flow is answered");
+    let (len, _) = socket
+        .recv_from(&mut buffer)
+        .expect("a new flow is answered");
     parse(std::str::from_utf8(&buffer[..len]).expect("ASCII"))
 }
 
@@ -242,7 +244,11 @@ fn flows_stay_through_two_rolling_restarts(program: &[&str]) {
     let mut moved_forward = 0;
     for (flow, record) in records.iter().enumerate() {
         assert!(record.sent >= 300, "flow {flow} sent only {}", record.sent);
-        assert_eq!(record.lost(), Vec::<u64>::new(), "flow {flow} lost datagrams");
+        assert_eq!(
+            record.lost(),
+            Vec::<u64>::new(),
+            "flow {flow} lost datagrams"
+        );
         let runs = record.processes();
         let slots: BTreeSet<usize> = runs.iter().map(|r| r.0).collect();
         assert_eq!(slots.len(), 1, "flow {flow} changed slot: {runs:?}");
@@ -262,7 +268,10 @@ fn flows_stay_through_two_rolling_restarts(program: &[&str]) {
         "the old generations let their flows go once the hold was over: {moved_forward}"
     );
     for (a, serving) in after_rolls {
-        assert_eq!(a.generation, serving, "a new flow reached its slot's new generation");
+        assert_eq!(
+            a.generation, serving,
+            "a new flow reached its slot's new generation"
+        );
     }
 }
 
@@ -283,8 +292,16 @@ fn a_killed_udp_workers_flows_go_to_a_live_process_and_no_other_flow_moves() {
     for (flow, record) in records.iter().enumerate() {
         let runs = record.processes();
         if runs.first().map(|r| r.1) != Some(victim) {
-            assert_eq!(runs.len(), 1, "flow {flow} moved, yet its process lived: {runs:?}");
-            assert_eq!(record.lost(), Vec::<u64>::new(), "flow {flow} lost datagrams");
+            assert_eq!(
+                runs.len(),
+                1,
+                "flow {flow} moved, yet its process lived: {runs:?}"
+            );
+            assert_eq!(
+                record.lost(),
+                Vec::<u64>::new(),
+                "flow {flow} lost datagrams"
+            );
             continue;
         }
         victims += 1;
@@ -307,10 +324,7 @@ fn a_killed_udp_workers_flows_go_to_a_live_process_and_no_other_flow_moves() {
 fn a_resize_and_a_policy_change_move_no_active_flow_and_lose_nothing() {
     let config = steer_tests::TempFile::new("toml", "balance = \"round-robin\"\n");
     let config_path = config.path().to_str().expect("a UTF-8 path").to_owned();
-    let (cluster, udp) = start(
-        2,
-        &["--config", &config_path, "--shutdown-timeout", "30s"],
-    );
+    let (cluster, udp) = start(2, &["--config", &config_path, "--shutdown-timeout", "30s"]);
     let flows = Flows::start(udp, 24);
     std::thread::sleep(Duration::from_secs(1));
     for workers in [3, 4] {
@@ -339,7 +353,11 @@ fn a_resize_and_a_policy_change_move_no_active_flow_and_lose_nothing() {
     std::thread::sleep(Duration::from_secs(1));
     let records = flows.stop();
     for (flow, record) in records.iter().enumerate() {
-        assert_eq!(record.lost(), Vec::<u64>::new(), "flow {flow} lost datagrams");
+        assert_eq!(
+            record.lost(),
+            Vec::<u64>::new(),
+            "flow {flow} lost datagrams"
+        );
         let runs = record.processes();
         assert_eq!(
             runs.len(),
@@ -352,7 +370,11 @@ fn a_resize_and_a_policy_change_move_no_active_flow_and_lose_nothing() {
          moved; new flows from one address under hash: slots {hashed:?}",
         records.iter().map(|r| r.sent).sum::<u64>()
     );
-    assert_eq!(hashed.len(), 1, "new flows of one client IP share a slot under hash");
+    assert_eq!(
+        hashed.len(),
+        1,
+        "new flows of one client IP share a slot under hash"
+    );
 }
 
 #[test]
@@ -361,10 +383,7 @@ fn a_spoofed_source_flood_moves_no_real_flow_and_loses_nothing() {
     // the table is full for most of the flood and evicts the least recently used flows.
     // A real flow sends every 20 ms, so 300 new flows arrive between two of its
     // datagrams, far fewer than the table holds: it is never the least recently used.
-    let (cluster, udp) = start(
-        4,
-        &["--balance", "round-robin", "--udp-flow-table", "4096"],
-    );
+    let (cluster, udp) = start(4, &["--balance", "round-robin", "--udp-flow-table", "4096"]);
     let SocketAddr::V4(target) = udp else {
         panic!("the UDP listener is IPv4");
     };
@@ -381,9 +400,17 @@ fn a_spoofed_source_flood_moves_no_real_flow_and_loses_nothing() {
     let records = flows.stop();
     let doc = cluster.status();
     for (flow, record) in records.iter().enumerate() {
-        assert_eq!(record.lost(), Vec::<u64>::new(), "flow {flow} lost datagrams");
+        assert_eq!(
+            record.lost(),
+            Vec::<u64>::new(),
+            "flow {flow} lost datagrams"
+        );
         let runs = record.processes();
-        assert_eq!(runs.len(), 1, "flow {flow} changed process in the flood: {runs:?}");
+        assert_eq!(
+            runs.len(),
+            1,
+            "flow {flow} changed process in the flood: {runs:?}"
+        );
     }
     let listener = doc["listeners"]
         .as_array()
@@ -428,10 +455,21 @@ fn a_primary_upgrade_moves_no_active_flow_and_loses_nothing() {
     let fresh: Vec<Answered> = (0..8).map(|_| new_flow(udp)).collect();
     let records = flows.stop();
     for (flow, record) in records.iter().enumerate() {
-        assert_eq!(record.lost(), Vec::<u64>::new(), "flow {flow} lost datagrams");
+        assert_eq!(
+            record.lost(),
+            Vec::<u64>::new(),
+            "flow {flow} lost datagrams"
+        );
         let runs = record.processes();
-        assert_eq!(runs.len(), 1, "flow {flow} changed process in the upgrade: {runs:?}");
-        assert_eq!(runs[0].2, 1, "flow {flow} stayed on the old primary's worker");
+        assert_eq!(
+            runs.len(),
+            1,
+            "flow {flow} changed process in the upgrade: {runs:?}"
+        );
+        assert_eq!(
+            runs[0].2, 1,
+            "flow {flow} stayed on the old primary's worker"
+        );
     }
     for a in &fresh {
         assert_eq!(

@@ -10,8 +10,8 @@
 //! record (`least-loaded`) sits in every group's `LOADS`.
 
 use crate::config::{Balance, ClientLimits, Listener, Protocol, UdpFlows};
-use crate::steering::foreign::PortSurvey;
 use crate::steering::ebpf::Pins;
+use crate::steering::foreign::PortSurvey;
 use crate::steering::{Steering, SteeringError};
 
 /// One listener's group.

@@ -921,7 +921,6 @@ impl Io for Host {
         }
     }
 
-
     fn kill(&mut self, id: WorkerId) {
         if let Some(process) = self.procs.get(&id)
             && let Err(err) = process.signal_group(libc::SIGKILL)

@@ -40,9 +40,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
-use aya::maps::{
-    Array, ArrayOfMaps, Map, MapData, PerCpuArray, ProgramArray, ReusePortSockArray,
-};
+use aya::maps::{Array, ArrayOfMaps, Map, MapData, PerCpuArray, ProgramArray, ReusePortSockArray};
 use aya::programs::{ProgramError, SkReuseport};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use steer_common::{
@@ -481,10 +479,7 @@ impl EbpfSteering {
             .retain(|&(s, g), _| s != slot || g == generation);
         let index = socket_index(slot, generation);
         self.sockets.set(index, &fd.as_raw_fd(), 0).map_err(|e| {
-            SteeringError::map(
-                format!("put slot {slot}'s socket into SOCKETS[{index}]"),
-                e,
-            )
+            SteeringError::map(format!("put slot {slot}'s socket into SOCKETS[{index}]"), e)
         })?;
         // No flow has reached this socket yet (the index's last occupant's time is not its).
         let _ = self.last_hit.set(index, 0, 0);
@@ -591,7 +586,10 @@ impl EbpfSteering {
             return Ok(());
         }
         let index = socket_index(slot, generation);
-        if self.live.get(&slot).is_some_and(|s| s.generation == generation)
+        if self
+            .live
+            .get(&slot)
+            .is_some_and(|s| s.generation == generation)
             || self.occupants.get(&index) != Some(&generation)
         {
             return Ok(());
@@ -618,10 +616,7 @@ impl EbpfSteering {
 
     /// Changes the UDP flow timeout live (one write of `CONFIG`). Flows already in the
     /// table are judged by the new timeout from their next datagram.
-    pub fn set_udp_flow_timeout(
-        &mut self,
-        timeout: Duration,
-    ) -> Result<(), SteeringError> {
+    pub fn set_udp_flow_timeout(&mut self, timeout: Duration) -> Result<(), SteeringError> {
         let Some(flows) = self.flows.as_mut() else {
             return Ok(());
         };
@@ -1105,10 +1100,7 @@ pub(crate) fn detach_any_program(
     }
 }
 
-fn program_mut<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &str,
-) -> Result<&'a mut SkReuseport, SteeringError> {
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SkReuseport, SteeringError> {
     let load_error = |detail: String| SteeringError::Load {
         what: "find the program in the object",
         detail,
@@ -1551,7 +1543,11 @@ mod tests {
             for (slot, generation, want) in [(0, 5, 0), (1, 6, 1), (1, 3, 2)] {
                 let d = short_to(slot, generation, round);
                 send(&d);
-                assert_eq!(receivers(&all, &d, &marker), vec![want], "{slot}/{generation}");
+                assert_eq!(
+                    receivers(&all, &d, &marker),
+                    vec![want],
+                    "{slot}/{generation}"
+                );
             }
         }
         // An ID whose process is gone (slot 0 generation 4, slot 900, slot 65535) goes to
@@ -1560,7 +1556,10 @@ mod tests {
             let d = short_to(slot, generation, 0x77);
             send(&d);
             let got = receivers(&all, &d, &marker);
-            assert!(got == vec![0] || got == vec![1], "{slot}/{generation}: {got:?}");
+            assert!(
+                got == vec![0] || got == vec![1],
+                "{slot}/{generation}: {got:?}"
+            );
         }
         // A client's Initials (a DCID it chose) from one port all reach one socket of the
         // current generation, round-robin or not.

@@ -528,6 +528,14 @@ impl Steering {
 
     /// Whether this group keeps UDP flows on their socket (a UDP group under an eBPF
     /// policy, with `udp-flow-timeout` not 0): a worker that drains keeps its flows until
+    /// Whether this is a QUIC group under Steer's program.
+    pub fn is_quic(&self) -> bool {
+        match self {
+            Steering::Ebpf(program) => program.is_quic(),
+            _ => false,
+        }
+    }
+
     /// they are idle, then [`Steering::release_flows`] takes its socket out.
     pub fn tracks_flows(&self) -> bool {
         matches!(self, Steering::Ebpf(program) if program.tracks_flows())

@@ -265,11 +265,7 @@ fn steer(ctx: &SkReuseportContext, tcp: bool, quic: bool) -> u32 {
     } else {
         flow.is_some() && home.is_none()
     };
-    if !migrating
-        && new_client
-        && config.client_interval_ns != 0
-        && !admit(ctx, config, counters)
-    {
+    if !migrating && new_client && config.client_interval_ns != 0 && !admit(ctx, config, counters) {
         counters.client_refusals += 1;
         return sk_action::SK_DROP;
     }
