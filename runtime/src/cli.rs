@@ -113,6 +113,13 @@ pub struct RunArgs {
     /// Less logging (-q warnings, -qq errors).
     #[arg(short, long, action = clap::ArgAction::Count, conflicts_with = "verbose")]
     pub quiet: u8,
+    /// The demo's QUIC listeners present this certificate chain (PEM) [default: a
+    /// self-signed one made at start]. Needs --tls-key.
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Enable the demo app's fault routes (/block, /crash, /alloc).
     #[arg(long)]
     pub demo_faults: bool,
@@ -234,6 +241,8 @@ impl RunArgs {
             log_format: self.log_format.map(Parsed),
             worker_output: self.worker_output.map(Parsed),
             demo_faults: self.demo_faults.then_some(true),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
             demo_header_timeout: self.demo_header_timeout.map(Parsed),
             demo_idle_timeout: self.demo_idle_timeout.map(Parsed),
             demo_body_timeout: self.demo_body_timeout.map(Parsed),

@@ -117,6 +117,11 @@ pub(crate) struct Config {
     pub demo_body_timeout: Duration,
     /// The demo: a response may wait this long for the client to read any of it.
     pub demo_send_timeout: Duration,
+    /// The demo's QUIC listeners: the certificate chain (PEM) they present; `None` makes
+    /// a self-signed one at start. Set together with [`Config::tls_key`].
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of [`Config::tls_cert`].
+    pub tls_key: Option<PathBuf>,
     /// In `kernel` mode, set `net.ipv4.tcp_migrate_req=1` so a closing worker's queue
     /// migrates to the others instead of being reset.
     pub tcp_migrate_req: bool,
@@ -169,6 +174,8 @@ impl Default for Config {
             demo_idle_timeout: Duration::from_secs(30),
             demo_body_timeout: Duration::from_secs(30),
             demo_send_timeout: Duration::from_secs(30),
+            tls_cert: None,
+            tls_key: None,
             tcp_migrate_req: true,
             cpu_affinity: false,
             max_memory: None,
@@ -242,6 +249,10 @@ impl Config {
             ("tcp-migrate-req", self.tcp_migrate_req.to_string()),
             ("cpu-affinity", self.cpu_affinity.to_string()),
         ]);
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            lines.push(("tls-cert", q(&cert.display())));
+            lines.push(("tls-key", q(&key.display())));
+        }
         if let Some(bytes) = self.max_memory {
             lines.push(("max-memory", format!("\"{}\"", format_size(bytes))));
         }
@@ -497,10 +508,6 @@ mod tests {
             (
                 "listen = [\"a=0.0.0.0:9000\", \"b=127.0.0.1:9000\"]",
                 "wildcard",
-            ),
-            (
-                "listen = \"quic://127.0.0.1:443\"",
-                "QUIC listeners are not supported yet",
             ),
             (
                 "balance = \"shared\"\nlisten = \"udp://127.0.0.1:9000\"",

@@ -96,6 +96,7 @@ mod listener;
 mod logging;
 mod primary;
 mod privileges;
+pub mod quic;
 mod status;
 mod steering;
 mod sys;

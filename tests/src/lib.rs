@@ -1,6 +1,7 @@
 //! The harness for black-box tests of the `steer` binary (`tests/tests/*.rs`).
 //!
-//! Build the binary first: `cargo build -p steer`, then `cargo test -p steer-tests`
+//! Build the binary first: `cargo build -p steer --features quic` (tests/quic.rs needs QUIC;
+//! `cargo xtask test` builds it so), then `cargo test -p steer-tests`
 //! (`STEER_BIN=/path/to/steer` overrides where it is looked for; see [`steer_bin`]).
 //!
 //! A test starts a cluster, drives it through signals and HTTP, and states what it waits
@@ -48,6 +49,7 @@
 pub mod chaos;
 mod cluster;
 mod command;
+pub mod h3;
 mod http;
 mod load;
 mod net;

@@ -889,3 +889,65 @@ fn an_upgrade_with_a_tcp_and_a_udp_listener_keeps_serving_both() {
     );
     stop(&cluster, &pid_file);
 }
+
+/// `STEER_QUIC_RESET_KEY` of the worker `pid`, from the report
+/// `tests/fixtures/listeners_worker.py` writes in `dir`.
+fn quic_reset_key(dir: &Path, pid: u32) -> String {
+    let report = dir.join(format!("{pid}.json"));
+    wait_for("the worker's report", Duration::from_secs(10), || {
+        report.exists()
+    });
+    let seen: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("json");
+    seen["env"]["STEER_QUIC_RESET_KEY"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no reset key: {seen}"))
+        .to_owned()
+}
+
+#[test]
+fn an_upgrade_hands_the_quic_reset_key_to_the_successors_workers() {
+    subreaper();
+    let (dir, pid_file) = pid_file();
+    let reports = dir.path().with_extension("reports");
+    std::fs::create_dir_all(&reports).expect("dir");
+    let pid_arg = pid_file.to_string_lossy().into_owned();
+    let script = format!(
+        "{}/fixtures/listeners_worker.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let quic = format!("quic://{}", steer_tests::free_local_addr());
+    let cluster = Cluster::start(&[
+        "--workers",
+        "1",
+        "--pid-file",
+        &pid_arg,
+        "--listen",
+        &steer_tests::free_local_addr().to_string(),
+        "--listen",
+        &quic,
+        "--",
+        "python3",
+        &script,
+        reports.to_str().expect("utf-8 path"),
+    ]);
+    let old_worker = cluster.worker_pid_list()[0];
+    let before = quic_reset_key(&reports, old_worker);
+    let (_new, _took) = upgrade(&cluster, &pid_file);
+    let workers = cluster.worker_pid_list();
+    assert!(
+        !workers.contains(&old_worker),
+        "the successor started its own workers"
+    );
+    let after: Vec<String> = workers
+        .into_iter()
+        .map(|pid| quic_reset_key(&reports, pid))
+        .collect();
+    assert!(!after.is_empty());
+    assert!(
+        after.iter().all(|key| *key == before),
+        "the successor's workers answer resets for the old ones' IDs: {before} vs {after:?}"
+    );
+    stop(&cluster, &pid_file);
+    let _ = std::fs::remove_dir_all(&reports);
+}

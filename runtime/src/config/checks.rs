@@ -147,6 +147,8 @@ impl Settings {
             worker_output: self.worker_output.map_or(d.worker_output, |p| p.0),
             verbosity: 0,
             demo_faults: self.demo_faults.unwrap_or(false),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
             demo_header_timeout: self
                 .demo_header_timeout
                 .map_or(d.demo_header_timeout, |p| p.0),
@@ -168,6 +170,7 @@ impl Settings {
                 table_size: self
                     .udp_flow_table
                     .map_or(d.udp_flows.table_size, |n| n as u32),
+                quic: false,
             },
             config_file: None,
             overrides: Settings::default(),
@@ -318,7 +321,7 @@ impl Settings {
         Ok(())
     }
 
-    /// Listeners that can run together: no QUIC yet, no two in conflict
+    /// Listeners that can run together: no two in conflict
     /// ([`super::listeners::conflict`]), and the baselines' single TCP socket.
     fn check_listeners(&self, config: &Config) -> Result<(), ConfigError> {
         let shown = || {
@@ -329,15 +332,17 @@ impl Settings {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        #[cfg(not(feature = "quic"))]
         if let Some(quic) = config
             .listeners
             .iter()
-            .find(|l| l.protocol == Protocol::Quic)
+            .find(|l| l.protocol == Protocol::Quic && config.command.is_none())
         {
             return Err(self.invalid(
                 "listen",
                 quic.to_string(),
-                "QUIC listeners are not supported yet: use udp:// for plain UDP",
+                "this steer was built without the quic feature: the demo serves quic:// \
+                 listeners only with it (an external COMMAND can serve them)",
             ));
         }
         if let Some(conflict) = super::listeners::conflict(&config.listeners) {
@@ -410,6 +415,7 @@ impl Settings {
                 });
             }
         }
+        self.check_tls(config)?;
         if let Some(path) = &config.pid_file {
             let parent = path
                 .parent()
@@ -420,6 +426,50 @@ impl Settings {
                     "pid-file",
                     path.display().to_string(),
                     format!("its directory {} does not exist", parent.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Settings {
+    /// `tls-cert` and `tls-key` come together, and each is a readable PEM file.
+    fn check_tls(&self, config: &Config) -> Result<(), ConfigError> {
+        let (cert, key) = match (&config.tls_cert, &config.tls_key) {
+            (None, None) => return Ok(()),
+            (Some(cert), Some(key)) => (cert, key),
+            (Some(cert), None) => {
+                return Err(self.invalid(
+                    "tls-cert",
+                    cert.display().to_string(),
+                    "needs tls-key, the certificate's private key",
+                ));
+            }
+            (None, Some(key)) => {
+                return Err(self.invalid(
+                    "tls-key",
+                    key.display().to_string(),
+                    "needs tls-cert, the certificate it is the key of",
+                ));
+            }
+        };
+        for (name, path, label) in [
+            ("tls-cert", cert, "CERTIFICATE"),
+            ("tls-key", key, "PRIVATE KEY"),
+        ] {
+            let text = std::fs::read_to_string(path).map_err(|err| {
+                self.invalid(
+                    name,
+                    path.display().to_string(),
+                    format!("cannot read it: {err}"),
+                )
+            })?;
+            if !text.contains("-----BEGIN ") || !text.contains(label) {
+                return Err(self.invalid(
+                    name,
+                    path.display().to_string(),
+                    format!("expected PEM with a {label} block"),
                 ));
             }
         }

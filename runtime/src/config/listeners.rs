@@ -22,6 +22,11 @@ pub struct UdpFlows {
     pub timeout: std::time::Duration,
     /// Entries of each UDP listener's flow table.
     pub table_size: u32,
+    /// Set per group, not configured: the group is a QUIC listener's, whose datagrams are
+    /// steered by connection ID and whose flow table only keeps handshakes together
+    /// (see `steer_select_quic`). A QUIC group keeps its flow table even with a zero
+    /// timeout: it then uses the default one.
+    pub quic: bool,
 }
 
 impl Default for UdpFlows {
@@ -29,6 +34,7 @@ impl Default for UdpFlows {
         UdpFlows {
             timeout: std::time::Duration::from_secs(30),
             table_size: steer_common::DEFAULT_FLOW_TABLE_SIZE,
+            quic: false,
         }
     }
 }

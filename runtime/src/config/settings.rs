@@ -91,6 +91,12 @@ pub struct Settings {
     /// `demo-send-timeout`
     #[serde(default, deserialize_with = "fields::from_str")]
     pub demo_send_timeout: Option<Parsed<Duration>>,
+    /// `tls-cert`
+    #[serde(default, deserialize_with = "fields::path")]
+    pub tls_cert: Option<PathBuf>,
+    /// `tls-key`
+    #[serde(default, deserialize_with = "fields::path")]
+    pub tls_key: Option<PathBuf>,
     /// `tcp-migrate-req`
     #[serde(default, deserialize_with = "fields::boolean")]
     pub tcp_migrate_req: Option<bool>,
@@ -222,6 +228,8 @@ impl Settings {
         "demo-idle-timeout",
         "demo-body-timeout",
         "demo-send-timeout",
+        "tls-cert",
+        "tls-key",
         "tcp-migrate-req",
         "cpu-affinity",
         "max-memory",
@@ -288,6 +296,8 @@ impl Settings {
             "demo-idle-timeout" => self.demo_idle_timeout.is_some(),
             "demo-body-timeout" => self.demo_body_timeout.is_some(),
             "demo-send-timeout" => self.demo_send_timeout.is_some(),
+            "tls-cert" => self.tls_cert.is_some(),
+            "tls-key" => self.tls_key.is_some(),
             "tcp-migrate-req" => self.tcp_migrate_req.is_some(),
             "cpu-affinity" => self.cpu_affinity.is_some(),
             "max-memory" => self.max_memory.is_some(),
@@ -334,6 +344,8 @@ impl Settings {
             demo_idle_timeout: self.demo_idle_timeout.or(base.demo_idle_timeout),
             demo_body_timeout: self.demo_body_timeout.or(base.demo_body_timeout),
             demo_send_timeout: self.demo_send_timeout.or(base.demo_send_timeout),
+            tls_cert: self.tls_cert.or(base.tls_cert),
+            tls_key: self.tls_key.or(base.tls_key),
             tcp_migrate_req: self.tcp_migrate_req.or(base.tcp_migrate_req),
             cpu_affinity: self.cpu_affinity.or(base.cpu_affinity),
             max_memory: self.max_memory.or(base.max_memory),

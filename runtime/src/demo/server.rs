@@ -30,6 +30,9 @@ const LISTENER: Token = Token(0);
 /// Every UDP socket (each is read on every wake, [`DATAGRAM_BUDGET`] at a time).
 const DATAGRAMS: Token = Token(usize::MAX);
 const CHANNEL: Token = Token(1);
+/// The QUIC thread is done after a drain (`quic` feature).
+#[cfg(feature = "quic")]
+const QUIC_DONE: Token = Token(usize::MAX - 1);
 /// Connection `i` is registered as `Token(FIRST_CONNECTION + i)`.
 const FIRST_CONNECTION: usize = 2;
 
@@ -93,6 +96,9 @@ pub struct Server {
     listener_nodelay: bool,
     /// The channel to the primary closed or failed: the loop ends at its next turn.
     gone: std::cell::Cell<Option<Gone>>,
+    /// HTTP/3 on the QUIC listeners, on a thread of its own.
+    #[cfg(feature = "quic")]
+    quic: Option<super::quic::QuicSide>,
 }
 
 /// Why the channel to the primary is no longer usable.
@@ -176,7 +182,39 @@ impl Server {
             next_sweep: Instant::now(),
             listener_nodelay,
             gone: std::cell::Cell::new(None),
+            #[cfg(feature = "quic")]
+            quic: None,
         })
+    }
+
+    /// Serves HTTP/3 on `sockets` (the QUIC listeners') on a thread of its own, which
+    /// wakes this loop once its connections are gone after a drain.
+    #[cfg(feature = "quic")]
+    pub(crate) fn with_quic(
+        mut self,
+        sockets: Vec<std::net::UdpSocket>,
+        setup: super::quic::QuicSetup,
+    ) -> io::Result<Server> {
+        if sockets.is_empty() {
+            return Ok(self);
+        }
+        let waker = mio::Waker::new(self.poll.registry(), QUIC_DONE)?;
+        let wake = move || {
+            if let Err(error) = waker.wake() {
+                warn!(%error, "could not wake the loop after the QUIC drain");
+            }
+        };
+        self.quic = Some(super::quic::QuicSide::start(sockets, setup, wake)?);
+        Ok(self)
+    }
+
+    /// Whether the QUIC side (if any) has no connection left after a drain.
+    fn quic_done(&self) -> bool {
+        #[cfg(feature = "quic")]
+        if let Some(quic) = &self.quic {
+            return quic.is_done();
+        }
+        true
     }
 
     /// Tells the primary the loop is up, then runs it until drained, or until the channel
@@ -241,7 +279,7 @@ impl Server {
             self.wake_sleepers(now);
             self.give_up_on_silent(now);
             self.sweep(now);
-            if self.responder.is_draining() && self.connections.is_empty() {
+            if self.responder.is_draining() && self.connections.is_empty() && self.quic_done() {
                 info!(slot, generation, "drained");
                 return Ok(());
             }
@@ -490,6 +528,10 @@ impl Server {
         }
         info!(connections = self.connections.len(), "draining");
         self.responder.start_draining();
+        #[cfg(feature = "quic")]
+        if let Some(quic) = &self.quic {
+            quic.drain();
+        }
         // Before the last accepts: what they take gets the same grace as everyone else.
         self.idle_deadline = Some(Instant::now() + IDLE_GRACE);
         for mut listener in std::mem::take(&mut self.listeners) {

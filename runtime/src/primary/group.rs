@@ -50,10 +50,20 @@ impl Group {
             .ok()
             .and_then(|a| a.as_socket())
             .ok_or_else(|| format!("cannot read the bound address of {}", listener.addr))?;
-        // A UDP group keeps flows on their process (`FLOWS`); a QUIC one, until its
-        // connection IDs are steered, too. Its flow maps are pinned, for a successor.
+        // A UDP group keeps flows on their process (`FLOWS`); a QUIC one steers by
+        // connection ID and keeps only handshakes together there. Their flow maps are
+        // pinned, for a successor.
         let datagram = listener.protocol.is_datagram();
-        let flows = datagram.then_some(flows);
+        let quic = listener.protocol == Protocol::Quic;
+        let flows = datagram.then_some(UdpFlows {
+            quic,
+            timeout: if quic && flows.timeout.is_zero() {
+                UdpFlows::default().timeout
+            } else {
+                flows.timeout
+            },
+            ..flows
+        });
         let pins = datagram
             .then(|| pin_dir(&listener, successor))
             .flatten()

@@ -615,6 +615,14 @@ impl Host {
                 self.config.verbosity.to_string().into(),
             ),
         ];
+        if self
+            .groups
+            .iter()
+            .any(|g| g.listener.protocol == crate::config::Protocol::Quic)
+        {
+            let quic = crate::quic::worker_env(slot, generation);
+            vars.extend(quic.into_iter().map(|(k, v)| (k.into(), v.into())));
+        }
         let external = matches!(self.program, WorkerProgram::External(_));
         let listeners = self.groups.len();
         let (program, argv, fds, own_sockets, registers) = match &self.program {
@@ -685,6 +693,9 @@ impl Host {
                 }
                 let (name, timeouts) = crate::demo::timeouts_env(&self.config);
                 vars.push((name.into(), timeouts.into()));
+                if let (Some(cert), Some(key)) = (&self.config.tls_cert, &self.config.tls_key) {
+                    vars.extend(crate::demo::tls_env(cert, key));
+                }
                 if let Some(credentials) = &self.config.credentials {
                     let switch = crate::privileges::env_for(credentials);
                     vars.extend(switch.map(|(k, v)| (k.into(), v.into())));

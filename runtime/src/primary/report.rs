@@ -108,6 +108,13 @@ impl Supervisor {
                         inserts: c.flow_inserts,
                         moves: c.flow_moves,
                     }),
+                quic: counted
+                    .as_ref()
+                    .filter(|_| group.steering.is_quic())
+                    .map(|c| crate::status::QuicCounts {
+                        steered: c.quic_steered,
+                        malformed: c.quic_malformed,
+                    }),
             })
             .collect();
         let workers: Vec<WorkerStatus> = slots

@@ -64,6 +64,7 @@ pub(crate) const ENV: &[&str] = &[
     ENV_PID_FILE_FD,
     ENV_SAYS_READY,
     ENV_GENERATIONS,
+    crate::quic::ENV_RESET_KEY,
 ];
 
 const READY_FD: RawFd = 3;
@@ -139,6 +140,9 @@ impl Successor {
                     .into(),
             ),
         ];
+        if let Some(key) = crate::quic::cluster_reset_key() {
+            env.push((crate::quic::ENV_RESET_KEY.into(), key.to_hex().into()));
+        }
         let mut fds = vec![(write, READY_FD)];
         if let Some(status) = status {
             env.push((ENV_STATUS_FD.into(), STATUS_FD.to_string().into()));
@@ -252,6 +256,13 @@ pub(crate) struct Inheritance {
     pub says_ready: Vec<usize>,
     /// Each slot's generation under the predecessor.
     pub generations: Vec<(usize, u64)>,
+}
+
+/// The QUIC stateless-reset key a predecessor handed down (`STEER_QUIC_RESET_KEY`), if
+/// this process is a successor and the value is one.
+pub(crate) fn inherited_reset_key() -> Option<crate::quic::ResetKey> {
+    std::env::var(ENV_FROM).ok()?;
+    crate::quic::ResetKey::from_hex(&std::env::var(crate::quic::ENV_RESET_KEY).ok()?)
 }
 
 impl Inheritance {

@@ -415,6 +415,7 @@ mod tests {
                 refusals: 0,
                 takeovers: 0,
                 flows: None,
+                quic: None,
             }],
             primary: PrimaryStatus {
                 pid: 1,

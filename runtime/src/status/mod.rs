@@ -61,6 +61,19 @@ pub struct ListenerStatus {
     /// without the table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flows: Option<FlowCounts>,
+    /// A QUIC listener's datagrams steered by connection ID, and those dropped as garbage
+    /// or truncated; absent for TCP and UDP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quic: Option<QuicCounts>,
+}
+
+/// A QUIC listener's datagrams, as counted by the program.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuicCounts {
+    /// Datagrams that went to the worker their connection ID names.
+    pub steered: u64,
+    /// Datagrams dropped because they cannot be QUIC sent to this cluster.
+    pub malformed: u64,
 }
 
 /// A UDP listener's flow table, as counted by the program.

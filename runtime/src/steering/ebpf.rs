@@ -40,7 +40,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
-use aya::maps::{Array, ArrayOfMaps, Map, MapData, PerCpuArray, ReusePortSockArray};
+use aya::maps::{Array, ArrayOfMaps, Map, MapData, PerCpuArray, ProgramArray, ReusePortSockArray};
 use aya::programs::{ProgramError, SkReuseport};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use steer_common::{
@@ -102,6 +102,11 @@ impl Pins {
 const PROGRAM: &str = "steer_select";
 /// The program of a UDP group (the flow table's path too).
 const PROGRAM_UDP: &str = "steer_select_udp";
+/// The program of a QUIC group: connection IDs, then UDP's path through a tail call to
+/// [`PROGRAM_QUIC_FLOW`].
+const PROGRAM_QUIC: &str = "steer_select_quic";
+/// A QUIC group's UDP path, in `QUIC_FLOW[0]`.
+const PROGRAM_QUIC_FLOW: &str = "steer_select_quic_flow";
 
 /// How long a flush that adds a slot waits for the set to be published.
 const GROWTH_WAIT: Duration = Duration::from_millis(20);
@@ -146,8 +151,10 @@ struct Serving {
 pub struct EbpfSteering {
     ebpf: Ebpf,
     policy: Balance,
-    /// The entry point loaded: [`PROGRAM`] or [`PROGRAM_UDP`].
+    /// The entry point loaded: [`PROGRAM`], [`PROGRAM_UDP`] or [`PROGRAM_QUIC`].
     program: &'static str,
+    /// A QUIC group's `QUIC_FLOW`, held so that its entry stays.
+    _quic_flow: Option<ProgramArray<MapData>>,
     sockets: ReusePortSockArray<MapData>,
     /// `CURRENT`: each slot's serving generation (mod [`GENERATIONS`]).
     current: Array<MapData, u32>,
@@ -274,14 +281,33 @@ impl EbpfSteering {
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| classify("load the eBPF maps", &e))?;
-        let program = if flows.is_some() {
-            PROGRAM_UDP
-        } else {
-            PROGRAM
+        let program = match flows {
+            Some(f) if f.quic => PROGRAM_QUIC,
+            Some(_) => PROGRAM_UDP,
+            None => PROGRAM,
         };
         program_mut(&mut ebpf, program)?
             .load()
             .map_err(|e| classify("load the eBPF program", &e))?;
+        // A QUIC group's second program, in the tail-call map that is kept open: the kernel
+        // empties a program array once no user holds it.
+        let quic_flow = if program == PROGRAM_QUIC {
+            let flow = program_mut(&mut ebpf, PROGRAM_QUIC_FLOW)?;
+            flow.load()
+                .map_err(|e| classify("load the eBPF program", &e))?;
+            let fd = flow
+                .fd()
+                .map_err(|e| classify("load the eBPF program", &e))?
+                .try_clone()
+                .map_err(|e| SteeringError::io("copy the QUIC flow program's fd", e))?;
+            let mut tail = ProgramArray::try_from(take(&mut ebpf, "QUIC_FLOW")?)
+                .map_err(|e| SteeringError::map("use map QUIC_FLOW", e))?;
+            tail.set(0, &fd, 0)
+                .map_err(|e| SteeringError::map("write QUIC_FLOW[0]", e))?;
+            Some(tail)
+        } else {
+            None
+        };
         let sockets = ReusePortSockArray::try_from(take(&mut ebpf, "SOCKETS")?)
             .map_err(|e| SteeringError::map("use map SOCKETS", e))?;
         let config_map = Array::try_from(take(&mut ebpf, "CONFIG")?)
@@ -312,6 +338,7 @@ impl EbpfSteering {
             ebpf,
             policy,
             program,
+            _quic_flow: quic_flow,
             sockets,
             current,
             last_hit,
@@ -542,6 +569,11 @@ impl EbpfSteering {
         self.live.len()
     }
 
+    /// Whether this is a QUIC group's program.
+    pub fn is_quic(&self) -> bool {
+        self.flows.is_some_and(|f| f.quic)
+    }
+
     /// Whether this is a UDP group that keeps flows on their socket.
     pub fn tracks_flows(&self) -> bool {
         self.flows.is_some_and(|f| !f.timeout.is_zero())
@@ -550,7 +582,15 @@ impl EbpfSteering {
     /// Takes the socket of `slot`'s `generation` out of `SOCKETS`, unless it is the slot's
     /// serving one or its index holds a newer generation already: its flows are steered
     /// again from their next datagram (to the slot's serving generation first).
+    ///
+    /// A QUIC group's socket stays: its connections are steered to it by their IDs for as
+    /// long as its worker keeps it open, and it leaves `SOCKETS` when the worker closes
+    /// it (the kernel removes a closed socket), or when a newer generation of the slot
+    /// takes its index.
     pub fn release_flows(&mut self, slot: u32, generation: u32) -> Result<(), SteeringError> {
+        if self.is_quic() {
+            return Ok(());
+        }
         let index = socket_index(slot, generation);
         if self
             .live
@@ -566,8 +606,10 @@ impl EbpfSteering {
     /// Whether every flow on the socket of `slot`'s `generation` has been idle for the
     /// flow timeout (true when the group keeps no flows, or the index holds another
     /// generation now).
+    /// A QUIC group's are always idle: its draining worker keeps its socket until it
+    /// closes it, so it is told to drain at once (see [`EbpfSteering::release_flows`]).
     pub fn flows_idle(&self, slot: u32, generation: u32) -> bool {
-        let Some(flows) = self.flows.filter(|f| !f.timeout.is_zero()) else {
+        let Some(flows) = self.flows.filter(|f| !f.timeout.is_zero() && !f.quic) else {
             return true;
         };
         let index = socket_index(slot, generation);
@@ -583,6 +625,12 @@ impl EbpfSteering {
     pub fn set_udp_flow_timeout(&mut self, timeout: Duration) -> Result<(), SteeringError> {
         let Some(flows) = self.flows.as_mut() else {
             return Ok(());
+        };
+        // A QUIC group's handshakes always need the table.
+        let timeout = if flows.quic && timeout.is_zero() {
+            UdpFlows::default().timeout
+        } else {
+            timeout
         };
         flows.timeout = timeout;
         self.config.flow_timeout_ns = duration_ns(timeout);
@@ -981,6 +1029,8 @@ impl EbpfSteering {
             flow_hits: 0,
             flow_inserts: 0,
             flow_moves: 0,
+            quic_steered: 0,
+            quic_malformed: 0,
             stalls: vec![0; slots],
             stalled: self.stalled(slots),
         };
@@ -999,6 +1049,8 @@ impl EbpfSteering {
             total.flow_hits += cpu.flow_hits;
             total.flow_inserts += cpu.flow_inserts;
             total.flow_moves += cpu.flow_moves;
+            total.quic_steered += cpu.quic_steered;
+            total.quic_malformed += cpu.quic_malformed;
         }
         Ok(total)
     }
@@ -1414,5 +1466,162 @@ mod tests {
             outside.len(),
             &outside[..outside.len().min(5)]
         );
+    }
+
+    fn reuseport_udp(addr: SocketAddr) -> std::net::UdpSocket {
+        let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).expect("socket");
+        socket.set_reuse_port(true).expect("SO_REUSEPORT");
+        socket.bind(&addr.into()).expect("bind");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        socket.into()
+    }
+
+    /// A short-header datagram to the worker `(slot, generation)`.
+    fn short_to(slot: u16, generation: u16, tag: u8) -> Vec<u8> {
+        let cid = steer_common::quic::encode_server_id(
+            steer_common::quic::ServerId { slot, generation },
+            &[tag; steer_common::quic::ENTROPY_LEN],
+        );
+        let mut d = vec![0x41];
+        d.extend_from_slice(&cid);
+        d.extend_from_slice(&[tag; 24]);
+        d
+    }
+
+    /// Which of `sockets` received `payload`, read once `marker` (sent after it by the same
+    /// socket, so queued after it) has reached `sockets[0]`.
+    fn receivers(sockets: &[&std::net::UdpSocket], payload: &[u8], marker: &[u8]) -> Vec<usize> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        sockets[0].set_nonblocking(false).expect("blocking");
+        loop {
+            assert!(Instant::now() < deadline, "the marker never arrived");
+            let n = sockets[0].recv(&mut buf).unwrap_or(0);
+            if &buf[..n] == payload {
+                got.push(0);
+            }
+            if &buf[..n] == marker {
+                break;
+            }
+        }
+        for (i, socket) in sockets.iter().enumerate().skip(1) {
+            socket.set_nonblocking(true).expect("nonblocking");
+            while let Ok(n) = socket.recv(&mut buf) {
+                if &buf[..n] == payload {
+                    got.push(i);
+                }
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn the_quic_program_steers_by_connection_id_and_drops_garbage() {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .expect("free port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        // Slot 0 generation 5 and slot 1 generation 6 serve; slot 1 generation 3 drains
+        // (still in SOCKETS); a rogue socket is in the group but never registered.
+        let a = reuseport_udp(addr);
+        let b = reuseport_udp(addr);
+        let old = reuseport_udp(addr);
+        let rogue = reuseport_udp(addr);
+        let pidfd = own_pidfd();
+        let pid = std::process::id() as i32;
+        let flows = UdpFlows {
+            quic: true,
+            ..UdpFlows::default()
+        };
+        let mut steering = EbpfSteering::load_limited(
+            Balance::RoundRobin,
+            2,
+            &ClientLimits::default(),
+            Some(flows),
+            None,
+        )
+        .expect("load (root)");
+        assert_eq!(steering.program, PROGRAM_QUIC);
+        let fd = |s: &std::net::UdpSocket| OwnedFd::from(s.try_clone().expect("dup"));
+        let (fa, fb, fold) = (fd(&a), fd(&b), fd(&old));
+        steering
+            .activate(1, 3, &fold, pid, pidfd.as_fd(), None)
+            .expect("activate");
+        steering
+            .activate(0, 5, &fa, pid, pidfd.as_fd(), None)
+            .expect("activate");
+        steering
+            .activate(1, 6, &fb, pid, pidfd.as_fd(), None)
+            .expect("activate");
+        steering.flush().expect("flush");
+        steering.wait_published();
+        let all = [&a, &b, &old, &rogue];
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("client");
+        let marker = short_to(0, 5, 0xee);
+        let send = |d: &[u8]| {
+            client.send_to(d, addr).expect("send");
+            client.send_to(&marker, addr).expect("send");
+        };
+        // Each ID goes to the socket it names, the draining one's included, every time.
+        for round in 0..20u8 {
+            for (slot, generation, want) in [(0, 5, 0), (1, 6, 1), (1, 3, 2)] {
+                let d = short_to(slot, generation, round);
+                send(&d);
+                assert_eq!(
+                    receivers(&all, &d, &marker),
+                    vec![want],
+                    "{slot}/{generation}"
+                );
+            }
+        }
+        // An ID whose process is gone (slot 0 generation 4, slot 900, slot 65535) goes to
+        // a live socket of the current generation, never the rogue or the draining one.
+        for (slot, generation) in [(0u16, 4u16), (900, 1), (65_535, 9)] {
+            let d = short_to(slot, generation, 0x77);
+            send(&d);
+            let got = receivers(&all, &d, &marker);
+            assert!(
+                got == vec![0] || got == vec![1],
+                "{slot}/{generation}: {got:?}"
+            );
+        }
+        // A client's Initials (a DCID it chose) from one port all reach one socket of the
+        // current generation, round-robin or not.
+        let mut initial = vec![0xc0, 0, 0, 0, 1, 20];
+        initial.extend_from_slice(&[0xab; 20]);
+        initial.extend_from_slice(&[0u8; 1200]);
+        let mut seen = Vec::new();
+        for i in 0..10u8 {
+            let mut d = initial.clone();
+            d[30] = i;
+            send(&d);
+            seen.extend(receivers(&all, &d, &marker));
+        }
+        assert_eq!(seen.len(), 10, "{seen:?}");
+        assert!(seen.iter().all(|&s| s == seen[0] && s < 2), "{seen:?}");
+        // Garbage, truncated headers, a greased short header: nobody gets them.
+        let long_cut = &short_to(0, 5, 1)[..10];
+        let mut long_steer = vec![0xc0, 0, 0, 0, 1, 16];
+        long_steer.extend_from_slice(&short_to(0, 5, 3)[1..12]);
+        for d in [
+            &[][..],
+            &[0x41; 5][..],
+            long_cut,
+            &long_steer[..],
+            &[0x01; 64][..],
+            &[0xc0, 0, 0][..],
+        ] {
+            send(d);
+            assert!(receivers(&all, d, &marker).is_empty(), "{d:02x?}");
+        }
+        let counters = steering.counters(2).expect("counters");
+        // 60 named, and a marker after each of the 79 datagrams sent.
+        assert_eq!(counters.quic_steered, 60 + 79);
+        assert!(counters.quic_malformed >= 5, "{counters:?}");
     }
 }

@@ -197,6 +197,10 @@ pub struct SteeringCounters {
     pub flow_inserts: u64,
     /// Datagrams of a known UDP flow whose socket had left, steered again.
     pub flow_moves: u64,
+    /// QUIC datagrams that went to the worker their connection ID names.
+    pub quic_steered: u64,
+    /// QUIC datagrams dropped as garbage or truncated.
+    pub quic_malformed: u64,
     /// Times each slot became stalled (queued connections, no accept), by slot index.
     #[serde(skip)]
     pub stalls: Vec<u64>,
@@ -220,6 +224,8 @@ impl SteeringCounters {
         self.flow_hits += other.flow_hits;
         self.flow_inserts += other.flow_inserts;
         self.flow_moves += other.flow_moves;
+        self.quic_steered += other.quic_steered;
+        self.quic_malformed += other.quic_malformed;
         self
     }
 }
@@ -530,6 +536,14 @@ impl Steering {
 
     /// Whether this group keeps UDP flows on their socket (a UDP group under an eBPF
     /// policy, with `udp-flow-timeout` not 0): a worker that drains keeps its flows until
+    /// Whether this is a QUIC group under Steer's program.
+    pub fn is_quic(&self) -> bool {
+        match self {
+            Steering::Ebpf(program) => program.is_quic(),
+            _ => false,
+        }
+    }
+
     /// they are idle, then [`Steering::release_flows`] takes its socket out.
     pub fn tracks_flows(&self) -> bool {
         matches!(self, Steering::Ebpf(program) if program.tracks_flows())

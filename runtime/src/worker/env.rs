@@ -13,6 +13,7 @@
 //! | `STEER_HANDOFF` | `userspace` baseline (`1`): no listener; connections arrive over IPC |
 //! | `STEER_WORKER_UID`, `STEER_WORKER_GID` | re-executed workers: whom to become once registered (`--user`, `--group`) |
 //! | `STEER_LOAD_FD`, `STEER_LOAD_LAYOUT` | external workers under `least-loaded`: fd of the worker's own load record, and its fields (docs/ipc.md) |
+//! | `STEER_QUIC_CID_LEN`, `STEER_QUIC_SERVER_ID`, `STEER_QUIC_RESET_KEY` | a cluster with a `quic://` listener: what the worker puts in its connection IDs, and the cluster's stateless-reset key (`crate::quic`, docs/ipc.md) |
 //! | `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES` | external workers: fds 3, 4, ... are their listeners' sockets, named in order and joined by `:` (systemd socket activation) |
 //!
 //! `NOTIFY_SOCKET` is never passed on: only the primary talks to systemd.
@@ -64,10 +65,15 @@ pub(crate) const ALL: &[&str] = &[
     LISTENERS,
     DEMO_FAULTS,
     crate::demo::TIMEOUTS_ENV,
+    crate::demo::ENV_TLS_CERT,
+    crate::demo::ENV_TLS_KEY,
     LISTEN_FD,
     HANDOFF,
     LOAD_FD,
     LOAD_LAYOUT,
+    crate::quic::ENV_CID_LEN,
+    crate::quic::ENV_SERVER_ID,
+    crate::quic::ENV_RESET_KEY,
     crate::privileges::ENV_UID,
     crate::privileges::ENV_GID,
     "LISTEN_FDS",

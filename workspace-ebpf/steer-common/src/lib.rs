@@ -25,6 +25,8 @@
 //! | `EXEMPT` (LPM trie, [`MAX_EXEMPT`]) | `prefix length + 16 address bytes` (IPv4 as IPv4-mapped IPv6) | `u8` 1 | primary, at start and on SIGHUP |
 #![no_std]
 
+pub mod quic;
+
 /// Most worker slots a cluster may have. Sizes the steering maps; `--workers` above it is
 /// a configuration error.
 pub const MAX_SLOTS: u32 = 1024;
@@ -366,6 +368,10 @@ pub struct Counters {
     /// UDP datagrams of a known flow whose socket had left (its process exited or
     /// drained), steered again.
     pub flow_moves: u64,
+    /// QUIC datagrams that went to the worker their connection ID names.
+    pub quic_steered: u64,
+    /// QUIC datagrams dropped as malformed: garbage or truncated (see `quic::parse`).
+    pub quic_malformed: u64,
     /// Times each slot became stalled (see [`SlotLoad`]).
     pub stalls: [u64; MAX_SLOTS as usize],
 }
@@ -382,6 +388,8 @@ impl Counters {
         flow_hits: 0,
         flow_inserts: 0,
         flow_moves: 0,
+        quic_steered: 0,
+        quic_malformed: 0,
         stalls: [0; MAX_SLOTS as usize],
     };
 }

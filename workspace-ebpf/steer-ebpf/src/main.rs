@@ -37,12 +37,12 @@ use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, bpf_hdr_start_off::BPF_HDR_START_NET, sk_action},
     btf_maps::{Array as BtfArray, ArrayOfMaps},
     helpers::{
-        bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_skb_load_bytes,
         bpf_skb_load_bytes_relative,
     },
     macros::{btf_map, map, sk_reuseport},
     maps::{
-        Array, LruHashMap, PerCpuArray, ReusePortSockArray,
+        Array, LruHashMap, PerCpuArray, ProgramArray, ReusePortSockArray,
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
     programs::SkReuseportContext,
@@ -50,7 +50,9 @@ use aya_ebpf::{
 use steer_common::{
     ClientKey, Config, Counters, DEFAULT_CLIENT_TABLE_SIZE, DEFAULT_FLOW_TABLE_SIZE,
     FALLBACK_TRIES, FAMILY_V4, FAMILY_V6, Flow, FlowKey, GENERATIONS, HASH_TABLE_SIZE, LiveSet,
-    MAX_CPUS, MAX_EXEMPT, MAX_SLOTS, REFUSED_TABLE_SIZE, SlotLoad, policy, socket_index,
+    MAX_CPUS, MAX_EXEMPT, MAX_SLOTS, REFUSED_TABLE_SIZE, SlotLoad, policy,
+    quic::{self, Route},
+    socket_index,
 };
 
 #[map]
@@ -68,6 +70,11 @@ static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(DEFAULT_F
 /// worker's socket leave once its flows are idle.
 #[map]
 static LAST_HIT: Array<u64> = Array::with_max_entries(MAX_SLOTS * GENERATIONS, 0);
+/// A QUIC group's second program (`steer_select_quic_flow`, at index 0), tail-called for
+/// the datagrams that take UDP's path: verified on its own, so the connection-ID reading
+/// does not multiply the flow path's states past the verifier's budget.
+#[map]
+static QUIC_FLOW: ProgramArray = ProgramArray::with_max_entries(1, 0);
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[btf_map]
@@ -129,7 +136,7 @@ const IPPROTO_UDP: u32 = 17;
 /// The program of a TCP listener's group.
 #[sk_reuseport(migrate)]
 pub fn steer_select(ctx: SkReuseportContext) -> u32 {
-    steer(&ctx, true)
+    steer(&ctx, true, false)
 }
 
 /// The program of a UDP listener's group: the same policies, plus the flow table. A program
@@ -137,12 +144,92 @@ pub fn steer_select(ctx: SkReuseportContext) -> u32 {
 /// program the paths multiply past its limit).
 #[sk_reuseport(migrate)]
 pub fn steer_select_udp(ctx: SkReuseportContext) -> u32 {
-    steer(&ctx, false)
+    steer(&ctx, false, false)
 }
 
-/// Steers one TCP connection (`tcp`) or UDP datagram.
+/// The program of a QUIC listener's group: a datagram whose destination connection ID is
+/// one of Steer's goes to the socket of the slot and generation it names, while that
+/// socket is in `SOCKETS`. Any other datagram that can be QUIC (a client's Initial or
+/// 0-RTT, an ID whose process is gone) takes the UDP path through a tail call
+/// (`steer_select_quic_flow`); garbage and truncated datagrams are dropped. Its own entry
+/// point, as UDP's, for the verifier's sake.
+#[sk_reuseport(migrate)]
+pub fn steer_select_quic(ctx: SkReuseportContext) -> u32 {
+    let Some(counters) = COUNTERS.get_ptr_mut(0) else {
+        return sk_action::SK_DROP;
+    };
+    match quic_route(&ctx) {
+        Route::Drop => {
+            // SAFETY: a per-CPU array value, exclusively ours for this run.
+            unsafe { (*counters).quic_malformed += 1 };
+            return sk_action::SK_DROP;
+        }
+        Route::Steer(server) => {
+            let slot = u32::from(server.slot);
+            if slot < MAX_SLOTS {
+                let index = socket_index(slot, u32::from(server.generation));
+                if SOCKETS.select_reuseport(&ctx, index).is_ok() {
+                    // SAFETY: as above.
+                    let counters = unsafe { &mut *counters };
+                    counters.quic_steered += 1;
+                    counters.selections[bounded(slot)] += 1;
+                    // SAFETY: a helper with no arguments.
+                    touch(index, unsafe { bpf_ktime_get_ns() });
+                    return sk_action::SK_PASS;
+                }
+            }
+        }
+        Route::Flow => {}
+    }
+    // SAFETY: `ctx` is this program's context; the call does not return on success.
+    unsafe { QUIC_FLOW.tail_call(&ctx, 0) };
+    // SAFETY: as above.
+    unsafe { (*counters).drops += 1 };
+    sk_action::SK_DROP
+}
+
+/// The UDP path of a QUIC group's datagrams (see `steer_select_quic`): the primary's
+/// ownership probe, then the flow table, then the policy among the current generation. A
+/// process that is gone is never a flow's home, so a datagram naming one reaches a live
+/// worker, which answers with a stateless reset.
+#[sk_reuseport(migrate)]
+pub fn steer_select_quic_flow(ctx: SkReuseportContext) -> u32 {
+    steer(&ctx, false, true)
+}
+
+/// Where a datagram to a QUIC group goes: `quic::parse` of its first
+/// `quic::read_len(length)` bytes, each read a load of constant size.
 #[inline(always)]
-fn steer(ctx: &SkReuseportContext, tcp: bool) -> u32 {
+fn quic_route(ctx: &SkReuseportContext) -> Route {
+    // The data starts at the UDP header; QUIC after its 8 bytes.
+    const UDP_HEADER: u32 = 8;
+    let len = ctx.len().saturating_sub(UDP_HEADER as usize);
+    let mut buf = [0u8; quic::MAX_READ];
+    let n = quic::read_len(len);
+    // SAFETY: `buf` has room for each length read, all at most `MAX_READ`.
+    let ret = unsafe {
+        let to = buf.as_mut_ptr().cast();
+        let ctx = ctx.as_ptr();
+        match n {
+            quic::MAX_READ => bpf_skb_load_bytes(ctx, UDP_HEADER, to, quic::MAX_READ as u32),
+            17 => bpf_skb_load_bytes(ctx, UDP_HEADER, to, 17),
+            6 => bpf_skb_load_bytes(ctx, UDP_HEADER, to, 6),
+            _ => return Route::Drop,
+        }
+    };
+    if ret != 0 {
+        return Route::Drop;
+    }
+    match n {
+        quic::MAX_READ => quic::parse(&buf),
+        17 => quic::parse(&buf[..17]),
+        _ => quic::parse(&buf[..6]),
+    }
+}
+
+/// Steers one TCP connection (`tcp`) or UDP datagram (of a QUIC group: `quic`).
+#[inline(always)]
+fn steer(ctx: &SkReuseportContext, tcp: bool, quic: bool) -> u32 {
     let Some(counters) = COUNTERS.get_ptr_mut(0) else {
         return sk_action::SK_DROP;
     };
@@ -162,7 +249,7 @@ fn steer(ctx: &SkReuseportContext, tcp: bool) -> u32 {
     let mut flow = None;
     let mut home = None;
     if !tcp && !migrating && config.flow_timeout_ns != 0 {
-        match known_flow(ctx, config, counters) {
+        match known_flow(ctx, config, counters, quic) {
             Known::Passed => return sk_action::SK_PASS,
             Known::New(key) => flow = Some(key),
             Known::Moved(key, slot) => {
@@ -249,7 +336,12 @@ enum Known {
 /// (at most once a millisecond each, so that a busy flow does not write a shared cache
 /// line per datagram).
 #[inline(always)]
-fn known_flow(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters) -> Known {
+fn known_flow(
+    ctx: &SkReuseportContext,
+    config: &Config,
+    counters: &mut Counters,
+    quic: bool,
+) -> Known {
     let Some(key) = flow_key(ctx) else {
         return Known::Unreadable;
     };
@@ -264,7 +356,14 @@ fn known_flow(ctx: &SkReuseportContext, config: &Config, counters: &mut Counters
     if now.saturating_sub(seen.last_ns) > config.flow_timeout_ns {
         return Known::New(key);
     }
-    if seen.index >= MAX_SLOTS * GENERATIONS || SOCKETS.select_reuseport(ctx, seen.index).is_err() {
+    // In a QUIC group a flow only keeps one handshake's first datagrams together (the
+    // client's next ones carry the server's ID): a flow whose socket is no longer its
+    // slot's serving one is a new connection, which goes to the current generation.
+    let stale = quic && CURRENT.get(seen.slot).copied().unwrap_or(0) != seen.index / MAX_SLOTS;
+    if stale
+        || seen.index >= MAX_SLOTS * GENERATIONS
+        || SOCKETS.select_reuseport(ctx, seen.index).is_err()
+    {
         counters.flow_moves += 1;
         return Known::Moved(key, seen.slot);
     }
