@@ -304,7 +304,7 @@ fn a_rogue_udp_socket_in_the_group_gets_no_flow_under_hash_and_one_client_keeps_
 }
 
 #[test]
-fn steer_check_refuses_conflicting_listeners_by_name_and_quic() {
+fn steer_check_refuses_conflicting_listeners_by_name() {
     for (args, needles) in [
         (
             &[
@@ -327,10 +327,6 @@ fn steer_check_refuses_conflicting_listeners_by_name_and_quic() {
         (
             &["--listen", "a=0.0.0.0:9100", "--listen", "b=127.0.0.1:9100"],
             &["\"a\"", "\"b\"", "wildcard"],
-        ),
-        (
-            &["--listen", "quic://127.0.0.1:9443"],
-            &["QUIC listeners are not supported yet"],
         ),
         (
             &[

@@ -70,6 +70,22 @@ impl FlowRecord {
         (0..self.sent).filter(|s| !got.contains(s)).collect()
     }
 
+    /// The answers to the datagrams just before and after each lost one: who was there.
+    fn around_losses(&self) -> Vec<(u64, Vec<Answered>)> {
+        self.lost()
+            .into_iter()
+            .map(|seq| {
+                let near = self
+                    .answers
+                    .iter()
+                    .filter(|a| a.seq + 2 >= seq && a.seq <= seq + 2)
+                    .copied()
+                    .collect();
+                (seq, near)
+            })
+            .collect()
+    }
+
     /// The processes that answered, in order of the datagrams, each once per run of it.
     fn processes(&self) -> Vec<(usize, u32, u64)> {
         let mut by_seq = self.answers.clone();
