@@ -1,10 +1,12 @@
 """Steer worker helper for Python: standard library only, Python 3.8 or newer.
 
-Under ``steer run -- python3 app.py`` each worker process gets its listening socket as
-fd 3 (systemd socket activation) and the primary's IPC channel at ``STEER_IPC_FD``: a
-Unix stream socket carrying one JSON object a line (docs/ipc.md). This module speaks it:
+Under ``steer run -- python3 app.py`` each worker process gets one socket per listener
+as fds 3, 4, ... (systemd socket activation: ``LISTEN_FDS``, ``LISTEN_FDNAMES``) and the
+primary's IPC channel at ``STEER_IPC_FD``: a Unix stream socket carrying one JSON object
+a line (docs/ipc.md). This module speaks it:
 
-- ``Worker`` reads the environment, holds the listener and the channel, answers pings,
+- ``listeners()`` names each inherited socket and says what it is (TCP or UDP).
+- ``Worker`` reads the environment, holds the sockets and the channel, answers pings,
   relays messages between workers (``send(to, data)``, ``on_message``) and turns SIGTERM,
   the primary's ``drain`` message and a gone primary into one ``on_drain`` event.
   Call ``worker.handle_ipc()`` from your event loop when the channel is readable
@@ -20,6 +22,11 @@ Unix stream socket carrying one JSON object a line (docs/ipc.md). This module sp
   stop accepting (queued connections move to the other workers), answer keep-alive
   requests with ``Connection: close``, close connections still idle after a grace, and
   return from ``serve()`` once the last connection is done.
+- UDP: ``worker.on_datagram(callback)`` answers the datagrams of a UDP listener from the
+  same loop (``HTTPServer.serve()``, or ``worker.serve_datagrams()`` with no HTTP). On
+  drain each UDP socket is read until it is empty, every datagram handed to its callback,
+  then closed: the primary took it out of steering before the drain, so what is queued
+  there is all that will come, and a datagram left in a closed socket is lost.
 
 Under Steer, ``Worker()`` ignores the primary's control signals (SIGHUP, SIGUSR1, SIGUSR2,
 SIGTTIN, SIGTTOU, SIGWINCH) that the application has not taken itself, so that a signal
@@ -27,6 +34,7 @@ sent to every process of the service (``systemctl kill`` without ``--kill-whom=m
 reaches only the primary's meaning. SIGTERM still drains.
 """
 
+import collections
 import errno
 import http.server
 import json
@@ -48,6 +56,10 @@ LISTEN_FD = 3
 DEFAULT_GRACE = 2.0
 # Migrated connections raise no event on the listener: look at its queue this often.
 ACCEPT_POLL = 0.05
+# Datagrams read from one UDP socket per turn of the loop (a drain reads them all).
+DATAGRAM_BUDGET = 256
+# The largest UDP payload.
+LARGEST_DATAGRAM = 65535
 # What the primary does on these, a worker must not do too (see the module's doc).
 CONTROL_SIGNALS = ("SIGHUP", "SIGUSR1", "SIGUSR2", "SIGTTIN", "SIGTTOU", "SIGWINCH")
 
@@ -127,8 +139,67 @@ class Channel:
 
 
 def activated():
-    """Whether Steer (or systemd) handed this process a listening socket as fd 3."""
-    return os.environ.get("LISTEN_FDS") == "1" and os.environ.get("LISTEN_PID") == str(os.getpid())
+    """Whether Steer (or systemd) handed this process sockets as fds 3, 4, ...:
+    ``LISTEN_FDS`` of at least 1 and ``LISTEN_PID`` naming this process."""
+    count = os.environ.get("LISTEN_FDS", "")
+    return count.isdigit() and int(count) >= 1 and os.environ.get("LISTEN_PID") == str(os.getpid())
+
+
+Listener = collections.namedtuple("Listener", "name kind family fd")
+Listener.__doc__ = """One inherited socket: ``name`` from ``LISTEN_FDNAMES`` (``--listen
+NAME=...``; ``unknown`` when unset), ``kind`` ``"tcp"`` (listening) or ``"udp"`` (bound), or
+None for anything else, ``family`` ``socket.AF_INET`` or ``AF_INET6``, and ``fd``."""
+
+
+def listeners():
+    """The sockets Steer (or systemd) passed to this process, in order, as ``Listener``s;
+    empty when it was given none. Only looks: ``Worker()`` takes them."""
+    if not activated():
+        return []
+    count = int(os.environ["LISTEN_FDS"])
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    if len(names) != count:
+        names = ["unknown"] * count
+    found = []
+    for place, name in enumerate(names):
+        fd = LISTEN_FD + place
+        try:
+            copy = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            found.append(Listener(name, None, None, fd))
+            continue
+        with copy:
+            kind = None
+            if copy.type == socket.SOCK_DGRAM:
+                kind = "udp"
+            elif copy.type == socket.SOCK_STREAM and copy.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                kind = "tcp"
+            found.append(Listener(name, kind, copy.family, fd))
+    return found
+
+
+def drain_datagrams(sock, callback):
+    """Reads every datagram queued on ``sock`` until none is left (``recvfrom`` until
+    ``BlockingIOError``; it never waits), calling ``callback(data, address, sock)`` for
+    each, and returns how many. Call it on drain, then close the socket."""
+    return _read_datagrams(sock, callback, None, None)
+
+
+def _read_datagrams(sock, callback, budget, until):
+    """Reads and hands over at most ``budget`` datagrams, and none after the monotonic
+    time ``until`` (None: no bound); returns the count."""
+    sock.setblocking(False)
+    read = 0
+    while (budget is None or read < budget) and (until is None or time.monotonic() < until):
+        try:
+            data, address = sock.recvfrom(LARGEST_DATAGRAM)
+        except BlockingIOError:
+            break
+        except ConnectionRefusedError:
+            continue  # an ICMP error of an earlier answer, reported here
+        read += 1
+        callback(data, address, sock)
+    return read
 
 
 def _int_env(name):
@@ -166,7 +237,9 @@ class Worker:
     """One worker process's link to its primary.
 
     ``slot`` (0..N-1, stable across restarts), ``generation`` and ``id`` come from the
-    environment (None without Steer). ``listener`` is the inherited fd-3 socket, or None.
+    environment (None without Steer). ``sockets`` holds every inherited socket by name
+    (``socket.socket(fileno=fd)``, family and type as inherited); ``listener`` is the
+    first TCP one, or None.
     ``counters`` (``accepted``, ``active``, ``requests``) travel with every pong and show
     per slot in ``steer status``.
     """
@@ -175,7 +248,14 @@ class Worker:
         self.slot = _int_env("STEER_WORKER_SLOT")
         self.generation = _int_env("STEER_WORKER_GENERATION")
         self.id = _int_env("STEER_WORKER_ID")
-        self.listener = socket.socket(fileno=LISTEN_FD) if activated() else None
+        self.sockets = {}
+        for inherited in listeners():
+            self.sockets[inherited.name] = socket.socket(fileno=inherited.fd)
+        self.listener = next(
+            (sock for sock in self.sockets.values() if sock.type == socket.SOCK_STREAM), None
+        )
+        # UDP sockets served by ``on_datagram``: socket -> callback.
+        self._datagram_callbacks = {}
         ipc_fd = _int_env("STEER_IPC_FD")
         self.channel = Channel(ipc_fd) if ipc_fd is not None else None
         self.counters = {"accepted": 0, "active": 0, "requests": 0}
@@ -192,6 +272,59 @@ class Worker:
         primary, with ``from_slot`` None). Runs inside ``handle_ipc``."""
         self._message_callbacks.append(callback)
         return callback
+
+    def udp_socket(self, name=None):
+        """The inherited UDP socket named ``name`` (default: the first UDP one), or None."""
+        for sock_name, sock in self.sockets.items():
+            if sock.type == socket.SOCK_DGRAM and name in (None, sock_name):
+                return sock
+        return None
+
+    def on_datagram(self, callback, name=None, sock=None):
+        """Serves a UDP listener: ``callback(data, address, sock)`` for each datagram of
+        the inherited UDP socket named ``name`` (default: the first), or of ``sock``;
+        answer with ``sock.sendto(reply, address)``. Read from the loop
+        (``HTTPServer.serve``, ``serve_datagrams``, or ``register`` in your own); on drain
+        read until empty, then closed. Returns the socket."""
+        sock = sock if sock is not None else self.udp_socket(name)
+        if sock is None:
+            raise LookupError(f"no inherited UDP socket named {name!r}" if name else "no inherited UDP socket")
+        sock.setblocking(False)
+        self._datagram_callbacks[sock] = callback
+        return sock
+
+    def handle_datagrams(self, sock):
+        """Answers what is queued on ``sock``: at most ``DATAGRAM_BUDGET`` datagrams, and
+        for no longer than ``ACCEPT_POLL``, so that pings and connections get their turn
+        under a slow callback. Call it when the socket is readable (``register`` does;
+        ``selectors`` is level-triggered, so what is left wakes the loop again)."""
+        callback = self._datagram_callbacks.get(sock)
+        if callback is not None:
+            _read_datagrams(sock, callback, DATAGRAM_BUDGET, time.monotonic() + ACCEPT_POLL)
+
+    def drain_datagrams(self):
+        """Reads every UDP socket given to ``on_datagram`` until it is empty, handing each
+        datagram to its callback, then closes it. Returns how many datagrams were read.
+        ``HTTPServer.serve`` and ``serve_datagrams`` call it on drain."""
+        read = 0
+        for sock, callback in list(self._datagram_callbacks.items()):
+            read += drain_datagrams(sock, callback)
+            sock.close()
+        self._datagram_callbacks.clear()
+        return read
+
+    def serve_datagrams(self):
+        """A loop for a worker with UDP listeners only: answers pings and datagrams until
+        the drain, then drains the datagrams and returns."""
+        with selectors.DefaultSelector() as selector:
+            self.register(selector)
+            self.ready()
+            while not self.draining:
+                for key, _ in selector.select(timeout=ACCEPT_POLL):
+                    key.data()
+            for sock in self._datagram_callbacks:
+                selector.unregister(sock)
+            self.drain_datagrams()
 
     def on_drain(self, callback):
         """``callback(why)`` once, when the worker is asked to drain."""
@@ -257,9 +390,13 @@ class Worker:
         signal.signal(signal.SIGTERM, lambda *_: self.drain("SIGTERM"))
 
     def register(self, selector):
-        """Adds the channel to a ``selectors`` loop, with ``handle_ipc`` as its data."""
+        """Adds the channel to a ``selectors`` loop, with ``handle_ipc`` as its data, and
+        each UDP socket of ``on_datagram`` with a call to ``handle_datagrams``. Call the
+        data of each ready key."""
         if self.channel is not None:
             selector.register(self.channel, selectors.EVENT_READ, self.handle_ipc)
+        for sock in self._datagram_callbacks:
+            selector.register(sock, selectors.EVENT_READ, lambda sock=sock: self.handle_datagrams(sock))
 
     def attach_asyncio(self, loop):
         """Answers pings from an asyncio loop (uvicorn's, aiohttp's ...)."""
@@ -326,11 +463,14 @@ class DrainingHandler(http.server.BaseHTTPRequestHandler):
 
 
 class HTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    """A threaded ``http.server`` on the worker's fd-3 socket, with Steer's drain.
+    """A threaded ``http.server`` on the worker's first inherited TCP socket, with Steer's
+    drain.
 
-    ``serve()`` runs the loop: it accepts, answers the primary's pings, and on drain stops
-    accepting, tells keep-alive clients to close, closes connections idle after ``grace``
-    seconds, and returns when none is left. Without Steer it listens on ``address``.
+    ``serve()`` runs the loop: it accepts, answers the primary's pings and the datagrams
+    of ``worker.on_datagram``, and on drain stops accepting, answers every datagram queued
+    on the UDP sockets and closes them, tells keep-alive clients to close, closes
+    connections idle after ``grace`` seconds, and returns when none is left. Without Steer
+    it listens on ``address``.
     """
 
     daemon_threads = True
@@ -389,6 +529,10 @@ class HTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                     # Closing the listener hands its queue to the other workers.
                     selector.unregister(self.socket)
                     self.socket.close()
+                    # Nothing new reaches the UDP sockets now: answer what they hold.
+                    for sock in list(worker._datagram_callbacks):
+                        selector.unregister(sock)
+                    worker.drain_datagrams()
                     idle_deadline = time.monotonic() + self.grace
                 if time.monotonic() >= idle_deadline:
                     self._close_idle()

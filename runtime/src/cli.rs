@@ -11,11 +11,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    Balance, ByteSize, Config, ConfigError, LogFormat, Parsed, Settings, StatusAddr, StatusPaths,
-    WORKER_NOFILE_RANGE, WorkerCount, WorkerOutput, parse_duration, parse_listen,
-    parse_status_addr,
+    Balance, ByteSize, Config, ConfigError, Listener, LogFormat, Parsed, Settings, StatusAddr,
+    StatusPaths, WORKER_NOFILE_RANGE, WorkerCount, WorkerOutput, parse_duration, parse_status_addr,
 };
 
+use crate::config::FLOW_TABLE_RANGE;
 use crate::config::limits::{BURST_RANGE, PREFIX_V4_RANGE, PREFIX_V6_RANGE, TABLE_SIZE_RANGE};
 use crate::config::{Cidr, ConnRate};
 use crate::exit::EXIT_USAGE;
@@ -47,13 +47,19 @@ pub enum Command {
     Top(TopArgs),
 }
 
+/// `--listen`'s parser (clap wants a function).
+fn parse_listener(s: &str) -> Result<Listener, String> {
+    s.parse()
+}
+
 /// `steer run` flags. Every flag left out falls back to the `--config` file, then to
 /// its default.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// TCP address every worker listens on [default: 127.0.0.1:8000].
-    #[arg(short, long, value_name = "ADDR", value_parser = parse_listen)]
-    pub listen: Option<SocketAddr>,
+    /// An address every worker serves: [NAME=][tcp|udp://]HOST:PORT, no scheme meaning TCP;
+    /// repeat for several listeners [default: 127.0.0.1:8000].
+    #[arg(short, long, value_name = "LISTENER", value_parser = parse_listener)]
+    pub listen: Vec<Listener>,
     /// Worker count, or `auto` for one per available CPU [default: auto].
     #[arg(short, long, value_name = "N|auto")]
     pub workers: Option<WorkerCount>,
@@ -107,6 +113,13 @@ pub struct RunArgs {
     /// Less logging (-q warnings, -qq errors).
     #[arg(short, long, action = clap::ArgAction::Count, conflicts_with = "verbose")]
     pub quiet: u8,
+    /// The demo's QUIC listeners present this certificate chain (PEM) [default: a
+    /// self-signed one made at start]. Needs --tls-key.
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Enable the demo app's fault routes (/block, /crash, /alloc).
     #[arg(long)]
     pub demo_faults: bool,
@@ -170,6 +183,18 @@ pub struct RunArgs {
     /// [default: 65536].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(*TABLE_SIZE_RANGE.start()..=*TABLE_SIZE_RANGE.end()))]
     pub client_table_size: Option<u64>,
+    /// A UDP flow idle this long leaves the flow table: its next datagram is a new flow;
+    /// 0 turns flow tracking off (every datagram steered on its own) [default: 30s].
+    #[arg(long, value_name = "D", value_parser = parse_duration)]
+    pub udp_flow_timeout: Option<Duration>,
+    /// UDP flows the kernel tracks at most, per UDP listener; the least recently seen are
+    /// evicted first [default: 65536].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(*FLOW_TABLE_RANGE.start()..=*FLOW_TABLE_RANGE.end()))]
+    pub udp_flow_table: Option<u64>,
+    /// Every eBPF policy steers new connections and new UDP flows around a stalled worker
+    /// (queued connections, no accept for 0.5 ms). Experimental: off by default.
+    #[arg(long)]
+    pub avoid_stalls: bool,
     /// External worker program; gets its listening socket as fd 3 (LISTEN_FDS=1).
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -201,7 +226,7 @@ impl RunArgs {
     /// The flags as [`Settings`], to overlay on the file's.
     fn settings(&self) -> Settings {
         Settings {
-            listen: self.listen.map(Parsed),
+            listen: (!self.listen.is_empty()).then(|| self.listen.clone()),
             workers: self.workers,
             balance: self.balance.map(Parsed),
             status: self.status.map(|addr| Parsed(StatusAddr(addr))),
@@ -216,6 +241,8 @@ impl RunArgs {
             log_format: self.log_format.map(Parsed),
             worker_output: self.worker_output.map(Parsed),
             demo_faults: self.demo_faults.then_some(true),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
             demo_header_timeout: self.demo_header_timeout.map(Parsed),
             demo_idle_timeout: self.demo_idle_timeout.map(Parsed),
             demo_body_timeout: self.demo_body_timeout.map(Parsed),
@@ -234,6 +261,9 @@ impl RunArgs {
             client_prefix_v6: self.client_prefix_v6,
             client_exempt: (!self.client_exempt.is_empty()).then(|| self.client_exempt.clone()),
             client_table_size: self.client_table_size,
+            udp_flow_timeout: self.udp_flow_timeout.map(Parsed),
+            udp_flow_table: self.udp_flow_table,
+            avoid_stalls: self.avoid_stalls.then_some(true),
             origin: Default::default(),
         }
     }

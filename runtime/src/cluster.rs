@@ -38,9 +38,21 @@ pub struct ClusterBuilder {
 }
 
 impl ClusterBuilder {
-    /// `--listen`: the address every worker binds.
+    /// `--listen ADDR`: the one TCP address every worker binds (replacing any listeners
+    /// set before).
     pub fn listen(mut self, addr: SocketAddr) -> Self {
-        self.settings.listen = Some(Parsed(addr));
+        self.settings.listen = Some(vec![crate::config::Listener::tcp(addr)]);
+        self
+    }
+
+    /// One more `--listen`: a listener every worker serves besides those set before (the
+    /// first call replaces the default `127.0.0.1:8000`). Workers find its socket by its
+    /// name ([`crate::Worker::tcp_listener`], [`crate::Worker::udp_socket`]).
+    pub fn listener(mut self, listener: crate::config::Listener) -> Self {
+        self.settings
+            .listen
+            .get_or_insert_with(Vec::new)
+            .push(listener);
         self
     }
 

@@ -17,10 +17,13 @@ mod checks;
 mod credentials;
 mod fields;
 pub(crate) mod limits;
+mod listeners;
 pub(crate) mod program;
 mod settings;
 mod values;
 
+pub(crate) use listeners::{FLOW_TABLE_RANGE, UdpFlows};
+pub use listeners::{Listener, Protocol};
 pub use values::{Balance, LogFormat, parse_duration};
 
 pub(crate) use limits::{Cidr, ClientLimits, ConnRate};
@@ -29,7 +32,7 @@ pub(crate) use credentials::Credentials;
 pub(crate) use settings::{Parsed, SettingValue, Settings};
 pub(crate) use values::{
     ByteSize, StatusAddr, StatusPath, StatusPaths, WORKER_NOFILE_RANGE, WorkerCount, WorkerOutput,
-    format_size, parse_listen, parse_status_addr,
+    format_size, parse_status_addr,
 };
 
 use std::fmt;
@@ -74,8 +77,8 @@ pub(crate) enum ConfigError {
 /// The validated configuration a primary runs with.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Config {
-    /// Address every worker's socket binds.
-    pub listen: SocketAddr,
+    /// The addresses every worker serves, one socket each, in this order (never empty).
+    pub listeners: Vec<Listener>,
     /// How many worker slots.
     pub workers: usize,
     /// Steering policy.
@@ -114,6 +117,11 @@ pub(crate) struct Config {
     pub demo_body_timeout: Duration,
     /// The demo: a response may wait this long for the client to read any of it.
     pub demo_send_timeout: Duration,
+    /// The demo's QUIC listeners: the certificate chain (PEM) they present; `None` makes
+    /// a self-signed one at start. Set together with [`Config::tls_key`].
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of [`Config::tls_cert`].
+    pub tls_key: Option<PathBuf>,
     /// In `kernel` mode, set `net.ipv4.tcp_migrate_req=1` so a closing worker's queue
     /// migrates to the others instead of being reset.
     pub tcp_migrate_req: bool,
@@ -132,6 +140,10 @@ pub(crate) struct Config {
     pub command: Option<Vec<String>>,
     /// The per-client connection limit (`client-*`).
     pub client_limits: ClientLimits,
+    /// The UDP flow table (`udp-flow-timeout`, `udp-flow-table`).
+    pub udp_flows: UdpFlows,
+    /// Every eBPF policy steers around stalled workers (`avoid-stalls`).
+    pub avoid_stalls: bool,
     /// The file this came from, for SIGHUP reloads.
     pub config_file: Option<PathBuf>,
     /// What the command line (or the library builder) set. A SIGHUP reload lays these
@@ -142,7 +154,7 @@ pub(crate) struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            listeners: vec![Listener::tcp(SocketAddr::from(([127, 0, 0, 1], 8000)))],
             workers: WorkerCount::Auto.resolve(),
             balance: Balance::Auto,
             status: None,
@@ -162,6 +174,8 @@ impl Default for Config {
             demo_idle_timeout: Duration::from_secs(30),
             demo_body_timeout: Duration::from_secs(30),
             demo_send_timeout: Duration::from_secs(30),
+            tls_cert: None,
+            tls_key: None,
             tcp_migrate_req: true,
             cpu_affinity: false,
             max_memory: None,
@@ -170,6 +184,8 @@ impl Default for Config {
             worker_memory_limit: None,
             command: None,
             client_limits: ClientLimits::default(),
+            udp_flows: UdpFlows::default(),
+            avoid_stalls: false,
             config_file: None,
             overrides: Settings::default(),
         }
@@ -184,8 +200,13 @@ impl Config {
         let d = |v: Duration| format!("\"{}\"", humantime::format_duration(v));
         // TOML's own quoting: Rust's `{:?}` writes `\u{1}`, which TOML cannot read back.
         let q = |v: &dyn fmt::Display| toml::Value::String(v.to_string()).to_string();
+        let listen: Vec<toml::Value> = self
+            .listeners
+            .iter()
+            .map(|l| toml::Value::String(l.to_string()))
+            .collect();
         let mut lines: Vec<(&str, String)> = vec![
-            ("listen", q(&self.listen)),
+            ("listen", toml::Value::Array(listen).to_string()),
             ("workers", self.workers.to_string()),
             ("balance", q(&self.balance)),
         ];
@@ -220,6 +241,7 @@ impl Config {
                 format!("\"{}\"", self.worker_output.as_str()),
             ),
             ("demo-faults", self.demo_faults.to_string()),
+            ("avoid-stalls", self.avoid_stalls.to_string()),
             ("demo-header-timeout", d(self.demo_header_timeout)),
             ("demo-idle-timeout", d(self.demo_idle_timeout)),
             ("demo-body-timeout", d(self.demo_body_timeout)),
@@ -227,6 +249,10 @@ impl Config {
             ("tcp-migrate-req", self.tcp_migrate_req.to_string()),
             ("cpu-affinity", self.cpu_affinity.to_string()),
         ]);
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            lines.push(("tls-cert", q(&cert.display())));
+            lines.push(("tls-key", q(&key.display())));
+        }
         if let Some(bytes) = self.max_memory {
             lines.push(("max-memory", format!("\"{}\"", format_size(bytes))));
         }
@@ -260,6 +286,12 @@ impl Config {
                 ("client-table-size", limits.table_size.to_string()),
             ]);
         }
+        if self.listeners.iter().any(|l| l.protocol.is_datagram()) {
+            lines.extend([
+                ("udp-flow-timeout", d(self.udp_flows.timeout)),
+                ("udp-flow-table", self.udp_flows.table_size.to_string()),
+            ]);
+        }
         let mut out = String::new();
         for (key, value) in lines {
             let _ = writeln!(out, "{key} = {value}");
@@ -275,6 +307,31 @@ impl Config {
     }
 }
 
+/// What a reload would change in the listener set, by name: `added "dns" (udp://...)`,
+/// `removed "web"`, `changed "api"`; empty if it stays the same.
+pub(crate) fn listener_changes(running: &[Listener], reloaded: &[Listener]) -> Vec<String> {
+    let mut changes = Vec::new();
+    for l in reloaded {
+        match running.iter().find(|r| r.name == l.name) {
+            None => changes.push(format!("added {:?} ({}://{})", l.name, l.protocol, l.addr)),
+            Some(r) if r != l => changes.push(format!(
+                "changed {:?} ({}://{} -> {}://{})",
+                l.name, r.protocol, r.addr, l.protocol, l.addr
+            )),
+            Some(_) => {}
+        }
+    }
+    for r in running {
+        if !reloaded.iter().any(|l| l.name == r.name) {
+            changes.push(format!("removed {:?}", r.name));
+        }
+    }
+    if changes.is_empty() && running != reloaded {
+        changes.push("reordered".into());
+    }
+    changes
+}
+
 /// The keys whose change a SIGHUP cannot apply to the running primary, each named once.
 /// (`workers` and `balance` apply live, and `cpu-affinity` and another `command` with the
 /// roll that follows; see the primary's reload. Adding or removing `command` would switch
@@ -286,7 +343,7 @@ pub(crate) fn keys_needing_restart(running: &Config, reloaded: &Config) -> Vec<&
             keys.push(key);
         }
     };
-    changed("listen", running.listen != reloaded.listen);
+    changed("listen", running.listeners != reloaded.listeners);
     changed("status", running.status != reloaded.status);
     changed(
         "status-public",
@@ -314,6 +371,10 @@ pub(crate) fn keys_needing_restart(running: &Config, reloaded: &Config) -> Vec<&
         "client-table-size",
         running.client_limits.table_size != reloaded.client_limits.table_size,
     );
+    changed(
+        "udp-flow-table",
+        running.udp_flows.table_size != reloaded.udp_flows.table_size,
+    );
     keys
 }
 
@@ -322,7 +383,7 @@ impl Config {
     /// ([`keys_needing_restart`]), and what never comes from the file. `balance` stays
     /// too: the primary switches it, and records it, only if the switch succeeds.
     pub fn keep_unreloadable(&mut self, running: &Config) {
-        self.listen = running.listen;
+        self.listeners = running.listeners.clone();
         self.balance = running.balance;
         self.status = running.status;
         self.status_public = running.status_public;
@@ -334,6 +395,7 @@ impl Config {
             self.command = running.command.clone();
         }
         self.client_limits.table_size = running.client_limits.table_size;
+        self.udp_flows.table_size = running.udp_flows.table_size;
         self.verbosity = running.verbosity;
         self.config_file = running.config_file.clone();
         self.overrides = running.overrides.clone();
@@ -342,7 +404,7 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
-    use super::values::parse_size;
+    use super::values::{parse_listen, parse_size};
     use super::*;
 
     #[test]
@@ -357,7 +419,10 @@ mod tests {
         };
         let config = flags.overlay(file).into_config().expect("valid");
         assert_eq!(config.workers, 7, "flag overrides file");
-        assert_eq!(config.listen, SocketAddr::from(([127, 0, 0, 1], 9000)));
+        assert_eq!(
+            config.listeners,
+            [Listener::tcp(SocketAddr::from(([127, 0, 0, 1], 9000)))]
+        );
         assert_eq!(config.shutdown_timeout, Duration::from_secs(5));
         assert_eq!(config.balance, Balance::Kernel);
     }
@@ -378,11 +443,88 @@ mod tests {
             "workers, balance and cpu-affinity apply with SIGHUP"
         );
         let moved = Config {
-            listen: SocketAddr::from(([127, 0, 0, 1], 9999)),
+            listeners: vec![Listener::tcp(SocketAddr::from(([127, 0, 0, 1], 9999)))],
             status: Some(SocketAddr::from(([127, 0, 0, 1], 9998))),
             ..live
         };
         assert_eq!(keys_needing_restart(&running, &moved), ["listen", "status"]);
+    }
+
+    #[test]
+    fn a_reload_names_the_listeners_it_adds_removes_or_moves() {
+        let parse = |items: &[&str]| -> Vec<Listener> {
+            items.iter().map(|s| s.parse().expect("listener")).collect()
+        };
+        let running = parse(&["web=127.0.0.1:80", "api=127.0.0.1:81"]);
+        let reloaded = parse(&["web=127.0.0.1:8080", "dns=udp://127.0.0.1:53"]);
+        assert_eq!(
+            listener_changes(&running, &reloaded),
+            [
+                "changed \"web\" (tcp://127.0.0.1:80 -> tcp://127.0.0.1:8080)",
+                "added \"dns\" (udp://127.0.0.1:53)",
+                "removed \"api\"",
+            ]
+        );
+        assert!(listener_changes(&running, &running).is_empty());
+    }
+
+    #[test]
+    fn listen_takes_a_string_or_a_list() {
+        let one = Settings::from_toml("listen = \"127.0.0.1:9000\"").expect("string");
+        assert_eq!(one.listen.expect("set")[0].name, "tcp-9000");
+        let two =
+            Settings::from_toml("listen = [\"web=127.0.0.1:9000\", \"dns=udp://127.0.0.1:9053\"]")
+                .expect("list")
+                .into_config()
+                .expect("valid");
+        let shown: Vec<String> = two.listeners.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            ["web=tcp://127.0.0.1:9000", "dns=udp://127.0.0.1:9053"]
+        );
+        assert!(
+            two.summary()
+                .contains("listen = [\"web=tcp://127.0.0.1:9000\", \"dns=udp://127.0.0.1:9053\"]"),
+            "{}",
+            two.summary()
+        );
+        for (text, needle) in [
+            ("listen = []", "an array of them"),
+            ("listen = [5]", "invalid element"),
+            ("listen = [\"x=ftp://a:1\"]", "unknown scheme"),
+        ] {
+            let err = Settings::from_toml(text).expect_err(text);
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn conflicting_quic_and_baseline_listeners_are_refused_by_name() {
+        for (text, needle) in [
+            (
+                "listen = [\"a=127.0.0.1:9000\", \"a=udp://127.0.0.1:9001\"]",
+                "two listeners are named \"a\"",
+            ),
+            (
+                "listen = [\"a=0.0.0.0:9000\", \"b=127.0.0.1:9000\"]",
+                "wildcard",
+            ),
+            (
+                "balance = \"shared\"\nlisten = \"udp://127.0.0.1:9000\"",
+                "exactly one TCP listener",
+            ),
+            (
+                "balance = \"userspace\"\nlisten = [\"127.0.0.1:9000\", \"127.0.0.1:9001\"]",
+                "exactly one TCP listener",
+            ),
+        ] {
+            let err = Settings::from_toml(text)
+                .expect("parses")
+                .into_config()
+                .expect_err(text)
+                .to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
     }
 
     #[test]

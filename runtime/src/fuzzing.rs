@@ -1,4 +1,4 @@
-//! The three parsers that read untrusted bytes, each behind one function that runs it the
+//! The four parsers that read untrusted bytes, each behind one function that runs it the
 //! way Steer does and panics if one of its invariants breaks. The fuzz targets in `fuzz/`
 //! (cargo-fuzz) call these; `cargo test` replays the kept corpus in `fuzz/corpus/` through
 //! them, and the property tests beside each parser check the same invariants on generated
@@ -10,6 +10,8 @@
 //!   as they trickle in, which must agree.
 //! - [`config_toml`]: a config file, parsed, validated, and printed back by `steer check`,
 //!   which must read back to the same configuration.
+//! - [`quic_header`]: a datagram sent to a QUIC listener, routed by its connection ID
+//!   (`steer_common::quic::parse`, which the eBPF program mirrors).
 
 use crate::config::Settings;
 use crate::demo::http::{self, HeadScan, Rejection, RequestHead};
@@ -19,10 +21,11 @@ use crate::ipc::{Encoded, IpcError, MAX_MESSAGE_BYTES};
 pub type Target = fn(&[u8]);
 
 /// Every target by name: the fuzz crate's binaries and the directories of `fuzz/corpus/`.
-pub const TARGETS: [(&str, Target); 3] = [
+pub const TARGETS: [(&str, Target); 4] = [
     ("ipc_message", ipc_message),
     ("http_head", http_head),
     ("config_toml", config_toml),
+    ("quic_header", quic_header),
 ];
 
 /// Decodes `data` as one IPC message. A message that decodes must encode and decode back
@@ -107,6 +110,38 @@ pub fn config_toml(data: &[u8]) {
     assert_eq!(again, config, "{summary}");
 }
 
+/// Routes `data` as a datagram on a QUIC listener. The route depends only on the first
+/// [`steer_common::quic::MAX_READ`] bytes; a `Route::Steer` names the server ID in the DCID's
+/// bytes 1-4, and encoding that server ID with the DCID's own random bytes gives the DCID
+/// back; and a datagram that is not dropped is at least as long as its header's invariant
+/// prefix.
+pub fn quic_header(data: &[u8]) {
+    use steer_common::quic::{self, Route};
+    let route = quic::parse(data);
+    let prefix = &data[..data.len().min(quic::MAX_READ)];
+    assert_eq!(
+        route,
+        quic::parse(prefix),
+        "a prefix routes like the datagram"
+    );
+    match route {
+        Route::Steer(server) => {
+            let at = if data[0] & 0x80 != 0 { 6 } else { 1 };
+            let dcid = &data[at..at + quic::CID_LEN];
+            assert_eq!(quic::decode_server_id(dcid), Some(server));
+            let mut entropy = [0u8; quic::ENTROPY_LEN];
+            entropy[0] = dcid[0];
+            entropy[1..].copy_from_slice(&dcid[1 + quic::SERVER_ID_LEN..]);
+            assert_eq!(quic::encode_server_id(server, &entropy), dcid);
+        }
+        Route::Flow => assert!(
+            data.len() >= 6 || (data.len() > quic::CID_LEN && data[0] & 0x80 == 0),
+            "a flow has a whole invariant prefix: {data:?}"
+        ),
+        Route::Drop => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -163,8 +198,13 @@ mod tests {
             any::<usize>().prop_map(Recipient::Slot),
         ];
         prop_oneof![
-            (any::<u32>(), prop::option::of(any::<i32>()))
-                .prop_map(|(pid, fd)| Message::Register { pid, fd }),
+            (any::<u32>(), prop::option::of(any::<i32>())).prop_map(|(pid, fd)| {
+                Message::Register {
+                    pid,
+                    fd,
+                    listener: None,
+                }
+            }),
             Just(Message::Registered { load: None }),
             any::<bool>().prop_map(|heartbeats| Message::Ready { heartbeats }),
             any::<u64>().prop_map(|seq| Message::Ping { seq }),
@@ -297,6 +337,38 @@ mod tests {
             let decoded = crate::ipc::decode(encoded.as_bytes()).expect("decodes");
             prop_assert_eq!(&decoded, &message);
             ipc_message(encoded.as_bytes());
+        }
+
+        /// Any bytes, and headers around Steer's IDs with bytes flipped: routes agree with
+        /// the IDs they name.
+        #[test]
+        fn any_datagram_routes_consistently(
+            noise in prop::collection::vec(any::<u8>(), 0..64),
+            (slot, generation) in (any::<u16>(), any::<u16>()),
+            entropy in any::<[u8; steer_common::quic::ENTROPY_LEN]>(),
+            long in any::<bool>(),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+        ) {
+            use steer_common::quic::{self, Route, ServerId};
+            quic_header(&noise);
+            let server = ServerId { slot, generation };
+            let cid = quic::encode_server_id(server, &entropy);
+            let mut d = if long {
+                let mut d = vec![0xc0, 0, 0, 0, 1, 16];
+                d.extend_from_slice(&cid);
+                d
+            } else {
+                let mut d = vec![0x41];
+                d.extend_from_slice(&cid);
+                d
+            };
+            d.extend_from_slice(&noise);
+            prop_assert_eq!(quic::parse(&d), Route::Steer(server));
+            for (at, byte) in flips {
+                let i = at.index(d.len());
+                d[i] = byte;
+            }
+            quic_header(&d);
         }
 
         /// A valid file prints (`steer check`) as TOML that reads back to the same settings.

@@ -58,7 +58,10 @@
 //! The surface is small, and all of it is at the root: [`Cluster`] and [`ClusterBuilder`]
 //! start the primary; [`Worker`] (with [`WorkerStats`], [`Heartbeat`], [`DrainSignal`]) is
 //! what a worker process gets; [`Control`], [`UserMessage`], [`Recipient`] and
-//! [`IpcError`] carry messages between workers and the primary's hook. [`config`] holds
+//! [`IpcError`] carry messages between workers and the primary's hook. A program run as
+//! `steer run -- ./prog` takes its sockets by name with [`InheritedSockets`] (systemd's
+//! `LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`), each a [`ListenerSocket`]; a draining
+//! worker empties its UDP sockets with [`drain_datagrams`]. [`config`] holds
 //! the values [`ClusterBuilder`] takes ([`config::Balance`], [`config::LogFormat`]) and
 //! [`config::parse_duration`], which reads durations the way the command line does.
 //!
@@ -93,6 +96,7 @@ mod listener;
 mod logging;
 mod primary;
 mod privileges;
+pub mod quic;
 mod status;
 mod steering;
 mod sys;
@@ -103,7 +107,10 @@ mod worker;
 pub use cluster::{Cluster, ClusterBuilder};
 pub use ipc::{IpcError, MAX_MESSAGE_BYTES, Recipient};
 pub use primary::Control;
-pub use worker::{DrainSignal, Heartbeat, INBOX_CAPACITY, UserMessage, Worker, WorkerStats};
+pub use worker::{
+    ActivationError, DrainSignal, Heartbeat, INBOX_CAPACITY, InheritedSockets, ListenerSocket,
+    UserMessage, Worker, WorkerStats, drain_datagrams,
+};
 
 /// The `steer` binary's entry point (`runtime/src/main.rs`): not for library users.
 #[doc(hidden)]
@@ -126,8 +133,9 @@ pub mod internals {
 /// ```
 /// use steer::config::{Balance, LogFormat, parse_duration};
 /// use steer::{
-///     Cluster, ClusterBuilder, Control, DrainSignal, Heartbeat, INBOX_CAPACITY, IpcError,
-///     MAX_MESSAGE_BYTES, Recipient, UserMessage, Worker, WorkerStats,
+///     ActivationError, Cluster, ClusterBuilder, Control, DrainSignal, Heartbeat,
+///     INBOX_CAPACITY, InheritedSockets, IpcError, ListenerSocket, MAX_MESSAGE_BYTES,
+///     Recipient, UserMessage, Worker, WorkerStats, drain_datagrams,
 /// };
 /// ```
 ///

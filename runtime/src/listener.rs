@@ -5,7 +5,7 @@
 //! lets a socket into a group whose sockets all set it (and belong to the same user).
 
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -56,9 +56,81 @@ pub fn reserve(addr: SocketAddr) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// Creates a `SOCK_DGRAM | SOCK_CLOEXEC` socket with `SO_REUSEPORT` and binds it to `addr`
+/// (`socket`, `setsockopt`, `bind`): a UDP listener's socket. Not `SO_REUSEADDR`: on UDP it
+/// lets a socket of any user bind the same address beside it.
+pub fn bind_udp_reuseport(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&SockAddr::from(addr))?;
+    Ok(socket)
+}
+
+/// A worker's socket for `listener`: listening TCP ([`bind_reuseport`]) or bound UDP
+/// ([`bind_udp_reuseport`]).
+pub fn bind_for(listener: &crate::config::Listener) -> io::Result<Socket> {
+    if listener.protocol.is_datagram() {
+        bind_udp_reuseport(listener.addr)
+    } else {
+        bind_reuseport(listener.addr, true)
+    }
+}
+
+/// Reserves `listener`'s address ([`reserve`] for TCP; for UDP a bound socket with
+/// `SO_REUSEPORT` alone, which is in the group: see the primary's use of it).
+pub fn reserve_for(listener: &crate::config::Listener) -> io::Result<Socket> {
+    if listener.protocol.is_datagram() {
+        bind_udp_reuseport(listener.addr)
+    } else {
+        reserve(listener.addr)
+    }
+}
+
+/// Checks that `fd` is a worker's socket for `listener`: [`verify_listener`] for TCP; for
+/// UDP a datagram socket with `SO_REUSEPORT` bound to its address.
+pub fn verify_for(
+    fd: BorrowedFd<'_>,
+    listener: &crate::config::Listener,
+) -> Result<(), RegistrationError> {
+    if !listener.protocol.is_datagram() {
+        return verify_listener(fd, listener.addr);
+    }
+    let socket = socket2::SockRef::from(&fd);
+    let ty = socket.r#type().map_err(RegistrationError::Inspect)?;
+    if ty != Type::DGRAM {
+        return Err(RegistrationError::NotDatagram);
+    }
+    if !socket.reuse_port().map_err(RegistrationError::Inspect)? {
+        return Err(RegistrationError::NoReusePort);
+    }
+    // A connected UDP socket takes its peer's datagrams before any `SO_REUSEPORT`
+    // selection: the program never sees them, and its flows cannot be kept or moved.
+    if let Ok(peer) = socket.peer_addr() {
+        return Err(RegistrationError::Connected(
+            peer.as_socket()
+                .map_or_else(|| "a non-IP peer".to_owned(), |a| a.to_string()),
+        ));
+    }
+    let actual = socket.local_addr().map_err(RegistrationError::Inspect)?;
+    if actual.as_socket() != Some(listener.addr) {
+        let actual = actual
+            .as_socket()
+            .map_or_else(|| "a non-IP address".to_owned(), |a| a.to_string());
+        return Err(RegistrationError::WrongAddress {
+            expected: listener.addr,
+            actual,
+        });
+    }
+    Ok(())
+}
+
 /// A bound-and-listening socket for a worker, as a std listener (blocking).
-pub fn worker_listener(addr: SocketAddr) -> io::Result<TcpListener> {
-    bind_reuseport(addr, true).map(TcpListener::from)
+#[cfg(test)]
+pub fn worker_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    bind_reuseport(addr, true).map(std::net::TcpListener::from)
 }
 
 /// Turns a bind failure into a message that says what to do.
@@ -88,9 +160,16 @@ pub enum RegistrationError {
     /// Not a TCP stream socket.
     #[error("the registered fd is not a TCP stream socket")]
     NotStream,
+    /// Not a UDP datagram socket (for a UDP listener).
+    #[error("the registered fd is not a UDP datagram socket")]
+    NotDatagram,
     /// `SO_REUSEPORT` is off, so it cannot share the port with the other workers.
     #[error("the registered socket does not have SO_REUSEPORT set")]
     NoReusePort,
+    /// A UDP socket connected to a peer (`connect()`), which the kernel's reuseport
+    /// selection, and so Steer's program, never sees datagrams for.
+    #[error("the registered UDP socket is connected to {0}: it must stay unconnected")]
+    Connected(String),
     /// `listen()` was never called.
     #[error("the registered socket is not listening")]
     NotListening,
@@ -135,6 +214,8 @@ pub fn verify(fd: &impl AsFd, expected: SocketAddr) -> Result<(), RegistrationEr
 
 #[cfg(test)]
 mod tests {
+    use std::net::TcpListener;
+
     use super::*;
 
     #[test]
@@ -144,6 +225,21 @@ mod tests {
         let second = worker_listener(addr).expect("second socket joins the group");
         verify(&first, addr).expect("valid");
         verify(&second, addr).expect("valid");
+    }
+
+    #[test]
+    fn a_connected_udp_socket_is_refused() {
+        let socket = bind_udp_reuseport("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = socket.local_addr().expect("addr").as_socket().expect("ip");
+        let listener: crate::config::Listener =
+            format!("dns=udp://{addr}").parse().expect("listener");
+        verify_for(socket.as_fd(), &listener).expect("an unconnected UDP socket is valid");
+        let peer: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        socket.connect(&peer.into()).expect("connect");
+        assert!(matches!(
+            verify_for(socket.as_fd(), &listener),
+            Err(RegistrationError::Connected(p)) if p == "127.0.0.1:9"
+        ));
     }
 
     #[test]

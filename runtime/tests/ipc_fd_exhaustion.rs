@@ -30,7 +30,14 @@ fn running_out_of_fds_while_receiving_is_not_a_protocol_violation() {
     }
 
     worker
-        .send_with_fd(&Message::Register { pid: 7, fd: None }, listener.as_fd())
+        .send_with_fd(
+            &Message::Register {
+                pid: 7,
+                fd: None,
+                listener: None,
+            },
+            listener.as_fd(),
+        )
         .expect("send");
     let got = primary.recv();
     assert!(
@@ -42,10 +49,24 @@ fn running_out_of_fds_while_receiving_is_not_a_protocol_violation() {
     // With one fd free again, the same message arrives whole.
     filler.pop();
     worker
-        .send_with_fd(&Message::Register { pid: 7, fd: None }, listener.as_fd())
+        .send_with_fd(
+            &Message::Register {
+                pid: 7,
+                fd: None,
+                listener: None,
+            },
+            listener.as_fd(),
+        )
         .expect("send");
     let got = primary.recv().expect("recv").expect("a message");
-    assert_eq!(got.message, Message::Register { pid: 7, fd: None });
+    assert_eq!(
+        got.message,
+        Message::Register {
+            pid: 7,
+            fd: None,
+            listener: None,
+        }
+    );
     assert!(got.fd.is_some(), "the fd came with it");
 
     drop(filler);

@@ -1,6 +1,7 @@
 //! The harness for black-box tests of the `steer` binary (`tests/tests/*.rs`).
 //!
-//! Build the binary first: `cargo build -p steer`, then `cargo test -p steer-tests`
+//! Build the binary first: `cargo build -p steer --features quic` (tests/quic.rs needs QUIC;
+//! `cargo xtask test` builds it so), then `cargo test -p steer-tests`
 //! (`STEER_BIN=/path/to/steer` overrides where it is looked for; see [`steer_bin`]).
 //!
 //! A test starts a cluster, drives it through signals and HTTP, and states what it waits
@@ -41,13 +42,14 @@
 //! - [`pid_alive`], [`rss_bytes`], [`children_of`], [`wait_for`]: process inspection and
 //!   the generic poll-with-deadline.
 //! - [`free_port`], [`TempFile`]: ports and config files for a test.
-//! - [`SynSender`]: raw SYNs that never complete (phantom load; needs root); [`rogue`]: a
+//! - [`SynSender`]: raw SYNs that never complete (phantom load; needs root); [`SpoofedDatagrams`]: UDP from spoofed sources; [`rogue`]: a
 //!   same-user listener on a cluster's port, and the classic BPF filter it may attach;
 //!   [`netns`]: a network namespace of a test's own (its sysctls, its firewall).
 
 pub mod chaos;
 mod cluster;
 mod command;
+pub mod h3;
 mod http;
 mod load;
 mod net;
@@ -77,5 +79,5 @@ pub use crate::process::{
     signal_pending, wait_for,
 };
 pub use crate::status::{SlotState, WorkerStatus, all_ready};
-pub use crate::syn::SynSender;
+pub use crate::syn::{SpoofedDatagrams, SynSender};
 pub use crate::temp::TempFile;

@@ -58,6 +58,73 @@ impl SynSender {
     }
 }
 
+/// Sends UDP datagrams from spoofed IPv4 sources on 127.0.0.0/8 through a raw socket
+/// (root), each from a source address and port of its own: a flood of new flows that no
+/// socket owns.
+#[derive(Debug)]
+pub struct SpoofedDatagrams {
+    socket: Socket,
+    sent: u64,
+}
+
+impl SpoofedDatagrams {
+    /// Opens the raw socket.
+    ///
+    /// # Errors
+    ///
+    /// Without `CAP_NET_RAW`.
+    pub fn open() -> io::Result<SpoofedDatagrams> {
+        let socket = Socket::new(
+            Domain::IPV4,
+            Type::RAW,
+            Some(Protocol::from(libc::IPPROTO_RAW)),
+        )?;
+        Ok(SpoofedDatagrams { socket, sent: 0 })
+    }
+
+    /// Sends `count` datagrams to `target`, each from a new source (127.2.x.y and up,
+    /// ports 20000-59999).
+    ///
+    /// # Errors
+    ///
+    /// What `sendto(2)` reports.
+    pub fn send(&mut self, target: SocketAddrV4, count: u64) -> io::Result<()> {
+        let to = SockAddr::from(target);
+        for _ in 0..count {
+            let n = self.sent;
+            self.sent += 1;
+            let source = SocketAddrV4::new(
+                Ipv4Addr::new(127, 2 + (n >> 16) as u8, (n >> 8) as u8, n as u8),
+                20_000 + (n % 40_000) as u16,
+            );
+            self.socket.send_to(&datagram(source, target), &to)?;
+        }
+        Ok(())
+    }
+
+    /// Datagrams sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+}
+
+/// An IPv4 header (checksum, id and length left to the kernel) and a UDP datagram of 8
+/// payload bytes, without a UDP checksum (0: none, allowed over IPv4).
+fn datagram(source: SocketAddrV4, target: SocketAddrV4) -> [u8; 36] {
+    let mut packet = [0u8; 36];
+    packet[0] = 0x45; // IPv4, 5-word header
+    packet[8] = 64; // TTL
+    packet[9] = libc::IPPROTO_UDP as u8;
+    packet[12..16].copy_from_slice(&source.ip().octets());
+    packet[16..20].copy_from_slice(&target.ip().octets());
+    let udp = &mut packet[20..];
+    udp[0..2].copy_from_slice(&source.port().to_be_bytes());
+    udp[2..4].copy_from_slice(&target.port().to_be_bytes());
+    udp[4..6].copy_from_slice(&16u16.to_be_bytes());
+    udp[8..16].copy_from_slice(b"spoofed!");
+    packet
+}
+
 /// An IPv4 header (checksum, id and length left to the kernel) and a TCP SYN.
 fn syn_packet(source: SocketAddrV4, target: SocketAddrV4, seq: u32) -> [u8; 40] {
     let mut packet = [0u8; 40];

@@ -40,7 +40,10 @@ fn external_command_gets_its_own_socket_as_fd3_and_is_supervised() {
         let me: Value = serde_json::from_str(&response.body).expect("json");
         let env = &me["env"];
         assert_eq!(env["LISTEN_FDS"], "1");
-        assert_eq!(env["LISTEN_FDNAMES"], "steer");
+        assert_eq!(
+            env["LISTEN_FDNAMES"],
+            format!("tcp-{}", cluster.listen_addr().port()).as_str()
+        );
         assert_eq!(
             env["LISTEN_PID"],
             me["pid"].to_string().as_str(),

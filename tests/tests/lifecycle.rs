@@ -323,15 +323,47 @@ fn release_steer() -> std::path::PathBuf {
 
 #[test]
 fn the_release_primary_with_the_program_loaded_stays_under_10_mib_and_workers_under_5() {
-    // What an operator sees in `ps`: total RSS of the release build, 4 workers, the eBPF
-    // program loaded, after serving.
-    let cluster = Cluster::start_binary(
-        &release_steer(),
-        &["--workers", "4", "--balance", "round-robin"],
-    );
+    release_footprint(None);
+}
+
+#[test]
+fn the_release_primary_with_a_tcp_and_a_udp_listener_stays_under_10_mib_and_workers_under_5() {
+    // Two groups, two programs loaded, a 65,536-flow table (kernel memory, not the
+    // primary's).
+    release_footprint(Some(steer_tests::free_local_addr()));
+}
+
+/// What an operator sees in `ps`: total RSS of the release build, 4 workers, the eBPF
+/// program loaded, after serving (on `udp` too, if given: a second listener).
+fn release_footprint(udp: Option<std::net::SocketAddr>) {
+    let tcp = steer_tests::free_local_addr().to_string();
+    let udp_arg = udp.map(|a| format!("dns=udp://{a}"));
+    let mut args = vec![
+        "--workers",
+        "4",
+        "--balance",
+        "round-robin",
+        "--listen",
+        &tcp,
+    ];
+    if let Some(udp) = &udp_arg {
+        args.extend(["--listen", udp]);
+    }
+    let cluster = Cluster::start_binary(&release_steer(), &args);
     assert_eq!(cluster.status()["primary"]["balance"], "round-robin");
     for _ in 0..400 {
         must_get(cluster.listen_addr(), "/");
+    }
+    if let Some(udp) = udp {
+        for _ in 0..400 {
+            let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("client");
+            client
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("timeout");
+            client.send_to(b"x", udp).expect("send");
+            let mut answer = [0u8; 128];
+            client.recv_from(&mut answer).expect("a UDP answer");
+        }
     }
     cluster.status();
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
@@ -342,7 +374,8 @@ fn the_release_primary_with_the_program_loaded_stays_under_10_mib_and_workers_un
         .map(|(_, pid)| rss_bytes(pid))
         .collect();
     println!(
-        "release, 4 workers, round-robin: primary RSS {:.1} MiB; workers {:?} MiB",
+        "release, 4 workers, round-robin, UDP listener {udp:?}: primary RSS {:.1} MiB; \
+         workers {:?} MiB",
         mib(primary),
         workers
             .iter()

@@ -448,6 +448,10 @@ fn sighup_refuses_a_changed_listen_address_naming_it() {
         log.contains("SIGUSR1"),
         "the warning says how to apply it: {log}"
     );
+    assert!(
+        log.contains("added \"tcp-") && log.contains("removed \"tcp-"),
+        "the warning names the listeners added and removed: {log}"
+    );
     cluster.wait_until("the roll after the reload", Duration::from_secs(20), |s| {
         status::all_ready(s) && s["primary"]["phase"] == "running"
     });
@@ -805,4 +809,145 @@ fn a_failed_upgrade_from_kernel_to_ebpf_leaves_no_program_on_the_group() {
     assert_eq!(status::primary_pid(&doc), Some(old));
     assert_eq!(status::balance(&doc), Some("kernel"));
     cluster.stop_cleanly(Duration::from_secs(15));
+}
+
+/// One datagram from a new flow to `to`; the answering process's pid (the demo answers
+/// `<slot> <pid> <generation> <payload>`), or `None` within `timeout`.
+fn udp_answer_pid(to: std::net::SocketAddr, payload: &str, timeout: Duration) -> Option<u32> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("client socket");
+    socket.set_read_timeout(Some(timeout)).expect("timeout");
+    socket.send_to(payload.as_bytes(), to).expect("send");
+    let mut buffer = [0u8; 512];
+    let len = socket.recv(&mut buffer).ok()?;
+    let text = std::str::from_utf8(&buffer[..len]).expect("ASCII answer");
+    let fields: Vec<&str> = text.splitn(4, ' ').collect();
+    assert_eq!(
+        fields.get(3),
+        Some(&payload),
+        "the payload is echoed: {text:?}"
+    );
+    fields.get(1).and_then(|pid| pid.parse().ok())
+}
+
+/// Every one of `count` datagrams from new flows is answered by a worker the primary
+/// shows in `/status`.
+fn udp_all_answered(cluster: &Cluster, to: std::net::SocketAddr, count: usize, when: &str) {
+    let workers = cluster.worker_pid_list();
+    for i in 0..count {
+        let payload = format!("{when} {i}");
+        let pid = udp_answer_pid(to, &payload, Duration::from_secs(2))
+            .unwrap_or_else(|| panic!("{when}: datagram {i} unanswered\n{}", cluster.log()));
+        assert!(
+            workers.contains(&pid),
+            "{when}: answered by {pid}, not a worker of {workers:?}"
+        );
+    }
+}
+
+#[test]
+fn an_upgrade_with_a_tcp_and_a_udp_listener_keeps_serving_both() {
+    subreaper();
+    let (_dir, pid_file) = pid_file();
+    let pid_arg = pid_file.to_string_lossy().into_owned();
+    let tcp = steer_tests::free_local_addr().to_string();
+    let udp = steer_tests::free_local_addr();
+    let udp_arg = format!("dns=udp://{udp}");
+    let cluster = Cluster::start(&[
+        "--workers",
+        "2",
+        "--balance",
+        "round-robin",
+        "--pid-file",
+        &pid_arg,
+        "--listen",
+        &tcp,
+        "--listen",
+        &udp_arg,
+    ]);
+    udp_all_answered(&cluster, udp, 20, "before");
+    let load = Load::new_connections(cluster.listen_addr(), 3);
+    load.wait_for_ok(200, Duration::from_secs(10));
+    let old = cluster.pid();
+    let (new, took) = upgrade(&cluster, &pid_file);
+    assert_ne!(new, old);
+    load.wait_for_ok(load.ok() + 100, Duration::from_secs(10));
+    udp_all_answered(&cluster, udp, 20, "after");
+    let report = load.stop();
+    eprintln!("an upgrade with TCP and UDP listeners, {took:?}: TCP {report}");
+    report.assert_all_succeeded();
+    let doc = cluster.status();
+    let protocols: Vec<&str> = doc["listeners"]
+        .as_array()
+        .expect("listeners")
+        .iter()
+        .filter_map(|l| l["protocol"].as_str())
+        .collect();
+    assert_eq!(
+        protocols,
+        ["tcp", "udp"],
+        "the successor serves both: {doc}"
+    );
+    stop(&cluster, &pid_file);
+}
+
+/// `STEER_QUIC_RESET_KEY` of the worker `pid`, from the report
+/// `tests/fixtures/listeners_worker.py` writes in `dir`.
+fn quic_reset_key(dir: &Path, pid: u32) -> String {
+    let report = dir.join(format!("{pid}.json"));
+    wait_for("the worker's report", Duration::from_secs(10), || {
+        report.exists()
+    });
+    let seen: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("json");
+    seen["env"]["STEER_QUIC_RESET_KEY"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no reset key: {seen}"))
+        .to_owned()
+}
+
+#[test]
+fn an_upgrade_hands_the_quic_reset_key_to_the_successors_workers() {
+    subreaper();
+    let (dir, pid_file) = pid_file();
+    let reports = dir.path().with_extension("reports");
+    std::fs::create_dir_all(&reports).expect("dir");
+    let pid_arg = pid_file.to_string_lossy().into_owned();
+    let script = format!(
+        "{}/fixtures/listeners_worker.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let quic = format!("quic://{}", steer_tests::free_local_addr());
+    let cluster = Cluster::start(&[
+        "--workers",
+        "1",
+        "--pid-file",
+        &pid_arg,
+        "--listen",
+        &steer_tests::free_local_addr().to_string(),
+        "--listen",
+        &quic,
+        "--",
+        "python3",
+        &script,
+        reports.to_str().expect("utf-8 path"),
+    ]);
+    let old_worker = cluster.worker_pid_list()[0];
+    let before = quic_reset_key(&reports, old_worker);
+    let (_new, _took) = upgrade(&cluster, &pid_file);
+    let workers = cluster.worker_pid_list();
+    assert!(
+        !workers.contains(&old_worker),
+        "the successor started its own workers"
+    );
+    let after: Vec<String> = workers
+        .into_iter()
+        .map(|pid| quic_reset_key(&reports, pid))
+        .collect();
+    assert!(!after.is_empty());
+    assert!(
+        after.iter().all(|key| *key == before),
+        "the successor's workers answer resets for the old ones' IDs: {before} vs {after:?}"
+    );
+    stop(&cluster, &pid_file);
+    let _ = std::fs::remove_dir_all(&reports);
 }

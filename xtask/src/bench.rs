@@ -62,6 +62,8 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             "steer",
             "--bin",
             "steer",
+            "--features",
+            crate::QUIC,
             "--package",
             "steer-bench",
             "--bin",

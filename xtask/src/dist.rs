@@ -49,7 +49,16 @@ pub(crate) fn build() -> Result<(), String> {
     write_package_unit(&root, &dist)?;
     step(
         "cargo",
-        &["build", "--release", "--package", "steer", "--bin", "steer"],
+        &[
+            "build",
+            "--release",
+            "--package",
+            "steer",
+            "--bin",
+            "steer",
+            "--features",
+            crate::QUIC,
+        ],
     )?;
     let deb = build_deb(&dist)?;
     let tarball = build_tarball(&root, &dist, &version)?;

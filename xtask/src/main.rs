@@ -88,7 +88,16 @@ fn run(args: &[String]) -> Result<(), String> {
     setup::run()?;
     step(
         "cargo",
-        &["build", "--release", "--package", "steer", "--bin", "steer"],
+        &[
+            "build",
+            "--release",
+            "--package",
+            "steer",
+            "--bin",
+            "steer",
+            "--features",
+            QUIC,
+        ],
     )?;
     let steer = workspace_root().join("target/release/steer");
     let mut run_args = vec![
@@ -165,7 +174,11 @@ fn test(args: &[String]) -> Result<(), String> {
     // The integration tests drive the binaries, so build them (and the examples) first.
     // Plain cargo commands act on the workspace's default members: everything but the
     // eBPF crate, which runtime/build.rs builds for its own target.
-    step("cargo", &["build", "--bins", "--examples"])?;
+    // With QUIC (the demo's HTTP/3, the quinn example), which tests/quic.rs drives.
+    step(
+        "cargo",
+        &["build", "--bins", "--examples", "--features", QUIC],
+    )?;
     // And the release primary, whose memory a test holds to the budget users see,
     // packaged: tests/tests/dist.rs installs the .deb.
     dist::build()?;
@@ -181,8 +194,14 @@ fn test(args: &[String]) -> Result<(), String> {
     run_fuzz(&FUZZ_TARGETS, FUZZ_SECONDS_IN_TEST, Build::Quick)
 }
 
+/// The feature that builds QUIC into `steer` (the demo's HTTP/3, `steer::quic::quinn`): off
+/// by default, so that a TCP-only demo worker stays within its memory budget; on in what
+/// xtask builds to run, test, package and measure. tests/lifecycle.rs builds the release
+/// binary without it, for the budget.
+pub(crate) const QUIC: &str = "steer/quic";
+
 /// The fuzz targets: the binaries of `fuzz/` and the directories of `fuzz/corpus/`.
-const FUZZ_TARGETS: [&str; 3] = ["ipc_message", "http_head", "config_toml"];
+const FUZZ_TARGETS: [&str; 4] = ["ipc_message", "http_head", "config_toml", "quic_header"];
 
 /// Seconds each fuzz target runs in `cargo xtask test`.
 const FUZZ_SECONDS_IN_TEST: u32 = 10;

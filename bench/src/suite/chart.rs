@@ -585,6 +585,7 @@ mod tests {
                 tails: tails(9.0),
                 rate: stat(rate),
                 p99_ratio: Some(1.8),
+                p999_ratio: Some(1.9),
                 share_on_stalled: stat(0.4),
             }),
             roll: None,

@@ -247,6 +247,9 @@ impl Server {
                     "--shutdown-timeout",
                     "5s",
                     "-q",
+                    // Measured as it is meant to be used with a stalled worker; off by
+                    // default while experimental (a no-op without the program).
+                    "--avoid-stalls",
                 ]);
                 if *client_limit {
                     command.args([

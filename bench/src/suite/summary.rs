@@ -161,6 +161,8 @@ pub struct StallFigures {
     pub rate: Option<Stat>,
     /// Median stalled p99 over median no-stall (connect) p99.
     pub p99_ratio: Option<f64>,
+    /// Median stalled p99.9 over median no-stall (connect) p99.9.
+    pub p999_ratio: Option<f64>,
     /// Of the requests started during a stall, the share the stalled worker answered.
     pub share_on_stalled: Option<Stat>,
 }
@@ -367,6 +369,10 @@ fn summarize(name: &str, samples: &[Sample], workers: usize) -> SubjectSummary {
                 .p99_ms
                 .zip(connect.tails.p99_ms)
                 .map(|(stalled, calm)| stalled.median / calm.median.max(1e-9)),
+            p999_ratio: tails
+                .p999_ms
+                .zip(connect.tails.p999_ms)
+                .map(|(stalled, calm)| stalled.median / calm.median.max(1e-9)),
             share_on_stalled: Stat::of(stalls.values().filter_map(|m| m.stalled_share).collect()),
         }
     });
@@ -560,6 +566,22 @@ fn targets(subjects: &[SubjectSummary], workers: usize) -> Vec<Target> {
         measured: ll.map_or_else(|| "not measured".into(), |r| format!("{r:.2}x")),
         met: ll.map(|r| r <= 2.0),
     });
+    // Issue 25: every eBPF policy steers around a stalled worker.
+    for policy in EBPF_POLICIES {
+        let stall = get(policy).and_then(|s| s.stall);
+        let share = stall.and_then(|s| s.share_on_stalled).map(|s| s.median);
+        targets.push(Target {
+            goal: format!("{policy}: the stalled worker's share of requests during a stall < 5%"),
+            measured: share.map_or_else(|| "not measured".into(), |s| format!("{:.1}%", s * 100.0)),
+            met: share.map(|s| s < 0.05),
+        });
+        let p999 = stall.and_then(|s| s.p999_ratio);
+        targets.push(Target {
+            goal: format!("{policy}: stalled-worker p99.9 <= 2x its no-stall p99.9"),
+            measured: p999.map_or_else(|| "not measured".into(), |r| format!("{r:.2}x")),
+            met: p999.map(|r| r <= 2.0),
+        });
+    }
 
     for policy in EBPF_POLICIES {
         let roll = get(policy).and_then(|s| s.roll);
@@ -1230,6 +1252,7 @@ mod tests {
             tails: Tails::default(),
             rate: None,
             p99_ratio: None,
+            p999_ratio: None,
             share_on_stalled: stat(0.52),
         });
         let mut pm2 = node("pm2", 3_000.0, 1.3);

@@ -10,7 +10,7 @@ use super::values::{
     Balance, ByteSize, MIN_HEALTH_INTERVAL, MIN_HEALTH_TIMEOUT, MIN_MAX_MEMORY,
     MIN_WORKER_MEMORY_LIMIT, WORKER_NOFILE_RANGE, format_size,
 };
-use super::{ClientLimits, Config, ConfigError, Credentials, Parsed, Settings, program};
+use super::{ClientLimits, Config, ConfigError, Credentials, Parsed, Protocol, Settings, program};
 
 impl Settings {
     /// The error for a value that parsed but does not fit: it names the file and line
@@ -131,7 +131,7 @@ impl Settings {
         };
         let client_limits = self.client_limits()?;
         let config = Config {
-            listen: self.listen.map_or(d.listen, |p| p.0),
+            listeners: self.listen.clone().unwrap_or(d.listeners),
             workers,
             balance: self.balance.map_or(d.balance, |p| p.0),
             status: self.status.map(|p| p.0.0),
@@ -147,6 +147,8 @@ impl Settings {
             worker_output: self.worker_output.map_or(d.worker_output, |p| p.0),
             verbosity: 0,
             demo_faults: self.demo_faults.unwrap_or(false),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
             demo_header_timeout: self
                 .demo_header_timeout
                 .map_or(d.demo_header_timeout, |p| p.0),
@@ -162,9 +164,18 @@ impl Settings {
             worker_memory_limit: self.worker_memory_limit.map(|p| p.0.0),
             command: self.command.clone().filter(|c| !c.is_empty()),
             client_limits,
+            avoid_stalls: self.avoid_stalls.unwrap_or(false),
+            udp_flows: crate::config::UdpFlows {
+                timeout: self.udp_flow_timeout.map_or(d.udp_flows.timeout, |p| p.0),
+                table_size: self
+                    .udp_flow_table
+                    .map_or(d.udp_flows.table_size, |n| n as u32),
+                quic: false,
+            },
             config_file: None,
             overrides: Settings::default(),
         };
+        self.check_listeners(&config)?;
         self.check_addresses(&config)?;
         self.check_environment(&config)?;
         Ok(config)
@@ -310,6 +321,48 @@ impl Settings {
         Ok(())
     }
 
+    /// Listeners that can run together: no two in conflict
+    /// ([`super::listeners::conflict`]), and the baselines' single TCP socket.
+    fn check_listeners(&self, config: &Config) -> Result<(), ConfigError> {
+        let shown = || {
+            config
+                .listeners
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        #[cfg(not(feature = "quic"))]
+        if let Some(quic) = config
+            .listeners
+            .iter()
+            .find(|l| l.protocol == Protocol::Quic && config.command.is_none())
+        {
+            return Err(self.invalid(
+                "listen",
+                quic.to_string(),
+                "this steer was built without the quic feature: the demo serves quic:// \
+                 listeners only with it (an external COMMAND can serve them)",
+            ));
+        }
+        if let Some(conflict) = super::listeners::conflict(&config.listeners) {
+            return Err(self.invalid("listen", shown(), conflict));
+        }
+        if matches!(config.balance, Balance::Shared | Balance::Userspace)
+            && !matches!(&config.listeners[..], [one] if one.protocol == Protocol::Tcp)
+        {
+            return Err(self.invalid(
+                "listen",
+                shown(),
+                format!(
+                    "--balance {} serves exactly one TCP listener (its single socket is                      balanced in userspace); choose round-robin, hash, least-loaded, cpu or                      kernel for several listeners or UDP",
+                    config.balance
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The status listener cannot share the workers' address: the workers would bind
     /// (and crash-loop) against Steer's own status socket.
     fn check_addresses(&self, config: &Config) -> Result<(), ConfigError> {
@@ -323,15 +376,22 @@ impl Settings {
             }
             return Ok(());
         };
-        let listen = config.listen;
-        if addresses_clash(status, listen) {
-            return Err(self.invalid(
-                "status",
-                status.to_string(),
-                format!(
-                    "the status listener cannot share the workers' address (listen = {listen}); choose another port"
-                ),
-            ));
+        for listener in config
+            .listeners
+            .iter()
+            .filter(|l| l.protocol == Protocol::Tcp)
+        {
+            let listen = listener.addr;
+            if addresses_clash(status, listen) {
+                return Err(self.invalid(
+                    "status",
+                    status.to_string(),
+                    format!(
+                        "the status listener cannot share the workers' address (listener {:?} = {listen}); choose another port",
+                        listener.name
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -355,6 +415,7 @@ impl Settings {
                 });
             }
         }
+        self.check_tls(config)?;
         if let Some(path) = &config.pid_file {
             let parent = path
                 .parent()
@@ -365,6 +426,50 @@ impl Settings {
                     "pid-file",
                     path.display().to_string(),
                     format!("its directory {} does not exist", parent.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Settings {
+    /// `tls-cert` and `tls-key` come together, and each is a readable PEM file.
+    fn check_tls(&self, config: &Config) -> Result<(), ConfigError> {
+        let (cert, key) = match (&config.tls_cert, &config.tls_key) {
+            (None, None) => return Ok(()),
+            (Some(cert), Some(key)) => (cert, key),
+            (Some(cert), None) => {
+                return Err(self.invalid(
+                    "tls-cert",
+                    cert.display().to_string(),
+                    "needs tls-key, the certificate's private key",
+                ));
+            }
+            (None, Some(key)) => {
+                return Err(self.invalid(
+                    "tls-key",
+                    key.display().to_string(),
+                    "needs tls-cert, the certificate it is the key of",
+                ));
+            }
+        };
+        for (name, path, label) in [
+            ("tls-cert", cert, "CERTIFICATE"),
+            ("tls-key", key, "PRIVATE KEY"),
+        ] {
+            let text = std::fs::read_to_string(path).map_err(|err| {
+                self.invalid(
+                    name,
+                    path.display().to_string(),
+                    format!("cannot read it: {err}"),
+                )
+            })?;
+            if !text.contains("-----BEGIN ") || !text.contains(label) {
+                return Err(self.invalid(
+                    name,
+                    path.display().to_string(),
+                    format!("expected PEM with a {label} block"),
                 ));
             }
         }

@@ -44,6 +44,40 @@ where
     }
 }
 
+/// `listen`: one `[NAME=][SCHEME://]HOST:PORT` string, or an array of them.
+pub(super) fn listeners<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<super::Listener>>, D::Error> {
+    let expected = "expected a listener string such as \"127.0.0.1:8000\" or \"dns=udp://[::]:53\", or an array of them";
+    let items = match Value::deserialize(d)? {
+        Value::String(s) => vec![s],
+        Value::Array(items) if !items.is_empty() => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(s) => Ok(s),
+                other => Err(D::Error::custom(format!(
+                    "invalid element {}: {expected}",
+                    kind(&other)
+                ))),
+            })
+            .collect::<Result<_, _>>()?,
+        other => {
+            return Err(D::Error::custom(format!(
+                "invalid value {}: {expected}",
+                kind(&other)
+            )));
+        }
+    };
+    items
+        .iter()
+        .map(|text| {
+            text.parse()
+                .map_err(|reason| D::Error::custom(format!("invalid value {text:?}: {reason}")))
+        })
+        .collect::<Result<_, _>>()
+        .map(Some)
+}
+
 /// `workers`: a number or `"auto"`.
 pub(super) fn workers<'de, D: Deserializer<'de>>(d: D) -> Result<Option<WorkerCount>, D::Error> {
     let (text, shown) = match Value::deserialize(d)? {
@@ -105,6 +139,12 @@ pub(super) fn client_prefix_v6<'de, D: Deserializer<'de>>(d: D) -> Result<Option
 /// `client-table-size`: see [`super::limits::TABLE_SIZE_RANGE`].
 pub(super) fn client_table_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     let range = super::limits::TABLE_SIZE_RANGE;
+    whole_number(d, *range.start(), *range.end()).map(Some)
+}
+
+/// `udp-flow-table`: see [`super::listeners::FLOW_TABLE_RANGE`].
+pub(super) fn udp_flow_table<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let range = super::listeners::FLOW_TABLE_RANGE;
     whole_number(d, *range.start(), *range.end()).map(Some)
 }
 

@@ -2,7 +2,6 @@
 //! file reader, the overlay that lets flags win, and the checks of one key against another.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -11,9 +10,10 @@ use serde::Deserialize;
 use super::ConfigError;
 use super::fields;
 use super::limits::{Cidr, ConnRate};
+use super::listeners::Listener;
 use super::values::{
     Balance, ByteSize, LogFormat, StatusAddr, StatusPaths, WorkerCount, WorkerOutput,
-    parse_duration, parse_listen,
+    parse_duration,
 };
 
 /// Where the file-given values of a [`Settings`] came from, so checks made after parsing
@@ -33,9 +33,9 @@ pub struct Origin {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Settings {
-    /// `listen`
-    #[serde(default, deserialize_with = "fields::from_str")]
-    pub listen: Option<Parsed<SocketAddr>>,
+    /// `listen`: one listener string, or an array of them.
+    #[serde(default, deserialize_with = "fields::listeners")]
+    pub listen: Option<Vec<Listener>>,
     /// `workers`: a number or "auto".
     #[serde(default, deserialize_with = "fields::workers")]
     pub workers: Option<WorkerCount>,
@@ -91,6 +91,12 @@ pub struct Settings {
     /// `demo-send-timeout`
     #[serde(default, deserialize_with = "fields::from_str")]
     pub demo_send_timeout: Option<Parsed<Duration>>,
+    /// `tls-cert`
+    #[serde(default, deserialize_with = "fields::path")]
+    pub tls_cert: Option<PathBuf>,
+    /// `tls-key`
+    #[serde(default, deserialize_with = "fields::path")]
+    pub tls_key: Option<PathBuf>,
     /// `tcp-migrate-req`
     #[serde(default, deserialize_with = "fields::boolean")]
     pub tcp_migrate_req: Option<bool>,
@@ -133,6 +139,15 @@ pub struct Settings {
     /// `client-table-size`: entries of the client table.
     #[serde(default, deserialize_with = "fields::client_table_size")]
     pub client_table_size: Option<u64>,
+    /// `udp-flow-timeout`
+    #[serde(default, deserialize_with = "fields::from_str")]
+    pub udp_flow_timeout: Option<Parsed<Duration>>,
+    /// `udp-flow-table`: entries of each UDP listener's flow table.
+    #[serde(default, deserialize_with = "fields::udp_flow_table")]
+    pub udp_flow_table: Option<u64>,
+    /// `avoid-stalls`
+    #[serde(default, deserialize_with = "fields::boolean")]
+    pub avoid_stalls: Option<bool>,
     /// Where the file-given values came from (not a key).
     #[serde(skip)]
     pub origin: Origin,
@@ -150,12 +165,6 @@ pub trait SettingValue: Sized {
     fn parse_setting(s: &str) -> Result<Self, String>;
 }
 
-impl SettingValue for SocketAddr {
-    const EXPECTED: &'static str = "an address string such as \"127.0.0.1:8000\"";
-    fn parse_setting(s: &str) -> Result<Self, String> {
-        parse_listen(s)
-    }
-}
 impl SettingValue for StatusAddr {
     const EXPECTED: &'static str =
         "an address string such as \"127.0.0.1:8001\", or a port number string (\"8001\")";
@@ -219,6 +228,8 @@ impl Settings {
         "demo-idle-timeout",
         "demo-body-timeout",
         "demo-send-timeout",
+        "tls-cert",
+        "tls-key",
         "tcp-migrate-req",
         "cpu-affinity",
         "max-memory",
@@ -233,6 +244,9 @@ impl Settings {
         "client-prefix-v6",
         "client-exempt",
         "client-table-size",
+        "udp-flow-timeout",
+        "udp-flow-table",
+        "avoid-stalls",
     ];
 
     /// Reads and parses a TOML file. Unknown keys and bad values are errors that name the
@@ -282,6 +296,8 @@ impl Settings {
             "demo-idle-timeout" => self.demo_idle_timeout.is_some(),
             "demo-body-timeout" => self.demo_body_timeout.is_some(),
             "demo-send-timeout" => self.demo_send_timeout.is_some(),
+            "tls-cert" => self.tls_cert.is_some(),
+            "tls-key" => self.tls_key.is_some(),
             "tcp-migrate-req" => self.tcp_migrate_req.is_some(),
             "cpu-affinity" => self.cpu_affinity.is_some(),
             "max-memory" => self.max_memory.is_some(),
@@ -296,6 +312,9 @@ impl Settings {
             "client-prefix-v6" => self.client_prefix_v6.is_some(),
             "client-exempt" => self.client_exempt.is_some(),
             "client-table-size" => self.client_table_size.is_some(),
+            "udp-flow-timeout" => self.udp_flow_timeout.is_some(),
+            "udp-flow-table" => self.udp_flow_table.is_some(),
+            "avoid-stalls" => self.avoid_stalls.is_some(),
             _ => false,
         }
     }
@@ -325,6 +344,8 @@ impl Settings {
             demo_idle_timeout: self.demo_idle_timeout.or(base.demo_idle_timeout),
             demo_body_timeout: self.demo_body_timeout.or(base.demo_body_timeout),
             demo_send_timeout: self.demo_send_timeout.or(base.demo_send_timeout),
+            tls_cert: self.tls_cert.or(base.tls_cert),
+            tls_key: self.tls_key.or(base.tls_key),
             tcp_migrate_req: self.tcp_migrate_req.or(base.tcp_migrate_req),
             cpu_affinity: self.cpu_affinity.or(base.cpu_affinity),
             max_memory: self.max_memory.or(base.max_memory),
@@ -339,6 +360,9 @@ impl Settings {
             client_prefix_v6: self.client_prefix_v6.or(base.client_prefix_v6),
             client_exempt: self.client_exempt.or(base.client_exempt),
             client_table_size: self.client_table_size.or(base.client_table_size),
+            udp_flow_timeout: self.udp_flow_timeout.or(base.udp_flow_timeout),
+            udp_flow_table: self.udp_flow_table.or(base.udp_flow_table),
+            avoid_stalls: self.avoid_stalls.or(base.avoid_stalls),
             origin,
         }
     }

@@ -26,6 +26,8 @@ mod admission;
 mod connection;
 mod faults;
 pub(crate) mod http;
+#[cfg(feature = "quic")]
+pub(crate) mod quic;
 mod responder;
 mod routes;
 mod server;
@@ -57,6 +59,22 @@ pub(crate) fn timeouts_env(config: &crate::config::Config) -> (&'static str, Str
     (timeouts::ENV, Timeouts::from_config(config).to_env())
 }
 
+/// The environment variables that hand `--tls-cert` and `--tls-key` to a demo worker.
+pub(crate) fn tls_env(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> [(std::ffi::OsString, std::ffi::OsString); 2] {
+    [
+        (ENV_TLS_CERT.into(), cert.as_os_str().to_owned()),
+        (ENV_TLS_KEY.into(), key.as_os_str().to_owned()),
+    ]
+}
+
+/// `--tls-cert`'s path, for a demo worker.
+pub(crate) const ENV_TLS_CERT: &str = "STEER_DEMO_TLS_CERT";
+/// `--tls-key`'s path, for a demo worker.
+pub(crate) const ENV_TLS_KEY: &str = "STEER_DEMO_TLS_KEY";
+
 /// Serves HTTP on `listener` until drained or orphaned. The worker has already registered
 /// the listener with the primary; `channel` is the IPC channel (blocking or not, set it as you need).
 /// Without a listener (the `userspace` baseline) it serves the connections the primary
@@ -71,12 +89,12 @@ pub(crate) fn timeouts_env(config: &crate::config::Config) -> (&'static str, Str
 /// With `load` (under `least-loaded`), the worker publishes its accepted and open
 /// connection counts there on every accept and close.
 pub fn serve(
-    listener: Option<std::net::TcpListener>,
+    sockets: Vec<crate::worker::ListenerSocket>,
     channel: Channel,
     options: DemoOptions,
     load: Option<crate::steering::LoadReporter>,
 ) -> std::io::Result<()> {
-    server::Server::new(listener, channel, options, load)?.run()
+    server::Server::new(sockets, channel, options, load)?.run()
 }
 
 /// Runs the demo app if this process was started as a demo worker. Called first thing in
@@ -87,7 +105,7 @@ pub(crate) fn run_worker_if_requested() -> Option<ExitCode> {
         return None;
     }
     crate::logging::init_from_env();
-    let (env, listener, channel, load) = match crate::worker::bootstrap() {
+    let (env, sockets, channel, load) = match crate::worker::bootstrap() {
         Ok(parts) => parts,
         Err(message) => {
             tracing::error!("worker bootstrap failed: {message}");
@@ -100,13 +118,68 @@ pub(crate) fn run_worker_if_requested() -> Option<ExitCode> {
         faults: std::env::var(DEMO_FAULTS).as_deref() == Ok("1"),
         timeouts: Timeouts::from_process_env(),
     };
-    Some(match serve(listener, channel, options, load) {
+    let (quic, sockets) = split_quic(&env.listeners, sockets);
+    let served = if quic.is_empty() {
+        serve(sockets, channel, options, load)
+    } else {
+        serve_with_quic(sockets, quic, channel, options, load)
+    };
+    Some(match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(slot = env.slot, "demo worker failed: {err}");
             ExitCode::FAILURE
         }
     })
+}
+
+/// The QUIC listeners' sockets, apart from the rest (in order).
+fn split_quic(
+    listeners: &[crate::config::Listener],
+    sockets: Vec<crate::worker::ListenerSocket>,
+) -> (Vec<std::net::UdpSocket>, Vec<crate::worker::ListenerSocket>) {
+    use crate::config::Protocol;
+    use crate::worker::ListenerSocket;
+    let mut quic = Vec::new();
+    let mut rest = Vec::new();
+    for (listener, socket) in listeners.iter().zip(sockets) {
+        match socket {
+            ListenerSocket::Udp(udp) if listener.protocol == Protocol::Quic => quic.push(udp),
+            other => rest.push(other),
+        }
+    }
+    (quic, rest)
+}
+
+/// [`serve`], with HTTP/3 on the QUIC listeners' sockets.
+#[cfg(feature = "quic")]
+fn serve_with_quic(
+    sockets: Vec<crate::worker::ListenerSocket>,
+    quic: Vec<std::net::UdpSocket>,
+    channel: Channel,
+    options: DemoOptions,
+    load: Option<crate::steering::LoadReporter>,
+) -> std::io::Result<()> {
+    let setup = quic::QuicSetup::from_env(options.slot, options.timeouts.shutdown)
+        .map_err(std::io::Error::other)?;
+    server::Server::new(sockets, channel, options, load)?
+        .with_quic(quic, setup)?
+        .run()
+}
+
+/// Without the `quic` feature, a QUIC listener cannot be served (`steer check` says so
+/// before any worker starts).
+#[cfg(not(feature = "quic"))]
+fn serve_with_quic(
+    _sockets: Vec<crate::worker::ListenerSocket>,
+    _quic: Vec<std::net::UdpSocket>,
+    _channel: Channel,
+    _options: DemoOptions,
+    _load: Option<crate::steering::LoadReporter>,
+) -> std::io::Result<()> {
+    Err(std::io::Error::other(
+        "this steer was built without the quic feature: the demo cannot serve quic:// listeners",
+    ))
 }
 
 #[cfg(test)]
@@ -141,7 +214,14 @@ mod tests {
                 faults,
                 timeouts: Timeouts::default(),
             };
-            let thread = thread::spawn(move || serve(Some(listener), worker_end, options, None));
+            let thread = thread::spawn(move || {
+                serve(
+                    vec![crate::worker::ListenerSocket::Tcp(listener)],
+                    worker_end,
+                    options,
+                    None,
+                )
+            });
             let worker = Worker {
                 addr,
                 primary,
@@ -325,8 +405,13 @@ mod tests {
             faults: false,
             timeouts: Timeouts::default(),
         };
-        let server = server::Server::new(Some(listener), worker_end, options, None)
-            .expect("a server over the listener");
+        let server = server::Server::new(
+            vec![crate::worker::ListenerSocket::Tcp(listener)],
+            worker_end,
+            options,
+            None,
+        )
+        .expect("a server over the listener");
         assert!(
             socket2::SockRef::from(&watch)
                 .tcp_nodelay()

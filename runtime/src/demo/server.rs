@@ -25,8 +25,14 @@ use crate::accept::{AcceptPause, is_exhaustion};
 use crate::ipc::{Channel, Counters, IpcError, Message, Received};
 use crate::steering::LoadReporter;
 
+/// Every TCP listener (the queues are emptied on every wake, whichever one woke it).
 const LISTENER: Token = Token(0);
+/// Every UDP socket (each is read on every wake, [`DATAGRAM_BUDGET`] at a time).
+const DATAGRAMS: Token = Token(usize::MAX);
 const CHANNEL: Token = Token(1);
+/// The QUIC thread is done after a drain (`quic` feature).
+#[cfg(feature = "quic")]
+const QUIC_DONE: Token = Token(usize::MAX - 1);
 /// Connection `i` is registered as `Token(FIRST_CONNECTION + i)`.
 const FIRST_CONNECTION: usize = 2;
 
@@ -40,6 +46,9 @@ const READ_CHUNK: usize = 8 * 1024;
 /// Connections accepted per turn of the loop; the rest wait for the next turn.
 const ACCEPT_BUDGET: usize = 64;
 
+/// Datagrams answered per UDP socket per turn of the loop; the rest on the next turn.
+const DATAGRAM_BUDGET: usize = ACCEPT_BUDGET * 4;
+
 /// `SO_SNDBUF` of every connection (the kernel doubles it for its bookkeeping).
 pub(crate) const SEND_BUFFER: usize = 32 * 1024;
 
@@ -52,8 +61,16 @@ pub(crate) const IDLE_GRACE: Duration = Duration::from_secs(2);
 /// The event loop and everything it owns.
 pub struct Server {
     poll: Poll,
-    /// `None` once draining.
-    listener: Option<TcpListener>,
+    /// The TCP listeners, in the listeners' order; empty once draining.
+    listeners: Vec<TcpListener>,
+    /// The UDP listeners' sockets: every datagram is answered with one datagram. Empty
+    /// once draining: each was read until empty, then closed.
+    datagrams: Vec<mio::net::UdpSocket>,
+    /// A UDP socket's budget ran out on the last turn: datagrams are still queued, and the
+    /// edge-triggered poll will not say so again.
+    datagrams_left: bool,
+    /// What each answer starts with: `<slot> <pid> <generation> `.
+    datagram_prefix: Vec<u8>,
     channel: Channel,
     connections: Connections,
     responder: Responder,
@@ -79,6 +96,9 @@ pub struct Server {
     listener_nodelay: bool,
     /// The channel to the primary closed or failed: the loop ends at its next turn.
     gone: std::cell::Cell<Option<Gone>>,
+    /// HTTP/3 on the QUIC listeners, on a thread of its own.
+    #[cfg(feature = "quic")]
+    quic: Option<super::quic::QuicSide>,
 }
 
 /// Why the channel to the primary is no longer usable.
@@ -91,9 +111,10 @@ enum Gone {
 }
 
 impl Server {
-    /// Registers the listener and the (now non-blocking) channel with a new poll.
+    /// Registers the listeners, the UDP sockets and the (now non-blocking) channel with a
+    /// new poll.
     pub fn new(
-        listener: Option<std::net::TcpListener>,
+        sockets: Vec<crate::worker::ListenerSocket>,
         channel: Channel,
         options: DemoOptions,
         load: Option<LoadReporter>,
@@ -103,20 +124,38 @@ impl Server {
         // Accepted sockets inherit TCP_NODELAY and a locked SO_SNDBUF from their listener:
         // two setsockopts here instead of two for each connection (each one in ten of a
         // new connection's calls).
-        let listener_nodelay = listener.as_ref().is_some_and(|l| {
-            let socket = socket2::SockRef::from(l);
-            socket.set_tcp_nodelay(true).is_ok() && socket.set_send_buffer_size(SEND_BUFFER).is_ok()
-        });
-        let listener = match listener {
-            Some(listener) => {
-                listener.set_nonblocking(true)?;
-                let mut listener = TcpListener::from_std(listener);
-                poll.registry()
-                    .register(&mut listener, LISTENER, Interest::READABLE)?;
-                Some(listener)
+        let mut listeners = Vec::new();
+        let mut datagrams = Vec::new();
+        let mut listener_nodelay = true;
+        for socket in sockets {
+            match socket {
+                crate::worker::ListenerSocket::Tcp(listener) => {
+                    let options = socket2::SockRef::from(&listener);
+                    listener_nodelay &= options.set_tcp_nodelay(true).is_ok()
+                        && options.set_send_buffer_size(SEND_BUFFER).is_ok();
+                    listener.set_nonblocking(true)?;
+                    let mut listener = TcpListener::from_std(listener);
+                    poll.registry()
+                        .register(&mut listener, LISTENER, Interest::READABLE)?;
+                    listeners.push(listener);
+                }
+                crate::worker::ListenerSocket::Udp(socket) => {
+                    socket.set_nonblocking(true)?;
+                    let mut socket = mio::net::UdpSocket::from_std(socket);
+                    poll.registry()
+                        .register(&mut socket, DATAGRAMS, Interest::READABLE)?;
+                    datagrams.push(socket);
+                }
             }
-            None => None,
-        };
+        }
+        let listener_nodelay = listener_nodelay && !listeners.is_empty();
+        let datagram_prefix = format!(
+            "{} {} {} ",
+            options.slot,
+            std::process::id(),
+            options.generation
+        )
+        .into_bytes();
         poll.registry().register(
             &mut SourceFd(&channel.as_raw_fd()),
             CHANNEL,
@@ -124,7 +163,10 @@ impl Server {
         )?;
         Ok(Server {
             poll,
-            listener,
+            listeners,
+            datagrams,
+            datagrams_left: false,
+            datagram_prefix,
             channel,
             connections: Connections::default(),
             responder: Responder::new(options),
@@ -140,7 +182,39 @@ impl Server {
             next_sweep: Instant::now(),
             listener_nodelay,
             gone: std::cell::Cell::new(None),
+            #[cfg(feature = "quic")]
+            quic: None,
         })
+    }
+
+    /// Serves HTTP/3 on `sockets` (the QUIC listeners') on a thread of its own, which
+    /// wakes this loop once its connections are gone after a drain.
+    #[cfg(feature = "quic")]
+    pub(crate) fn with_quic(
+        mut self,
+        sockets: Vec<std::net::UdpSocket>,
+        setup: super::quic::QuicSetup,
+    ) -> io::Result<Server> {
+        if sockets.is_empty() {
+            return Ok(self);
+        }
+        let waker = mio::Waker::new(self.poll.registry(), QUIC_DONE)?;
+        let wake = move || {
+            if let Err(error) = waker.wake() {
+                warn!(%error, "could not wake the loop after the QUIC drain");
+            }
+        };
+        self.quic = Some(super::quic::QuicSide::start(sockets, setup, wake)?);
+        Ok(self)
+    }
+
+    /// Whether the QUIC side (if any) has no connection left after a drain.
+    fn quic_done(&self) -> bool {
+        #[cfg(feature = "quic")]
+        if let Some(quic) = &self.quic {
+            return quic.is_done();
+        }
+        true
     }
 
     /// Tells the primary the loop is up, then runs it until drained, or until the channel
@@ -182,10 +256,12 @@ impl Server {
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
                 Err(error) => return Err(error),
             }
+            let mut datagrams_ready = self.datagrams_left;
             for event in &events {
                 match event.token() {
                     // The queue is emptied below on every wake.
                     LISTENER => {}
+                    DATAGRAMS => datagrams_ready = true,
                     CHANNEL => self.receive_messages(),
                     Token(token) => {
                         if let Some(index) = token.checked_sub(FIRST_CONNECTION) {
@@ -194,13 +270,16 @@ impl Server {
                     }
                 }
             }
+            if datagrams_ready {
+                self.answer_datagrams();
+            }
             self.drive_again();
             self.accept_queued();
             let now = Instant::now();
             self.wake_sleepers(now);
             self.give_up_on_silent(now);
             self.sweep(now);
-            if self.responder.is_draining() && self.connections.is_empty() {
+            if self.responder.is_draining() && self.connections.is_empty() && self.quic_done() {
                 info!(slot, generation, "drained");
                 return Ok(());
             }
@@ -210,8 +289,11 @@ impl Server {
     /// The poll timeout: none while work is left from this turn, else the next timer, and
     /// at most [`ACCEPT_INTERVAL`] while accepting.
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        let accepting = self.listener.is_some();
-        if !self.again.is_empty() || (accepting && self.backlog && !self.pause.is_paused(now)) {
+        let accepting = !self.listeners.is_empty();
+        if !self.again.is_empty()
+            || self.datagrams_left
+            || (accepting && self.backlog && !self.pause.is_paused(now))
+        {
             return Some(Duration::ZERO);
         }
         let accept = accepting.then_some(ACCEPT_INTERVAL);
@@ -290,13 +372,28 @@ impl Server {
             return;
         }
         self.full_until = None;
-        if let Some(mut listener) = self.listener.take() {
+        let mut backlog = false;
+        for mut listener in std::mem::take(&mut self.listeners) {
             if self.accept_from(&listener, ACCEPT_BUDGET) {
-                self.listener = Some(listener);
+                self.listeners.push(listener);
             } else if let Err(error) = self.poll.registry().deregister(&mut listener) {
                 debug!(%error, "could not stop watching the shut-down listener");
             }
+            backlog |= self.backlog;
         }
+        self.backlog = backlog;
+    }
+
+    /// Answers what is queued on the UDP sockets, at most [`DATAGRAM_BUDGET`] datagrams
+    /// each, so one flooded socket cannot starve the rest of the loop. What is left raises
+    /// no new edge: `datagrams_left` has the loop look again at once.
+    fn answer_datagrams(&mut self) {
+        let mut buffer = DatagramBuffer::new(&self.datagram_prefix);
+        let mut left = false;
+        for socket in &self.datagrams {
+            left |= !buffer.answer_queued(socket, DATAGRAM_BUDGET);
+        }
+        self.datagrams_left = left;
     }
 
     /// Accepts until the queue is empty or `budget` connections are taken (then
@@ -422,24 +519,39 @@ impl Server {
         }
     }
 
-    /// Stops accepting (after taking what is queued). Each connection's next request is
-    /// answered with `Connection: close`; connections still idle after [`IDLE_GRACE`] are
-    /// closed.
+    /// Stops accepting (after taking what is queued), and answers every datagram queued
+    /// on the UDP sockets before closing them. Each connection's next request is answered
+    /// with `Connection: close`; connections still idle after [`IDLE_GRACE`] are closed.
     fn start_drain(&mut self) {
         if self.responder.is_draining() {
             return;
         }
         info!(connections = self.connections.len(), "draining");
         self.responder.start_draining();
+        #[cfg(feature = "quic")]
+        if let Some(quic) = &self.quic {
+            quic.drain();
+        }
         // Before the last accepts: what they take gets the same grace as everyone else.
         self.idle_deadline = Some(Instant::now() + IDLE_GRACE);
-        if let Some(mut listener) = self.listener.take() {
+        for mut listener in std::mem::take(&mut self.listeners) {
             if let Err(error) = self.poll.registry().deregister(&mut listener) {
                 warn!(%error, "could not stop watching the listener");
             }
             // All of it, whatever the budget: what stays queued leaves with the listener.
             let _still_listening = self.accept_from(&listener, usize::MAX);
         }
+        // The primary took the UDP sockets out of steering before asking for the drain:
+        // nothing new reaches them. Answer all that is queued, whatever the budget, then
+        // close them; a datagram left in a socket would be freed with it.
+        let mut buffer = DatagramBuffer::new(&self.datagram_prefix);
+        for mut socket in std::mem::take(&mut self.datagrams) {
+            if let Err(error) = self.poll.registry().deregister(&mut socket) {
+                warn!(%error, "could not stop watching a UDP socket");
+            }
+            let _emptied = buffer.answer_queued(&socket, usize::MAX);
+        }
+        self.datagrams_left = false;
         for index in 0..self.connections.span() {
             self.drive(index, false);
         }
@@ -603,6 +715,44 @@ impl Server {
     }
 }
 
+/// Room for one answer: the prefix `<slot> <pid> <generation> `, then the datagram read
+/// right behind it, so the answer goes out with no copy.
+struct DatagramBuffer {
+    bytes: Vec<u8>,
+    prefix: usize,
+}
+
+impl DatagramBuffer {
+    fn new(prefix: &[u8]) -> DatagramBuffer {
+        let mut bytes = vec![0u8; prefix.len() + 65_536];
+        bytes[..prefix.len()].copy_from_slice(prefix);
+        DatagramBuffer {
+            bytes,
+            prefix: prefix.len(),
+        }
+    }
+
+    /// Answers up to `budget` datagrams queued on `socket` (`recvfrom`, then `sendto` to
+    /// the sender). Returns whether the socket is empty (`EAGAIN`). A datagram longer than
+    /// 64 KiB is answered with what fits of it; an answer the socket cannot take now is
+    /// lost, as a datagram may be.
+    fn answer_queued(&mut self, socket: &mio::net::UdpSocket, budget: usize) -> bool {
+        let prefix = self.prefix;
+        for _ in 0..budget {
+            match socket.recv_from(&mut self.bytes[prefix..]) {
+                Ok((len, peer)) => {
+                    let _lost_if_full = socket.send_to(&self.bytes[..prefix + len], peer);
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                // An ICMP error of an earlier answer, reported here: nothing to do.
+                Err(_) => {}
+            }
+        }
+        false
+    }
+}
+
 /// The poll token of connection `index`.
 fn token_of(index: usize) -> Token {
     Token(FIRST_CONNECTION + index)
@@ -625,7 +775,13 @@ mod tests {
             faults: false,
             timeouts: Timeouts::default(),
         };
-        let server = Server::new(Some(listener), worker, options, None).expect("server");
+        let server = Server::new(
+            vec![crate::worker::ListenerSocket::Tcp(listener)],
+            worker,
+            options,
+            None,
+        )
+        .expect("server");
         (server, primary)
     }
 
@@ -747,5 +903,90 @@ mod tests {
             .collect();
         server.start_drain();
         assert_eq!(server.connections.len(), clients.len());
+    }
+
+    /// A server on a TCP listener and a UDP socket with `queued` datagrams waiting on the
+    /// UDP socket (both receive buffers big enough for all of them), and the client that
+    /// sent them.
+    fn server_with_queued_datagrams(queued: usize) -> (Server, Channel, std::net::UdpSocket) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("client");
+        for socket in [&udp, &client] {
+            socket2::SockRef::from(socket)
+                .set_recv_buffer_size(4 << 20)
+                .expect("SO_RCVBUF");
+        }
+        client.set_nonblocking(true).expect("nonblocking");
+        let to = udp.local_addr().expect("addr");
+        let (primary, worker) = Channel::pair().expect("socketpair");
+        let options = DemoOptions {
+            slot: 3,
+            generation: 7,
+            faults: false,
+            timeouts: Timeouts::default(),
+        };
+        let server = Server::new(
+            vec![
+                crate::worker::ListenerSocket::Tcp(listener),
+                crate::worker::ListenerSocket::Udp(udp),
+            ],
+            worker,
+            options,
+            None,
+        )
+        .expect("server");
+        for i in 0..queued {
+            client
+                .send_to(format!("n{i}").as_bytes(), to)
+                .expect("send");
+        }
+        (server, primary, client)
+    }
+
+    /// The payloads of the demo's answers waiting on `client` (each checked for the
+    /// prefix of slot 3, generation 7).
+    fn answers(client: &std::net::UdpSocket) -> Vec<String> {
+        let prefix = format!("3 {} 7 ", std::process::id());
+        let mut answers = Vec::new();
+        let mut buffer = [0u8; 256];
+        while let Ok(len) = client.recv(&mut buffer) {
+            let text = std::str::from_utf8(&buffer[..len]).expect("ASCII");
+            let payload = text.strip_prefix(&prefix).expect("the demo's answer");
+            answers.push(payload.to_owned());
+        }
+        answers
+    }
+
+    /// Datagrams queued on a UDP socket when the drain begins, more than a turn's budget,
+    /// are each answered before the socket is closed: none is freed with it.
+    #[test]
+    fn a_drain_answers_every_queued_datagram_then_closes_the_udp_socket() {
+        let queued = DATAGRAM_BUDGET * 3;
+        let (mut server, _primary, client) = server_with_queued_datagrams(queued);
+        server.start_drain();
+        assert!(server.datagrams.is_empty(), "closed once read until empty");
+        let answered: std::collections::BTreeSet<String> = answers(&client).into_iter().collect();
+        let expected: std::collections::BTreeSet<String> =
+            (0..queued).map(|i| format!("n{i}")).collect();
+        assert_eq!(answered.len(), queued, "every datagram answered once");
+        assert_eq!(answered, expected);
+    }
+
+    /// Past a turn's budget, the datagrams left on a socket get the next turn at once:
+    /// the edge-triggered poll would not wake the loop for them again.
+    #[test]
+    fn datagrams_past_the_budget_are_answered_on_the_next_turn() {
+        let (mut server, _primary, client) = server_with_queued_datagrams(DATAGRAM_BUDGET + 5);
+        server.answer_datagrams();
+        assert_eq!(answers(&client).len(), DATAGRAM_BUDGET);
+        assert_eq!(
+            server.poll_timeout(Instant::now()),
+            Some(Duration::ZERO),
+            "the loop goes on at once"
+        );
+        server.answer_datagrams();
+        assert_eq!(answers(&client).len(), 5);
+        assert!(!server.datagrams_left);
     }
 }

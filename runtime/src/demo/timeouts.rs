@@ -22,6 +22,9 @@ pub struct Timeouts {
     pub body: Duration,
     /// A response may wait this long for the client to read any of it.
     pub send: Duration,
+    /// `--shutdown-timeout`: a draining worker's QUIC connections get a GOAWAY before it
+    /// runs out. Not a client timeout: the sweep ignores it.
+    pub shutdown: Duration,
 }
 
 impl Default for Timeouts {
@@ -39,6 +42,7 @@ impl Timeouts {
             idle: config.demo_idle_timeout,
             body: config.demo_body_timeout,
             send: config.demo_send_timeout,
+            shutdown: config.shutdown_timeout,
         }
     }
 
@@ -49,15 +53,17 @@ impl Timeouts {
         (shortest / 8).clamp(Duration::from_millis(10), Duration::from_millis(250))
     }
 
-    /// The value of [`ENV`]: `header=10000,idle=30000,body=30000,send=30000` (milliseconds).
+    /// The value of [`ENV`]: `header=10000,idle=30000,body=30000,send=30000,shutdown=30000`
+    /// (milliseconds).
     pub(crate) fn to_env(self) -> String {
         let ms = |d: Duration| d.as_millis();
         format!(
-            "header={},idle={},body={},send={}",
+            "header={},idle={},body={},send={},shutdown={}",
             ms(self.header),
             ms(self.idle),
             ms(self.body),
-            ms(self.send)
+            ms(self.send),
+            ms(self.shutdown)
         )
     }
 
@@ -89,6 +95,7 @@ impl Timeouts {
                 "idle" => &mut timeouts.idle,
                 "body" => &mut timeouts.body,
                 "send" => &mut timeouts.send,
+                "shutdown" => &mut timeouts.shutdown,
                 _ => return Err(format!("{ENV}: unknown timeout {name:?}")),
             };
             *slot = Duration::from_millis(ms);
@@ -108,6 +115,7 @@ mod tests {
             idle: Duration::from_secs(2),
             body: Duration::from_secs(3),
             send: Duration::from_secs(4),
+            shutdown: Duration::from_secs(5),
         };
         assert_eq!(Timeouts::from_env(&timeouts.to_env()), Ok(timeouts));
         assert_eq!(Timeouts::from_env(""), Ok(Timeouts::default()));

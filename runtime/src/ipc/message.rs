@@ -21,7 +21,8 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// One protocol message; its `type` on the wire is the variant's name in snake case.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    /// Worker -> primary, first message: "here is my listening socket" (fd attached).
+    /// Worker -> primary, first message: "here is my socket of listener `listener`" (fd
+    /// attached), once per listener in the listeners' order.
     Register {
         /// The worker's pid, as the worker sees it.
         pid: u32,
@@ -29,6 +30,9 @@ pub enum Message {
         /// hung worker's listener down finds it without searching the worker's fd table.
         /// Optional on the wire.
         fd: Option<i32>,
+        /// Which listener the socket is for, by its place in the listeners' order. Optional
+        /// on the wire: absent means the first.
+        listener: Option<u32>,
     },
     /// Primary -> worker: the socket passed the checks and goes into steering once the
     /// worker says `ready`.

@@ -230,6 +230,7 @@ mod tests {
             &Message::Register {
                 pid: 42,
                 fd: Some(listener.as_raw_fd()),
+                listener: None,
             },
             listener.as_fd(),
         )
@@ -239,7 +240,8 @@ mod tests {
             got.message,
             Message::Register {
                 pid: 42,
-                fd: Some(listener.as_raw_fd())
+                fd: Some(listener.as_raw_fd()),
+                listener: None,
             }
         );
         let fd = got.fd.expect("fd attached");

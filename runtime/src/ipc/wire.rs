@@ -88,6 +88,8 @@ struct Incoming<'a> {
     #[serde(default)]
     fd: Option<i32>,
     #[serde(default)]
+    listener: Option<u32>,
+    #[serde(default)]
     load: Option<LoadShare>,
     #[serde(default)]
     heartbeats: Option<bool>,
@@ -114,6 +116,7 @@ impl Incoming<'_> {
             "register" => Message::Register {
                 pid: self.pid.ok_or("register without pid")?,
                 fd: self.fd,
+                listener: self.listener,
             },
             "registered" => Message::Registered { load: self.load },
             "ready" => Message::Ready {
@@ -144,6 +147,7 @@ impl Incoming<'_> {
         let present = [
             ("pid", self.pid.is_some()),
             ("fd", self.fd.is_some()),
+            ("listener", self.listener.is_some()),
             ("load", self.load.is_some()),
             ("heartbeats", self.heartbeats.is_some()),
             ("seq", self.seq.is_some()),
@@ -165,7 +169,7 @@ impl Incoming<'_> {
 /// The fields each type may carry besides `v` and `type`.
 fn allowed_fields(message: &Message) -> &'static [&'static str] {
     match message {
-        Message::Register { .. } => &["pid", "fd"],
+        Message::Register { .. } => &["pid", "fd", "listener"],
         Message::Registered { .. } => &["load"],
         Message::Ready { .. } => &["heartbeats"],
         Message::Ping { .. } => &["seq"],
@@ -184,10 +188,13 @@ impl Serialize for Outgoing<'_> {
         map.serialize_entry("v", &PROTOCOL_VERSION)?;
         map.serialize_entry("type", self.0.kind())?;
         match self.0 {
-            Message::Register { pid, fd } => {
+            Message::Register { pid, fd, listener } => {
                 map.serialize_entry("pid", pid)?;
                 if let Some(fd) = fd {
                     map.serialize_entry("fd", fd)?;
+                }
+                if let Some(listener) = listener {
+                    map.serialize_entry("listener", listener)?;
                 }
             }
             Message::Registered { load } => {
@@ -258,10 +265,15 @@ mod tests {
     #[test]
     fn every_message_survives_a_round_trip() {
         let messages = [
-            Message::Register { pid: 9, fd: None },
+            Message::Register {
+                pid: 9,
+                fd: None,
+                listener: None,
+            },
             Message::Register {
                 pid: 9,
                 fd: Some(5),
+                listener: Some(1),
             },
             Message::Registered { load: None },
             Message::Registered {

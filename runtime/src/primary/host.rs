@@ -4,7 +4,6 @@
 use super::output::{OutputReader, Tag};
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -14,6 +13,7 @@ use mio::{Interest, Poll, Token};
 
 use super::WorkerProgram;
 use super::core::{EnterError, Io, ListenerError, SpawnError, Spawned, WorkerId};
+use super::group::{self, Group};
 use super::process::{
     LEFTOVER_GRACE, Leftovers, ListenerRef, Process, RelayBudget, ResidentMemory, group_alive,
     signal_group,
@@ -23,8 +23,7 @@ use crate::baseline::Baseline;
 use crate::config::Config;
 use crate::ipc::{Channel, Framing, Message};
 use crate::logging::{ENV_LOG_FORMAT, ENV_LOG_LEVEL};
-use crate::steering::foreign::PortSurvey;
-use crate::steering::{Steering, SteeringError, SwitchError};
+use crate::steering::{LoadShare, Steering, SteeringError, SwitchError};
 use crate::sys::borrow;
 use crate::worker::env;
 
@@ -32,10 +31,17 @@ use crate::worker::env;
 const IPC_FD_BUILTIN: i32 = 3;
 /// How soon an undecided ownership probe is looked at again.
 const PROBE_RECHECK: Duration = Duration::from_millis(50);
-/// fd number of an external worker's load record (`least-loaded`), `STEER_LOAD_FD`.
-const LOAD_FD_EXTERNAL: i32 = 5;
-/// fd number of the IPC socket in external workers (fd 3 is their listener).
-const IPC_FD_EXTERNAL: i32 = 4;
+/// fd number of the IPC socket in external workers: right after their listeners' sockets
+/// (fds 3, 4, ... in the listeners' order), so 4 with one listener.
+pub(crate) fn ipc_fd_external(listeners: usize) -> i32 {
+    LISTEN_FD + listeners as i32
+}
+
+/// fd number of an external worker's load record (`least-loaded`), `STEER_LOAD_FD`: right
+/// after its IPC socket, so 5 with one listener.
+pub(crate) fn load_fd_external(listeners: usize) -> i32 {
+    ipc_fd_external(listeners) + 1
+}
 
 /// First token of worker fds: `BASE + 3*id` (exit), `+ 1` (IPC) and `+ 2` (the exec
 /// report). Worker ids are never reused, so a late event for a gone worker names nobody.
@@ -106,12 +112,11 @@ pub(crate) struct Host {
     pub args: Vec<OsString>,
     /// The event loop's poll (workers' fds are registered here).
     pub poll: Poll,
-    /// The steering maps.
-    pub steering: Steering,
+    /// One `SO_REUSEPORT` group per listener, in the listeners' order, each with its
+    /// steering.
+    pub groups: Vec<Group>,
     /// The `shared`/`userspace` baseline's socket and state, if one runs.
     pub baseline: Option<Baseline>,
-    /// The cluster address (port 0 resolved).
-    pub listen: SocketAddr,
     /// Every live worker process.
     pub procs: HashMap<WorkerId, Process>,
     /// Groups whose leader exited, still being waited for.
@@ -124,10 +129,38 @@ pub(crate) struct Host {
     /// When the next round of steering's per-interval checks is due (program ownership,
     /// load records, foreign listeners).
     pub next_steering_round: Instant,
-    /// The port's listeners that are not this cluster's, as last surveyed.
-    pub port: PortSurvey,
     /// Reads and tags workers' stdout and stderr (none with `--worker-output inherit`).
     pub output: Option<OutputReader>,
+    /// Draining workers that still keep UDP flows: told to drain once their flows are idle
+    /// (or their share of the shutdown timeout is up) and their sockets have left
+    /// steering ([`Host::tend_holds`]).
+    pub holds: std::collections::BTreeMap<WorkerId, FlowHold>,
+    /// This primary handed over to a successor: its workers drain as in a rolling restart
+    /// (their UDP flows held), not as in a stop.
+    pub handed_over: bool,
+}
+
+/// A draining worker whose UDP sockets keep their flows for now.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FlowHold {
+    /// Its sockets leave steering by then at the latest.
+    release_by: Instant,
+    /// When they left: it is told to drain [`RELEASE_GRACE`] later.
+    released_at: Option<Instant>,
+}
+
+/// Between taking a worker's UDP sockets out of `SOCKETS` and telling it to drain: a
+/// program run that picked one of them just before has queued its datagram long before
+/// this, so the worker's last read finds it.
+const RELEASE_GRACE: Duration = Duration::from_millis(20);
+
+/// How often held flows are looked at.
+const HOLD_POLL: Duration = Duration::from_millis(50);
+
+/// The part of the shutdown timeout a draining worker keeps its UDP flows: all but a
+/// fifth of it (at most 5 s), which is left for its last read and its TCP connections.
+fn hold_share(shutdown_timeout: Duration) -> Duration {
+    shutdown_timeout.saturating_sub((shutdown_timeout / 5).min(Duration::from_secs(5)))
 }
 
 impl Host {
@@ -157,6 +190,7 @@ impl Host {
         now: Instant,
     ) -> Option<(usize, super::core::ExitStatus)> {
         let mut process = self.procs.remove(&id)?;
+        self.holds.remove(&id);
         let pgid = process.pid;
         if drain_deadline.is_none() {
             // While the leader is unreaped its number names only its group.
@@ -235,26 +269,71 @@ impl Host {
         &mut self,
         wanted: crate::config::Balance,
     ) -> Result<(), SwitchError> {
-        self.steering.switch_policy(wanted)
+        for group in &mut self.groups {
+            group.steering.switch_policy(wanted)?;
+        }
+        Ok(())
     }
 
-    /// Attaches this primary's program to the group again, through the listener of one of
-    /// `serving` (a successor that failed may have attached its own).
+    /// The policy in force (the same in every group).
+    pub(crate) fn policy(&self) -> crate::config::Balance {
+        self.groups
+            .first()
+            .map_or(crate::config::Balance::Kernel, |g| g.steering.policy())
+    }
+
+    /// Whether Steer's program steers the groups.
+    pub(crate) fn is_ebpf(&self) -> bool {
+        self.groups.first().is_some_and(|g| g.steering.is_ebpf())
+    }
+
+    /// A fresh load record for the worker of `slot`/`generation` (`least-loaded` only),
+    /// placed in every group's `LOADS` when the worker serves: the worker's load is one,
+    /// whichever listener a connection came in on. The fd is for the worker to map.
+    pub(crate) fn load_record(
+        &mut self,
+        slot: usize,
+        generation: u32,
+    ) -> Option<Result<(OwnedFd, LoadShare), SteeringError>> {
+        let (first, rest) = self.groups.split_first_mut()?;
+        let made = first.steering.load_record(slot, generation)?;
+        Some(made.map(|(fd, share, record)| {
+            for group in rest {
+                group.steering.adopt_record(slot, generation, &record);
+            }
+            (fd, share)
+        }))
+    }
+
+    /// Attaches this primary's program to every group again, each through its socket of
+    /// one of `serving` (a successor that failed may have attached its own).
     pub(crate) fn reassert_steering(&mut self, serving: &[WorkerId]) -> Result<(), ReassertError> {
-        if matches!(self.steering, Steering::Baseline(_)) {
-            return Ok(());
-        }
-        let mut last = ReassertError::NoServingWorker;
-        for id in serving {
-            let Some(process) = self.procs.get(id) else {
+        let mut result = Ok(());
+        for (index, group) in self.groups.iter_mut().enumerate() {
+            if matches!(group.steering, Steering::Baseline(_)) {
                 continue;
-            };
-            match process.borrow_listener() {
-                Ok(socket) => return Ok(self.steering.reattach_through(socket.as_fd())?),
-                Err(err) => last = ReassertError::Borrow(err),
+            }
+            let mut last = Err(ReassertError::NoServingWorker);
+            for id in serving {
+                let Some(process) = self.procs.get(id) else {
+                    continue;
+                };
+                match process.borrow_socket(index) {
+                    Ok(socket) => {
+                        last = group
+                            .steering
+                            .reattach_through(socket.as_fd())
+                            .map_err(ReassertError::from);
+                        break;
+                    }
+                    Err(err) => last = Err(ReassertError::Borrow(err)),
+                }
+            }
+            if last.is_err() && result.is_ok() {
+                result = last;
             }
         }
-        Err(last)
+        result
     }
 
     /// Forgets groups that are gone, kills those past their deadline.
@@ -286,16 +365,97 @@ impl Host {
         });
     }
 
-    /// When leftovers, or steering's checks, need looking at again.
+    /// When leftovers, held flows, or steering's checks, need looking at again.
     pub(crate) fn next_wake(&self, now: Instant) -> Option<Instant> {
         let leftovers = self
             .leftovers
             .iter()
-            .map(|left| left.deadline.min(now + LEFTOVER_POLL))
-            .min();
-        Some(leftovers.map_or(self.next_steering_check, |at| {
-            at.min(self.next_steering_check)
-        }))
+            .map(|left| left.deadline.min(now + LEFTOVER_POLL));
+        let holds = self.holds.values().map(|hold| match hold.released_at {
+            Some(at) => at + RELEASE_GRACE,
+            None => hold.release_by.min(now + HOLD_POLL),
+        });
+        Some(
+            leftovers
+                .chain(holds)
+                .fold(self.next_steering_check, Instant::min),
+        )
+    }
+
+    /// Tells the worker to drain: the `drain` message, and SIGTERM to an external
+    /// worker's process group.
+    fn send_drain(&mut self, id: WorkerId) {
+        let Some(process) = self.procs.get_mut(&id) else {
+            return;
+        };
+        let _not_listening = process.channel.send(&Message::Drain);
+        if process.external
+            && let Err(err) = process.signal_group(libc::SIGTERM)
+        {
+            // Without it the worker drains only at the SIGKILL deadline (a worker of
+            // another user needs CAP_KILL).
+            tracing::warn!(
+                slot = process.slot,
+                pid = process.pid,
+                "SIGTERM failed: {err}{}",
+                if err.raw_os_error() == Some(libc::EPERM) {
+                    " (the primary needs CAP_KILL to signal a worker of another user)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+
+    /// Once per loop turn: each held worker whose flows are idle (or whose share of the
+    /// shutdown timeout is up, or whose cluster is stopping: no slot serves any more)
+    /// has its UDP sockets taken out of steering; [`RELEASE_GRACE`] later it is told to
+    /// drain, and reads what is queued on them before it exits.
+    pub(crate) fn tend_holds(&mut self, now: Instant) {
+        if self.holds.is_empty() {
+            return;
+        }
+        let stopping = !self.handed_over
+            && self
+                .groups
+                .iter()
+                .filter(|g| g.steering.tracks_flows())
+                .all(|g| g.steering.serving() == 0);
+        let mut drain = Vec::new();
+        for (&id, hold) in &mut self.holds {
+            let Some(process) = self.procs.get(&id) else {
+                continue;
+            };
+            let (slot, generation) = (process.slot, process.generation);
+            if hold.released_at.is_none() {
+                let idle = self
+                    .groups
+                    .iter()
+                    .all(|g| g.steering.flows_idle(slot, generation));
+                if !(idle || stopping || now >= hold.release_by) {
+                    continue;
+                }
+                for group in &mut self.groups {
+                    if let Err(err) = group.steering.release_flows(slot, generation) {
+                        tracing::warn!(
+                            slot,
+                            listener = %group.listener.name,
+                            "cannot take a draining worker's socket out of steering: {}",
+                            crate::errors::error_chain(&err)
+                        );
+                    }
+                }
+                tracing::debug!(slot, generation, idle, "UDP flows released");
+                hold.released_at = Some(now);
+            }
+            if hold.released_at.is_some_and(|at| now >= at + RELEASE_GRACE) {
+                drain.push(id);
+            }
+        }
+        for id in drain {
+            self.holds.remove(&id);
+            self.send_drain(id);
+        }
     }
 
     /// Once per loop turn, before the loop sleeps: publishes what this turn changed in the
@@ -305,33 +465,35 @@ impl Host {
     /// `alone`: no other primary of this cluster runs, whose workers would look foreign)
     /// surveys the port for foreign listeners.
     pub(crate) fn tend_steering(&mut self, now: Instant, own_group: bool, alone: bool) {
+        self.tend_holds(now);
         if now >= self.next_steering_check {
             let round = now >= self.next_steering_round;
             if round && alone {
                 self.survey_port();
             }
-            if own_group
-                && (round || self.steering.probe_in_flight())
-                && let Err(err) = self.steering.ensure_program(
-                    self.listen,
-                    self.config.health_interval,
-                    &self.port.shadowed(),
-                )
-            {
-                tracing::warn!(
-                    "cannot check who decides for the port's group: {}",
-                    crate::errors::error_chain(&err)
-                );
-            }
-            if round {
-                self.next_steering_round = now + self.config.health_interval;
-                if let Err(err) = self.steering.reconcile_load(self.listen) {
+            for group in &mut self.groups {
+                if own_group
+                    && (round || group.steering.probe_in_flight())
+                    && let Err(err) = group.steering.ensure_program(
+                        &group.listener,
+                        self.config.health_interval,
+                        &group.port.shadowed(),
+                    )
+                {
                     tracing::warn!(
-                        "cannot settle the load records: {}",
+                        listener = %group.listener.name,
+                        "cannot check who decides for the listener's group: {}",
                         crate::errors::error_chain(&err)
                     );
                 }
-                if let Err(err) = self.steering.survey_clients() {
+            }
+            let quick_look = self.groups.iter().any(|g| g.steering.wants_quick_look());
+            if round || quick_look {
+                self.reconcile_load();
+            }
+            if round {
+                self.next_steering_round = now + self.config.health_interval;
+                if let Err(err) = group::each(&mut self.groups, Steering::survey_clients) {
                     tracing::warn!(
                         "cannot read the per-client limit's tables: {}",
                         crate::errors::error_chain(&err)
@@ -340,17 +502,50 @@ impl Host {
             }
             // An undecided probe (a busy host) is looked at again soon, not a whole
             // interval later.
-            self.next_steering_check = if self.steering.probe_in_flight() {
+            self.next_steering_check = if self.groups.iter().any(|g| g.steering.probe_in_flight()) {
                 now + PROBE_RECHECK
             } else {
                 self.next_steering_round
             };
+            // A suspect or stalled worker that does not publish its accepts is judged from
+            // its accept queue, read again soon.
+            if self.groups.iter().any(|g| g.steering.wants_quick_look()) {
+                self.next_steering_check = self
+                    .next_steering_check
+                    .min(now + crate::steering::stalls::QUICK_LOOK);
+            }
         }
-        if let Err(err) = self.steering.flush() {
+        if let Err(err) = group::each(&mut self.groups, Steering::flush) {
             tracing::warn!(
                 "cannot publish the live set: {}",
                 crate::errors::error_chain(&err)
             );
+        }
+    }
+
+    /// `least-loaded`: settles every serving worker's load record against the real accept
+    /// queues of its TCP listeners, summed (a record is per worker, not per listener).
+    fn reconcile_load(&mut self) {
+        let mut queued: std::collections::BTreeMap<u32, u64> = Default::default();
+        for group in self.groups.iter_mut().filter(|g| g.is_tcp()) {
+            match group.steering.queued_per_slot(group.listener.addr) {
+                Ok(lengths) => {
+                    for (slot, n) in lengths {
+                        *queued.entry(slot).or_default() += n;
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        listener = %group.listener.name,
+                        "cannot settle the load records: {}",
+                        crate::errors::error_chain(&err)
+                    );
+                    return;
+                }
+            }
+        }
+        if let Some(first) = self.groups.first_mut() {
+            first.steering.settle_load(&queued);
         }
     }
 
@@ -364,13 +559,13 @@ impl Host {
         let registered: Vec<u64> = self
             .procs
             .values()
-            .filter_map(|p| p.listener.map(|l| l.inode))
+            .flat_map(|p| p.listeners.iter().flatten().map(|l| l.inode))
             .collect();
         let holders: Vec<i32> = std::iter::once(std::process::id() as i32)
             .chain(
                 self.procs
                     .values()
-                    .filter(|p| p.listener.is_none())
+                    .filter(|p| p.listeners.iter().any(Option::is_none))
                     .map(|p| p.pid),
             )
             .collect();
@@ -383,8 +578,11 @@ impl Host {
                         Err(err) => err.is_permission_denied(),
                     })
         };
-        if let Err(err) = self.port.survey(self.listen, ours) {
-            tracing::debug!("cannot list the port's listeners: {err}");
+        // `sock_diag` lists TCP listeners; a UDP group has no foreign-listener survey yet.
+        for group in self.groups.iter_mut().filter(|g| g.is_tcp()) {
+            if let Err(err) = group.port.survey(group.listener.addr, &ours) {
+                tracing::debug!("cannot list the port's listeners: {err}");
+            }
         }
     }
 
@@ -417,37 +615,56 @@ impl Host {
                 self.config.verbosity.to_string().into(),
             ),
         ];
+        if self
+            .groups
+            .iter()
+            .any(|g| g.listener.protocol == crate::config::Protocol::Quic)
+        {
+            let quic = crate::quic::worker_env(slot, generation);
+            vars.extend(quic.into_iter().map(|(k, v)| (k.into(), v.into())));
+        }
         let external = matches!(self.program, WorkerProgram::External(_));
-        let (program, argv, fds, own_socket, registers) = match &self.program {
+        let listeners = self.groups.len();
+        let (program, argv, fds, own_sockets, registers) = match &self.program {
             WorkerProgram::External(command) => {
-                // The `shared` baseline's socket, else one of the child's own.
-                let socket = match self.baseline.as_ref().and_then(|b| b.external_socket()) {
-                    Some(shared) => shared?,
-                    None => OwnedFd::from(crate::listener::bind_reuseport(self.listen, true)?),
-                };
-                let primary_copy = socket.try_clone()?;
-                vars.push((env::IPC_FD.into(), IPC_FD_EXTERNAL.to_string().into()));
-                vars.push(("NODE_CHANNEL_FD".into(), IPC_FD_EXTERNAL.to_string().into()));
+                // One socket per listener at fds 3, 4, ...: the `shared` baseline's
+                // socket (its one TCP listener), else the child's own.
+                let mut fds = Vec::with_capacity(listeners + 2);
+                let mut copies = Vec::with_capacity(listeners);
+                for (index, group) in self.groups.iter().enumerate() {
+                    let socket = match self.baseline.as_ref().and_then(|b| b.external_socket()) {
+                        Some(shared) => shared?,
+                        None => OwnedFd::from(crate::listener::bind_for(&group.listener)?),
+                    };
+                    copies.push(Some(socket.try_clone()?));
+                    fds.push((socket, LISTEN_FD + index as i32));
+                }
+                let ipc_fd = ipc_fd_external(listeners);
+                let load_fd = load_fd_external(listeners);
+                let names: Vec<&str> = self
+                    .groups
+                    .iter()
+                    .map(|g| g.listener.name.as_str())
+                    .collect();
+                vars.push((env::IPC_FD.into(), ipc_fd.to_string().into()));
+                vars.push(("NODE_CHANNEL_FD".into(), ipc_fd.to_string().into()));
                 vars.push(("NODE_CHANNEL_SERIALIZATION_MODE".into(), "json".into()));
-                vars.push(("LISTEN_FDS".into(), "1".into()));
-                vars.push(("LISTEN_FDNAMES".into(), "steer".into()));
+                vars.push(("LISTEN_FDS".into(), listeners.to_string().into()));
+                vars.push(("LISTEN_FDNAMES".into(), names.join(":").into()));
                 let first = command.first().map(OsString::from).unwrap_or_default();
                 let program = spawn::resolve_program(&first)?;
                 let argv = command.iter().map(OsString::from).collect();
-                let mut fds = vec![
-                    (socket, LISTEN_FD),
-                    (OwnedFd::from(worker_end), IPC_FD_EXTERNAL),
-                ];
+                fds.push((OwnedFd::from(worker_end), ipc_fd));
                 // An external worker does not register, so its load record is placed at
-                // spawn, like its socket.
-                match self.steering.load_record(slot, generation as u32) {
+                // spawn, like its sockets.
+                match self.load_record(slot, generation as u32) {
                     Some(Ok((record, _share))) => {
-                        vars.push((env::LOAD_FD.into(), LOAD_FD_EXTERNAL.to_string().into()));
+                        vars.push((env::LOAD_FD.into(), load_fd.to_string().into()));
                         vars.push((
                             env::LOAD_LAYOUT.into(),
                             crate::steering::load::LAYOUT.into(),
                         ));
-                        fds.push((record, LOAD_FD_EXTERNAL));
+                        fds.push((record, load_fd));
                     }
                     Some(Err(err)) => {
                         tracing::warn!(
@@ -458,7 +675,7 @@ impl Host {
                     }
                     None => {}
                 }
-                (program, argv, fds, Some(primary_copy), false)
+                (program, argv, fds, Some(copies), false)
             }
             builtin => {
                 let role = if *builtin == WorkerProgram::Demo {
@@ -468,12 +685,17 @@ impl Host {
                 };
                 vars.push((env::ROLE.into(), role.into()));
                 vars.push((env::IPC_FD.into(), IPC_FD_BUILTIN.to_string().into()));
-                vars.push((env::LISTEN.into(), self.listen.to_string().into()));
+                let listed: Vec<String> =
+                    self.groups.iter().map(|g| g.listener.to_string()).collect();
+                vars.push((env::LISTENERS.into(), listed.join("\n").into()));
                 if self.config.demo_faults {
                     vars.push((env::DEMO_FAULTS.into(), "1".into()));
                 }
                 let (name, timeouts) = crate::demo::timeouts_env(&self.config);
                 vars.push((name.into(), timeouts.into()));
+                if let (Some(cert), Some(key)) = (&self.config.tls_cert, &self.config.tls_key) {
+                    vars.extend(crate::demo::tls_env(cert, key));
+                }
                 if let Some(credentials) = &self.config.credentials {
                     let switch = crate::privileges::env_for(credentials);
                     vars.extend(switch.map(|(k, v)| (k.into(), v.into())));
@@ -495,7 +717,7 @@ impl Host {
                 (self.exe.clone(), argv, fds, None, registers)
             }
         };
-        let listen_pid = own_socket.is_some();
+        let listen_pid = own_sockets.is_some();
         let mut fds = fds;
         let pipes = match &self.output {
             Some(_) => {
@@ -532,20 +754,34 @@ impl Host {
             );
         }
         let now = Instant::now();
-        let listener = own_socket.as_ref().and_then(|socket| {
-            Some(ListenerRef {
-                inode: crate::sys::fd::inode(socket.as_fd()).ok()?,
-                fd: LISTEN_FD,
-            })
-        });
+        let (sockets, listener_refs) = match own_sockets {
+            Some(sockets) => {
+                let refs = sockets
+                    .iter()
+                    .enumerate()
+                    .map(|(index, socket)| {
+                        Some(ListenerRef {
+                            inode: crate::sys::fd::inode(socket.as_ref()?.as_fd()).ok()?,
+                            fd: LISTEN_FD + index as i32,
+                        })
+                    })
+                    .collect();
+                (sockets, refs)
+            }
+            None => (
+                std::iter::repeat_with(|| None).take(listeners).collect(),
+                vec![None; listeners],
+            ),
+        };
         let process = Process {
             id,
             slot,
+            generation,
             pid: child.pid,
             pidfd: child.pidfd,
             channel: primary_end,
-            registered_fd: own_socket,
-            listener,
+            sockets,
+            listeners: listener_refs,
             memory: ResidentMemory::open(child.pid),
             exec_report: Some(child.exec_report),
             program: child.program,
@@ -601,7 +837,7 @@ impl Io for Host {
         }
         let spawned = Spawned {
             pid: process.pid,
-            listening: process.registered_fd.is_some(),
+            listening: process.has_every_socket(),
             registers,
         };
         self.procs.insert(id, process);
@@ -615,23 +851,38 @@ impl Io for Host {
         generation: u64,
     ) -> Result<(), EnterError> {
         let process = self.procs.get_mut(&id).ok_or(EnterError::Gone)?;
-        match process.registered_fd.take() {
-            Some(fd) => Ok(self.steering.activate(
+        if !process.has_every_socket() {
+            // The baselines' workers have no socket of their own to steer to.
+            return match self.baseline {
+                Some(_) => Ok(()),
+                None => Err(EnterError::NoSocket),
+            };
+        }
+        for (index, group) in self.groups.iter_mut().enumerate() {
+            let Some(fd) = process.sockets[index].take() else {
+                continue;
+            };
+            let entered = group.steering.activate(
                 slot,
                 generation as u32,
                 fd,
                 process.pid,
                 process.pidfd.as_fd(),
-                process.listener.map(|listener| listener.fd),
-            )?),
-            // The baselines' workers have no socket of their own to steer to.
-            None if self.baseline.is_some() => Ok(()),
-            None => Err(EnterError::NoSocket),
+                process.listeners[index].map(|listener| listener.fd),
+            );
+            if let Err(err) = entered {
+                // All of its sockets or none: the groups it entered already let it go.
+                for earlier in &mut self.groups[..index] {
+                    let _ = earlier.steering.deactivate(slot);
+                }
+                return Err(err.into());
+            }
         }
+        Ok(())
     }
 
     fn leave_steering(&mut self, slot: usize) {
-        if let Err(err) = self.steering.deactivate(slot) {
+        if let Err(err) = group::each(&mut self.groups, |s| s.deactivate(slot)) {
             tracing::warn!(
                 slot,
                 "cannot take the slot out of steering: {}",
@@ -644,27 +895,27 @@ impl Io for Host {
         let Some(process) = self.procs.get_mut(&id) else {
             return;
         };
-        process.registered_fd = None;
-        let _not_listening = process.channel.send(&Message::Drain);
-        if process.external
-            && let Err(err) = process.signal_group(libc::SIGTERM)
-        {
-            // Without it the worker drains only at the SIGKILL deadline (a worker of
-            // another user needs CAP_KILL).
-            tracing::warn!(
-                slot = process.slot,
-                pid = process.pid,
-                "SIGTERM failed: {err}{}",
-                if err.raw_os_error() == Some(libc::EPERM) {
-                    " (the primary needs CAP_KILL to signal a worker of another user)"
-                } else {
-                    ""
-                }
+        process.sockets.iter_mut().for_each(|s| *s = None);
+        // A worker with UDP flows keeps them (and is not told yet): see `tend_holds`.
+        if self.groups.iter().any(|g| g.steering.tracks_flows()) {
+            let now = Instant::now();
+            self.holds.insert(
+                id,
+                FlowHold {
+                    release_by: now + hold_share(self.config.shutdown_timeout),
+                    released_at: None,
+                },
             );
+            self.tend_holds(now);
+            return;
         }
+        self.send_drain(id);
     }
 
     fn repeat_drain(&mut self, id: WorkerId) {
+        if self.holds.contains_key(&id) {
+            return;
+        }
         if let Some(process) = self.procs.get(&id) {
             let _full_or_gone = process.channel.send(&Message::Drain);
         }
@@ -689,11 +940,12 @@ impl Io for Host {
 
     fn shut_down_listener(&mut self, id: WorkerId) -> Result<(), ListenerError> {
         let process = self.procs.get(&id).ok_or(ListenerError::Gone)?;
-        process.shut_down_listener()
+        let tcp: Vec<bool> = self.groups.iter().map(Group::is_tcp).collect();
+        process.shut_down_listeners(&tcp)
     }
 
     fn resize_steering(&mut self, slots: usize) {
-        if let Err(err) = self.steering.resize(slots as u32) {
+        if let Err(err) = group::each(&mut self.groups, |s| s.resize(slots as u32)) {
             tracing::warn!(
                 slots,
                 "cannot rebuild steering for {slots} slots: {}",

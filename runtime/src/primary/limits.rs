@@ -4,11 +4,19 @@
 
 use std::io;
 
-/// File descriptors the primary holds per worker process: its pidfd, its IPC socket, its
-/// `/proc/<pid>/statm`, its exec-report pipe, until it is in steering its listening
-/// socket, and the read ends of its stdout and stderr (`worker-output`; kept until every
-/// process of its tree has closed them).
-pub(crate) const FDS_PER_WORKER: u64 = 7;
+/// File descriptors the primary holds per worker process besides its sockets: its pidfd,
+/// its IPC socket, its `/proc/<pid>/statm`, its exec-report pipe, and the read ends of its
+/// stdout and stderr (`worker-output`; kept until every process of its tree has closed
+/// them); 7 in all with one listener.
+pub(crate) const FDS_PER_WORKER: u64 = 6;
+
+/// Per listener and worker: its socket, held until it is in steering.
+pub(crate) const FDS_PER_SOCKET: u64 = 1;
+
+/// File descriptors per worker process with `listeners` listeners.
+pub(crate) fn per_worker(listeners: usize) -> u64 {
+    FDS_PER_WORKER + FDS_PER_SOCKET * listeners.max(1) as u64
+}
 
 /// File descriptors the primary needs besides its workers': the event loop, signals, the
 /// eBPF program and maps, the status listener and its clients, logging, and headroom.
@@ -16,14 +24,14 @@ pub(crate) const FDS_BASE: u64 = 256;
 
 /// What the primary needs for `workers` slots: during a rolling restart a slot has a
 /// replacement besides its worker, so twice the per-worker count.
-pub(crate) fn needed(workers: usize) -> u64 {
-    FDS_BASE + 2 * FDS_PER_WORKER * workers as u64
+pub(crate) fn needed(workers: usize, listeners: usize) -> u64 {
+    FDS_BASE + 2 * per_worker(listeners) * workers as u64
 }
 
 /// Raises the soft open-file limit to the hard one. Returns the limits this process
 /// started with (what workers get unless `worker-nofile` says otherwise), or a message
 /// naming the limit and the fix when even the hard limit cannot hold `workers` slots.
-pub(crate) fn raise_for(workers: usize) -> Result<(u64, u64), String> {
+pub(crate) fn raise_for(workers: usize, listeners: usize) -> Result<(u64, u64), String> {
     let (soft, hard) = get().map_err(|e| format!("cannot read RLIMIT_NOFILE: {e}"))?;
     if soft < hard
         && let Err(err) = set(hard, hard)
@@ -31,12 +39,13 @@ pub(crate) fn raise_for(workers: usize) -> Result<(u64, u64), String> {
         tracing::warn!("cannot raise the open-file limit from {soft} to {hard}: {err}");
     }
     let (now, _) = get().unwrap_or((soft, hard));
-    let need = needed(workers);
+    let need = needed(workers, listeners);
+    let each = per_worker(listeners);
     if now < need {
         return Err(format!(
             "the open-file limit (RLIMIT_NOFILE) is {now} (hard limit {hard}), but {workers} \
-             workers need about {need} file descriptors in the primary ({FDS_PER_WORKER} per \
-             worker, twice that during a rolling restart, plus {FDS_BASE}): raise the hard \
+             workers need about {need} file descriptors in the primary ({each} per \
+             worker with {listeners} listener(s), twice that during a rolling restart, plus {FDS_BASE}): raise the hard \
              limit (`ulimit -n`, or LimitNOFILE= in the systemd unit) or run fewer workers"
         ));
     }
@@ -92,7 +101,16 @@ mod tests {
 
     #[test]
     fn the_budget_grows_with_workers_and_a_roll() {
-        assert_eq!(needed(0), FDS_BASE);
-        assert_eq!(needed(16) - needed(15), 2 * FDS_PER_WORKER);
+        assert_eq!(needed(0, 1), FDS_BASE);
+        assert_eq!(
+            needed(16, 1) - needed(15, 1),
+            2 * 7,
+            "7 per worker with one listener"
+        );
+        assert_eq!(
+            needed(1, 3) - needed(1, 1),
+            2 * 2,
+            "one more per extra listener"
+        );
     }
 }

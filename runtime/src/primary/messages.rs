@@ -75,28 +75,76 @@ impl Supervisor {
         let now = Instant::now();
         let Received { message, fd } = received;
         match message {
-            Message::Register { fd: number, .. } => {
+            Message::Register {
+                fd: number,
+                listener: place,
+                ..
+            } => {
                 let socket = fd.ok_or("register without a socket attached")?;
-                match self.core.registered(index, id)? {
-                    Registration::Ignored => return Ok(()),
-                    Registration::Accepted => {}
+                let place = place.unwrap_or(0) as usize;
+                let listener = self
+                    .host
+                    .groups
+                    .get(place)
+                    .map(|g| g.listener.clone())
+                    .ok_or_else(|| format!("register for listener {place}, which is not one"))?;
+                let Some(process) = self.host.procs.get(&id) else {
+                    return Ok(());
+                };
+                // One socket per listener, in order: the last one completes the
+                // registration, which the core judges once.
+                if process
+                    .sockets
+                    .get(..place)
+                    .is_some_and(|before| before.iter().any(Option::is_none))
+                    || process.sockets.get(place).is_some_and(Option::is_some)
+                {
+                    return Err(format!(
+                        "register for listener {place} ({:?}) out of order or twice",
+                        listener.name
+                    ));
                 }
-                crate::listener::verify(&socket, self.host.listen)
-                    .map_err(|e| format!("rejected registration: {e}"))?;
+                let complete = place + 1 == self.host.groups.len();
+                if complete {
+                    match self.core.registered(index, id)? {
+                        Registration::Ignored => return Ok(()),
+                        Registration::Accepted => {}
+                    }
+                } else if !self.core.worker(index, id).is_some_and(|w| {
+                    matches!(
+                        w.stage(),
+                        super::core::Stage::Starting {
+                            registered: false,
+                            ..
+                        }
+                    ) && !w.draining()
+                }) {
+                    // Not starting any more (or drained): nothing of it enters steering.
+                    return Ok(());
+                }
+                crate::listener::verify_for(socket.as_fd(), &listener).map_err(|e| {
+                    format!("rejected registration of listener {:?}: {e}", listener.name)
+                })?;
+                let found = crate::sys::fd::inode(socket.as_fd())
+                    .ok()
+                    .zip(number)
+                    .map(|(inode, fd)| ListenerRef { inode, fd });
+                let Some(process) = self.host.procs.get_mut(&id) else {
+                    return Ok(());
+                };
+                process.listeners[place] = found;
+                process.sockets[place] = Some(socket);
+                if !complete {
+                    return Ok(());
+                }
                 let generation = self
                     .core
                     .worker(index, id)
                     .map_or(0, |w| w.generation as u32);
-                let listener = crate::sys::fd::inode(socket.as_fd())
-                    .ok()
-                    .zip(number)
-                    .map(|(inode, fd)| ListenerRef { inode, fd });
-                let share = self.host.steering.load_record(index, generation);
+                let share = self.host.load_record(index, generation);
                 let Some(process) = self.host.procs.get_mut(&id) else {
                     return Ok(());
                 };
-                process.listener = listener;
-                process.registered_fd = Some(socket);
                 let sent = match share {
                     Some(Ok((record, load))) => process
                         .channel

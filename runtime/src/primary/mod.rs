@@ -13,6 +13,7 @@
 //! ([`process`](self::process)).
 
 mod core;
+mod group;
 mod handoff;
 mod host;
 mod limits;
@@ -118,6 +119,15 @@ fn start_and_run(config: Config, program: WorkerProgram, hooks: Hooks) -> ExitCo
             "starting as the successor of the running primary"
         );
     }
+    // The QUIC stateless-reset key: the predecessor's, so that its workers' connections
+    // get the resets they expect from the new workers too; else a fresh one.
+    let inherited_key = inheritance
+        .as_ref()
+        .and_then(|_| upgrade::inherited_reset_key());
+    if let Err(err) = crate::quic::init_cluster_reset_key(inherited_key) {
+        tracing::error!("cannot make the QUIC stateless-reset key (getrandom): {err}");
+        return ExitCode::from(crate::exit::EXIT_FAILURE);
+    }
     let inherited_pid_file = inheritance.as_mut().and_then(|i| i.pid_file.take());
     let pid_file = match (config.pid_file.as_deref(), inherited_pid_file) {
         (None, _) => None,
@@ -140,7 +150,7 @@ fn start_and_run(config: Config, program: WorkerProgram, hooks: Hooks) -> ExitCo
             }
         },
     };
-    let inherited_nofile = match limits::raise_for(config.workers) {
+    let inherited_nofile = match limits::raise_for(config.workers, config.listeners.len()) {
         Ok(limits) => Some(limits),
         Err(message) => {
             tracing::error!("{message}");

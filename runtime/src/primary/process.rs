@@ -34,17 +34,20 @@ pub(crate) struct Process {
     pub id: WorkerId,
     /// Its slot.
     pub slot: usize,
+    /// Its generation.
+    pub generation: u64,
     /// Its pid, which is also its process group id.
     pub pid: i32,
     /// `pidfd_open(pid)`: readable when it exits; signals through it never hit a reused pid.
     pub pidfd: OwnedFd,
     /// The primary's end of its IPC socket.
     pub channel: Channel,
-    /// The socket it registered (or, external, the one made for it), held until it is in
-    /// steering.
-    pub registered_fd: Option<OwnedFd>,
-    /// Where its listener is, to shut it down if it hangs.
-    pub listener: Option<ListenerRef>,
+    /// Its sockets, one per listener in the listeners' order: what it registered (or,
+    /// external, what was made for it), each held until the slot is in steering.
+    pub sockets: Vec<Option<OwnedFd>>,
+    /// Where each of its sockets is (per listener), to attach a program through it or to
+    /// shut a hung worker's listeners down.
+    pub listeners: Vec<Option<ListenerRef>>,
     /// Its `/proc/<pid>/statm`, kept open to read resident memory without allocating.
     pub memory: Option<ResidentMemory>,
     /// The read end of the pipe its `execve` reports a failure on (closed on success).
@@ -124,11 +127,21 @@ impl Process {
         }
     }
 
-    /// A copy of its listening socket, taken from it at the fd it is known to hold it at
-    /// ([`borrow::socket_at`]). Close it soon: while the primary holds it, the socket
-    /// outlives its worker.
-    pub(crate) fn borrow_listener(&self) -> Result<OwnedFd, ListenerError> {
-        let listener = self.listener.ok_or(ListenerError::Unrecorded)?;
+    /// Whether it holds a socket for every listener (registered, or made for it).
+    pub(crate) fn has_every_socket(&self) -> bool {
+        self.sockets.iter().all(Option::is_some)
+    }
+
+    /// A copy of its socket of listener `index`, taken from it at the fd it is known to
+    /// hold it at ([`borrow::socket_at`]). Close it soon: while the primary holds it, the
+    /// socket outlives its worker.
+    pub(crate) fn borrow_socket(&self, index: usize) -> Result<OwnedFd, ListenerError> {
+        let listener = self
+            .listeners
+            .get(index)
+            .copied()
+            .flatten()
+            .ok_or(ListenerError::Unrecorded)?;
         Ok(borrow::socket_at(
             self.pidfd.as_fd(),
             listener.fd,
@@ -136,15 +149,23 @@ impl Process {
         )?)
     }
 
-    /// Takes its listening socket from it ([`Process::borrow_listener`]) and shuts it
-    /// down, so its queue migrates to the live workers and it receives nothing more. Looks
-    /// only at the fd it is known to hold the socket at: a worker that moved it is not
-    /// searched for.
-    pub(crate) fn shut_down_listener(&self) -> Result<(), ListenerError> {
-        let socket = self.borrow_listener()?;
-        socket2::SockRef::from(&socket)
-            .shutdown(std::net::Shutdown::Read)
-            .map_err(ListenerError::ShutDown)
+    /// Takes its TCP listening sockets from it ([`Process::borrow_socket`]) and shuts them
+    /// down, so their queues migrate to the live workers and they receive nothing more.
+    /// Looks only at the fds it is known to hold the sockets at: a worker that moved one is
+    /// not searched for. (A UDP socket has no queue to migrate; it is out of steering.)
+    pub(crate) fn shut_down_listeners(&self, tcp: &[bool]) -> Result<(), ListenerError> {
+        let mut result = Ok(());
+        for (index, _) in tcp.iter().enumerate().filter(|(_, tcp)| **tcp) {
+            let shut = self.borrow_socket(index).and_then(|socket| {
+                socket2::SockRef::from(&socket)
+                    .shutdown(std::net::Shutdown::Read)
+                    .map_err(ListenerError::ShutDown)
+            });
+            if let Err(err) = shut {
+                result = result.and(Err(err));
+            }
+        }
+        result
     }
 }
 

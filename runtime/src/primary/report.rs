@@ -6,8 +6,8 @@ use std::time::Instant;
 use super::core::{Phase as CorePhase, SlotState};
 use super::supervisor::Supervisor;
 use crate::status::{
-    ClientLimitsStatus, ListenerRefusals, Phase, PrimaryStatus, Readiness, RefusedPrefix,
-    RollAbandonedStatus, StatusDocument, SteeringStatus, Totals, WorkerStatus,
+    ClientLimitsStatus, ListenerRefusals, ListenerStatus, Phase, PrimaryStatus, Readiness,
+    RefusedPrefix, RollAbandonedStatus, StatusDocument, SteeringStatus, Totals, WorkerStatus,
 };
 use crate::sys::memory::rss_bytes;
 
@@ -65,17 +65,58 @@ impl Supervisor {
     pub(super) fn snapshot(&self) -> StatusDocument {
         let now = Instant::now();
         let slots = self.core.slots();
-        let counters = match self.host.steering.counters(slots.len()) {
-            Some(Ok(counters)) => Some(counters),
-            Some(Err(err)) => {
-                tracing::warn!(
-                    "cannot read the steering counters: {}",
-                    crate::errors::error_chain(&err)
-                );
-                None
-            }
-            None => None,
-        };
+        let per_group: Vec<Option<crate::steering::SteeringCounters>> = self
+            .host
+            .groups
+            .iter()
+            .map(|group| match group.steering.counters(slots.len()) {
+                Some(Ok(counters)) => Some(counters),
+                Some(Err(err)) => {
+                    tracing::warn!(
+                        listener = %group.listener.name,
+                        "cannot read the steering counters: {}",
+                        crate::errors::error_chain(&err)
+                    );
+                    None
+                }
+                None => None,
+            })
+            .collect();
+        let counters = per_group
+            .iter()
+            .flatten()
+            .cloned()
+            .reduce(|sum, c| sum.plus(&c));
+        let listeners = self
+            .host
+            .groups
+            .iter()
+            .zip(&per_group)
+            .map(|(group, counted)| ListenerStatus {
+                name: group.listener.name.clone(),
+                protocol: group.listener.protocol.to_string(),
+                address: group.listener.addr.to_string(),
+                steered: counted.as_ref().map(|c| c.selections.iter().sum()),
+                drops: counted.as_ref().map_or(0, |c| c.drops),
+                refusals: counted.as_ref().map_or(0, |c| c.client_refusals),
+                takeovers: counted.as_ref().map_or(0, |c| c.takeovers),
+                flows: counted
+                    .as_ref()
+                    .filter(|_| group.steering.tracks_flows())
+                    .map(|c| crate::status::FlowCounts {
+                        hits: c.flow_hits,
+                        inserts: c.flow_inserts,
+                        moves: c.flow_moves,
+                    }),
+                quic: counted
+                    .as_ref()
+                    .filter(|_| group.steering.is_quic())
+                    .map(|c| crate::status::QuicCounts {
+                        steered: c.quic_steered,
+                        malformed: c.quic_malformed,
+                    }),
+            })
+            .collect();
         let workers: Vec<WorkerStatus> = slots
             .iter()
             .map(|slot| {
@@ -115,6 +156,14 @@ impl Supervisor {
                         .output
                         .as_ref()
                         .map_or(0, |o| o.dropped(slot.index)),
+                    stalled: counters
+                        .as_ref()
+                        .and_then(|c| c.stalled.get(slot.index).copied())
+                        .unwrap_or(false),
+                    stalls: counters
+                        .as_ref()
+                        .and_then(|c| c.stalls.get(slot.index).copied())
+                        .unwrap_or(0),
                 }
             })
             .collect();
@@ -133,8 +182,13 @@ impl Supervisor {
             primary: PrimaryStatus {
                 pid: std::process::id(),
                 uptime_s: now.saturating_duration_since(self.started).as_secs(),
-                balance: self.host.steering.policy().to_string(),
-                listen: self.host.listen.to_string(),
+                balance: self.host.policy().to_string(),
+                listen: self
+                    .host
+                    .groups
+                    .first()
+                    .map(|g| g.listener.addr.to_string())
+                    .unwrap_or_default(),
                 phase: phase.into(),
                 rss_bytes: rss_bytes(std::process::id()),
                 log_lines_dropped: crate::logging::dropped_lines(),
@@ -143,18 +197,24 @@ impl Supervisor {
                     slot: r.slot,
                     reason: r.reason.clone(),
                 }),
-                foreign_listeners: self.host.port.foreign().len() as u64,
+                foreign_listeners: self
+                    .host
+                    .groups
+                    .iter()
+                    .map(|g| g.port.foreign().len() as u64)
+                    .sum(),
                 foreign_listener_addresses: self
                     .host
-                    .port
-                    .foreign()
+                    .groups
                     .iter()
+                    .flat_map(|g| g.port.foreign())
                     .map(|f| f.listener.address.to_string())
                     .collect(),
             },
             workers,
             totals,
-            client_limits: self.client_limits_status(counters.as_ref()),
+            client_limits: self.client_limits_status(&per_group),
+            listeners,
             steering: counters.map(|c| SteeringStatus {
                 policy: c.policy.to_string(),
                 selections: c.selections,
@@ -169,19 +229,26 @@ impl Supervisor {
     /// The per-client limit's part of `/status`; `None` without a limit.
     fn client_limits_status(
         &self,
-        counters: Option<&crate::steering::SteeringCounters>,
+        per_group: &[Option<crate::steering::SteeringCounters>],
     ) -> Option<ClientLimitsStatus> {
         let limits = &self.host.config.client_limits;
         let rate = limits.rate?;
-        let view = self.host.steering.client_view()?;
-        let (refused, inserts) = counters.map_or((0, 0), |c| (c.client_refusals, c.client_inserts));
+        let view = self.host.groups.first()?.steering.client_view()?;
+        let inserts = per_group.iter().flatten().map(|c| c.client_inserts).sum();
         Some(ClientLimitsStatus {
             rate: rate.to_string(),
             burst: limits.burst,
-            refused: vec![ListenerRefusals {
-                listener: self.host.listen.to_string(),
-                refused,
-            }],
+            refused: self
+                .host
+                .groups
+                .iter()
+                .zip(per_group)
+                .filter(|(g, _)| g.is_tcp())
+                .map(|(group, counted)| ListenerRefusals {
+                    listener: group.listener.addr.to_string(),
+                    refused: counted.as_ref().map_or(0, |c| c.client_refusals),
+                })
+                .collect(),
             clients_tracked: view.tracked,
             table_size: u64::from(limits.table_size),
             inserts,

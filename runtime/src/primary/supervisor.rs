@@ -18,6 +18,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use super::core::{Core, Phase, SETTLE, START_ATTEMPTS, Settings, WorkerId};
+use super::group::Group;
 use super::host::{Host, WorkerFd, decode_worker_token};
 use super::pidfile::PidFile;
 use super::signals::{self, Action, Signals};
@@ -54,10 +55,6 @@ pub(crate) struct Supervisor {
     pub(super) hooks: Hooks,
     signals: Signals,
     pub(super) status: Option<StatusService>,
-    /// A bound (never listening) `SO_REUSEPORT` socket on the cluster address: it resolves
-    /// port 0 and keeps the port Steer's while all workers restart. It receives nothing
-    /// ([`crate::listener::reserve`]: no `SO_REUSEADDR`).
-    _reservation: socket2::Socket,
     pub(super) started: Instant,
     /// Workers whose IPC had more queued than one wakeup reads.
     pub(super) pending_ipc: Vec<WorkerId>,
@@ -91,35 +88,41 @@ impl Supervisor {
         mut inheritance: Option<Inheritance>,
         mut signals: Signals,
     ) -> Result<Supervisor, StartError> {
-        let mut steering =
-            Steering::new(config.balance, config.workers as u32, &config.client_limits).map_err(
-                |err| {
+        let mut groups = Vec::with_capacity(config.listeners.len());
+        for listener in &config.listeners {
+            let mut group = Group::open(
+                listener.clone(),
+                config.balance,
+                config.workers as u32,
+                &config.client_limits,
+                config.udp_flows,
+                inheritance.is_some(),
+            )?;
+            group
+                .steering
+                .set_avoid_stalls(config.avoid_stalls)
+                .map_err(|err| {
                     format!(
-                        "--balance {}{}: {}",
-                        config.balance,
-                        match config.client_limits.rate {
-                            Some(rate) => format!(" with --client-conn-rate {rate}"),
-                            None => String::new(),
-                        },
+                        "cannot write the program's configuration: {}",
                         crate::errors::error_chain(&err)
                     )
-                },
-            )?;
-        if inheritance.is_some() {
-            // The group switches from the old program to this one in one step, once every
-            // slot of this primary is ready.
-            steering.hold();
+                })?;
+            if inheritance.is_some() {
+                // Each group switches from the old program to this one in one step, once
+                // every slot of this primary is ready.
+                group.steering.hold();
+            }
+            groups.push(group);
         }
-        let reservation = crate::listener::reserve(config.listen)
-            .map_err(|err| crate::listener::explain_bind_error(config.listen, &err))?;
-        let listen = reservation
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_socket())
-            .ok_or_else(|| format!("cannot read the bound address of {}", config.listen))?;
-        let baseline = Baseline::open(config.balance, listen, &program)
-            .map_err(|err| format!("--balance {}: {err}", config.balance))?;
-        if steering.policy() == Balance::Kernel && config.tcp_migrate_req {
+        let kernel = groups
+            .first()
+            .is_some_and(|g| g.steering.policy() == Balance::Kernel);
+        let baseline = match groups.first() {
+            Some(first) => Baseline::open(config.balance, first.listener.addr, &program)
+                .map_err(|err| format!("--balance {}: {err}", config.balance))?,
+            None => None,
+        };
+        if kernel && config.tcp_migrate_req {
             match steering::ensure_tcp_migrate_req() {
                 MigrateReq::AlreadyOn => {}
                 MigrateReq::TurnedOn => tracing::info!(
@@ -211,6 +214,9 @@ impl Supervisor {
         for &index in inheritance.iter().flat_map(|i| &i.says_ready) {
             core.expect_ready_word(index);
         }
+        for &(index, generation) in inheritance.iter().flat_map(|i| &i.generations) {
+            core.continue_from(index, generation);
+        }
         Ok(Supervisor {
             core,
             host: Host {
@@ -219,21 +225,20 @@ impl Supervisor {
                 exe,
                 args: std::env::args_os().collect::<Vec<OsString>>(),
                 poll,
-                steering,
+                groups,
                 baseline,
-                listen,
                 procs: Default::default(),
                 leftovers: Vec::new(),
+                holds: std::collections::BTreeMap::new(),
+                handed_over: false,
                 inherited_nofile,
                 next_steering_check: Instant::now(),
                 next_steering_round: Instant::now(),
-                port: Default::default(),
                 output,
             },
             hooks,
             signals,
             status,
-            _reservation: reservation,
             started: now,
             pending_ipc: Vec::new(),
             drop_reports: vec![(now, 0); slots],
@@ -254,9 +259,15 @@ impl Supervisor {
         let status_addr = self.status.as_ref().map(StatusService::local_addr);
         tracing::info!(
             pid = std::process::id(),
-            listen = %self.host.listen,
+            listen = %self
+                .host
+                .groups
+                .iter()
+                .map(|g| g.listener.to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
             workers = self.core.slots().len(),
-            balance = %self.host.steering.policy(),
+            balance = %self.host.policy(),
             status = %status_addr.map_or_else(|| "off".to_owned(), |addr| addr.to_string()),
             "primary started"
         );
@@ -471,19 +482,18 @@ impl Supervisor {
             return;
         }
         let deadline = now + self.host.config.start_timeout + SUCCESSOR_GRACE;
-        let says_ready: Vec<usize> = self
+        let slots: Vec<(usize, u64, bool)> = self
             .core
             .slots()
             .iter()
-            .filter(|s| s.says_ready)
-            .map(|s| s.index)
+            .map(|s| (s.index, s.generation, s.says_ready))
             .collect();
         let started = Successor::start(
             self.host.exe.clone(),
             self.host.args.clone(),
             self.status.as_ref().map(StatusService::listener_fd),
             self.pid_file.as_ref().map(|f| f.file().as_fd()),
-            &says_ready,
+            &slots,
             self.host.inherited_nofile,
             deadline,
         );
@@ -613,6 +623,13 @@ impl Supervisor {
             return;
         }
         self.handed_over = true;
+        // The successor shares the UDP groups' pinned maps (flows, sockets): they outlive
+        // this primary, and its draining workers keep their flows until they are idle, as
+        // in a rolling restart.
+        self.host.handed_over = true;
+        for group in &mut self.host.groups {
+            group.steering.set_unpin(false);
+        }
         tracing::info!(
             successor = pid,
             "upgrade: the new primary has taken over; draining this primary's workers"
@@ -649,7 +666,11 @@ impl Supervisor {
             return;
         }
         self.taken_over = true;
-        if let Err(err) = self.host.steering.release() {
+        // The UDP groups' pinned maps are this primary's now: removed when it ends for good.
+        for group in &mut self.host.groups {
+            group.steering.set_unpin(true);
+        }
+        if let Err(err) = super::group::each(&mut self.host.groups, Steering::release) {
             tracing::error!(
                 "cannot attach the steering program: {}",
                 crate::errors::error_chain(&err)
@@ -733,7 +754,7 @@ impl Supervisor {
                 predecessor = inherited.from,
                 "the previous primary is gone before this one took over; taking over now"
             );
-            if let Err(err) = self.host.steering.release() {
+            if let Err(err) = super::group::each(&mut self.host.groups, Steering::release) {
                 tracing::error!(
                     "cannot attach the steering program: {}",
                     crate::errors::error_chain(&err)
@@ -847,9 +868,18 @@ impl Supervisor {
             match loaded {
                 Ok(mut new) => {
                     for key in crate::config::keys_needing_restart(config, &new) {
+                        let what = if key == "listen" {
+                            format!(
+                                "`listen` changed in {}: {}",
+                                path.display(),
+                                crate::config::listener_changes(&config.listeners, &new.listeners)
+                                    .join(", ")
+                            )
+                        } else {
+                            format!("`{key}` changed in {}", path.display())
+                        };
                         tracing::warn!(
-                            "SIGHUP: `{key}` changed in {}; it keeps its running value: a new primary applies it (SIGUSR1, an upgrade)",
-                            path.display()
+                            "SIGHUP: {what}; it keeps its running value: a new primary applies it (SIGUSR1, an upgrade)"
                         );
                     }
                     let (workers, balance) = (new.workers, new.balance);
@@ -860,10 +890,28 @@ impl Supervisor {
                         self.host.program = WorkerProgram::External(command.clone());
                     }
                     let limits_changed = self.host.config.client_limits != new.client_limits;
+                    let avoid_stalls_changed = self.host.config.avoid_stalls != new.avoid_stalls;
+                    let flow_timeout = (self.host.config.udp_flows.timeout
+                        != new.udp_flows.timeout)
+                        .then_some(new.udp_flows.timeout);
                     self.host.config = new;
                     tracing::info!("SIGHUP: reloaded {}", path.display());
                     if limits_changed {
                         self.apply_client_limits();
+                    }
+                    if let Some(timeout) = flow_timeout {
+                        self.apply_udp_flow_timeout(timeout);
+                    }
+                    if avoid_stalls_changed {
+                        let on = self.host.config.avoid_stalls;
+                        match super::group::each(&mut self.host.groups, |s| s.set_avoid_stalls(on))
+                        {
+                            Ok(()) => tracing::info!("SIGHUP: avoid-stalls now {on}"),
+                            Err(err) => tracing::error!(
+                                "SIGHUP: cannot apply avoid-stalls: {}",
+                                crate::errors::error_chain(&err)
+                            ),
+                        }
                     }
                     self.switch_policy(balance);
                     self.core.resize(&mut self.host, workers, now, "SIGHUP");
@@ -886,7 +934,7 @@ impl Supervisor {
     /// every client stays.
     fn apply_client_limits(&mut self) {
         let limits = &self.host.config.client_limits;
-        match self.host.steering.set_client_limits(limits) {
+        match super::group::each(&mut self.host.groups, |s| s.set_client_limits(limits)) {
             Ok(()) => tracing::info!(
                 "SIGHUP: per-client limit now {}",
                 match limits.rate {
@@ -901,12 +949,26 @@ impl Supervisor {
         }
     }
 
+    /// SIGHUP with another `udp-flow-timeout`: one write of each UDP group's `CONFIG`.
+    fn apply_udp_flow_timeout(&mut self, timeout: Duration) {
+        match super::group::each(&mut self.host.groups, |s| s.set_udp_flow_timeout(timeout)) {
+            Ok(()) => tracing::info!(
+                "SIGHUP: udp-flow-timeout now {}",
+                humantime::format_duration(timeout)
+            ),
+            Err(err) => tracing::error!(
+                "SIGHUP: cannot apply udp-flow-timeout: {}",
+                crate::errors::error_chain(&err)
+            ),
+        }
+    }
+
     /// SIGHUP with another `balance`: switches the policy without restarting anyone
     /// where the program allows it; otherwise warns, naming the key, and keeps it.
     fn switch_policy(&mut self, wanted: Balance) {
-        let running = self.host.steering.policy();
+        let running = self.host.policy();
         let wanted = match wanted {
-            Balance::Auto if self.host.steering.is_ebpf() => Balance::RoundRobin,
+            Balance::Auto if self.host.is_ebpf() => Balance::RoundRobin,
             Balance::Auto => Balance::Kernel,
             other => other,
         };

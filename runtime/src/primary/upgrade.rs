@@ -53,6 +53,9 @@ pub(crate) const ENV_PID_FILE_FD: &str = "STEER_UPGRADE_PID_FILE_FD";
 /// The slots whose workers say `ready` (comma-separated indices): the successor's count
 /// as ready only once they say it too.
 pub(crate) const ENV_SAYS_READY: &str = "STEER_UPGRADE_SAYS_READY";
+/// Each slot's generation under the predecessor, `slot:generation,...`: the successor's
+/// workers go on from there.
+pub(crate) const ENV_GENERATIONS: &str = "STEER_UPGRADE_GENERATIONS";
 /// Every variable of the hand-over: never passed on to workers.
 pub(crate) const ENV: &[&str] = &[
     ENV_FROM,
@@ -60,6 +63,8 @@ pub(crate) const ENV: &[&str] = &[
     ENV_STATUS_FD,
     ENV_PID_FILE_FD,
     ENV_SAYS_READY,
+    ENV_GENERATIONS,
+    crate::quic::ENV_RESET_KEY,
 ];
 
 const READY_FD: RawFd = 3;
@@ -103,24 +108,41 @@ pub(crate) enum Progress {
 
 impl Successor {
     /// Starts `exe` with `args` as a successor, handing it the status listener and the pid
-    /// file, the slots whose workers say `ready`, and giving its workers the open-file
-    /// limit this primary started with.
+    /// file, each slot's generation and whether its workers say `ready` (`slots`: slot,
+    /// generation, says ready), and giving its workers the open-file limit this primary
+    /// started with.
     pub(crate) fn start(
         exe: PathBuf,
         args: Vec<OsString>,
         status: Option<BorrowedFd<'_>>,
         pid_file: Option<BorrowedFd<'_>>,
-        says_ready: &[usize],
+        slots: &[(usize, u64, bool)],
         nofile: Option<(u64, u64)>,
         deadline: Instant,
     ) -> io::Result<Successor> {
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let says_ready: Vec<String> = says_ready.iter().map(usize::to_string).collect();
+        let says_ready: Vec<String> = slots
+            .iter()
+            .filter(|s| s.2)
+            .map(|s| s.0.to_string())
+            .collect();
         let mut env: Vec<(OsString, OsString)> = vec![
             (ENV_FROM.into(), std::process::id().to_string().into()),
             (ENV_READY_FD.into(), READY_FD.to_string().into()),
             (ENV_SAYS_READY.into(), says_ready.join(",").into()),
+            (
+                ENV_GENERATIONS.into(),
+                slots
+                    .iter()
+                    .map(|(slot, generation, _)| format!("{slot}:{generation}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+                    .into(),
+            ),
         ];
+        if let Some(key) = crate::quic::cluster_reset_key() {
+            env.push((crate::quic::ENV_RESET_KEY.into(), key.to_hex().into()));
+        }
         let mut fds = vec![(write, READY_FD)];
         if let Some(status) = status {
             env.push((ENV_STATUS_FD.into(), STATUS_FD.to_string().into()));
@@ -232,6 +254,15 @@ pub(crate) struct Inheritance {
     pub pid_file: Option<File>,
     /// Slots whose workers say `ready` under the predecessor.
     pub says_ready: Vec<usize>,
+    /// Each slot's generation under the predecessor.
+    pub generations: Vec<(usize, u64)>,
+}
+
+/// The QUIC stateless-reset key a predecessor handed down (`STEER_QUIC_RESET_KEY`), if
+/// this process is a successor and the value is one.
+pub(crate) fn inherited_reset_key() -> Option<crate::quic::ResetKey> {
+    std::env::var(ENV_FROM).ok()?;
+    crate::quic::ResetKey::from_hex(&std::env::var(crate::quic::ENV_RESET_KEY).ok()?)
 }
 
 impl Inheritance {
@@ -269,6 +300,14 @@ impl Inheritance {
             .split(',')
             .filter_map(|index| index.parse().ok())
             .collect();
+        let generations = std::env::var(ENV_GENERATIONS)
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|pair| {
+                let (slot, generation) = pair.split_once(':')?;
+                Some((slot.parse().ok()?, generation.parse().ok()?))
+            })
+            .collect();
         Some(Inheritance {
             from,
             predecessor: spawn::pidfd_open(from).ok(),
@@ -276,6 +315,7 @@ impl Inheritance {
             status,
             pid_file,
             says_ready,
+            generations,
         })
     }
 

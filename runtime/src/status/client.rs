@@ -268,6 +268,9 @@ pub fn render_table(doc: &StatusDocument) -> String {
         if let Some(ms) = w.next_restart_in_ms {
             state = format!("{state} {ms}ms");
         }
+        if w.stalled {
+            state.push_str(" stalled");
+        }
         let _ = writeln!(
             out,
             "{:>4}  {:>8}  {:>4}  {:<9} {:>8}  {:>8}  {:>10}  {:>9}  {}",
@@ -294,6 +297,19 @@ pub fn render_table(doc: &StatusDocument) -> String {
             "eBPF {}: {} migrated, {} fallbacks, {} dropped",
             steering.policy, steering.migrations, steering.fallbacks, steering.drops
         );
+    }
+    if doc.listeners.len() > 1 || doc.listeners.iter().any(|l| l.protocol != "tcp") {
+        for l in &doc.listeners {
+            let _ = write!(out, "listener {} {}://{}", l.name, l.protocol, l.address);
+            if let Some(steered) = l.steered {
+                let _ = write!(
+                    out,
+                    ": {steered} steered, {} dropped, {} refused",
+                    l.drops, l.refusals
+                );
+            }
+            out.push('\n');
+        }
     }
     if let Some(limits) = &doc.client_limits {
         let refused: u64 = limits.refused.iter().map(|l| l.refused).sum();
@@ -378,8 +394,11 @@ mod tests {
             draining: 0,
             messages_dropped: 0,
             output_dropped: 0,
+            stalled: false,
+            stalls: 0,
         };
         let doc = StatusDocument {
+            listeners: Vec::new(),
             primary: PrimaryStatus {
                 pid: 10,
                 uptime_s: 3700,

@@ -9,7 +9,7 @@
 
 use std::fmt::Write;
 
-use super::{StatusDocument, WorkerStatus};
+use super::{ListenerStatus, StatusDocument, WorkerStatus};
 
 /// Every value of the `state` label, as `/status` spells the states.
 pub const STATES: &[&str] = &[
@@ -220,6 +220,22 @@ pub fn render(doc: &StatusDocument) -> String {
         "Requests answered by the slot's current process (restarts from 0 with a new process; absent for programs that do not report counters).",
         |w| w.requests.map(|n| n as f64),
     );
+    if doc.steering.is_some() {
+        e.per_slot(
+            doc,
+            "steer_worker_stalled",
+            "gauge",
+            "1 while the slot's worker is stalled (connections queued, none accepted for 2 ms) and the eBPF policy steers new connections around it; it stays ready and is not replaced.",
+            |w| Some(if w.stalled { 1.0 } else { 0.0 }),
+        );
+        e.per_slot(
+            doc,
+            "steer_worker_stalls_total",
+            "counter",
+            "Times the slot's worker became stalled.",
+            |w| Some(w.stalls as f64),
+        );
+    }
     if let Some(steering) = &doc.steering {
         let mut selections = e.family(
             "steer_steering_selections_total",
@@ -252,6 +268,47 @@ pub fn render(doc: &StatusDocument) -> String {
             ),
         ] {
             e.family(name, "counter", help).sample(&[], value as f64);
+        }
+    }
+    for (name, help, value) in [
+        (
+            "steer_listener_steered_total",
+            "Connections (TCP) or datagrams (UDP) the eBPF program handed to a worker, per listener.",
+            (|l: &ListenerStatus| l.steered) as fn(&ListenerStatus) -> Option<u64>,
+        ),
+        (
+            "steer_listener_drops_total",
+            "Connections or datagrams dropped because no live slot could take them, per listener.",
+            |l: &ListenerStatus| l.steered.map(|_| l.drops),
+        ),
+        (
+            "steer_listener_refusals_total",
+            "SYNs and new UDP flows the per-client limit refused, per listener.",
+            |l: &ListenerStatus| l.steered.map(|_| l.refusals),
+        ),
+        (
+            "steer_listener_flow_inserts_total",
+            "UDP flows entered into the listener's flow table (new, idle past the timeout, or moved).",
+            |l: &ListenerStatus| l.flows.map(|f| f.inserts),
+        ),
+        (
+            "steer_listener_flow_moves_total",
+            "Datagrams of a known UDP flow whose socket had left (its process exited or drained), steered again.",
+            |l: &ListenerStatus| l.flows.map(|f| f.moves),
+        ),
+    ] {
+        let mut family = e.family(name, "counter", help);
+        for listener in &doc.listeners {
+            if let Some(n) = value(listener) {
+                family.sample(
+                    &[
+                        ("listener", &listener.name),
+                        ("protocol", &listener.protocol),
+                        ("address", &listener.address),
+                    ],
+                    n as f64,
+                );
+            }
         }
     }
     if let Some(limits) = &doc.client_limits {
@@ -345,8 +402,21 @@ mod tests {
             draining: 0,
             messages_dropped: 0,
             output_dropped: 0,
+            stalled: slot == 1,
+            stalls: slot as u64,
         };
         StatusDocument {
+            listeners: vec![ListenerStatus {
+                name: "web".into(),
+                protocol: "tcp".into(),
+                address: "127.0.0.1:8000".into(),
+                steered: Some(12),
+                drops: 1,
+                refusals: 0,
+                takeovers: 0,
+                flows: None,
+                quic: None,
+            }],
             primary: PrimaryStatus {
                 pid: 1,
                 uptime_s: 9,

@@ -29,6 +29,64 @@ pub struct StatusDocument {
     /// The per-client connection limit; absent without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_limits: Option<ClientLimitsStatus>,
+    /// Every listener, in the listeners' order (each is its own `SO_REUSEPORT` group).
+    #[serde(default)]
+    pub listeners: Vec<ListenerStatus>,
+}
+
+/// One listener in `/status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    /// Its name (`LISTEN_FDNAMES`).
+    pub name: String,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// The address its sockets are bound to.
+    pub address: String,
+    /// Connections (TCP) or datagrams (UDP) the program handed to a worker of this group;
+    /// absent without the program.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steered: Option<u64>,
+    /// Connections or datagrams the program dropped because no live slot took them.
+    #[serde(default)]
+    pub drops: u64,
+    /// SYNs the per-client limit refused on this listener.
+    #[serde(default)]
+    pub refusals: u64,
+    /// Times another program (or none) was found deciding for this group.
+    #[serde(default)]
+    pub takeovers: u64,
+    /// A UDP group's flow table: datagrams that went to their flow's socket, flows
+    /// entered, and datagrams of a flow whose socket had left; absent for TCP and
+    /// without the table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows: Option<FlowCounts>,
+    /// A QUIC listener's datagrams steered by connection ID, and those dropped as garbage
+    /// or truncated; absent for TCP and UDP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quic: Option<QuicCounts>,
+}
+
+/// A QUIC listener's datagrams, as counted by the program.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuicCounts {
+    /// Datagrams that went to the worker their connection ID names.
+    pub steered: u64,
+    /// Datagrams dropped because they cannot be QUIC sent to this cluster.
+    pub malformed: u64,
+}
+
+/// A UDP listener's flow table, as counted by the program.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowCounts {
+    /// Datagrams that went to the socket their flow is kept on.
+    pub hits: u64,
+    /// Flows entered (new clients, flows idle past the timeout, moved flows). With
+    /// nothing deleted from the table, this minus its size is at least what it evicted.
+    pub inserts: u64,
+    /// Datagrams of a known flow whose socket had left (its process exited or drained):
+    /// steered again, to the slot's serving generation first.
+    pub moves: u64,
 }
 
 /// The per-client connection limit in `/status` (`client-conn-rate`).
@@ -189,6 +247,16 @@ pub struct WorkerStatus {
     /// primary's output (its stderr, or the journal) could not keep up.
     #[serde(default)]
     pub output_dropped: u64,
+    /// The worker is stalled: connections wait in its queue and it has accepted none for a
+    /// moment (2 ms), so the eBPF policy steers new connections around it until it accepts
+    /// again. Not a state: a stalled worker stays `ready` and in steering, and is not
+    /// replaced (only the heartbeat's `health-timeout` does that). Always false without an
+    /// eBPF policy.
+    #[serde(default)]
+    pub stalled: bool,
+    /// Times the slot became stalled, since the program loaded.
+    #[serde(default)]
+    pub stalls: u64,
 }
 
 /// Sums in `/status`.

@@ -11,8 +11,10 @@
 //!   same instant;
 //! - the live set follows once per turn of the loop ([`EbpfSteering::flush`]);
 //! - once per health interval, the ownership probe checks that the program deciding is
-//!   this one ([`super::probe`]), and `least-loaded` records are settled against the real
-//!   accept queues ([`super::queues`]).
+//!   this one ([`super::probe`]), and the load records are settled against the real
+//!   accept queues ([`super::queues`]); workers that do not publish their accepts are
+//!   judged for stalls from those queues ([`super::stalls`]), every 10 ms while one is
+//!   suspect.
 //!
 //! # What is guaranteed about the live set
 //!
@@ -38,20 +40,24 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
-use aya::maps::{Array, ArrayOfMaps, Map, MapData, PerCpuArray, ReusePortSockArray};
+use aya::maps::{Array, ArrayOfMaps, Map, MapData, PerCpuArray, ProgramArray, ReusePortSockArray};
 use aya::programs::{ProgramError, SkReuseport};
 use aya::{Ebpf, EbpfError, EbpfLoader};
-use steer_common::{Config, Counters, HASH_TABLE_SIZE, LiveSet, MAX_CPUS, MAX_SLOTS, policy};
+use steer_common::{
+    Config, Counters, GENERATIONS, HASH_TABLE_SIZE, LiveSet, MAX_CPUS, MAX_SLOTS, policy,
+    socket_index,
+};
 
 use super::clients::{self, ClientTables, ClientView};
 use super::holder::ListenerHolder;
-use super::load::{LoadRecord, LoadShare};
+use super::load::{LoadRecord, LoadShare, SharedRecord};
 use super::probe::{self, Outcome, OwnershipProbe};
 use super::publisher::Publisher;
 use super::queues::ListenQueues;
 use super::shared::SharedArray;
+use super::stalls::SilentWatch;
 use super::{SteeringCounters, SteeringError, Takeover};
-use crate::config::{Balance, ClientLimits};
+use crate::config::{Balance, ClientLimits, UdpFlows};
 
 /// The program's `CONFIG.policy` code for `policy`.
 fn policy_code(policy: Balance) -> Result<u32, SteeringError> {
@@ -67,7 +73,40 @@ fn policy_code(policy: Balance) -> Result<u32, SteeringError> {
 /// The program object, built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer-ebpf"));
 
+/// The maps a UDP group shares with its successor primary through bpffs pins: the flows,
+/// and the sockets they are kept on, so that an upgrade moves no active flow.
+const SHARED_MAPS: [&str; 4] = ["FLOWS", "SOCKETS", "CURRENT", "LAST_HIT"];
+
+/// Where a UDP group's shared maps are pinned, and whether to use what is there.
+#[derive(Debug, Clone)]
+pub struct Pins {
+    /// A directory on a bpf filesystem, one per listener address.
+    pub dir: std::path::PathBuf,
+    /// A successor primary takes the maps its predecessor pinned; a fresh cluster removes
+    /// whatever a cluster before it left there and starts empty.
+    pub reuse: bool,
+}
+
+impl Pins {
+    /// Unpins the shared maps and removes the directory (what is missing is skipped). The
+    /// maps live on while a program or a primary holds them.
+    pub fn remove(&self) {
+        for name in SHARED_MAPS {
+            let _ = std::fs::remove_file(self.dir.join(name));
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// The program of a TCP group.
 const PROGRAM: &str = "steer_select";
+/// The program of a UDP group (the flow table's path too).
+const PROGRAM_UDP: &str = "steer_select_udp";
+/// The program of a QUIC group: connection IDs, then UDP's path through a tail call to
+/// [`PROGRAM_QUIC_FLOW`].
+const PROGRAM_QUIC: &str = "steer_select_quic";
+/// A QUIC group's UDP path, in `QUIC_FLOW[0]`.
+const PROGRAM_QUIC_FLOW: &str = "steer_select_quic_flow";
 
 /// How long a flush that adds a slot waits for the set to be published.
 const GROWTH_WAIT: Duration = Duration::from_millis(20);
@@ -112,7 +151,26 @@ struct Serving {
 pub struct EbpfSteering {
     ebpf: Ebpf,
     policy: Balance,
+    /// The entry point loaded: [`PROGRAM`], [`PROGRAM_UDP`] or [`PROGRAM_QUIC`].
+    program: &'static str,
+    /// A QUIC group's `QUIC_FLOW`, held so that its entry stays.
+    _quic_flow: Option<ProgramArray<MapData>>,
     sockets: ReusePortSockArray<MapData>,
+    /// `CURRENT`: each slot's serving generation (mod [`GENERATIONS`]).
+    current: Array<MapData, u32>,
+    /// `LAST_HIT`: when a UDP flow last reached each socket index.
+    last_hit: Array<MapData, u64>,
+    /// The group's UDP flows, if it is a UDP group with flow tracking on: a socket whose
+    /// slot gets a new generation (or leaves) stays in `SOCKETS` for its flows until
+    /// [`EbpfSteering::release_flows`].
+    flows: Option<UdpFlows>,
+    /// Which generation's socket each `SOCKETS` index holds.
+    occupants: BTreeMap<u32, u32>,
+    /// Where the UDP group's shared maps are pinned, if they are.
+    pins: Option<Pins>,
+    /// Whether to remove the pins when this steering ends: not while a successor takes
+    /// them over, nor in a successor before it has taken over.
+    unpin: bool,
     config_map: Array<MapData, Config>,
     publisher: Publisher,
     probe_seen: Array<MapData, u64>,
@@ -124,7 +182,7 @@ pub struct EbpfSteering {
     /// A slot entered the live set since the last flush.
     grew: bool,
     /// Load records by (slot, generation): handed out, serving, or waiting to serve.
-    records: BTreeMap<(u32, u32), LoadRecord>,
+    records: BTreeMap<(u32, u32), SharedRecord>,
     probe: Option<OwnershipProbe>,
     /// `PROBE` as it was when the probe in flight was sent.
     seen_at_send: u64,
@@ -139,6 +197,16 @@ pub struct EbpfSteering {
     held: Option<Option<OwnedFd>>,
     /// The per-client limit's maps.
     clients: ClientTables,
+    /// Workers that do not publish, suspect or stalled.
+    silent: SilentWatch,
+}
+
+impl Drop for EbpfSteering {
+    fn drop(&mut self) {
+        if let Some(pins) = self.pins.as_ref().filter(|_| self.unpin) {
+            pins.remove();
+        }
+    }
 }
 
 impl std::fmt::Debug for EbpfSteering {
@@ -156,15 +224,18 @@ impl EbpfSteering {
     /// limit.
     #[cfg(test)]
     pub fn load(policy: Balance, slots: u32) -> Result<EbpfSteering, SteeringError> {
-        EbpfSteering::load_limited(policy, slots, &ClientLimits::default())
+        EbpfSteering::load_limited(policy, slots, &ClientLimits::default(), None, None)
     }
 
     /// Loads the program for `policy` over `slots` configured slots, enforcing `limits`
-    /// (whose table size is fixed from now on).
+    /// (whose table size is fixed from now on). `flows`: a UDP group's flow table (its
+    /// size is fixed from now on); `None` for a TCP group.
     pub fn load_limited(
         policy: Balance,
         slots: u32,
         limits: &ClientLimits,
+        flows: Option<UdpFlows>,
+        pins: Option<Pins>,
     ) -> Result<EbpfSteering, SteeringError> {
         let code = policy_code(policy)?;
         if slots == 0 || slots > MAX_SLOTS {
@@ -175,18 +246,76 @@ impl EbpfSteering {
         // object is loaded (32 MiB of heap at peak); the maps and program allocated in
         // between pin that heap, and glibc keeps it resident once freed (the primary's RSS
         // was 21 MiB, 7 MiB now). `new()` still parses it once; `btf(None)` drops it first.
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .btf(None)
             .map_max_entries("CLIENTS", limits.table_size)
+            // A TCP group's program never enters a flow: the smallest table the kernel's
+            // LRU takes.
+            .map_max_entries(
+                "FLOWS",
+                flows.map_or(*crate::config::FLOW_TABLE_RANGE.start() as u32, |f| {
+                    f.table_size
+                }),
+            );
+        let pins = pins.filter(|pins| {
+            if !pins.reuse {
+                pins.remove();
+            }
+            match std::fs::create_dir_all(&pins.dir) {
+                Ok(()) => true,
+                Err(err) => {
+                    tracing::warn!(
+                        dir = %pins.dir.display(),
+                        "cannot pin the UDP flow maps ({err}): flows will move on a primary upgrade"
+                    );
+                    false
+                }
+            }
+        });
+        if let Some(pins) = &pins {
+            for name in SHARED_MAPS {
+                loader.map_pin_path(name, pins.dir.join(name));
+            }
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| classify("load the eBPF maps", &e))?;
-        program_mut(&mut ebpf)?
+        let program = match flows {
+            Some(f) if f.quic => PROGRAM_QUIC,
+            Some(_) => PROGRAM_UDP,
+            None => PROGRAM,
+        };
+        program_mut(&mut ebpf, program)?
             .load()
             .map_err(|e| classify("load the eBPF program", &e))?;
+        // A QUIC group's second program, in the tail-call map that is kept open: the kernel
+        // empties a program array once no user holds it.
+        let quic_flow = if program == PROGRAM_QUIC {
+            let flow = program_mut(&mut ebpf, PROGRAM_QUIC_FLOW)?;
+            flow.load()
+                .map_err(|e| classify("load the eBPF program", &e))?;
+            let fd = flow
+                .fd()
+                .map_err(|e| classify("load the eBPF program", &e))?
+                .try_clone()
+                .map_err(|e| SteeringError::io("copy the QUIC flow program's fd", e))?;
+            let mut tail = ProgramArray::try_from(take(&mut ebpf, "QUIC_FLOW")?)
+                .map_err(|e| SteeringError::map("use map QUIC_FLOW", e))?;
+            tail.set(0, &fd, 0)
+                .map_err(|e| SteeringError::map("write QUIC_FLOW[0]", e))?;
+            Some(tail)
+        } else {
+            None
+        };
         let sockets = ReusePortSockArray::try_from(take(&mut ebpf, "SOCKETS")?)
             .map_err(|e| SteeringError::map("use map SOCKETS", e))?;
         let config_map = Array::try_from(take(&mut ebpf, "CONFIG")?)
             .map_err(|e| SteeringError::map("use map CONFIG", e))?;
+        let current = Array::try_from(take(&mut ebpf, "CURRENT")?)
+            .map_err(|e| SteeringError::map("use map CURRENT", e))?;
+        let last_hit = Array::try_from(take(&mut ebpf, "LAST_HIT")?)
+            .map_err(|e| SteeringError::map("use map LAST_HIT", e))?;
         let live_map = ArrayOfMaps::try_from(take(&mut ebpf, "LIVE")?)
             .map_err(|e| SteeringError::map("use map LIVE", e))?;
         let loads = ArrayOfMaps::try_from(take(&mut ebpf, "LOADS")?)
@@ -208,7 +337,15 @@ impl EbpfSteering {
         let mut steering = EbpfSteering {
             ebpf,
             policy,
+            program,
+            _quic_flow: quic_flow,
             sockets,
+            current,
+            last_hit,
+            flows: flows.filter(|f| !f.timeout.is_zero()),
+            occupants: BTreeMap::new(),
+            unpin: pins.as_ref().is_some_and(|p| !p.reuse),
+            pins,
             config_map,
             publisher,
             probe_seen,
@@ -217,6 +354,7 @@ impl EbpfSteering {
                 policy: code,
                 slots,
                 cpus: allowed.len() as u32,
+                flow_timeout_ns: flows.map_or(0, |f| duration_ns(f.timeout)),
                 ..Config::default()
             },
             live: BTreeMap::new(),
@@ -230,14 +368,12 @@ impl EbpfSteering {
             probe_trouble: None,
             held: None,
             clients,
+            silent: SilentWatch::default(),
         };
         steering.set_client_limits(limits)?;
-        if policy == Balance::LeastLoaded {
-            steering.queues = Some(
-                ListenQueues::open()
-                    .map_err(|e| SteeringError::io("open a sock_diag socket", e))?,
-            );
-        }
+        steering.queues = Some(
+            ListenQueues::open().map_err(|e| SteeringError::io("open a sock_diag socket", e))?,
+        );
         steering.write_config()?;
         steering.flush()?;
         steering.publisher.wait();
@@ -250,9 +386,7 @@ impl EbpfSteering {
     }
 
     /// Switches the policy the program runs: one write of `CONFIG`, read by the very next
-    /// program run. Workers and the live set stay as they are. Workers that started under
-    /// another policy have no load record, so after a switch to `least-loaded` they weigh
-    /// nothing until they are replaced.
+    /// program run. Workers, their load records and the live set stay as they are.
     pub fn set_policy(&mut self, policy: Balance) -> Result<(), SteeringError> {
         self.config.policy = policy_code(policy)?;
         self.write_config()?;
@@ -343,16 +477,35 @@ impl EbpfSteering {
         // served) are read by nobody from now on.
         self.records
             .retain(|&(s, g), _| s != slot || g == generation);
-        self.sockets
-            .set(slot, &fd.as_raw_fd(), 0)
-            .map_err(|e| SteeringError::map(format!("put the socket into SOCKETS[{slot}]"), e))?;
+        let index = socket_index(slot, generation);
+        self.sockets.set(index, &fd.as_raw_fd(), 0).map_err(|e| {
+            SteeringError::map(format!("put slot {slot}'s socket into SOCKETS[{index}]"), e)
+        })?;
+        // No flow has reached this socket yet (the index's last occupant's time is not its).
+        let _ = self.last_hit.set(index, 0, 0);
+        self.occupants.insert(index, generation);
+        // New connections and new flows go to this generation from the next program run.
+        self.current
+            .set(slot, generation % GENERATIONS, 0)
+            .map_err(|e| SteeringError::map(format!("write CURRENT[{slot}]"), e))?;
+        // Every other generation of the slot: a TCP socket leaves now (its queue migrates
+        // when its worker closes it); a UDP one keeps its flows until it is released.
+        if !self.tracks_flows() {
+            for other in (0..GENERATIONS).map(|g| socket_index(slot, g)) {
+                if other != index {
+                    self.clear_socket(other)?;
+                }
+            }
+        }
         // The probe's fds are taken with the first socket, not at the first check: the
         // primary holds the same fds from the moment a worker is ready.
+        let socket = socket2::SockRef::from(fd);
         if self.probe.is_none()
-            && let Ok(Some(listen)) = socket2::SockRef::from(fd)
-                .local_addr()
-                .map(|a| a.as_socket())
-            && let Err(err) = self.set_up_probe(listen)
+            && let Ok(Some(listen)) = socket.local_addr().map(|a| a.as_socket())
+            && let Err(err) = self.set_up_probe(
+                listen,
+                socket.r#type().is_ok_and(|t| t == socket2::Type::DGRAM),
+            )
         {
             tracing::warn!(
                 "cannot set up the ownership probe yet: {}",
@@ -370,21 +523,132 @@ impl EbpfSteering {
         Ok(())
     }
 
-    /// Takes `slot` out of steering: no new connection reaches its socket from now on.
+    /// Takes `slot` out of steering: no new connection or new flow reaches its socket from
+    /// now on. A UDP socket with flow tracking keeps its flows until
+    /// [`EbpfSteering::release_flows`] (or until it closes).
     pub fn deactivate(&mut self, slot: u32) -> Result<(), SteeringError> {
-        if let Some(serving) = self.live.remove(&slot) {
-            self.records.remove(&(slot, serving.generation));
-            self.dirty = true;
+        let Some(serving) = self.live.remove(&slot) else {
+            return Ok(());
+        };
+        self.records.remove(&(slot, serving.generation));
+        self.silent.forget(slot);
+        self.dirty = true;
+        if self.tracks_flows() {
+            return Ok(());
         }
-        match self.sockets.clear_index(&slot) {
+        self.clear_socket(socket_index(slot, serving.generation))
+    }
+
+    /// Turns stall avoidance on or off (one write of `CONFIG`, read by the next run).
+    pub fn set_avoid_stalls(&mut self, on: bool) -> Result<(), SteeringError> {
+        self.config.avoid_stalls = u32::from(on);
+        self.write_config()
+    }
+
+    /// Whether the pins go with this steering (see [`EbpfSteering::unpin`]): a primary that
+    /// hands over keeps them for its successor (`false`); a successor that has taken over
+    /// owns them (`true`).
+    pub fn set_unpin(&mut self, unpin: bool) {
+        self.unpin = unpin;
+    }
+
+    /// Writes `CURRENT` again for every slot in steering: after a failed upgrade, the
+    /// successor's workers may have named their generation there (in a UDP group's
+    /// shared map), and they are gone.
+    pub fn reassert_current(&mut self) -> Result<(), SteeringError> {
+        for (slot, serving) in &self.live {
+            self.current
+                .set(*slot, serving.generation % GENERATIONS, 0)
+                .map_err(|e| SteeringError::map(format!("write CURRENT[{slot}]"), e))?;
+        }
+        Ok(())
+    }
+
+    /// How many slots are in steering.
+    pub fn serving(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Whether this is a QUIC group's program.
+    pub fn is_quic(&self) -> bool {
+        self.flows.is_some_and(|f| f.quic)
+    }
+
+    /// Whether this is a UDP group that keeps flows on their socket.
+    pub fn tracks_flows(&self) -> bool {
+        self.flows.is_some_and(|f| !f.timeout.is_zero())
+    }
+
+    /// Takes the socket of `slot`'s `generation` out of `SOCKETS`, unless it is the slot's
+    /// serving one or its index holds a newer generation already: its flows are steered
+    /// again from their next datagram (to the slot's serving generation first).
+    ///
+    /// A QUIC group's socket stays: its connections are steered to it by their IDs for as
+    /// long as its worker keeps it open, and it leaves `SOCKETS` when the worker closes
+    /// it (the kernel removes a closed socket), or when a newer generation of the slot
+    /// takes its index.
+    pub fn release_flows(&mut self, slot: u32, generation: u32) -> Result<(), SteeringError> {
+        if self.is_quic() {
+            return Ok(());
+        }
+        let index = socket_index(slot, generation);
+        if self
+            .live
+            .get(&slot)
+            .is_some_and(|s| s.generation == generation)
+            || self.occupants.get(&index) != Some(&generation)
+        {
+            return Ok(());
+        }
+        self.clear_socket(index)
+    }
+
+    /// Whether every flow on the socket of `slot`'s `generation` has been idle for the
+    /// flow timeout (true when the group keeps no flows, or the index holds another
+    /// generation now).
+    /// A QUIC group's are always idle: its draining worker keeps its socket until it
+    /// closes it, so it is told to drain at once (see [`EbpfSteering::release_flows`]).
+    pub fn flows_idle(&self, slot: u32, generation: u32) -> bool {
+        let Some(flows) = self.flows.filter(|f| !f.timeout.is_zero() && !f.quic) else {
+            return true;
+        };
+        let index = socket_index(slot, generation);
+        if self.occupants.get(&index) != Some(&generation) {
+            return true;
+        }
+        let last = self.last_hit.get(&index, 0).unwrap_or(0);
+        last == 0 || monotonic_ns().saturating_sub(last) > duration_ns(flows.timeout)
+    }
+
+    /// Changes the UDP flow timeout live (one write of `CONFIG`). Flows already in the
+    /// table are judged by the new timeout from their next datagram.
+    pub fn set_udp_flow_timeout(&mut self, timeout: Duration) -> Result<(), SteeringError> {
+        let Some(flows) = self.flows.as_mut() else {
+            return Ok(());
+        };
+        // A QUIC group's handshakes always need the table.
+        let timeout = if flows.quic && timeout.is_zero() {
+            UdpFlows::default().timeout
+        } else {
+            timeout
+        };
+        flows.timeout = timeout;
+        self.config.flow_timeout_ns = duration_ns(timeout);
+        self.write_config()
+    }
+
+    /// Clears `SOCKETS[index]` (already empty is fine: the kernel removes a socket from
+    /// the map when it closes).
+    fn clear_socket(&mut self, index: u32) -> Result<(), SteeringError> {
+        self.occupants.remove(&index);
+        match self.sockets.clear_index(&index) {
             Ok(()) => Ok(()),
-            // Already gone: the kernel removes a socket from the map when it closes.
             Err(aya::maps::MapError::SyscallError(err))
                 if err.io_error.raw_os_error() == Some(libc::ENOENT) =>
             {
                 Ok(())
             }
-            Err(err) => Err(SteeringError::map(format!("clear SOCKETS[{slot}]"), err)),
+            Err(err) => Err(SteeringError::map(format!("clear SOCKETS[{index}]"), err)),
         }
     }
 
@@ -419,19 +683,26 @@ impl EbpfSteering {
         self.publisher.wait();
     }
 
-    /// A fresh record for the worker of `slot`/`generation`, and a copy of its fd.
+    /// A fresh record for the worker of `slot`/`generation`, a copy of its fd, and the
+    /// record for the cluster's other groups.
     pub fn load_record(
         &mut self,
         slot: u32,
         generation: u32,
-    ) -> Result<(OwnedFd, LoadShare), SteeringError> {
-        let record = LoadRecord::create()
-            .map_err(|e| SteeringError::map(format!("create the load record of slot {slot}"), e))?;
+    ) -> Result<(OwnedFd, LoadShare, SharedRecord), SteeringError> {
+        let record = SharedRecord::new(LoadRecord::create().map_err(|e| {
+            SteeringError::map(format!("create the load record of slot {slot}"), e)
+        })?);
         let fd = record
             .share()
             .map_err(|e| SteeringError::io("copy the load record's fd", e))?;
+        self.records.insert((slot, generation), record.clone());
+        Ok((fd, LoadShare::RECORD, record))
+    }
+
+    /// Holds `record` (another group's) as the record of the worker of `slot`/`generation`.
+    pub fn adopt_record(&mut self, slot: u32, generation: u32, record: SharedRecord) {
         self.records.insert((slot, generation), record);
-        Ok((fd, LoadShare::RECORD))
     }
 
     /// The ownership check of one health interval (see [`super::probe`]). A probe that
@@ -442,10 +713,12 @@ impl EbpfSteering {
     /// stays away from `shadowed` addresses, where another group listens.
     pub fn ensure_program(
         &mut self,
-        listen: SocketAddr,
+        listener: &crate::config::Listener,
         patience: Duration,
         shadowed: &[IpAddr],
     ) -> Result<Option<Takeover>, SteeringError> {
+        let listen = listener.addr;
+        let udp = listener.protocol.is_datagram();
         if self.live.is_empty() || self.held.is_some() {
             // Nothing to probe: no socket of ours is in a group (the next activation
             // attaches the program through its socket), or the program is held back while
@@ -464,7 +737,7 @@ impl EbpfSteering {
             return Ok(None);
         }
         if self.probe.is_none()
-            && let Err(err) = self.set_up_probe(listen)
+            && let Err(err) = self.set_up_probe(listen, udp)
         {
             self.probe_trouble(ProbeTrouble::SetUp, crate::errors::error_chain(&err));
             return Ok(None);
@@ -504,6 +777,14 @@ impl EbpfSteering {
         if seen > self.seen_at_send {
             // Steer's program decided (and dropped it); its reset may still be on the way.
             probe.forget();
+            if let Some(other) = probe.confirmed() {
+                tracing::warn!(
+                    %listen,
+                    %target,
+                    "the ownership probe to {other} was taken by another group: a socket of                      another process bound to {other}:{} (which the kernel prefers to the                      wildcard for that address) gets every datagram sent there; the probe goes                      to {target} from now on",
+                    listen.port()
+                );
+            }
             if let Some(trouble) = self.probe_trouble.take() {
                 tracing::info!(
                     %target,
@@ -515,6 +796,12 @@ impl EbpfSteering {
         }
         let evidence = match outcome {
             Outcome::Pending if probe.waited() < patience => return Ok(None),
+            Outcome::Pending if probe.is_udp() => {
+                probe.forget();
+                "the probe datagram was not counted by Steer's program within a health \
+                 interval (another program, or none, delivered it to a socket that does not \
+                 answer it)"
+            }
             Outcome::Pending => {
                 probe.forget();
                 if !self.group_has_full_queue(listen)? {
@@ -538,6 +825,21 @@ impl EbpfSteering {
             }
             Outcome::Refused => "the probe was refused without Steer's program seeing it",
         };
+        // A UDP group on a wildcard has no port survey to say that another group took the
+        // probe's address: confirm through another address before counting a takeover.
+        if let Some(probe) = self.probe.as_mut()
+            && let Some(next) = probe.confirm_elsewhere(target, shadowed)
+        {
+            self.seen_at_send = self
+                .probe_seen
+                .get(&0, 0)
+                .map_err(|e| SteeringError::map("read PROBE", e))?;
+            tracing::debug!(%listen, %target, %next, evidence, "confirming a failed probe elsewhere");
+            probe
+                .send(next)
+                .map_err(|e| SteeringError::io(format!("send the ownership probe to {next}"), e))?;
+            return Ok(None);
+        }
         self.takeovers += 1;
         let restored = self.reattach();
         tracing::warn!(
@@ -589,8 +891,8 @@ impl EbpfSteering {
 
     /// Reserves the ownership probe's source and names it in `CONFIG`: once, before the
     /// first probe is sent (so no probe is in flight while `CONFIG` changes).
-    fn set_up_probe(&mut self, listen: SocketAddr) -> Result<(), SteeringError> {
-        let probe = OwnershipProbe::new(listen)
+    fn set_up_probe(&mut self, listen: SocketAddr, udp: bool) -> Result<(), SteeringError> {
+        let probe = OwnershipProbe::new(listen, udp)
             .map_err(|e| SteeringError::io(format!("set up the ownership probe of {listen}"), e))?;
         let (v6, address) = probe::address_in_packet(probe.source());
         self.config.probe_port = probe::port_in_packet(probe.source());
@@ -626,8 +928,11 @@ impl EbpfSteering {
         Err(last.unwrap_or(SteeringError::NoServingSocket))
     }
 
-    /// Settles each serving worker's record against its listener's accept queue.
-    pub fn reconcile_load(&mut self, listen: SocketAddr) -> Result<(), SteeringError> {
+    /// The accept queue of each serving slot's socket in this group (on `listen`).
+    pub fn queued_per_slot(
+        &mut self,
+        listen: SocketAddr,
+    ) -> Result<BTreeMap<u32, u64>, SteeringError> {
         let queues = match &mut self.queues {
             Some(queues) => queues,
             None => self.queues.insert(
@@ -643,15 +948,67 @@ impl EbpfSteering {
                     e,
                 )
             })?;
+        Ok(self
+            .live
+            .iter()
+            .filter_map(|(slot, serving)| {
+                let queued = lengths.get(&serving.holder.inode())?;
+                Some((*slot, u64::from(*queued)))
+            })
+            .collect())
+    }
+
+    /// Settles each serving worker's record against `queued`, its real accept queues
+    /// summed over the cluster's TCP listeners (a slot missing from it has none queued),
+    /// and judges the workers that have never published an accept from it (see
+    /// [`super::stalls`]).
+    pub fn settle_load(&mut self, queued: &BTreeMap<u32, u64>) {
+        let now = std::time::Instant::now();
         for (slot, serving) in &self.live {
-            if let (Some(record), Some(&queued)) = (
-                self.records.get(&(*slot, serving.generation)),
-                lengths.get(&serving.holder.inode()),
-            ) {
-                record.settle(u64::from(queued));
+            let Some(record) = self.records.get(&(*slot, serving.generation)) else {
+                continue;
+            };
+            let queued = queued.get(slot).copied().unwrap_or(0);
+            record.settle(queued);
+            if record.view().accepted == 0 {
+                let stalled = self.silent.judge(*slot, queued, now);
+                record.set_verdict(stalled);
+            } else {
+                self.silent.forget(*slot);
             }
         }
-        Ok(())
+    }
+
+    /// Whether a worker that does not publish is suspect or stalled: call
+    /// [`EbpfSteering::settle_load`] again in [`super::stalls::QUICK_LOOK`].
+    /// Also while the program judges a worker stalled: a settlement that finds its real
+    /// queue empty ends a "stall" made of SYNs that never became connections within
+    /// [`super::stalls::QUICK_LOOK`], not a health interval.
+    pub fn wants_quick_look(&self) -> bool {
+        self.silent.wants_quick_look()
+            || self.live.iter().any(|(slot, serving)| {
+                self.records
+                    .get(&(*slot, serving.generation))
+                    .is_some_and(|r| r.view().stalled != 0)
+            })
+    }
+
+    /// Which of the first `slots` slots are stalled now, as their serving workers' records
+    /// say (judged again with the current time: a worker that accepted since the program
+    /// last looked is not stalled).
+    pub fn stalled(&self, slots: usize) -> Vec<bool> {
+        let now = monotonic_ns();
+        let mut stalled = vec![false; slots];
+        for (slot, serving) in &self.live {
+            if let (Some(flag), Some(record)) = (
+                stalled.get_mut(*slot as usize),
+                self.records.get(&(*slot, serving.generation)),
+            ) {
+                let view = record.view();
+                *flag = view.stalled != 0 && view.is_stalled(now);
+            }
+        }
+        stalled
     }
 
     /// The program's counters, summed over CPUs, for the first `slots` slots.
@@ -669,8 +1026,18 @@ impl EbpfSteering {
             takeovers: self.takeovers,
             client_refusals: 0,
             client_inserts: 0,
+            flow_hits: 0,
+            flow_inserts: 0,
+            flow_moves: 0,
+            quic_steered: 0,
+            quic_malformed: 0,
+            stalls: vec![0; slots],
+            stalled: self.stalled(slots),
         };
         for cpu in per_cpu.iter() {
+            for (sum, value) in total.stalls.iter_mut().zip(cpu.stalls.iter()) {
+                *sum += value;
+            }
             for (sum, value) in total.selections.iter_mut().zip(cpu.selections.iter()) {
                 *sum += value;
             }
@@ -679,6 +1046,11 @@ impl EbpfSteering {
             total.migrations += cpu.migrations;
             total.client_refusals += cpu.client_refusals;
             total.client_inserts += cpu.client_inserts;
+            total.flow_hits += cpu.flow_hits;
+            total.flow_inserts += cpu.flow_inserts;
+            total.flow_moves += cpu.flow_moves;
+            total.quic_steered += cpu.quic_steered;
+            total.quic_malformed += cpu.quic_malformed;
         }
         Ok(total)
     }
@@ -699,7 +1071,7 @@ impl EbpfSteering {
         };
         let program: &SkReuseport = self
             .ebpf
-            .program(PROGRAM)
+            .program(self.program)
             .ok_or(ProgramError::NotLoaded)
             .map_err(attach_error)?
             .try_into()
@@ -712,6 +1084,19 @@ impl EbpfSteering {
             .set(0, self.config, 0)
             .map_err(|e| SteeringError::map("write CONFIG", e))
     }
+}
+
+/// `d` in ns, saturating.
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`, which the program stamps
+/// the load records with.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    })
 }
 
 /// `kernel` mode: detaches whatever program is attached to the group of `socket`
@@ -744,15 +1129,15 @@ pub(crate) fn detach_any_program(
     }
 }
 
-fn program_mut(ebpf: &mut Ebpf) -> Result<&mut SkReuseport, SteeringError> {
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SkReuseport, SteeringError> {
     let load_error = |detail: String| SteeringError::Load {
         what: "find the program in the object",
         detail,
     };
-    ebpf.program_mut(PROGRAM)
-        .ok_or_else(|| load_error(format!("program {PROGRAM} missing")))?
+    ebpf.program_mut(name)
+        .ok_or_else(|| load_error(format!("program {name} missing")))?
         .try_into()
-        .map_err(|e| load_error(format!("program {PROGRAM}: {e}")))
+        .map_err(|e| load_error(format!("program {name}: {e}")))
 }
 
 /// The Maglev table depends only on the slot count, so it is written once, before any
@@ -1081,5 +1466,162 @@ mod tests {
             outside.len(),
             &outside[..outside.len().min(5)]
         );
+    }
+
+    fn reuseport_udp(addr: SocketAddr) -> std::net::UdpSocket {
+        let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).expect("socket");
+        socket.set_reuse_port(true).expect("SO_REUSEPORT");
+        socket.bind(&addr.into()).expect("bind");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        socket.into()
+    }
+
+    /// A short-header datagram to the worker `(slot, generation)`.
+    fn short_to(slot: u16, generation: u16, tag: u8) -> Vec<u8> {
+        let cid = steer_common::quic::encode_server_id(
+            steer_common::quic::ServerId { slot, generation },
+            &[tag; steer_common::quic::ENTROPY_LEN],
+        );
+        let mut d = vec![0x41];
+        d.extend_from_slice(&cid);
+        d.extend_from_slice(&[tag; 24]);
+        d
+    }
+
+    /// Which of `sockets` received `payload`, read once `marker` (sent after it by the same
+    /// socket, so queued after it) has reached `sockets[0]`.
+    fn receivers(sockets: &[&std::net::UdpSocket], payload: &[u8], marker: &[u8]) -> Vec<usize> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        sockets[0].set_nonblocking(false).expect("blocking");
+        loop {
+            assert!(Instant::now() < deadline, "the marker never arrived");
+            let n = sockets[0].recv(&mut buf).unwrap_or(0);
+            if &buf[..n] == payload {
+                got.push(0);
+            }
+            if &buf[..n] == marker {
+                break;
+            }
+        }
+        for (i, socket) in sockets.iter().enumerate().skip(1) {
+            socket.set_nonblocking(true).expect("nonblocking");
+            while let Ok(n) = socket.recv(&mut buf) {
+                if &buf[..n] == payload {
+                    got.push(i);
+                }
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn the_quic_program_steers_by_connection_id_and_drops_garbage() {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .expect("free port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        // Slot 0 generation 5 and slot 1 generation 6 serve; slot 1 generation 3 drains
+        // (still in SOCKETS); a rogue socket is in the group but never registered.
+        let a = reuseport_udp(addr);
+        let b = reuseport_udp(addr);
+        let old = reuseport_udp(addr);
+        let rogue = reuseport_udp(addr);
+        let pidfd = own_pidfd();
+        let pid = std::process::id() as i32;
+        let flows = UdpFlows {
+            quic: true,
+            ..UdpFlows::default()
+        };
+        let mut steering = EbpfSteering::load_limited(
+            Balance::RoundRobin,
+            2,
+            &ClientLimits::default(),
+            Some(flows),
+            None,
+        )
+        .expect("load (root)");
+        assert_eq!(steering.program, PROGRAM_QUIC);
+        let fd = |s: &std::net::UdpSocket| OwnedFd::from(s.try_clone().expect("dup"));
+        let (fa, fb, fold) = (fd(&a), fd(&b), fd(&old));
+        steering
+            .activate(1, 3, &fold, pid, pidfd.as_fd(), None)
+            .expect("activate");
+        steering
+            .activate(0, 5, &fa, pid, pidfd.as_fd(), None)
+            .expect("activate");
+        steering
+            .activate(1, 6, &fb, pid, pidfd.as_fd(), None)
+            .expect("activate");
+        steering.flush().expect("flush");
+        steering.wait_published();
+        let all = [&a, &b, &old, &rogue];
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("client");
+        let marker = short_to(0, 5, 0xee);
+        let send = |d: &[u8]| {
+            client.send_to(d, addr).expect("send");
+            client.send_to(&marker, addr).expect("send");
+        };
+        // Each ID goes to the socket it names, the draining one's included, every time.
+        for round in 0..20u8 {
+            for (slot, generation, want) in [(0, 5, 0), (1, 6, 1), (1, 3, 2)] {
+                let d = short_to(slot, generation, round);
+                send(&d);
+                assert_eq!(
+                    receivers(&all, &d, &marker),
+                    vec![want],
+                    "{slot}/{generation}"
+                );
+            }
+        }
+        // An ID whose process is gone (slot 0 generation 4, slot 900, slot 65535) goes to
+        // a live socket of the current generation, never the rogue or the draining one.
+        for (slot, generation) in [(0u16, 4u16), (900, 1), (65_535, 9)] {
+            let d = short_to(slot, generation, 0x77);
+            send(&d);
+            let got = receivers(&all, &d, &marker);
+            assert!(
+                got == vec![0] || got == vec![1],
+                "{slot}/{generation}: {got:?}"
+            );
+        }
+        // A client's Initials (a DCID it chose) from one port all reach one socket of the
+        // current generation, round-robin or not.
+        let mut initial = vec![0xc0, 0, 0, 0, 1, 20];
+        initial.extend_from_slice(&[0xab; 20]);
+        initial.extend_from_slice(&[0u8; 1200]);
+        let mut seen = Vec::new();
+        for i in 0..10u8 {
+            let mut d = initial.clone();
+            d[30] = i;
+            send(&d);
+            seen.extend(receivers(&all, &d, &marker));
+        }
+        assert_eq!(seen.len(), 10, "{seen:?}");
+        assert!(seen.iter().all(|&s| s == seen[0] && s < 2), "{seen:?}");
+        // Garbage, truncated headers, a greased short header: nobody gets them.
+        let long_cut = &short_to(0, 5, 1)[..10];
+        let mut long_steer = vec![0xc0, 0, 0, 0, 1, 16];
+        long_steer.extend_from_slice(&short_to(0, 5, 3)[1..12]);
+        for d in [
+            &[][..],
+            &[0x41; 5][..],
+            long_cut,
+            &long_steer[..],
+            &[0x01; 64][..],
+            &[0xc0, 0, 0][..],
+        ] {
+            send(d);
+            assert!(receivers(&all, d, &marker).is_empty(), "{d:02x?}");
+        }
+        let counters = steering.counters(2).expect("counters");
+        // 60 named, and a marker after each of the 79 datagrams sent.
+        assert_eq!(counters.quic_steered, 60 + 79);
+        assert!(counters.quic_malformed >= 5, "{counters:?}");
     }
 }

@@ -1,5 +1,6 @@
-//! Load records for `least-loaded`: one per worker process, written by three parties,
-//! one field each (see [`steer_common::SlotLoad`]).
+//! Load records: one per worker process under every eBPF policy, written by three parties,
+//! each its own fields (see [`steer_common::SlotLoad`]). `least-loaded` weighs them; every
+//! policy reads them to steer around a stalled worker.
 //!
 //! Each worker gets a record of its own: a one-entry `BPF_F_MMAPABLE` array map created
 //! for it when it registers (or, for an external program, when it is spawned). The worker
@@ -16,6 +17,11 @@
 //! `sock_diag` and writes `settled = steered - accepted - queue`: phantom load is gone
 //! within one interval. A worker that never publishes (`accepted` stays 0) is balanced on
 //! its real queue plus what was steered to it since the last interval.
+//!
+//! The same records say when a worker is stalled (queued connections, no accept for
+//! 0.5 ms; [`steer_common::SlotLoad::is_stalled`]). The program judges that on every SYN;
+//! the settlement also ends a "stall" made of phantom SYNs within one interval. A worker
+//! that has never published an accept is judged by the primary ([`super::stalls`]).
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -72,6 +78,10 @@ impl LoadReporter {
     }
 }
 
+/// A worker's record as every group of the cluster holds it: one map, placed in each
+/// listener's `LOADS` at the worker's slot.
+pub type SharedRecord = std::sync::Arc<LoadRecord>;
+
 /// The primary's handle on one worker's record.
 #[derive(Debug)]
 pub struct LoadRecord {
@@ -103,6 +113,34 @@ impl LoadRecord {
     /// A copy of the map's fd for the worker.
     pub fn share(&self) -> io::Result<OwnedFd> {
         self.map.fd().as_fd().try_clone_to_owned()
+    }
+
+    /// A copy of the record, field by field.
+    pub fn view(&self) -> SlotLoad {
+        let field = |offset| self.memory.u64_at(offset).load(Ordering::Relaxed);
+        SlotLoad {
+            steered: field(record::STEERED),
+            accepted: field(record::ACCEPTED),
+            active: field(record::ACTIVE),
+            settled: field(record::SETTLED),
+            progress: field(record::PROGRESS),
+            waiting_since: field(record::WAITING_SINCE),
+            steered_at_progress: field(record::STEERED_AT_PROGRESS),
+            stalled: self.memory.u32_at(record::STALLED).load(Ordering::Relaxed),
+            verdict: self.memory.u32_at(record::VERDICT).load(Ordering::Relaxed),
+        }
+    }
+
+    /// The primary's judgement of a worker that has never published an accept.
+    pub fn set_verdict(&self, stalled: bool) {
+        let verdict = if stalled {
+            steer_common::VERDICT_STALLED
+        } else {
+            0
+        };
+        self.memory
+            .u32_at(record::VERDICT)
+            .store(verdict, Ordering::Relaxed);
     }
 
     /// Settles the estimate against the listener's real accept queue: what was steered

@@ -16,8 +16,8 @@
 //! listeners in both address families and reports those that are not its workers'
 //! ([`foreign`]).
 //!
-//! [`maglev`] builds the `hash` policy's table; [`load`] holds the `least-loaded` records,
-//! [`queues`] the port's listeners and the real accept-queue lengths they are settled
+//! [`maglev`] builds the `hash` policy's table; [`load`] holds the load records (every eBPF
+//! policy), [`queues`] the port's listeners and the real accept-queue lengths they are settled
 //! against.
 
 pub mod clients;
@@ -30,6 +30,7 @@ pub mod probe;
 pub mod publisher;
 pub mod queues;
 pub mod shared;
+pub mod stalls;
 
 use std::io;
 use std::net::SocketAddr;
@@ -190,6 +191,43 @@ pub struct SteeringCounters {
     /// Clients entered into the program's client table (inserts; evictions are this minus
     /// the entries it holds).
     pub client_inserts: u64,
+    /// UDP datagrams that went to the socket their flow is kept on.
+    pub flow_hits: u64,
+    /// UDP flows entered into the flow table (new, idle past the timeout, or moved).
+    pub flow_inserts: u64,
+    /// Datagrams of a known UDP flow whose socket had left, steered again.
+    pub flow_moves: u64,
+    /// QUIC datagrams that went to the worker their connection ID names.
+    pub quic_steered: u64,
+    /// QUIC datagrams dropped as garbage or truncated.
+    pub quic_malformed: u64,
+    /// Times each slot became stalled (queued connections, no accept), by slot index.
+    #[serde(skip)]
+    pub stalls: Vec<u64>,
+    /// Whether each slot is stalled now, by slot index.
+    #[serde(skip)]
+    pub stalled: Vec<bool>,
+}
+
+impl SteeringCounters {
+    /// The sum of two groups' counters (the policy is the same in every group).
+    pub fn plus(mut self, other: &SteeringCounters) -> SteeringCounters {
+        for (sum, value) in self.selections.iter_mut().zip(&other.selections) {
+            *sum += value;
+        }
+        self.fallbacks += other.fallbacks;
+        self.drops += other.drops;
+        self.migrations += other.migrations;
+        self.takeovers += other.takeovers;
+        self.client_refusals += other.client_refusals;
+        self.client_inserts += other.client_inserts;
+        self.flow_hits += other.flow_hits;
+        self.flow_inserts += other.flow_inserts;
+        self.flow_moves += other.flow_moves;
+        self.quic_steered += other.quic_steered;
+        self.quic_malformed += other.quic_malformed;
+        self
+    }
 }
 
 fn serialize_display<S: serde::Serializer>(policy: &Balance, s: S) -> Result<S::Ok, S::Error> {
@@ -217,12 +255,20 @@ impl Steering {
         balance: Balance,
         slots: u32,
         limits: &crate::config::ClientLimits,
+        flows: Option<crate::config::UdpFlows>,
+        pins: Option<ebpf::Pins>,
     ) -> Result<Steering, SteeringError> {
         match balance {
             Balance::Kernel => Ok(Steering::Kernel),
             Balance::Shared | Balance::Userspace => Ok(Steering::Baseline(balance)),
             Balance::Auto => {
-                match ebpf::EbpfSteering::load_limited(Balance::RoundRobin, slots, limits) {
+                match ebpf::EbpfSteering::load_limited(
+                    Balance::RoundRobin,
+                    slots,
+                    limits,
+                    flows,
+                    pins,
+                ) {
                     Ok(program) => Ok(Steering::Ebpf(Box::new(program))),
                     Err(err) if limits.rate.is_some() => Err(err),
                     Err(err) => {
@@ -235,7 +281,7 @@ impl Steering {
                 }
             }
             other => Ok(Steering::Ebpf(Box::new(ebpf::EbpfSteering::load_limited(
-                other, slots, limits,
+                other, slots, limits, flows, pins,
             )?))),
         }
     }
@@ -367,7 +413,26 @@ impl Steering {
                 Ok(())
             }
             Steering::Baseline(_) => Ok(()),
-            Steering::Ebpf(program) => program.attach_through(socket, None),
+            Steering::Ebpf(program) => {
+                program.reassert_current()?;
+                program.attach_through(socket, None)
+            }
+        }
+    }
+
+    /// Turns stall avoidance (`avoid-stalls`) on or off; nothing to do without the program.
+    pub fn set_avoid_stalls(&mut self, on: bool) -> Result<(), SteeringError> {
+        match self {
+            Steering::Ebpf(program) => program.set_avoid_stalls(on),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether this group's shared maps (a UDP group's pins) are removed when it ends; see
+    /// [`ebpf::EbpfSteering::set_unpin`].
+    pub fn set_unpin(&mut self, unpin: bool) {
+        if let Steering::Ebpf(program) = self {
+            program.set_unpin(unpin);
         }
     }
 
@@ -391,12 +456,12 @@ impl Steering {
     }
 
     /// Once per health interval: makes sure the program deciding for the group of
-    /// `listen` is Steer's, and attaches it again if not (see [`probe`]). `Some` when it
+    /// `listener` is Steer's, and attaches it again if not (see [`probe`]). `Some` when it
     /// was not; the takeover is logged and counted. The probe stays away from the
     /// addresses in `shadowed`, where another group listens ([`foreign`]).
     pub fn ensure_program(
         &mut self,
-        listen: SocketAddr,
+        listen: &crate::config::Listener,
         patience: Duration,
         shadowed: &[std::net::IpAddr],
     ) -> Result<Option<Takeover>, SteeringError> {
@@ -415,30 +480,107 @@ impl Steering {
         }
     }
 
-    /// Once per health interval (`least-loaded`): settles every serving worker's load
-    /// record against its listener's real accept queue.
-    pub fn reconcile_load(&mut self, listen: SocketAddr) -> Result<(), SteeringError> {
+    /// Once per health interval (and every [`stalls::QUICK_LOOK`] while
+    /// [`Steering::wants_quick_look`]): the real accept queue of each serving slot's
+    /// socket in this group (a TCP group on `listen`); empty under the other policies.
+    pub fn queued_per_slot(
+        &mut self,
+        listen: SocketAddr,
+    ) -> Result<std::collections::BTreeMap<u32, u64>, SteeringError> {
         match self {
-            Steering::Ebpf(program) if program.policy() == Balance::LeastLoaded => {
-                program.reconcile_load(listen)
-            }
-            _ => Ok(()),
+            Steering::Ebpf(program) => program.queued_per_slot(listen),
+            _ => Ok(Default::default()),
         }
     }
 
-    /// A fresh load record for the worker of `slot`/`generation` (`least-loaded` only): an
-    /// fd of a map that holds only that worker's record, for the worker to map. Call once
+    /// Settles every serving worker's load record against `queued`, its real accept
+    /// queues summed over the TCP listeners ([`Steering::queued_per_slot`]), and judges
+    /// the workers that do not publish their accepts for stalls.
+    pub fn settle_load(&mut self, queued: &std::collections::BTreeMap<u32, u64>) {
+        if let Steering::Ebpf(program) = self {
+            program.settle_load(queued);
+        }
+    }
+
+    /// Whether a worker that does not publish its accepts is suspect or stalled: its queue
+    /// is read again in [`stalls::QUICK_LOOK`].
+    pub fn wants_quick_look(&self) -> bool {
+        match self {
+            Steering::Ebpf(program) => program.wants_quick_look(),
+            _ => false,
+        }
+    }
+
+    /// A fresh load record for the worker of `slot`/`generation` (every eBPF policy): an
+    /// fd of a map that holds only that worker's record, for the worker to map, and the
+    /// record, for the other groups of the cluster to [`Steering::adopt_record`]. Call once
     /// per worker process, when it registers or (external programs) when it is spawned.
     pub fn load_record(
         &mut self,
         slot: usize,
         generation: u32,
-    ) -> Option<Result<(OwnedFd, LoadShare), SteeringError>> {
+    ) -> Option<Result<(OwnedFd, LoadShare, load::SharedRecord), SteeringError>> {
         match self {
-            Steering::Ebpf(program) if program.policy() == Balance::LeastLoaded => {
-                Some(program.load_record(slot as u32, generation))
-            }
+            Steering::Ebpf(program) => Some(program.load_record(slot as u32, generation)),
             _ => None,
+        }
+    }
+
+    /// Places `record`, made by another group's [`Steering::load_record`], as this group's
+    /// record of the worker of `slot`/`generation`: one record per worker, in every group.
+    pub fn adopt_record(&mut self, slot: usize, generation: u32, record: &load::SharedRecord) {
+        if let Steering::Ebpf(program) = self {
+            program.adopt_record(slot as u32, generation, record.clone());
+        }
+    }
+
+    /// Whether this group keeps UDP flows on their socket (a UDP group under an eBPF
+    /// policy, with `udp-flow-timeout` not 0): a worker that drains keeps its flows until
+    /// Whether this is a QUIC group under Steer's program.
+    pub fn is_quic(&self) -> bool {
+        match self {
+            Steering::Ebpf(program) => program.is_quic(),
+            _ => false,
+        }
+    }
+
+    /// they are idle, then [`Steering::release_flows`] takes its socket out.
+    pub fn tracks_flows(&self) -> bool {
+        matches!(self, Steering::Ebpf(program) if program.tracks_flows())
+    }
+
+    /// How many slots are in steering under the program (0 without one).
+    pub fn serving(&self) -> usize {
+        match self {
+            Steering::Ebpf(program) => program.serving(),
+            _ => 0,
+        }
+    }
+
+    /// Takes the socket of `slot`'s `generation` out of steering for good (its flows go to
+    /// the slot's serving generation from their next datagram). See
+    /// [`ebpf::EbpfSteering::release_flows`].
+    pub fn release_flows(&mut self, slot: usize, generation: u64) -> Result<(), SteeringError> {
+        match self {
+            Steering::Ebpf(program) => program.release_flows(slot as u32, generation as u32),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether every flow on the socket of `slot`'s `generation` is idle past the flow
+    /// timeout (always, in a group that keeps no flows).
+    pub fn flows_idle(&self, slot: usize, generation: u64) -> bool {
+        match self {
+            Steering::Ebpf(program) => program.flows_idle(slot as u32, generation as u32),
+            _ => true,
+        }
+    }
+
+    /// Applies a changed `udp-flow-timeout` (SIGHUP).
+    pub fn set_udp_flow_timeout(&mut self, timeout: Duration) -> Result<(), SteeringError> {
+        match self {
+            Steering::Ebpf(program) => program.set_udp_flow_timeout(timeout),
+            _ => Ok(()),
         }
     }
 

@@ -19,6 +19,26 @@
 //! - `[::]` probes `::1`, or, where `::1` cannot be used (IPv6 disabled on `lo`), the
 //!   IPv4-mapped loopback, which reaches the same dual-stack group as IPv4.
 //!
+//! A UDP group has no handshake, so its probe is one datagram: once per health interval
+//! the primary sends it from its own UDP socket (the source `CONFIG` names, bound for the
+//! cluster's life, connected to the target so that an ICMP error reaches it). Steer's
+//! program recognises the source as for TCP, counts the datagram in `PROBE` and drops it
+//! (the kernel answers with ICMP port-unreachable, which the socket reads as
+//! `ECONNREFUSED`). A datagram answered by some socket, refused without being counted, or
+//! not counted within a health interval (delivered to a socket that does not answer) was
+//! decided by another program, or none: the program is attached again. Unlike TCP there
+//! is no full accept queue to tell a silent takeover from a firewall rule that drops the
+//! probe, so a probe dropped before the group reads as a takeover (attaching again is
+//! harmless; the takeover count says it happened).
+//!
+//! A UDP group on a wildcard address has no port survey (`sock_diag` lists TCP listeners
+//! only), so a socket of another process bound to the probe's loopback address (a group
+//! of its own, which the kernel prefers for that address) would take every probe: a
+//! failed UDP probe of a wildcard group is therefore confirmed through the next loopback
+//! address before it counts ([`OwnershipProbe::confirm_elsewhere`]). Counted there, the
+//! first address was another group's, and is left alone from then on
+//! ([`OwnershipProbe::confirmed`]); failed there too, it is a takeover.
+//!
 //! The source is a local address and a port reserved for the cluster's life (a bound,
 //! never-connected `SO_REUSEADDR` socket), so no packet from outside can look like the
 //! probe, and `CONFIG` is written once. Each probe closes with a reset (`SO_LINGER` 0), so
@@ -58,33 +78,53 @@ pub struct OwnershipProbe {
     next: Option<Socket>,
     /// The probe sent last and still undecided, where it went, and when it left.
     in_flight: Option<(Socket, SocketAddr, Instant)>,
+    /// A UDP group's probe: one datagram from the reservation itself.
+    udp: bool,
+    /// Loopback addresses where another group took a UDP probe: never probed again.
+    taken_by_others: Vec<IpAddr>,
+    /// The address whose UDP probe failed, while the probe in flight confirms it through
+    /// another one.
+    confirming: Option<IpAddr>,
 }
+
+/// What a UDP probe carries (the program does not read it; a worker that answers it
+/// shows it back).
+const UDP_PROBE: &[u8] = b"steer-ownership-probe";
 
 impl OwnershipProbe {
     /// A probe of the group listening on `listen`, from a source of its own (see the
     /// module docs). Fails if no source can be bound: a wildcard `[::]` with neither `::1`
     /// nor the IPv4-mapped loopback usable, or an address that is not local.
-    pub fn new(listen: SocketAddr) -> io::Result<OwnershipProbe> {
+    pub fn new(listen: SocketAddr, udp: bool) -> io::Result<OwnershipProbe> {
         let (reservation, source) = match listen.ip() {
-            IpAddr::V4(ip) if ip.is_unspecified() => reserve(Ipv4Addr::LOCALHOST.into())?,
+            IpAddr::V4(ip) if ip.is_unspecified() => reserve(Ipv4Addr::LOCALHOST.into(), udp)?,
             IpAddr::V6(ip) if ip.is_unspecified() => {
-                match reserve(Ipv6Addr::LOCALHOST.into()) {
+                match reserve(Ipv6Addr::LOCALHOST.into(), udp) {
                     Ok(reserved) => reserved,
                     // IPv6 is off on `lo`: the dual-stack group is reached over IPv4 too.
                     Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
-                        reserve(Ipv4Addr::LOCALHOST.to_ipv6_mapped().into())?
+                        reserve(Ipv4Addr::LOCALHOST.to_ipv6_mapped().into(), udp)?
                     }
                     Err(e) => return Err(e),
                 }
             }
-            ip => reserve(ip)?,
+            ip => reserve(ip, udp)?,
+        };
+        let next = if udp {
+            reservation.set_nonblocking(true)?;
+            None
+        } else {
+            Some(probe_socket(source)?)
         };
         Ok(OwnershipProbe {
             _reservation: reservation,
-            next: Some(probe_socket(source)?),
+            next,
             source,
             listen,
             in_flight: None,
+            udp,
+            taken_by_others: Vec::new(),
+            confirming: None,
         })
     }
 
@@ -96,10 +136,12 @@ impl OwnershipProbe {
         let port = self.listen.port();
         let taken = |ip: IpAddr| {
             let ip = ip.to_canonical();
-            shadowed.iter().any(|s| {
-                let s = s.to_canonical();
-                s == ip || (s.is_unspecified() && s.is_ipv4() == ip.is_ipv4())
-            })
+            self.taken_by_others.contains(&ip)
+                || self.confirming == Some(ip)
+                || shadowed.iter().any(|s| {
+                    let s = s.to_canonical();
+                    s == ip || (s.is_unspecified() && s.is_ipv4() == ip.is_ipv4())
+                })
         };
         if !self.listen.ip().is_unspecified() {
             return Some(self.listen).filter(|t| !taken(t.ip()));
@@ -117,6 +159,35 @@ impl OwnershipProbe {
                     IpAddr::V6(_) => SocketAddr::new(ip.to_ipv6_mapped().into(), port),
                 }),
         }
+    }
+
+    /// After a failed UDP probe to `failed` of a group on a wildcard address: where to
+    /// confirm it (the next address that reaches the group), remembering `failed` as
+    /// suspect meanwhile. `None` when there is nothing to confirm it through: a TCP probe
+    /// (the port survey names other groups' addresses), a group on one address, a
+    /// confirmation that failed too, or no other candidate.
+    pub fn confirm_elsewhere(
+        &mut self,
+        failed: SocketAddr,
+        shadowed: &[IpAddr],
+    ) -> Option<SocketAddr> {
+        if !self.udp || !self.listen.ip().is_unspecified() || self.confirming.take().is_some() {
+            return None;
+        }
+        self.confirming = Some(failed.ip().to_canonical());
+        let next = self.target(shadowed);
+        if next.is_none() {
+            self.confirming = None;
+        }
+        next
+    }
+
+    /// A probe reached Steer's program: if it was confirming a failed one, the failed
+    /// address is another group's, returned once, and never probed again.
+    pub fn confirmed(&mut self) -> Option<IpAddr> {
+        let taken = self.confirming.take()?;
+        self.taken_by_others.push(taken);
+        Some(taken)
     }
 
     /// The probe's source address.
@@ -148,7 +219,7 @@ impl OwnershipProbe {
 
     /// Makes the next probe's socket, then closes the one in flight.
     fn close_in_flight(&mut self) {
-        if self.next.is_none() {
+        if self.next.is_none() && !self.udp {
             self.next = probe_socket(self.source).ok();
         }
         self.in_flight = None;
@@ -156,6 +227,9 @@ impl OwnershipProbe {
 
     /// Sends a probe to `target` (a non-blocking `connect`).
     pub fn send(&mut self, target: SocketAddr) -> io::Result<()> {
+        if self.udp {
+            return self.send_datagram(target);
+        }
         let socket = match self.next.take() {
             Some(socket) => socket,
             None => probe_socket(self.source)?,
@@ -170,11 +244,70 @@ impl OwnershipProbe {
         Ok(())
     }
 
+    /// A UDP probe: the reservation connects to `target` (so an ICMP error comes back to
+    /// it) and sends one datagram. What an earlier probe left unread is read first.
+    fn send_datagram(&mut self, target: SocketAddr) -> io::Result<()> {
+        let socket = self._reservation.try_clone()?;
+        let mut stale = [std::mem::MaybeUninit::<u8>::uninit(); 64];
+        for _ in 0..64 {
+            match socket.recv(&mut stale) {
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => continue,
+            }
+        }
+        socket.connect(&SockAddr::from(target))?;
+        match socket.send(UDP_PROBE) {
+            Ok(_) => {}
+            // An ICMP error of the last probe, reported on this send: the datagram was not
+            // sent; the next check sends another.
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                socket.send(UDP_PROBE)?;
+            }
+            Err(e) => return Err(e),
+        }
+        self.in_flight = Some((socket, target, Instant::now()));
+        Ok(())
+    }
+
+    /// A UDP probe's outcome: an answer, an ICMP refusal, or nothing yet.
+    fn datagram_outcome(&mut self, wait: Duration) -> io::Result<Outcome> {
+        let Some((socket, _, _)) = self.in_flight.as_ref() else {
+            return Ok(Outcome::Pending);
+        };
+        let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
+        let timeout = PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, timeout) {
+            Ok(0) => return Ok(Outcome::Pending),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(errno) => return Err(errno.into()),
+        }
+        let mut answer = [std::mem::MaybeUninit::<u8>::uninit(); 512];
+        let outcome = match socket.recv(&mut answer) {
+            Ok(_) => Ok(Outcome::Answered),
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => Ok(Outcome::Refused),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Outcome::Pending),
+            Err(e) => Err(e),
+        };
+        if !matches!(outcome, Ok(Outcome::Pending)) {
+            self.close_in_flight();
+        }
+        outcome
+    }
+
+    /// Whether this probes a UDP group.
+    pub fn is_udp(&self) -> bool {
+        self.udp
+    }
+
     /// Waits up to `wait` for the probe in flight to be decided (`poll(2)` for the reset
     /// or the handshake), and forgets it unless it is still pending. A probe that failed
     /// some other way (the kernel gave up on its SYNs: `ETIMEDOUT`) is forgotten too, and
     /// the error returned, so the next check sends a new one.
     pub fn outcome(&mut self, wait: Duration) -> io::Result<Outcome> {
+        if self.udp {
+            return self.datagram_outcome(wait);
+        }
         let Some((socket, _, _)) = self.in_flight.as_ref() else {
             return Ok(Outcome::Pending);
         };
@@ -200,8 +333,12 @@ impl OwnershipProbe {
 
 /// Binds the probe's source: `ip` and a port of the kernel's choosing, kept by the
 /// returned socket.
-fn reserve(ip: IpAddr) -> io::Result<(Socket, SocketAddr)> {
-    let reservation = source_socket(ip)?;
+fn reserve(ip: IpAddr, udp: bool) -> io::Result<(Socket, SocketAddr)> {
+    let reservation = if udp {
+        udp_source_socket(ip)?
+    } else {
+        source_socket(ip)?
+    };
     reservation.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
     let source = reservation
         .local_addr()?
@@ -216,6 +353,20 @@ fn probe_socket(source: SocketAddr) -> io::Result<Socket> {
     socket.bind(&SockAddr::from(source))?;
     socket.set_linger(Some(Duration::ZERO))?;
     socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+/// A UDP socket for the probe's source (not `SO_REUSEADDR`: the port is its alone).
+fn udp_source_socket(ip: IpAddr) -> io::Result<Socket> {
+    let domain = if ip.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    if ip.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
     Ok(socket)
 }
 
@@ -291,7 +442,7 @@ mod tests {
 
     #[test]
     fn a_wildcard_cluster_is_probed_where_no_other_group_listens() {
-        let probe = OwnershipProbe::new(addr("0.0.0.0:8080")).expect("probe");
+        let probe = OwnershipProbe::new(addr("0.0.0.0:8080"), false).expect("probe");
         assert_eq!(probe.target(&[]), Some(addr("127.0.0.1:8080")));
         let shadowed = ["127.0.0.1".parse().expect("ip")];
         assert_eq!(probe.target(&shadowed), Some(addr("127.0.0.2:8080")));
@@ -301,9 +452,44 @@ mod tests {
 
     #[test]
     fn a_cluster_on_one_address_is_probed_there_or_not_at_all() {
-        let probe = OwnershipProbe::new(addr("127.0.0.3:8080")).expect("probe");
+        let probe = OwnershipProbe::new(addr("127.0.0.3:8080"), true).expect("probe");
         assert_eq!(probe.target(&[]), Some(addr("127.0.0.3:8080")));
         assert_eq!(probe.target(&["127.0.0.3".parse().expect("ip")]), None);
+    }
+
+    #[test]
+    fn a_failed_udp_probe_of_a_wildcard_is_confirmed_once_through_another_address() {
+        let mut probe = OwnershipProbe::new(addr("0.0.0.0:8080"), true).expect("probe");
+        let first = probe.target(&[]).expect("a target");
+        assert_eq!(first, addr("127.0.0.1:8080"));
+        let second = probe.confirm_elsewhere(first, &[]);
+        assert_eq!(second, Some(addr("127.0.0.2:8080")));
+        assert_eq!(
+            probe.confirm_elsewhere(addr("127.0.0.2:8080"), &[]),
+            None,
+            "a failed confirmation is a takeover"
+        );
+        assert_eq!(
+            probe.target(&[]),
+            Some(first),
+            "and the first address is kept"
+        );
+        assert_eq!(probe.confirmed(), None, "nothing was being confirmed");
+        let second = probe.confirm_elsewhere(first, &[]).expect("confirm");
+        assert_eq!(
+            probe.confirmed(),
+            Some(first.ip()),
+            "another group's address"
+        );
+        assert_eq!(probe.target(&[]), Some(second), "never probed again");
+        let mut one = OwnershipProbe::new(addr("127.0.0.3:8080"), true).expect("probe");
+        assert_eq!(one.confirm_elsewhere(addr("127.0.0.3:8080"), &[]), None);
+        let mut tcp = OwnershipProbe::new(addr("0.0.0.0:8080"), false).expect("probe");
+        assert_eq!(
+            tcp.confirm_elsewhere(first, &[]),
+            None,
+            "TCP has the port survey"
+        );
     }
 
     #[test]

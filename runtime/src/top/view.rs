@@ -114,6 +114,17 @@ impl View {
                 t.workers, t.ready, t.restarts, t.accepted, total_rate
             )),
         ];
+        if doc.listeners.len() > 1 || doc.listeners.iter().any(|l| l.protocol != "tcp") {
+            for l in &doc.listeners {
+                lines.push(Line::from(match l.steered {
+                    Some(steered) => format!(
+                        "listener {} {}://{}: {steered} steered, {} dropped, {} refused",
+                        l.name, l.protocol, l.address, l.drops, l.refusals
+                    ),
+                    None => format!("listener {} {}://{}", l.name, l.protocol, l.address),
+                }));
+            }
+        }
         if let Some(s) = &doc.steering {
             lines.push(Line::from(format!(
                 "eBPF {}: {} migrated, {} fallbacks, {} dropped",
@@ -170,7 +181,11 @@ impl View {
         if let Some(ms) = w.next_restart_in_ms {
             state = format!("{state} {ms}ms");
         }
+        if w.stalled {
+            state.push_str(" stalled");
+        }
         let color = match w.state.as_str() {
+            "ready" if w.stalled => Color::Yellow,
             "ready" => Color::Green,
             "starting" | "draining" | "backoff" => Color::Yellow,
             _ => Color::Red,

@@ -7,18 +7,20 @@
 //! | `STEER_WORKER_GENERATION` | grows each time the slot's process is replaced |
 //! | `STEER_WORKER_ID` | unique per process over the primary's life, from 1 |
 //! | `STEER_IPC_FD` | fd number of the worker's end of the IPC socketpair |
-//! | `STEER_LISTEN` | the address the worker binds (re-executed workers) |
+//! | `STEER_LISTENERS` | re-executed workers: the listeners to bind, one per line as `NAME=SCHEME://ADDR`, in order |
 //! | `STEER_DEMO_FAULTS`, `STEER_DEMO_TIMEOUTS` | the demo app's fault routes (`1`) and client timeouts (`header=MS,idle=MS,body=MS,send=MS`) |
 //! | `STEER_LISTEN_FD` | `shared` baseline: fd number of the inherited shared listening socket, used instead of binding one |
 //! | `STEER_HANDOFF` | `userspace` baseline (`1`): no listener; connections arrive over IPC |
 //! | `STEER_WORKER_UID`, `STEER_WORKER_GID` | re-executed workers: whom to become once registered (`--user`, `--group`) |
 //! | `STEER_LOAD_FD`, `STEER_LOAD_LAYOUT` | external workers under `least-loaded`: fd of the worker's own load record, and its fields (docs/ipc.md) |
-//! | `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES` | external workers: fd 3 is their listening socket (systemd socket activation) |
+//! | `STEER_QUIC_CID_LEN`, `STEER_QUIC_SERVER_ID`, `STEER_QUIC_RESET_KEY` | a cluster with a `quic://` listener: what the worker puts in its connection IDs, and the cluster's stateless-reset key (`crate::quic`, docs/ipc.md) |
+//! | `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES` | external workers: fds 3, 4, ... are their listeners' sockets, named in order and joined by `:` (systemd socket activation) |
 //!
 //! `NOTIFY_SOCKET` is never passed on: only the primary talks to systemd.
 
-use std::net::SocketAddr;
 use std::os::fd::RawFd;
+
+use crate::config::Listener;
 
 /// Which built-in program a re-executed worker runs.
 pub(crate) const ROLE: &str = "STEER_ROLE";
@@ -32,8 +34,8 @@ pub(crate) const GENERATION: &str = "STEER_WORKER_GENERATION";
 pub(crate) const ID: &str = "STEER_WORKER_ID";
 /// IPC fd number.
 pub(crate) const IPC_FD: &str = "STEER_IPC_FD";
-/// Address to bind.
-pub(crate) const LISTEN: &str = "STEER_LISTEN";
+/// The listeners to bind, one per line (`NAME=SCHEME://ADDR`).
+pub(crate) const LISTENERS: &str = "STEER_LISTENERS";
 /// Demo fault routes on (`1`).
 pub(crate) const DEMO_FAULTS: &str = "STEER_DEMO_FAULTS";
 /// `shared` baseline: the inherited listening socket's fd number.
@@ -60,13 +62,18 @@ pub(crate) const ALL: &[&str] = &[
     GENERATION,
     ID,
     IPC_FD,
-    LISTEN,
+    LISTENERS,
     DEMO_FAULTS,
     crate::demo::TIMEOUTS_ENV,
+    crate::demo::ENV_TLS_CERT,
+    crate::demo::ENV_TLS_KEY,
     LISTEN_FD,
     HANDOFF,
     LOAD_FD,
     LOAD_LAYOUT,
+    crate::quic::ENV_CID_LEN,
+    crate::quic::ENV_SERVER_ID,
+    crate::quic::ENV_RESET_KEY,
     crate::privileges::ENV_UID,
     crate::privileges::ENV_GID,
     "LISTEN_FDS",
@@ -93,8 +100,8 @@ pub struct WorkerEnv {
     pub id: u64,
     /// IPC fd number.
     pub ipc_fd: RawFd,
-    /// Address to bind.
-    pub listen: SocketAddr,
+    /// The listeners to bind, in order (never empty).
+    pub listeners: Vec<Listener>,
     /// Where connections come from.
     pub intake: Intake,
 }
@@ -128,7 +135,20 @@ impl WorkerEnv {
             generation: field(&get, GENERATION)?,
             id: field(&get, ID)?,
             ipc_fd: field(&get, IPC_FD)?,
-            listen: field(&get, LISTEN)?,
+            listeners: {
+                let text = get(LISTENERS).ok_or_else(|| format!("{LISTENERS} is not set"))?;
+                let listeners = text
+                    .lines()
+                    .map(|line| {
+                        line.parse()
+                            .map_err(|e| format!("{LISTENERS}: {line:?} is not valid: {e}"))
+                    })
+                    .collect::<Result<Vec<Listener>, String>>()?;
+                if listeners.is_empty() {
+                    return Err(format!("{LISTENERS} names no listener"));
+                }
+                listeners
+            },
             intake: if get(HANDOFF).as_deref() == Some("1") {
                 Intake::HandOff
             } else if get(LISTEN_FD).is_some() {
@@ -158,7 +178,10 @@ mod tests {
             (GENERATION, "5"),
             (ID, "11"),
             (IPC_FD, "3"),
-            (LISTEN, "127.0.0.1:8000"),
+            (
+                LISTENERS,
+                "web=tcp://127.0.0.1:8000\ndns=udp://127.0.0.1:5353",
+            ),
         ]);
         let env = WorkerEnv::read(|k| vars.get(k).map(|v| v.to_string())).expect("complete");
         assert_eq!(
@@ -166,6 +189,8 @@ mod tests {
             (2, 5, 11, 3)
         );
         assert_eq!(env.intake, Intake::OwnSocket);
+        let names: Vec<&str> = env.listeners.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["web", "dns"]);
         vars.insert(LISTEN_FD, "4");
         let shared = WorkerEnv::read(|k| vars.get(k).map(|v| v.to_string())).expect("complete");
         assert_eq!(shared.intake, Intake::Inherited(4));

@@ -3,15 +3,18 @@
 //!
 //! Built-in workers (the demo app) and library workers (a closure given to
 //! [`crate::Cluster`]) are the same executable as their primary, re-executed with the
-//! variables of [`env`]. External workers (`steer run -- COMMAND`) get a socket on fd 3
-//! instead and never come through here.
+//! variables of [`env`]. External workers (`steer run -- COMMAND`) get their sockets as
+//! fds 3, 4, ... instead; an external Rust program takes them by name with
+//! [`InheritedSockets`]. Either drains its UDP sockets with [`drain_datagrams`].
 
+mod activation;
+mod datagrams;
 pub mod env;
 mod intake;
 mod link;
 
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -29,6 +32,9 @@ pub enum WorkerProgram {
     External(Vec<String>),
 }
 
+pub use activation::{ActivationError, InheritedSockets};
+pub use datagrams::drain_datagrams;
+pub use intake::ListenerSocket;
 pub use link::{DrainSignal, Heartbeat, INBOX_CAPACITY, UserMessage, WorkerStats};
 use serde::Serialize;
 
@@ -61,12 +67,42 @@ use env::WorkerEnv;
 #[derive(Debug)]
 pub struct Worker {
     env: WorkerEnv,
+    /// The first listener's socket when it is TCP: what [`Worker::accept`] and
+    /// [`Worker::listener`] serve.
     listener: Option<TcpListener>,
+    /// The other listeners' sockets, by name.
+    others: Vec<(crate::config::Listener, ListenerSocket)>,
     link: Arc<link::Link>,
     load: Option<crate::steering::LoadReporter>,
 }
 
 impl Worker {
+    /// The cluster's listeners, in order: each has a socket here (unless it was taken).
+    pub fn listeners(&self) -> &[crate::config::Listener] {
+        &self.env.listeners
+    }
+
+    /// The listening TCP socket of the listener named `name` (`--listen name=...`), if
+    /// there is one and it was not taken with [`Worker::take_listener`].
+    pub fn tcp_listener(&self, name: &str) -> Option<&TcpListener> {
+        if self.env.listeners.first().is_some_and(|l| l.name == name) {
+            return self.listener.as_ref();
+        }
+        self.others.iter().find_map(|(l, socket)| match socket {
+            ListenerSocket::Tcp(listener) if l.name == name => Some(listener),
+            _ => None,
+        })
+    }
+
+    /// The bound UDP socket of the listener named `name` (`--listen name=udp://...`), if
+    /// there is one.
+    pub fn udp_socket(&self, name: &str) -> Option<&UdpSocket> {
+        self.others.iter().find_map(|(l, socket)| match socket {
+            ListenerSocket::Udp(udp) if l.name == name => Some(udp),
+            _ => None,
+        })
+    }
+
     /// The slot index, `0..N-1`, stable across restarts of this slot.
     pub fn slot(&self) -> usize {
         self.env.slot
@@ -231,7 +267,7 @@ where
     F: FnOnce(Worker) -> io::Result<()>,
 {
     crate::logging::init_from_env();
-    let (env, listener, channel, load) = match bootstrap() {
+    let (env, sockets, channel, load) = match bootstrap() {
         Ok(parts) => parts,
         Err(message) => {
             tracing::error!("worker bootstrap failed: {message}");
@@ -250,9 +286,37 @@ where
         return ExitCode::FAILURE;
     }
     let slot = env.slot;
+    let mut sockets = env.listeners.iter().cloned().zip(sockets);
+    let listener = match sockets.next() {
+        Some((_, ListenerSocket::Tcp(listener))) => Some(listener),
+        Some(first) => {
+            let mut others = vec![first];
+            others.extend(sockets.by_ref());
+            return run_serving(serve, env, None, others, link, load, slot);
+        }
+        None => None,
+    };
+    let others = sockets.collect();
+    run_serving(serve, env, listener, others, link, load, slot)
+}
+
+/// Runs the user's closure over the worker's parts.
+fn run_serving<F>(
+    serve: F,
+    env: WorkerEnv,
+    listener: Option<TcpListener>,
+    others: Vec<(crate::config::Listener, ListenerSocket)>,
+    link: Arc<link::Link>,
+    load: Option<crate::steering::LoadReporter>,
+    slot: usize,
+) -> ExitCode
+where
+    F: FnOnce(Worker) -> io::Result<()>,
+{
     match serve(Worker {
         env,
         listener,
+        others,
         link,
         load,
     }) {
@@ -275,20 +339,25 @@ pub(crate) fn bootstrap() -> Result<Bootstrapped, String> {
     // open and it is owned by nothing else in this freshly exec'd process.
     let channel = unsafe { Channel::from_raw_fd(env.ipc_fd) }
         .map_err(|err| format!("{}={}: {err}", env::IPC_FD, env.ipc_fd))?;
+    let sockets = intake::open_sockets(&env)?;
     // `userspace` baseline: no socket to register; connections arrive over IPC.
-    let Some(listener) = intake::open_listener(&env)? else {
+    if sockets.is_empty() {
         crate::privileges::drop_after_registration()?;
-        return Ok((env, None, channel, None));
-    };
-    channel
-        .send_with_fd(
-            &Message::Register {
-                pid: std::process::id(),
-                fd: Some(listener.as_raw_fd()),
-            },
-            listener.as_fd(),
-        )
-        .map_err(|err| format!("cannot register with the primary: {err}"))?;
+        return Ok((env, sockets, channel, None));
+    }
+    // One `register` per listener, in order; the primary answers after the last.
+    for (place, socket) in sockets.iter().enumerate() {
+        channel
+            .send_with_fd(
+                &Message::Register {
+                    pid: std::process::id(),
+                    fd: Some(socket.fd().as_raw_fd()),
+                    listener: Some(place as u32),
+                },
+                socket.fd(),
+            )
+            .map_err(|err| format!("cannot register with the primary: {err}"))?;
+    }
     let load = loop {
         match channel.recv() {
             Ok(Some(received)) => match received.message {
@@ -315,14 +384,15 @@ pub(crate) fn bootstrap() -> Result<Bootstrapped, String> {
     );
     // Registered and mapped: the user's code may run unprivileged from here.
     crate::privileges::drop_after_registration()?;
-    Ok((env, Some(listener), channel, load))
+    Ok((env, sockets, channel, load))
 }
 
-/// What [`bootstrap`] sets up: the environment, the registered listener (none under the
-/// `userspace` baseline), the IPC channel, and (under `least-loaded`) where to publish load.
+/// What [`bootstrap`] sets up: the environment, the registered sockets, one per listener
+/// in order (none under the `userspace` baseline), the IPC channel, and (under
+/// `least-loaded`) where to publish load.
 pub(crate) type Bootstrapped = (
     WorkerEnv,
-    Option<TcpListener>,
+    Vec<ListenerSocket>,
     Channel,
     Option<crate::steering::LoadReporter>,
 );

@@ -8,7 +8,10 @@
 //!
 //! | map | key | value | written by |
 //! |---|---|---|---|
-//! | `SOCKETS` (`REUSEPORT_SOCKARRAY`) | slot | a registered worker's listener | primary |
+//! | `SOCKETS` (`REUSEPORT_SOCKARRAY`, [`MAX_SLOTS`] x [`GENERATIONS`]) | [`socket_index`]`(slot, generation)` | a registered worker's socket | primary |
+//! | `CURRENT` (array, [`MAX_SLOTS`]) | slot | `generation % GENERATIONS` of the slot's serving socket | primary |
+//! | `FLOWS` (LRU hash, `--udp-flow-table`) | [`FlowKey`] | [`Flow`]: the socket a UDP flow is kept on | program |
+//! | `LAST_HIT` (array, [`MAX_SLOTS`] x [`GENERATIONS`]) | socket index | `u64`: when a flow last reached that socket (ns) | program; read by the primary while a worker drains |
 //! | `CONFIG` (array, 1) | 0 | [`Config`] | primary, once |
 //! | `LIVE` (array of maps, 1) | 0 | a one-entry array holding the [`LiveSet`] | primary: a new inner map per change |
 //! | `MAGLEV` (mmapable array, [`HASH_TABLE_SIZE`]) | `hash % M` | slot | primary, once |
@@ -21,6 +24,8 @@
 //! | `REFUSED` (LRU hash, [`REFUSED_TABLE_SIZE`]) | [`ClientKey`] | `u64`: SYNs refused from that prefix | program; read by the primary each health interval |
 //! | `EXEMPT` (LPM trie, [`MAX_EXEMPT`]) | `prefix length + 16 address bytes` (IPv4 as IPv4-mapped IPv6) | `u8` 1 | primary, at start and on SIGHUP |
 #![no_std]
+
+pub mod quic;
 
 /// Most worker slots a cluster may have. Sizes the steering maps; `--workers` above it is
 /// a configuration error.
@@ -48,6 +53,50 @@ pub const MAX_EXEMPT: u32 = 1024;
 
 /// Default size of `CLIENTS` (`--client-table-size`).
 pub const DEFAULT_CLIENT_TABLE_SIZE: u32 = 65_536;
+
+/// Generations of one slot whose sockets `SOCKETS` holds at once: the serving one and up
+/// to three older ones that keep their UDP flows while they drain. A fourth replacement
+/// within one drain takes the oldest one's index (its flows move forward to the slot's
+/// serving generation).
+pub const GENERATIONS: u32 = 4;
+
+/// The `SOCKETS` index of `slot`'s socket of `generation`.
+#[inline(always)]
+pub const fn socket_index(slot: u32, generation: u32) -> u32 {
+    slot + MAX_SLOTS * (generation % GENERATIONS)
+}
+
+/// Default size of `FLOWS` (`--udp-flow-table`).
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 65_536;
+
+/// A UDP flow: the client's address and port, as the datagram carries them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// The client's address in network byte order, read as native words: an IPv4 address
+    /// in word 0 (the rest 0), or the 16 bytes of an IPv6 address.
+    pub addr: [u32; 4],
+    /// The client's port as the two bytes of the packet read in native order.
+    pub port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Zero.
+    pub _pad: u8,
+}
+
+/// Where a UDP flow is kept: the value of `FLOWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// The `SOCKETS` index ([`socket_index`]) of the socket that took its first datagram.
+    pub index: u32,
+    /// That socket's slot: where the flow goes if that socket has left (the slot's serving
+    /// generation).
+    pub slot: u32,
+    /// When its last datagram arrived (ns, `bpf_ktime_get_ns`). A flow idle for
+    /// `Config::flow_timeout_ns` is a new flow.
+    pub last_ns: u64,
+}
 
 /// The [`ClientKey::family`] of an IPv4 client (an IPv4-mapped IPv6 address included).
 pub const FAMILY_V4: u8 = 4;
@@ -110,8 +159,9 @@ pub struct Config {
     /// native words. The whole address is compared, so no other client is taken for the
     /// probe (a 32-bit hash of an IPv6 address is not unique).
     pub probe_addr: [u32; 4],
-    /// Padding; keeps the size a multiple of 8.
-    pub _pad: u32,
+    /// 1: every policy steers new connections around a stalled slot (`--avoid-stalls`);
+    /// 0: no slot is skipped for a stall (nor counted stalled).
+    pub avoid_stalls: u32,
     /// The per-client limit's emission interval in ns (one connection per this, GCRA's
     /// `T`); 0: no per-client limit.
     pub client_interval_ns: u64,
@@ -128,6 +178,9 @@ pub struct Config {
     pub client_prefix_v6: u8,
     /// Padding; keeps the size a multiple of 8.
     pub _pad2: [u8; 2],
+    /// A UDP flow idle this long (ns) is a new flow (`--udp-flow-timeout`); 0: no flow
+    /// table, every datagram is steered by the policy on its own.
+    pub flow_timeout_ns: u64,
 }
 
 /// The slots in steering, in slot order: the one value of the inner map at `LIVE[0]`.
@@ -160,11 +213,23 @@ impl LiveSet {
 /// for that worker process alone, and placed at `LOADS[slot]` while it serves.
 ///
 /// Each field has one writer. The worker maps its record (and nothing else: its fd is of
-/// this map only) and stores `accepted` and `active`; the program adds to `steered`; the
-/// primary writes `settled` once per health interval from the listener's real accept
-/// queue. The load the program compares is
+/// this map only) and stores `accepted` and `active`; the program adds to `steered` and
+/// keeps the stall watch (`progress`, `waiting_since`, `stalled`); the primary writes
+/// `settled` once per health interval from the listener's real accept queue, and `verdict`
+/// for a worker that has never published an accept. The load the program compares is
 /// `max(0, steered - accepted - settled) + active`: what waits in the queue plus what is
-/// open. One cache line, so the three writers never share a line with another record.
+/// open. One cache line, so the writers never share a line with another record.
+///
+/// # Stalls
+///
+/// A slot is *stalled* ([`SlotLoad::is_stalled`]) when at least [`STALL_QUEUE`] steered
+/// connections wait for it and it has accepted none for [`STALL_AFTER_NS`]: the program
+/// sees that on the next SYN that considers the slot, and every policy then steers new
+/// connections around it. It is available again on the first accept the program sees, or
+/// when the primary's settlement (once per health interval) shows the queue was phantom.
+/// A worker that has never published an accept (`accepted` 0: an external program that
+/// does not publish) is judged by the primary from its real accept queue instead
+/// (`verdict`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SlotLoad {
@@ -178,19 +243,80 @@ pub struct SlotLoad {
     /// a handshake, retransmits, SYNs dropped on a full queue. Primary only, as
     /// `steered - accepted - queue length` (wrapping), so the estimate corrects itself.
     pub settled: u64,
-    /// Pads the record to 64 bytes.
-    pub _pad: [u64; 4],
+    /// `accepted` as the program last saw it. Program only.
+    pub progress: u64,
+    /// When (`bpf_ktime_get_ns`) the program last saw `accepted` advance, or steered a
+    /// connection to an empty queue: the start of the current wait for an accept.
+    /// Program only.
+    pub waiting_since: u64,
+    /// `steered` when the program last saw `accepted` advance: what was steered since is
+    /// what the worker has not caught up with, whatever the estimate's drift. Program
+    /// only.
+    pub steered_at_progress: u64,
+    /// 1 while the program judges the slot stalled (it counts each 0 -> 1 in
+    /// `COUNTERS.stalls`). Program only.
+    pub stalled: u32,
+    /// The primary's judgement of a worker that has never published an accept:
+    /// [`VERDICT_STALLED`] or 0. Primary only.
+    pub verdict: u32,
 }
 
+/// Steered connections that must wait, unaccepted, before a slot can be stalled. Two, not
+/// one: a single connection waiting for a busy worker is the normal case.
+pub const STALL_QUEUE: u64 = 2;
+
+/// How long a slot with [`STALL_QUEUE`] connections waiting may go without an accept before
+/// it is stalled: 0.5 ms, several times what a running worker takes to accept a completed
+/// handshake on a local network, and far below what a stall (a pause, a blocking call)
+/// lasts. A worker that was only slow (descheduled for a moment) is available again on
+/// its next accept.
+pub const STALL_AFTER_NS: u64 = 500_000;
+
+/// [`SlotLoad::verdict`] of a worker the primary found stalled.
+pub const VERDICT_STALLED: u32 = 1;
+
 impl SlotLoad {
-    /// What the program weighs: the estimated queue (never negative) plus open connections.
+    /// The estimated accept queue: steered, neither accepted nor settled (never negative).
     #[inline(always)]
-    pub fn load(&self) -> u64 {
+    pub fn queued(&self) -> u64 {
         let queued = self
             .steered
             .wrapping_sub(self.accepted)
             .wrapping_sub(self.settled) as i64;
-        (queued.max(0) as u64).saturating_add(self.active)
+        queued.max(0) as u64
+    }
+
+    /// What the program weighs: the estimated queue plus open connections.
+    #[inline(always)]
+    pub fn load(&self) -> u64 {
+        self.queued().saturating_add(self.active)
+    }
+
+    /// The connections waiting for the worker, as far as the program can tell: steered
+    /// since its last accept, and no more than the settled estimate ([`SlotLoad::queued`]),
+    /// so that neither SYNs that never became connections nor an accept the program
+    /// missed keep a slot stalled past the primary's next settlement.
+    #[inline(always)]
+    pub fn waiting(&self) -> u64 {
+        let since = self.steered.wrapping_sub(self.steered_at_progress) as i64;
+        let since = since.max(0) as u64;
+        let queued = self.queued();
+        if since < queued { since } else { queued }
+    }
+
+    /// Whether the slot is stalled at `now` (`bpf_ktime_get_ns`, `CLOCK_MONOTONIC`): at
+    /// least [`STALL_QUEUE`] connections waiting ([`SlotLoad::waiting`]) and no accept
+    /// since `waiting_since`, at least [`STALL_AFTER_NS`] ago. An accept the program has
+    /// not seen yet (`accepted` is not `progress`) is progress. A worker that has never
+    /// published an accept has the primary's `verdict`.
+    #[inline(always)]
+    pub fn is_stalled(&self, now: u64) -> bool {
+        if self.accepted == 0 {
+            return self.verdict == VERDICT_STALLED;
+        }
+        self.accepted == self.progress
+            && self.waiting() >= STALL_QUEUE
+            && now.saturating_sub(self.waiting_since) >= STALL_AFTER_NS
     }
 }
 
@@ -204,6 +330,16 @@ pub mod record {
     pub const ACTIVE: usize = 16;
     /// `settled`.
     pub const SETTLED: usize = 24;
+    /// `progress`.
+    pub const PROGRESS: usize = 32;
+    /// `waiting_since`.
+    pub const WAITING_SINCE: usize = 40;
+    /// `steered_at_progress`.
+    pub const STEERED_AT_PROGRESS: usize = 48;
+    /// `stalled` (`u32`).
+    pub const STALLED: usize = 56;
+    /// `verdict` (`u32`).
+    pub const VERDICT: usize = 60;
 }
 
 /// The program's counters (`COUNTERS[0]`, one copy per CPU; the user side sums them).
@@ -224,6 +360,20 @@ pub struct Counters {
     /// Clients entered into `CLIENTS`. With nothing ever deleted from it, this minus the
     /// entries it holds is how many the LRU evicted.
     pub client_inserts: u64,
+    /// UDP datagrams that went to the socket their flow is kept on.
+    pub flow_hits: u64,
+    /// UDP flows entered into `FLOWS` (a new client, one idle past the timeout, one whose
+    /// socket had left).
+    pub flow_inserts: u64,
+    /// UDP datagrams of a known flow whose socket had left (its process exited or
+    /// drained), steered again.
+    pub flow_moves: u64,
+    /// QUIC datagrams that went to the worker their connection ID names.
+    pub quic_steered: u64,
+    /// QUIC datagrams dropped as malformed: garbage or truncated (see `quic::parse`).
+    pub quic_malformed: u64,
+    /// Times each slot became stalled (see [`SlotLoad`]).
+    pub stalls: [u64; MAX_SLOTS as usize],
 }
 
 impl Counters {
@@ -235,6 +385,12 @@ impl Counters {
         migrations: 0,
         client_refusals: 0,
         client_inserts: 0,
+        flow_hits: 0,
+        flow_inserts: 0,
+        flow_moves: 0,
+        quic_steered: 0,
+        quic_malformed: 0,
+        stalls: [0; MAX_SLOTS as usize],
     };
 }
 
@@ -277,7 +433,7 @@ pub const fn fmix32(mut h: u32) -> u32 {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY (all four): #[repr(C)] structs of plain integers and integer arrays, with no
+    // SAFETY (all of them): #[repr(C)] structs of plain integers and integer arrays, with no
     // padding the kernel could leak and no invalid bit patterns.
     #[allow(clippy::undocumented_unsafe_blocks)]
     unsafe impl aya::Pod for super::Config {}
@@ -289,6 +445,10 @@ mod user {
     unsafe impl aya::Pod for super::Counters {}
     #[allow(clippy::undocumented_unsafe_blocks)]
     unsafe impl aya::Pod for super::ClientKey {}
+    #[allow(clippy::undocumented_unsafe_blocks)]
+    unsafe impl aya::Pod for super::FlowKey {}
+    #[allow(clippy::undocumented_unsafe_blocks)]
+    unsafe impl aya::Pod for super::Flow {}
 }
 
 /// GCRA's decision for one new connection of a client whose theoretical arrival time is
@@ -349,6 +509,84 @@ mod tests {
         assert_eq!(core::mem::offset_of!(SlotLoad, accepted), record::ACCEPTED);
         assert_eq!(core::mem::offset_of!(SlotLoad, active), record::ACTIVE);
         assert_eq!(core::mem::offset_of!(SlotLoad, settled), record::SETTLED);
+        assert_eq!(core::mem::offset_of!(SlotLoad, progress), record::PROGRESS);
+        assert_eq!(
+            core::mem::offset_of!(SlotLoad, waiting_since),
+            record::WAITING_SINCE
+        );
+        assert_eq!(
+            core::mem::offset_of!(SlotLoad, steered_at_progress),
+            record::STEERED_AT_PROGRESS
+        );
+        assert_eq!(core::mem::offset_of!(SlotLoad, stalled), record::STALLED);
+        assert_eq!(core::mem::offset_of!(SlotLoad, verdict), record::VERDICT);
+    }
+
+    #[test]
+    fn a_queue_without_an_accept_for_the_threshold_is_a_stall() {
+        let ms = 1_000_000;
+        let record = SlotLoad {
+            steered: 12,
+            accepted: 10,
+            progress: 10,
+            steered_at_progress: 10,
+            waiting_since: 100 * ms,
+            ..SlotLoad::default()
+        };
+        assert!(
+            !record.is_stalled(100 * ms + STALL_AFTER_NS - 1),
+            "not yet: the threshold has not passed"
+        );
+        assert!(
+            record.is_stalled(100 * ms + STALL_AFTER_NS),
+            "2 waiting, no accept for the threshold"
+        );
+        let caught_up = SlotLoad {
+            steered_at_progress: 11,
+            settled: 0,
+            ..record
+        };
+        assert!(
+            !caught_up.is_stalled(500 * ms),
+            "one steered since the last accept: drift before it does not count"
+        );
+        let one_queued = SlotLoad {
+            steered: 11,
+            ..record
+        };
+        assert!(
+            !one_queued.is_stalled(500 * ms),
+            "one waiting connection is no stall"
+        );
+        let unseen_accept = SlotLoad {
+            accepted: 11,
+            ..record
+        };
+        assert!(
+            !unseen_accept.is_stalled(500 * ms),
+            "an accept the program has not seen yet is progress"
+        );
+        let settled = SlotLoad {
+            settled: 2,
+            ..record
+        };
+        assert!(
+            !settled.is_stalled(500 * ms),
+            "the primary settled the queue as phantom"
+        );
+        let silent = SlotLoad {
+            steered: 50,
+            ..SlotLoad::default()
+        };
+        assert!(
+            !silent.is_stalled(500 * ms),
+            "a silent worker is the primary's to judge"
+        );
+        let judged = SlotLoad {
+            verdict: VERDICT_STALLED,
+            ..silent
+        };
+        assert!(judged.is_stalled(0));
     }
 
     #[test]
@@ -359,7 +597,7 @@ mod tests {
                 accepted,
                 active,
                 settled,
-                _pad: [0; 4],
+                ..SlotLoad::default()
             }
             .load()
         };

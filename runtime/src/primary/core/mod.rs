@@ -298,6 +298,15 @@ impl Core {
     /// A successor primary learns from its predecessor that the workers of `index` say
     /// `ready`: its own count as ready only once they say it too (see
     /// [`Slot::says_ready`]).
+    /// A successor's slot `index` goes on from `generation`, its predecessor's: its first
+    /// worker is `generation + 1`, so that a predecessor's worker still holding UDP flows
+    /// keeps its place in the shared `SOCKETS` (indexed by slot and generation).
+    pub(crate) fn continue_from(&mut self, index: usize, generation: u64) {
+        if let Some(slot) = self.slots.get_mut(index) {
+            slot.generation = slot.generation.max(generation);
+        }
+    }
+
     pub(crate) fn expect_ready_word(&mut self, index: usize) {
         if let Some(slot) = self.slots.get_mut(index) {
             slot.says_ready = true;

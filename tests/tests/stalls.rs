@@ -1,0 +1,557 @@
+//! Stalls: every eBPF policy steers new connections around a worker that has connections
+//! waiting and accepts none, within milliseconds, and takes it back the moment it accepts
+//! again. A stalled worker is not hung: it stays `ready`, in steering, and is not replaced.
+//!
+//! A worker is stalled here with the demo's `/block?ms=N` (`--demo-faults`), which stops its
+//! event loop; the health timeout is raised so the heartbeat never replaces it meanwhile:
+//! these tests measure steering alone. Every test loads the program, so it needs root.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use steer_tests::{
+    Cluster, KeepAlive, Signal, SynSender, Value, http_get, http_get_from, status, wait_for,
+};
+
+/// Longer than any stall here: the heartbeat must not replace the blocked worker.
+const HEALTH_TIMEOUT: &str = "20s";
+
+/// The demo worker's stall in the closed-loop tests.
+const BLOCK: Duration = Duration::from_secs(3);
+
+/// A request slower than this during a stall waited on the stalled worker.
+const SLOW: Duration = Duration::from_millis(500);
+
+/// Serializes this file's tests: each loads 2-4 workers and measures throughput or
+/// turns, which another test's cluster on the same 2 CPUs would distort.
+static QUIET: Mutex<()> = Mutex::new(());
+
+fn quiet() -> MutexGuard<'static, ()> {
+    QUIET.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// 127.0.0.2, 127.0.0.3, ...: `n` distinct client addresses.
+fn client_ips(n: usize) -> Vec<IpAddr> {
+    (0..n)
+        .map(|i| {
+            IpAddr::V4(Ipv4Addr::new(
+                127,
+                0,
+                0,
+                u8::try_from(2 + i).expect("n <= 250"),
+            ))
+        })
+        .collect()
+}
+
+fn start(policy: &str, workers: usize, extra: &[&str]) -> Cluster {
+    let workers = workers.to_string();
+    let mut args = vec![
+        "--workers",
+        workers.as_str(),
+        "--balance",
+        policy,
+        "--demo-faults",
+        "--health-timeout",
+        HEALTH_TIMEOUT,
+        "--avoid-stalls",
+    ];
+    args.extend_from_slice(extra);
+    let cluster = Cluster::start(&args);
+    assert_eq!(cluster.status()["primary"]["balance"], policy);
+    cluster
+}
+
+/// Sends `/block?ms=<ms>` from `ip` on a connection that reached a worker; returns that
+/// connection (its answer arrives when the block ends) and the worker's slot.
+fn block_from(ip: IpAddr, addr: SocketAddr, ms: u128) -> (KeepAlive, usize) {
+    let mut conn = KeepAlive::connect_from(ip, addr).expect("connect the blocker");
+    let slot = conn
+        .get("/")
+        .expect("hello")
+        .worker()
+        .expect("X-Steer-Worker");
+    conn.send_only(&format!("/block?ms={ms}"))
+        .expect("send /block");
+    (conn, slot)
+}
+
+fn stalls(doc: &Value, slot: usize) -> u64 {
+    status::worker(doc, slot).raw["stalls"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no workers[{slot}].stalls in {doc}"))
+}
+
+fn stalled(doc: &Value, slot: usize) -> bool {
+    status::worker(doc, slot).raw["stalled"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("no workers[{slot}].stalled in {doc}"))
+}
+
+fn selections(doc: &Value) -> Vec<u64> {
+    status::workers(doc).iter().map(|w| w.accepted).collect()
+}
+
+/// One request of a closed-loop client: when it started, how long it took, which slot
+/// answered (`None`: it failed).
+#[derive(Debug, Clone, Copy)]
+struct Request {
+    started: Instant,
+    took: Duration,
+    slot: Option<usize>,
+}
+
+/// Closed-loop clients, one thread per source address, each sending `GET /` on a new
+/// connection after the last one's answer, until stopped.
+struct ClosedLoop {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<Vec<Request>>>,
+}
+
+impl ClosedLoop {
+    fn start(addr: SocketAddr, clients: &[IpAddr]) -> ClosedLoop {
+        let stop = Arc::new(AtomicBool::new(false));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let threads = clients
+            .iter()
+            .map(|&ip| {
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let mut requests = Vec::new();
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        let started = Instant::now();
+                        let slot = http_get_from(ip, addr, "/").ok().and_then(|r| r.worker());
+                        requests.push(Request {
+                            started,
+                            took: started.elapsed(),
+                            slot,
+                        });
+                    }
+                    requests
+                })
+            })
+            .collect();
+        ClosedLoop { stop, threads }
+    }
+
+    /// Stops the clients (each finishes its request) and returns every request, per client.
+    fn stop(self) -> Vec<Vec<Request>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads
+            .into_iter()
+            .map(|t| t.join().expect("a client thread panicked"))
+            .collect()
+    }
+}
+
+/// Requests that started in `[from, to)` and completed, per second.
+fn throughput(requests: &[Vec<Request>], from: Instant, to: Instant) -> f64 {
+    let done = requests
+        .iter()
+        .flatten()
+        .filter(|r| r.started >= from && r.started + r.took < to && r.slot.is_some())
+        .count();
+    done as f64 / to.duration_since(from).as_secs_f64()
+}
+
+/// 4 workers, 8 closed-loop clients, one worker blocked for 3 s: the clients caught on it
+/// are the only slow ones, and the rest keep the throughput up.
+fn closed_loop_survives_a_blocked_worker(policy: &str) {
+    let _quiet = quiet();
+    let cluster = start(policy, 4, &[]);
+    let addr = cluster.listen_addr();
+    let clients = client_ips(8);
+    let load = ClosedLoop::start(addr, &clients);
+    let warm = Instant::now();
+    // Under `hash` each client has one slot. The clients of the blocked slot whose request
+    // was already queued there wait out the block, whatever the program does, so the
+    // blocker is a client of the slot with the fewest (but some) of the 8: as in a
+    // service with many clients, where one slot holds about a quarter of them.
+    let mut homes: BTreeMap<usize, Vec<IpAddr>> = BTreeMap::new();
+    for &ip in &clients {
+        let home = http_get_from(ip, addr, "/")
+            .expect("GET /")
+            .worker()
+            .expect("X-Steer-Worker");
+        homes.entry(home).or_default().push(ip);
+    }
+    let blocker_ip = if policy == "hash" {
+        homes.values().min_by_key(|ips| ips.len()).expect("a home")[0]
+    } else {
+        clients[0]
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let before_doc = cluster.status();
+    let blocked_at = Instant::now();
+    let (mut blocker, slot) = block_from(blocker_ip, addr, BLOCK.as_millis());
+    let mut seen_stalled = false;
+    let status_deadline = blocked_at + BLOCK / 2;
+    while Instant::now() < status_deadline && !seen_stalled {
+        seen_stalled = stalled(&cluster.status(), slot);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let answer = blocker
+        .read_response()
+        .expect("the blocked worker answers /block");
+    let unblocked = Instant::now();
+    // Let the caught clients' answers arrive, and the loop run on a moment.
+    std::thread::sleep(Duration::from_millis(700));
+    let requests = load.stop();
+    let after_doc = cluster.status();
+    assert_eq!(answer.status, 200, "/block answered");
+    let before = throughput(&requests, warm + Duration::from_millis(300), blocked_at);
+    let during = throughput(
+        &requests,
+        blocked_at + Duration::from_millis(200),
+        unblocked - Duration::from_millis(100),
+    );
+    let all: Vec<&Request> = requests.iter().flatten().collect();
+    let slow: Vec<&Request> = all
+        .iter()
+        .copied()
+        .filter(|r| r.slot.is_none() || r.took > SLOW)
+        .collect();
+    let failed = all.iter().filter(|r| r.slot.is_none()).count();
+    let steered_to_blocked = selections(&after_doc)[slot] - selections(&before_doc)[slot];
+    let caught_on_blocked = slow.iter().filter(|r| r.slot == Some(slot)).count();
+    let homes: Vec<usize> = homes.values().map(Vec::len).collect();
+    println!(
+        "{policy}: slot {slot} blocked {BLOCK:?}; clients per slot {homes:?}; {} requests, {before:.0}/s before, \
+         {during:.0}/s during ({:.0}%); {} slow or failed ({failed} failed, \
+         {caught_on_blocked} answered by the blocked worker); {steered_to_blocked} steered to \
+         it from the block on; stalls {} -> {}, seen stalled \
+         in /status: {seen_stalled}; steering {}",
+        all.len(),
+        100.0 * during / before,
+        slow.len(),
+        stalls(&before_doc, slot),
+        stalls(&after_doc, slot),
+        after_doc["steering"],
+    );
+    assert_eq!(failed, 0, "{policy}: no request fails");
+    assert_eq!(
+        caught_on_blocked,
+        slow.len(),
+        "{policy}: every slow request is one the blocked worker took before it was stalled"
+    );
+    assert!(
+        during >= 0.7 * before,
+        "{policy}: throughput during the stall {during:.0}/s is under 70% of {before:.0}/s"
+    );
+    // Round-robin looks at every slot in turn, so it sees the stall; under hash and cpu
+    // only the slot's own clients (or CPU) look, and once they are caught nobody may.
+    if policy == "round-robin" {
+        assert!(
+            stalls(&after_doc, slot) > stalls(&before_doc, slot),
+            "{policy}: the stall is counted"
+        );
+        assert!(seen_stalled, "{policy}: /status showed slot {slot} stalled");
+    }
+    let doc = cluster.status();
+    assert!(status::all_ready(&doc), "a stall replaces nobody: {doc}");
+    assert!(
+        status::workers(&doc)
+            .iter()
+            .all(|w| w.restarts == 0 && w.generation == 1),
+        "nobody was replaced: {doc}"
+    );
+}
+
+#[test]
+fn round_robin_steers_around_a_blocked_worker() {
+    closed_loop_survives_a_blocked_worker("round-robin");
+}
+
+#[test]
+fn hash_steers_around_a_blocked_worker() {
+    closed_loop_survives_a_blocked_worker("hash");
+}
+
+#[test]
+fn cpu_steers_around_a_blocked_worker() {
+    closed_loop_survives_a_blocked_worker("cpu");
+}
+
+#[test]
+fn round_robin_stays_exact_with_every_worker_healthy() {
+    let _quiet = quiet();
+    let cluster = start("round-robin", 4, &[]);
+    let addr = cluster.listen_addr();
+    let before = selections(&cluster.status());
+    // Four clients at once: the workers are busy, but none stalls.
+    let per_client = 2500;
+    let threads: Vec<_> = client_ips(4)
+        .into_iter()
+        .map(|ip| {
+            std::thread::spawn(move || {
+                let mut per_worker = [0u64; 4];
+                for _ in 0..per_client {
+                    let r = http_get_from(ip, addr, "/").expect("GET /");
+                    per_worker[r.worker().expect("X-Steer-Worker")] += 1;
+                }
+                per_worker
+            })
+        })
+        .collect();
+    let mut per_worker = [0u64; 4];
+    for t in threads {
+        for (sum, n) in per_worker.iter_mut().zip(t.join().expect("client")) {
+            *sum += n;
+        }
+    }
+    let doc = cluster.status();
+    let stalls: Vec<u64> = (0..4).map(|s| stalls(&doc, s)).collect();
+    let steered: Vec<u64> = selections(&doc)
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a - b)
+        .collect();
+    let max = per_worker.iter().max().copied().unwrap_or(0) as f64;
+    let min = per_worker.iter().min().copied().unwrap_or(1).max(1) as f64;
+    println!(
+        "round-robin, 10,000 connections from 4 clients at once: {per_worker:?}, max/min \
+         {:.4}, stalls {stalls:?}",
+        max / min
+    );
+    assert_eq!(
+        steered, per_worker,
+        "the program's selections match: {}",
+        doc["steering"]
+    );
+    assert!(
+        max / min <= 1.01,
+        "max/min {:.4} > 1.01: {per_worker:?}",
+        max / min
+    );
+}
+
+#[test]
+fn hash_moves_only_a_stalled_slots_clients_and_takes_them_back() {
+    let _quiet = quiet();
+    let cluster = start("hash", 4, &[]);
+    let addr = cluster.listen_addr();
+    let clients = client_ips(40);
+    let home: BTreeMap<IpAddr, usize> = clients
+        .iter()
+        .map(|&ip| {
+            let r = http_get_from(ip, addr, "/").expect("GET /");
+            (ip, r.worker().expect("X-Steer-Worker"))
+        })
+        .collect();
+    let (mut blocker, slot) = block_from(clients[0], addr, 1500);
+    let own: Vec<IpAddr> = clients
+        .iter()
+        .copied()
+        .filter(|ip| home[ip] == slot)
+        .collect();
+    // While the slot is stalled: every client, one connection each, a few rounds. A
+    // connection that gets no answer in 300 ms is queued on the stalled worker.
+    let mut moved: BTreeMap<IpAddr, BTreeSet<usize>> = BTreeMap::new();
+    let mut stuck = Vec::new();
+    for _ in 0..3 {
+        for &ip in &clients {
+            let mut conn = KeepAlive::connect_from(ip, addr).expect("connect");
+            conn.send_only("/").expect("send");
+            if conn
+                .wait_readable(Duration::from_millis(300))
+                .expect("poll")
+            {
+                let worker = conn
+                    .read_response()
+                    .expect("answer")
+                    .worker()
+                    .expect("slot");
+                if worker != home[&ip] {
+                    moved.entry(ip).or_default().insert(worker);
+                }
+            } else {
+                stuck.push((ip, conn));
+            }
+        }
+    }
+    let answer = blocker.read_response().expect("/block answered");
+    let unblocked = Instant::now();
+    assert_eq!(answer.status, 200);
+    // Back home: each of the slot's clients, once its first connection after the stall
+    // lands on the slot again.
+    let mut back_after = Vec::new();
+    for &ip in &own {
+        let limit = Instant::now() + Duration::from_secs(2);
+        loop {
+            let r = http_get_from(ip, addr, "/").expect("GET / after the stall");
+            if r.worker() == Some(slot) {
+                back_after.push(unblocked.elapsed());
+                break;
+            }
+            assert!(
+                Instant::now() < limit,
+                "{ip} never came back to slot {slot}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    for (ip, mut conn) in stuck {
+        let r = conn
+            .read_response()
+            .expect("a queued connection is answered after the stall");
+        assert_eq!(
+            r.worker(),
+            Some(slot),
+            "{ip}'s connection waited on slot {slot}"
+        );
+    }
+    let after: BTreeMap<IpAddr, usize> = clients
+        .iter()
+        .map(|&ip| {
+            let r = http_get_from(ip, addr, "/").expect("GET /");
+            (ip, r.worker().expect("X-Steer-Worker"))
+        })
+        .collect();
+    println!(
+        "hash: slot {slot} stalled 1.5 s; its {} clients {own:?} moved: {moved:?}; back \
+         {back_after:?} after the stall",
+        own.len()
+    );
+    assert!(
+        !own.is_empty(),
+        "the blocker's own address is the slot's client"
+    );
+    let others_moved: Vec<_> = moved.keys().filter(|ip| home[ip] != slot).collect();
+    assert!(
+        others_moved.is_empty(),
+        "no other client moves: {others_moved:?} did"
+    );
+    assert!(
+        own.iter().all(|ip| moved.contains_key(ip)),
+        "every client of the stalled slot went to its second choice: {moved:?}"
+    );
+    assert!(
+        moved.values().all(|to| to.len() == 1),
+        "each moved client stays on one second choice: {moved:?}"
+    );
+    assert!(
+        back_after.iter().all(|d| *d <= Duration::from_millis(100)),
+        "every client of the slot is back within 100 ms of the stall's end: {back_after:?}"
+    );
+    assert_eq!(after, home, "afterwards every client is home");
+}
+
+#[test]
+fn phantom_syns_do_not_stall_a_slot_past_one_interval() {
+    let _quiet = quiet();
+    let interval = Duration::from_secs(1);
+    let cluster = start("round-robin", 2, &["--health-interval", "1s"]);
+    let addr = cluster.listen_addr();
+    let SocketAddr::V4(target) = addr else {
+        panic!("the cluster listens on IPv4");
+    };
+    // Both workers have accepted connections: the program judges them from their records
+    // (a worker that never accepted one is the primary's to judge).
+    for _ in 0..20 {
+        http_get(addr, "/").expect("GET /");
+    }
+    let victim = status::worker(&cluster.status(), 1)
+        .pid
+        .expect("slot 1 runs");
+    let before = cluster.status();
+    // As in the least-loaded test: slot 1 goes away while the primary is stopped, so every
+    // phantom SYN is steered to slot 0, whose worker then looks stalled (thousands
+    // queued, nothing accepted).
+    let primary = nix::unistd::Pid::from_raw(cluster.pid() as i32);
+    nix::sys::signal::kill(primary, Signal::SIGSTOP).expect("stop the primary");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), Signal::SIGKILL)
+        .expect("kill slot 1");
+    wait_for("slot 1's worker is dead", Duration::from_secs(5), || {
+        matches!(steer_tests::process_state(victim), None | Some('Z'))
+    });
+    let mut syns = SynSender::open().expect("a raw socket (root)");
+    syns.send(target, 5000).expect("send SYNs");
+    nix::sys::signal::kill(primary, Signal::SIGCONT).expect("continue the primary");
+    let phantom_stopped = Instant::now();
+    cluster.wait_until("slot 1 serves again", Duration::from_secs(20), |s| {
+        status::all_ready(s) && status::worker(s, 1).pid.is_some_and(|p| p != victim)
+    });
+    let back = phantom_stopped.elapsed();
+    assert!(back < interval * 2, "slot 1 took {back:?} to serve again");
+    let doc = cluster.status();
+    assert!(
+        stalls(&doc, 0) > stalls(&before, 0),
+        "the phantom SYNs made slot 0 look stalled"
+    );
+    std::thread::sleep((phantom_stopped + interval).saturating_duration_since(Instant::now()));
+    let mut per_slot = [0u32; 2];
+    for _ in 0..200 {
+        let response = http_get(addr, "/").expect("GET /");
+        per_slot[response.worker().expect("X-Steer-Worker")] += 1;
+    }
+    println!("round-robin, one interval after 5,000 phantom SYNs to slot 0: {per_slot:?}");
+    // Each CPU keeps its own cursor, and one client's SYNs may be handled on either CPU:
+    // each CPU's turns alternate exactly, so a slot is short of its half by at most one
+    // per CPU. Slot 0 may get more: the turns it was skipped for while the phantoms kept
+    // it stalled are owed to it and given back. A slot still counted stalled would get
+    // none.
+    let cpus = u32::try_from(std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .expect("a CPU count");
+    assert!(
+        per_slot[0] + cpus >= 100,
+        "slot 0 is back in rotation (at least its half, less one turn per CPU): {per_slot:?}"
+    );
+}
+
+#[test]
+fn with_every_worker_stalled_connections_still_spread() {
+    let _quiet = quiet();
+    let cluster = start("round-robin", 4, &[]);
+    let addr = cluster.listen_addr();
+    let mut blockers = Vec::new();
+    let mut blocked = BTreeSet::new();
+    for _ in 0..200 {
+        if blocked.len() == 4 {
+            break;
+        }
+        let mut conn = KeepAlive::connect(addr).expect("connect");
+        let slot = conn.get("/").expect("hello").worker().expect("slot");
+        if blocked.insert(slot) {
+            conn.send_only("/block?ms=1500").expect("send /block");
+            blockers.push(conn);
+        }
+    }
+    assert_eq!(blocked.len(), 4, "every worker blocked");
+    let before = selections(&cluster.status());
+    // Connections while every worker is stalled: each completes its handshake in the
+    // kernel and waits in a queue.
+    let mut waiting = Vec::new();
+    for _ in 0..40 {
+        let mut conn = KeepAlive::connect(addr).expect("the handshake completes: nothing refused");
+        conn.send_only("/").expect("send");
+        waiting.push(conn);
+    }
+    let steered: Vec<u64> = selections(&cluster.status())
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a - b)
+        .collect();
+    let mut answered = [0u32; 4];
+    for mut conn in waiting {
+        let r = conn
+            .read_response()
+            .expect("answered once the workers resume");
+        answered[r.worker().expect("slot")] += 1;
+    }
+    for mut b in blockers {
+        b.read_response().expect("/block answered");
+    }
+    println!("round-robin with every worker stalled: 40 connections steered {steered:?}");
+    assert!(
+        steered.iter().all(|&n| n >= 5),
+        "the connections still spread over every worker: {steered:?}"
+    );
+    assert_eq!(
+        answered.iter().sum::<u32>(),
+        40,
+        "every connection answered"
+    );
+}
