@@ -263,7 +263,8 @@ fn flows_stay_through_two_rolling_restarts(program: &[&str]) {
         assert_eq!(
             record.lost(),
             Vec::<u64>::new(),
-            "flow {flow} lost datagrams"
+            "flow {flow} lost datagrams; answers around them: {:?}",
+            record.around_losses()
         );
         let runs = record.processes();
         let slots: BTreeSet<usize> = runs.iter().map(|r| r.0).collect();
@@ -316,7 +317,8 @@ fn a_killed_udp_workers_flows_go_to_a_live_process_and_no_other_flow_moves() {
             assert_eq!(
                 record.lost(),
                 Vec::<u64>::new(),
-                "flow {flow} lost datagrams"
+                "flow {flow} lost datagrams; answers around them: {:?}",
+                record.around_losses()
             );
             continue;
         }
@@ -372,7 +374,8 @@ fn a_resize_and_a_policy_change_move_no_active_flow_and_lose_nothing() {
         assert_eq!(
             record.lost(),
             Vec::<u64>::new(),
-            "flow {flow} lost datagrams"
+            "flow {flow} lost datagrams; answers around them: {:?}",
+            record.around_losses()
         );
         let runs = record.processes();
         assert_eq!(
@@ -419,7 +422,8 @@ fn a_spoofed_source_flood_moves_no_real_flow_and_loses_nothing() {
         assert_eq!(
             record.lost(),
             Vec::<u64>::new(),
-            "flow {flow} lost datagrams"
+            "flow {flow} lost datagrams; answers around them: {:?}",
+            record.around_losses()
         );
         let runs = record.processes();
         assert_eq!(
@@ -474,7 +478,8 @@ fn a_primary_upgrade_moves_no_active_flow_and_loses_nothing() {
         assert_eq!(
             record.lost(),
             Vec::<u64>::new(),
-            "flow {flow} lost datagrams"
+            "flow {flow} lost datagrams; answers around them: {:?}",
+            record.around_losses()
         );
         let runs = record.processes();
         assert_eq!(

@@ -345,7 +345,7 @@ fn known_flow(
     let Some(key) = flow_key(ctx) else {
         return Known::Unreadable;
     };
-    let Some(entry) = FLOWS.get_ptr_mut(&key) else {
+    let Some(entry) = FLOWS.get_ptr_mut(key) else {
         return Known::New(key);
     };
     // SAFETY: a valid `Flow` in an LRU hash value; fields are read once each. Another CPU
@@ -387,7 +387,7 @@ fn enter_flow(key: &FlowKey, index: u32, counters: &mut Counters) {
         slot: index % MAX_SLOTS,
         last_ns: now,
     };
-    if FLOWS.insert(key, &flow, 0).is_ok() {
+    if FLOWS.insert(key, flow, 0).is_ok() {
         counters.flow_inserts += 1;
     }
     touch(index, now);
