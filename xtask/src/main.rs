@@ -183,7 +183,9 @@ fn test(args: &[String]) -> Result<(), String> {
     // packaged: tests/tests/dist.rs installs the .deb.
     dist::build()?;
     // Every test binary runs even after one fails: a CI log shows every failure at once.
-    let mut test_args = vec!["test", "--no-fail-fast"];
+    // With QUIC too: `cargo test` builds the `steer` binary again, with the features of
+    // this command, and the QUIC tests drive that binary.
+    let mut test_args = vec!["test", "--no-fail-fast", "--features", QUIC];
     let extra = passthrough(args);
     if !extra.is_empty() {
         test_args.push("--");
