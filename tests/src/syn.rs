@@ -24,12 +24,10 @@ impl SynSender {
     ///
     /// Without `CAP_NET_RAW`.
     pub fn open() -> io::Result<SynSender> {
-        let socket = Socket::new(
-            Domain::IPV4,
-            Type::RAW,
-            Some(Protocol::from(libc::IPPROTO_RAW)),
-        )?;
-        Ok(SynSender { socket, sent: 0 })
+        Ok(SynSender {
+            socket: raw_socket()?,
+            sent: 0,
+        })
     }
 
     /// Sends `count` SYNs to `target`, each from its own spoofed source.
@@ -74,12 +72,10 @@ impl SpoofedDatagrams {
     ///
     /// Without `CAP_NET_RAW`.
     pub fn open() -> io::Result<SpoofedDatagrams> {
-        let socket = Socket::new(
-            Domain::IPV4,
-            Type::RAW,
-            Some(Protocol::from(libc::IPPROTO_RAW)),
-        )?;
-        Ok(SpoofedDatagrams { socket, sent: 0 })
+        Ok(SpoofedDatagrams {
+            socket: raw_socket()?,
+            sent: 0,
+        })
     }
 
     /// Sends `count` datagrams to `target`, each from a new source (127.2.x.y and up,
@@ -123,6 +119,15 @@ fn datagram(source: SocketAddrV4, target: SocketAddrV4) -> [u8; 36] {
     udp[4..6].copy_from_slice(&16u16.to_be_bytes());
     udp[8..16].copy_from_slice(b"spoofed!");
     packet
+}
+
+/// A raw IPv4 socket that writes whole packets (`IPPROTO_RAW`, so `IP_HDRINCL`).
+fn raw_socket() -> io::Result<Socket> {
+    Socket::new(
+        Domain::IPV4,
+        Type::RAW,
+        Some(Protocol::from(libc::IPPROTO_RAW)),
+    )
 }
 
 /// An IPv4 header (checksum, id and length left to the kernel) and a TCP SYN.

@@ -70,6 +70,17 @@ impl FlowRecord {
         (0..self.sent).filter(|s| !got.contains(s)).collect()
     }
 
+    /// Asserts that every datagram `flow` sent was answered; if not, shows who answered
+    /// around each lost one.
+    fn assert_complete(&self, flow: usize) {
+        assert_eq!(
+            self.lost(),
+            Vec::<u64>::new(),
+            "flow {flow} lost datagrams; answers around them: {:?}",
+            self.around_losses()
+        );
+    }
+
     /// The answers to the datagrams just before and after each lost one: who was there.
     fn around_losses(&self) -> Vec<(u64, Vec<Answered>)> {
         self.lost()
@@ -260,12 +271,7 @@ fn flows_stay_through_two_rolling_restarts(program: &[&str]) {
     let mut moved_forward = 0;
     for (flow, record) in records.iter().enumerate() {
         assert!(record.sent >= 300, "flow {flow} sent only {}", record.sent);
-        assert_eq!(
-            record.lost(),
-            Vec::<u64>::new(),
-            "flow {flow} lost datagrams; answers around them: {:?}",
-            record.around_losses()
-        );
+        record.assert_complete(flow);
         let runs = record.processes();
         let slots: BTreeSet<usize> = runs.iter().map(|r| r.0).collect();
         assert_eq!(slots.len(), 1, "flow {flow} changed slot: {runs:?}");
@@ -314,12 +320,7 @@ fn a_killed_udp_workers_flows_go_to_a_live_process_and_no_other_flow_moves() {
                 1,
                 "flow {flow} moved, yet its process lived: {runs:?}"
             );
-            assert_eq!(
-                record.lost(),
-                Vec::<u64>::new(),
-                "flow {flow} lost datagrams; answers around them: {:?}",
-                record.around_losses()
-            );
+            record.assert_complete(flow);
             continue;
         }
         victims += 1;
@@ -371,12 +372,7 @@ fn a_resize_and_a_policy_change_move_no_active_flow_and_lose_nothing() {
     std::thread::sleep(Duration::from_secs(1));
     let records = flows.stop();
     for (flow, record) in records.iter().enumerate() {
-        assert_eq!(
-            record.lost(),
-            Vec::<u64>::new(),
-            "flow {flow} lost datagrams; answers around them: {:?}",
-            record.around_losses()
-        );
+        record.assert_complete(flow);
         let runs = record.processes();
         assert_eq!(
             runs.len(),
@@ -419,12 +415,7 @@ fn a_spoofed_source_flood_moves_no_real_flow_and_loses_nothing() {
     let records = flows.stop();
     let doc = cluster.status();
     for (flow, record) in records.iter().enumerate() {
-        assert_eq!(
-            record.lost(),
-            Vec::<u64>::new(),
-            "flow {flow} lost datagrams; answers around them: {:?}",
-            record.around_losses()
-        );
+        record.assert_complete(flow);
         let runs = record.processes();
         assert_eq!(
             runs.len(),
@@ -475,12 +466,7 @@ fn a_primary_upgrade_moves_no_active_flow_and_loses_nothing() {
     let fresh: Vec<Answered> = (0..8).map(|_| new_flow(udp)).collect();
     let records = flows.stop();
     for (flow, record) in records.iter().enumerate() {
-        assert_eq!(
-            record.lost(),
-            Vec::<u64>::new(),
-            "flow {flow} lost datagrams; answers around them: {:?}",
-            record.around_losses()
-        );
+        record.assert_complete(flow);
         let runs = record.processes();
         assert_eq!(
             runs.len(),
