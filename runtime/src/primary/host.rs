@@ -157,6 +157,9 @@ const RELEASE_GRACE: Duration = Duration::from_millis(20);
 /// How often held flows are looked at.
 const HOLD_POLL: Duration = Duration::from_millis(50);
 
+/// How often the loop looks whether a slot's live set is published, while one waits.
+const PUBLISH_POLL: Duration = Duration::from_millis(5);
+
 /// The part of the shutdown timeout a draining worker keeps its UDP flows: all but a
 /// fifth of it (at most 5 s), which is left for its last read and its TCP connections.
 fn hold_share(shutdown_timeout: Duration) -> Duration {
@@ -375,11 +378,23 @@ impl Host {
             Some(at) => at + RELEASE_GRACE,
             None => hold.release_by.min(now + HOLD_POLL),
         });
+        let publishing = self
+            .groups
+            .iter()
+            .any(|g| g.steering.publishing())
+            .then_some(now + PUBLISH_POLL);
         Some(
             leftovers
                 .chain(holds)
+                .chain(publishing)
                 .fold(self.next_steering_check, Instant::min),
         )
+    }
+
+    /// Whether new connections and flows reach `slot` on every listener (see
+    /// [`Steering::in_steering`]).
+    pub(crate) fn in_steering(&self, slot: usize) -> bool {
+        self.groups.iter().all(|g| g.steering.in_steering(slot))
     }
 
     /// Tells the worker to drain: the `drain` message, and SIGTERM to an external

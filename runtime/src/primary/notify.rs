@@ -20,7 +20,7 @@ impl Supervisor {
         let slots = self.core.slots();
         let ready = slots
             .iter()
-            .filter(|s| s.state() == SlotState::Ready)
+            .filter(|s| self.state_of(s) == SlotState::Ready)
             .count();
         self.notifier.observe(ClusterState {
             ready,

@@ -32,13 +32,23 @@ impl Supervisor {
         let mut hasher = DefaultHasher::new();
         self.readiness().phase.as_str().hash(&mut hasher);
         for slot in self.core.slots() {
-            slot.state().hash(&mut hasher);
+            self.state_of(slot).hash(&mut hasher);
             slot.shown()
                 .map(|w| (w.pid, w.generation))
                 .hash(&mut hasher);
             (slot.restarts, slot.retiring.len()).hash(&mut hasher);
         }
         hasher.finish()
+    }
+
+    /// A slot's state as reported: a slot whose worker is ready is still `starting` until
+    /// new connections and flows reach it on every listener (until the program reads a
+    /// live set that holds it). Whoever reads `ready` may send at once.
+    pub(super) fn state_of(&self, slot: &super::core::Slot) -> SlotState {
+        match slot.state() {
+            SlotState::Ready if !self.host.in_steering(slot.index) => SlotState::Starting,
+            state => state,
+        }
     }
 
     /// What `/ready` answers from.
@@ -48,7 +58,7 @@ impl Supervisor {
                 .core
                 .slots()
                 .iter()
-                .filter(|slot| slot.state() == SlotState::Ready)
+                .filter(|slot| self.state_of(slot) == SlotState::Ready)
                 .count(),
             workers: self.core.configured(),
             phase: match (self.core.phase(), self.core.rolling()) {
@@ -132,7 +142,7 @@ impl Supervisor {
                     slot: slot.index,
                     pid: worker.map(|w| w.pid),
                     generation: worker.map_or(slot.generation, |w| w.generation),
-                    state: slot.state().name().to_owned(),
+                    state: self.state_of(slot).name().to_owned(),
                     uptime_s: worker.map(|w| now.saturating_duration_since(w.started).as_secs()),
                     restarts: slot.restarts,
                     // What the program steered here (kernel-side, exact), else what the

@@ -706,7 +706,7 @@ impl Supervisor {
         let configured = self.core.configured();
         let mut at = now;
         for slot in &self.core.slots()[..configured] {
-            if slot.state() != super::core::SlotState::Ready {
+            if self.state_of(slot) != super::core::SlotState::Ready {
                 return None;
             }
             let worker = slot.current.as_ref()?;

@@ -34,7 +34,7 @@
 //!   period, 8 to 60 ms), a run may pick a slot that has just left; it finds no socket
 //!   there and falls back to the next live slot (counted in `fallbacks`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -179,8 +179,12 @@ pub struct EbpfSteering {
     live: BTreeMap<u32, Serving>,
     /// The live set changed since the last flush.
     dirty: bool,
-    /// A slot entered the live set since the last flush.
-    grew: bool,
+    /// The slots that entered the live set since the last flush.
+    entered: BTreeSet<u32>,
+    /// Slots that entered the live set, each with the number of the first published set
+    /// that holds it, until that set is what program runs read (see
+    /// [`EbpfSteering::in_steering`]).
+    awaiting: BTreeMap<u32, u64>,
     /// Load records by (slot, generation): handed out, serving, or waiting to serve.
     records: BTreeMap<(u32, u32), SharedRecord>,
     probe: Option<OwnershipProbe>,
@@ -359,7 +363,8 @@ impl EbpfSteering {
             },
             live: BTreeMap::new(),
             dirty: true,
-            grew: false,
+            entered: BTreeSet::new(),
+            awaiting: BTreeMap::new(),
             records: BTreeMap::new(),
             probe: None,
             seen_at_send: 0,
@@ -424,6 +429,9 @@ impl EbpfSteering {
 
     /// See [`super::Steering::release`].
     pub fn release(&mut self) -> Result<(), SteeringError> {
+        // The program reads the live set from the moment it is attached: every slot in
+        // steering must be in the published one.
+        self.publisher.wait();
         match self.held.take() {
             Some(Some(socket)) => self.attach_through(socket.as_fd(), None),
             // Nothing held: no socket entered steering meanwhile, and the first one to
@@ -518,7 +526,7 @@ impl EbpfSteering {
             .is_none()
         {
             self.dirty = true;
-            self.grew = true;
+            self.entered.insert(slot);
         }
         Ok(())
     }
@@ -667,14 +675,46 @@ impl EbpfSteering {
             set.slots[i] = *slot;
         }
         set.count = self.live.len() as u32;
-        self.publisher.publish(set);
-        if std::mem::take(&mut self.grew) {
+        let number = self.publisher.publish(set);
+        let live = &self.live;
+        self.awaiting.retain(|slot, _| live.contains_key(slot));
+        for slot in std::mem::take(&mut self.entered) {
+            if live.contains_key(&slot) {
+                self.awaiting.insert(slot, number);
+            }
+        }
+        if !self.awaiting.is_empty() {
             // Longer than an idle host's grace period, shorter than a busy one's: the loop
-            // never stops long, and on a busy host the new slot is picked a moment later.
+            // never stops long; on a busy host the slot is in steering a moment later.
             let _published = self.publisher.wait_at_most(GROWTH_WAIT);
         }
+        let publisher = &self.publisher;
+        self.awaiting
+            .retain(|_, number| !publisher.is_published(*number));
         self.dirty = false;
         Ok(())
+    }
+
+    /// Whether `slot`, if it is live, is in the live set that program runs read: false
+    /// from [`EbpfSteering::activate`] until the set holding it is published (one RCU
+    /// grace period, 8 ms on an idle host, tens on a busy one). Until then a worker is not
+    /// reported ready, because no new connection or flow would reach it.
+    pub fn in_steering(&self, slot: u32) -> bool {
+        !self.entered.contains(&slot)
+            && self
+                .awaiting
+                .get(&slot)
+                .is_none_or(|number| self.publisher.is_published(*number))
+    }
+
+    /// Whether a slot waits for its live set to be published (the primary looks again
+    /// soon).
+    pub fn publishing(&self) -> bool {
+        !self.entered.is_empty()
+            || self
+                .awaiting
+                .values()
+                .any(|number| !self.publisher.is_published(*number))
     }
 
     /// Waits until what [`EbpfSteering::flush`] handed over is published.
@@ -1266,6 +1306,49 @@ mod tests {
         source: SocketAddr,
         started: Instant,
         done: Instant,
+    }
+
+    /// A slot is in steering only once the live set that holds it is the one program
+    /// runs read: not when it is activated, not when the set is handed to the publisher.
+    #[test]
+    fn a_slot_is_in_steering_only_once_its_live_set_is_published() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        let first = reuseport_listener(addr);
+        let second = reuseport_listener(first.local_addr().expect("addr"));
+        let pidfd = own_pidfd();
+        let pid = std::process::id() as i32;
+        let mut steering = EbpfSteering::load(Balance::RoundRobin, 2).expect("load (root)");
+        assert!(!steering.publishing(), "nothing entered yet");
+        for (slot, listener) in [&first, &second].into_iter().enumerate() {
+            let fd = OwnedFd::from(listener.try_clone().expect("dup"));
+            steering
+                .activate(slot as u32, 1, &fd, pid, pidfd.as_fd(), None)
+                .expect("activate");
+            assert!(
+                !steering.in_steering(slot as u32),
+                "slot {slot} is live but not published"
+            );
+            assert!(steering.publishing());
+        }
+        // `flush` waits for publication at most 20 ms; `wait_published` until it is done.
+        steering.flush().expect("flush");
+        steering.wait_published();
+        for slot in 0..2 {
+            assert!(steering.in_steering(slot), "slot {slot} is published");
+        }
+        assert!(!steering.publishing());
+        // Leaving and coming back: out of steering again until the new set is published.
+        steering.deactivate(1).expect("deactivate");
+        steering.flush().expect("flush");
+        let fd = OwnedFd::from(second.try_clone().expect("dup"));
+        steering
+            .activate(1, 2, &fd, pid, pidfd.as_fd(), None)
+            .expect("activate again");
+        assert!(!steering.in_steering(1));
+        assert!(steering.in_steering(0), "slot 0 never left");
+        steering.flush().expect("flush");
+        steering.wait_published();
+        assert!(steering.in_steering(1));
     }
 
     #[test]

@@ -446,6 +446,23 @@ impl Steering {
         }
     }
 
+    /// Whether new connections and flows can reach `slot` once it is live: false from
+    /// [`Steering::activate`] until the program reads a live set holding it.
+    pub fn in_steering(&self, slot: usize) -> bool {
+        match self {
+            Steering::Kernel | Steering::Baseline(_) => true,
+            Steering::Ebpf(program) => program.in_steering(slot as u32),
+        }
+    }
+
+    /// Whether a slot that entered steering waits for its live set to be published.
+    pub fn publishing(&self) -> bool {
+        match self {
+            Steering::Kernel | Steering::Baseline(_) => false,
+            Steering::Ebpf(program) => program.publishing(),
+        }
+    }
+
     /// Publishes the live set if [`Steering::activate`] or [`Steering::deactivate`]
     /// changed it: at most once per call, so once per turn of the primary's loop.
     pub fn flush(&mut self) -> Result<(), SteeringError> {

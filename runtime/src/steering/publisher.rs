@@ -19,6 +19,8 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -29,8 +31,8 @@ use steer_common::LiveSet;
 enum Update {
     /// Place a worker's load record at `LOADS[slot]`.
     Record { slot: u32, map: OwnedFd },
-    /// Replace the live set.
-    Live(Box<LiveSet>),
+    /// Replace the live set; the number [`Publisher::publish`] gave it.
+    Live(Box<LiveSet>, u64),
     /// Answer once everything sent before is applied.
     Sync(mpsc::Sender<()>),
 }
@@ -40,6 +42,11 @@ enum Update {
 pub struct Publisher {
     updates: Option<mpsc::Sender<Update>>,
     thread: Option<JoinHandle<()>>,
+    /// The number of the last live set handed over.
+    sent: AtomicU64,
+    /// The number of the newest live set in `LIVE[0]`, written by the thread once the
+    /// update has returned (so once no program run can read an older one).
+    applied: Arc<AtomicU64>,
 }
 
 impl Publisher {
@@ -49,6 +56,8 @@ impl Publisher {
         loads: ArrayOfMaps<MapData, MapData>,
     ) -> io::Result<Publisher> {
         let (updates, queue) = mpsc::channel();
+        let applied = Arc::new(AtomicU64::new(0));
+        let published = Arc::clone(&applied);
         let thread = std::thread::Builder::new()
             .name("steer-publish".into())
             .spawn(move || {
@@ -59,11 +68,13 @@ impl Publisher {
                     Some(&nix::sys::signal::SigSet::all()),
                     None,
                 );
-                publish_until_closed(&queue, live, loads);
+                publish_until_closed(&queue, live, loads, &published);
             })?;
         Ok(Publisher {
             updates: Some(updates),
             thread: Some(thread),
+            sent: AtomicU64::new(0),
+            applied,
         })
     }
 
@@ -72,9 +83,18 @@ impl Publisher {
         self.send(Update::Record { slot, map });
     }
 
-    /// Replaces the live set with `set`, soon.
-    pub fn publish(&self, set: Box<LiveSet>) {
-        self.send(Update::Live(set));
+    /// Replaces the live set with `set`, soon; returns its number, which
+    /// [`Publisher::is_published`] takes.
+    pub fn publish(&self, set: Box<LiveSet>) -> u64 {
+        let number = self.sent.fetch_add(1, Ordering::Relaxed) + 1;
+        self.send(Update::Live(set, number));
+        number
+    }
+
+    /// Whether the live set numbered `number`, or a newer one, is what program runs read
+    /// now.
+    pub fn is_published(&self, number: u64) -> bool {
+        self.applied.load(Ordering::Acquire) >= number
     }
 
     /// Waits until everything handed over so far is published.
@@ -114,6 +134,7 @@ fn publish_until_closed(
     queue: &mpsc::Receiver<Update>,
     mut live: ArrayOfMaps<MapData, Array<MapData, LiveSet>>,
     mut loads: ArrayOfMaps<MapData, MapData>,
+    published: &AtomicU64,
 ) {
     // The inner maps in place now. Each is let go only after the update that replaced it
     // has returned, that is after a grace period: on kernels before 6.8, which free a
@@ -123,14 +144,14 @@ fn publish_until_closed(
     let mut placed: BTreeMap<u32, MapData> = BTreeMap::new();
     while let Ok(first) = queue.recv() {
         let mut records: BTreeMap<u32, OwnedFd> = BTreeMap::new();
-        let mut newest: Option<Box<LiveSet>> = None;
+        let mut newest: Option<(Box<LiveSet>, u64)> = None;
         let mut waiting = Vec::new();
         for update in std::iter::once(first).chain(queue.try_iter()) {
             match update {
                 Update::Record { slot, map } => {
                     records.insert(slot, map);
                 }
-                Update::Live(set) => newest = Some(set),
+                Update::Live(set, number) => newest = Some((set, number)),
                 Update::Sync(done) => waiting.push(done),
             }
         }
@@ -144,10 +165,13 @@ fn publish_until_closed(
                 ),
             }
         }
-        if let Some(set) = newest {
+        if let Some((set, number)) = newest {
             match replace_live_set(&mut live, &set) {
                 // The set it replaces is let go here, after the update returned.
-                Ok(inner) => drop(live_set.replace(inner)),
+                Ok(inner) => {
+                    drop(live_set.replace(inner));
+                    published.store(number, Ordering::Release);
+                }
                 Err(err) => {
                     tracing::warn!(
                         "cannot publish the live set: {}",
