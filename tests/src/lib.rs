@@ -73,7 +73,7 @@ pub use crate::http::{
     http_get_timeout, must_get,
 };
 pub use crate::load::{LOAD_LIMIT, Load, LoadReport};
-pub use crate::net::{free_local_addr, free_port, net_counter};
+pub use crate::net::{SeenTwice, free_local_addr, free_port, net_counter};
 pub use crate::process::{
     POLL_INTERVAL, children_of, descendants_of, pid_alive, process_state, rss_bytes,
     signal_pending, wait_for,

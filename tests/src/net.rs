@@ -69,6 +69,50 @@ pub fn net_counter(group: &str, name: &str) -> u64 {
     panic!("no counter {group} {name} in /proc/net/netstat or /proc/net/snmp");
 }
 
+/// A mark in the host's count of TCP handshakes the reuseport program may have seen twice:
+/// SYNs a client sent again (`TCPSynRetrans`; the first may have been dropped after the
+/// program chose a socket, on a full queue) and syncookie ACKs (`SyncookiesRecv`; the
+/// program runs for those too). Host-wide, so an upper bound for one test's connections.
+#[derive(Debug, Clone, Copy)]
+pub struct SeenTwice(u64);
+
+impl SeenTwice {
+    /// The counts now.
+    pub fn mark() -> SeenTwice {
+        SeenTwice(Self::now())
+    }
+
+    /// How many handshakes may have been seen twice since the mark.
+    pub fn since(&self) -> u64 {
+        Self::now().saturating_sub(self.0)
+    }
+
+    fn now() -> u64 {
+        net_counter("TcpExt", "TCPSynRetrans") + net_counter("TcpExt", "SyncookiesRecv")
+    }
+
+    /// Asserts that the program's per-slot `selections` are the connections each slot
+    /// `accepted`, plus no more than the handshakes seen twice since the mark.
+    ///
+    /// # Panics
+    ///
+    /// If they are not (`context` goes in the message).
+    pub fn assert_selections_cover(&self, selections: &[u64], accepted: &[u64], context: &str) {
+        let twice = self.since();
+        let extra = selections
+            .iter()
+            .sum::<u64>()
+            .saturating_sub(accepted.iter().sum::<u64>());
+        assert!(
+            selections.len() == accepted.len()
+                && selections.iter().zip(accepted).all(|(s, a)| s >= a)
+                && extra <= twice,
+            "the program's selections {selections:?} are the connections {accepted:?} plus at \
+             most the {twice} handshakes seen twice: {context}"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -196,10 +196,13 @@ fn cpu_policy_keeps_each_udp_flow_on_the_worker_pinned_to_its_first_datagrams_cp
         "one worker per CPU: {worker_of_cpu:?}"
     );
     let mut moved = Vec::new();
+    // Every client socket stays open to the end: a port freed by CPU 0's flows could be
+    // given to one of CPU 1's, whose "new" flow would then be CPU 0's, still in the table.
+    let mut open = Vec::new();
     for cpu in 0..cpus {
         let other = (cpu + 1) % cpus;
         // Each flow's first datagram leaves from `cpu`, its second from `other`.
-        let (first, second) = std::thread::spawn(move || {
+        let (first, second, sockets) = std::thread::spawn(move || {
             pin_to(cpu);
             let sockets: Vec<UdpSocket> = (0..FLOWS_PER_CPU).map(|_| client()).collect();
             let round = |name: &str| -> Vec<Answer> {
@@ -215,10 +218,11 @@ fn cpu_policy_keeps_each_udp_flow_on_the_worker_pinned_to_its_first_datagrams_cp
             let first = round("first");
             pin_to(other);
             let second = round("second");
-            (first, second)
+            (first, second, sockets)
         })
         .join()
         .expect("client thread");
+        open.extend(sockets);
         let expected = worker_of_cpu[&cpu];
         let landed: BTreeSet<u32> = first.iter().map(|a| a.pid).collect();
         assert_eq!(
