@@ -137,7 +137,11 @@ fn every_udp_and_quic_subject_runs_and_steer_keeps_every_flow_across_a_roll() {
             "{section} missing from\n{markdown}"
         );
     }
-    for panel in ["UDP datagrams per second", "QUIC"] {
+    for panel in [
+        "UDP datagrams per second",
+        "QUIC handshakes",
+        "QUIC requests",
+    ] {
         assert!(svg.contains(panel), "the chart's {panel} panel");
     }
     println!(

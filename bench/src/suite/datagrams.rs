@@ -619,13 +619,13 @@ impl DatagramSummary {
             let rate = steer.and_then(|s| s.rate_vs_kernel);
             targets.push(Target {
                 goal: format!("{name}: datagrams per second >= 0.95x {UDP_KERNEL}"),
-                measured: rate.map_or_else(|| "not measured".into(), |r| show_x(r)),
+                measured: rate.map_or_else(|| "not measured".into(), show_x),
                 met: rate.zip(kernel).map(|(r, _)| r.median >= 0.95),
             });
             let cpu = steer.and_then(|s| s.cpu_vs_kernel);
             targets.push(Target {
                 goal: format!("{name}: server CPU per datagram <= 1.05x {UDP_KERNEL}"),
-                measured: cpu.map_or_else(|| "not measured".into(), |r| show_x(r)),
+                measured: cpu.map_or_else(|| "not measured".into(), show_x),
                 met: cpu.zip(kernel).map(|(r, _)| r.median <= 1.05),
             });
             let roll = steer.and_then(|s| s.roll);
@@ -954,6 +954,94 @@ pub fn markdown(out: &mut String, summary: &DatagramSummary, workers: usize, rol
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stat(median: f64) -> Option<Stat> {
+        Some(Stat {
+            median,
+            min: median,
+            max: median,
+        })
+    }
+
+    fn udp(name: &str, rate_vs_kernel: f64, cpu_vs_kernel: f64, moved: usize) -> UdpFigures {
+        UdpFigures {
+            name: name.into(),
+            workers: 2,
+            rate: stat(100_000.0 * rate_vs_kernel),
+            rate_vs_kernel: stat(rate_vs_kernel),
+            cpu_us: stat(4.0 * cpu_vs_kernel),
+            cpu_vs_kernel: stat(cpu_vs_kernel),
+            p50_ms: None,
+            p99_ms: None,
+            max_over_min: None,
+            lost: 0,
+            sent: 1000,
+            roll: Some(RollFigures {
+                moves: FlowMoves {
+                    flows: 64,
+                    kept: 0,
+                    forward: 64 - moved,
+                    moved,
+                },
+                sent: 1000,
+                lost: 0,
+                unfinished: 0,
+                roll_s: stat(0.5),
+            }),
+            program_ns: None,
+            runs_per_datagram: None,
+        }
+    }
+
+    #[test]
+    fn the_udp_targets_hold_the_program_to_plain_reuseport_and_its_flows_to_their_slots() {
+        let summary = DatagramSummary {
+            udp: vec![
+                udp(UDP_KERNEL, 1.0, 1.0, 9),
+                udp("udp-round-robin", 0.96, 1.06, 0),
+                udp("udp-hash", 0.94, 1.0, 1),
+            ],
+            quic: Vec::new(),
+        };
+        let measured: Vec<(String, Option<bool>)> = summary
+            .targets()
+            .into_iter()
+            .map(|t| (t.goal, t.met))
+            .collect();
+        let expect = |goal: &str, met: bool| {
+            assert!(
+                met_of(&measured, goal) == Some(met),
+                "{goal}: expected met={met} in {measured:?}"
+            );
+        };
+        expect(
+            "udp-round-robin: datagrams per second >= 0.95x udp-kernel",
+            true,
+        );
+        expect(
+            "udp-round-robin: server CPU per datagram <= 1.05x udp-kernel",
+            false,
+        );
+        expect(
+            "udp-round-robin: across a roll, 0 flows moved other than forward, 0 datagrams lost",
+            true,
+        );
+        expect("udp-hash: datagrams per second >= 0.95x udp-kernel", false);
+        expect(
+            "udp-hash: server CPU per datagram <= 1.05x udp-kernel",
+            true,
+        );
+        expect(
+            "udp-hash: across a roll, 0 flows moved other than forward, 0 datagrams lost",
+            false,
+        );
+        let nothing = DatagramSummary::default().targets();
+        assert!(nothing.iter().all(|t| t.met.is_none()), "{nothing:?}");
+    }
+
+    fn met_of(met: &[(String, Option<bool>)], goal: &str) -> Option<bool> {
+        met.iter().find(|(g, _)| g == goal).and_then(|(_, m)| *m)
+    }
 
     #[test]
     fn the_program_names_are_as_the_kernel_keeps_them() {
