@@ -294,7 +294,7 @@ fn node_panels(summary: &Summary) -> Vec<Panel<'static>> {
         .filter_map(|s| s.reload.as_ref().map(|r| r.asked))
         .max()
         .unwrap_or(0);
-    vec![
+    let mut panels = vec![
         Panel {
             title: "The same Node app: throughput (label: max/min per worker, new conn)".to_owned(),
             unit: "thousand per second (median, min-max)",
@@ -323,6 +323,7 @@ fn node_panels(summary: &Summary) -> Vec<Panel<'static>> {
                     .collect(),
             ),
         },
+        // Without --peers the cluster module runs no reloads: no empty panel for them.
         Panel {
             title: format!("The same Node app: failed requests across {asked} reloads under load"),
             unit: "failed requests, summed over the rounds (label: all failures)",
@@ -351,7 +352,11 @@ fn node_panels(summary: &Summary) -> Vec<Panel<'static>> {
                     .collect(),
             ),
         },
-    ]
+    ];
+    if reloads.is_empty() {
+        panels.pop();
+    }
+    panels
 }
 
 /// A figure known exactly (a count), as a [`Stat`].
