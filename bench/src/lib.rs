@@ -1,6 +1,6 @@
 //! # steer-bench: Steer's kernel steering against userspace balancing, side by side
 //!
-//! Two parts:
+//! The parts:
 //!
 //! - [`load`]: a closed-loop HTTP/1.1 load generator (`mio`, a few threads, no external
 //!   binary): keep-alive or new-connection mode, bounded by a duration or a request count,
@@ -10,6 +10,11 @@
 //!   (and Node cluster and nginx when present) through the same scenarios in interleaved
 //!   rounds, reported as medians with min-max in `target/bench/report.{md,json,svg}`, with
 //!   the server's CPU time per request and its memory.
+//! - [`datagram`]: the UDP load generator: many client sockets (flows) sending numbered
+//!   datagrams, closed loop (a window per flow) or open loop (a rate), `recvmmsg` and
+//!   `sendmmsg`; answered datagrams per second, loss, latency, who answered each flow.
+//! - [`quic`]: the QUIC load (quinn + h3): handshakes per second, each from a fresh socket,
+//!   and requests per second on established connections.
 //! - [`profile`]: where one new connection's microseconds go (`perf`), by side and by
 //!   system call, and the steering program's own cost; `target/bench/perf.md`.
 //!
@@ -18,6 +23,8 @@
 //! Absolute figures on a shared machine are noise; the suite reports ratios measured in
 //! the same run, and nothing here is a pass/fail test of speed.
 
+pub mod datagram;
 pub mod load;
 pub mod profile;
+pub mod quic;
 pub mod suite;

@@ -1,5 +1,6 @@
-//! `steer-bench`: the load generator on its own (`load`), the whole benchmark (`suite`), or
-//! a `perf` profile of one policy's new-connection path (`profile`).
+//! `steer-bench`: the load generators on their own (`load` for HTTP/1.1, `udp` for
+//! datagrams, `quic` for HTTP/3), the whole benchmark (`suite`), or a `perf` profile of one
+//! policy's new-connection path (`profile`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,8 +8,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use steer_bench::datagram::{self, Pace, UdpSpec};
 use steer_bench::load::{self, LoadSpec, Mode, Stop};
 use steer_bench::profile::{self, ProfileConfig};
+use steer_bench::quic::{self, QuicMode, QuicSpec};
 use steer_bench::suite::{self, SuiteConfig, subject};
 
 /// Steer's benchmark tools.
@@ -23,6 +26,12 @@ struct Cli {
 enum Command {
     /// Sends HTTP/1.1 GET load to one server and prints what it saw.
     Load(LoadArgs),
+    /// Sends UDP datagrams from many client sockets to one loopback server that answers
+    /// each (Steer's demo) and prints what it saw.
+    Udp(UdpArgs),
+    /// Makes QUIC handshakes or HTTP/3 requests against one loopback server and prints
+    /// what it saw.
+    Quic(QuicArgs),
     /// Runs the whole benchmark (what `cargo xtask bench` starts) and writes the reports.
     Suite(SuiteArgs),
     /// Profiles one policy under new-connection load with `perf` (what `cargo xtask bench
@@ -69,6 +78,66 @@ struct SuiteArgs {
     /// Run only these subjects (comma-separated names, e.g. steer-node,pm2).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Leave out the UDP and QUIC subjects.
+    #[arg(long)]
+    no_datagrams: bool,
+}
+
+/// `steer-bench udp`.
+#[derive(Debug, clap::Args)]
+struct UdpArgs {
+    /// The server, a loopback address, e.g. 127.0.0.1:9000.
+    target: SocketAddr,
+    /// Client sockets.
+    #[arg(short, long, default_value_t = 64)]
+    flows: usize,
+    /// Closed loop: datagrams in flight per flow (the default pace).
+    #[arg(short, long, default_value_t = 2, conflicts_with = "rate")]
+    window: usize,
+    /// Open loop: datagrams per second, all flows together.
+    #[arg(short, long)]
+    rate: Option<f64>,
+    /// Client threads.
+    #[arg(short, long, default_value_t = 2)]
+    threads: usize,
+    /// Send for this long.
+    #[arg(short, long, value_parser = parse_duration, default_value = "5s")]
+    duration: Duration,
+    /// Stop sending after this many datagrams (at the latest at --duration).
+    #[arg(short = 'n', long)]
+    datagrams: Option<u64>,
+    /// Loopback source addresses to spread the flows over (127.0.0.1..N).
+    #[arg(long, default_value_t = 1)]
+    sources: u8,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `steer-bench quic`.
+#[derive(Debug, clap::Args)]
+struct QuicArgs {
+    /// The server, a loopback address.
+    target: SocketAddr,
+    /// handshakes (a fresh socket and a full handshake each) or requests (on established
+    /// connections).
+    #[arg(long, default_value = "requests")]
+    mode: String,
+    /// Concurrent handshakes, or connections.
+    #[arg(short, long, default_value_t = 16)]
+    lanes: usize,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 4)]
+    streams: usize,
+    /// Client threads.
+    #[arg(short, long, default_value_t = 2)]
+    threads: usize,
+    /// Run this long.
+    #[arg(short, long, value_parser = parse_duration, default_value = "5s")]
+    duration: Duration,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// `steer-bench load`.
@@ -137,6 +206,30 @@ fn print_report(result: Result<PathBuf, String>) -> ExitCode {
     }
 }
 
+/// Prints a load report (as JSON with `json`), or its error.
+fn print_outcome<R: std::fmt::Display + serde::Serialize>(
+    outcome: std::io::Result<R>,
+    json: bool,
+) -> ExitCode {
+    match outcome {
+        Ok(report) if json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("steer-bench: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -162,6 +255,10 @@ fn main() -> ExitCode {
                 scratch: args.out.join("scratch"),
             };
             let mut config = SuiteConfig::new(programs, args.out, args.quick, args.peers);
+            if args.no_datagrams {
+                config.datagrams = false;
+                config.subjects = config.default_subjects();
+            }
             if !args.only.is_empty() {
                 config.subjects.retain(|s| args.only.contains(&s.name()));
             }
@@ -183,6 +280,28 @@ fn main() -> ExitCode {
                 out_dir: args.out,
             };
             print_report(profile::run(&config))
+        }
+        Command::Udp(args) => {
+            let pace = args.rate.map_or(Pace::Window(args.window), Pace::Rate);
+            let mut spec = UdpSpec::new(args.target, args.flows, pace, args.duration);
+            spec.threads = args.threads;
+            spec.limit = args.datagrams;
+            spec.sources = args.sources;
+            print_outcome(datagram::run(&spec), args.json)
+        }
+        Command::Quic(args) => {
+            let mode = match args.mode.as_str() {
+                "handshakes" => QuicMode::Handshakes,
+                "requests" => QuicMode::Requests,
+                other => {
+                    eprintln!("steer-bench: --mode {other:?}: expected handshakes or requests");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let mut spec = QuicSpec::new(args.target, mode, args.lanes, args.duration);
+            spec.streams = args.streams;
+            spec.threads = args.threads;
+            print_outcome(quic::run(&spec), args.json)
         }
         Command::Load(args) => {
             let mut spec = LoadSpec::new(

@@ -161,14 +161,15 @@ pub fn run(config: &ProfileConfig) -> Result<PathBuf, String> {
 }
 
 /// Turns `kernel.bpf_stats_enabled` on while it lives, and back to what it was.
-struct BpfStats {
+pub(crate) struct BpfStats {
     before: Option<String>,
 }
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 impl BpfStats {
-    fn enable() -> BpfStats {
+    /// Turns the statistics on (says so on stderr if it cannot).
+    pub(crate) fn enable() -> BpfStats {
         let before = std::fs::read_to_string(BPF_STATS).ok();
         if std::fs::write(BPF_STATS, "1").is_err() {
             eprintln!("profile: cannot enable {BPF_STATS}; the program's own timing is left out");

@@ -1,5 +1,6 @@
-//! `cargo xtask bench [--quick] [--peers] [--perf [--policy P]]`: Steer's policies against
-//! the userspace baselines (and Node cluster and nginx when present), side by side.
+//! `cargo xtask bench [--quick] [--peers] [--no-datagrams] [--perf [--policy P]]`: Steer's
+//! policies against the userspace baselines (and Node cluster and nginx when present), side
+//! by side, then UDP and QUIC.
 //!
 //! It builds `steer` and `steer-bench` in release mode and runs `steer-bench suite`, which
 //! does the measuring and writes `target/bench/report.{md,json,svg}`. The suite runs from
@@ -11,6 +12,9 @@
 //! - `--peers`: install nginx (and Node, npm) with apt when missing, so the peers are
 //!   measured, and run the Node comparison: one Node app under Steer, Node's cluster
 //!   module and PM2 (which `steer-bench` installs, pinned, with npm into `target/bench/pm2`).
+//! - UDP and QUIC run in every mode (about 30 s of `--quick`): Steer's program on a `udp://`
+//!   listener against plain `SO_REUSEPORT` and one socket, flows across a roll, and HTTP/3
+//!   handshakes and requests against one quinn process. `--no-datagrams` leaves them out.
 //! - `--perf`: instead of the suite, profile one policy's new-connection path with `perf`
 //!   (installed with apt when missing) into `target/bench/perf.md`: where the server's and
 //!   the client's microseconds go, and the steering program's own cost. `--policy`
@@ -21,8 +25,10 @@ use std::process::Command;
 
 /// Runs the benchmark.
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
-    const USAGE: &str = "usage: cargo xtask bench [--quick] [--peers] [--perf [--policy P]]";
+    const USAGE: &str =
+        "usage: cargo xtask bench [--quick] [--peers] [--no-datagrams] [--perf [--policy P]]";
     let mut quick = false;
+    let mut datagrams = true;
     let mut peers = false;
     let mut perf = false;
     let mut policy = "round-robin".to_owned();
@@ -31,6 +37,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         match arg.as_str() {
             "--quick" => quick = true,
             "--peers" => peers = true,
+            "--no-datagrams" => datagrams = false,
             "--perf" => perf = true,
             "--policy" => match args.next() {
                 Some(value) => policy.clone_from(value),
@@ -99,6 +106,9 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     }
     if peers {
         suite.push("--peers".into());
+    }
+    if !datagrams {
+        suite.push("--no-datagrams".into());
     }
     let args: Vec<&str> = suite.iter().map(String::as_str).collect();
     crate::step(&runner.display().to_string(), &args)

@@ -10,7 +10,7 @@
 //! - `test`: formatting, clippy, `dist`, then every unit and integration test. What CI runs.
 //! - `dist`: the release build packaged in `target/dist/`: `steer_<version>_<arch>.deb`
 //!   and a `.tar.gz` for other distributions (see `dist.rs`).
-//! - `bench [--quick] [--peers] [--perf [--policy P]]`: every balancing policy against the
+//! - `bench [--quick] [--peers] [--no-datagrams] [--perf [--policy P]]`: every balancing policy against the
 //!   userspace baselines and peers, or a `perf` profile of one policy's new-connection
 //!   path; reports in `target/bench/` (see `bench.rs`).
 //! - `soak [--seconds N]`: load plus a rolling restart every 5 s for N seconds (default
@@ -38,7 +38,7 @@ fn main() -> ExitCode {
         Some("-h" | "--help" | "help") | None => {
             println!(
                 "usage: cargo xtask <setup | run [-- STEER_RUN_ARGS] | test [-- CARGO_TEST_ARGS] | \
-                 dist | bench [--quick] [--peers] [--perf [--policy P]] | soak [--seconds N] | \
+                 dist | bench [--quick] [--peers] [--no-datagrams] [--perf [--policy P]] | soak [--seconds N] | \
                  fuzz [--seconds N] [TARGET]...>"
             );
             return ExitCode::SUCCESS;

@@ -1,6 +1,7 @@
 //! `report.svg`: four panels of horizontal bars, one band per subject: throughput, server
 //! CPU per request, new-connection latency tails, and the tails with a stalled worker
-//! (plotters, SVG backend only).
+//! (plotters, SVG backend only); then a row for the Node comparison (`--peers`) and two
+//! for UDP and QUIC, when they ran.
 //!
 //! Bars are horizontal so that every subject's name is written level beside its band, and
 //! each bar carries its median as text, with a whisker for the min-max over the rounds.
@@ -14,7 +15,9 @@ use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
+use super::datagrams::{DatagramSummary, QuicFigures, UDP_KERNEL, UdpFigures};
 use super::scenario::{STALL_EVERY, STALL_MS};
+use super::subject::ONE_SOCKET_QUIC;
 use super::summary::{NODE_SUBJECTS, ReloadFigures, Stat, SubjectSummary, Summary};
 
 const WIDTH: u32 = 1500;
@@ -219,9 +222,15 @@ pub fn draw(summary: &Summary, path: &Path) -> Result<(), String> {
             names: Some(stall_names),
         },
     ];
-    let mut panels = Vec::from(panels);
+    // The TCP panels only where TCP subjects ran (not in a UDP-and-QUIC-only run).
+    let mut panels = if main.is_empty() && stalled.is_empty() {
+        Vec::new()
+    } else {
+        Vec::from(panels)
+    };
     panels.extend(node_panels(summary));
-    let rows = panels.len().div_ceil(2);
+    panels.extend(datagram_panels(&summary.datagrams));
+    let rows = panels.len().div_ceil(2).max(1);
     let height = HEIGHT / 2 * u32::try_from(rows).unwrap_or(2);
     let root = SVGBackend::new(path, (WIDTH, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
@@ -285,7 +294,7 @@ fn node_panels(summary: &Summary) -> Vec<Panel<'static>> {
         .filter_map(|s| s.reload.as_ref().map(|r| r.asked))
         .max()
         .unwrap_or(0);
-    vec![
+    let mut panels = vec![
         Panel {
             title: "The same Node app: throughput (label: max/min per worker, new conn)".to_owned(),
             unit: "thousand per second (median, min-max)",
@@ -314,6 +323,7 @@ fn node_panels(summary: &Summary) -> Vec<Panel<'static>> {
                     .collect(),
             ),
         },
+        // Without --peers the cluster module runs no reloads: no empty panel for them.
         Panel {
             title: format!("The same Node app: failed requests across {asked} reloads under load"),
             unit: "failed requests, summed over the rounds (label: all failures)",
@@ -342,7 +352,163 @@ fn node_panels(summary: &Summary) -> Vec<Panel<'static>> {
                     .collect(),
             ),
         },
-    ]
+    ];
+    if reloads.is_empty() {
+        panels.pop();
+    }
+    panels
+}
+
+/// A figure known exactly (a count), as a [`Stat`].
+fn exact(n: f64) -> Stat {
+    Stat {
+        median: n,
+        min: n,
+        max: n,
+    }
+}
+
+/// `stat` times `scale`.
+fn scaled(stat: Option<Stat>, scale: f64) -> Option<Stat> {
+    stat.map(|s| Stat {
+        median: s.median * scale,
+        min: s.min * scale,
+        max: s.max * scale,
+    })
+}
+
+/// The UDP and QUIC rows: datagrams per second and server CPU per datagram against plain
+/// `SO_REUSEPORT` (the CPU target drawn across), flows moved and datagrams lost across a
+/// roll, and QUIC handshakes and requests per second against one process (two panels: they
+/// differ by two orders of magnitude). Empty when none
+/// of their subjects ran.
+fn datagram_panels(summary: &DatagramSummary) -> Vec<Panel<'static>> {
+    let mut panels = Vec::new();
+    let udp = &summary.udp;
+    if !udp.is_empty() {
+        let kernel_cpu = udp
+            .iter()
+            .find(|u| u.name == UDP_KERNEL)
+            .and_then(|u| u.cpu_us)
+            .map(|s| s.median);
+        let label = |u: &UdpFigures, ratio: Option<Stat>| match ratio {
+            Some(r) if u.name != UDP_KERNEL => format!("{} ({:.2}x)", u.name, r.median),
+            _ => u.name.clone(),
+        };
+        panels.push(Panel {
+            title: format!("UDP datagrams per second (label: vs {UDP_KERNEL})"),
+            unit: "thousand answered per second (median, min-max)",
+            digits: 1,
+            log: false,
+            series: vec![Series {
+                label: "datagrams answered",
+                color: BLUE,
+                values: udp.iter().map(|u| scaled(u.rate, 1e-3)).collect(),
+            }],
+            marks: Vec::new(),
+            names: Some(udp.iter().map(|u| label(u, u.rate_vs_kernel)).collect()),
+        });
+        panels.push(Panel {
+            title: format!(
+                "UDP server CPU per datagram (primary + workers; label: vs {UDP_KERNEL})"
+            ),
+            unit: "microseconds of utime+stime (median, min-max)",
+            digits: 2,
+            log: false,
+            series: vec![Series {
+                label: "per datagram",
+                color: ORANGE,
+                values: udp.iter().map(|u| u.cpu_us).collect(),
+            }],
+            marks: kernel_cpu
+                .map(|us| Mark {
+                    label: format!("target 1.05x {UDP_KERNEL}: {:.2} us", us * 1.05),
+                    value: us * 1.05,
+                    color: RED,
+                })
+                .into_iter()
+                .collect(),
+            names: Some(udp.iter().map(|u| label(u, u.cpu_vs_kernel)).collect()),
+        });
+        let rolled: Vec<&UdpFigures> = udp.iter().filter(|u| u.roll.is_some()).collect();
+        if !rolled.is_empty() {
+            panels.push(Panel {
+                title: "UDP flows across a rolling restart (label: moved, lost)".to_owned(),
+                unit: "count, summed over the rounds",
+                digits: 0,
+                log: false,
+                series: vec![
+                    Series {
+                        label: "flows moved (not forward)",
+                        color: RED,
+                        values: rolled
+                            .iter()
+                            .map(|u| u.roll.map(|r| exact(r.moves.moved as f64)))
+                            .collect(),
+                    },
+                    Series {
+                        label: "datagrams lost",
+                        color: PURPLE,
+                        values: rolled
+                            .iter()
+                            .map(|u| u.roll.map(|r| exact(r.lost as f64)))
+                            .collect(),
+                    },
+                ],
+                marks: Vec::new(),
+                names: Some(
+                    rolled
+                        .iter()
+                        .map(|u| {
+                            let r = u.roll.unwrap_or_default();
+                            format!(
+                                "{} ({} of {} moved, {} lost)",
+                                u.name, r.moves.moved, r.moves.flows, r.lost
+                            )
+                        })
+                        .collect(),
+                ),
+            });
+        }
+    }
+    let quic = &summary.quic;
+    if !quic.is_empty() {
+        let label = |q: &QuicFigures, ratio: Option<Stat>| match ratio {
+            Some(r) if q.name != ONE_SOCKET_QUIC => format!("{} ({:.2}x)", q.name, r.median),
+            _ => q.name.clone(),
+        };
+        panels.push(Panel {
+            title: format!(
+                "QUIC handshakes per second, each from a fresh socket (label: vs {ONE_SOCKET_QUIC})"
+            ),
+            unit: "handshakes per second (median, min-max)",
+            digits: 0,
+            log: false,
+            series: vec![Series {
+                label: "full TLS 1.3 handshakes",
+                color: ORANGE,
+                values: quic.iter().map(|q| q.handshakes).collect(),
+            }],
+            marks: Vec::new(),
+            names: Some(quic.iter().map(|q| label(q, q.handshakes_vs_one)).collect()),
+        });
+        panels.push(Panel {
+            title: format!(
+                "QUIC requests per second on established connections (label: vs {ONE_SOCKET_QUIC})"
+            ),
+            unit: "thousand HTTP/3 requests per second (median, min-max)",
+            digits: 1,
+            log: false,
+            series: vec![Series {
+                label: "GET / answered",
+                color: BLUE,
+                values: quic.iter().map(|q| scaled(q.requests, 1e-3)).collect(),
+            }],
+            marks: Vec::new(),
+            names: Some(quic.iter().map(|q| label(q, q.requests_vs_one)).collect()),
+        });
+    }
+    panels
 }
 
 /// Height of a panel's heading: its title, and under it the legend (a second row for the
@@ -602,6 +768,7 @@ mod tests {
                 subject("nginx-reuseport", 9_000.0),
             ],
             targets: Vec::new(),
+            datagrams: Default::default(),
         };
         let path =
             std::env::temp_dir().join(format!("steer-bench-chart-{}.svg", std::process::id()));
@@ -671,6 +838,7 @@ mod tests {
         let summary = Summary {
             subjects: vec![subject("round-robin", 40_000.0), steer, least_loaded, pm2],
             targets: Vec::new(),
+            datagrams: Default::default(),
         };
         let path =
             std::env::temp_dir().join(format!("steer-bench-chart-node-{}.svg", std::process::id()));

@@ -14,11 +14,16 @@
 //! (`bench/peers/app.js`) under Steer (`steer-node`, round-robin; and
 //! `steer-node-least-loaded` for the stalled-worker row), under the cluster module
 //! (`node-rr`, `node-none`) and under PM2 (`pm2`), with the same worker count, through the
-//! throughput, stalled-worker and reload scenarios. (The UDP and QUIC subjects of issue 24
-//! come once Steer serves UDP and QUIC: they are to be subjects and sections of their own
-//! beside this one.)
+//! throughput, stalled-worker and reload scenarios.
+//!
+//! Then the UDP and QUIC subjects ([`datagrams`]), in the same rounds: Steer's demo on a
+//! `udp://` listener under `kernel` (plain `SO_REUSEPORT`), `round-robin` and `hash`, and
+//! on one socket in one process; datagrams per second, server CPU per datagram, and flows
+//! across a roll; on a `quic://` listener, handshakes and requests per second under
+//! round-robin against one quinn process on one socket.
 
 mod chart;
+pub mod datagrams;
 pub mod footprint;
 pub mod scenario;
 pub mod subject;
@@ -55,6 +60,8 @@ pub struct SuiteConfig {
     pub node_comparison: bool,
     /// `quick` or `full`, for the report.
     pub mode: String,
+    /// Whether the UDP and QUIC subjects run ([`datagrams`]).
+    pub datagrams: bool,
     /// The subjects, in the order each round runs them ([`Self::default_subjects`]).
     pub subjects: Vec<Subject>,
 }
@@ -83,10 +90,21 @@ impl SuiteConfig {
             },
             node_comparison: peers,
             mode: if quick { "quick" } else { "full" }.into(),
+            datagrams: true,
             subjects: Vec::new(),
         };
         config.subjects = config.default_subjects();
         config
+    }
+
+    /// The lengths of the UDP and QUIC runs: each throughput run as long as the TCP
+    /// ones, the roll's run long enough for the replaced workers' hold of their flows to
+    /// end within it.
+    pub fn datagram_lengths(&self) -> datagrams::DatagramLengths {
+        datagrams::DatagramLengths {
+            throughput: self.throughput_length,
+            roll: self.roll_length.max(Duration::from_secs(3)),
+        }
     }
 
     fn length(&self, scenario: Scenario) -> Duration {
@@ -133,6 +151,9 @@ impl SuiteConfig {
         if self.programs.nginx.is_some() {
             subjects.push(Subject::Nginx);
         }
+        if self.datagrams {
+            subjects.extend(datagrams::subjects());
+        }
         subjects
     }
 }
@@ -146,6 +167,9 @@ pub struct Sample {
     pub subject: String,
     /// One per scenario that applies to it.
     pub measurements: Vec<Measurement>,
+    /// The UDP and QUIC subjects' measurements.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub datagrams: Vec<datagrams::DatagramMeasurement>,
 }
 
 /// Everything the run produced; `report.json` is this.
@@ -189,7 +213,16 @@ pub fn run(config: &SuiteConfig) -> Result<PathBuf, String> {
         }
     }
     let setup = summary::Setup::describe(config, &names);
-    let summary = summary::Summary::of(&samples, &names, config.workers);
+    let tcp: Vec<String> = subjects
+        .iter()
+        .filter(|s| !s.is_datagram())
+        .map(Subject::name)
+        .collect();
+    let mut summary = summary::Summary::of(&samples, &tcp, config.workers);
+    summary.datagrams = datagrams::DatagramSummary::of(&samples, subjects, config.workers);
+    if subjects.iter().any(Subject::is_datagram) {
+        summary.targets.extend(summary.datagrams.targets());
+    }
     let run = Run {
         setup,
         samples,
@@ -214,6 +247,21 @@ pub fn run(config: &SuiteConfig) -> Result<PathBuf, String> {
 /// Starts `subject`, runs its scenarios, stops it. Prints one line of progress.
 fn run_subject(config: &SuiteConfig, subject: &Subject, round: usize) -> Result<Sample, String> {
     let server = Server::start(subject, config.workers, &config.programs)?;
+    if subject.is_datagram() {
+        let measurements = datagrams::run_subject(subject, &server, config.datagram_lengths())
+            .map_err(|e| format!("{}: {e}", subject.name()))?;
+        for m in &measurements {
+            eprint!(" {}", m.progress());
+        }
+        eprintln!();
+        server.stop();
+        return Ok(Sample {
+            round,
+            subject: subject.name(),
+            measurements: Vec::new(),
+            datagrams: measurements,
+        });
+    }
     // A short warm-up, not recorded: page faults, first connections, CPU frequency.
     let mut warm = crate::load::LoadSpec::new(
         server.addr,
@@ -236,6 +284,7 @@ fn run_subject(config: &SuiteConfig, subject: &Subject, round: usize) -> Result<
         round,
         subject: subject.name(),
         measurements,
+        datagrams: Vec::new(),
     })
 }
 

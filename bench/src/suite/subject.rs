@@ -62,10 +62,38 @@ pub enum Subject {
     /// The Node app under PM2 in cluster mode (`pm2-runtime`, which forks through Node's
     /// cluster module, `SCHED_RR`).
     Pm2,
+    /// Steer's demo on a `udp://` listener (besides a TCP one, unused), through the UDP
+    /// scenarios.
+    SteerUdp {
+        /// The `--balance` value.
+        policy: String,
+        /// One worker on one socket (`--workers 1 --balance kernel`): one process's
+        /// figures, the reference without any balancing.
+        single: bool,
+    },
+    /// Steer's demo serving HTTP/3 on a `quic://` listener (besides a TCP one, unused),
+    /// through the QUIC scenarios.
+    SteerQuic {
+        /// The `--balance` value.
+        policy: String,
+        /// One worker on one socket (`--workers 1 --balance kernel`): a single quinn
+        /// process running the same HTTP/3 code, no program.
+        single: bool,
+    },
 }
 
 /// The PM2 release the bench installs from npm.
 pub const PM2_VERSION: &str = "7.0.4";
+
+/// The UDP subject of one process on one socket.
+pub const ONE_SOCKET_UDP: &str = "udp-one-socket";
+
+/// The QUIC subject of one process on one socket.
+pub const ONE_SOCKET_QUIC: &str = "quic-one-socket";
+
+/// The UDP subjects' `--shutdown-timeout`: a replaced worker keeps its busy flows for four
+/// fifths of it (1.6 s), short enough for the roll's run to see them move forward.
+const DATAGRAM_SHUTDOWN_TIMEOUT: &str = "2s";
 
 /// The Steer subject of the Node comparison, round-robin.
 pub const STEER_NODE: &str = "steer-node";
@@ -83,6 +111,8 @@ impl Subject {
             Subject::SteerNode { .. } | Subject::Pm2 => vec![KeepAlive, Connect, Stall, Reload],
             Subject::Node { .. } if node_comparison => vec![KeepAlive, Connect, Stall, Reload],
             Subject::Node { .. } | Subject::Nginx => vec![KeepAlive, Connect],
+            // Their own scenarios: `super::datagrams`.
+            Subject::SteerUdp { .. } | Subject::SteerQuic { .. } => Vec::new(),
         }
     }
 
@@ -112,12 +142,35 @@ impl Subject {
             Subject::SteerNode { policy } if policy == "round-robin" => STEER_NODE.into(),
             Subject::SteerNode { policy } => format!("{STEER_NODE}-{policy}"),
             Subject::Pm2 => "pm2".into(),
+            Subject::SteerUdp { single: true, .. } => ONE_SOCKET_UDP.into(),
+            Subject::SteerUdp { policy, .. } => format!("udp-{policy}"),
+            Subject::SteerQuic { single: true, .. } => ONE_SOCKET_QUIC.into(),
+            Subject::SteerQuic { policy, .. } => format!("quic-{policy}"),
+        }
+    }
+
+    /// Whether this subject runs the UDP or QUIC scenarios (`super::datagrams`).
+    pub fn is_datagram(&self) -> bool {
+        matches!(self, Subject::SteerUdp { .. } | Subject::SteerQuic { .. })
+    }
+
+    /// How many workers it runs when the suite asks for `workers`.
+    pub fn workers(&self, workers: usize) -> usize {
+        match self {
+            Subject::SteerUdp { single: true, .. } | Subject::SteerQuic { single: true, .. } => 1,
+            _ => workers,
         }
     }
 
     /// Whether Steer runs it (its `/status` tells when every worker is ready).
     pub fn is_steer(&self) -> bool {
-        matches!(self, Subject::Steer { .. } | Subject::SteerNode { .. })
+        matches!(
+            self,
+            Subject::Steer { .. }
+                | Subject::SteerNode { .. }
+                | Subject::SteerUdp { .. }
+                | Subject::SteerQuic { .. }
+        )
     }
 }
 
@@ -203,6 +256,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// Steer's `/status` address.
     pub status: Option<SocketAddr>,
+    /// The `udp://` or `quic://` listener's address, for the UDP and QUIC subjects.
+    pub datagram_addr: Option<SocketAddr>,
     child: Child,
     workers: usize,
     /// PM2: `node`, the package, and the private `PM2_HOME`, for `pm2 reload`.
@@ -217,8 +272,10 @@ impl Server {
     /// serves (Steer: every slot `ready` in `/status`; peers: a `GET /` answered by each
     /// worker, or at least answered).
     pub fn start(subject: &Subject, workers: usize, programs: &Programs) -> Result<Server, String> {
+        let workers = subject.workers(workers);
         let addr = free_addr()?;
         let mut status = None;
+        let mut datagram_addr = None;
         let mut pm2 = None;
         let log = programs
             .scratch
@@ -259,6 +316,35 @@ impl Server {
                         "1000000",
                     ]);
                 }
+                command
+            }
+            Subject::SteerUdp { policy, single } | Subject::SteerQuic { policy, single } => {
+                let status_addr = free_addr()?;
+                status = Some(status_addr);
+                let udp = free_udp_addr()?;
+                datagram_addr = Some(udp);
+                let scheme = if matches!(subject, Subject::SteerUdp { .. }) {
+                    "udp"
+                } else {
+                    "quic"
+                };
+                let mut command = Command::new(&programs.steer);
+                command.args([
+                    "run",
+                    "--workers",
+                    &workers.to_string(),
+                    "--balance",
+                    if *single { "kernel" } else { policy },
+                    "--listen",
+                    &addr.to_string(),
+                    "--listen",
+                    &format!("{scheme}://{udp}"),
+                    "--status",
+                    &status_addr.to_string(),
+                    "--shutdown-timeout",
+                    DATAGRAM_SHUTDOWN_TIMEOUT,
+                    "-q",
+                ]);
                 command
             }
             Subject::Node { sched } => {
@@ -362,6 +448,7 @@ impl Server {
             subject: subject.clone(),
             addr,
             status,
+            datagram_addr,
             child,
             workers,
             pm2,
@@ -552,6 +639,13 @@ fn free_addr() -> Result<SocketAddr, String> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| format!("finding a free port: {e}"))
+}
+
+/// A free UDP port on 127.0.0.1 (bound and released).
+fn free_udp_addr() -> Result<SocketAddr, String> {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map_err(|e| format!("finding a free UDP port: {e}"))
 }
 
 /// A one-shot blocking `GET` with `Connection: close`: status and body.

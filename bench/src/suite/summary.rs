@@ -32,6 +32,10 @@ pub struct Setup {
     pub stall_s: f64,
     /// Seconds of the rolling-restart run.
     pub roll_s: f64,
+    /// Seconds of each UDP and QUIC throughput run.
+    pub datagram_s: f64,
+    /// Seconds of the UDP flows' rolling-restart run.
+    pub datagram_roll_s: f64,
     /// The subjects, in round order.
     pub subjects: Vec<String>,
 }
@@ -56,6 +60,8 @@ impl Setup {
             throughput_s: config.throughput_length.as_secs_f64(),
             stall_s: config.stall_length.as_secs_f64(),
             roll_s: config.roll_length.as_secs_f64(),
+            datagram_s: config.datagram_lengths().throughput.as_secs_f64(),
+            datagram_roll_s: config.datagram_lengths().roll.as_secs_f64(),
             subjects: subjects.to_vec(),
         }
     }
@@ -257,6 +263,8 @@ pub struct Summary {
     pub subjects: Vec<SubjectSummary>,
     /// The targets.
     pub targets: Vec<Target>,
+    /// The UDP and QUIC subjects' figures.
+    pub datagrams: super::datagrams::DatagramSummary,
 }
 
 /// The subject CPU costs are compared with: the userspace balancer.
@@ -281,7 +289,11 @@ impl Summary {
             .map(|name| summarize(name, samples, workers))
             .collect();
         let targets = targets(&subjects, workers);
-        Summary { subjects, targets }
+        Summary {
+            subjects,
+            targets,
+            datagrams: super::datagrams::DatagramSummary::default(),
+        }
     }
 
     /// The figures of `name`.
@@ -711,7 +723,11 @@ fn show_x(stat: Option<Stat>) -> String {
 }
 
 /// Appends a markdown table: a header row, then one row per item of `rows`.
-fn table(out: &mut String, header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) {
+pub(super) fn table(
+    out: &mut String,
+    header: &[&str],
+    rows: impl IntoIterator<Item = Vec<String>>,
+) {
     let _ = writeln!(out, "| {} |", header.join(" | "));
     let _ = writeln!(out, "|{}", "---|".repeat(header.len()));
     for row in rows {
@@ -907,6 +923,12 @@ pub fn markdown(run: &Run) -> String {
         }),
     );
     node_section(&mut out, run);
+    super::datagrams::markdown(
+        &mut out,
+        &run.summary.datagrams,
+        s.workers,
+        s.datagram_roll_s,
+    );
     let _ = writeln!(out, "## Targets\n");
     table(
         &mut out,
@@ -1062,10 +1084,6 @@ fn node_section(out: &mut String, run: &Run) {
             ])
         }),
     );
-    let _ = writeln!(
-        out,
-        "UDP and QUIC (issue 24) get sections of their own here once Steer serves them.\n"
-    );
 }
 
 /// The new-connection lanes of the load, as the report writes them.
@@ -1118,6 +1136,7 @@ mod tests {
             round,
             subject: subject.into(),
             measurements,
+            datagrams: Vec::new(),
         }
     }
 
