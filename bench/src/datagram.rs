@@ -38,7 +38,7 @@ use mio::{Events, Interest, Poll, Token};
 use serde::Serialize;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use crate::load::Latency;
+use crate::load::{Latency, per_second};
 
 /// No run lasts longer than this, whatever it was asked.
 pub const MAX_DURATION: Duration = Duration::from_secs(600);
@@ -255,20 +255,8 @@ impl UdpReport {
     fn finish(&mut self, elapsed: Duration) {
         self.elapsed_s = elapsed.as_secs_f64();
         self.lost = self.sent.saturating_sub(self.answered);
-        self.rate = if self.elapsed_s > 0.0 {
-            self.answered as f64 / self.elapsed_s
-        } else {
-            0.0
-        };
-        let h = &self.histogram;
-        self.latency = Latency {
-            p50_us: h.value_at_quantile(0.50),
-            p90_us: h.value_at_quantile(0.90),
-            p99_us: h.value_at_quantile(0.99),
-            p999_us: h.value_at_quantile(0.999),
-            max_us: h.max(),
-            mean_us: h.mean(),
-        };
+        self.rate = per_second(self.answered, self.elapsed_s);
+        self.latency = Latency::of(&self.histogram);
     }
 
     /// Busiest slot's answers over the idlest's, over `workers` slots.

@@ -28,7 +28,7 @@ use hdrhistogram::Histogram;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use serde::Serialize;
 
-use crate::load::Latency;
+use crate::load::{Latency, per_second};
 
 /// No run lasts longer than this, whatever it was asked.
 pub const MAX_DURATION: Duration = Duration::from_secs(600);
@@ -150,20 +150,8 @@ impl QuicReport {
 
     fn finish(&mut self, elapsed: Duration) {
         self.elapsed_s = elapsed.as_secs_f64();
-        self.rate = if self.elapsed_s > 0.0 {
-            self.ok as f64 / self.elapsed_s
-        } else {
-            0.0
-        };
-        let h = &self.histogram;
-        self.latency = Latency {
-            p50_us: h.value_at_quantile(0.50),
-            p90_us: h.value_at_quantile(0.90),
-            p99_us: h.value_at_quantile(0.99),
-            p999_us: h.value_at_quantile(0.999),
-            max_us: h.max(),
-            mean_us: h.mean(),
-        };
+        self.rate = per_second(self.ok, self.elapsed_s);
+        self.latency = Latency::of(&self.histogram);
     }
 }
 
@@ -412,7 +400,11 @@ fn client_config() -> Result<quinn::ClientConfig, String> {
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| format!("TLS: {e}"))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCertificate { provider }))
+        .with_custom_certificate_verifier(Arc::new(Verifier {
+            expect: None,
+            check_signatures: false,
+            provider,
+        }))
         .with_no_client_auth();
     tls.alpn_protocols = vec![b"h3".to_vec()];
     tls.resumption = rustls::client::Resumption::disabled();
@@ -421,48 +413,79 @@ fn client_config() -> Result<quinn::ClientConfig, String> {
     Ok(quinn::ClientConfig::new(Arc::new(crypto)))
 }
 
+/// rustls's ring provider: the one the demo serves with (no cmake, no C toolchain beyond
+/// cc); the bench and the tests need no post-quantum exchange.
 #[expect(
     deprecated,
     reason = "ring, as the server: no cmake, and the bench needs no post-quantum exchange"
 )]
-fn ring_provider() -> rustls::crypto::CryptoProvider {
+pub fn ring_provider() -> rustls::crypto::CryptoProvider {
     rustls::crypto::ring::default_provider()
 }
 
-/// Takes any certificate and any signature: the bench measures the server.
+/// A client's certificate check for the demo's self-signed certificates: takes `expect`
+/// only (any certificate if `None`), and checks the handshake's signatures if
+/// `check_signatures`. The bench checks none (it measures the server, and the check would
+/// cost the shared CPUs as much as the server's signing); the tests check them.
 #[derive(Debug)]
-struct AnyCertificate {
-    provider: Arc<rustls::crypto::CryptoProvider>,
+pub struct Verifier {
+    /// The certificate the server must present; any if `None`.
+    pub expect: Option<CertificateDer<'static>>,
+    /// Whether the handshake's signatures are checked.
+    pub check_signatures: bool,
+    /// The provider whose algorithms check them.
+    pub provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
-impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+impl rustls::client::danger::ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
+        end_entity: &CertificateDer<'_>,
         _intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
+        match &self.expect {
+            Some(expect) if expect.as_ref() != end_entity.as_ref() => Err(rustls::Error::General(
+                "not the expected certificate".into(),
+            )),
+            _ => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+        }
     }
 
     fn verify_tls12_signature(
         &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &rustls::DigitallySignedStruct,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        if !self.check_signatures {
+            return Ok(rustls::client::danger::HandshakeSignatureValid::assertion());
+        }
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
         &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &rustls::DigitallySignedStruct,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        if !self.check_signatures {
+            return Ok(rustls::client::danger::HandshakeSignatureValid::assertion());
+        }
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {

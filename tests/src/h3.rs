@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::CertificateDer;
 
 /// The answer to one request.
 #[derive(Debug, Clone)]
@@ -96,13 +96,14 @@ impl H3Connection {
             .enable_all()
             .build()
             .map_err(|e| format!("runtime: {e}"))?;
-        let provider = Arc::new(ring_provider());
+        let provider = Arc::new(steer_bench::quic::ring_provider());
         let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| format!("TLS: {e}"))?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Verifier {
+            .with_custom_certificate_verifier(Arc::new(steer_bench::quic::Verifier {
                 expect: options.expect.clone(),
+                check_signatures: true,
                 provider,
             }))
             .with_no_client_auth();
@@ -246,72 +247,5 @@ impl H3Connection {
         self.runtime.block_on(async {
             let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
         });
-    }
-}
-
-#[expect(
-    deprecated,
-    reason = "ring, as the server: no cmake, and the tests need no post-quantum exchange"
-)]
-fn ring_provider() -> rustls::crypto::CryptoProvider {
-    rustls::crypto::ring::default_provider()
-}
-
-/// Takes the expected certificate, or any; checks the handshake's signatures either way.
-#[derive(Debug)]
-struct Verifier {
-    expect: Option<CertificateDer<'static>>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl rustls::client::danger::ServerCertVerifier for Verifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        match &self.expect {
-            Some(expect) if expect.as_ref() != end_entity.as_ref() => Err(rustls::Error::General(
-                "not the expected certificate".into(),
-            )),
-            _ => Ok(rustls::client::danger::ServerCertVerified::assertion()),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }

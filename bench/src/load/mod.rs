@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-pub use report::{ErrorKind, Errors, Fairness, Latency, LoadReport, fairness_of};
+pub use report::{ErrorKind, Errors, Fairness, Latency, LoadReport, fairness_of, per_second};
 
 /// No run lasts longer than this, whatever it was asked.
 pub const MAX_DURATION: Duration = Duration::from_secs(600);

@@ -100,6 +100,29 @@ pub struct Latency {
     pub mean_us: f64,
 }
 
+impl Latency {
+    /// The percentiles of `histogram` (microseconds).
+    pub fn of(histogram: &Histogram<u64>) -> Latency {
+        Latency {
+            p50_us: histogram.value_at_quantile(0.50),
+            p90_us: histogram.value_at_quantile(0.90),
+            p99_us: histogram.value_at_quantile(0.99),
+            p999_us: histogram.value_at_quantile(0.999),
+            max_us: histogram.max(),
+            mean_us: histogram.mean(),
+        }
+    }
+}
+
+/// `count` over `seconds`, or 0 for a run of no length.
+pub fn per_second(count: u64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        count as f64 / seconds
+    } else {
+        0.0
+    }
+}
+
 /// How evenly requests spread over the workers.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Fairness {
@@ -212,20 +235,8 @@ impl LoadReport {
     /// Sets the run's length and derives the rate and percentiles.
     pub fn finish(&mut self, elapsed: Duration) {
         self.elapsed_s = elapsed.as_secs_f64();
-        self.rate = if self.elapsed_s > 0.0 {
-            self.ok as f64 / self.elapsed_s
-        } else {
-            0.0
-        };
-        let h = &self.histogram;
-        self.latency = Latency {
-            p50_us: h.value_at_quantile(0.50),
-            p90_us: h.value_at_quantile(0.90),
-            p99_us: h.value_at_quantile(0.99),
-            p999_us: h.value_at_quantile(0.999),
-            max_us: h.max(),
-            mean_us: h.mean(),
-        };
+        self.rate = per_second(self.ok, self.elapsed_s);
+        self.latency = Latency::of(&self.histogram);
     }
 
     /// The latency histogram (microseconds), e.g. to merge runs.
