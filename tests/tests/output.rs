@@ -326,7 +326,17 @@ fn journal_output_sends_each_line_with_its_fields() {
     let dir = steer_tests::TempFile::new("d", "");
     std::fs::create_dir_all(dir.path().with_extension("j")).expect("dir");
     let path = dir.path().with_extension("j").join("socket");
-    let journal = UnixDatagram::bind(&path).expect("bind the journal's stand-in");
+    // A datagram socket's queue is bounded in datagrams when it is made
+    // (`net.unix.max_dgram_qlen`): the kernel's default is 10, systemd hosts set 512 for
+    // journald. With 10, the 1 MiB line's 64 pieces overflow it while this test parses, and
+    // the primary drops (and counts) whole lines, by design. The stand-in gets journald's
+    // 512; the sysctl is put back at once (a socket keeps what it was made with).
+    const QLEN: &str = "/proc/sys/net/unix/max_dgram_qlen";
+    let qlen = std::fs::read_to_string(QLEN).expect("read max_dgram_qlen");
+    std::fs::write(QLEN, "512").expect("raise max_dgram_qlen (root)");
+    let journal = UnixDatagram::bind(&path);
+    std::fs::write(QLEN, qlen.trim()).expect("restore max_dgram_qlen");
+    let journal = journal.expect("bind the journal's stand-in");
     // journald's own receive buffer is 8 MiB: a 1 MiB line's pieces fit while this test
     // is busy parsing (a smaller one drops, and counts, what it cannot take).
     nix::sys::socket::setsockopt(&journal, nix::sys::socket::sockopt::RcvBufForce, &(8 << 20))
