@@ -195,6 +195,11 @@ pub struct RunArgs {
     /// (queued connections, no accept for 0.5 ms). Experimental: off by default.
     #[arg(long)]
     pub avoid_stalls: bool,
+    /// Receive queue of every worker's UDP and QUIC socket, past `net.core.rmem_max` when
+    /// the primary has CAP_NET_ADMIN: what a worker that stops reading for a moment can
+    /// hold before datagrams are dropped [default: 4MiB].
+    #[arg(long, value_name = "SIZE")]
+    pub udp_receive_buffer: Option<ByteSize>,
     /// External worker program; gets its listening socket as fd 3 (LISTEN_FDS=1).
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -264,6 +269,7 @@ impl RunArgs {
             udp_flow_timeout: self.udp_flow_timeout.map(Parsed),
             udp_flow_table: self.udp_flow_table,
             avoid_stalls: self.avoid_stalls.then_some(true),
+            udp_receive_buffer: self.udp_receive_buffer.map(Parsed),
             origin: Default::default(),
         }
     }

@@ -144,6 +144,9 @@ pub(crate) struct Config {
     pub udp_flows: UdpFlows,
     /// Every eBPF policy steers around stalled workers (`avoid-stalls`).
     pub avoid_stalls: bool,
+    /// Bytes of receive queue asked for on every worker's UDP and QUIC socket
+    /// (`udp-receive-buffer`; see [`crate::listener::set_receive_buffer`]).
+    pub udp_receive_buffer: u64,
     /// The file this came from, for SIGHUP reloads.
     pub config_file: Option<PathBuf>,
     /// What the command line (or the library builder) set. A SIGHUP reload lays these
@@ -186,6 +189,7 @@ impl Default for Config {
             client_limits: ClientLimits::default(),
             udp_flows: UdpFlows::default(),
             avoid_stalls: false,
+            udp_receive_buffer: listeners::DEFAULT_UDP_RECEIVE_BUFFER,
             config_file: None,
             overrides: Settings::default(),
         }
@@ -290,6 +294,10 @@ impl Config {
             lines.extend([
                 ("udp-flow-timeout", d(self.udp_flows.timeout)),
                 ("udp-flow-table", self.udp_flows.table_size.to_string()),
+                (
+                    "udp-receive-buffer",
+                    format!("\"{}\"", format_size(self.udp_receive_buffer)),
+                ),
             ]);
         }
         let mut out = String::new();

@@ -59,9 +59,15 @@ pub fn reserve(addr: SocketAddr) -> io::Result<Socket> {
 /// Creates a `SOCK_DGRAM | SOCK_CLOEXEC` socket with `SO_REUSEPORT` and binds it to `addr`
 /// (`socket`, `setsockopt`, `bind`): a UDP listener's socket. Not `SO_REUSEADDR`: on UDP it
 /// lets a socket of any user bind the same address beside it.
-pub fn bind_udp_reuseport(addr: SocketAddr) -> io::Result<Socket> {
+///
+/// `receive_buffer` bytes, when not zero, are asked for with [`set_receive_buffer`] before
+/// the bind, so no datagram ever meets the kernel's small default queue.
+pub fn bind_udp_reuseport(addr: SocketAddr, receive_buffer: u64) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_reuse_port(true)?;
+    if receive_buffer > 0 {
+        set_receive_buffer(&socket, receive_buffer)?;
+    }
     if addr.is_ipv6() {
         socket.set_only_v6(false)?;
     }
@@ -69,11 +75,49 @@ pub fn bind_udp_reuseport(addr: SocketAddr) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// Asks the kernel for a receive queue of `bytes` on `socket`: `SO_RCVBUFFORCE`, which a
+/// primary with `CAP_NET_ADMIN` may set past `net.core.rmem_max`, else `SO_RCVBUF`, which the
+/// kernel silently caps at `rmem_max`. Returns the queue the kernel granted, as
+/// `SO_RCVBUF` reads it back (twice the bytes asked for: the kernel counts its own
+/// bookkeeping in it).
+///
+/// A UDP socket has no accept queue to spread a burst over: the kernel's default queue
+/// (`rmem_default`, 208 KiB: about 256 small datagrams) overflows in well under a second
+/// of a worker not reading, and every datagram past it is dropped (`RcvbufErrors`).
+pub fn set_receive_buffer(socket: &Socket, bytes: u64) -> io::Result<usize> {
+    // The kernel takes an int and doubles it.
+    let asked = usize::try_from(bytes.min(i32::MAX as u64 / 2)).unwrap_or(usize::MAX);
+    let forced =
+        nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::RcvBufForce, &asked);
+    if forced.is_err() {
+        socket.set_recv_buffer_size(asked)?;
+    }
+    socket.recv_buffer_size()
+}
+
+/// Tells the operator, once, when the kernel grants a UDP socket less receive queue than
+/// `udp-receive-buffer` asks for: a primary without `CAP_NET_ADMIN` is held to
+/// `net.core.rmem_max`.
+pub fn warn_if_receive_buffer_capped(bytes: u64) {
+    let granted = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
+        .and_then(|probe| set_receive_buffer(&probe, bytes));
+    match granted {
+        Ok(granted) if (granted as u64) < 2 * bytes => tracing::warn!(
+            "udp-receive-buffer: the kernel grants each UDP socket {} of receive queue, not \
+             the {} asked for: without CAP_NET_ADMIN, net.core.rmem_max caps it",
+            crate::config::format_size(granted as u64 / 2),
+            crate::config::format_size(bytes)
+        ),
+        Ok(_) => {}
+        Err(err) => tracing::warn!("udp-receive-buffer: cannot set it: {err}"),
+    }
+}
+
 /// A worker's socket for `listener`: listening TCP ([`bind_reuseport`]) or bound UDP
-/// ([`bind_udp_reuseport`]).
-pub fn bind_for(listener: &crate::config::Listener) -> io::Result<Socket> {
+/// ([`bind_udp_reuseport`], with a receive queue of `udp_receive_buffer` bytes).
+pub fn bind_for(listener: &crate::config::Listener, udp_receive_buffer: u64) -> io::Result<Socket> {
     if listener.protocol.is_datagram() {
-        bind_udp_reuseport(listener.addr)
+        bind_udp_reuseport(listener.addr, udp_receive_buffer)
     } else {
         bind_reuseport(listener.addr, true)
     }
@@ -83,7 +127,8 @@ pub fn bind_for(listener: &crate::config::Listener) -> io::Result<Socket> {
 /// `SO_REUSEPORT` alone, which is in the group: see the primary's use of it).
 pub fn reserve_for(listener: &crate::config::Listener) -> io::Result<Socket> {
     if listener.protocol.is_datagram() {
-        bind_udp_reuseport(listener.addr)
+        // Never picked: no datagram waits on it.
+        bind_udp_reuseport(listener.addr, 0)
     } else {
         reserve(listener.addr)
     }
@@ -228,8 +273,24 @@ mod tests {
     }
 
     #[test]
+    fn a_udp_socket_gets_the_receive_queue_asked_for() {
+        let default = bind_udp_reuseport("127.0.0.1:0".parse().expect("addr"), 0).expect("bind");
+        let kernel = default.recv_buffer_size().expect("SO_RCVBUF");
+        let asked = 4 << 20;
+        let socket = bind_udp_reuseport("127.0.0.1:0".parse().expect("addr"), asked).expect("bind");
+        let granted = socket.recv_buffer_size().expect("SO_RCVBUF");
+        // Root (the tests run as root) gets it whatever `rmem_max` says: doubled.
+        assert_eq!(
+            granted as u64,
+            2 * asked,
+            "the kernel's default was {kernel}"
+        );
+        assert!(granted > kernel);
+    }
+
+    #[test]
     fn a_connected_udp_socket_is_refused() {
-        let socket = bind_udp_reuseport("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let socket = bind_udp_reuseport("127.0.0.1:0".parse().expect("addr"), 0).expect("bind");
         let addr = socket.local_addr().expect("addr").as_socket().expect("ip");
         let listener: crate::config::Listener =
             format!("dns=udp://{addr}").parse().expect("listener");

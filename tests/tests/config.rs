@@ -29,6 +29,34 @@ fn steer_check_accepts_a_good_file_and_prints_the_effective_settings() {
 }
 
 #[test]
+fn steer_check_shows_the_udp_receive_buffer_of_a_cluster_with_a_udp_listener() {
+    let out = run_steer(&["check", "--listen", "udp://127.0.0.1:9"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(
+        out.stdout.contains("udp-receive-buffer = \"4MiB\""),
+        "the default is shown\n{out}"
+    );
+    let out = run_steer(&[
+        "check",
+        "--listen",
+        "udp://127.0.0.1:9",
+        "--udp-receive-buffer",
+        "16M",
+    ]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(
+        out.stdout.contains("udp-receive-buffer = \"16MiB\""),
+        "{out}"
+    );
+    let out = run_steer(&["check", "--udp-receive-buffer", "1KiB"]);
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(
+        out.stderr.contains("udp-receive-buffer") && out.stderr.contains("64KiB"),
+        "{out}"
+    );
+}
+
+#[test]
 fn steer_check_refuses_bad_files_naming_the_key_the_line_and_what_is_allowed() {
     for (text, needles) in [
         (
@@ -53,6 +81,14 @@ fn steer_check_refuses_bad_files_naming_the_key_the_line_and_what_is_allowed() {
         (
             "worker-nofile = 99999999\n",
             &["`worker-nofile` at line 1", "from 16 to 1048576"],
+        ),
+        (
+            "listen = \"udp://127.0.0.1:9\"\nudp-receive-buffer = \"32KiB\"\n",
+            &["`udp-receive-buffer` at line 2", "from 64KiB to 1GiB"],
+        ),
+        (
+            "udp-receive-buffer = \"2GiB\"\n",
+            &["`udp-receive-buffer` at line 1", "from 64KiB to 1GiB"],
         ),
         (
             "balance = \"fastest\"\n",

@@ -358,9 +358,12 @@ fn phantom_syns_stop_counting_as_load_within_one_interval() {
         "least-loaded: {phantom} phantom SYNs steered to slot 0 while slot 1 was away; one \
          interval later, 200 new connections went {per_slot:?}"
     );
+    // Still counted, the phantoms would leave slot 0 nothing (5,000 queued against 0).
+    // Least-loaded itself is not exact: it follows load records the workers write when
+    // they get the CPU, and on a busy CI machine it went [77, 123]. So: a quarter each.
     assert!(
-        per_slot.iter().all(|&n| n >= 80),
-        "each of 2 slots gets its fair share (at least 80 of 200) again: {per_slot:?}"
+        per_slot.iter().all(|&n| n >= 50),
+        "each of 2 slots gets a share (at least 50 of 200) again: {per_slot:?}"
     );
 }
 

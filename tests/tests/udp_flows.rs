@@ -521,3 +521,96 @@ fn a_primary_upgrade_moves_no_active_flow_and_loses_nothing() {
         records.iter().map(|r| r.sent).sum::<u64>()
     );
 }
+
+/// Datagrams sent to a paused worker in [`datagrams_through_a_pause`].
+const SENT_IN_PAUSE: u64 = 1500;
+
+/// A one-worker cluster (the demo, or `program`) with `extra` options; the worker is
+/// stopped (SIGSTOP: a GC pause, a blocking call) while [`SENT_IN_PAUSE`] datagrams of one
+/// flow are sent to it, then continued. Returns how many of them were answered.
+fn datagrams_through_a_pause(program: &[&str], extra: &[&str]) -> u64 {
+    let mut options = vec!["--balance", "round-robin"];
+    options.extend_from_slice(extra);
+    let (cluster, udp) = start_program(1, &options, program);
+    let pid = status::worker(&cluster.status(), 0)
+        .pid
+        .expect("slot 0 runs");
+    let client = UdpSocket::bind("127.0.0.1:0").expect("client socket");
+    // The answers come in one burst once the worker reads again: room for all of them.
+    socket2::SockRef::from(&client)
+        .set_recv_buffer_size(4 << 20)
+        .expect("SO_RCVBUF");
+    client
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let mut buffer = [0u8; 512];
+    client.send_to(b"pause/first", udp).expect("send");
+    client.recv_from(&mut buffer).expect("the worker reads");
+    let worker = nix::unistd::Pid::from_raw(pid as i32);
+    nix::sys::signal::kill(worker, Signal::SIGSTOP).expect("stop the worker");
+    for seq in 0..SENT_IN_PAUSE {
+        client
+            .send_to(format!("pause/{seq}").as_bytes(), udp)
+            .expect("send");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(worker, Signal::SIGCONT).expect("continue the worker");
+    let mut answered = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (answered.len() as u64) < SENT_IN_PAUSE && Instant::now() < deadline {
+        let Ok((len, _)) = client.recv_from(&mut buffer) else {
+            break;
+        };
+        answered.insert(parse(std::str::from_utf8(&buffer[..len]).expect("ASCII")).seq);
+    }
+    answered.len() as u64
+}
+
+#[test]
+fn a_paused_demo_worker_answers_every_datagram_sent_while_it_was_stopped() {
+    let answered = datagrams_through_a_pause(&[], &[]);
+    println!("demo: {answered} of {SENT_IN_PAUSE} datagrams sent during a pause answered");
+    assert_eq!(
+        answered, SENT_IN_PAUSE,
+        "every datagram waited in the queue"
+    );
+}
+
+#[test]
+fn a_paused_node_worker_answers_every_datagram_sent_while_it_was_stopped() {
+    let (node, script) = fixture("node", "node_udp_worker.mjs");
+    let answered = datagrams_through_a_pause(&[node, &script], &[]);
+    println!("node: {answered} of {SENT_IN_PAUSE} datagrams sent during a pause answered");
+    assert_eq!(
+        answered, SENT_IN_PAUSE,
+        "every datagram waited in the queue"
+    );
+}
+
+#[test]
+fn a_paused_python_worker_answers_every_datagram_sent_while_it_was_stopped() {
+    let (python, script) = fixture("python3", "python_udp_worker.py");
+    let answered = datagrams_through_a_pause(&[python, &script], &[]);
+    println!("python: {answered} of {SENT_IN_PAUSE} datagrams sent during a pause answered");
+    assert_eq!(
+        answered, SENT_IN_PAUSE,
+        "every datagram waited in the queue"
+    );
+}
+
+/// The control: with the smallest queue allowed, the same pause loses datagrams, so the
+/// tests above hold because of `udp-receive-buffer`, for external workers as well.
+#[test]
+fn with_a_small_udp_receive_buffer_a_pause_loses_datagrams() {
+    let (node, script) = fixture("node", "node_udp_worker.mjs");
+    let answered = datagrams_through_a_pause(&[node, &script], &["--udp-receive-buffer", "64KiB"]);
+    let demo = datagrams_through_a_pause(&[], &["--udp-receive-buffer", "64KiB"]);
+    println!(
+        "udp-receive-buffer 64KiB: node {answered}, demo {demo} of {SENT_IN_PAUSE} datagrams \
+         sent during a pause answered"
+    );
+    assert!(
+        answered < SENT_IN_PAUSE / 2 && demo < SENT_IN_PAUSE / 2,
+        "a 128 KiB queue holds a few hundred datagrams: node {answered}, demo {demo}"
+    );
+}

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use super::listeners::UDP_RECEIVE_BUFFER_RANGE;
 use super::values::{
     Balance, ByteSize, MIN_HEALTH_INTERVAL, MIN_HEALTH_TIMEOUT, MIN_MAX_MEMORY,
     MIN_WORKER_MEMORY_LIMIT, WORKER_NOFILE_RANGE, format_size,
@@ -80,6 +81,19 @@ impl Settings {
                 format!(
                     "must be at least {}MiB: a worker cannot start in less",
                     MIN_WORKER_MEMORY_LIMIT >> 20
+                ),
+            ));
+        }
+        if let Some(Parsed(ByteSize(bytes))) = self.udp_receive_buffer
+            && !UDP_RECEIVE_BUFFER_RANGE.contains(&bytes)
+        {
+            return Err(self.invalid(
+                "udp-receive-buffer",
+                format_size(bytes),
+                format!(
+                    "expected a size from {} to {}",
+                    format_size(*UDP_RECEIVE_BUFFER_RANGE.start()),
+                    format_size(*UDP_RECEIVE_BUFFER_RANGE.end())
                 ),
             ));
         }
@@ -165,6 +179,9 @@ impl Settings {
             command: self.command.clone().filter(|c| !c.is_empty()),
             client_limits,
             avoid_stalls: self.avoid_stalls.unwrap_or(false),
+            udp_receive_buffer: self
+                .udp_receive_buffer
+                .map_or(d.udp_receive_buffer, |p| p.0.0),
             udp_flows: crate::config::UdpFlows {
                 timeout: self.udp_flow_timeout.map_or(d.udp_flows.timeout, |p| p.0),
                 table_size: self

@@ -148,6 +148,9 @@ pub struct Settings {
     /// `avoid-stalls`
     #[serde(default, deserialize_with = "fields::boolean")]
     pub avoid_stalls: Option<bool>,
+    /// `udp-receive-buffer`: a size such as "4MiB".
+    #[serde(default, deserialize_with = "fields::from_str")]
+    pub udp_receive_buffer: Option<Parsed<ByteSize>>,
     /// Where the file-given values came from (not a key).
     #[serde(skip)]
     pub origin: Origin,
@@ -247,6 +250,7 @@ impl Settings {
         "udp-flow-timeout",
         "udp-flow-table",
         "avoid-stalls",
+        "udp-receive-buffer",
     ];
 
     /// Reads and parses a TOML file. Unknown keys and bad values are errors that name the
@@ -315,6 +319,7 @@ impl Settings {
             "udp-flow-timeout" => self.udp_flow_timeout.is_some(),
             "udp-flow-table" => self.udp_flow_table.is_some(),
             "avoid-stalls" => self.avoid_stalls.is_some(),
+            "udp-receive-buffer" => self.udp_receive_buffer.is_some(),
             _ => false,
         }
     }
@@ -363,6 +368,7 @@ impl Settings {
             udp_flow_timeout: self.udp_flow_timeout.or(base.udp_flow_timeout),
             udp_flow_table: self.udp_flow_table.or(base.udp_flow_table),
             avoid_stalls: self.avoid_stalls.or(base.avoid_stalls),
+            udp_receive_buffer: self.udp_receive_buffer.or(base.udp_receive_buffer),
             origin,
         }
     }

@@ -649,7 +649,10 @@ impl Host {
                 for (index, group) in self.groups.iter().enumerate() {
                     let socket = match self.baseline.as_ref().and_then(|b| b.external_socket()) {
                         Some(shared) => shared?,
-                        None => OwnedFd::from(crate::listener::bind_for(&group.listener)?),
+                        None => OwnedFd::from(crate::listener::bind_for(
+                            &group.listener,
+                            self.config.udp_receive_buffer,
+                        )?),
                     };
                     copies.push(Some(socket.try_clone()?));
                     fds.push((socket, LISTEN_FD + index as i32));
@@ -703,6 +706,10 @@ impl Host {
                 let listed: Vec<String> =
                     self.groups.iter().map(|g| g.listener.to_string()).collect();
                 vars.push((env::LISTENERS.into(), listed.join("\n").into()));
+                vars.push((
+                    env::UDP_RECEIVE_BUFFER.into(),
+                    self.config.udp_receive_buffer.to_string().into(),
+                ));
                 if self.config.demo_faults {
                     vars.push((env::DEMO_FAULTS.into(), "1".into()));
                 }

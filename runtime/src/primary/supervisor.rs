@@ -114,6 +114,9 @@ impl Supervisor {
             }
             groups.push(group);
         }
+        if config.listeners.iter().any(|l| l.protocol.is_datagram()) {
+            crate::listener::warn_if_receive_buffer_capped(config.udp_receive_buffer);
+        }
         let kernel = groups
             .first()
             .is_some_and(|g| g.steering.policy() == Balance::Kernel);

@@ -8,6 +8,7 @@
 //! | `STEER_WORKER_ID` | unique per process over the primary's life, from 1 |
 //! | `STEER_IPC_FD` | fd number of the worker's end of the IPC socketpair |
 //! | `STEER_LISTENERS` | re-executed workers: the listeners to bind, one per line as `NAME=SCHEME://ADDR`, in order |
+//! | `STEER_UDP_RECEIVE_BUFFER` | re-executed workers: bytes of receive queue to ask for on each UDP and QUIC socket (`udp-receive-buffer`) |
 //! | `STEER_DEMO_FAULTS`, `STEER_DEMO_TIMEOUTS` | the demo app's fault routes (`1`) and client timeouts (`header=MS,idle=MS,body=MS,send=MS`) |
 //! | `STEER_LISTEN_FD` | `shared` baseline: fd number of the inherited shared listening socket, used instead of binding one |
 //! | `STEER_HANDOFF` | `userspace` baseline (`1`): no listener; connections arrive over IPC |
@@ -36,6 +37,8 @@ pub(crate) const ID: &str = "STEER_WORKER_ID";
 pub(crate) const IPC_FD: &str = "STEER_IPC_FD";
 /// The listeners to bind, one per line (`NAME=SCHEME://ADDR`).
 pub(crate) const LISTENERS: &str = "STEER_LISTENERS";
+/// Bytes of receive queue for each UDP and QUIC socket a re-executed worker binds.
+pub(crate) const UDP_RECEIVE_BUFFER: &str = "STEER_UDP_RECEIVE_BUFFER";
 /// Demo fault routes on (`1`).
 pub(crate) const DEMO_FAULTS: &str = "STEER_DEMO_FAULTS";
 /// `shared` baseline: the inherited listening socket's fd number.
@@ -63,6 +66,7 @@ pub(crate) const ALL: &[&str] = &[
     ID,
     IPC_FD,
     LISTENERS,
+    UDP_RECEIVE_BUFFER,
     DEMO_FAULTS,
     crate::demo::TIMEOUTS_ENV,
     crate::demo::ENV_TLS_CERT,
@@ -102,6 +106,9 @@ pub struct WorkerEnv {
     pub ipc_fd: RawFd,
     /// The listeners to bind, in order (never empty).
     pub listeners: Vec<Listener>,
+    /// Bytes of receive queue to ask for on each UDP socket; 0 (variable unset): the
+    /// kernel's default.
+    pub udp_receive_buffer: u64,
     /// Where connections come from.
     pub intake: Intake,
 }
@@ -149,6 +156,10 @@ impl WorkerEnv {
                 }
                 listeners
             },
+            udp_receive_buffer: match get(UDP_RECEIVE_BUFFER) {
+                Some(_) => field(&get, UDP_RECEIVE_BUFFER)?,
+                None => 0,
+            },
             intake: if get(HANDOFF).as_deref() == Some("1") {
                 Intake::HandOff
             } else if get(LISTEN_FD).is_some() {
@@ -189,6 +200,14 @@ mod tests {
             (2, 5, 11, 3)
         );
         assert_eq!(env.intake, Intake::OwnSocket);
+        assert_eq!(env.udp_receive_buffer, 0, "unset: the kernel's default");
+        vars.insert(UDP_RECEIVE_BUFFER, "4194304");
+        let sized = WorkerEnv::read(|k| vars.get(k).map(|v| v.to_string())).expect("complete");
+        assert_eq!(sized.udp_receive_buffer, 4 << 20);
+        vars.insert(UDP_RECEIVE_BUFFER, "lots");
+        let err = WorkerEnv::read(|k| vars.get(k).map(|v| v.to_string())).expect_err("refused");
+        assert!(err.contains(UDP_RECEIVE_BUFFER), "{err}");
+        vars.remove(UDP_RECEIVE_BUFFER);
         let names: Vec<&str> = env.listeners.iter().map(|l| l.name.as_str()).collect();
         assert_eq!(names, ["web", "dns"]);
         vars.insert(LISTEN_FD, "4");

@@ -27,8 +27,8 @@ impl ListenerSocket {
 }
 
 /// A fresh `SO_REUSEPORT` socket for `listener` (`socket`, `bind`, and `listen` for TCP).
-fn bind(listener: &Listener) -> Result<ListenerSocket, String> {
-    let socket = crate::listener::bind_for(listener)
+fn bind(listener: &Listener, udp_receive_buffer: u64) -> Result<ListenerSocket, String> {
+    let socket = crate::listener::bind_for(listener, udp_receive_buffer)
         .map_err(|err| crate::listener::explain_bind_error(listener.addr, &err))?;
     Ok(if listener.protocol.is_datagram() {
         ListenerSocket::Udp(UdpSocket::from(socket))
@@ -42,7 +42,11 @@ fn bind(listener: &Listener) -> Result<ListenerSocket, String> {
 /// none (`userspace`: connections come over IPC).
 pub(crate) fn open_sockets(env: &WorkerEnv) -> Result<Vec<ListenerSocket>, String> {
     match env.intake {
-        Intake::OwnSocket => env.listeners.iter().map(bind).collect(),
+        Intake::OwnSocket => env
+            .listeners
+            .iter()
+            .map(|l| bind(l, env.udp_receive_buffer))
+            .collect(),
         Intake::Inherited(fd) => {
             if fd < 3 || !super::fd_is_open(fd) {
                 return Err(format!("{}={fd} is not an open fd", super::env::LISTEN_FD));
