@@ -536,6 +536,67 @@ fn phantom_syns_do_not_stall_a_slot_past_one_interval() {
 }
 
 #[test]
+fn a_few_phantom_syns_hold_a_healthy_slot_out_for_a_moment_not_a_health_interval() {
+    // A handful of SYNs that never become connections (retransmits, clients that give
+    // up, here spoofed sources whose SYN-ACK is answered with a reset) are steered and
+    // never accepted: by the estimate the slot has connections waiting and makes no
+    // progress, so the program judges it stalled. The program tells the primary at once,
+    // which settles the records against the real (empty) queues: the slot is back long
+    // before the next health interval, when it would be settled otherwise.
+    let _quiet = quiet();
+    let interval = Duration::from_secs(10);
+    let cluster = start("round-robin", 2, &["--health-interval", "10s"]);
+    let addr = cluster.listen_addr();
+    let SocketAddr::V4(target) = addr else {
+        panic!("the cluster listens on IPv4");
+    };
+    for _ in 0..20 {
+        http_get(addr, "/").expect("GET /");
+    }
+    let before = cluster.status();
+    let mut syns = SynSender::open().expect("a raw socket (root)");
+    let mut sent = 0;
+    let mut stalled_at = None;
+    // A few phantoms to each slot, then a real connection whose steering judges them; as
+    // many rounds as it takes for a stall to be seen (a bounded few).
+    for _ in 0..20 {
+        syns.send(target, 6).expect("send SYNs");
+        sent += 6;
+        std::thread::sleep(Duration::from_millis(2));
+        http_get(addr, "/").expect("GET / while phantoms wait");
+        let doc = cluster.status();
+        if (0..2).any(|slot| stalls(&doc, slot) > stalls(&before, slot)) {
+            stalled_at = Some(Instant::now());
+            break;
+        }
+    }
+    let stalled_at = stalled_at.expect("the phantom SYNs made a slot look stalled");
+    let doc = cluster.wait_until("no slot judged stalled any more", interval / 4, |s| {
+        (0..2).all(|slot| !stalled(s, slot))
+    });
+    let back = stalled_at.elapsed();
+    println!(
+        "{sent} phantom SYNs: a healthy slot judged stalled was back {} ms later (health \
+         interval {} s); stalls {:?}",
+        back.as_millis(),
+        interval.as_secs(),
+        (0..2).map(|slot| stalls(&doc, slot)).collect::<Vec<_>>()
+    );
+    let mut per_slot = [0u32; 2];
+    for _ in 0..200 {
+        let response = http_get(addr, "/").expect("GET /");
+        per_slot[response.worker().expect("X-Steer-Worker")] += 1;
+    }
+    println!("round-robin after the phantoms: {per_slot:?}");
+    // Near half each: exact turns per CPU, less or plus the few turns a slot was skipped
+    // for and is given back. A slot still judged stalled would get none.
+    assert!(
+        per_slot.iter().all(|&n| n >= 80),
+        "both slots are in rotation again: {per_slot:?}"
+    );
+}
+
+#[test]
 fn with_every_worker_stalled_connections_still_spread() {
     let _quiet = quiet();
     let cluster = start("round-robin", 4, &[]);
@@ -580,9 +641,10 @@ fn with_every_worker_stalled_connections_still_spread() {
     }
     println!("round-robin with every worker stalled: 40 connections steered {steered:?}");
     // Not exactly even: until every worker's queue has grown, the ones not yet judged
-    // stalled take more. But no worker is left out, and none takes most of them.
+    // stalled take more ([15, 15, 5, 5] is common here, [19, 13, 4, 4] seen). But no
+    // worker is left out, and none takes three quarters of them.
     assert!(
-        steered.iter().all(|&n| (1..=20).contains(&n)),
+        steered.iter().all(|&n| (1..=30).contains(&n)),
         "the connections still spread over every worker: {steered:?}"
     );
     assert_eq!(

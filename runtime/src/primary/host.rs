@@ -73,6 +73,9 @@ pub(crate) fn worker_token(id: WorkerId, fd: WorkerFd) -> Token {
     )
 }
 
+/// The poll token of the stall events of listener group `i` is `STALL_TOKEN_BASE + i`.
+pub(crate) const STALL_TOKEN_BASE: usize = 1 << 39;
+
 /// The worker and fd a token names.
 pub(crate) fn decode_worker_token(token: Token) -> Option<(WorkerId, WorkerFd)> {
     let n = token.0.checked_sub(WORKER_TOKEN_BASE)?;
@@ -481,6 +484,7 @@ impl Host {
     /// surveys the port for foreign listeners.
     pub(crate) fn tend_steering(&mut self, now: Instant, own_group: bool, alone: bool) {
         self.tend_holds(now);
+        self.watch_stall_events();
         if now >= self.next_steering_check {
             let round = now >= self.next_steering_round;
             if round && alone {
@@ -535,6 +539,41 @@ impl Host {
                 "cannot publish the live set: {}",
                 crate::errors::error_chain(&err)
             );
+        }
+    }
+
+    /// Registers each group's stall events with the poll, once per program (a policy
+    /// switch may load one).
+    fn watch_stall_events(&mut self) {
+        let registry = self.poll.registry();
+        for (i, group) in self.groups.iter_mut().enumerate() {
+            let Some(fd) = group.steering.unwatched_stall_events() else {
+                continue;
+            };
+            let raw = AsRawFd::as_raw_fd(&fd);
+            if let Err(err) = registry.register(
+                &mut SourceFd(&raw),
+                Token(STALL_TOKEN_BASE + i),
+                Interest::READABLE,
+            ) {
+                tracing::warn!(
+                    listener = %group.listener.name,
+                    "cannot watch the program's stall events (a stall made of SYNs that never \
+                     became connections then lasts until the next health interval): {err}"
+                );
+            }
+        }
+    }
+
+    /// The program started judging a slot of group `group` stalled: settle the load
+    /// records against the real accept queues in this turn, not at the next health
+    /// interval. A real stall stays (its queue is real); one made of SYNs that never
+    /// became connections ends.
+    pub(crate) fn on_stall_events(&mut self, group: usize, now: Instant) {
+        if let Some(g) = self.groups.get_mut(group)
+            && g.steering.take_stall_events()
+        {
+            self.next_steering_check = self.next_steering_check.min(now);
         }
     }
 

@@ -377,6 +377,9 @@ impl Supervisor {
             SUCCESSOR_READY_TOKEN => self.on_successor_word(),
             SUCCESSOR_EXIT_TOKEN => self.on_successor_exit(),
             PREDECESSOR_TOKEN => self.on_predecessor_gone(),
+            Token(n) if (super::host::STALL_TOKEN_BASE..BASELINE_TOKEN.0).contains(&n) => self
+                .host
+                .on_stall_events(n - super::host::STALL_TOKEN_BASE, Instant::now()),
             _ => match decode_worker_token(token) {
                 Some((id, WorkerFd::Exit)) => self.on_exit(id),
                 Some((id, WorkerFd::Ipc)) => self.on_ipc(id),

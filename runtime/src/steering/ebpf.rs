@@ -40,7 +40,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
-use aya::maps::{Array, ArrayOfMaps, Map, MapData, PerCpuArray, ProgramArray, ReusePortSockArray};
+use aya::maps::{
+    Array, ArrayOfMaps, Map, MapData, PerCpuArray, ProgramArray, ReusePortSockArray, RingBuf,
+};
 use aya::programs::{ProgramError, SkReuseport};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use steer_common::{
@@ -175,6 +177,10 @@ pub struct EbpfSteering {
     publisher: Publisher,
     probe_seen: Array<MapData, u64>,
     counters: PerCpuArray<MapData, Counters>,
+    /// The slots the program has started judging stalled, as they happen.
+    stall_events: RingBuf<MapData>,
+    /// Whether `stall_events` is registered with the primary's poll.
+    stall_events_watched: bool,
     config: Config,
     live: BTreeMap<u32, Serving>,
     /// The live set changed since the last flush.
@@ -328,6 +334,8 @@ impl EbpfSteering {
             .map_err(|e| SteeringError::map("use map PROBE", e))?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, "COUNTERS")?)
             .map_err(|e| SteeringError::map("use map COUNTERS", e))?;
+        let stall_events = RingBuf::try_from(take(&mut ebpf, "STALLS")?)
+            .map_err(|e| SteeringError::map("use map STALLS", e))?;
         let clients = ClientTables::new(
             take(&mut ebpf, "CLIENTS")?,
             take(&mut ebpf, "REFUSED")?,
@@ -354,6 +362,8 @@ impl EbpfSteering {
             publisher,
             probe_seen,
             counters,
+            stall_events,
+            stall_events_watched: false,
             config: Config {
                 policy: code,
                 slots,
@@ -1017,6 +1027,28 @@ impl EbpfSteering {
                 self.silent.forget(*slot);
             }
         }
+    }
+
+    /// The program's stall events' fd, to be registered with the primary's poll once
+    /// (`None` once it is): readable when the program starts judging a slot stalled.
+    pub fn unwatched_stall_events(&mut self) -> Option<BorrowedFd<'_>> {
+        if self.stall_events_watched {
+            return None;
+        }
+        self.stall_events_watched = true;
+        Some(self.stall_events.as_fd())
+    }
+
+    /// Takes the stall events that arrived; whether there were any. A stall the program
+    /// judged from the estimate may be made of SYNs that never became connections: the
+    /// caller settles the records against the real queues at once
+    /// ([`EbpfSteering::settle_load`]).
+    pub fn take_stall_events(&mut self) -> bool {
+        let mut any = false;
+        while self.stall_events.next().is_some() {
+            any = true;
+        }
+        any
     }
 
     /// Whether a worker that does not publish is suspect or stalled: call

@@ -455,6 +455,23 @@ impl Steering {
         }
     }
 
+    /// The program's stall events' fd, if it has one not yet registered with the
+    /// primary's poll (see [`ebpf::EbpfSteering::unwatched_stall_events`]).
+    pub fn unwatched_stall_events(&mut self) -> Option<BorrowedFd<'_>> {
+        match self {
+            Steering::Kernel | Steering::Baseline(_) => None,
+            Steering::Ebpf(program) => program.unwatched_stall_events(),
+        }
+    }
+
+    /// Takes the program's stall events; whether there were any.
+    pub fn take_stall_events(&mut self) -> bool {
+        match self {
+            Steering::Kernel | Steering::Baseline(_) => false,
+            Steering::Ebpf(program) => program.take_stall_events(),
+        }
+    }
+
     /// Whether a slot that entered steering waits for its live set to be published.
     pub fn publishing(&self) -> bool {
         match self {

@@ -42,7 +42,7 @@ use aya_ebpf::{
     },
     macros::{btf_map, map, sk_reuseport},
     maps::{
-        Array, LruHashMap, PerCpuArray, ProgramArray, ReusePortSockArray,
+        Array, LruHashMap, PerCpuArray, ProgramArray, ReusePortSockArray, RingBuf,
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
     programs::SkReuseportContext,
@@ -88,6 +88,12 @@ static LOADS: ArrayOfMaps<
 > = ArrayOfMaps::new();
 #[map]
 static PROBE: Array<u64> = Array::with_max_entries(1, 0);
+/// A slot (`u32`) each time the program starts judging it stalled: wakes the primary,
+/// which settles the load records against the real accept queues at once, so that SYNs
+/// that never became connections (the estimate's phantoms) hold a healthy slot out for
+/// a moment, not until the next health interval.
+#[map]
+static STALLS: RingBuf = RingBuf::with_byte_size(4096, 0);
 #[map]
 static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
 #[map]
@@ -849,6 +855,8 @@ fn available(slot: u32, now: u64, counters: &mut Counters) -> bool {
         };
         if swapped && stalled {
             counters.stalls[bounded(slot)] += 1;
+            // Full (the primary is behind): it settles every record when it wakes anyway.
+            let _ = STALLS.output::<u32>(slot, 0);
         }
     }
     !stalled
