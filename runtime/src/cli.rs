@@ -192,9 +192,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(*FLOW_TABLE_RANGE.start()..=*FLOW_TABLE_RANGE.end()))]
     pub udp_flow_table: Option<u64>,
     /// Every eBPF policy steers new connections and new UDP flows around a stalled worker
-    /// (queued connections, no accept for 0.5 ms). Experimental: off by default.
-    #[arg(long)]
+    /// (connections waiting, no accept for 0.5 ms) [default: on].
+    #[arg(long, overrides_with = "no_avoid_stalls")]
     pub avoid_stalls: bool,
+    /// Turns stall avoidance off: a stalled worker keeps its share until it is hung.
+    #[arg(long, overrides_with = "avoid_stalls")]
+    pub no_avoid_stalls: bool,
     /// Receive queue of every worker's UDP and QUIC socket, past `net.core.rmem_max` when
     /// the primary has CAP_NET_ADMIN: what a worker that stops reading for a moment can
     /// hold before datagrams are dropped [default: 4MiB].
@@ -268,7 +271,11 @@ impl RunArgs {
             client_table_size: self.client_table_size,
             udp_flow_timeout: self.udp_flow_timeout.map(Parsed),
             udp_flow_table: self.udp_flow_table,
-            avoid_stalls: self.avoid_stalls.then_some(true),
+            avoid_stalls: if self.no_avoid_stalls {
+                Some(false)
+            } else {
+                self.avoid_stalls.then_some(true)
+            },
             udp_receive_buffer: self.udp_receive_buffer.map(Parsed),
             origin: Default::default(),
         }

@@ -188,7 +188,7 @@ impl Default for Config {
             command: None,
             client_limits: ClientLimits::default(),
             udp_flows: UdpFlows::default(),
-            avoid_stalls: false,
+            avoid_stalls: true,
             udp_receive_buffer: listeners::DEFAULT_UDP_RECEIVE_BUFFER,
             config_file: None,
             overrides: Settings::default(),

@@ -58,7 +58,6 @@ fn start(policy: &str, workers: usize, extra: &[&str]) -> Cluster {
         "--demo-faults",
         "--health-timeout",
         HEALTH_TIMEOUT,
-        "--avoid-stalls",
     ];
     args.extend_from_slice(extra);
     let cluster = Cluster::start(&args);
@@ -594,6 +593,42 @@ fn a_few_phantom_syns_hold_a_healthy_slot_out_for_a_moment_not_a_health_interval
         per_slot.iter().all(|&n| n >= 80),
         "both slots are in rotation again: {per_slot:?}"
     );
+}
+
+#[test]
+fn with_no_avoid_stalls_a_blocked_worker_keeps_its_share() {
+    // Avoidance is on by default (every test above runs without the flag);
+    // `--no-avoid-stalls` turns it off: round-robin keeps handing the blocked worker its
+    // turn, and no stall is counted.
+    let _quiet = quiet();
+    let cluster = start("round-robin", 4, &["--no-avoid-stalls"]);
+    let addr = cluster.listen_addr();
+    let (mut blocker, slot) = block_from(client_ips(1)[0], addr, 1500);
+    let before = selections(&cluster.status());
+    let mut waiting = Vec::new();
+    for _ in 0..40 {
+        let mut conn = KeepAlive::connect(addr).expect("connect");
+        conn.send_only("/").expect("send");
+        waiting.push(conn);
+    }
+    let doc = cluster.status();
+    let steered: Vec<u64> = selections(&doc)
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a - b)
+        .collect();
+    println!("--no-avoid-stalls: slot {slot} blocked; 40 connections steered {steered:?}");
+    for mut conn in waiting {
+        conn.read_response().expect("answered");
+    }
+    blocker.read_response().expect("/block answered");
+    // A quarter of 40, less a turn per CPU (each CPU has its own cursor); with avoidance
+    // on it would get 2 or 3.
+    assert!(
+        steered[slot] >= 8,
+        "the blocked worker got its turns: {steered:?}"
+    );
+    assert_eq!(stalls(&doc, slot), 0, "no stall counted");
 }
 
 #[test]

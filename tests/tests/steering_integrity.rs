@@ -116,10 +116,21 @@ fn a_rogue_classic_bpf_program_under_round_robin_is_replaced_and_counted() {
         let response = http_get(cluster.listen_addr(), "/").expect("GET /");
         per_slot[response.worker().expect("X-Steer-Worker")] += 1;
     }
-    println!("round-robin after the rogue left: {per_slot:?}");
+    // Stall avoidance (on by default) skips a worker the scheduler kept from accepting
+    // for half a millisecond with connections waiting (the rogue's test connections, on a
+    // loaded host), and gives each skipped turn back later, up to 8 per slot and CPU. With
+    // no stall in the cluster's life the turns are exact.
+    let doc = cluster.status();
+    let stalls: u64 = status::workers(&doc)
+        .iter()
+        .map(|w| w.raw["stalls"].as_u64().expect("workers[].stalls"))
+        .sum();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    let slack = if stalls == 0 { 1 } else { 1 + 8 * cpus };
+    println!("round-robin after the rogue left: {per_slot:?}; {stalls} stalls so far");
     assert!(
-        per_slot.iter().all(|&n| (49..=51).contains(&n)),
-        "round-robin spreads evenly again: {per_slot:?}"
+        per_slot.iter().all(|&n| n.abs_diff(50) <= slack),
+        "round-robin spreads evenly again (within {slack} of 50, {stalls} stalls): {per_slot:?}"
     );
 }
 

@@ -178,7 +178,7 @@ impl Settings {
             worker_memory_limit: self.worker_memory_limit.map(|p| p.0.0),
             command: self.command.clone().filter(|c| !c.is_empty()),
             client_limits,
-            avoid_stalls: self.avoid_stalls.unwrap_or(false),
+            avoid_stalls: self.avoid_stalls.unwrap_or(true),
             udp_receive_buffer: self
                 .udp_receive_buffer
                 .map_or(d.udp_receive_buffer, |p| p.0.0),

@@ -743,6 +743,7 @@ impl EbpfSteering {
         let record = SharedRecord::new(LoadRecord::create().map_err(|e| {
             SteeringError::map(format!("create the load record of slot {slot}"), e)
         })?);
+        record.set_generation(generation);
         let fd = record
             .share()
             .map_err(|e| SteeringError::io("copy the load record's fd", e))?;

@@ -127,7 +127,11 @@ impl LoadRecord {
             waiting_since: field(record::WAITING_SINCE),
             steered_at_progress: field(record::STEERED_AT_PROGRESS),
             stalled: self.memory.u32_at(record::STALLED).load(Ordering::Relaxed),
-            verdict: self.memory.u32_at(record::VERDICT).load(Ordering::Relaxed),
+            verdict: self.memory.u16_at(record::VERDICT).load(Ordering::Relaxed),
+            generation: self
+                .memory
+                .u16_at(record::GENERATION)
+                .load(Ordering::Relaxed),
         }
     }
 
@@ -139,8 +143,17 @@ impl LoadRecord {
             0
         };
         self.memory
-            .u32_at(record::VERDICT)
+            .u16_at(record::VERDICT)
             .store(verdict, Ordering::Relaxed);
+    }
+
+    /// Says whose record this is: the worker of `generation` (stored modulo
+    /// `GENERATIONS`, as `CURRENT` holds it). Before the worker starts.
+    pub fn set_generation(&self, generation: u32) {
+        let current = (generation % steer_common::GENERATIONS) as u16;
+        self.memory
+            .u16_at(record::GENERATION)
+            .store(current, Ordering::Relaxed);
     }
 
     /// Settles the estimate against the listener's real accept queue: what was steered

@@ -5,7 +5,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 /// A read-write shared mapping of an array map's values.
 #[derive(Debug)]
@@ -72,6 +72,16 @@ impl SharedArray {
         );
         // SAFETY: as for `u64_at`.
         unsafe { AtomicU32::from_ptr(self.base.as_ptr().add(offset).cast()) }
+    }
+
+    /// The u16 at byte `offset` (2-byte aligned, inside the mapping).
+    pub fn u16_at(&self, offset: usize) -> &AtomicU16 {
+        assert!(
+            offset.is_multiple_of(2) && offset + 2 <= self.len,
+            "u16 at {offset} out of range"
+        );
+        // SAFETY: as for `u64_at`.
+        unsafe { AtomicU16::from_ptr(self.base.as_ptr().add(offset).cast()) }
     }
 
     /// Stores `value` into the u64 at `offset`.

@@ -258,7 +258,14 @@ pub struct SlotLoad {
     pub stalled: u32,
     /// The primary's judgement of a worker that has never published an accept:
     /// [`VERDICT_STALLED`] or 0. Primary only.
-    pub verdict: u32,
+    pub verdict: u16,
+    /// `generation % GENERATIONS` of the worker the record is for. Primary only, written
+    /// before the worker starts. A replacement's record reaches `LOADS[slot]` a moment
+    /// after its socket is the slot's current one (`CURRENT`); until then `LOADS[slot]`
+    /// still holds the replaced worker's record, which says nothing of the new socket, so
+    /// the program reads a record only while this is the slot's current generation
+    /// ([`SlotLoad::is_for`]).
+    pub generation: u16,
 }
 
 /// Steered connections that must wait, unaccepted, before a slot can be stalled. Two, not
@@ -273,9 +280,16 @@ pub const STALL_QUEUE: u64 = 2;
 pub const STALL_AFTER_NS: u64 = 500_000;
 
 /// [`SlotLoad::verdict`] of a worker the primary found stalled.
-pub const VERDICT_STALLED: u32 = 1;
+pub const VERDICT_STALLED: u16 = 1;
 
 impl SlotLoad {
+    /// Whether the record is the one of the slot's serving socket: `current` is the slot's
+    /// `CURRENT` entry (`generation % GENERATIONS`).
+    #[inline(always)]
+    pub fn is_for(&self, current: u32) -> bool {
+        u32::from(self.generation) == current
+    }
+
     /// The estimated accept queue: steered, neither accepted nor settled (never negative).
     #[inline(always)]
     pub fn queued(&self) -> u64 {
@@ -338,8 +352,10 @@ pub mod record {
     pub const STEERED_AT_PROGRESS: usize = 48;
     /// `stalled` (`u32`).
     pub const STALLED: usize = 56;
-    /// `verdict` (`u32`).
+    /// `verdict` (`u16`).
     pub const VERDICT: usize = 60;
+    /// `generation` (`u16`).
+    pub const GENERATION: usize = 62;
 }
 
 /// The program's counters (`COUNTERS[0]`, one copy per CPU; the user side sums them).
@@ -520,6 +536,23 @@ mod tests {
         );
         assert_eq!(core::mem::offset_of!(SlotLoad, stalled), record::STALLED);
         assert_eq!(core::mem::offset_of!(SlotLoad, verdict), record::VERDICT);
+        assert_eq!(
+            core::mem::offset_of!(SlotLoad, generation),
+            record::GENERATION
+        );
+    }
+
+    #[test]
+    fn a_record_is_read_only_for_the_generation_it_was_made_for() {
+        let record = SlotLoad {
+            generation: 3,
+            ..SlotLoad::default()
+        };
+        assert!(record.is_for(3));
+        assert!(
+            !record.is_for(0),
+            "the slot's new socket: the record is its predecessor's"
+        );
     }
 
     #[test]

@@ -831,6 +831,11 @@ fn available(slot: u32, now: u64, counters: &mut Counters) -> bool {
     // worker's mapping. Each field is read once; a torn view across fields is at worst one
     // connection's wrong guess, put right by the next look.
     let mut seen = unsafe { core::ptr::read_volatile(record) };
+    // A replaced worker's record, still placed while its successor's is on its way: it
+    // says nothing of the serving socket, which has just started.
+    if !seen.is_for(CURRENT.get(slot).copied().unwrap_or(0)) {
+        return true;
+    }
     if seen.accepted != seen.progress {
         // SAFETY: as above; program-only fields, plain stores (a race between CPUs
         // writes the same values, or one a moment newer).
@@ -908,7 +913,11 @@ fn try_slot(
     if !tcp {
         return Some(index);
     }
-    if let Some(record) = LOADS.get_value_ptr_mut(slot as u32, &0) {
+    if let Some(record) = LOADS.get_value_ptr_mut(slot as u32, &0)
+        // SAFETY: a valid, 8-byte aligned record; a plain read of a primary-only field.
+        // Not the serving socket's record (see `available`): nothing to count in it.
+        && u32::from(unsafe { (*record).generation }) == generation
+    {
         // SAFETY: a valid, 8-byte aligned u64 in an array map shared by all CPUs and the
         // worker's mapping; the atomic add is the only write anyone makes to it.
         unsafe {
@@ -960,8 +969,9 @@ fn bounded(value: u32) -> usize {
 #[inline(always)]
 fn load(slot: u32) -> u64 {
     match LOADS.get_value(slot, &0) {
-        Some(record) => record.load(),
-        None => 0,
+        // A replaced worker's record (see `available`): the new worker has just started.
+        Some(record) if record.is_for(CURRENT.get(slot).copied().unwrap_or(0)) => record.load(),
+        _ => 0,
     }
 }
 
