@@ -157,15 +157,32 @@ fn throughput(requests: &[Vec<Request>], from: Instant, to: Instant) -> f64 {
     done as f64 / to.duration_since(from).as_secs_f64()
 }
 
-/// 4 workers, 8 closed-loop clients, one worker blocked for 3 s: the clients caught on it
-/// are the only slow ones, and the rest keep the throughput up.
+/// Blocks in [`closed_loop_survives_a_blocked_worker`]: its throughput figure is the
+/// median of these rounds.
+const ROUNDS: usize = 3;
+
+/// One block of a worker, as the clients lived it.
+struct Round {
+    /// The start of the window "before" (after the previous round's end).
+    start: Instant,
+    blocked_at: Instant,
+    unblocked: Instant,
+    slot: usize,
+    seen_stalled: bool,
+    stalls_before: u64,
+    stalls_after: u64,
+}
+
+/// 4 workers, 8 closed-loop clients, one worker blocked for 3 s, [`ROUNDS`] times: the
+/// clients caught on it are the only slow ones, the rest keep being served, and the
+/// median throughput during a block is at least 70% of the median before.
 fn closed_loop_survives_a_blocked_worker(policy: &str) {
     let _quiet = quiet();
     let cluster = start(policy, 4, &[]);
     let addr = cluster.listen_addr();
     let clients = client_ips(8);
     let load = ClosedLoop::start(addr, &clients);
-    let warm = Instant::now();
+    let mut round_start = Instant::now();
     // Under `hash` each client has one slot. The clients of the blocked slot whose request
     // was already queued there wait out the block, whatever the program does, so the
     // blocker is a client of the slot with the fewest (but some) of the 8: as in a
@@ -183,96 +200,130 @@ fn closed_loop_survives_a_blocked_worker(policy: &str) {
     } else {
         clients[0]
     };
-    std::thread::sleep(Duration::from_millis(1500));
-    let before_doc = cluster.status();
-    let blocked_at = Instant::now();
-    let (mut blocker, slot) = block_from(blocker_ip, addr, BLOCK.as_millis());
-    let mut seen_stalled = false;
-    let status_deadline = blocked_at + BLOCK / 2;
-    while Instant::now() < status_deadline && !seen_stalled {
-        seen_stalled = stalled(&cluster.status(), slot);
-        std::thread::sleep(Duration::from_millis(20));
+    let mut rounds = Vec::with_capacity(ROUNDS);
+    for _ in 0..ROUNDS {
+        std::thread::sleep(Duration::from_millis(1500));
+        let blocked_at = Instant::now();
+        let (mut blocker, slot) = block_from(blocker_ip, addr, BLOCK.as_millis());
+        let stalls_before = stalls(&cluster.status(), slot);
+        let mut seen_stalled = false;
+        let status_deadline = blocked_at + BLOCK / 2;
+        while Instant::now() < status_deadline && !seen_stalled {
+            seen_stalled = stalled(&cluster.status(), slot);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let answer = blocker
+            .read_response()
+            .expect("the blocked worker answers /block");
+        assert_eq!(answer.status, 200, "/block answered");
+        let unblocked = Instant::now();
+        // Let the caught clients' answers arrive, and the loop run on a moment.
+        std::thread::sleep(Duration::from_millis(700));
+        rounds.push(Round {
+            start: round_start,
+            blocked_at,
+            unblocked,
+            slot,
+            seen_stalled,
+            stalls_before,
+            stalls_after: stalls(&cluster.status(), slot),
+        });
+        round_start = Instant::now();
     }
-    let answer = blocker
-        .read_response()
-        .expect("the blocked worker answers /block");
-    let unblocked = Instant::now();
-    // Let the caught clients' answers arrive, and the loop run on a moment.
-    std::thread::sleep(Duration::from_millis(700));
     let requests = load.stop();
-    let after_doc = cluster.status();
-    assert_eq!(answer.status, 200, "/block answered");
-    let before = throughput(&requests, warm + Duration::from_millis(300), blocked_at);
-    let during = throughput(
-        &requests,
-        blocked_at + Duration::from_millis(200),
-        unblocked - Duration::from_millis(100),
-    );
     let all: Vec<&Request> = requests.iter().flatten().collect();
-    let slow: Vec<&Request> = all
-        .iter()
-        .copied()
-        .filter(|r| r.slot.is_none() || r.took > SLOW)
-        .collect();
     let failed = all.iter().filter(|r| r.slot.is_none()).count();
-    let steered_to_blocked = selections(&after_doc)[slot] - selections(&before_doc)[slot];
-    let caught_on_blocked = slow.iter().filter(|r| r.slot == Some(slot)).count();
-    let homes: Vec<usize> = homes.values().map(Vec::len).collect();
-    println!(
-        "{policy}: slot {slot} blocked {BLOCK:?}; clients per slot {homes:?}; {} requests, {before:.0}/s before, \
-         {during:.0}/s during ({:.0}%); {} slow or failed ({failed} failed, \
-         {caught_on_blocked} answered by the blocked worker); {steered_to_blocked} steered to \
-         it from the block on; stalls {} -> {}, seen stalled \
-         in /status: {seen_stalled}; steering {}",
-        all.len(),
-        100.0 * during / before,
-        slow.len(),
-        stalls(&before_doc, slot),
-        stalls(&after_doc, slot),
-        after_doc["steering"],
-    );
     assert_eq!(failed, 0, "{policy}: no request fails");
-    assert_eq!(
-        caught_on_blocked,
-        slow.len(),
-        "{policy}: every slow request is one the blocked worker took before it was stalled"
-    );
-    // Throughput during the stall against before (the issue asks 70%) is a timed figure:
-    // on a loaded host it swings with how many clients the worker caught in its first
-    // half millisecond (63-95% seen). It is reported above, not held. What is held is what
-    // makes the difference: without stall avoidance every client's turn comes to the
-    // blocked worker within a few requests, and all are caught; with it, the clients not
-    // caught before the stall was seen keep being served throughout.
-    let window = (
-        blocked_at + Duration::from_millis(200),
-        unblocked - Duration::from_millis(100),
-    );
-    let kept_going = requests
+    // A slow request is one the blocked worker took before it counted as stalled: it
+    // started during a block and was answered by the blocked slot.
+    let slow: Vec<&Request> = all.iter().copied().filter(|r| r.took > SLOW).collect();
+    let unexplained: Vec<&&Request> = slow
         .iter()
-        .filter(|client| {
-            client
-                .iter()
-                .filter(|r| {
-                    r.slot.is_some() && r.started >= window.0 && r.started + r.took <= window.1
-                })
-                .count()
-                >= 100
+        .filter(|r| {
+            !rounds.iter().any(|round| {
+                r.slot == Some(round.slot)
+                    && r.started + Duration::from_millis(50) >= round.blocked_at
+                    && r.started <= round.unblocked
+            })
         })
-        .count();
-    assert!(
-        kept_going >= 1,
-        "{policy}: some client kept being served during the stall (100 requests or more); \
-         {during:.0}/s during against {before:.0}/s before"
-    );
-    // Round-robin looks at every slot in turn, so it sees the stall; under hash and cpu
-    // only the slot's own clients (or CPU) look, and once they are caught nobody may.
-    if policy == "round-robin" {
-        assert!(
-            stalls(&after_doc, slot) > stalls(&before_doc, slot),
-            "{policy}: the stall is counted"
+        .collect();
+    let mut ratios = Vec::with_capacity(ROUNDS);
+    for (i, round) in rounds.iter().enumerate() {
+        let before = throughput(
+            &requests,
+            round.start + Duration::from_millis(300),
+            round.blocked_at,
         );
-        assert!(seen_stalled, "{policy}: /status showed slot {slot} stalled");
+        let window = (
+            round.blocked_at + Duration::from_millis(200),
+            round.unblocked - Duration::from_millis(100),
+        );
+        let during = throughput(&requests, window.0, window.1);
+        let caught = slow
+            .iter()
+            .filter(|r| r.started <= round.unblocked && r.started + BLOCK >= round.blocked_at)
+            .count();
+        // Without stall avoidance every client's turn comes to the blocked worker within
+        // a few requests, and all are caught: nobody is served for the rest of the block.
+        let kept_going = requests
+            .iter()
+            .filter(|client| {
+                client
+                    .iter()
+                    .filter(|r| {
+                        r.slot.is_some() && r.started >= window.0 && r.started + r.took <= window.1
+                    })
+                    .count()
+                    >= 100
+            })
+            .count();
+        println!(
+            "{policy} round {i}: slot {} blocked {BLOCK:?}; {before:.0}/s before, {during:.0}/s \
+             during ({:.0}%); {caught} clients caught on it; {kept_going} of 8 kept being \
+             served; stalls {} -> {}, seen stalled in /status: {}",
+            round.slot,
+            100.0 * during / before,
+            round.stalls_before,
+            round.stalls_after,
+            round.seen_stalled,
+        );
+        assert!(
+            kept_going >= 1,
+            "{policy} round {i}: some client kept being served during the block (100 \
+             requests or more); {during:.0}/s during against {before:.0}/s before"
+        );
+        // Round-robin looks at every slot in turn, so it sees the stall; under hash and
+        // cpu only the slot's own clients (or CPU) look, and once they are caught nobody
+        // may.
+        if policy == "round-robin" {
+            assert!(
+                round.stalls_after > round.stalls_before && round.seen_stalled,
+                "{policy} round {i}: the stall is counted and shown in /status"
+            );
+        }
+        ratios.push(during / before);
     }
+    assert!(
+        unexplained.is_empty(),
+        "{policy}: every slow request is one a blocked worker took before it was stalled; \
+         not these: {unexplained:?}"
+    );
+    // The issue's figure: throughput during a stall at least 70% of before. One block's
+    // ratio swings with how many of the 8 clients the worker caught in its first half
+    // millisecond (63% to 135% seen on this 2-CPU host, where the clients share the CPUs);
+    // the median of the rounds is what is held.
+    ratios.sort_by(f64::total_cmp);
+    let median = ratios[ratios.len() / 2];
+    println!(
+        "{policy}: median throughput during a block {:.0}% of before",
+        100.0 * median
+    );
+    assert!(
+        median >= 0.70,
+        "{policy}: median throughput during a block {:.0}% of before (rounds {:?})",
+        100.0 * median,
+        ratios
+    );
     let doc = cluster.status();
     assert!(status::all_ready(&doc), "a stall replaces nobody: {doc}");
     assert!(

@@ -547,6 +547,10 @@ impl Supervisor {
         };
         match successor.progress() {
             Progress::Starting => {}
+            // It said `ready` and died before this primary heard it (stopped, or the host
+            // busy): its exit and its word arrive together, and handing over to it would
+            // drain every worker for nobody. Its program comes off the group.
+            Progress::Ready if successor.has_exited() => self.on_successor_exit(),
             Progress::Ready => self.hand_over(),
             Progress::Failed(why) => {
                 self.upgrade_failed(&format!("the new primary cannot start its workers: {why}"))
@@ -580,7 +584,7 @@ impl Supervisor {
             return;
         };
         self.upgrade_failed(&format!(
-            "the new primary ended ({status}) before it was ready"
+            "the new primary ended ({status}) before it took over"
         ));
     }
 

@@ -727,8 +727,9 @@ fn select(
 /// stalled, and the cursor moves past every position it looked at, so the rest stay in
 /// exact turn. A slot skipped while stalled is owed the turn (`OWED`, capped): when its
 /// turn comes and it is available, it takes the turns it is owed one after another
-/// before the cursor moves on. If every slot it looks at is stalled, the next position
-/// as if none were. Returns the slot and where to spill if it holds no socket.
+/// before the cursor moves on. If every slot it looks at is stalled, the one of them with
+/// the fewest connections waiting (the first such from the cursor), and the cursor moves
+/// on one. Returns the slot and where to spill if it holds no socket.
 #[inline(always)]
 fn round_robin(
     live: &LiveSet,
@@ -751,11 +752,19 @@ fn round_robin(
     };
     // SAFETY: per-CPU value, exclusively ours for this run.
     let mut owed = OWED.get_ptr_mut(0).map(|owed| unsafe { &mut *owed });
+    // With every slot stalled, the one with the fewest connections waiting: a worker the
+    // scheduler kept off the CPU for a moment has 2, a blocked one more with each turn it
+    // gets, so the blocked one is not handed more clients to catch than the others.
+    let mut least = (u64::MAX, start % count);
     let mut i = 0;
     while i < tries {
         let position = start.wrapping_add(i) % count;
         let slot = live_slot(live, position)?;
-        if available(slot, now, counters) {
+        let waiting = stalled_wait(slot, now, counters);
+        if waiting < least.0 {
+            least = (waiting, position);
+        }
+        if waiting == 0 {
             let repaying = match owed.as_deref_mut() {
                 Some(owed) if owed[bounded(slot)] > 0 => {
                     owed[bounded(slot)] -= 1;
@@ -775,8 +784,15 @@ fn round_robin(
         i += 1;
     }
     *cursor = start.wrapping_add(1);
-    let position = start % count;
-    Some((live_slot(live, position)?, position + 1))
+    let position = least.1 % count;
+    let slot = live_slot(live, position)?;
+    // It was counted as skipped in the loop, and takes this connection after all.
+    if let Some(owed) = owed.as_deref_mut()
+        && owed[bounded(slot)] > 0
+    {
+        owed[bounded(slot)] -= 1;
+    }
+    Some((slot, position + 1))
 }
 
 /// `wanted` if it is available; else the first available slot in the live list from
@@ -816,16 +832,22 @@ fn avoid_stall(
 }
 
 /// Whether `slot` may take a new connection: not stalled (see `SlotLoad::is_stalled`).
-/// Keeps the slot's stall watch on the way: an accept seen restarts the wait, and the
-/// `stalled` flag follows the verdict, each 0 -> 1 counted in `COUNTERS.stalls`. A slot
-/// whose worker has no record (none placed yet) is available.
 #[inline(always)]
 fn available(slot: u32, now: u64, counters: &mut Counters) -> bool {
+    stalled_wait(slot, now, counters) == 0
+}
+
+/// 0 if `slot` may take a new connection; else, stalled, how many connections wait for it
+/// (at least 1). Keeps the slot's stall watch on the way: an accept seen restarts the
+/// wait, and the `stalled` flag follows the verdict, each 0 -> 1 counted in
+/// `COUNTERS.stalls`. A slot whose worker has no record (none placed yet) is available.
+#[inline(always)]
+fn stalled_wait(slot: u32, now: u64, counters: &mut Counters) -> u64 {
     if now == 0 {
-        return true;
+        return 0;
     }
     let Some(record) = LOADS.get_value_ptr_mut(slot, &0) else {
-        return true;
+        return 0;
     };
     // SAFETY: a valid, 8-byte aligned record in an array map shared by all CPUs and the
     // worker's mapping. Each field is read once; a torn view across fields is at worst one
@@ -834,7 +856,7 @@ fn available(slot: u32, now: u64, counters: &mut Counters) -> bool {
     // A replaced worker's record, still placed while its successor's is on its way: it
     // says nothing of the serving socket, which has just started.
     if !seen.is_for(CURRENT.get(slot).copied().unwrap_or(0)) {
-        return true;
+        return 0;
     }
     if seen.accepted != seen.progress {
         // SAFETY: as above; program-only fields, plain stores (a race between CPUs
@@ -864,7 +886,12 @@ fn available(slot: u32, now: u64, counters: &mut Counters) -> bool {
             let _ = STALLS.output::<u32>(slot, 0);
         }
     }
-    !stalled
+    if stalled {
+        let waiting = seen.waiting();
+        if waiting == 0 { 1 } else { waiting }
+    } else {
+        0
+    }
 }
 
 /// The first slot whose registered socket takes the connection. `SOCKETS` holds exactly
