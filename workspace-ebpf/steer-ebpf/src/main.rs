@@ -787,7 +787,7 @@ fn round_robin(
     let position = least.1 % count;
     let slot = live_slot(live, position)?;
     // It was counted as skipped in the loop, and takes this connection after all.
-    if let Some(owed) = owed.as_deref_mut()
+    if let Some(owed) = owed
         && owed[bounded(slot)] > 0
     {
         owed[bounded(slot)] -= 1;
