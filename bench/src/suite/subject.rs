@@ -304,8 +304,8 @@ impl Server {
                     "--shutdown-timeout",
                     "5s",
                     "-q",
-                    // Measured as it is meant to be used with a stalled worker; off by
-                    // default while experimental (a no-op without the program).
+                    // The default, said out loud: the subjects are measured with stall
+                    // avoidance on (a no-op without the program).
                     "--avoid-stalls",
                 ]);
                 if *client_limit {
