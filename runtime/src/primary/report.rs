@@ -232,6 +232,7 @@ impl Supervisor {
                 drops: c.drops,
                 migrations: c.migrations,
                 takeovers: c.takeovers,
+                turns_lost: c.turns_lost,
             }),
         }
     }

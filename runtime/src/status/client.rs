@@ -426,6 +426,7 @@ mod tests {
                 drops: 0,
                 migrations: 7,
                 takeovers: 0,
+                turns_lost: 0,
             }),
             client_limits: None,
         };

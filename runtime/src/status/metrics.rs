@@ -266,6 +266,11 @@ pub fn render(doc: &StatusDocument) -> String {
                 "Times another program (or none) was found deciding for the port's group and Steer's was attached again.",
                 steering.takeovers,
             ),
+            (
+                "steer_steering_turns_lost_total",
+                "Round-robin turns lost or gained for good around stalled workers: connections of drift from the exact split.",
+                steering.turns_lost,
+            ),
         ] {
             e.family(name, "counter", help).sample(&[], value as f64);
         }
@@ -444,6 +449,7 @@ mod tests {
                 drops: 2,
                 migrations: 3,
                 takeovers: 4,
+                turns_lost: 5,
             }),
             client_limits: Some(ClientLimitsStatus {
                 rate: "50/s".into(),
@@ -487,6 +493,7 @@ mod tests {
         assert!(text.contains("steer_steering_selections_total{slot=\"1\"} 10\n"));
         assert!(text.contains("steer_steering_drops_total 2\n"));
         assert!(text.contains("steer_steering_takeovers_total 4\n"));
+        assert!(text.contains("steer_steering_turns_lost_total 5\n"));
         assert!(text.contains("steer_primary_phase{phase=\"running\"} 1\n"));
         assert!(text.contains("steer_client_refusals_total{listener=\"127.0.0.1:8000\"} 7\n"));
         assert!(text.contains("steer_client_evictions_total 2\n"));

@@ -151,6 +151,11 @@ pub struct SteeringStatus {
     /// and attached its own again (checked once per health interval).
     #[serde(default)]
     pub takeovers: u64,
+    /// Round-robin turns lost or gained for good around stalled workers: connections of
+    /// drift from the exact split (0 while every stall is short enough for the turns it
+    /// skipped to be given back; see docs/architecture.md, "Stalls").
+    #[serde(default)]
+    pub turns_lost: u64,
 }
 
 /// The primary's part of `/status`.

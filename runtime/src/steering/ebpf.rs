@@ -1106,6 +1106,7 @@ impl EbpfSteering {
             quic_malformed: 0,
             stalls: vec![0; slots],
             stalled: self.stalled(slots),
+            turns_lost: 0,
         };
         for cpu in per_cpu.iter() {
             for (sum, value) in total.stalls.iter_mut().zip(cpu.stalls.iter()) {
@@ -1124,6 +1125,7 @@ impl EbpfSteering {
             total.flow_moves += cpu.flow_moves;
             total.quic_steered += cpu.quic_steered;
             total.quic_malformed += cpu.quic_malformed;
+            total.turns_lost += cpu.turns_lost;
         }
         Ok(total)
     }

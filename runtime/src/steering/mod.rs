@@ -207,6 +207,10 @@ pub struct SteeringCounters {
     /// Whether each slot is stalled now, by slot index.
     #[serde(skip)]
     pub stalled: Vec<bool>,
+    /// Round-robin turns lost or gained for good around stalled slots: each is one
+    /// connection of drift from the exact split (0 while every stall is short enough for
+    /// its skipped turns to be given back).
+    pub turns_lost: u64,
 }
 
 impl SteeringCounters {
@@ -226,6 +230,7 @@ impl SteeringCounters {
         self.flow_moves += other.flow_moves;
         self.quic_steered += other.quic_steered;
         self.quic_malformed += other.quic_malformed;
+        self.turns_lost += other.turns_lost;
         self
     }
 }

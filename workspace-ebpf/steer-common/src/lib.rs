@@ -390,6 +390,11 @@ pub struct Counters {
     pub quic_malformed: u64,
     /// Times each slot became stalled (see [`SlotLoad`]).
     pub stalls: [u64; MAX_SLOTS as usize],
+    /// Round-robin turns lost or gained for good, each one connection of drift from the
+    /// exact split: a turn skipped while the stalled slot was already owed the most it
+    /// can be, or one taken out of turn, with nothing owed, when every slot looked at was
+    /// stalled. 0 while no slot stalls for longer than its owed turns cover.
+    pub turns_lost: u64,
 }
 
 impl Counters {
@@ -407,6 +412,7 @@ impl Counters {
         quic_steered: 0,
         quic_malformed: 0,
         stalls: [0; MAX_SLOTS as usize],
+        turns_lost: 0,
     };
 }
 

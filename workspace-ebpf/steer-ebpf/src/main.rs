@@ -776,21 +776,40 @@ fn round_robin(
             *cursor = start.wrapping_add(if repaying { i } else { i + 1 });
             return Some((slot, position + 1));
         }
-        if let Some(owed) = owed.as_deref_mut()
-            && owed[bounded(slot)] < OWED_CAP
-        {
-            owed[bounded(slot)] += 1;
+        if let Some(owed) = owed.as_deref_mut() {
+            if owed[bounded(slot)] < OWED_CAP {
+                owed[bounded(slot)] += 1;
+            } else {
+                counters.turns_lost += 1;
+            }
         }
         i += 1;
     }
+    // Every slot looked at is stalled. The cursor moves on one, so only the slot at
+    // `start` loses its turn: the others looked at keep theirs, and the loop's count of
+    // them is taken back (from one already owed the most, a turn the loop counted lost).
     *cursor = start.wrapping_add(1);
+    if let Some(owed) = owed.as_deref_mut() {
+        let mut j = 1;
+        while j < tries {
+            if let Some(slot) = live_slot(live, start.wrapping_add(j) % count)
+                && owed[bounded(slot)] > 0
+            {
+                owed[bounded(slot)] -= 1;
+            }
+            j += 1;
+        }
+    }
     let position = least.1 % count;
     let slot = live_slot(live, position)?;
-    // It was counted as skipped in the loop, and takes this connection after all.
-    if let Some(owed) = owed
-        && owed[bounded(slot)] > 0
-    {
-        owed[bounded(slot)] -= 1;
+    // The slot at `start` taking its own turn is not owed it (the loop counted it); any
+    // other takes a turn not its own, which pays back one it is owed, or is one too many.
+    if let Some(owed) = owed {
+        if owed[bounded(slot)] > 0 {
+            owed[bounded(slot)] -= 1;
+        } else if position != start % count {
+            counters.turns_lost += 1;
+        }
     }
     Some((slot, position + 1))
 }
