@@ -585,9 +585,12 @@ fn loop_wakeups(pid: u32) -> u64 {
 }
 
 /// With no traffic the primary wakes for its heartbeat round and the answers to it, and
-/// for nothing else: its timers are one deadline, recomputed each turn.
+/// for nothing else: its timers are one deadline, recomputed each turn. On a quiet host
+/// the four answers come in one batch, about two wake-ups a round; on a busy one they come
+/// apart, at most one wake-up each (4.8 a round with a busy loop beside the test). A poll
+/// of its own (every 10 ms, say) would be 50 a round.
 #[test]
-fn an_idle_primary_wakes_about_twice_per_health_interval() {
+fn an_idle_primary_wakes_only_for_its_heartbeat_rounds() {
     let interval = Duration::from_millis(500);
     let cluster = Cluster::start(&[
         "--workers",
@@ -609,9 +612,11 @@ fn an_idle_primary_wakes_about_twice_per_health_interval() {
         "idle primary, 4 workers, {interval:?} heartbeats: {wakeups} wake-ups in {window:?} ({:.1} per round)",
         wakeups as f64 / rounds as f64
     );
+    // The round's timer, and each worker's answer.
+    let most = (1 + 4) * rounds + 5;
     assert!(
-        wakeups <= 3 * rounds + 5,
-        "{wakeups} wake-ups in {rounds} heartbeat rounds"
+        wakeups <= most,
+        "{wakeups} wake-ups in {rounds} heartbeat rounds (at most {most})"
     );
 }
 
