@@ -158,8 +158,10 @@ fn throughput(requests: &[Vec<Request>], from: Instant, to: Instant) -> f64 {
 }
 
 /// Blocks in [`closed_loop_survives_a_blocked_worker`]: its throughput figure is the
-/// median of these rounds.
-const ROUNDS: usize = 3;
+/// median of these rounds. Five, not three: with a busy loop beside the suite, two of
+/// three round-robin rounds fell just short (67%, 69%, 84%) while the clients the blocked
+/// worker caught decided each round.
+const ROUNDS: usize = 5;
 
 /// One block of a worker, as the clients lived it.
 struct Round {
