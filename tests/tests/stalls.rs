@@ -694,19 +694,7 @@ fn with_no_avoid_stalls_a_blocked_worker_keeps_its_share() {
     let cluster = start("round-robin", 4, &["--no-avoid-stalls"]);
     let addr = cluster.listen_addr();
     let (mut blocker, slot) = block_from(client_ips(1)[0], addr, 1500);
-    let before = selections(&cluster.status());
-    let mut waiting = Vec::new();
-    for _ in 0..40 {
-        let mut conn = KeepAlive::connect(addr).expect("connect");
-        conn.send_only("/").expect("send");
-        waiting.push(conn);
-    }
-    let doc = cluster.status();
-    let steered: Vec<u64> = selections(&doc)
-        .iter()
-        .zip(&before)
-        .map(|(a, b)| a - b)
-        .collect();
+    let (waiting, steered, doc) = forty_waiting(&cluster);
     println!("--no-avoid-stalls: slot {slot} blocked; 40 connections steered {steered:?}");
     for mut conn in waiting {
         conn.read_response().expect("answered");
@@ -719,6 +707,27 @@ fn with_no_avoid_stalls_a_blocked_worker_keeps_its_share() {
         "the blocked worker got its turns: {steered:?}"
     );
     assert_eq!(stalls(&doc, slot), 0, "no stall counted");
+}
+
+/// 40 connections, one after another, each sending `GET /` and left waiting for its
+/// answer: the connections, what the program steered to each slot meanwhile, and the
+/// `/status` read after them.
+fn forty_waiting(cluster: &Cluster) -> (Vec<KeepAlive>, Vec<u64>, Value) {
+    let addr = cluster.listen_addr();
+    let before = selections(&cluster.status());
+    let mut waiting = Vec::new();
+    for _ in 0..40 {
+        let mut conn = KeepAlive::connect(addr).expect("the handshake completes: nothing refused");
+        conn.send_only("/").expect("send");
+        waiting.push(conn);
+    }
+    let doc = cluster.status();
+    let steered = selections(&doc)
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a - b)
+        .collect();
+    (waiting, steered, doc)
 }
 
 #[test]
@@ -740,20 +749,9 @@ fn with_every_worker_stalled_connections_still_spread() {
         }
     }
     assert_eq!(blocked.len(), 4, "every worker blocked");
-    let before = selections(&cluster.status());
     // Connections while every worker is stalled: each completes its handshake in the
     // kernel and waits in a queue.
-    let mut waiting = Vec::new();
-    for _ in 0..40 {
-        let mut conn = KeepAlive::connect(addr).expect("the handshake completes: nothing refused");
-        conn.send_only("/").expect("send");
-        waiting.push(conn);
-    }
-    let steered: Vec<u64> = selections(&cluster.status())
-        .iter()
-        .zip(&before)
-        .map(|(a, b)| a - b)
-        .collect();
+    let (waiting, steered, _) = forty_waiting(&cluster);
     let mut answered = [0u32; 4];
     for mut conn in waiting {
         let r = conn
