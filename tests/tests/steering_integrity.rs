@@ -202,11 +202,24 @@ fn a_rogue_classic_bpf_program_under_hash_is_replaced_and_stickiness_returns() {
             .entry(response.worker().expect("X-Steer-Worker"))
             .or_default() += 1;
     }
-    println!("hash after the rogue left, one client IP, 100 connections: {per_slot:?}");
-    assert_eq!(
-        per_slot.len(),
-        1,
-        "one client IP lands on one slot: {per_slot:?}"
+    // Stall avoidance (on by default) sends a connection to the client's second choice
+    // while its slot looks stalled for a moment (the rogue's and the probe's connections
+    // on a loaded host: CI saw `{0: 99, 3: 1}`); the next goes home again. The kernel's
+    // per-4-tuple hash would spread 100 connections over all 4 slots.
+    let stalls: u64 = status::workers(&cluster.status())
+        .iter()
+        .map(|w| w.raw["stalls"].as_u64().expect("workers[].stalls"))
+        .sum();
+    let home = per_slot.values().max().copied().unwrap_or(0);
+    println!(
+        "hash after the rogue left, one client IP, 100 connections: {per_slot:?}; {stalls} \
+         stalls so far"
+    );
+    let spilled = 100 - home;
+    assert!(
+        spilled == 0 || (stalls > 0 && spilled <= 3),
+        "one client IP lands on one slot (but for a connection or two while it was stalled, \
+         {stalls} stalls): {per_slot:?}"
     );
 }
 
